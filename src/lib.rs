@@ -1,0 +1,15 @@
+//! tollgate: an Envoy proxy-wasm filter that injects provider API keys from a rotating pool,
+//! counts tokens, enforces quotas and fails over between keys and providers.
+//!
+//! Everything but `filter/` is pure logic that knows nothing of proxy-wasm and is tested on the host.
+
+pub mod errors;
+pub mod estimate;
+pub mod quota;
+pub mod request;
+pub mod retry_signal;
+pub mod sha256;
+pub mod sse;
+pub mod store;
+pub mod translate;
+pub mod usage;
