@@ -3,8 +3,12 @@
 //!
 //! Everything but `filter/` is pure logic that knows nothing of proxy-wasm and is tested on the host.
 
+pub mod config;
 pub mod errors;
 pub mod estimate;
+pub mod gateway;
+pub mod health;
+pub mod keypool;
 pub mod quota;
 pub mod request;
 pub mod retry_signal;

@@ -1,0 +1,68 @@
+# tollgate: the single entry point. `make run` (demo gateway on localhost:10000) and `make test`
+# install what they need themselves: the wasm32-wasip1 target and a local Envoy in .venv.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+TARGET   := wasm32-wasip1
+WASM     := target/$(TARGET)/release/tollgate.wasm
+MOCK     := target/release/mock-provider
+VENV     := .venv
+PY       := $(VENV)/bin/python
+ENVOY    := $(VENV)/bin/envoy
+PYTEST_ARGS ?=
+
+.PHONY: help
+help:
+	@echo "make run        build and start the demo gateway on localhost:10000 (Ctrl-C stops it)"
+	@echo "make test       clippy (wasm target), unit tests, end-to-end tests against a real Envoy (shipped configs validated there)"
+	@echo "make build      build $(WASM)"
+	@echo "make size       size-tuned build after wasm-opt"
+	@echo "make lint       clippy for the wasm target and the host"
+
+.PHONY: toolchain
+toolchain:
+	@rustup target list --installed 2>/dev/null | grep -qx $(TARGET) || rustup target add $(TARGET)
+	@cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+$(VENV)/.installed: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed
+
+.PHONY: build
+build: toolchain
+	cargo build --release --target $(TARGET) -p tollgate
+
+.PHONY: mock
+mock:
+	cargo build --release -p mock-provider
+
+.PHONY: size
+size: toolchain
+	cargo build --profile release-small --target $(TARGET) -p tollgate
+	@command -v wasm-opt >/dev/null || (apt-get install -y binaryen >/dev/null 2>&1 || true)
+	wasm-opt -all -Oz target/$(TARGET)/release-small/tollgate.wasm -o target/tollgate.small.wasm
+	@ls -l $(WASM) target/tollgate.small.wasm | awk '{print $$5, $$9}'
+
+.PHONY: lint
+lint: toolchain
+	cargo clippy --release --target $(TARGET) -p tollgate -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
+
+.PHONY: unit
+unit:
+	cargo test --workspace --quiet
+
+.PHONY: e2e
+e2e: build mock venv
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+
+.PHONY: test
+test: toolchain lint unit e2e
+
+.PHONY: run
+run: build mock venv
+	$(PY) envoy/run_demo.py

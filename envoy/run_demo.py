@@ -1,0 +1,97 @@
+"""`make run`: the demo gateway on localhost:10000, in the foreground until Ctrl-C.
+
+Starts the two mock providers (OpenAI-shaped on 127.0.0.1:18001, Anthropic-shaped on :18002) and a
+real Envoy (from .venv) with envoy/demo.yaml and demo keys, then prints what to try.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+MOCK = ROOT / "target" / "release" / "mock-provider"
+
+# Demo secrets: the mocks accept any key; real deployments put real keys in these variables.
+DEMO_ENV = {
+    "OPENAI_KEY_1": "sk-demo-openai-1",
+    "OPENAI_KEY_2": "sk-demo-openai-2",
+    "OPENAI_KEY_3": "sk-demo-openai-3",
+    "ANTHROPIC_KEY_1": "sk-ant-demo-1",
+    "TEAM_B_KEY": "tg-demo-team-b",
+}
+
+TRY = """
+tollgate demo gateway: http://localhost:10000   (Envoy admin: http://localhost:9901)
+
+Try it (consumer key of team-a: tg-demo-team-a):
+
+  curl -s localhost:10000/v1/chat/completions \\
+    -H 'Authorization: Bearer tg-demo-team-a' -H 'content-type: application/json' \\
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+
+  -> {"id":"chatcmpl-mock-1","object":"chat.completion",...,"content":"Hello from openai.",...}
+     with headers x-tollgate-provider: openai, x-tollgate-key-id: oa-1, x-ratelimit-remaining-requests: 59
+
+Or with the OpenAI SDK:
+
+  from openai import OpenAI
+  client = OpenAI(base_url="http://localhost:10000/v1", api_key="tg-demo-team-a")
+  print(client.chat.completions.create(model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Say hello"}]).choices[0].message.content)
+
+Usage totals and key health: curl -s localhost:10000/tollgate/status
+Prometheus metrics:          curl -s localhost:9901/stats/prometheus | grep tollgate
+Ctrl-C stops everything.
+"""
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {url}")
+
+
+def main() -> int:
+    procs: list[subprocess.Popen] = []
+
+    def stop(*_):
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        sys.exit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for port, name in ((18001, "openai"), (18002, "anthropic")):
+        procs.append(subprocess.Popen([str(MOCK), "--port", str(port), "--name", name], stdout=subprocess.DEVNULL))
+        wait_http(f"http://127.0.0.1:{port}/_mock/health")
+    procs.append(subprocess.Popen(
+        [str(ENVOY), "-c", "envoy/demo.yaml", "--concurrency", "2", "--disable-hot-restart", "-l", "warning"],
+        cwd=ROOT, env={**os.environ, **DEMO_ENV}))
+    wait_http("http://127.0.0.1:9901/ready")
+    print(TRY, flush=True)
+    while all(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    print("a demo process exited; stopping", file=sys.stderr)
+    stop()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,552 @@
+//! Listener-level role: runs once per client request.
+
+use super::host::{self, count, gauge, HostStore};
+use crate::config::{Config, FailureMode};
+use crate::errors::{error_body, ClientApi, ErrorKind};
+use crate::estimate;
+use crate::gateway::{self, metric_segment, retry_after_secs};
+use crate::health;
+use crate::quota::{self, Admission, Demand, Limit, Reservation, Standing};
+use crate::request::{self, RequestInfo};
+use crate::sse::SseParser;
+use crate::store::{add_u64s, StoreError};
+use crate::usage::{usage_from_json, ApiKind, StreamUsage, Usage};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, MapType};
+use std::rc::Rc;
+
+/// The largest non-streaming response body kept to read its `usage`; past it the count is estimated.
+const MAX_JSON_RESPONSE: usize = 8 << 20;
+
+pub struct Listener {
+    cfg: Rc<Config>,
+    api: ApiKind,
+    client: ClientApi,
+    consumer: String,
+    info: Option<RequestInfo>,
+    model_label: String,
+    admitted: bool,
+    reservations: Vec<Reservation>,
+    standings: Vec<Standing>,
+    /// tollgate asked the provider for a usage chunk the client did not ask for: remove it.
+    strip_usage_chunk: bool,
+    status: u16,
+    provider: String,
+    key_id: String,
+    sse: Option<SseParser>,
+    stream_usage: StreamUsage,
+    json: Vec<u8>,
+    json_overflow: bool,
+    charged: bool,
+    started_ms: u64,
+}
+
+impl Listener {
+    pub fn new(cfg: Rc<Config>) -> Self {
+        Listener {
+            cfg,
+            api: ApiKind::Other,
+            client: ClientApi::OpenAi,
+            consumer: String::new(),
+            info: None,
+            model_label: "none".into(),
+            admitted: false,
+            reservations: Vec::new(),
+            standings: Vec::new(),
+            strip_usage_chunk: false,
+            status: 0,
+            provider: String::new(),
+            key_id: String::new(),
+            sse: None,
+            stream_usage: StreamUsage::new(),
+            json: Vec::new(),
+            json_overflow: false,
+            charged: false,
+            started_ms: 0,
+        }
+    }
+
+    fn reject(&self, kind: ErrorKind, message: &str, code: Option<&str>, extra: &[(String, String)]) -> Action {
+        let body = error_body(self.client, kind, message, code, None);
+        let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+        headers.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        host::respond(kind.status(), &headers, &body);
+        let outcome = match kind {
+            ErrorKind::Authentication => "rejected_auth",
+            ErrorKind::RateLimit => "rejected_quota",
+            ErrorKind::RequestTooLarge | ErrorKind::InvalidRequest => "rejected_invalid",
+            _ => "rejected_other",
+        };
+        count(&format!("tollgate.outcome.{outcome}.requests"), 1);
+        Action::Pause
+    }
+
+    /// What tollgate cannot do (shared data failing): let it through or refuse, as configured.
+    fn degraded(&mut self, what: &str, e: StoreError) -> Option<Action> {
+        log::warn!("tollgate: {what} failed ({e:?}); failure_mode={:?}", self.cfg.failure_mode);
+        count("tollgate.degraded", 1);
+        match self.cfg.failure_mode {
+            FailureMode::Open => None,
+            FailureMode::Closed => Some(self.reject(
+                ErrorKind::Overloaded,
+                "The gateway cannot meter this request right now; try again shortly.",
+                None,
+                &[],
+            )),
+        }
+    }
+
+    fn model(&self) -> &str {
+        self.info.as_ref().and_then(|i| i.model.as_deref()).unwrap_or("")
+    }
+
+    fn limits(&self) -> Vec<(String, Limit)> {
+        let model = self.model().to_string();
+        self.cfg
+            .limits_for(&self.consumer, &model)
+            .into_iter()
+            .map(|(scope, l)| (quota::key(&self.consumer, scope, &l), l))
+            .collect()
+    }
+
+    fn demand_estimate(&self) -> Demand {
+        let (input, output) = match &self.info {
+            Some(i) => (i.prompt_tokens_estimate, i.max_tokens.unwrap_or(self.cfg.default_max_tokens)),
+            None => (0, 0),
+        };
+        let cost = self.cfg.prices.get(self.model()).map(|p| quota::cost_micro_usd(p, input, 0, output)).unwrap_or(0);
+        Demand { requests: 1, input, output, cost_micro_usd: cost }
+    }
+
+    /// Admission: the pool-exhausted check, then the quota reservation. `None` means go on.
+    fn admit(&mut self, now: u64) -> Option<Action> {
+        let limits = self.limits();
+        if limits.is_empty() {
+            self.admitted = true;
+            return None;
+        }
+        let mut demand = self.demand_estimate();
+        let mut result = quota::admit(&HostStore, &limits, &demand, now);
+        if let (true, Ok(Admission::Rejected { .. }), Some(info)) = (self.cfg.lower_max_tokens, &result, &self.info) {
+            let price = self.cfg.prices.get(self.model());
+            if let Ok(Some(max)) = quota::max_affordable_output(&HostStore, &limits, info.prompt_tokens_estimate, price, now) {
+                if max >= 1 && max < demand.output {
+                    if let Some(body) = self.lowered_body(max) {
+                        demand.output = max;
+                        demand.cost_micro_usd =
+                            price.map(|p| quota::cost_micro_usd(p, demand.input, 0, max)).unwrap_or(0);
+                        result = quota::admit(&HostStore, &limits, &demand, now);
+                        if matches!(result, Ok(Admission::Admitted { .. })) {
+                            let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpRequestBody, 0, usize::MAX, &body);
+                            host::set_header(MapType::HttpRequestHeaders, "content-length", None);
+                            count("tollgate.max_tokens_lowered", 1);
+                        }
+                    }
+                }
+            }
+        }
+        match result {
+            Ok(Admission::Admitted { reservations, standings }) => {
+                self.reservations = reservations;
+                self.standings = standings;
+                self.admitted = true;
+                self.publish_use();
+                None
+            }
+            Ok(Admission::Rejected { retry_after_ms, limit, standings }) => {
+                self.standings = standings;
+                self.publish_use();
+                let secs = retry_after_secs(retry_after_ms);
+                let mut headers = gateway::rate_limit_headers(self.client, &self.standings, now);
+                headers.push(("retry-after".into(), secs.to_string()));
+                let msg = format!(
+                    "Rate limit reached for consumer '{}' on {} ({} per {}s). Please try again in {}s.",
+                    self.consumer,
+                    limit.metric.as_str(),
+                    display_amount(&limit),
+                    limit.window_ms / 1000,
+                    secs
+                );
+                Some(self.reject(ErrorKind::RateLimit, &msg, Some("rate_limit_exceeded"), &headers))
+            }
+            Err(e) => self.degraded("quota admission", e),
+        }
+    }
+
+    fn lowered_body(&self, max: u64) -> Option<Vec<u8>> {
+        let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX).ok().flatten()?;
+        request::with_max_tokens(&body, max)
+    }
+
+    /// Picks the provider this request starts on: the first, in config order, that can serve the
+    /// model, whose circuit lets it through and that has a key not cooling down. When it is not the
+    /// first provider, the request is steered there with the `x-tollgate-route` header, which the
+    /// Envoy routes match on (the route cache is cleared so the router sees it). When none is
+    /// available, answers 429 with the earliest recovery, without calling anyone.
+    fn route(&mut self, now: u64) -> Option<Action> {
+        if self.cfg.providers.is_empty() {
+            return None;
+        }
+        let model = self.model().to_string();
+        let mut earliest: Option<u64> = None;
+        for (i, p) in self.cfg.providers.iter().enumerate() {
+            if !model.is_empty() && p.map_model(&model).is_none() {
+                continue;
+            }
+            let Ok(h) = health::read(&HostStore, p) else {
+                return None; // cannot tell: do not refuse or steer on a guess
+            };
+            let at = h.available_at(&self.cfg.health, now);
+            let usable = at <= now
+                && match h.circuit(&self.cfg.health, now) {
+                    health::Circuit::Closed => true,
+                    health::Circuit::Open { .. } => false,
+                    health::Circuit::HalfOpen => health::try_acquire(&HostStore, p, &self.cfg.health, now).unwrap_or(true),
+                };
+            if usable {
+                if i > 0 {
+                    host::set_header(MapType::HttpRequestHeaders, gateway::HDR_ROUTE, Some(&p.name));
+                    host::clear_route_cache();
+                    count(&format!("tollgate.provider.{}.steered_requests", p.name), 1);
+                }
+                return None;
+            }
+            earliest = Some(earliest.map_or(at.max(now + 1), |e: u64| e.min(at.max(now + 1))));
+        }
+        let at = earliest?;
+        let secs = retry_after_secs(at - now);
+        count("tollgate.outcome.exhausted.requests", 1);
+        let msg = format!(
+            "Every provider key that can serve this request is cooling down after provider rate limits or failures. Please try again in {secs}s."
+        );
+        let body = error_body(self.client, ErrorKind::RateLimit, &msg, Some("provider_keys_exhausted"), None);
+        let secs = secs.to_string();
+        host::respond(429, &[("content-type", "application/json"), ("retry-after", &secs)], &body);
+        Some(Action::Pause)
+    }
+
+    /// Gauges of each limit's use, in per mille, for alerting at 80%.
+    fn publish_use(&self) {
+        for s in &self.standings {
+            let name = format!(
+                "tollgate.consumer.{}.limit.{}_{}s.used_permille",
+                metric_segment(&self.consumer),
+                s.limit.metric.as_str(),
+                s.limit.window_ms / 1000
+            );
+            gauge(&name, (s.used_fraction.clamp(0.0, 10.0) * 1000.0) as u64);
+        }
+    }
+
+    fn on_body_complete(&mut self, body: &[u8]) -> Action {
+        let now = host::now_ms();
+        match request::inspect(self.api, body) {
+            Ok(info) => self.info = Some(info),
+            Err(e) => {
+                let msg = e.to_string();
+                return self.reject(ErrorKind::InvalidRequest, &msg, Some("invalid_request"), &[]);
+            }
+        }
+        let model = self.model().to_string();
+        self.model_label = if model.is_empty() {
+            "none".into()
+        } else if self.cfg.is_known_model(&model) {
+            metric_segment(&model)
+        } else {
+            "other".into()
+        };
+        host::set_property("tollgate_model", &model);
+        if let Some(a) = self.route(now).or_else(|| self.admit(now)) {
+            return a;
+        }
+        let wants_stream_usage = self.api == ApiKind::ChatCompletions
+            && self.info.as_ref().map(|i| i.stream && !i.include_usage).unwrap_or(false);
+        if wants_stream_usage {
+            if let Some(b) = request::with_include_usage(body) {
+                if proxy_wasm::hostcalls::set_buffer(BufferType::HttpRequestBody, 0, usize::MAX, &b).is_ok() {
+                    host::set_header(MapType::HttpRequestHeaders, "content-length", None);
+                    self.strip_usage_chunk = true;
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    /// Charges the request exactly once: at the end of the response, or at teardown.
+    fn charge(&mut self, torn_down: bool) {
+        if self.charged || !self.admitted {
+            return;
+        }
+        self.charged = true;
+        let ok = (200..300).contains(&self.status);
+        let (usage, estimated) = self.final_usage(ok, torn_down);
+        let store = HostStore;
+        let model_label = self.model_label.clone();
+        let consumer = metric_segment(&self.consumer);
+        let row = [
+            1,
+            usage.input,
+            usage.output,
+            usage.cache_read,
+            usage.cache_write,
+            u64::from(estimated),
+        ];
+        let mut conflicts = 0;
+        let mut failed = false;
+        let mut add = |key: String| match add_u64s(&store, &key, row) {
+            Ok((_, c)) => conflicts += c,
+            Err(e) => {
+                failed = true;
+                log::warn!("tollgate: usage counter {key} not updated: {e:?}");
+            }
+        };
+        add(format!("tollgate:u:c:{}", self.consumer));
+        add(format!("tollgate:u:m:{model_label}"));
+        if !self.provider.is_empty() {
+            add(format!("tollgate:u:k:{}:{}", self.provider, self.key_id));
+        }
+        count("tollgate.shared_data.cas_conflicts", u64::from(conflicts));
+        if failed {
+            count("tollgate.shared_data.failures", 1);
+        }
+        let now = host::now_ms();
+        if !self.reservations.is_empty() {
+            let cost = self
+                .cfg
+                .prices
+                .get(self.model())
+                .map(|p| quota::cost_micro_usd(p, usage.input, usage.cache_read, usage.output))
+                .unwrap_or(0);
+            let actual = Demand { requests: 1, input: usage.input, output: usage.output, cost_micro_usd: cost };
+            if let Err(e) = quota::settle(&store, &self.reservations, &actual, now) {
+                log::warn!("tollgate: quota settlement failed: {e:?}");
+            }
+        }
+        // Metrics: per consumer x model, per provider key, and by outcome.
+        let cm = format!("tollgate.consumer.{consumer}.model.{model_label}");
+        count(&format!("{cm}.requests"), 1);
+        count(&format!("{cm}.tokens_in"), usage.input);
+        count(&format!("{cm}.tokens_out"), usage.output);
+        count(&format!("{cm}.tokens_cached"), usage.cache_read);
+        if estimated {
+            count(&format!("{cm}.estimated_requests"), 1);
+        }
+        if !self.provider.is_empty() {
+            let pk = format!("tollgate.provider.{}.key.{}", self.provider, self.key_id);
+            count(&format!("{pk}.requests"), 1);
+            count(&format!("{pk}.tokens_in"), usage.input);
+            count(&format!("{pk}.tokens_out"), usage.output);
+        }
+        let outcome = match (ok, torn_down) {
+            (_, true) => "incomplete",
+            (true, _) => "ok",
+            (false, _) if self.status == 429 => "upstream_429",
+            (false, _) if self.status >= 500 => "upstream_5xx",
+            (false, _) => "upstream_4xx",
+        };
+        count(&format!("tollgate.outcome.{outcome}.requests"), 1);
+        // Access-log values (read as %FILTER_STATE(wasm.tollgate_...:PLAIN)%).
+        host::set_property("tollgate_provider", &self.provider);
+        host::set_property("tollgate_key_id", &self.key_id);
+        host::set_property("tollgate_input_tokens", &usage.input.to_string());
+        host::set_property("tollgate_output_tokens", &usage.output.to_string());
+        host::set_property("tollgate_usage", if estimated { "estimated" } else { "exact" });
+        log::debug!(
+            "tollgate: charged consumer={} model={} provider={} key={} in={} out={} estimated={} ms={}",
+            self.consumer,
+            self.model(),
+            self.provider,
+            self.key_id,
+            usage.input,
+            usage.output,
+            estimated,
+            now.saturating_sub(self.started_ms)
+        );
+    }
+
+    /// The provider's usage when it gave one; otherwise an estimate from the request and whatever
+    /// text was received. Errors from the provider are not billed: they charge the request only.
+    fn final_usage(&mut self, ok: bool, torn_down: bool) -> (Usage, bool) {
+        if let Some(sse) = self.sse.as_mut() {
+            let su = &mut self.stream_usage;
+            sse.finish(|ev| su.on_event(&ev));
+            if let Some(u) = self.stream_usage.usage() {
+                if self.stream_usage.output_reported() {
+                    return (u, false);
+                }
+            }
+        } else if ok && !self.json_overflow {
+            if let Some(u) = usage_from_json(&self.json) {
+                return (u, false);
+            }
+        }
+        if !ok && !torn_down {
+            return (Usage::default(), false);
+        }
+        let input = self.info.as_ref().map(|i| i.prompt_tokens_estimate).unwrap_or(0);
+        let output = if self.sse.is_some() {
+            self.stream_usage.estimated_output_tokens()
+        } else {
+            estimate::chars_to_tokens(gateway::response_text_chars(&self.json))
+        };
+        // An Anthropic stream cut before message_delta still told us its input exactly.
+        let mut u = self.stream_usage.usage().unwrap_or_default();
+        if u.input == 0 {
+            u.input = input;
+        }
+        u.output = u.output.max(output);
+        (u, true)
+    }
+}
+
+fn display_amount(l: &Limit) -> String {
+    match l.metric {
+        quota::Metric::CostMicroUsd => format!("${:.2}", l.amount as f64 / 1e6),
+        _ => l.amount.to_string(),
+    }
+}
+
+impl Context for Listener {}
+
+impl HttpContext for Listener {
+    fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
+        self.started_ms = host::now_ms();
+        let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        if let Some(sp) = &self.cfg.status_path {
+            if path == *sp || path.starts_with(&format!("{sp}?")) {
+                return super::status::serve(&self.cfg);
+            }
+        }
+        self.api = ApiKind::from_path(&path);
+        self.client = ClientApi::from_path(&path);
+        let hdrs = host::headers(MapType::HttpRequestHeaders);
+        let lookup = |name: &str| -> Option<&str> {
+            let mut it = hdrs.iter().filter(|(k, _)| k == name);
+            let first = it.next()?;
+            // A repeated credential header is ambiguous: treat it as not given.
+            if it.next().is_some() && gateway::CREDENTIAL_HEADERS.contains(&name) {
+                return Some("\u{0}repeated");
+            }
+            Some(first.1.as_str())
+        };
+        match gateway::identify(&self.cfg, lookup) {
+            Ok(c) => self.consumer = c,
+            Err(e) => {
+                return self.reject(ErrorKind::Authentication, e.message(), Some("invalid_api_key"), &[]);
+            }
+        }
+        host::set_property("tollgate_consumer", &self.consumer);
+        for h in gateway::CREDENTIAL_HEADERS {
+            host::set_header(MapType::HttpRequestHeaders, h, None);
+        }
+        let mut spoofed = false;
+        for (k, _) in hdrs.iter().filter(|(k, _)| k.starts_with(gateway::INTERNAL_PREFIX)) {
+            host::set_header(MapType::HttpRequestHeaders, k, None);
+            spoofed = true;
+        }
+        if spoofed {
+            // The route was matched on the client's copy of tollgate's internal headers: match again.
+            host::clear_route_cache();
+        }
+        host::set_header(MapType::HttpRequestHeaders, gateway::HDR_CONSUMER, Some(&self.consumer));
+        if let Some(len) = hdrs.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.trim().parse::<u64>().ok()) {
+            if len > self.cfg.max_request_bytes {
+                return self.too_large();
+            }
+        }
+        if end_of_stream {
+            // No body (GET /v1/models and the like): only the request counts.
+            let now = host::now_ms();
+            return self.admit(now).unwrap_or(Action::Continue);
+        }
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if size as u64 > self.cfg.max_request_bytes {
+            return self.too_large();
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten().unwrap_or_default();
+        self.on_body_complete(&body)
+    }
+
+    fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
+        self.status = host::header(MapType::HttpResponseHeaders, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        self.provider = host::header(MapType::HttpResponseHeaders, gateway::HDR_PROVIDER).unwrap_or_default();
+        self.key_id = host::header(MapType::HttpResponseHeaders, gateway::HDR_KEY_ID).unwrap_or_default();
+        let sse = host::header(MapType::HttpResponseHeaders, "content-type")
+            .map(|c| c.to_ascii_lowercase().contains("text/event-stream"))
+            .unwrap_or(false);
+        if sse {
+            self.sse = Some(SseParser::new(self.cfg.max_sse_event_bytes));
+            if self.strip_usage_chunk {
+                host::set_header(MapType::HttpResponseHeaders, "content-length", None);
+            }
+        }
+        if !self.standings.is_empty() {
+            let now = host::now_ms();
+            for (k, v) in gateway::rate_limit_headers(self.client, &self.standings, now) {
+                host::set_header(MapType::HttpResponseHeaders, &k, Some(&v));
+            }
+        }
+        if end_of_stream {
+            self.charge(false);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let chunk = proxy_wasm::hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default();
+        if let Some(sse) = self.sse.as_mut() {
+            let su = &mut self.stream_usage;
+            if self.strip_usage_chunk {
+                let mut out = Vec::with_capacity(chunk.len());
+                sse.feed(&chunk, |ev| {
+                    su.on_event(&ev);
+                    if !StreamUsage::is_usage_only_chunk(&ev) {
+                        out.extend_from_slice(ev.raw);
+                    }
+                });
+                if end_of_stream {
+                    sse.finish(|ev| {
+                        su.on_event(&ev);
+                        if !StreamUsage::is_usage_only_chunk(&ev) {
+                            out.extend_from_slice(ev.raw);
+                        }
+                    });
+                }
+                if out != chunk {
+                    let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &out);
+                }
+            } else {
+                sse.feed(&chunk, |ev| su.on_event(&ev));
+            }
+        } else if !self.json_overflow {
+            if self.json.len() + chunk.len() > MAX_JSON_RESPONSE {
+                self.json_overflow = true;
+                self.json = Vec::new();
+            } else {
+                self.json.extend_from_slice(&chunk);
+            }
+        }
+        if end_of_stream {
+            self.charge(false);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        // Reached without a charge: the client went away or the upstream reset mid-response.
+        self.charge(true);
+    }
+}
+
+impl Listener {
+    fn too_large(&self) -> Action {
+        let msg = format!("Request body is larger than the gateway's limit of {} bytes.", self.cfg.max_request_bytes);
+        self.reject(ErrorKind::RequestTooLarge, &msg, Some("request_too_large"), &[])
+    }
+}

@@ -1,0 +1,108 @@
+//! The Envoy glue: proxy-wasm contexts that gather inputs, call the pure modules and apply their
+//! decisions. Two roles of one module, chosen by the plugin's `root_id`:
+//! - `tollgate` / `tollgate.listener` (listener-level HTTP filter): consumer check, quota admission,
+//!   token accounting, rate-limit headers, access-log values. Runs once per request.
+//! - `tollgate.upstream` (cluster-level filter, before `upstream_codec`): key choice and injection,
+//!   provider rewrite and translation, passive health. Runs once per upstream attempt.
+
+mod host;
+mod listener;
+mod status;
+mod upstream;
+
+use crate::config::{self, Config};
+use host::{count, property};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use std::rc::Rc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Listener,
+    Upstream,
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { role: Role::Listener, config: None }) });
+}}
+
+struct Root {
+    role: Role,
+    config: Option<Rc<Config>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let root_id = property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+        self.role = match root_id.as_str() {
+            "" | "tollgate" | "tollgate.listener" => Role::Listener,
+            "tollgate.upstream" => Role::Upstream,
+            other => {
+                log::error!("tollgate: root_id '{other}' is not a tollgate role (use 'tollgate.listener' or 'tollgate.upstream')");
+                return false;
+            }
+        };
+        let raw = proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match config::parse(&raw, &|name| std::env::var(name).ok()) {
+            Ok(cfg) => {
+                for w in &cfg.warnings {
+                    log::warn!("tollgate: {w}");
+                }
+                log::info!(
+                    "tollgate: configured as {:?} with {} provider(s), {} key(s)",
+                    self.role,
+                    cfg.providers.len(),
+                    cfg.providers.iter().map(|p| p.keys.len()).sum::<usize>()
+                );
+                self.config = Some(Rc::new(cfg));
+                true
+            }
+            Err(e) => {
+                // One line that names the field; Envoy then refuses the config.
+                log::error!("tollgate: invalid configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Always Some: the SDK's dispatcher panics on None.
+        Some(match (&self.config, self.role) {
+            (Some(cfg), Role::Listener) => Box::new(listener::Listener::new(cfg.clone())),
+            (Some(cfg), Role::Upstream) => Box::new(upstream::Upstream::new(cfg.clone())),
+            (None, _) => Box::new(Unconfigured),
+        })
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// A worker whose configuration is missing (Envoy normally refuses such a config; this is the
+/// defensive answer if a context is created anyway): refuse with 503 rather than pass traffic
+/// through without keys or quotas.
+struct Unconfigured;
+
+impl Context for Unconfigured {}
+
+impl HttpContext for Unconfigured {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        count("tollgate.outcome.unconfigured.requests", 1);
+        let body = crate::errors::error_body(
+            crate::errors::ClientApi::OpenAi,
+            crate::errors::ErrorKind::Overloaded,
+            "The gateway is not configured.",
+            None,
+            None,
+        );
+        host::respond(503, &[("content-type", "application/json")], &body);
+        Action::Pause
+    }
+}

@@ -1,0 +1,390 @@
+//! Cluster-level role: runs once per upstream attempt, for whichever endpoint Envoy picked.
+
+use super::host::{self, count, gauge, HostStore};
+use crate::config::{Config, Provider};
+use crate::errors::{error_body, ClientApi, ErrorKind};
+use crate::gateway::{self, metric_segment, Translation};
+use crate::health::{self, CooldownReason, Outcome};
+use crate::keypool::{self, Choice};
+use crate::request;
+use crate::retry_signal;
+use crate::sse::SseParser;
+use crate::translate::{self, ChatToMessagesStream, MessagesToChatStream};
+use crate::usage::ApiKind;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, MapType};
+use std::rc::Rc;
+
+/// Metadata namespace and key on an endpoint (or cluster) naming its tollgate provider.
+const METADATA_NS: &str = "tollgate";
+const METADATA_KEY: &str = "provider";
+
+enum StreamTranslator {
+    ToChat(MessagesToChatStream),
+    ToMessages(ChatToMessagesStream),
+}
+
+pub struct Upstream {
+    cfg: Rc<Config>,
+    provider: Option<usize>,
+    key: Option<usize>,
+    api: ApiKind,
+    client: ClientApi,
+    path: String,
+    translation: Translation,
+    client_model: String,
+    include_usage: bool,
+    status: u16,
+    sse: Option<(SseParser, StreamTranslator)>,
+    translate_json: bool,
+}
+
+impl Upstream {
+    pub fn new(cfg: Rc<Config>) -> Self {
+        Upstream {
+            cfg,
+            provider: None,
+            key: None,
+            api: ApiKind::Other,
+            client: ClientApi::OpenAi,
+            path: String::new(),
+            translation: Translation::None,
+            client_model: String::new(),
+            include_usage: false,
+            status: 0,
+            sse: None,
+            translate_json: false,
+        }
+    }
+
+    fn provider(&self) -> Option<&Provider> {
+        self.provider.and_then(|i| self.cfg.providers.get(i))
+    }
+
+    /// An answer from the attempt itself. Envoy treats it as this attempt's response, so a 429 or
+    /// 503 here is retried by the route's retry policy on the next endpoint/priority.
+    fn local(&self, kind: ErrorKind, status: u16, message: &str, extra: &[(&str, &str)]) -> Action {
+        let body = error_body(self.client, kind, message, None, None);
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend_from_slice(extra);
+        if let Some(p) = self.provider() {
+            headers.push((gateway::HDR_PROVIDER, p.name.as_str()));
+        }
+        let _ = proxy_wasm::hostcalls::send_http_response(u32::from(status), headers, Some(&body));
+        Action::Pause
+    }
+
+    /// Which provider Envoy picked: the endpoint's `tollgate.provider` metadata, else the cluster's,
+    /// else the only provider configured.
+    fn pick_provider(&self) -> Result<usize, String> {
+        let md = |scope: &str| {
+            host::property(&["xds", scope, "filter_metadata", METADATA_NS, METADATA_KEY])
+                .and_then(|b| String::from_utf8(b).ok())
+        };
+        match md("upstream_host_metadata").or_else(|| md("cluster_metadata")) {
+            Some(name) => self
+                .cfg
+                .provider(&name)
+                .map(|(i, _)| i)
+                .ok_or_else(|| format!("endpoint metadata names provider '{name}', which is not configured")),
+            None if self.cfg.providers.len() == 1 => Ok(0),
+            None => Err("the endpoint carries no tollgate.provider metadata and several providers are configured".into()),
+        }
+    }
+
+    /// Everything that does not need the body: provider, key, credentials.
+    fn prepare(&mut self) -> Result<(), Action> {
+        let pi = match self.pick_provider() {
+            Ok(i) => i,
+            Err(msg) => {
+                log::error!("tollgate: {msg}");
+                return Err(self.local(ErrorKind::Internal, 500, "The gateway's provider routing is misconfigured.", &[]));
+            }
+        };
+        self.provider = Some(pi);
+        let cfg = self.cfg.clone();
+        let Some(p) = cfg.providers.get(pi) else {
+            return Err(self.local(ErrorKind::Internal, 500, "provider index out of range", &[]));
+        };
+        let now = host::now_ms();
+        // The circuit was consulted by the listener role when it chose where the request starts
+        // (and took the half-open probe slot there); a retry that Envoy moved here goes ahead.
+        let health = health::read(&HostStore, p).unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
+        let consumer = host::header(MapType::HttpRequestHeaders, gateway::HDR_CONSUMER);
+        let sticky = cfg
+            .sticky_header
+            .as_deref()
+            .and_then(|h| host::header(MapType::HttpRequestHeaders, h))
+            .or(consumer);
+        let choice = keypool::choose(&HostStore, p, &health, sticky.as_deref(), now).unwrap_or_else(|e| {
+            // The rotation counter failed: still serve, from the first healthy key.
+            log::warn!("tollgate: key rotation counter unavailable: {e:?}");
+            (0..p.keys.len()).find(|&i| health.key_available(i, now)).map(Choice::Key).unwrap_or(Choice::Exhausted { retry_at_ms: now })
+        });
+        let ki = match choice {
+            Choice::Key(i) => i,
+            Choice::Exhausted { retry_at_ms } => {
+                let secs = gateway::retry_after_secs(retry_at_ms.saturating_sub(now)).to_string();
+                count(&format!("tollgate.provider.{}.exhausted_attempts", p.name), 1);
+                return Err(self.local(
+                    ErrorKind::RateLimit,
+                    429,
+                    "Every key of this provider is cooling down.",
+                    &[("retry-after", &secs), ("x-tollgate-exhausted", "true")],
+                ));
+            }
+        };
+        self.key = Some(ki);
+        let Some(key) = p.keys.get(ki) else {
+            return Err(self.local(ErrorKind::Internal, 500, "key index out of range", &[]));
+        };
+        for h in gateway::CREDENTIAL_HEADERS {
+            host::set_header(MapType::HttpRequestHeaders, h, None);
+        }
+        for (k, _) in host::headers(MapType::HttpRequestHeaders).iter().filter(|(k, _)| k.starts_with(gateway::INTERNAL_PREFIX)) {
+            host::set_header(MapType::HttpRequestHeaders, k, None);
+        }
+        for (name, value) in gateway::auth_headers(p, &key.secret) {
+            host::set_header(MapType::HttpRequestHeaders, name, Some(&value));
+        }
+        if let Some(h) = &p.host {
+            host::set_header(MapType::HttpRequestHeaders, ":authority", Some(h));
+        }
+        let attempt = host::property(&["upstream", "request_attempt_count"])
+            .and_then(|b| b.get(..8).map(|s| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(s);
+                u64::from_le_bytes(a)
+            }))
+            .unwrap_or(1);
+        count(&format!("tollgate.provider.{}.attempts", p.name), 1);
+        if attempt > 1 {
+            // A retry that landed here: a failover onto this provider (or another key of it).
+            count(&format!("tollgate.provider.{}.retried_attempts", p.name), 1);
+        }
+        Ok(())
+    }
+
+    /// Rewrites the buffered request body and path for the provider; headers are still paused.
+    fn rewrite(&mut self, body: &[u8]) -> Action {
+        let cfg = self.cfg.clone();
+        let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) else {
+            return Action::Continue;
+        };
+        let info = match request::inspect(self.api, body) {
+            Ok(i) => i,
+            // The listener role validated it already; a direct caller of the cluster gets the same 400.
+            Err(e) => return self.local(ErrorKind::InvalidRequest, 400, &e.to_string(), &[]),
+        };
+        self.client_model = info.model.clone().unwrap_or_default();
+        self.include_usage = info.include_usage;
+        let provider_model = match p.map_model(&self.client_model) {
+            Some(m) => m.to_string(),
+            None => {
+                let msg = format!("The model '{}' is not served by provider '{}'.", self.client_model, p.name);
+                return self.local(ErrorKind::InvalidRequest, 400, &msg, &[]);
+            }
+        };
+        let new_body = match self.translation {
+            Translation::ChatToMessages => translate::chat_request_to_messages(body, &provider_model, cfg.default_max_tokens),
+            Translation::MessagesToChat => translate::messages_request_to_chat(body, &provider_model),
+            Translation::None if provider_model != self.client_model => {
+                request::with_model(body, &provider_model).ok_or_else(|| translate::TranslateError {
+                    field: "model".into(),
+                    reason: "the body is not a JSON object".into(),
+                })
+            }
+            Translation::None => Ok(body.to_vec()),
+        };
+        let new_body = match new_body {
+            Ok(b) => b,
+            Err(e) => {
+                count(&format!("tollgate.provider.{}.untranslatable", p.name), 1);
+                return self.local(ErrorKind::InvalidRequest, 400, &e.to_string(), &[]);
+            }
+        };
+        if self.translation == Translation::MessagesToChat {
+            self.include_usage = true;
+        }
+        let path = gateway::upstream_path(p, self.api, &self.path, Some(&provider_model));
+        if path != self.path {
+            host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path));
+        }
+        if new_body.as_slice() != body {
+            host::set_header(MapType::HttpRequestHeaders, "content-length", Some(&new_body.len().to_string()));
+            let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpRequestBody, 0, usize::MAX, &new_body);
+        }
+        Action::Continue
+    }
+
+    fn needs_body(&self, p: &Provider) -> bool {
+        self.translation != Translation::None
+            || !p.models.is_empty()
+            || p.kind == crate::config::ProviderType::AzureOpenai
+    }
+
+    fn record_outcome(&self, headers: &[(String, String)]) {
+        let Some(p) = self.provider() else { return };
+        let cfg = &self.cfg;
+        let now = host::now_ms();
+        let key = self.key.and_then(|k| p.keys.get(k));
+        let key_id = key.map(|k| k.id.as_str()).unwrap_or("");
+        match self.status {
+            429 => {
+                let wait = retry_signal::cooldown_ms(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), now)
+                    .unwrap_or(cfg.health.default_cooldown_ms);
+                if let Some(k) = self.key {
+                    let until = now.saturating_add(wait);
+                    if health::cool_key(&HostStore, p, k, until, CooldownReason::RateLimited).is_ok() {
+                        log::info!("tollgate: key {}/{} rate limited, cooling down for {} ms", p.name, key_id, wait);
+                    }
+                    count(&format!("tollgate.provider.{}.key.{}.cooldowns", p.name, key_id), 1);
+                    gauge(&format!("tollgate.provider.{}.key.{}.cooldown_until_s", p.name, key_id), until / 1000);
+                }
+            }
+            401..=403 => {
+                if let Some(k) = self.key {
+                    let until = now.saturating_add(cfg.health.auth_failure_cooldown_ms);
+                    let _ = health::cool_key(&HostStore, p, k, until, CooldownReason::Disabled);
+                    log::warn!(
+                        "tollgate: key {}/{} refused by the provider with {}: disabled for {} s",
+                        p.name,
+                        key_id,
+                        self.status,
+                        cfg.health.auth_failure_cooldown_ms / 1000
+                    );
+                    count(&format!("tollgate.provider.{}.key.{}.disabled", p.name, key_id), 1);
+                    gauge(&format!("tollgate.provider.{}.key.{}.cooldown_until_s", p.name, key_id), until / 1000);
+                }
+            }
+            500..=599 => {
+                if let Ok(health::Circuit::Open { .. }) = health::record(&HostStore, p, &cfg.health, Outcome::ProviderFailure, now) {
+                    count(&format!("tollgate.provider.{}.circuit_opened", p.name), 1);
+                }
+                count(&format!("tollgate.provider.{}.failures", p.name), 1);
+            }
+            _ => {
+                let _ = health::record(&HostStore, p, &cfg.health, Outcome::Success, now);
+            }
+        }
+    }
+}
+
+impl Context for Upstream {}
+
+impl HttpContext for Upstream {
+    fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
+        self.path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        self.api = ApiKind::from_path(&self.path);
+        self.client = ClientApi::from_path(&self.path);
+        if let Err(action) = self.prepare() {
+            return action;
+        }
+        let cfg = self.cfg.clone();
+        let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) else {
+            return Action::Continue;
+        };
+        self.translation = match gateway::translation(self.api, p.kind) {
+            Ok(t) => t,
+            Err(msg) => return self.local(ErrorKind::InvalidRequest, 400, &msg, &[]),
+        };
+        if end_of_stream || !self.needs_body(p) {
+            let path = gateway::upstream_path(p, self.api, &self.path, None);
+            if path != self.path {
+                host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path));
+            }
+            return Action::Continue;
+        }
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.provider.is_none() {
+            return Action::Continue;
+        }
+        let cfg = self.cfg.clone();
+        let needs = self.provider.and_then(|i| cfg.providers.get(i)).map(|p| self.needs_body(p)).unwrap_or(false);
+        if !needs {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten().unwrap_or_default();
+        self.rewrite(&body)
+    }
+
+    fn on_http_response_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
+        let headers = host::headers(MapType::HttpResponseHeaders);
+        self.status = headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+        self.record_outcome(&headers);
+        let Some(p) = self.provider() else { return Action::Continue };
+        let (pname, kid) = (p.name.clone(), self.key.and_then(|k| p.keys.get(k)).map(|k| k.id.clone()).unwrap_or_default());
+        host::set_header(MapType::HttpResponseHeaders, gateway::HDR_PROVIDER, Some(&pname));
+        host::set_header(MapType::HttpResponseHeaders, gateway::HDR_KEY_ID, Some(&kid));
+        count(&format!("tollgate.provider.{}.responses_{}xx", metric_segment(&pname), self.status / 100), 1);
+        if self.translation != Translation::None {
+            let sse = headers
+                .iter()
+                .any(|(k, v)| k == "content-type" && v.to_ascii_lowercase().contains("text/event-stream"));
+            host::set_header(MapType::HttpResponseHeaders, "content-length", None);
+            if sse {
+                let created = host::now_ms() / 1000;
+                let t = match self.translation {
+                    Translation::ChatToMessages => StreamTranslator::ToChat(MessagesToChatStream::new(
+                        &self.client_model,
+                        self.include_usage,
+                        created,
+                    )),
+                    _ => StreamTranslator::ToMessages(ChatToMessagesStream::new(&self.client_model)),
+                };
+                self.sse = Some((SseParser::new(self.cfg.max_sse_event_bytes), t));
+            } else {
+                self.translate_json = true;
+                host::set_header(MapType::HttpResponseHeaders, "content-type", Some("application/json"));
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if let Some((parser, t)) = self.sse.as_mut() {
+            let chunk = proxy_wasm::hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default();
+            let mut out = Vec::with_capacity(chunk.len() * 2);
+            let mut on = |ev: crate::sse::SseEvent<'_>| match t {
+                StreamTranslator::ToChat(s) => s.on_event(&ev, &mut out),
+                StreamTranslator::ToMessages(s) => s.on_event(&ev, &mut out),
+            };
+            parser.feed(&chunk, &mut on);
+            if end_of_stream {
+                parser.finish(&mut on);
+                match t {
+                    StreamTranslator::ToChat(s) => s.finish(&mut out),
+                    StreamTranslator::ToMessages(s) => s.finish(&mut out),
+                }
+            }
+            let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &out);
+            return Action::Continue;
+        }
+        if self.translate_json {
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default();
+            let ok = (200..300).contains(&self.status);
+            let out = match (self.translation, ok) {
+                (Translation::ChatToMessages, true) => translate::messages_response_to_chat(&body, &self.client_model),
+                (Translation::MessagesToChat, true) => translate::chat_response_to_messages(&body, &self.client_model),
+                (Translation::ChatToMessages, false) => Ok(translate::messages_error_to_chat(&body, self.status)),
+                (_, false) => Ok(translate::chat_error_to_messages(&body, self.status)),
+                (Translation::None, true) => Ok(body.clone()),
+            };
+            let out = out.unwrap_or_else(|e| {
+                log::warn!("tollgate: could not translate the provider's response: {e}");
+                error_body(self.client, ErrorKind::BadGateway, "The provider's response could not be translated.", None, None)
+            });
+            let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &out);
+        }
+        Action::Continue
+    }
+}

