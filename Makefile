@@ -66,3 +66,8 @@ test: toolchain lint unit e2e
 .PHONY: run
 run: build mock venv
 	$(PY) envoy/run_demo.py
+
+.PHONY: bench
+bench: build mock venv
+	@command -v wrk >/dev/null || apt-get install -y wrk; command -v wasm-opt >/dev/null || apt-get install -y binaryen
+	$(PY) tests/bench/bench.py

@@ -340,7 +340,7 @@ pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
 
 fn serde_message(e: &serde_json::Error) -> String {
     // serde names the offending field for unknown/missing fields; keep its words, add the position.
-    format!("invalid configuration: {} (line {}, column {})", strip_position(&e.to_string()), e.line(), e.column())
+    format!("{} (line {}, column {})", strip_position(&e.to_string()), e.line(), e.column())
 }
 
 fn strip_position(s: &str) -> &str {
@@ -782,7 +782,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused_by_name() {
         let e = parse_str(r#"{"providers":[{"name":"oa","type":"openai","kyes":[]}]}"#).unwrap_err();
-        assert!(e.starts_with("invalid configuration: unknown field `kyes`"), "{e}");
+        assert!(e.starts_with("unknown field `kyes`"), "{e}");
         let e = parse_str(r#"{"providers":[{"name":"oa","type":"gemini","keys":[]}]}"#).unwrap_err();
         assert!(e.contains("unknown variant `gemini`"), "{e}");
     }

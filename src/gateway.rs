@@ -22,6 +22,8 @@ pub const HDR_KEY_ID: &str = "x-tollgate-key-id";
 /// Set by the listener role when a request must start on a provider other than the first: the
 /// Envoy routes match on it to pick a cluster whose priorities start at that provider.
 pub const HDR_ROUTE: &str = "x-tollgate-route";
+/// The listener context's id, for the cluster-level role to find this request's hand-off.
+pub const HDR_RID: &str = "x-tollgate-rid";
 pub const INTERNAL_PREFIX: &str = "x-tollgate-";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +153,28 @@ pub fn upstream_path(provider: &Provider, api: ApiKind, path: &str, model: Optio
         _ => return format!("{base}{path}"),
     };
     format!("{base}{endpoint}")
+}
+
+/// The headers of one attempt that depend on the model: the path (Azure names the deployment in
+/// it), and whether the client's content-length must go because the body will be rewritten.
+/// Err when the provider does not serve the model.
+pub fn attempt_plan(
+    provider: &Provider,
+    api: ApiKind,
+    path: &str,
+    client_model: Option<&str>,
+    body_rewritten: bool,
+) -> Result<(String, bool), String> {
+    let provider_model = match client_model.filter(|m| !m.is_empty()) {
+        Some(m) => Some(provider.map_model(m).ok_or_else(|| {
+            format!("The model '{m}' is not served by provider '{}'.", provider.name)
+        })?),
+        None => None,
+    };
+    let rewrites_body = body_rewritten
+        || provider_model.is_some_and(|pm| Some(pm) != client_model)
+        || translation(api, provider.kind).map(|t| t != Translation::None).unwrap_or(false);
+    Ok((upstream_path(provider, api, path, provider_model), rewrites_body))
 }
 
 /// Rate-limit headers in the client API's dialect. OpenAI's are `x-ratelimit-{limit,remaining,reset}-

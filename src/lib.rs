@@ -17,3 +17,7 @@ pub mod sse;
 pub mod store;
 pub mod translate;
 pub mod usage;
+
+/// The Envoy glue. Only built for Wasm: it binds the proxy-wasm host ABI directly.
+#[cfg(target_arch = "wasm32")]
+mod filter;

@@ -1,5 +1,6 @@
 //! Listener-level role: runs once per client request.
 
+use super::handoff::{self, Decision};
 use super::host::{self, count, gauge, HostStore};
 use crate::config::{Config, FailureMode};
 use crate::errors::{error_body, ClientApi, ErrorKind};
@@ -19,6 +20,7 @@ use std::rc::Rc;
 const MAX_JSON_RESPONSE: usize = 8 << 20;
 
 pub struct Listener {
+    id: u32,
     cfg: Rc<Config>,
     api: ApiKind,
     client: ClientApi,
@@ -39,11 +41,14 @@ pub struct Listener {
     json_overflow: bool,
     charged: bool,
     started_ms: u64,
+    path: String,
+    body_rewritten: bool,
 }
 
 impl Listener {
-    pub fn new(cfg: Rc<Config>) -> Self {
+    pub fn new(id: u32, cfg: Rc<Config>) -> Self {
         Listener {
+            id,
             cfg,
             api: ApiKind::Other,
             client: ClientApi::OpenAi,
@@ -63,6 +68,8 @@ impl Listener {
             json_overflow: false,
             charged: false,
             started_ms: 0,
+            path: String::new(),
+            body_rewritten: false,
         }
     }
 
@@ -83,7 +90,7 @@ impl Listener {
 
     /// What tollgate cannot do (shared data failing): let it through or refuse, as configured.
     fn degraded(&mut self, what: &str, e: StoreError) -> Option<Action> {
-        log::warn!("tollgate: {what} failed ({e:?}); failure_mode={:?}", self.cfg.failure_mode);
+        log::warn!("{what} failed ({e:?}); failure_mode={:?}", self.cfg.failure_mode);
         count("tollgate.degraded", 1);
         match self.cfg.failure_mode {
             FailureMode::Open => None,
@@ -137,8 +144,8 @@ impl Listener {
                             price.map(|p| quota::cost_micro_usd(p, demand.input, 0, max)).unwrap_or(0);
                         result = quota::admit(&HostStore, &limits, &demand, now);
                         if matches!(result, Ok(Admission::Admitted { .. })) {
-                            let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpRequestBody, 0, usize::MAX, &body);
-                            host::set_header(MapType::HttpRequestHeaders, "content-length", None);
+                            host::replace_body(BufferType::HttpRequestBody, usize::MAX, &body);
+                            self.body_rewritten = true;
                             count("tollgate.max_tokens_lowered", 1);
                         }
                     }
@@ -174,7 +181,7 @@ impl Listener {
     }
 
     fn lowered_body(&self, max: u64) -> Option<Vec<u8>> {
-        let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX).ok().flatten()?;
+        let body = host::body(BufferType::HttpRequestBody, usize::MAX);
         request::with_max_tokens(&body, max)
     }
 
@@ -256,20 +263,64 @@ impl Listener {
             "other".into()
         };
         host::set_property("tollgate_model", &model);
-        if let Some(a) = self.route(now).or_else(|| self.admit(now)) {
+        if let Some(a) = self.admit(now) {
             return a;
         }
         let wants_stream_usage = self.api == ApiKind::ChatCompletions
             && self.info.as_ref().map(|i| i.stream && !i.include_usage).unwrap_or(false);
+        let mut body_rewritten = self.body_rewritten;
         if wants_stream_usage {
             if let Some(b) = request::with_include_usage(body) {
-                if proxy_wasm::hostcalls::set_buffer(BufferType::HttpRequestBody, 0, usize::MAX, &b).is_ok() {
-                    host::set_header(MapType::HttpRequestHeaders, "content-length", None);
+                if host::replace_body(BufferType::HttpRequestBody, body.len(), &b) {
                     self.strip_usage_chunk = true;
+                    body_rewritten = true;
                 }
             }
         }
+        let decision = Decision { client_model: model, body_rewritten };
+        if let Some((attempt, provider)) = handoff::decide(self.id, decision.clone()) {
+            if let Err((msg, code)) = self.check_translatable(provider, body) {
+                return self.reject(ErrorKind::InvalidRequest, &msg, Some(code), &[]);
+            }
+            if let Err(msg) = self.resume_attempt(attempt, provider, &decision) {
+                return self.reject(ErrorKind::InvalidRequest, &msg, Some("model_not_found"), &[]);
+            }
+        }
         Action::Continue
+    }
+
+    /// A request the first provider would need translated, but that cannot be, is refused here,
+    /// before the attempt leaves, with the field named.
+    fn check_translatable(&self, provider: usize, body: &[u8]) -> Result<(), (String, &'static str)> {
+        let Some(p) = self.cfg.providers.get(provider) else { return Ok(()) };
+        let model = p.map_model(self.model()).unwrap_or("");
+        let result = match gateway::translation(self.api, p.kind) {
+            Ok(gateway::Translation::ChatToMessages) => {
+                crate::translate::chat_request_to_messages(body, model, self.cfg.default_max_tokens).map(|_| ())
+            }
+            Ok(gateway::Translation::MessagesToChat) => crate::translate::messages_request_to_chat(body, model).map(|_| ()),
+            Ok(gateway::Translation::None) => Ok(()),
+            Err(msg) => return Err((msg, "unsupported_api")),
+        };
+        result.map_err(|e| (e.to_string(), "untranslatable_request"))
+    }
+
+    /// Applies what the body decided to the parked first attempt, and lets it go.
+    fn resume_attempt(&self, attempt: u32, provider: usize, d: &Decision) -> Result<(), String> {
+        let Some(p) = self.cfg.providers.get(provider) else { return Ok(()) };
+        let (path, drop_length) =
+            gateway::attempt_plan(p, self.api, &self.path, Some(d.client_model.as_str()), d.body_rewritten)?;
+        // The attempt may be gone (reset meanwhile): then there is nothing to resume.
+        host::with_context(attempt, self.id, || {
+            if path != self.path {
+                host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path));
+            }
+            if drop_length {
+                host::set_header(MapType::HttpRequestHeaders, "content-length", None);
+            }
+            host::resume_request();
+        });
+        Ok(())
     }
 
     /// Charges the request exactly once: at the end of the response, or at teardown.
@@ -297,7 +348,7 @@ impl Listener {
             Ok((_, c)) => conflicts += c,
             Err(e) => {
                 failed = true;
-                log::warn!("tollgate: usage counter {key} not updated: {e:?}");
+                log::warn!("usage counter {key} not updated: {e:?}");
             }
         };
         add(format!("tollgate:u:c:{}", self.consumer));
@@ -319,7 +370,7 @@ impl Listener {
                 .unwrap_or(0);
             let actual = Demand { requests: 1, input: usage.input, output: usage.output, cost_micro_usd: cost };
             if let Err(e) = quota::settle(&store, &self.reservations, &actual, now) {
-                log::warn!("tollgate: quota settlement failed: {e:?}");
+                log::warn!("quota settlement failed: {e:?}");
             }
         }
         // Metrics: per consumer x model, per provider key, and by outcome.
@@ -419,6 +470,7 @@ impl HttpContext for Listener {
         }
         self.api = ApiKind::from_path(&path);
         self.client = ClientApi::from_path(&path);
+        self.path = path;
         let hdrs = host::headers(MapType::HttpRequestHeaders);
         let lookup = |name: &str| -> Option<&str> {
             let mut it = hdrs.iter().filter(|(k, _)| k == name);
@@ -454,12 +506,24 @@ impl HttpContext for Listener {
                 return self.too_large();
             }
         }
+        let now = host::now_ms();
+        if let Some(a) = self.route(now) {
+            return a;
+        }
         if end_of_stream {
             // No body (GET /v1/models and the like): only the request counts.
-            let now = host::now_ms();
-            return self.admit(now).unwrap_or(Action::Continue);
+            if let Some(a) = self.admit(now) {
+                return a;
+            }
+            handoff::open(self.id);
+            handoff::decide(self.id, Decision::default());
+        } else {
+            handoff::open(self.id);
         }
-        Action::Pause
+        host::set_header(MapType::HttpRequestHeaders, gateway::HDR_RID, Some(&self.id.to_string()));
+        // Never pause here: proxy-wasm would then withhold the body from this filter too. The first
+        // upstream attempt waits for the body's verdict instead (see handoff).
+        Action::Continue
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
@@ -469,11 +533,16 @@ impl HttpContext for Listener {
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten().unwrap_or_default();
+        let body = host::body(BufferType::HttpRequestBody, size);
         self.on_body_complete(&body)
     }
 
     fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
+        // The attempt wrote the pool key into the request headers Envoy keeps for this stream; take
+        // it out again before anything (an access log's %REQ(...)%) can read it.
+        for h in gateway::CREDENTIAL_HEADERS {
+            host::set_header(MapType::HttpRequestHeaders, h, None);
+        }
         self.status = host::header(MapType::HttpResponseHeaders, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         self.provider = host::header(MapType::HttpResponseHeaders, gateway::HDR_PROVIDER).unwrap_or_default();
         self.key_id = host::header(MapType::HttpResponseHeaders, gateway::HDR_KEY_ID).unwrap_or_default();
@@ -499,7 +568,7 @@ impl HttpContext for Listener {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        let chunk = proxy_wasm::hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default();
+        let chunk = host::body(BufferType::HttpResponseBody, size);
         if let Some(sse) = self.sse.as_mut() {
             let su = &mut self.stream_usage;
             if self.strip_usage_chunk {
@@ -519,7 +588,7 @@ impl HttpContext for Listener {
                     });
                 }
                 if out != chunk {
-                    let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &out);
+                    host::replace_body(BufferType::HttpResponseBody, size, &out);
                 }
             } else {
                 sse.feed(&chunk, |ev| su.on_event(&ev));
@@ -541,6 +610,7 @@ impl HttpContext for Listener {
     fn on_log(&mut self) {
         // Reached without a charge: the client went away or the upstream reset mid-response.
         self.charge(true);
+        handoff::close(self.id);
     }
 }
 

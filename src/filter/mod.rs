@@ -5,6 +5,8 @@
 //! - `tollgate.upstream` (cluster-level filter, before `upstream_codec`): key choice and injection,
 //!   provider rewrite and translation, passive health. Runs once per upstream attempt.
 
+mod abi;
+mod handoff;
 mod host;
 mod listener;
 mod status;
@@ -41,21 +43,18 @@ impl RootContext for Root {
             "" | "tollgate" | "tollgate.listener" => Role::Listener,
             "tollgate.upstream" => Role::Upstream,
             other => {
-                log::error!("tollgate: root_id '{other}' is not a tollgate role (use 'tollgate.listener' or 'tollgate.upstream')");
+                log::error!("root_id '{other}' is not a tollgate role (use 'tollgate.listener' or 'tollgate.upstream')");
                 return false;
             }
         };
-        let raw = proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let raw = host::body(proxy_wasm::types::BufferType::PluginConfiguration, usize::MAX);
         match config::parse(&raw, &|name| std::env::var(name).ok()) {
             Ok(cfg) => {
                 for w in &cfg.warnings {
-                    log::warn!("tollgate: {w}");
+                    log::warn!("{w}");
                 }
                 log::info!(
-                    "tollgate: configured as {:?} with {} provider(s), {} key(s)",
+                    "configured as {:?} with {} provider(s), {} key(s)",
                     self.role,
                     cfg.providers.len(),
                     cfg.providers.iter().map(|p| p.keys.len()).sum::<usize>()
@@ -65,17 +64,17 @@ impl RootContext for Root {
             }
             Err(e) => {
                 // One line that names the field; Envoy then refuses the config.
-                log::error!("tollgate: invalid configuration: {e}");
+                log::error!("invalid configuration: {e}");
                 false
             }
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Always Some: the SDK's dispatcher panics on None.
         Some(match (&self.config, self.role) {
-            (Some(cfg), Role::Listener) => Box::new(listener::Listener::new(cfg.clone())),
-            (Some(cfg), Role::Upstream) => Box::new(upstream::Upstream::new(cfg.clone())),
+            (Some(cfg), Role::Listener) => Box::new(listener::Listener::new(context_id, cfg.clone())),
+            (Some(cfg), Role::Upstream) => Box::new(upstream::Upstream::new(context_id, cfg.clone())),
             (None, _) => Box::new(Unconfigured),
         })
     }

@@ -1,5 +1,6 @@
 //! Cluster-level role: runs once per upstream attempt, for whichever endpoint Envoy picked.
 
+use super::handoff;
 use super::host::{self, count, gauge, HostStore};
 use crate::config::{Config, Provider};
 use crate::errors::{error_body, ClientApi, ErrorKind};
@@ -25,6 +26,8 @@ enum StreamTranslator {
 }
 
 pub struct Upstream {
+    id: u32,
+    rid: Option<u32>,
     cfg: Rc<Config>,
     provider: Option<usize>,
     key: Option<usize>,
@@ -40,8 +43,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: Rc<Config>) -> Self {
+    pub fn new(id: u32, cfg: Rc<Config>) -> Self {
         Upstream {
+            id,
+            rid: None,
             cfg,
             provider: None,
             key: None,
@@ -70,7 +75,7 @@ impl Upstream {
         if let Some(p) = self.provider() {
             headers.push((gateway::HDR_PROVIDER, p.name.as_str()));
         }
-        let _ = proxy_wasm::hostcalls::send_http_response(u32::from(status), headers, Some(&body));
+        host::respond(status, &headers, &body);
         Action::Pause
     }
 
@@ -97,7 +102,7 @@ impl Upstream {
         let pi = match self.pick_provider() {
             Ok(i) => i,
             Err(msg) => {
-                log::error!("tollgate: {msg}");
+                log::error!("{msg}");
                 return Err(self.local(ErrorKind::Internal, 500, "The gateway's provider routing is misconfigured.", &[]));
             }
         };
@@ -118,7 +123,7 @@ impl Upstream {
             .or(consumer);
         let choice = keypool::choose(&HostStore, p, &health, sticky.as_deref(), now).unwrap_or_else(|e| {
             // The rotation counter failed: still serve, from the first healthy key.
-            log::warn!("tollgate: key rotation counter unavailable: {e:?}");
+            log::warn!("key rotation counter unavailable: {e:?}");
             (0..p.keys.len()).find(|&i| health.key_available(i, now)).map(Choice::Key).unwrap_or(Choice::Exhausted { retry_at_ms: now })
         });
         let ki = match choice {
@@ -206,21 +211,15 @@ impl Upstream {
         if self.translation == Translation::MessagesToChat {
             self.include_usage = true;
         }
-        let path = gateway::upstream_path(p, self.api, &self.path, Some(&provider_model));
-        if path != self.path {
-            host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path));
-        }
+        // The headers are gone already (path and content-length were settled before they left).
         if new_body.as_slice() != body {
-            host::set_header(MapType::HttpRequestHeaders, "content-length", Some(&new_body.len().to_string()));
-            let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpRequestBody, 0, usize::MAX, &new_body);
+            host::replace_body(BufferType::HttpRequestBody, body.len(), &new_body);
         }
         Action::Continue
     }
 
     fn needs_body(&self, p: &Provider) -> bool {
-        self.translation != Translation::None
-            || !p.models.is_empty()
-            || p.kind == crate::config::ProviderType::AzureOpenai
+        self.translation != Translation::None || !p.models.is_empty()
     }
 
     fn record_outcome(&self, headers: &[(String, String)]) {
@@ -236,7 +235,7 @@ impl Upstream {
                 if let Some(k) = self.key {
                     let until = now.saturating_add(wait);
                     if health::cool_key(&HostStore, p, k, until, CooldownReason::RateLimited).is_ok() {
-                        log::info!("tollgate: key {}/{} rate limited, cooling down for {} ms", p.name, key_id, wait);
+                        log::info!("key {}/{} rate limited, cooling down for {} ms", p.name, key_id, wait);
                     }
                     count(&format!("tollgate.provider.{}.key.{}.cooldowns", p.name, key_id), 1);
                     gauge(&format!("tollgate.provider.{}.key.{}.cooldown_until_s", p.name, key_id), until / 1000);
@@ -273,29 +272,52 @@ impl Upstream {
 impl Context for Upstream {}
 
 impl HttpContext for Upstream {
-    fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
+    fn on_log(&mut self) {
+        if let Some(rid) = self.rid {
+            handoff::unpark(rid, self.id);
+        }
+    }
+
+    fn on_http_request_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
         self.path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
         self.api = ApiKind::from_path(&self.path);
         self.client = ClientApi::from_path(&self.path);
+        self.rid = host::header(MapType::HttpRequestHeaders, gateway::HDR_RID).and_then(|v| v.parse().ok());
         if let Err(action) = self.prepare() {
             return action;
         }
         let cfg = self.cfg.clone();
-        let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) else {
+        let Some((pi, p)) = self.provider.and_then(|i| cfg.providers.get(i).map(|p| (i, p))) else {
             return Action::Continue;
         };
         self.translation = match gateway::translation(self.api, p.kind) {
             Ok(t) => t,
             Err(msg) => return self.local(ErrorKind::InvalidRequest, 400, &msg, &[]),
         };
-        if end_of_stream || !self.needs_body(p) {
-            let path = gateway::upstream_path(p, self.api, &self.path, None);
-            if path != self.path {
-                host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path));
+        let decision = match self.rid.map(handoff::state) {
+            Some(handoff::State::Pending) => {
+                // First attempt: wait, headers unsent, for the listener role's verdict on the body.
+                if let Some(rid) = self.rid {
+                    handoff::park(rid, self.id, pi);
+                }
+                return Action::Pause;
             }
-            return Action::Continue;
+            Some(handoff::State::Decided(d)) => d,
+            // No listener role in this VM: the model is unknown here, go on with the path as is.
+            Some(handoff::State::Unknown) | None => handoff::Decision::default(),
+        };
+        match gateway::attempt_plan(p, self.api, &self.path, Some(decision.client_model.as_str()), decision.body_rewritten) {
+            Ok((path, drop_length)) => {
+                if path != self.path {
+                    host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path));
+                }
+                if drop_length {
+                    host::set_header(MapType::HttpRequestHeaders, "content-length", None);
+                }
+                Action::Continue
+            }
+            Err(msg) => self.local(ErrorKind::InvalidRequest, 400, &msg, &[]),
         }
-        Action::Pause
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
@@ -310,7 +332,7 @@ impl HttpContext for Upstream {
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten().unwrap_or_default();
+        let body = host::body(BufferType::HttpRequestBody, size);
         self.rewrite(&body)
     }
 
@@ -349,7 +371,7 @@ impl HttpContext for Upstream {
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         if let Some((parser, t)) = self.sse.as_mut() {
-            let chunk = proxy_wasm::hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default();
+            let chunk = host::body(BufferType::HttpResponseBody, size);
             let mut out = Vec::with_capacity(chunk.len() * 2);
             let mut on = |ev: crate::sse::SseEvent<'_>| match t {
                 StreamTranslator::ToChat(s) => s.on_event(&ev, &mut out),
@@ -363,14 +385,14 @@ impl HttpContext for Upstream {
                     StreamTranslator::ToMessages(s) => s.finish(&mut out),
                 }
             }
-            let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &out);
+            host::replace_body(BufferType::HttpResponseBody, size, &out);
             return Action::Continue;
         }
         if self.translate_json {
             if !end_of_stream {
                 return Action::Pause;
             }
-            let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default();
+            let body = host::body(BufferType::HttpResponseBody, size);
             let ok = (200..300).contains(&self.status);
             let out = match (self.translation, ok) {
                 (Translation::ChatToMessages, true) => translate::messages_response_to_chat(&body, &self.client_model),
@@ -380,10 +402,10 @@ impl HttpContext for Upstream {
                 (Translation::None, true) => Ok(body.clone()),
             };
             let out = out.unwrap_or_else(|e| {
-                log::warn!("tollgate: could not translate the provider's response: {e}");
+                log::warn!("could not translate the provider's response: {e}");
                 error_body(self.client, ErrorKind::BadGateway, "The provider's response could not be translated.", None, None)
             });
-            let _ = proxy_wasm::hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &out);
+            host::replace_body(BufferType::HttpResponseBody, size, &out);
         }
         Action::Continue
     }

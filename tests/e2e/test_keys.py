@@ -28,7 +28,7 @@ def test_keys_rotate_globally_across_two_workers(gateway, mocks):
     # The client's own credential never reached the provider.
     assert not any("client-own-key" in str(r["headers"]) for r in seen)
     # Both workers served traffic: the rotation is global, not per worker.
-    workers = [v for k, v in gw.stats().items() if re.match(r"^listener\.127\.0\.0\.1_\d+\.worker_\d+\.downstream_rq_2xx$", k)]
+    workers = [v for k, v in gw.stats().items() if re.match(r"^listener\.127\.0\.0\.1_\d+\.worker_\d+\.downstream_cx_total$", k)]
     assert len([w for w in workers if w > 0]) == 2, workers
 
 
@@ -130,7 +130,7 @@ def test_bad_config_is_refused_with_a_message_naming_the_field():
     assert ("tollgate: invalid configuration: providers[0].keys[1].env: NOT_THERE is not set "
             "(list it in vm_config.environment_variables.host_env_keys)") in log
     log = _refused({"providers": [openai_provider()], "rotaton": "x"})
-    assert "tollgate: invalid configuration: invalid configuration: unknown field `rotaton`" in log
+    assert "tollgate: invalid configuration: unknown field `rotaton`" in log
     # Never a secret in the log, even when refusing.
     assert not any(v in log for v in KEYS.values())
 

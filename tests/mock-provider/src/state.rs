@@ -1,0 +1,206 @@
+//! Shared state of one mock instance: scripted rules and the request log.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Token usage as the mock reports it (and logs it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+/// Per-field override of the computed usage; absent fields keep the computed value (0 for caches).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageOverride {
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+    pub cache_read: Option<u64>,
+    pub cache_write: Option<u64>,
+}
+
+/// Unknown fields are rejected so a typo in a test script fails loudly instead of being ignored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub key: Option<String>,
+    pub path_contains: Option<String>,
+    pub times: Option<u64>,
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub headers: Map<String, Value>,
+    pub body: Option<String>,
+    #[serde(default)]
+    pub delay_ms: u64,
+    pub usage: Option<UsageOverride>,
+    #[serde(default)]
+    pub omit_usage: bool,
+    pub words: Option<usize>,
+    pub cut_after_chunks: Option<usize>,
+    #[serde(default)]
+    pub chunk_delay_ms: u64,
+}
+
+impl Rule {
+    /// Header values may be given as JSON numbers (`"retry-after": 30`); they are sent as text.
+    pub fn header_pairs(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.to_ascii_lowercase(), v)
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(s) = self.status {
+            if !(200..=599).contains(&s) {
+                return Err(format!("status {s} out of range 200..=599"));
+            }
+        }
+        for (k, v) in self.header_pairs() {
+            let framing = ["content-length", "transfer-encoding", "connection"];
+            if k.is_empty() || k.contains([':', '\r', '\n', ' ']) || v.contains(['\r', '\n']) {
+                return Err(format!("invalid header {k:?}"));
+            }
+            if framing.contains(&k.as_str()) {
+                return Err(format!("header {k} is managed by the mock"));
+            }
+        }
+        Ok(())
+    }
+
+    fn matches(&self, key: Option<&str>, target: &str) -> bool {
+        self.key.as_deref().is_none_or(|k| key == Some(k))
+            && self
+                .path_contains
+                .as_deref()
+                .is_none_or(|p| target.contains(p))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Script {
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub seq: u64,
+    pub method: String,
+    pub path: String,
+    pub headers: Map<String, Value>,
+    pub body: String,
+    pub key: Option<String>,
+    pub status: u16,
+    pub usage: Option<Usage>,
+    pub stream: bool,
+    pub chunked_request: bool,
+    pub time_ms: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    rules: Vec<(Rule, u64)>,
+    pub log: Vec<Entry>,
+    seq: u64,
+}
+
+impl State {
+    pub fn next_seq(&mut self) -> u64 {
+        self.seq = self.seq.saturating_add(1);
+        self.seq
+    }
+
+    /// Appends rules after validating all of them (all or nothing); returns the rule count.
+    pub fn add_rules(&mut self, body: &[u8]) -> Result<usize, String> {
+        let script: Script =
+            serde_json::from_slice(body).map_err(|e| format!("bad script: {e}"))?;
+        script.rules.iter().try_for_each(Rule::validate)?;
+        self.rules.extend(script.rules.into_iter().map(|r| (r, 0)));
+        Ok(self.rules.len())
+    }
+
+    /// First rule that matches and still has uses left; consumes one use.
+    pub fn take_rule(&mut self, key: Option<&str>, target: &str) -> Option<Rule> {
+        let (rule, used) = self
+            .rules
+            .iter_mut()
+            .find(|(r, used)| r.times.is_none_or(|t| *used < t) && r.matches(key, target))?;
+        *used = used.saturating_add(1);
+        Some(rule.clone())
+    }
+
+    pub fn reset(&mut self) {
+        *self = State::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_apply_in_order_until_used_up() {
+        let mut s = State::default();
+        let n = s
+            .add_rules(
+                br#"{"rules":[{"key":"sk-a1","times":1,"status":429,"headers":{"retry-after":30}},
+                              {"path_contains":"/v1/messages","status":529},
+                              {"status":200,"words":2,"times":2}]}"#,
+            )
+            .unwrap();
+        assert_eq!(n, 3);
+        let first = s.take_rule(Some("sk-a1"), "/v1/chat/completions").unwrap();
+        assert_eq!(first.status, Some(429));
+        assert_eq!(
+            first.header_pairs(),
+            vec![("retry-after".to_string(), "30".to_string())]
+        );
+        // times=1 is used up: the same key falls through to the catch-all rule.
+        assert_eq!(
+            s.take_rule(Some("sk-a1"), "/v1/chat/completions")
+                .unwrap()
+                .words,
+            Some(2)
+        );
+        assert_eq!(s.take_rule(None, "/v1/messages").unwrap().status, Some(529));
+        assert_eq!(s.take_rule(Some("sk-b"), "/x").unwrap().words, Some(2));
+        assert!(
+            s.take_rule(Some("sk-b"), "/x").is_none(),
+            "catch-all had times=2"
+        );
+        s.reset();
+        assert!(s.take_rule(Some("sk-a1"), "/v1/messages").is_none());
+        assert_eq!(s.next_seq(), 1);
+    }
+
+    #[test]
+    fn bad_scripts_are_rejected_whole() {
+        let mut s = State::default();
+        assert!(s
+            .add_rules(br#"{"rules":[{"stauts":429}]}"#)
+            .unwrap_err()
+            .contains("unknown field"));
+        assert!(s
+            .add_rules(br#"{"rules":[{"status":200},{"status":99}]}"#)
+            .unwrap_err()
+            .contains("99"));
+        assert!(s
+            .add_rules(br#"{"rules":[{"headers":{"content-length":"1"}}]}"#)
+            .is_err());
+        assert!(s
+            .add_rules(br#"{"rules":[{"headers":{"x":"a\r\nb: c"}}]}"#)
+            .is_err());
+        assert!(s.add_rules(b"not json").is_err());
+        assert!(s.take_rule(None, "/").is_none(), "nothing was added");
+    }
+}
