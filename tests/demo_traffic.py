@@ -131,16 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--anthropic-mock", default="http://localhost:18002", help="Anthropic-shaped mock (default %(default)s)")
     ap.add_argument("--team-a-key", default=DEMO_KEYS["team-a"])
     ap.add_argument("--team-b-key", default=DEMO_KEYS["team-b"])
-    ap.add_argument("--cooldown", type=int, default=45, help="Retry-After of the scripted 429s, seconds (default %(default)s)")
-    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole mix, %(default)s time(s)")
-    ap.add_argument("--pause", type=float, default=60, help="seconds between rounds (default %(default)s)")
+    ap.add_argument("--cooldown", type=int, default=45,
+                    help="Retry-After of the last round's scripted 429s, seconds (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the whole mix (default %(default)s); see below")
+    ap.add_argument("--pause", type=float, default=5, help="seconds between rounds (default %(default)s)")
     args = ap.parse_args(argv)
-    for i in range(max(1, args.rounds)):
+    # tollgate defines a metric when it first counts it, and Prometheus draws no rate from a counter's
+    # first sample: the first round creates the series, the next ones move them. Earlier rounds use short
+    # cooldowns so that the providers serve again in the next round.
+    rounds = max(1, args.rounds)
+    for i in range(rounds):
         if i:
             time.sleep(args.pause)
-        print(f"round {i + 1}: sending traffic to {args.gateway}")
+        cooldown = args.cooldown if i == rounds - 1 else max(1, int(args.pause) - 2)
+        print(f"round {i + 1}/{rounds}: sending traffic to {args.gateway}")
         try:
-            t = run(args.gateway, args.openai_mock, args.anthropic_mock, args.team_a_key, args.team_b_key, args.cooldown)
+            t = run(args.gateway, args.openai_mock, args.anthropic_mock, args.team_a_key, args.team_b_key, cooldown)
         except OSError as e:
             print(f"cannot reach the gateway or a mock ({e}); start them with `make run` or `docker compose up`",
                   file=sys.stderr)

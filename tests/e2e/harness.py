@@ -35,7 +35,7 @@ ACCESS_LOG_FORMAT = (
     "consumer=%FILTER_STATE(wasm.tollgate_consumer:PLAIN)% model=%FILTER_STATE(wasm.tollgate_model:PLAIN)% "
     "provider=%FILTER_STATE(wasm.tollgate_provider:PLAIN)% key=%FILTER_STATE(wasm.tollgate_key_id:PLAIN)% "
     "in=%FILTER_STATE(wasm.tollgate_input_tokens:PLAIN)% out=%FILTER_STATE(wasm.tollgate_output_tokens:PLAIN)% "
-    "usage=%FILTER_STATE(wasm.tollgate_usage:PLAIN)% auth=%REQ(AUTHORIZATION)%\n"
+    "usage=%FILTER_STATE(wasm.tollgate_usage:PLAIN)% consumer_hdr=%REQ(X-TOLLGATE-CONSUMER)%\n"
 )
 
 
@@ -245,6 +245,17 @@ class Envoy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def access_log(self, contains: str = "", at_least: int = 1, timeout: float = 5) -> list[str]:
+        """Access-log lines (optionally only those containing `contains`), waiting for Envoy's
+        periodic file flush until at least `at_least` of them are there."""
+        deadline = time.time() + timeout
+        while True:
+            text = self.access_log_path.read_text() if self.access_log_path.exists() else ""
+            lines = [l for l in text.splitlines() if contains in l]
+            if len(lines) >= at_least or time.time() > deadline:
+                return lines
+            time.sleep(0.1)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

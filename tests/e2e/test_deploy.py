@@ -10,10 +10,8 @@
   every panel shows non-zero data;
 - the Istio and Envoy Gateway manifests against their CRD schemas (tests/schemas/README.md), consistent
   with each other, and the Envoy configuration each control plane would generate from them passes
-  `envoy --mode validate` with the built module.
-
-TOLLGATE_TEST_WASM=<file> replaces the built module in the validate runs (for checking these files
-while the module does not build).
+  `envoy --mode validate` with the built module (validate mode loads the module and runs its
+  configuration check, so the plugin configurations and the environment they need are checked too).
 """
 from __future__ import annotations
 
@@ -40,7 +38,6 @@ from harness import ENVOY, MOCK_BIN, WASM, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "tests" / "schemas"
-VALIDATE_WASM = Path(os.environ.get("TOLLGATE_TEST_WASM") or WASM)
 HPO = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 ROUTER = {"name": "envoy.filters.http.router",
           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
@@ -122,7 +119,7 @@ def envoy_validate(config: dict, env: dict[str, str], tmp_path: Path) -> tuple[i
     path = tmp_path / f"validate-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(config))
     r = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "-l", "warning"],
-                       env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+                       env={"PATH": os.environ.get("PATH", ""), **env}, capture_output=True, text=True, timeout=120)
     return r.returncode, r.stdout + r.stderr
 
 
@@ -375,13 +372,24 @@ def test_compose_envoy_config_is_the_demo_config_with_compose_addresses():
 
 def test_compose_envoy_config_passes_envoy_validate(tmp_path):
     cfg = load("envoy/compose.yaml")
-    replace_filenames(cfg, str(VALIDATE_WASM))
+    replace_filenames(cfg, str(WASM))
     rc, out = envoy_validate(cfg, compose_env_defaults(), tmp_path)
     assert rc == 0 and "OK" in out, out[-3000:]
-    # validate mode does refuse a broken file (so the check above means something).
-    cfg["static_resources"]["clusters"][0]["connect_timeoutt"] = "2s"
-    rc, out = envoy_validate(cfg, compose_env_defaults(), tmp_path)
+    # validate mode refuses a broken Envoy field, and runs tollgate's own configuration check: an unknown
+    # plugin field, or a key variable compose does not set, fails (so the check above means something).
+    bad = copy.deepcopy(cfg)
+    bad["static_resources"]["clusters"][0]["connect_timeoutt"] = "2s"
+    rc, out = envoy_validate(bad, compose_env_defaults(), tmp_path)
     assert rc != 0 and "connect_timeoutt" in out
+    bad = copy.deepcopy(cfg)
+    for c in wasm_configs(bad):
+        c["configuration"]["value"] = c["configuration"]["value"].replace('"default_max_tokens"', '"default_max_tokenz"')
+    rc, out = envoy_validate(bad, compose_env_defaults(), tmp_path)
+    assert rc != 0 and "tollgate: invalid configuration" in out and "default_max_tokenz" in out
+    env = compose_env_defaults()
+    del env["TEAM_B_KEY"]
+    rc, out = envoy_validate(cfg, env, tmp_path)
+    assert rc != 0 and "TEAM_B_KEY" in out
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -409,7 +417,7 @@ def test_mock_provider_dockerfile_builds_from_what_it_copies(tmp_path):
     ctx = tmp_path / workdir.strip("/")
     for *srcs, dst in copies:
         for s in srcs:
-            target = ctx / dst / Path(s).name if dst.endswith("/") and len(srcs) > 1 or dst in ("./", ".") else ctx / dst
+            target = ctx / dst / Path(s).name if dst.endswith("/") else ctx / dst
             if (ROOT / s).is_dir():
                 shutil.copytree(ROOT / s, target, ignore=shutil.ignore_patterns("target"))
             else:
@@ -525,7 +533,10 @@ def test_grafana_dashboard_is_provisioned_and_covers_every_metric_family():
             "tollgate_provider_retried_attempts", "tollgate_provider_steered_requests",
             "tollgate_consumer_limit_used_permille"} <= names
     assert ("tollgate_outcome_requests", frozenset({"rejected_quota", "exhausted"})) in used
-    by = {n: labels for _, e in dashboard_exprs() for n, labels in promql_labels(e).items()}
+    by: dict[str, set[str]] = {}
+    for _, e in dashboard_exprs():
+        for n, labels in promql_labels(e).items():
+            by.setdefault(n, set()).update(labels)
     assert {"consumer", "model"} <= by["tollgate_consumer_model_tokens_in"] | by["tollgate_consumer_model_tokens_out"]
 
 
@@ -617,7 +628,7 @@ def test_envoy_config_istio_would_generate_passes_envoy_validate(tmp_path):
         "config": {"name": "istio-ingress.tollgate", "root_id": wp["spec"]["pluginName"],
                    "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
                                      "value": json.dumps(wp["spec"]["pluginConfig"])},
-                   "vm_config": {"runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(VALIDATE_WASM)}},
+                   "vm_config": {"runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(WASM)}},
                                  "environment_variables": {"host_env_keys": host_env,
                                                            "key_values": {"ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION": "1"}}}}}}
     clusters = []
@@ -625,7 +636,7 @@ def test_envoy_config_istio_would_generate_passes_envoy_validate(tmp_path):
         c = p["match"]["cluster"]
         cluster = tls_cluster(f"outbound|{c['portNumber']}||{c['service']}", c["service"])
         cluster.update(copy.deepcopy(p["patch"]["value"]))  # MERGE: these fields were not set by Istio
-        replace_filenames(cluster, str(VALIDATE_WASM))
+        replace_filenames(cluster, str(WASM))
         clusters.append(cluster)
     cfg = listener_bootstrap(listener, clusters, clusters[-1]["name"])
     rc, out = envoy_validate(cfg, {k: f"test-{k}" for k in host_env}, tmp_path)
@@ -721,7 +732,7 @@ def test_envoy_config_envoy_gateway_would_generate_passes_envoy_validate(tmp_pat
         "config": {"name": w["name"], "root_id": w["rootID"], "fail_open": w["failOpen"],
                    "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(w["config"])},
                    "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
-                                 "code": {"local": {"filename": str(VALIDATE_WASM)}},
+                                 "code": {"local": {"filename": str(WASM)}},
                                  "environment_variables": {"host_env_keys": w["env"]["hostKeys"]}}}}}
     clusters = {}
     hosts = {p["name"]: p["host"] for p in w["config"]["providers"]}
@@ -733,7 +744,7 @@ def test_envoy_config_envoy_gateway_would_generate_passes_envoy_validate(tmp_pat
         host = hosts[c["metadata"]["filter_metadata"]["tollgate"]["provider"]]
         walk(c, lambda d: d.update(address=host) if d.get("address") == "placeholder" else None)
         c["transport_socket"]["typed_config"]["sni"] = host
-        replace_filenames(c, str(VALIDATE_WASM))
+        replace_filenames(c, str(WASM))
     cfg = listener_bootstrap(listener, list(clusters.values()), next(iter(clusters)))
     rc, out = envoy_validate(cfg, {k: f"test-{k}" for k in w["env"]["hostKeys"]}, tmp_path)
     assert rc == 0 and "OK" in out, out[-3000:]
@@ -743,9 +754,9 @@ def test_envoy_config_envoy_gateway_would_generate_passes_envoy_validate(tmp_pat
 
 def demo_gateway(gateway, mocks):
     gw = gateway(demo_plugin())
-    return gw, lambda: demo_traffic_module().run(
+    return gw, lambda cooldown_s=45: demo_traffic_module().run(
         gw.base_url, mocks["openai"].base_url, mocks["anthropic"].base_url,
-        team_a_key="tg-demo-team-a", team_b_key=KEYS["TEAM_B_KEY"], log=lambda *_: None)
+        team_a_key="tg-demo-team-a", team_b_key=KEYS["TEAM_B_KEY"], cooldown_s=cooldown_s, log=lambda *_: None)
 
 
 def test_dashboard_and_alert_queries_name_what_tollgate_exports(gateway, mocks):
@@ -802,7 +813,11 @@ def test_every_dashboard_panel_moves_and_the_budget_alert_fires(gateway, mocks, 
                 pass
             assert time.time() < deadline, (tmp_path / "prometheus.log").read_text()[-2000:]
             time.sleep(0.2)
-        traffic()
+        # As `make demo-traffic` does: a first round makes tollgate define its metrics (a counter's first
+        # sample gives Prometheus no rate), the second moves them; its cooldowns outlast the queries.
+        traffic(cooldown_s=2)
+        time.sleep(3)
+        traffic(cooldown_s=45)
         time.sleep(4)  # a few scrapes and rule evaluations after the last request
         flat = []
         for title, expr in dashboard_exprs():
