@@ -42,14 +42,15 @@ pub fn choose<S: SharedStore + ?Sized>(
         Rotation::RoundRobin | Rotation::Weighted => {
             let ([ticket], _) = add_u64s(store, &counter_key(&provider.name), [1])?;
             let ticket = ticket.wrapping_sub(1);
-            if provider.rotation == Rotation::Weighted && !provider.schedule.is_empty() {
-                let len = provider.schedule.len();
-                let start = usize::try_from(ticket % len as u64).unwrap_or(0);
-                (0..len).filter_map(|o| provider.schedule.get((start + o) % len).copied()).find(|&i| healthy(i))
+            // Rotate over the healthy keys only, so that a cooling key's share is spread evenly
+            // over the others instead of all falling on its neighbour.
+            let order: Vec<usize> = if provider.rotation == Rotation::Weighted && !provider.schedule.is_empty() {
+                provider.schedule.iter().copied().filter(|&i| healthy(i)).collect()
             } else {
-                let start = usize::try_from(ticket % n as u64).unwrap_or(0);
-                (0..n).map(|o| (start + o) % n).find(|&i| healthy(i))
-            }
+                (0..n).filter(|&i| healthy(i)).collect()
+            };
+            let len = order.len() as u64;
+            (len > 0).then(|| usize::try_from(ticket % len).ok()).flatten().and_then(|i| order.get(i).copied())
         }
     };
     Ok(match pick {
@@ -101,6 +102,19 @@ mod tests {
         cool_key(&s, &p, 2, 3_000, CooldownReason::Disabled).unwrap();
         assert_eq!(pick(&s, &p, None, 500), Choice::Exhausted { retry_at_ms: 1_000 });
         assert_eq!(pick(&s, &p, None, 1_000), Choice::Key(0));
+    }
+
+    #[test]
+    fn a_cooling_keys_share_is_spread_evenly() {
+        let s = FakeStore::new();
+        let p = provider(&[1, 1, 1, 1], Rotation::RoundRobin);
+        cool_key(&s, &p, 1, 1_000, CooldownReason::Disabled).unwrap();
+        let mut counts = [0; 4];
+        for _ in 0..300 {
+            let Choice::Key(k) = pick(&s, &p, None, 0) else { panic!() };
+            counts[k] += 1;
+        }
+        assert_eq!(counts, [100, 0, 100, 100]);
     }
 
     #[test]

@@ -395,7 +395,9 @@ impl HttpContext for Upstream {
             let body = host::body(BufferType::HttpResponseBody, size);
             let ok = (200..300).contains(&self.status);
             let out = match (self.translation, ok) {
-                (Translation::ChatToMessages, true) => translate::messages_response_to_chat(&body, &self.client_model),
+                (Translation::ChatToMessages, true) => {
+                    translate::messages_response_to_chat_at(&body, &self.client_model, host::now_ms() / 1000)
+                }
                 (Translation::MessagesToChat, true) => translate::chat_response_to_messages(&body, &self.client_model),
                 (Translation::ChatToMessages, false) => Ok(translate::messages_error_to_chat(&body, self.status)),
                 (_, false) => Ok(translate::chat_error_to_messages(&body, self.status)),

@@ -28,8 +28,15 @@ fn generic_message(status: u16) -> String {
 pub fn messages_error_to_chat(body: &[u8], status: u16) -> Vec<u8> {
     let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let e = v.get("error");
-    let message = e.and_then(|e| e.get("message")).and_then(Value::as_str).map_or_else(|| generic_message(status), str::to_string);
-    let (kind, code) = match e.and_then(|e| e.get("type")).and_then(Value::as_str).unwrap_or_default() {
+    let message = e
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .map_or_else(|| generic_message(status), str::to_string);
+    let (kind, code) = match e
+        .and_then(|e| e.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+    {
         "invalid_request_error" => (ErrorKind::InvalidRequest, None),
         "authentication_error" => (ErrorKind::Authentication, Some("invalid_api_key")),
         "permission_error" => (ErrorKind::PermissionDenied, None),
@@ -42,7 +49,14 @@ pub fn messages_error_to_chat(body: &[u8], status: u16) -> Vec<u8> {
         // OpenAI reports an exhausted balance as type and code "insufficient_quota".
         "billing_error" => {
             let kind = kind_from_status(status);
-            return error_body_typed(ClientApi::OpenAi, kind, &message, Some("insufficient_quota"), None, Some("insufficient_quota"));
+            return error_body_typed(
+                ClientApi::OpenAi,
+                kind,
+                &message,
+                Some("insufficient_quota"),
+                None,
+                Some("insufficient_quota"),
+            );
         }
         _ => (kind_from_status(status), None),
     };
@@ -64,7 +78,9 @@ pub fn chat_error_to_messages(body: &[u8], status: u16) -> Vec<u8> {
     let typ = e.get("type").and_then(Value::as_str).unwrap_or_default();
     let code = e.get("code").and_then(Value::as_str).unwrap_or_default();
     if status == 402 || code == "insufficient_quota" || typ == "insufficient_quota" {
-        return json!({"type": "error", "error": {"type": "billing_error", "message": message}}).to_string().into_bytes();
+        return json!({"type": "error", "error": {"type": "billing_error", "message": message}})
+            .to_string()
+            .into_bytes();
     }
     let kind = if (400..600).contains(&status) {
         kind_from_status(status)
@@ -72,7 +88,9 @@ pub fn chat_error_to_messages(body: &[u8], status: u16) -> Vec<u8> {
         match (typ, code) {
             (_, "rate_limit_exceeded") | ("requests" | "tokens", _) => ErrorKind::RateLimit,
             (_, "invalid_api_key") => ErrorKind::Authentication,
-            (_, "context_length_exceeded") | ("invalid_request_error", _) => ErrorKind::InvalidRequest,
+            (_, "context_length_exceeded") | ("invalid_request_error", _) => {
+                ErrorKind::InvalidRequest
+            }
             _ => ErrorKind::Internal,
         }
     };
@@ -90,25 +108,70 @@ mod tests {
     #[test]
     fn anthropic_errors_to_openai() {
         let cases = [
-            ("invalid_request_error", 400, "invalid_request_error", Value::Null),
-            ("authentication_error", 401, "invalid_request_error", json!("invalid_api_key")),
-            ("permission_error", 403, "invalid_request_error", Value::Null),
+            (
+                "invalid_request_error",
+                400,
+                "invalid_request_error",
+                Value::Null,
+            ),
+            (
+                "authentication_error",
+                401,
+                "invalid_request_error",
+                json!("invalid_api_key"),
+            ),
+            (
+                "permission_error",
+                403,
+                "invalid_request_error",
+                Value::Null,
+            ),
             ("not_found_error", 404, "invalid_request_error", Value::Null),
-            ("request_too_large", 413, "invalid_request_error", Value::Null),
-            ("rate_limit_error", 429, "requests", json!("rate_limit_exceeded")),
+            (
+                "request_too_large",
+                413,
+                "invalid_request_error",
+                Value::Null,
+            ),
+            (
+                "rate_limit_error",
+                429,
+                "requests",
+                json!("rate_limit_exceeded"),
+            ),
             ("api_error", 500, "server_error", Value::Null),
             ("overloaded_error", 529, "server_error", Value::Null),
             ("timeout_error", 504, "server_error", json!("timeout")),
-            ("billing_error", 402, "insufficient_quota", json!("insufficient_quota")),
-            ("brand_new_error", 429, "requests", json!("rate_limit_exceeded")),
+            (
+                "billing_error",
+                402,
+                "insufficient_quota",
+                json!("insufficient_quota"),
+            ),
+            (
+                "brand_new_error",
+                429,
+                "requests",
+                json!("rate_limit_exceeded"),
+            ),
         ];
         for (typ, status, want_type, want_code) in cases {
             let body = json!({"type": "error", "error": {"type": typ, "message": "msg here"}, "request_id": "req_011"});
             let got = parse(&messages_error_to_chat(body.to_string().as_bytes(), status));
-            assert_eq!(got, json!({"error": {"message": "msg here", "type": want_type, "param": null, "code": want_code}}), "{typ}");
+            assert_eq!(
+                got,
+                json!({"error": {"message": "msg here", "type": want_type, "param": null, "code": want_code}}),
+                "{typ}"
+            );
         }
-        let got = parse(&messages_error_to_chat(b"<html>502 Bad Gateway</html>", 502));
-        assert_eq!(got, json!({"error": {"message": "The provider returned an error (HTTP 502).", "type": "server_error", "param": null, "code": null}}));
+        let got = parse(&messages_error_to_chat(
+            b"<html>502 Bad Gateway</html>",
+            502,
+        ));
+        assert_eq!(
+            got,
+            json!({"error": {"message": "The provider returned an error (HTTP 502).", "type": "server_error", "param": null, "code": null}})
+        );
         let got = parse(&messages_error_to_chat(b"", 401));
         assert_eq!(got["error"]["type"], "invalid_request_error");
     }
@@ -116,29 +179,116 @@ mod tests {
     #[test]
     fn openai_errors_to_anthropic() {
         let cases = [
-            (json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}), 401, "authentication_error", "Incorrect API key provided"),
-            (json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}), 429, "rate_limit_error", "Rate limit reached"),
-            (json!({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}}), 429, "billing_error", "You exceeded your current quota"),
-            (json!({"error": {"message": "The model `x` does not exist", "type": "invalid_request_error", "code": "model_not_found"}}), 404, "not_found_error", "The model `x` does not exist"),
-            (json!({"error": {"code": "429", "message": "Azure rate limit"}}), 429, "rate_limit_error", "Azure rate limit"),
-            (json!({"error": {"message": "too big"}}), 413, "request_too_large", "too big"),
-            (json!({"error": {"message": "no access"}}), 403, "permission_error", "no access"),
-            (json!({"error": {"message": "bad"}}), 422, "invalid_request_error", "bad"),
-            (json!({"error": {"message": "busy"}}), 503, "overloaded_error", "busy"),
-            (json!({"error": "model is loading"}), 500, "api_error", "model is loading"),
-            (json!({"message": "plain message"}), 400, "invalid_request_error", "plain message"),
-            (json!({"detail": "Not Found"}), 404, "not_found_error", "Not Found"),
-            (json!([{"error": {"message": "in a list", "code": 400}}]), 400, "invalid_request_error", "in a list"),
+            (
+                json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}),
+                401,
+                "authentication_error",
+                "Incorrect API key provided",
+            ),
+            (
+                json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}),
+                429,
+                "rate_limit_error",
+                "Rate limit reached",
+            ),
+            (
+                json!({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}}),
+                429,
+                "billing_error",
+                "You exceeded your current quota",
+            ),
+            (
+                json!({"error": {"message": "The model `x` does not exist", "type": "invalid_request_error", "code": "model_not_found"}}),
+                404,
+                "not_found_error",
+                "The model `x` does not exist",
+            ),
+            (
+                json!({"error": {"code": "429", "message": "Azure rate limit"}}),
+                429,
+                "rate_limit_error",
+                "Azure rate limit",
+            ),
+            (
+                json!({"error": {"message": "too big"}}),
+                413,
+                "request_too_large",
+                "too big",
+            ),
+            (
+                json!({"error": {"message": "no access"}}),
+                403,
+                "permission_error",
+                "no access",
+            ),
+            (
+                json!({"error": {"message": "bad"}}),
+                422,
+                "invalid_request_error",
+                "bad",
+            ),
+            (
+                json!({"error": {"message": "busy"}}),
+                503,
+                "overloaded_error",
+                "busy",
+            ),
+            (
+                json!({"error": "model is loading"}),
+                500,
+                "api_error",
+                "model is loading",
+            ),
+            (
+                json!({"message": "plain message"}),
+                400,
+                "invalid_request_error",
+                "plain message",
+            ),
+            (
+                json!({"detail": "Not Found"}),
+                404,
+                "not_found_error",
+                "Not Found",
+            ),
+            (
+                json!([{"error": {"message": "in a list", "code": 400}}]),
+                400,
+                "invalid_request_error",
+                "in a list",
+            ),
             // Inside a stream there is no error status: OpenAI's type and code decide.
-            (json!({"error": {"message": "slow down", "type": "tokens", "code": "rate_limit_exceeded"}}), 200, "rate_limit_error", "slow down"),
-            (json!({"error": {"message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded"}}), 0, "invalid_request_error", "too long"),
-            (json!({"error": {"message": "oops", "type": "server_error"}}), 0, "api_error", "oops"),
+            (
+                json!({"error": {"message": "slow down", "type": "tokens", "code": "rate_limit_exceeded"}}),
+                200,
+                "rate_limit_error",
+                "slow down",
+            ),
+            (
+                json!({"error": {"message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded"}}),
+                0,
+                "invalid_request_error",
+                "too long",
+            ),
+            (
+                json!({"error": {"message": "oops", "type": "server_error"}}),
+                0,
+                "api_error",
+                "oops",
+            ),
         ];
         for (body, status, typ, message) in cases {
             let got = parse(&chat_error_to_messages(body.to_string().as_bytes(), status));
-            assert_eq!(got, json!({"type": "error", "error": {"type": typ, "message": message}}), "{body}");
+            assert_eq!(
+                got,
+                json!({"type": "error", "error": {"type": typ, "message": message}}),
+                "{body}"
+            );
         }
         let got = parse(&chat_error_to_messages(b"upstream connect error", 503));
-        assert_eq!(got, json!({"type": "error", "error": {"type": "overloaded_error", "message": "The provider returned an error (HTTP 503)."}}));
+        assert_eq!(
+            got,
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "The provider returned an error (HTTP 503)."}})
+        );
     }
 }

@@ -12,7 +12,9 @@ mod stream;
 
 pub use error::{chat_error_to_messages, messages_error_to_chat};
 pub use request::{chat_request_to_messages, messages_request_to_chat};
-pub use response::{chat_response_to_messages, messages_response_to_chat, messages_response_to_chat_at};
+pub use response::{
+    chat_response_to_messages, messages_response_to_chat, messages_response_to_chat_at,
+};
 pub use stream::{ChatToMessagesStream, MessagesToChatStream};
 
 use serde_json::{Map, Value};
@@ -37,7 +39,10 @@ impl std::fmt::Display for TranslateError {
 impl std::error::Error for TranslateError {}
 
 pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> TranslateError {
-    TranslateError { field: field.into(), reason: reason.into() }
+    TranslateError {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// Parses a body that must be a JSON object.
@@ -80,7 +85,7 @@ pub(crate) fn chat_usage(u: &Value) -> Value {
     let cache_read = u64_at(u, "cache_read_input_tokens");
     let prompt = u64_at(u, "input_tokens")
         .saturating_add(u64_at(u, "cache_creation_input_tokens"))
-        ;
+        .saturating_add(cache_read);
     let completion = u64_at(u, "output_tokens");
     serde_json::json!({
         "prompt_tokens": prompt,
@@ -92,7 +97,9 @@ pub(crate) fn chat_usage(u: &Value) -> Value {
 
 /// OpenAI usage -> Anthropic usage (cached tokens move out of `input_tokens`).
 pub(crate) fn messages_usage(u: &Value) -> Value {
-    let cached = u.get("prompt_tokens_details").map_or(0, |d| u64_at(d, "cached_tokens"));
+    let cached = u
+        .get("prompt_tokens_details")
+        .map_or(0, |d| u64_at(d, "cached_tokens"));
     serde_json::json!({
         "input_tokens": u64_at(u, "prompt_tokens").saturating_sub(cached),
         "output_tokens": u64_at(u, "completion_tokens"),
@@ -129,16 +136,28 @@ mod tests {
 
     #[test]
     fn display() {
-        let e = err("messages[2].content[0]", "audio input cannot be sent to an Anthropic provider");
-        assert_eq!(e.to_string(), "messages[2].content[0]: audio input cannot be sent to an Anthropic provider");
-        assert_eq!(err("", "EOF while parsing").to_string(), "EOF while parsing");
+        let e = err(
+            "messages[2].content[0]",
+            "audio input cannot be sent to an Anthropic provider",
+        );
+        assert_eq!(
+            e.to_string(),
+            "messages[2].content[0]: audio input cannot be sent to an Anthropic provider"
+        );
+        assert_eq!(
+            err("", "EOF while parsing").to_string(),
+            "EOF while parsing"
+        );
     }
 
     #[test]
     fn ids_round_trip() {
         assert_eq!(chat_id("msg_01XFD"), "chatcmpl-msg_01XFD");
         assert_eq!(message_id("chatcmpl-msg_01XFD"), "msg_01XFD");
-        assert_eq!(message_id("chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT"), "msg_B9MBs8CjcvOU2jLn4n570S5qMJKcT");
+        assert_eq!(
+            message_id("chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT"),
+            "msg_B9MBs8CjcvOU2jLn4n570S5qMJKcT"
+        );
         assert_eq!(message_id("abc"), "msg_abc");
     }
 
@@ -155,19 +174,35 @@ mod tests {
             json!({"input_tokens": 30, "output_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 300})
         );
         // Hostile numbers neither overflow nor underflow.
-        let o = chat_usage(&json!({"input_tokens": u64::MAX, "cache_read_input_tokens": 5, "output_tokens": u64::MAX}));
+        let o = chat_usage(
+            &json!({"input_tokens": u64::MAX, "cache_read_input_tokens": 5, "output_tokens": u64::MAX}),
+        );
         assert_eq!(o["total_tokens"], u64::MAX);
-        let a = messages_usage(&json!({"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 9}, "completion_tokens": -3}));
+        let a = messages_usage(
+            &json!({"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 9}, "completion_tokens": -3}),
+        );
         assert_eq!(a["input_tokens"], 0);
         assert_eq!(a["output_tokens"], 0);
     }
 
     #[test]
     fn reasons_table() {
-        for (a, o) in [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"), ("tool_use", "tool_calls"), ("refusal", "content_filter")] {
+        for (a, o) in [
+            ("end_turn", "stop"),
+            ("stop_sequence", "stop"),
+            ("max_tokens", "length"),
+            ("tool_use", "tool_calls"),
+            ("refusal", "content_filter"),
+        ] {
             assert_eq!(finish_reason(a), o, "{a}");
         }
-        for (o, a) in [("stop", "end_turn"), ("length", "max_tokens"), ("tool_calls", "tool_use"), ("function_call", "tool_use"), ("content_filter", "refusal")] {
+        for (o, a) in [
+            ("stop", "end_turn"),
+            ("length", "max_tokens"),
+            ("tool_calls", "tool_use"),
+            ("function_call", "tool_use"),
+            ("content_filter", "refusal"),
+        ] {
             assert_eq!(stop_reason(o), a, "{o}");
         }
     }
@@ -178,33 +213,56 @@ mod tests {
         let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
         let req = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": tools, "tool_choice": "auto"});
-        let sent: serde_json::Value = serde_json::from_slice(&chat_request_to_messages(req.to_string().as_bytes(), "claude-sonnet-4-5", 1024).unwrap_or_default()).unwrap_or_default();
-        assert_eq!(sent["tools"], json!([{"name": "get_weather", "description": "Weather by city",
-            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]));
+        let sent: serde_json::Value = serde_json::from_slice(
+            &chat_request_to_messages(req.to_string().as_bytes(), "claude-sonnet-4-5", 1024)
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        assert_eq!(
+            sent["tools"],
+            json!([{"name": "get_weather", "description": "Weather by city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}])
+        );
         assert_eq!(sent["tool_choice"], json!({"type": "auto"}));
         assert_eq!(sent["max_tokens"], 1024);
 
         let provider = json!({"id": "msg_01Oslo", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
             "content": [{"type": "text", "text": "Looking it up."}, {"type": "tool_use", "id": "toolu_01Oslo", "name": "get_weather", "input": {"city": "Oslo"}}],
             "stop_reason": "tool_use", "stop_sequence": null, "usage": {"input_tokens": 300, "output_tokens": 40}});
-        let answer: serde_json::Value = serde_json::from_slice(&messages_response_to_chat_at(provider.to_string().as_bytes(), "gpt-4o", 9).unwrap_or_default()).unwrap_or_default();
+        let answer: serde_json::Value = serde_json::from_slice(
+            &messages_response_to_chat_at(provider.to_string().as_bytes(), "gpt-4o", 9)
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
         let msg = &answer["choices"][0]["message"];
         assert_eq!(answer["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(msg["content"], "Looking it up.");
         let call = &msg["tool_calls"][0];
-        assert_eq!((&call["id"], &call["function"]["name"]), (&json!("toolu_01Oslo"), &json!("get_weather")));
-        let args: serde_json::Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or_default()).unwrap_or_default();
+        assert_eq!(
+            (&call["id"], &call["function"]["name"]),
+            (&json!("toolu_01Oslo"), &json!("get_weather"))
+        );
+        let args: serde_json::Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or_default())
+                .unwrap_or_default();
         assert_eq!(args, json!({"city": "Oslo"}));
 
         // The client sends the result back with the assistant message exactly as it received it.
         let follow = json!({"model": "gpt-4o", "tools": tools, "messages": [
             {"role": "user", "content": "Weather in Oslo?"}, msg.clone(),
             {"role": "tool", "tool_call_id": call["id"].clone(), "content": "-3C, snow"}]});
-        let sent: serde_json::Value = serde_json::from_slice(&chat_request_to_messages(follow.to_string().as_bytes(), "claude-sonnet-4-5", 1024).unwrap_or_default()).unwrap_or_default();
-        assert_eq!(sent["messages"], json!([
-            {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "Looking it up."}, {"type": "tool_use", "id": "toolu_01Oslo", "name": "get_weather", "input": {"city": "Oslo"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01Oslo", "content": "-3C, snow"}]}
-        ]));
+        let sent: serde_json::Value = serde_json::from_slice(
+            &chat_request_to_messages(follow.to_string().as_bytes(), "claude-sonnet-4-5", 1024)
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        assert_eq!(
+            sent["messages"],
+            json!([
+                {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Looking it up."}, {"type": "tool_use", "id": "toolu_01Oslo", "name": "get_weather", "input": {"city": "Oslo"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01Oslo", "content": "-3C, snow"}]}
+            ])
+        );
     }
 }

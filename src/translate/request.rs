@@ -11,7 +11,8 @@ use super::{err, field, parse_object, TranslateError};
 /// the answer's shape: `frequency_penalty`, `presence_penalty`, `seed`, `stream_options` (Anthropic
 /// streams always report usage), `store`, `metadata` (OpenAI's stored-completion tags), `service_tier`,
 /// `prompt_cache_key`, `prompt_cache_retention`, `prediction`, `reasoning_effort`, `verbosity`,
-/// message `name`s, image `detail` and tool `strict`. `parallel_tool_calls: false` becomes
+/// message `name`s, image `detail` and tool `strict`. `top_k` (an OpenAI-compatible extension)
+/// is passed on. `parallel_tool_calls: false` becomes
 /// `tool_choice.disable_parallel_tool_use`. System and developer messages anywhere in the
 /// conversation are hoisted into `system`, joined with blank lines; `temperature` is clamped to
 /// Anthropic's 0..=1.
@@ -20,17 +21,37 @@ use super::{err, field, parse_object, TranslateError};
 /// `response_format` other than text, audio `modalities`/`audio`, non-empty `logit_bias`,
 /// `web_search_options`, the deprecated `functions`/`function_call`, audio and file parts, non-function
 /// tools, unknown part types and unknown top-level fields.
-pub fn chat_request_to_messages(body: &[u8], model: &str, default_max_tokens: u64) -> Result<Vec<u8>, TranslateError> {
+pub fn chat_request_to_messages(
+    body: &[u8],
+    model: &str,
+    default_max_tokens: u64,
+) -> Result<Vec<u8>, TranslateError> {
     let req = parse_object(body)?;
     let mut out = Map::new();
     out.insert("model".into(), model.into());
     for (key, v) in req.iter().filter(|(_, v)| !v.is_null()) {
         match key.as_str() {
             // Handled below.
-            "model" | "messages" | "max_tokens" | "max_completion_tokens" | "tools" | "tool_choice"
-            | "parallel_tool_calls" | "user" | "safety_identifier" => {}
-            "frequency_penalty" | "presence_penalty" | "seed" | "stream_options" | "store" | "metadata"
-            | "service_tier" | "prompt_cache_key" | "prompt_cache_retention" | "prediction" | "reasoning_effort"
+            "model"
+            | "messages"
+            | "max_tokens"
+            | "max_completion_tokens"
+            | "tools"
+            | "tool_choice"
+            | "parallel_tool_calls"
+            | "user"
+            | "safety_identifier" => {}
+            "frequency_penalty"
+            | "presence_penalty"
+            | "seed"
+            | "stream_options"
+            | "store"
+            | "metadata"
+            | "service_tier"
+            | "prompt_cache_key"
+            | "prompt_cache_retention"
+            | "prediction"
+            | "reasoning_effort"
             | "verbosity" => {}
             "temperature" => {
                 let t = v.as_f64().ok_or_else(|| err(key, "must be a number"))?;
@@ -40,6 +61,12 @@ pub fn chat_request_to_messages(body: &[u8], model: &str, default_max_tokens: u6
                 v.as_f64().ok_or_else(|| err(key, "must be a number"))?;
                 out.insert(key.clone(), v.clone());
             }
+            // An OpenAI-compatible extension that Anthropic has too.
+            "top_k" => {
+                v.as_u64()
+                    .ok_or_else(|| err(key, "must be a non-negative integer"))?;
+                out.insert(key.clone(), v.clone());
+            }
             "stream" => {
                 v.as_bool().ok_or_else(|| err(key, "must be a boolean"))?;
                 out.insert(key.clone(), v.clone());
@@ -47,46 +74,79 @@ pub fn chat_request_to_messages(body: &[u8], model: &str, default_max_tokens: u6
             "stop" => {
                 let stops = match v {
                     Value::String(s) => vec![Value::String(s.clone())],
+                    Value::Array(a) if a.is_empty() => continue,
                     Value::Array(a) if a.iter().all(Value::is_string) => a.clone(),
                     _ => return Err(err(key, "must be a string or an array of strings")),
                 };
                 out.insert("stop_sequences".into(), Value::Array(stops));
             }
             "n" if v.as_u64() != Some(1) => {
-                return Err(err(key, "an Anthropic provider returns a single choice; n must be 1"))
+                return Err(err(
+                    key,
+                    "an Anthropic provider returns a single choice; n must be 1",
+                ))
             }
             "logprobs" if v.as_bool() != Some(false) => {
-                return Err(err(key, "log probabilities are not available from an Anthropic provider"))
+                return Err(err(
+                    key,
+                    "log probabilities are not available from an Anthropic provider",
+                ))
             }
             "top_logprobs" if v.as_u64() != Some(0) => {
-                return Err(err(key, "log probabilities are not available from an Anthropic provider"))
+                return Err(err(
+                    key,
+                    "log probabilities are not available from an Anthropic provider",
+                ))
             }
             "n" | "logprobs" | "top_logprobs" => {}
             "response_format" => match v.get("type").and_then(Value::as_str) {
                 Some("text") => {}
                 Some(t @ ("json_object" | "json_schema")) => {
-                    return Err(err(format!("{key}.type"), format!("{t} output cannot be enforced by an Anthropic provider")))
+                    return Err(err(
+                        format!("{key}.type"),
+                        format!("{t} output cannot be enforced by an Anthropic provider"),
+                    ))
                 }
                 _ => return Err(err(format!("{key}.type"), "unsupported response format")),
             },
             "modalities" => {
-                let text_only = v.as_array().is_some_and(|a| a.iter().all(|m| m.as_str() == Some("text")));
+                let text_only = v
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|m| m.as_str() == Some("text")));
                 if !text_only {
                     return Err(err(key, "an Anthropic provider only produces text"));
                 }
             }
             "logit_bias" if v.as_object().is_some_and(Map::is_empty) => {}
-            "logit_bias" => return Err(err(key, "logit bias is not available from an Anthropic provider")),
-            "audio" => return Err(err(key, "audio output is not available from an Anthropic provider")),
+            "logit_bias" => {
+                return Err(err(
+                    key,
+                    "logit bias is not available from an Anthropic provider",
+                ))
+            }
+            "audio" => {
+                return Err(err(
+                    key,
+                    "audio output is not available from an Anthropic provider",
+                ))
+            }
             "functions" | "function_call" => {
-                return Err(err(key, "the deprecated functions API is not supported; use tools and tool_choice"))
+                return Err(err(
+                    key,
+                    "the deprecated functions API is not supported; use tools and tool_choice",
+                ))
             }
             _ => return Err(err(key, "this field has no Anthropic equivalent")),
         }
     }
 
-    let max_tokens = match field(&req, "max_completion_tokens").map(|v| ("max_completion_tokens", v)).or(field(&req, "max_tokens").map(|v| ("max_tokens", v))) {
-        Some((name, v)) => v.as_u64().ok_or_else(|| err(name, "must be a non-negative integer"))?,
+    let max_tokens = match field(&req, "max_completion_tokens")
+        .map(|v| ("max_completion_tokens", v))
+        .or(field(&req, "max_tokens").map(|v| ("max_tokens", v)))
+    {
+        Some((name, v)) => v
+            .as_u64()
+            .ok_or_else(|| err(name, "must be a non-negative integer"))?,
         None => default_max_tokens,
     };
     out.insert("max_tokens".into(), max_tokens.into());
@@ -98,7 +158,11 @@ pub fn chat_request_to_messages(body: &[u8], model: &str, default_max_tokens: u6
     out.insert("messages".into(), messages.into());
 
     let tools = match field(&req, "tools") {
-        Some(Value::Array(tools)) => tools.iter().enumerate().map(|(k, t)| chat_tool(t, k)).collect::<Result<Vec<_>, _>>()?,
+        Some(Value::Array(tools)) => tools
+            .iter()
+            .enumerate()
+            .map(|(k, t)| chat_tool(t, k))
+            .collect::<Result<Vec<_>, _>>()?,
         Some(_) => return Err(err("tools", "must be an array")),
         None => Vec::new(),
     };
@@ -109,7 +173,10 @@ pub fn chat_request_to_messages(body: &[u8], model: &str, default_max_tokens: u6
             None => json!({"type": "auto"}),
         };
         let serial = field(&req, "parallel_tool_calls").and_then(Value::as_bool) == Some(false);
-        if let Some(c) = choice.as_object_mut().filter(|c| serial && c.get("type") != Some(&json!("none"))) {
+        if let Some(c) = choice
+            .as_object_mut()
+            .filter(|c| serial && c.get("type") != Some(&json!("none")))
+        {
             c.insert("disable_parallel_tool_use".into(), true.into());
         }
         out.insert("tool_choice".into(), choice);
@@ -117,7 +184,9 @@ pub fn chat_request_to_messages(body: &[u8], model: &str, default_max_tokens: u6
 
     let user = field(&req, "user").or(field(&req, "safety_identifier"));
     if let Some(user) = user {
-        let user = user.as_str().ok_or_else(|| err("user", "must be a string"))?;
+        let user = user
+            .as_str()
+            .ok_or_else(|| err("user", "must be a string"))?;
         out.insert("metadata".into(), json!({"user_id": user}));
     }
     Ok(Value::Object(out).to_string().into_bytes())
@@ -126,12 +195,16 @@ pub fn chat_request_to_messages(body: &[u8], model: &str, default_max_tokens: u6
 /// System texts and Anthropic messages, with consecutive same-role messages merged (Anthropic
 /// requires alternation) and tool results first in their user message (Anthropic requires that too).
 fn chat_messages(messages: Option<&Value>) -> Result<(Vec<String>, Vec<Value>), TranslateError> {
-    let messages = messages.and_then(Value::as_array).ok_or_else(|| err("messages", "must be an array of messages"))?;
+    let messages = messages
+        .and_then(Value::as_array)
+        .ok_or_else(|| err("messages", "must be an array of messages"))?;
     let mut system = Vec::new();
     let mut turns: Vec<(&str, Vec<Value>)> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let path = format!("messages[{i}]");
-        let m = m.as_object().ok_or_else(|| err(&path, "must be an object"))?;
+        let m = m
+            .as_object()
+            .ok_or_else(|| err(&path, "must be an object"))?;
         let (role, blocks) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
             "system" | "developer" => {
                 let text = plain_text(field(m, "content"), &format!("{path}.content"))?;
@@ -143,8 +216,18 @@ fn chat_messages(messages: Option<&Value>) -> Result<(Vec<String>, Vec<Value>), 
             "user" => ("user", user_blocks(field(m, "content"), &path)?),
             "assistant" => ("assistant", assistant_blocks(m, &path)?),
             "tool" => ("user", vec![tool_result(m, &path)?]),
-            "function" => return Err(err(format!("{path}.role"), "the deprecated function role is not supported; use tools")),
-            other => return Err(err(format!("{path}.role"), format!("unknown role {other:?}"))),
+            "function" => {
+                return Err(err(
+                    format!("{path}.role"),
+                    "the deprecated function role is not supported; use tools",
+                ))
+            }
+            other => {
+                return Err(err(
+                    format!("{path}.role"),
+                    format!("unknown role {other:?}"),
+                ))
+            }
         };
         match turns.last_mut() {
             _ if blocks.is_empty() => {}
@@ -178,13 +261,19 @@ fn text_parts(parts: &[Value], path: &str) -> Result<Vec<String>, TranslateError
         .enumerate()
         .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
             Some("text") => text_of(p, &format!("{path}[{j}]")),
-            _ => Err(err(format!("{path}[{j}].type"), "only text parts are allowed here")),
+            _ => Err(err(
+                format!("{path}[{j}].type"),
+                "only text parts are allowed here",
+            )),
         })
         .collect()
 }
 
 fn text_of(part: &Value, path: &str) -> Result<String, TranslateError> {
-    part.get("text").and_then(Value::as_str).map(str::to_string).ok_or_else(|| err(format!("{path}.text"), "must be a string"))
+    part.get("text")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| err(format!("{path}.text"), "must be a string"))
 }
 
 fn text_block(text: String) -> Option<Value> {
@@ -196,7 +285,12 @@ fn user_blocks(content: Option<&Value>, path: &str) -> Result<Vec<Value>, Transl
     let parts = match content {
         Some(Value::String(s)) => return Ok(text_block(s.clone()).into_iter().collect()),
         Some(Value::Array(parts)) => parts,
-        _ => return Err(err(format!("{path}.content"), "must be a string or an array of content parts")),
+        _ => {
+            return Err(err(
+                format!("{path}.content"),
+                "must be a string or an array of content parts",
+            ))
+        }
     };
     let mut blocks = Vec::new();
     for (j, p) in parts.iter().enumerate() {
@@ -204,24 +298,48 @@ fn user_blocks(content: Option<&Value>, path: &str) -> Result<Vec<Value>, Transl
         match p.get("type").and_then(Value::as_str).unwrap_or_default() {
             "text" => blocks.extend(text_block(text_of(p, &path)?)),
             "image_url" => blocks.push(image_block(p.get("image_url"), &path)?),
-            "input_audio" => return Err(err(path, "audio input cannot be sent to an Anthropic provider")),
-            "file" => return Err(err(path, "file input cannot be sent to an Anthropic provider")),
-            other => return Err(err(format!("{path}.type"), format!("unknown content part type {other:?}"))),
+            "input_audio" => {
+                return Err(err(
+                    path,
+                    "audio input cannot be sent to an Anthropic provider",
+                ))
+            }
+            "file" => {
+                return Err(err(
+                    path,
+                    "file input cannot be sent to an Anthropic provider",
+                ))
+            }
+            other => {
+                return Err(err(
+                    format!("{path}.type"),
+                    format!("unknown content part type {other:?}"),
+                ))
+            }
         }
     }
     Ok(blocks)
 }
 
 fn image_block(image_url: Option<&Value>, path: &str) -> Result<Value, TranslateError> {
-    let url = image_url.and_then(|i| i.get("url").or(Some(i))).and_then(Value::as_str);
+    let url = image_url
+        .and_then(|i| i.get("url").or(Some(i)))
+        .and_then(Value::as_str);
     let path = format!("{path}.image_url.url");
     let url = url.ok_or_else(|| err(&path, "must be a string"))?;
     if let Some(data) = url.strip_prefix("data:") {
         let (media_type, data) = data
             .split_once(',')
-            .and_then(|(head, data)| Some((head.strip_suffix(";base64")?, data)))
-            .ok_or_else(|| err(&path, "only base64 data URLs can be sent to an Anthropic provider"))?;
-        return Ok(json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}));
+            .and_then(|(head, data)| Some((head.strip_suffix(";base64")?.split(';').next()?, data)))
+            .ok_or_else(|| {
+                err(
+                    &path,
+                    "only base64 data URLs can be sent to an Anthropic provider",
+                )
+            })?;
+        return Ok(
+            json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
+        );
     }
     let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
     if matches!(scheme.as_deref(), Some("http" | "https")) {
@@ -232,10 +350,16 @@ fn image_block(image_url: Option<&Value>, path: &str) -> Result<Value, Translate
 
 fn assistant_blocks(m: &Map<String, Value>, path: &str) -> Result<Vec<Value>, TranslateError> {
     if field(m, "audio").is_some() {
-        return Err(err(format!("{path}.audio"), "assistant audio cannot be sent to an Anthropic provider"));
+        return Err(err(
+            format!("{path}.audio"),
+            "assistant audio cannot be sent to an Anthropic provider",
+        ));
     }
     if field(m, "function_call").is_some() {
-        return Err(err(format!("{path}.function_call"), "the deprecated functions API is not supported; use tool_calls"));
+        return Err(err(
+            format!("{path}.function_call"),
+            "the deprecated functions API is not supported; use tool_calls",
+        ));
     }
     let mut blocks = Vec::new();
     match field(m, "content") {
@@ -245,15 +369,31 @@ fn assistant_blocks(m: &Map<String, Value>, path: &str) -> Result<Vec<Value>, Tr
                 let path = format!("{path}.content[{j}]");
                 let text = match p.get("type").and_then(Value::as_str).unwrap_or_default() {
                     "text" => text_of(p, &path)?,
-                    "refusal" => p.get("refusal").and_then(Value::as_str).unwrap_or_default().to_string(),
-                    other => return Err(err(format!("{path}.type"), format!("unsupported assistant content part type {other:?}"))),
+                    "refusal" => p
+                        .get("refusal")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    other => {
+                        return Err(err(
+                            format!("{path}.type"),
+                            format!("unsupported assistant content part type {other:?}"),
+                        ))
+                    }
                 };
                 blocks.extend(text_block(text));
             }
         }
-        Some(_) => return Err(err(format!("{path}.content"), "must be a string or an array of content parts")),
+        Some(_) => {
+            return Err(err(
+                format!("{path}.content"),
+                "must be a string or an array of content parts",
+            ))
+        }
         None => {
-            let refusal = field(m, "refusal").and_then(Value::as_str).unwrap_or_default();
+            let refusal = field(m, "refusal")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             blocks.extend(text_block(refusal.to_string()));
         }
     }
@@ -264,21 +404,43 @@ fn assistant_blocks(m: &Map<String, Value>, path: &str) -> Result<Vec<Value>, Tr
     };
     for (k, c) in calls.iter().enumerate() {
         let path = format!("{path}.tool_calls[{k}]");
-        if c.get("type").and_then(Value::as_str).is_some_and(|t| t != "function") {
-            return Err(err(format!("{path}.type"), "only function tool calls can be sent to an Anthropic provider"));
+        if c.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "function")
+        {
+            return Err(err(
+                format!("{path}.type"),
+                "only function tool calls can be sent to an Anthropic provider",
+            ));
         }
-        let id = c.get("id").and_then(Value::as_str).ok_or_else(|| err(format!("{path}.id"), "must be a string"))?;
+        let id = c
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| err(format!("{path}.id"), "must be a string"))?;
         let f = c.get("function");
         let name = f.and_then(|f| f.get("name")).and_then(Value::as_str);
         let name = name.ok_or_else(|| err(format!("{path}.function.name"), "must be a string"))?;
-        let args = f.and_then(|f| f.get("arguments")).and_then(Value::as_str).unwrap_or_default();
+        let args = f
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let input = if args.trim().is_empty() {
             json!({})
         } else {
             match serde_json::from_str::<Value>(args) {
                 Ok(v @ Value::Object(_)) => v,
-                Ok(_) => return Err(err(format!("{path}.function.arguments"), "must encode a JSON object")),
-                Err(e) => return Err(err(format!("{path}.function.arguments"), format!("invalid JSON: {e}"))),
+                Ok(_) => {
+                    return Err(err(
+                        format!("{path}.function.arguments"),
+                        "must encode a JSON object",
+                    ))
+                }
+                Err(e) => {
+                    return Err(err(
+                        format!("{path}.function.arguments"),
+                        format!("invalid JSON: {e}"),
+                    ))
+                }
             }
         };
         blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
@@ -297,7 +459,8 @@ fn tool_result(m: &Map<String, Value>, path: &str) -> Result<Value, TranslateErr
         }
         c => Value::String(plain_text(c, &format!("{path}.content"))?),
     };
-    let empty = content.as_str().is_some_and(str::is_empty) || content.as_array().is_some_and(Vec::is_empty);
+    let empty = content.as_str().is_some_and(str::is_empty)
+        || content.as_array().is_some_and(Vec::is_empty);
     if let (false, Some(b)) = (empty, block.as_object_mut()) {
         b.insert("content".into(), content);
     }
@@ -307,17 +470,33 @@ fn tool_result(m: &Map<String, Value>, path: &str) -> Result<Value, TranslateErr
 fn chat_tool(t: &Value, k: usize) -> Result<Value, TranslateError> {
     let path = format!("tools[{k}]");
     if t.get("type").and_then(Value::as_str) != Some("function") {
-        return Err(err(format!("{path}.type"), "only function tools can be sent to an Anthropic provider"));
+        return Err(err(
+            format!("{path}.type"),
+            "only function tools can be sent to an Anthropic provider",
+        ));
     }
-    let f = t.get("function").ok_or_else(|| err(format!("{path}.function"), "is required"))?;
-    let name = f.get("name").and_then(Value::as_str).ok_or_else(|| err(format!("{path}.function.name"), "must be a string"))?;
+    let f = t
+        .get("function")
+        .ok_or_else(|| err(format!("{path}.function"), "is required"))?;
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(format!("{path}.function.name"), "must be a string"))?;
     let schema = match f.get("parameters").filter(|p| !p.is_null()) {
         Some(p @ Value::Object(_)) => p.clone(),
-        Some(_) => return Err(err(format!("{path}.function.parameters"), "must be a JSON schema object")),
+        Some(_) => {
+            return Err(err(
+                format!("{path}.function.parameters"),
+                "must be a JSON schema object",
+            ))
+        }
         None => json!({"type": "object", "properties": {}}),
     };
     let mut tool = json!({"name": name, "input_schema": schema});
-    if let (Some(d), Some(o)) = (f.get("description").and_then(Value::as_str), tool.as_object_mut()) {
+    if let (Some(d), Some(o)) = (
+        f.get("description").and_then(Value::as_str),
+        tool.as_object_mut(),
+    ) {
         o.insert("description".into(), d.into());
     }
     Ok(tool)
@@ -334,7 +513,10 @@ fn chat_tool_choice(c: &Value) -> Result<Value, TranslateError> {
         (Some("none"), _) => Ok(json!({"type": "none"})),
         (Some("required"), _) => Ok(json!({"type": "any"})),
         (_, Some(name)) => Ok(json!({"type": "tool", "name": name})),
-        _ => Err(err("tool_choice", "must be \"auto\", \"none\", \"required\" or a function choice")),
+        _ => Err(err(
+            "tool_choice",
+            "must be \"auto\", \"none\", \"required\" or a function choice",
+        )),
     }
 }
 
@@ -359,7 +541,9 @@ pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
             "model" | "messages" | "system" | "tools" | "tool_choice" => {}
             "top_k" | "thinking" | "service_tier" | "cache_control" => {}
             "max_tokens" => {
-                let n = v.as_u64().ok_or_else(|| err(key, "must be a non-negative integer"))?;
+                let n = v
+                    .as_u64()
+                    .ok_or_else(|| err(key, "must be a non-negative integer"))?;
                 out.insert("max_completion_tokens".into(), n.into());
             }
             "temperature" | "top_p" => {
@@ -389,7 +573,10 @@ pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
                 Some(_) => return Err(err("metadata.user_id", "must be a string")),
             },
             "mcp_servers" | "container" | "context_management" => {
-                return Err(err(key, "this feature is not available from an OpenAI provider"))
+                return Err(err(
+                    key,
+                    "this feature is not available from an OpenAI provider",
+                ))
             }
             _ => return Err(err(key, "this field has no OpenAI equivalent")),
         }
@@ -406,21 +593,35 @@ pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
                 .enumerate()
                 .map(|(j, b)| match b.get("type").and_then(Value::as_str) {
                     Some("text") => text_of(b, &format!("system[{j}]")),
-                    _ => Err(err(format!("system[{j}].type"), "only text blocks are allowed in system")),
+                    _ => Err(err(
+                        format!("system[{j}].type"),
+                        "only text blocks are allowed in system",
+                    )),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            messages.push(json!({"role": "system", "content": texts.join("\n\n")}));
+            let text = texts.join("\n\n");
+            if !text.is_empty() {
+                messages.push(json!({"role": "system", "content": text}));
+            }
         }
         Some(_) => return Err(err("system", "must be a string or an array of text blocks")),
     }
     let msgs = field(&req, "messages").and_then(Value::as_array);
-    for (i, m) in msgs.ok_or_else(|| err("messages", "must be an array of messages"))?.iter().enumerate() {
+    for (i, m) in msgs
+        .ok_or_else(|| err("messages", "must be an array of messages"))?
+        .iter()
+        .enumerate()
+    {
         messages_message(m, &format!("messages[{i}]"), &mut messages)?;
     }
     out.insert("messages".into(), messages.into());
 
     let tools = match field(&req, "tools") {
-        Some(Value::Array(tools)) => tools.iter().enumerate().map(|(k, t)| messages_tool(t, k)).collect::<Result<Vec<_>, _>>()?,
+        Some(Value::Array(tools)) => tools
+            .iter()
+            .enumerate()
+            .map(|(k, t)| messages_tool(t, k))
+            .collect::<Result<Vec<_>, _>>()?,
         Some(_) => return Err(err("tools", "must be an array")),
         None => Vec::new(),
     };
@@ -428,12 +629,22 @@ pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
     if !tools.is_empty() {
         out.insert("tools".into(), tools.into());
         if let Some(c) = field(&req, "tool_choice") {
-            let choice = match (c.get("type").and_then(Value::as_str), c.get("name").and_then(Value::as_str)) {
+            let choice = match (
+                c.get("type").and_then(Value::as_str),
+                c.get("name").and_then(Value::as_str),
+            ) {
                 (Some("auto"), _) => json!("auto"),
                 (Some("none"), _) => json!("none"),
                 (Some("any"), _) => json!("required"),
-                (Some("tool"), Some(name)) => json!({"type": "function", "function": {"name": name}}),
-                _ => return Err(err("tool_choice", "must be of type auto, any, none or tool (with a name)")),
+                (Some("tool"), Some(name)) => {
+                    json!({"type": "function", "function": {"name": name}})
+                }
+                _ => {
+                    return Err(err(
+                        "tool_choice",
+                        "must be of type auto, any, none or tool (with a name)",
+                    ))
+                }
             };
             out.insert("tool_choice".into(), choice);
             if c.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true) {
@@ -455,11 +666,19 @@ fn messages_message(m: &Value, path: &str, out: &mut Vec<Value>) -> Result<(), T
                     out.push(json!({"role": r, "content": s}));
                     Ok(())
                 }
-                _ => Err(err(format!("{path}.role"), "must be \"user\" or \"assistant\"")),
+                _ => Err(err(
+                    format!("{path}.role"),
+                    "must be \"user\" or \"assistant\"",
+                )),
             }
         }
         Some(Value::Array(b)) => b,
-        _ => return Err(err(format!("{path}.content"), "must be a string or an array of content blocks")),
+        _ => {
+            return Err(err(
+                format!("{path}.content"),
+                "must be a string or an array of content blocks",
+            ))
+        }
     };
     match role {
         Some("user") => {
@@ -470,13 +689,22 @@ fn messages_message(m: &Value, path: &str, out: &mut Vec<Value>) -> Result<(), T
                     "text" => parts.push(json!({"type": "text", "text": text_of(b, &path)?})),
                     "image" => parts.push(image_part(b, &path)?),
                     "tool_result" => out.push(tool_message(b, &path)?),
-                    "document" => return Err(err(path, "documents cannot be sent to an OpenAI provider")),
-                    other => return Err(err(format!("{path}.type"), format!("unsupported content block type {other:?}"))),
+                    "document" => {
+                        return Err(err(path, "documents cannot be sent to an OpenAI provider"))
+                    }
+                    other => {
+                        return Err(err(
+                            format!("{path}.type"),
+                            format!("unsupported content block type {other:?}"),
+                        ))
+                    }
                 }
             }
             let content = match parts.as_slice() {
                 [] => return Ok(()),
-                [p] if p.get("type").and_then(Value::as_str) == Some("text") => p.get("text").cloned().unwrap_or_default(),
+                [p] if p.get("type").and_then(Value::as_str) == Some("text") => {
+                    p.get("text").cloned().unwrap_or_default()
+                }
                 _ => Value::Array(parts),
             };
             out.push(json!({"role": "user", "content": content}));
@@ -488,13 +716,24 @@ fn messages_message(m: &Value, path: &str, out: &mut Vec<Value>) -> Result<(), T
                 match b.get("type").and_then(Value::as_str).unwrap_or_default() {
                     "text" => texts.push(text_of(b, &path)?),
                     "tool_use" => {
-                        let id = b.get("id").and_then(Value::as_str).ok_or_else(|| err(format!("{path}.id"), "must be a string"))?;
-                        let name = b.get("name").and_then(Value::as_str).ok_or_else(|| err(format!("{path}.name"), "must be a string"))?;
+                        let id = b
+                            .get("id")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| err(format!("{path}.id"), "must be a string"))?;
+                        let name = b
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| err(format!("{path}.name"), "must be a string"))?;
                         let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
                         calls.push(json!({"id": id, "type": "function", "function": {"name": name, "arguments": input.to_string()}}));
                     }
                     "thinking" | "redacted_thinking" => {}
-                    other => return Err(err(format!("{path}.type"), format!("unsupported content block type {other:?}"))),
+                    other => {
+                        return Err(err(
+                            format!("{path}.type"),
+                            format!("unsupported content block type {other:?}"),
+                        ))
+                    }
                 }
             }
             let mut msg = json!({"role": "assistant", "content": texts.join("\n")});
@@ -506,7 +745,12 @@ fn messages_message(m: &Value, path: &str, out: &mut Vec<Value>) -> Result<(), T
             }
             out.push(msg);
         }
-        _ => return Err(err(format!("{path}.role"), "must be \"user\" or \"assistant\"")),
+        _ => {
+            return Err(err(
+                format!("{path}.role"),
+                "must be \"user\" or \"assistant\"",
+            ))
+        }
     }
     Ok(())
 }
@@ -517,7 +761,12 @@ fn image_part(b: &Value, path: &str) -> Result<Value, TranslateError> {
     let url = match (get("type"), get("media_type"), get("data"), get("url")) {
         (Some("base64"), Some(mt), Some(data), _) => format!("data:{mt};base64,{data}"),
         (Some("url"), _, _, Some(url)) => url.to_string(),
-        _ => return Err(err(format!("{path}.source"), "only base64 and url image sources can be sent to an OpenAI provider")),
+        _ => {
+            return Err(err(
+                format!("{path}.source"),
+                "only base64 and url image sources can be sent to an OpenAI provider",
+            ))
+        }
     };
     Ok(json!({"type": "image_url", "image_url": {"url": url}}))
 }
@@ -533,14 +782,29 @@ fn tool_message(b: &Value, path: &str) -> Result<Value, TranslateError> {
             .enumerate()
             .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
                 Some("text") => text_of(p, &format!("{path}.content[{j}]")),
-                Some("image") => Err(err(format!("{path}.content[{j}]"), "images in tool results cannot be sent to an OpenAI provider")),
-                _ => Err(err(format!("{path}.content[{j}].type"), "unsupported tool result block type")),
+                Some("image") => Err(err(
+                    format!("{path}.content[{j}]"),
+                    "images in tool results cannot be sent to an OpenAI provider",
+                )),
+                _ => Err(err(
+                    format!("{path}.content[{j}].type"),
+                    "unsupported tool result block type",
+                )),
             })
             .collect::<Result<Vec<_>, _>>()?
             .join("\n"),
-        Some(_) => return Err(err(format!("{path}.content"), "must be a string or an array of content blocks")),
+        Some(_) => {
+            return Err(err(
+                format!("{path}.content"),
+                "must be a string or an array of content blocks",
+            ))
+        }
     };
-    let text = if b.get("is_error").and_then(Value::as_bool) == Some(true) { format!("Error: {text}") } else { text };
+    let text = if b.get("is_error").and_then(Value::as_bool) == Some(true) {
+        format!("Error: {text}")
+    } else {
+        text
+    };
     Ok(json!({"role": "tool", "tool_call_id": id, "content": text}))
 }
 
@@ -548,13 +812,29 @@ fn messages_tool(t: &Value, k: usize) -> Result<Value, TranslateError> {
     let path = format!("tools[{k}]");
     match t.get("type").and_then(Value::as_str) {
         None | Some("custom") => {}
-        Some(other) => return Err(err(format!("{path}.type"), format!("server tool {other:?} cannot be run by an OpenAI provider"))),
+        Some(other) => {
+            return Err(err(
+                format!("{path}.type"),
+                format!("server tool {other:?} cannot be run by an OpenAI provider"),
+            ))
+        }
     }
-    let name = t.get("name").and_then(Value::as_str).ok_or_else(|| err(format!("{path}.name"), "must be a string"))?;
+    let name = t
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(format!("{path}.name"), "must be a string"))?;
     let schema = t.get("input_schema").filter(|s| s.is_object());
-    let schema = schema.ok_or_else(|| err(format!("{path}.input_schema"), "must be a JSON schema object"))?;
+    let schema = schema.ok_or_else(|| {
+        err(
+            format!("{path}.input_schema"),
+            "must be a JSON schema object",
+        )
+    })?;
     let mut f = json!({"name": name, "parameters": schema});
-    if let (Some(d), Some(o)) = (t.get("description").and_then(Value::as_str), f.as_object_mut()) {
+    if let (Some(d), Some(o)) = (
+        t.get("description").and_then(Value::as_str),
+        f.as_object_mut(),
+    ) {
         o.insert("description".into(), d.into());
     }
     Ok(json!({"type": "function", "function": f}))
@@ -585,7 +865,8 @@ mod tests {
                 {"role": "user", "content": [
                     {"type": "text", "text": "And this picture?"},
                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "high"}},
-                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+                    {"type": "image_url", "image_url": "data:image/webp;name=a.webp;base64,UklGRg=="}
                 ]},
                 {"role": "assistant", "content": null, "tool_calls": [
                     {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
@@ -619,7 +900,8 @@ mod tests {
                         {"type": "text", "text": "Weather in Paris and Lyon?"},
                         {"type": "text", "text": "And this picture?"},
                         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
-                        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}
+                        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/webp", "data": "UklGRg=="}}
                     ]},
                     {"role": "assistant", "content": [
                         {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
@@ -656,21 +938,47 @@ mod tests {
         let cases = [
             (json!({}), "max_tokens", json!(4096)),
             (json!({"max_tokens": 50}), "max_tokens", json!(50)),
-            (json!({"max_tokens": null, "max_completion_tokens": 60}), "max_tokens", json!(60)),
+            (
+                json!({"max_tokens": null, "max_completion_tokens": 60}),
+                "max_tokens",
+                json!(60),
+            ),
             (json!({"temperature": -0.5}), "temperature", json!(0.0)),
             (json!({"temperature": 0.3}), "temperature", json!(0.3)),
             (json!({"temperature": 2}), "temperature", json!(1.0)),
-            (json!({"stop": ["a", "b"]}), "stop_sequences", json!(["a", "b"])),
+            (
+                json!({"stop": ["a", "b"]}),
+                "stop_sequences",
+                json!(["a", "b"]),
+            ),
             (json!({"stop": null}), "stop_sequences", Value::Null),
             (json!({"stream": false}), "stream", json!(false)),
-            (json!({"safety_identifier": "s-1"}), "metadata", json!({"user_id": "s-1"})),
-            (json!({"user": "u", "safety_identifier": "s"}), "metadata", json!({"user_id": "u"})),
-            (json!({"seed": 1, "reasoning_effort": "low", "prompt_cache_key": "k"}), "seed", Value::Null),
+            (
+                json!({"safety_identifier": "s-1"}),
+                "metadata",
+                json!({"user_id": "s-1"}),
+            ),
+            (
+                json!({"user": "u", "safety_identifier": "s"}),
+                "metadata",
+                json!({"user_id": "u"}),
+            ),
+            (
+                json!({"seed": 1, "reasoning_effort": "low", "prompt_cache_key": "k"}),
+                "seed",
+                Value::Null,
+            ),
             (json!({"modalities": ["text"]}), "modalities", Value::Null),
+            (json!({"stop": []}), "stop_sequences", Value::Null),
+            (json!({"top_k": 40}), "top_k", json!(40)),
         ];
         for (extra, key, want) in cases {
             let got = base(extra.clone());
-            assert_eq!(got.get("messages"), Some(&json!([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])), "{extra}");
+            assert_eq!(
+                got.get("messages"),
+                Some(&json!([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])),
+                "{extra}"
+            );
             assert_eq!(got.get(key).cloned().unwrap_or_default(), want, "{extra}");
         }
     }
@@ -683,9 +991,21 @@ mod tests {
             (json!("auto"), json!(null), json!({"type": "auto"})),
             (json!("none"), json!(false), json!({"type": "none"})),
             (json!("required"), json!(null), json!({"type": "any"})),
-            (json!({"type": "function", "function": {"name": "f"}}), json!(null), json!({"type": "tool", "name": "f"})),
-            (json!(null), json!(false), json!({"type": "auto", "disable_parallel_tool_use": true})),
-            (json!("required"), json!(false), json!({"type": "any", "disable_parallel_tool_use": true})),
+            (
+                json!({"type": "function", "function": {"name": "f"}}),
+                json!(null),
+                json!({"type": "tool", "name": "f"}),
+            ),
+            (
+                json!(null),
+                json!(false),
+                json!({"type": "auto", "disable_parallel_tool_use": true}),
+            ),
+            (
+                json!("required"),
+                json!(false),
+                json!({"type": "any", "disable_parallel_tool_use": true}),
+            ),
             (json!("auto"), json!(true), json!({"type": "auto"})),
         ];
         for (choice, parallel, want) in cases {
@@ -693,10 +1013,15 @@ mod tests {
                 "tool_choice": choice, "parallel_tool_calls": parallel});
             let got = to_messages(req);
             assert_eq!(got["tool_choice"], want, "{choice} {parallel}");
-            assert_eq!(got["tools"], json!([{"name": "f", "input_schema": {"type": "object", "properties": {}}}]));
+            assert_eq!(
+                got["tools"],
+                json!([{"name": "f", "input_schema": {"type": "object", "properties": {}}}])
+            );
         }
         // Without tools there is nothing to choose from.
-        let got = to_messages(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [], "tool_choice": "none"}));
+        let got = to_messages(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [], "tool_choice": "none"}),
+        );
         assert_eq!((got.get("tools"), got.get("tool_choice")), (None, None));
     }
 
@@ -726,7 +1051,9 @@ mod tests {
     }
 
     fn chat_err(req: Value) -> TranslateError {
-        chat_request_to_messages(req.to_string().as_bytes(), "c", 10).err().unwrap_or_else(|| err("<none>", "translated"))
+        chat_request_to_messages(req.to_string().as_bytes(), "c", 10)
+            .err()
+            .unwrap_or_else(|| err("<none>", "translated"))
     }
 
     #[test]
@@ -743,41 +1070,116 @@ mod tests {
             (with("n", json!(2)), "n"),
             (with("logprobs", json!(true)), "logprobs"),
             (with("top_logprobs", json!(3)), "top_logprobs"),
-            (with("response_format", json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})), "response_format.type"),
-            (with("response_format", json!({"type": "json_object"})), "response_format.type"),
+            (
+                with(
+                    "response_format",
+                    json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+                ),
+                "response_format.type",
+            ),
+            (
+                with("response_format", json!({"type": "json_object"})),
+                "response_format.type",
+            ),
             (with("modalities", json!(["text", "audio"])), "modalities"),
-            (with("audio", json!({"voice": "alloy", "format": "wav"})), "audio"),
+            (
+                with("audio", json!({"voice": "alloy", "format": "wav"})),
+                "audio",
+            ),
             (with("logit_bias", json!({"50256": -100})), "logit_bias"),
             (with("functions", json!([{"name": "f"}])), "functions"),
             (with("web_search_options", json!({})), "web_search_options"),
             (with("brand_new_knob", json!(1)), "brand_new_knob"),
             (with("temperature", json!("hot")), "temperature"),
             (with("max_tokens", json!(-1)), "max_tokens"),
-            (with("max_completion_tokens", json!(1.5)), "max_completion_tokens"),
+            (
+                with("max_completion_tokens", json!(1.5)),
+                "max_completion_tokens",
+            ),
             (with("stop", json!([1])), "stop"),
-            (with("tools", json!([{"type": "custom", "custom": {"name": "grammar"}}])), "tools[0].type"),
-            (with("tools", json!([{"type": "function", "function": {"name": "f"}}])).clone(), "<none>"),
-            (user(json!([{"type": "input_audio", "input_audio": {"data": "AAA", "format": "wav"}}])), "messages[1].content[0]"),
-            (user(json!([{"type": "text", "text": "a"}, {"type": "file", "file": {"file_id": "file-1"}}])), "messages[1].content[1]"),
-            (user(json!([{"type": "video", "url": "x"}])), "messages[1].content[0].type"),
-            (user(json!([{"type": "image_url", "image_url": {"url": "data:image/png,rawbytes"}}])), "messages[1].content[0].image_url.url"),
-            (user(json!([{"type": "image_url", "image_url": {"url": "ftp://host/a.png"}}])), "messages[1].content[0].image_url.url"),
+            (
+                with(
+                    "tools",
+                    json!([{"type": "custom", "custom": {"name": "grammar"}}]),
+                ),
+                "tools[0].type",
+            ),
+            (
+                with(
+                    "tools",
+                    json!([{"type": "function", "function": {"name": "f"}}]),
+                )
+                .clone(),
+                "<none>",
+            ),
+            (
+                user(
+                    json!([{"type": "input_audio", "input_audio": {"data": "AAA", "format": "wav"}}]),
+                ),
+                "messages[1].content[0]",
+            ),
+            (
+                user(
+                    json!([{"type": "text", "text": "a"}, {"type": "file", "file": {"file_id": "file-1"}}]),
+                ),
+                "messages[1].content[1]",
+            ),
+            (
+                user(json!([{"type": "video", "url": "x"}])),
+                "messages[1].content[0].type",
+            ),
+            (
+                user(
+                    json!([{"type": "image_url", "image_url": {"url": "data:image/png,rawbytes"}}]),
+                ),
+                "messages[1].content[0].image_url.url",
+            ),
+            (
+                user(json!([{"type": "image_url", "image_url": {"url": "ftp://host/a.png"}}])),
+                "messages[1].content[0].image_url.url",
+            ),
             (user(json!(42)), "messages[1].content"),
-            (json!({"model": "m", "messages": [{"role": "function", "name": "f", "content": "1"}]}), "messages[0].role"),
-            (json!({"model": "m", "messages": [{"role": "critic", "content": "1"}]}), "messages[0].role"),
-            (json!({"model": "m", "messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "https://a/b.png"}}]}]}), "messages[0].content[0].type"),
-            (json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}), "messages[0].tool_call_id"),
-            (json!({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"a\":"}}]}]}), "messages[0].tool_calls[0].function.arguments"),
-            (json!({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}), "messages[0].tool_calls[0].function.arguments"),
-            (json!({"model": "m", "messages": [{"role": "assistant", "audio": {"id": "audio_1"}}]}), "messages[0].audio"),
+            (
+                json!({"model": "m", "messages": [{"role": "function", "name": "f", "content": "1"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "critic", "content": "1"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "https://a/b.png"}}]}]}),
+                "messages[0].content[0].type",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"a\":"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "assistant", "audio": {"id": "audio_1"}}]}),
+                "messages[0].audio",
+            ),
             (json!({"model": "m"}), "messages"),
             (json!([1, 2]), ""),
         ];
         for (req, field) in cases {
             assert_eq!(chat_err(req.clone()).field, field, "{req}");
         }
-        let e = chat_err(user(json!([{"type": "input_audio", "input_audio": {"data": "AAA", "format": "wav"}}])));
-        assert_eq!(e.to_string(), "messages[1].content[0]: audio input cannot be sent to an Anthropic provider");
+        let e = chat_err(user(
+            json!([{"type": "input_audio", "input_audio": {"data": "AAA", "format": "wav"}}]),
+        ));
+        assert_eq!(
+            e.to_string(),
+            "messages[1].content[0]: audio input cannot be sent to an Anthropic provider"
+        );
         let e = chat_request_to_messages(b"{\"model\": ", "c", 1).err();
         assert_eq!(e.as_ref().map(|e| e.field.as_str()), Some(""));
         assert!(e.is_some_and(|e| e.reason.contains("EOF while parsing")));
@@ -859,16 +1261,27 @@ mod tests {
             (json!({"type": "auto"}), json!("auto")),
             (json!({"type": "any"}), json!("required")),
             (json!({"type": "none"}), json!("none")),
-            (json!({"type": "tool", "name": "f"}), json!({"type": "function", "function": {"name": "f"}})),
+            (
+                json!({"type": "tool", "name": "f"}),
+                json!({"type": "function", "function": {"name": "f"}}),
+            ),
         ] {
-            let got = to_chat(json!({"model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": choice}));
+            let got = to_chat(
+                json!({"model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": choice}),
+            );
             assert_eq!(got["tool_choice"], want, "{choice}");
             assert_eq!(got.get("parallel_tool_calls"), None);
         }
-        let got = to_chat(json!({"model": "c", "max_tokens": 5, "system": "sys", "stream": false, "stop_sequences": [],
+        let got = to_chat(
+            json!({"model": "c", "max_tokens": 5, "system": [{"type": "text", "text": ""}], "messages": [{"role": "user", "content": "hi"}]}),
+        );
+        assert_eq!(got["messages"], json!([{"role": "user", "content": "hi"}]));
+        let got = to_chat(
+            json!({"model": "c", "max_tokens": 5, "system": "sys", "stream": false, "stop_sequences": [],
             "messages": [{"role": "user", "content": [{"type": "text", "text": "one"}]},
                          {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
-                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]}));
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]}),
+        );
         assert_eq!(
             got,
             json!({"model": "gpt-4o", "max_completion_tokens": 5, "stream": false, "messages": [
@@ -891,10 +1304,25 @@ mod tests {
             r
         };
         let cases = [
-            (with("tools", json!([{"type": "web_search_20250305", "name": "web_search"}])), "tools[0].type"),
-            (with("tools", json!([{"name": "f"}])), "tools[0].input_schema"),
-            (with("tools", json!([{"name": "f", "input_schema": {}}])).clone(), "<none>"),
-            (with("mcp_servers", json!([{"type": "url", "url": "https://m"}])), "mcp_servers"),
+            (
+                with(
+                    "tools",
+                    json!([{"type": "web_search_20250305", "name": "web_search"}]),
+                ),
+                "tools[0].type",
+            ),
+            (
+                with("tools", json!([{"name": "f"}])),
+                "tools[0].input_schema",
+            ),
+            (
+                with("tools", json!([{"name": "f", "input_schema": {}}])).clone(),
+                "<none>",
+            ),
+            (
+                with("mcp_servers", json!([{"type": "url", "url": "https://m"}])),
+                "mcp_servers",
+            ),
             (with("container", json!("c1")), "container"),
             (with("unknown_knob", json!(true)), "unknown_knob"),
             (with("max_tokens", json!("many")), "max_tokens"),
@@ -903,24 +1331,53 @@ mod tests {
             (with("system", json!([{"type": "image"}])), "system[0].type"),
             (with("tool_choice", json!({"type": "tool"})), "<none>"),
             (with("messages", json!("hi")), "messages"),
-            (user(json!([{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}])), "messages[0].content[0]"),
-            (user(json!([{"type": "image", "source": {"type": "file", "file_id": "file_1"}}])), "messages[0].content[0].source"),
-            (user(json!([{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}])), "messages[0].content[0].content[0]"),
-            (user(json!([{"type": "search_result"}])), "messages[0].content[0].type"),
-            (json!({"model": "c", "max_tokens": 5, "messages": [{"role": "assistant", "content": [{"type": "server_tool_use", "id": "s"}]}]}), "messages[0].content[0].type"),
-            (json!({"model": "c", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}), "messages[0].role"),
+            (
+                user(
+                    json!([{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]),
+                ),
+                "messages[0].content[0]",
+            ),
+            (
+                user(json!([{"type": "image", "source": {"type": "file", "file_id": "file_1"}}])),
+                "messages[0].content[0].source",
+            ),
+            (
+                user(
+                    json!([{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}]),
+                ),
+                "messages[0].content[0].content[0]",
+            ),
+            (
+                user(json!([{"type": "search_result"}])),
+                "messages[0].content[0].type",
+            ),
+            (
+                json!({"model": "c", "max_tokens": 5, "messages": [{"role": "assistant", "content": [{"type": "server_tool_use", "id": "s"}]}]}),
+                "messages[0].content[0].type",
+            ),
+            (
+                json!({"model": "c", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}),
+                "messages[0].role",
+            ),
             (json!("text"), ""),
         ];
         for (req, field) in cases {
-            let got = messages_request_to_chat(req.to_string().as_bytes(), "g").err().map(|e| e.field);
+            let got = messages_request_to_chat(req.to_string().as_bytes(), "g")
+                .err()
+                .map(|e| e.field);
             assert_eq!(got.as_deref().unwrap_or("<none>"), field, "{req}");
         }
-        let bad_choice = with("tools", json!([{"name": "f", "input_schema": {"type": "object"}}]));
+        let bad_choice = with(
+            "tools",
+            json!([{"name": "f", "input_schema": {"type": "object"}}]),
+        );
         let mut bad_choice = bad_choice;
         if let Some(o) = bad_choice.as_object_mut() {
             o.insert("tool_choice".into(), json!({"type": "tool"}));
         }
-        let got = messages_request_to_chat(bad_choice.to_string().as_bytes(), "g").err().map(|e| e.field);
+        let got = messages_request_to_chat(bad_choice.to_string().as_bytes(), "g")
+            .err()
+            .map(|e| e.field);
         assert_eq!(got.as_deref(), Some("tool_choice"));
     }
 
@@ -933,8 +1390,12 @@ mod tests {
             {"role": "tool", "tool_call_id": "call_9", "content": "5"},
             {"role": "assistant", "content": "5"}
         ], "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}], "tool_choice": "auto"});
-        let anthropic = chat_request_to_messages(chat.to_string().as_bytes(), "claude", 1).unwrap_or_default();
-        let back: Value = serde_json::from_slice(&messages_request_to_chat(&anthropic, "gpt-4o").unwrap_or_default()).unwrap_or_default();
+        let anthropic =
+            chat_request_to_messages(chat.to_string().as_bytes(), "claude", 1).unwrap_or_default();
+        let back: Value = serde_json::from_slice(
+            &messages_request_to_chat(&anthropic, "gpt-4o").unwrap_or_default(),
+        )
+        .unwrap_or_default();
         assert_eq!(back["messages"], chat["messages"]);
         assert_eq!(back["tools"], chat["tools"]);
         assert_eq!(back["tool_choice"], "auto");

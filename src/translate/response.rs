@@ -2,19 +2,32 @@
 
 use serde_json::{json, Value};
 
-use super::{chat_id, chat_usage, err, finish_reason, message_id, messages_usage, parse_object, stop_reason, TranslateError};
+use super::{
+    chat_id, chat_usage, err, finish_reason, message_id, messages_usage, parse_object, stop_reason,
+    TranslateError,
+};
 
 /// Anthropic messages response -> OpenAI chat completion, `created` = 0 (Anthropic responses carry
 /// no timestamp and this module reads no clock). Prefer [`messages_response_to_chat_at`].
-pub fn messages_response_to_chat(body: &[u8], client_model: &str) -> Result<Vec<u8>, TranslateError> {
+pub fn messages_response_to_chat(
+    body: &[u8],
+    client_model: &str,
+) -> Result<Vec<u8>, TranslateError> {
     messages_response_to_chat_at(body, client_model, 0)
 }
 
 /// Anthropic messages response -> OpenAI chat completion created at `created_unix_s`.
 /// Thinking blocks are left out: chat completions has no place for them.
-pub fn messages_response_to_chat_at(body: &[u8], client_model: &str, created_unix_s: u64) -> Result<Vec<u8>, TranslateError> {
+pub fn messages_response_to_chat_at(
+    body: &[u8],
+    client_model: &str,
+    created_unix_s: u64,
+) -> Result<Vec<u8>, TranslateError> {
     let res = parse_object(body)?;
-    let blocks = res.get("content").and_then(Value::as_array).ok_or_else(|| err("content", "must be an array"))?;
+    let blocks = res
+        .get("content")
+        .and_then(Value::as_array)
+        .ok_or_else(|| err("content", "must be an array"))?;
     let mut text = String::new();
     let mut calls = Vec::new();
     for (i, b) in blocks.iter().enumerate() {
@@ -23,11 +36,18 @@ pub fn messages_response_to_chat_at(body: &[u8], client_model: &str, created_uni
             "tool_use" => {
                 let id = b.get("id").and_then(Value::as_str).unwrap_or_default();
                 let name = b.get("name").and_then(Value::as_str).unwrap_or_default();
-                let args = b.get("input").map_or_else(|| "{}".to_string(), Value::to_string);
+                let args = b
+                    .get("input")
+                    .map_or_else(|| "{}".to_string(), Value::to_string);
                 calls.push(json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}}));
             }
             "thinking" | "redacted_thinking" => {}
-            other => return Err(err(format!("content[{i}].type"), format!("unsupported content block type {other:?}"))),
+            other => {
+                return Err(err(
+                    format!("content[{i}].type"),
+                    format!("unsupported content block type {other:?}"),
+                ))
+            }
         }
     }
     let mut message = json!({"role": "assistant", "content": text, "refusal": null});
@@ -37,7 +57,10 @@ pub fn messages_response_to_chat_at(body: &[u8], client_model: &str, created_uni
         }
         m.insert("tool_calls".into(), calls.into());
     }
-    let finish = res.get("stop_reason").and_then(Value::as_str).map(finish_reason);
+    let finish = res
+        .get("stop_reason")
+        .and_then(Value::as_str)
+        .map(finish_reason);
     let id = res.get("id").and_then(Value::as_str).unwrap_or_default();
     let out = json!({
         "id": chat_id(id),
@@ -52,30 +75,60 @@ pub fn messages_response_to_chat_at(body: &[u8], client_model: &str, created_uni
 
 /// OpenAI chat completion -> Anthropic messages response. Only the first choice exists (requests
 /// from Anthropic clients never ask for more).
-pub fn chat_response_to_messages(body: &[u8], client_model: &str) -> Result<Vec<u8>, TranslateError> {
+pub fn chat_response_to_messages(
+    body: &[u8],
+    client_model: &str,
+) -> Result<Vec<u8>, TranslateError> {
     let res = parse_object(body)?;
-    let choice = res.get("choices").and_then(|c| c.get(0)).ok_or_else(|| err("choices", "must hold at least one choice"))?;
-    let msg = choice.get("message").ok_or_else(|| err("choices[0].message", "is required"))?;
+    let choice = res
+        .get("choices")
+        .and_then(|c| c.get(0))
+        .ok_or_else(|| err("choices", "must hold at least one choice"))?;
+    let msg = choice
+        .get("message")
+        .ok_or_else(|| err("choices[0].message", "is required"))?;
     let mut content = Vec::new();
     // A refusal is the model's answer too; the client sees it as text with stop_reason "refusal".
-    let refusal = msg.get("refusal").and_then(Value::as_str).filter(|r| !r.is_empty());
-    for text in [msg.get("content").and_then(Value::as_str), refusal].into_iter().flatten() {
+    let refusal = msg
+        .get("refusal")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty());
+    for text in [msg.get("content").and_then(Value::as_str), refusal]
+        .into_iter()
+        .flatten()
+    {
         if !text.is_empty() {
             content.push(json!({"type": "text", "text": text}));
         }
     }
-    let calls = msg.get("tool_calls").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+    let calls = msg
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
     for (k, c) in calls.iter().enumerate() {
         let path = format!("choices[0].message.tool_calls[{k}]");
         let f = c.get("function");
-        let args = f.and_then(|f| f.get("arguments")).and_then(Value::as_str).unwrap_or_default();
+        let args = f
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let input = if args.trim().is_empty() {
             json!({})
         } else {
             match serde_json::from_str::<Value>(args) {
                 Ok(v @ Value::Object(_)) => v,
-                Ok(_) => return Err(err(format!("{path}.function.arguments"), "must encode a JSON object")),
-                Err(e) => return Err(err(format!("{path}.function.arguments"), format!("invalid JSON: {e}"))),
+                Ok(_) => {
+                    return Err(err(
+                        format!("{path}.function.arguments"),
+                        "must encode a JSON object",
+                    ))
+                }
+                Err(e) => {
+                    return Err(err(
+                        format!("{path}.function.arguments"),
+                        format!("invalid JSON: {e}"),
+                    ))
+                }
             }
         };
         content.push(json!({
@@ -133,15 +186,33 @@ mod tests {
                 "usage": {"prompt_tokens": 2112, "completion_tokens": 6, "total_tokens": 2118, "prompt_tokens_details": {"cached_tokens": 2000}}
             })
         );
-        let plain = messages_response_to_chat(br#"{"id":"msg_1","content":[],"stop_reason":"max_tokens","usage":{}}"#, "m");
+        let plain = messages_response_to_chat(
+            br#"{"id":"msg_1","content":[],"stop_reason":"max_tokens","usage":{}}"#,
+            "m",
+        );
         let plain: Value = serde_json::from_slice(&plain.unwrap_or_default()).unwrap_or_default();
-        assert_eq!((plain["created"].clone(), plain["choices"][0]["finish_reason"].clone()), (json!(0), json!("length")));
+        assert_eq!(
+            (
+                plain["created"].clone(),
+                plain["choices"][0]["finish_reason"].clone()
+            ),
+            (json!(0), json!("length"))
+        );
     }
 
     #[test]
     fn anthropic_stop_reasons() {
-        for (stop, finish) in [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"), ("tool_use", "tool_calls"), ("refusal", "content_filter"), ("pause_turn", "stop")] {
-            let got = to_chat(json!({"id": "msg_1", "content": [{"type": "text", "text": "x"}], "stop_reason": stop, "usage": {"input_tokens": 1, "output_tokens": 1}}));
+        for (stop, finish) in [
+            ("end_turn", "stop"),
+            ("stop_sequence", "stop"),
+            ("max_tokens", "length"),
+            ("tool_use", "tool_calls"),
+            ("refusal", "content_filter"),
+            ("pause_turn", "stop"),
+        ] {
+            let got = to_chat(
+                json!({"id": "msg_1", "content": [{"type": "text", "text": "x"}], "stop_reason": stop, "usage": {"input_tokens": 1, "output_tokens": 1}}),
+            );
             assert_eq!(got["choices"][0]["finish_reason"], finish, "{stop}");
         }
     }
@@ -161,7 +232,12 @@ mod tests {
         assert_eq!(msg["tool_calls"][0]["id"], "toolu_01A09q90qw90lq917835lq9");
         assert_eq!(msg["tool_calls"][0]["type"], "function");
         assert_eq!(msg["tool_calls"][0]["function"]["name"], "get_weather");
-        let args: Value = serde_json::from_str(msg["tool_calls"][0]["function"]["arguments"].as_str().unwrap_or_default()).unwrap_or_default();
+        let args: Value = serde_json::from_str(
+            msg["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
         assert_eq!(args, input);
         assert_eq!(got["usage"]["total_tokens"], 442);
     }
@@ -192,31 +268,82 @@ mod tests {
             })
         );
         let cases = [
-            (json!({"role": "assistant", "content": "Hi"}), json!("stop"), json!("end_turn"), json!([{"type": "text", "text": "Hi"}])),
-            (json!({"role": "assistant", "content": "Hi"}), json!("length"), json!("max_tokens"), json!([{"type": "text", "text": "Hi"}])),
-            (json!({"role": "assistant", "content": ""}), json!("content_filter"), json!("refusal"), json!([])),
-            (json!({"role": "assistant", "content": null, "refusal": "I can't help."}), json!("stop"), json!("refusal"), json!([{"type": "text", "text": "I can't help."}])),
-            (json!({"role": "assistant", "content": "x"}), json!(null), json!(null), json!([{"type": "text", "text": "x"}])),
+            (
+                json!({"role": "assistant", "content": "Hi"}),
+                json!("stop"),
+                json!("end_turn"),
+                json!([{"type": "text", "text": "Hi"}]),
+            ),
+            (
+                json!({"role": "assistant", "content": "Hi"}),
+                json!("length"),
+                json!("max_tokens"),
+                json!([{"type": "text", "text": "Hi"}]),
+            ),
+            (
+                json!({"role": "assistant", "content": ""}),
+                json!("content_filter"),
+                json!("refusal"),
+                json!([]),
+            ),
+            (
+                json!({"role": "assistant", "content": null, "refusal": "I can't help."}),
+                json!("stop"),
+                json!("refusal"),
+                json!([{"type": "text", "text": "I can't help."}]),
+            ),
+            (
+                json!({"role": "assistant", "content": "x"}),
+                json!(null),
+                json!(null),
+                json!([{"type": "text", "text": "x"}]),
+            ),
         ];
         for (message, finish, stop, content) in cases {
-            let got = to_messages(json!({"id": "chatcmpl-1", "choices": [{"index": 0, "message": message, "finish_reason": finish}]}));
-            assert_eq!((&got["stop_reason"], &got["content"]), (&stop, &content), "{message} {finish}");
+            let got = to_messages(
+                json!({"id": "chatcmpl-1", "choices": [{"index": 0, "message": message, "finish_reason": finish}]}),
+            );
+            assert_eq!(
+                (&got["stop_reason"], &got["content"]),
+                (&stop, &content),
+                "{message} {finish}"
+            );
             assert_eq!(got["usage"]["input_tokens"], 0);
         }
     }
 
     #[test]
     fn response_errors() {
-        let m = |b: &str| messages_response_to_chat(b.as_bytes(), "m").err().map(|e| e.field);
-        let c = |b: &str| chat_response_to_messages(b.as_bytes(), "m").err().map(|e| e.field);
+        let m = |b: &str| {
+            messages_response_to_chat(b.as_bytes(), "m")
+                .err()
+                .map(|e| e.field)
+        };
+        let c = |b: &str| {
+            chat_response_to_messages(b.as_bytes(), "m")
+                .err()
+                .map(|e| e.field)
+        };
         assert_eq!(m("not json"), Some(String::new()));
-        assert_eq!(m(r#"{"type":"error","error":{"type":"api_error","message":"x"}}"#).as_deref(), Some("content"));
-        assert_eq!(m(r#"{"id":"msg_1","content":[{"type":"server_tool_use","id":"s"}]}"#).as_deref(), Some("content[0].type"));
+        assert_eq!(
+            m(r#"{"type":"error","error":{"type":"api_error","message":"x"}}"#).as_deref(),
+            Some("content")
+        );
+        assert_eq!(
+            m(r#"{"id":"msg_1","content":[{"type":"server_tool_use","id":"s"}]}"#).as_deref(),
+            Some("content[0].type")
+        );
         assert_eq!(c("[]"), Some(String::new()));
         assert_eq!(c(r#"{"id":"x","choices":[]}"#).as_deref(), Some("choices"));
-        assert_eq!(c(r#"{"id":"x","choices":[{"index":0}]}"#).as_deref(), Some("choices[0].message"));
+        assert_eq!(
+            c(r#"{"id":"x","choices":[{"index":0}]}"#).as_deref(),
+            Some("choices[0].message")
+        );
         let bad_args = r#"{"id":"x","choices":[{"index":0,"finish_reason":"length","message":{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{\"a\":"}}]}}]}"#;
-        assert_eq!(c(bad_args).as_deref(), Some("choices[0].message.tool_calls[0].function.arguments"));
+        assert_eq!(
+            c(bad_args).as_deref(),
+            Some("choices[0].message.tool_calls[0].function.arguments")
+        );
     }
 
     #[test]
@@ -227,8 +354,12 @@ mod tests {
             "stop_reason": "tool_use", "stop_sequence": null,
             "usage": {"input_tokens": 10, "output_tokens": 3, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 90}
         });
-        let chat = messages_response_to_chat(original.to_string().as_bytes(), "gpt").unwrap_or_default();
-        let back: Value = serde_json::from_slice(&chat_response_to_messages(&chat, "claude-sonnet-4-5").unwrap_or_default()).unwrap_or_default();
+        let chat =
+            messages_response_to_chat(original.to_string().as_bytes(), "gpt").unwrap_or_default();
+        let back: Value = serde_json::from_slice(
+            &chat_response_to_messages(&chat, "claude-sonnet-4-5").unwrap_or_default(),
+        )
+        .unwrap_or_default();
         assert_eq!(back, original);
     }
 }

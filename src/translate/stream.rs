@@ -3,7 +3,10 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{chat_error_to_messages, chat_id, chat_usage, finish_reason, message_id, messages_error_to_chat, messages_usage, stop_reason};
+use super::{
+    chat_error_to_messages, chat_id, chat_usage, finish_reason, message_id, messages_error_to_chat,
+    messages_usage, stop_reason,
+};
 use crate::sse::SseEvent;
 
 fn parse(ev: &SseEvent<'_>) -> Option<Value> {
@@ -94,9 +97,13 @@ impl MessagesToChatStream {
                 let delta = v.get("delta").unwrap_or(&Value::Null);
                 let index = v.get("index").and_then(Value::as_u64).unwrap_or_default();
                 match str_at(delta, "type") {
-                    "text_delta" => self.delta(out, json!({"content": str_at(delta, "text")}), None),
+                    "text_delta" => {
+                        self.delta(out, json!({"content": str_at(delta, "text")}), None)
+                    }
                     "input_json_delta" if !str_at(delta, "partial_json").is_empty() => {
-                        let Some(&(_, n)) = self.tools.iter().find(|(i, _)| *i == index) else { return };
+                        let Some(&(_, n)) = self.tools.iter().find(|(i, _)| *i == index) else {
+                            return;
+                        };
                         let call = json!({"index": n, "function": {"arguments": str_at(delta, "partial_json")}});
                         self.delta(out, json!({"tool_calls": [call]}), None);
                     }
@@ -106,7 +113,11 @@ impl MessagesToChatStream {
             }
             "message_delta" => {
                 self.merge_usage(v.get("usage"));
-                if let Some(reason) = v.get("delta").and_then(|d| d.get("stop_reason")).and_then(Value::as_str) {
+                if let Some(reason) = v
+                    .get("delta")
+                    .and_then(|d| d.get("stop_reason"))
+                    .and_then(Value::as_str)
+                {
                     self.delta(out, json!({}), Some(finish_reason(reason)));
                 }
             }
@@ -129,7 +140,11 @@ impl MessagesToChatStream {
 
     fn merge_usage(&mut self, usage: Option<&Value>) {
         if let Some(u) = usage.and_then(Value::as_object) {
-            self.usage.extend(u.iter().filter(|(_, v)| v.is_u64()).map(|(k, v)| (k.clone(), v.clone())));
+            self.usage.extend(
+                u.iter()
+                    .filter(|(_, v)| v.is_u64())
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
         }
     }
 
@@ -142,7 +157,9 @@ impl MessagesToChatStream {
             d.insert("role".into(), "assistant".into());
             self.role_sent = true;
         }
-        let chunk = self.chunk(json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]));
+        let chunk = self.chunk(
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]),
+        );
         write_data(out, chunk.to_string().as_bytes());
     }
 
@@ -150,7 +167,10 @@ impl MessagesToChatStream {
         if self.include_usage && self.started && !self.failed {
             let mut chunk = self.chunk(json!([]));
             if let Some(c) = chunk.as_object_mut() {
-                c.insert("usage".into(), chat_usage(&Value::Object(self.usage.clone())));
+                c.insert(
+                    "usage".into(),
+                    chat_usage(&Value::Object(self.usage.clone())),
+                );
             }
             write_data(out, chunk.to_string().as_bytes());
         }
@@ -172,6 +192,7 @@ pub struct ChatToMessagesStream {
     tools: Vec<(u64, u64)>,
     text_block: Option<u64>,
     stop: Option<&'static str>,
+    refused: bool,
     usage: Value,
     done: bool,
 }
@@ -186,6 +207,7 @@ impl ChatToMessagesStream {
             tools: Vec::new(),
             text_block: None,
             stop: None,
+            refused: false,
             usage: Value::Null,
             done: false,
         }
@@ -201,7 +223,12 @@ impl ChatToMessagesStream {
         }
         let Some(v) = parse(ev) else { return };
         if v.get("error").is_some_and(|e| !e.is_null()) {
-            emit(out, "error", &serde_json::from_slice(&chat_error_to_messages(ev.data.as_bytes(), 0)).unwrap_or_default());
+            emit(
+                out,
+                "error",
+                &serde_json::from_slice(&chat_error_to_messages(ev.data.as_bytes(), 0))
+                    .unwrap_or_default(),
+            );
             self.done = true;
             return;
         }
@@ -209,20 +236,30 @@ impl ChatToMessagesStream {
             self.usage = u.clone();
         }
         // Azure's first chunk has no choices (only prompt filter results) and no id yet.
-        let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else { return };
+        let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
+            return;
+        };
         self.start(str_at(&v, "id"), out);
         let delta = choice.get("delta").unwrap_or(&Value::Null);
+        self.refused |= !str_at(delta, "refusal").is_empty();
         for text in [str_at(delta, "content"), str_at(delta, "refusal")] {
             if !text.is_empty() {
                 self.text(text, out);
             }
         }
-        let calls = delta.get("tool_calls").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+        let calls = delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
         for (k, call) in calls.iter().enumerate() {
             self.tool_call(call, k as u64, out);
         }
         if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
-            self.stop = Some(if !str_at(delta, "refusal").is_empty() { "refusal" } else { stop_reason(f) });
+            self.stop = Some(if self.refused {
+                "refusal"
+            } else {
+                stop_reason(f)
+            });
             self.close(out);
         }
     }
@@ -250,7 +287,11 @@ impl ChatToMessagesStream {
         // Input tokens are only known at the end; message_delta carries the real numbers.
         let msg = json!({"id": message_id(openai_id), "type": "message", "role": "assistant", "model": self.model,
             "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0}});
-        emit(out, "message_start", &json!({"type": "message_start", "message": msg}));
+        emit(
+            out,
+            "message_start",
+            &json!({"type": "message_start", "message": msg}),
+        );
     }
 
     fn open_block(&mut self, block: Value, out: &mut Vec<u8>) -> u64 {
@@ -258,13 +299,21 @@ impl ChatToMessagesStream {
         let index = self.next_block;
         self.next_block = self.next_block.saturating_add(1);
         self.open = Some(index);
-        emit(out, "content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": block}));
+        emit(
+            out,
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+        );
         index
     }
 
     fn close(&mut self, out: &mut Vec<u8>) {
         if let Some(index) = self.open.take() {
-            emit(out, "content_block_stop", &json!({"type": "content_block_stop", "index": index}));
+            emit(
+                out,
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": index}),
+            );
         }
     }
 
@@ -282,15 +331,23 @@ impl ChatToMessagesStream {
     }
 
     fn tool_call(&mut self, call: &Value, position: u64, out: &mut Vec<u8>) {
-        let oi = call.get("index").and_then(Value::as_u64).unwrap_or(position);
+        let oi = call
+            .get("index")
+            .and_then(Value::as_u64)
+            .unwrap_or(position);
         let f = call.get("function").unwrap_or(&Value::Null);
         // Some compatible servers repeat id and name on every chunk: the index says what is new.
         let index = match self.tools.iter().find(|(i, _)| *i == oi) {
             Some(&(_, b)) => b,
             None => {
                 let id = str_at(call, "id");
-                let id = if id.is_empty() { format!("toolu_{}", self.next_block) } else { id.to_string() };
-                let block = json!({"type": "tool_use", "id": id, "name": str_at(f, "name"), "input": {}});
+                let id = if id.is_empty() {
+                    format!("toolu_{}", self.next_block)
+                } else {
+                    id.to_string()
+                };
+                let block =
+                    json!({"type": "tool_use", "id": id, "name": str_at(f, "name"), "input": {}});
                 let b = self.open_block(block, out);
                 self.tools.push((oi, b));
                 b
@@ -326,14 +383,21 @@ mod tests {
     use super::*;
 
     fn ev<'a>(event: &'a str, data: &'a str) -> SseEvent<'a> {
-        SseEvent { event, data, raw: data.as_bytes() }
+        SseEvent {
+            event,
+            data,
+            raw: data.as_bytes(),
+        }
     }
 
     /// Splits SSE output into (event name, data) and checks it is well formed: blocks end with a
     /// blank line, every data line is JSON or [DONE].
     fn events(out: &[u8]) -> Vec<(String, Value)> {
         let text = std::str::from_utf8(out).unwrap_or_default();
-        assert!(text.is_empty() || text.ends_with("\n\n"), "unterminated: {text:?}");
+        assert!(
+            text.is_empty() || text.ends_with("\n\n"),
+            "unterminated: {text:?}"
+        );
         let mut got = Vec::new();
         for block in text.split("\n\n").filter(|b| !b.is_empty()) {
             let (mut name, mut data) = (String::new(), None);
@@ -342,7 +406,11 @@ mod tests {
                     name = n.to_string();
                 } else if let Some(d) = line.strip_prefix("data: ") {
                     assert!(data.is_none(), "two data lines in {block:?}");
-                    let v = if d == "[DONE]" { json!("[DONE]") } else { serde_json::from_str(d).unwrap_or(json!("<not json>")) };
+                    let v = if d == "[DONE]" {
+                        json!("[DONE]")
+                    } else {
+                        serde_json::from_str(d).unwrap_or(json!("<not json>"))
+                    };
                     assert_ne!(v, json!("<not json>"), "{d}");
                     data = Some(v);
                 } else {
@@ -360,40 +428,90 @@ mod tests {
             s.on_event(&ev(e, d), &mut out);
         }
         s.finish(&mut out);
-        events(&out).into_iter().map(|(name, data)| {
-            assert_eq!(name, "");
-            data
-        }).collect()
+        events(&out)
+            .into_iter()
+            .map(|(name, data)| {
+                assert_eq!(name, "");
+                data
+            })
+            .collect()
     }
 
     const TEXT_STREAM: &[(&str, &str)] = &[
-        ("message_start", r#"{"type":"message_start","message":{"id":"msg_014p7gG3wDgGV9EUtLvnow3U","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":472,"cache_creation_input_tokens":0,"cache_read_input_tokens":1000,"output_tokens":2}}}"#),
-        ("content_block_start", r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#),
+        (
+            "message_start",
+            r#"{"type":"message_start","message":{"id":"msg_014p7gG3wDgGV9EUtLvnow3U","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":472,"cache_creation_input_tokens":0,"cache_read_input_tokens":1000,"output_tokens":2}}}"#,
+        ),
+        (
+            "content_block_start",
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+        ),
         ("ping", r#"{"type": "ping"}"#),
-        ("content_block_delta", r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#),
+        (
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#,
+        ),
         ("", ""),
-        ("content_block_delta", r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":", \"world\"\n"}}"#),
-        ("content_block_stop", r#"{"type":"content_block_stop","index":0}"#),
-        ("message_delta", r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}"#),
+        (
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":", \"world\"\n"}}"#,
+        ),
+        (
+            "content_block_stop",
+            r#"{"type":"content_block_stop","index":0}"#,
+        ),
+        (
+            "message_delta",
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}"#,
+        ),
         ("message_stop", r#"{"type":"message_stop"}"#),
     ];
 
     #[test]
     fn anthropic_text_stream_to_chunks() {
-        let chunks = feed_anthropic(&mut MessagesToChatStream::new("gpt-4o", true, 1_700_000_000), TEXT_STREAM);
-        let head = |c: &Value| (c["id"].clone(), c["object"].clone(), c["created"].clone(), c["model"].clone());
-        let want_head = (json!("chatcmpl-msg_014p7gG3wDgGV9EUtLvnow3U"), json!("chat.completion.chunk"), json!(1_700_000_000), json!("gpt-4o"));
+        let chunks = feed_anthropic(
+            &mut MessagesToChatStream::new("gpt-4o", true, 1_700_000_000),
+            TEXT_STREAM,
+        );
+        let head = |c: &Value| {
+            (
+                c["id"].clone(),
+                c["object"].clone(),
+                c["created"].clone(),
+                c["model"].clone(),
+            )
+        };
+        let want_head = (
+            json!("chatcmpl-msg_014p7gG3wDgGV9EUtLvnow3U"),
+            json!("chat.completion.chunk"),
+            json!(1_700_000_000),
+            json!("gpt-4o"),
+        );
         assert_eq!(chunks.len(), 6);
         for c in &chunks[..5] {
             assert_eq!(head(c), want_head);
         }
-        let deltas: Vec<Value> = chunks[..4].iter().map(|c| c["choices"][0]["delta"].clone()).collect();
+        let deltas: Vec<Value> = chunks[..4]
+            .iter()
+            .map(|c| c["choices"][0]["delta"].clone())
+            .collect();
         assert_eq!(
             deltas,
-            [json!({"role": "assistant", "content": ""}), json!({"content": "Hello"}), json!({"content": ", \"world\"\n"}), json!({})]
+            [
+                json!({"role": "assistant", "content": ""}),
+                json!({"content": "Hello"}),
+                json!({"content": ", \"world\"\n"}),
+                json!({})
+            ]
         );
-        let finish: Vec<Value> = chunks[..4].iter().map(|c| c["choices"][0]["finish_reason"].clone()).collect();
-        assert_eq!(finish, [Value::Null, Value::Null, Value::Null, json!("stop")]);
+        let finish: Vec<Value> = chunks[..4]
+            .iter()
+            .map(|c| c["choices"][0]["finish_reason"].clone())
+            .collect();
+        assert_eq!(
+            finish,
+            [Value::Null, Value::Null, Value::Null, json!("stop")]
+        );
         assert_eq!(chunks[4]["choices"], json!([]));
         assert_eq!(
             chunks[4]["usage"],
@@ -423,11 +541,26 @@ mod tests {
         let (b, c) = b.split_at(9);
         let partials: Vec<String> = ["", a, b, c].iter().map(|p| json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": p}}).to_string()).collect();
         let mut stream: Vec<(&str, &str)> = vec![
-            ("message_start", r#"{"type":"message_start","message":{"id":"msg_01","type":"message","role":"assistant","model":"claude","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":400,"output_tokens":1}}}"#),
-            ("content_block_start", r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#),
-            ("content_block_delta", r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Checking."}}"#),
-            ("content_block_stop", r#"{"type":"content_block_stop","index":0}"#),
-            ("content_block_start", r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01T1x1fJ34qAmk2tNTrN7Up6","name":"get_weather","input":{}}}"#),
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"id":"msg_01","type":"message","role":"assistant","model":"claude","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":400,"output_tokens":1}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Checking."}}"#,
+            ),
+            (
+                "content_block_stop",
+                r#"{"type":"content_block_stop","index":0}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01T1x1fJ34qAmk2tNTrN7Up6","name":"get_weather","input":{}}}"#,
+            ),
         ];
         stream.extend(partials.iter().map(|p| ("content_block_delta", p.as_str())));
         stream.extend([
@@ -439,16 +572,36 @@ mod tests {
             ("message_stop", r#"{"type":"message_stop"}"#),
         ]);
         let chunks = feed_anthropic(&mut MessagesToChatStream::new("gpt-4o", true, 5), &stream);
-        let calls: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"].get("tool_calls")).collect();
-        assert_eq!(calls[0], &json!([{"index": 0, "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]));
-        assert_eq!(calls[4], &json!([{"index": 1, "id": "toolu_02", "type": "function", "function": {"name": "get_time", "arguments": ""}}]));
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+            .collect();
+        assert_eq!(
+            calls[0],
+            &json!([{"index": 0, "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "type": "function", "function": {"name": "get_weather", "arguments": ""}}])
+        );
+        assert_eq!(
+            calls[4],
+            &json!([{"index": 1, "id": "toolu_02", "type": "function", "function": {"name": "get_time", "arguments": ""}}])
+        );
         assert_eq!(calls.len(), 6, "the empty partial_json is not sent");
         let args = |n: u64| -> String {
-            calls.iter().filter(|c| c[0]["index"] == n).filter_map(|c| c[0]["function"]["arguments"].as_str()).collect()
+            calls
+                .iter()
+                .filter(|c| c[0]["index"] == n)
+                .filter_map(|c| c[0]["function"]["arguments"].as_str())
+                .collect()
         };
-        assert_eq!(serde_json::from_str::<Value>(&args(0)).unwrap_or_default(), input);
+        assert_eq!(
+            serde_json::from_str::<Value>(&args(0)).unwrap_or_default(),
+            input
+        );
         assert_eq!(args(1), "{}");
-        let finishes: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0].get("finish_reason")).filter(|f| !f.is_null()).collect();
+        let finishes: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0].get("finish_reason"))
+            .filter(|f| !f.is_null())
+            .collect();
         assert_eq!(finishes, [&json!("tool_calls")]);
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(chunks[chunks.len() - 2]["usage"]["completion_tokens"], 89);
@@ -461,17 +614,29 @@ mod tests {
             TEXT_STREAM[0],
             TEXT_STREAM[3],
             ("", "not json at all"),
-            ("error", r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#),
+            (
+                "error",
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+            ),
             TEXT_STREAM[5],
         ];
         let chunks = feed_anthropic(&mut s, &stream);
         assert_eq!(chunks.len(), 4);
-        assert_eq!(chunks[1]["choices"][0]["delta"], json!({"content": "Hello"}));
-        assert_eq!(chunks[2], json!({"error": {"message": "Overloaded", "type": "server_error", "param": null, "code": null}}));
+        assert_eq!(
+            chunks[1]["choices"][0]["delta"],
+            json!({"content": "Hello"})
+        );
+        assert_eq!(
+            chunks[2],
+            json!({"error": {"message": "Overloaded", "type": "server_error", "param": null, "code": null}})
+        );
         assert_eq!(chunks[3], "[DONE]");
 
         // Cut off mid-answer: finish still ends the stream the way OpenAI clients expect.
-        let chunks = feed_anthropic(&mut MessagesToChatStream::new("m", true, 5), &TEXT_STREAM[..4]);
+        let chunks = feed_anthropic(
+            &mut MessagesToChatStream::new("m", true, 5),
+            &TEXT_STREAM[..4],
+        );
         assert_eq!(chunks.last(), Some(&json!("[DONE]")));
         assert_eq!(chunks[chunks.len() - 2]["usage"]["prompt_tokens"], 1472);
         let chunks = feed_anthropic(&mut MessagesToChatStream::new("m", true, 5), &[]);
@@ -509,15 +674,29 @@ mod tests {
         let got = feed_openai(&mut ChatToMessagesStream::new("claude-sonnet-4-5"), &stream);
         assert_eq!(
             types(&got),
-            ["message_start", "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
         );
         assert_eq!(
             got[0].1,
             json!({"type": "message_start", "message": {"id": "msg_abc", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
                 "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0}}})
         );
-        assert_eq!(got[1].1, json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}));
-        assert_eq!(got[3].1, json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "lo!"}}));
+        assert_eq!(
+            got[1].1,
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        );
+        assert_eq!(
+            got[3].1,
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "lo!"}})
+        );
         assert_eq!(got[4].1, json!({"type": "content_block_stop", "index": 0}));
         assert_eq!(
             got[5].1,
@@ -531,16 +710,30 @@ mod tests {
         let input = json!({"city": "Paris", "when": ["today", "tomorrow"]});
         let text = input.to_string();
         let (a, b) = text.split_at(11);
-        let chunk = |delta: Value, finish: Value| json!({"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).to_string();
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).to_string()
+        };
         let stream = [
             chunk(json!({"role": "assistant", "content": null}), Value::Null),
             chunk(json!({"content": "Let me look."}), Value::Null),
-            chunk(json!({"tool_calls": [{"index": 0, "id": "call_A", "type": "function", "function": {"name": "weather", "arguments": ""}}]}), Value::Null),
-            chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}), Value::Null),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": "call_A", "type": "function", "function": {"name": "weather", "arguments": ""}}]}),
+                Value::Null,
+            ),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}),
+                Value::Null,
+            ),
             // Some compatible servers repeat the id: still the same call.
-            chunk(json!({"tool_calls": [{"index": 0, "id": "call_A", "function": {"arguments": b}}]}), Value::Null),
-            chunk(json!({"tool_calls": [{"index": 1, "id": "call_B", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]}), Value::Null),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": "call_A", "function": {"arguments": b}}]}),
+                Value::Null,
+            ),
+            chunk(
+                json!({"tool_calls": [{"index": 1, "id": "call_B", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]}),
+                Value::Null,
+            ),
             chunk(json!({}), json!("tool_calls")),
             "[DONE]".to_string(),
         ];
@@ -548,15 +741,39 @@ mod tests {
         let got = feed_openai(&mut ChatToMessagesStream::new("claude"), &refs);
         assert_eq!(
             types(&got),
-            ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
-             "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
-             "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
         );
-        assert_eq!(got[4].1["content_block"], json!({"type": "tool_use", "id": "call_A", "name": "weather", "input": {}}));
-        assert_eq!(got[8].1["content_block"], json!({"type": "tool_use", "id": "call_B", "name": "clock", "input": {}}));
-        let args: String = got.iter().filter(|(_, d)| d["index"] == 1 && d["delta"]["type"] == "input_json_delta")
-            .filter_map(|(_, d)| d["delta"]["partial_json"].as_str()).collect();
-        assert_eq!(serde_json::from_str::<Value>(&args).unwrap_or_default(), input);
+        assert_eq!(
+            got[4].1["content_block"],
+            json!({"type": "tool_use", "id": "call_A", "name": "weather", "input": {}})
+        );
+        assert_eq!(
+            got[8].1["content_block"],
+            json!({"type": "tool_use", "id": "call_B", "name": "clock", "input": {}})
+        );
+        let args: String = got
+            .iter()
+            .filter(|(_, d)| d["index"] == 1 && d["delta"]["type"] == "input_json_delta")
+            .filter_map(|(_, d)| d["delta"]["partial_json"].as_str())
+            .collect();
+        assert_eq!(
+            serde_json::from_str::<Value>(&args).unwrap_or_default(),
+            input
+        );
         assert_eq!(got[9].1["index"], 2);
         assert_eq!(got[11].1["delta"]["stop_reason"], "tool_use");
         // No usage chunk arrived: zeros rather than missing fields.
@@ -566,13 +783,42 @@ mod tests {
     #[test]
     fn openai_errors_and_truncation() {
         let first = r#"{"id":"chatcmpl-e","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#;
-        let got = feed_openai(&mut ChatToMessagesStream::new("c"), &[first, r#"{"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}"#, first, "[DONE]"]);
-        assert_eq!(types(&got), ["message_start", "content_block_start", "content_block_delta", "error"]);
-        assert_eq!(got[3].1, json!({"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limit reached"}}));
+        let got = feed_openai(
+            &mut ChatToMessagesStream::new("c"),
+            &[
+                first,
+                r#"{"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}"#,
+                first,
+                "[DONE]",
+            ],
+        );
+        assert_eq!(
+            types(&got),
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "error"
+            ]
+        );
+        assert_eq!(
+            got[3].1,
+            json!({"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limit reached"}})
+        );
 
         // No [DONE]: finish closes the block and the message.
         let got = feed_openai(&mut ChatToMessagesStream::new("c"), &[first, "{broken"]);
-        assert_eq!(types(&got), ["message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]);
+        assert_eq!(
+            types(&got),
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
         assert_eq!(got[4].1["delta"]["stop_reason"], Value::Null);
 
         // Nothing at all: an error, not an empty answer.
@@ -584,17 +830,27 @@ mod tests {
         let mut out = Vec::new();
         s.on_event(&ev("", "[DONE]"), &mut out);
         s.finish(&mut out);
-        assert_eq!(types(&events(&out)), ["message_start", "message_delta", "message_stop"]);
+        assert_eq!(
+            types(&events(&out)),
+            ["message_start", "message_delta", "message_stop"]
+        );
     }
 
     #[test]
     fn refusal_stream() {
-        let got = feed_openai(&mut ChatToMessagesStream::new("c"), &[
-            r#"{"id":"chatcmpl-r","choices":[{"index":0,"delta":{"role":"assistant","refusal":"I can't"},"finish_reason":null}]}"#,
-            r#"{"id":"chatcmpl-r","choices":[{"index":0,"delta":{"refusal":" help."},"finish_reason":"stop"}]}"#,
-            "[DONE]",
-        ]);
-        let text: String = got.iter().filter_map(|(_, d)| d["delta"]["text"].as_str()).collect();
+        let got = feed_openai(
+            &mut ChatToMessagesStream::new("c"),
+            &[
+                r#"{"id":"chatcmpl-r","choices":[{"index":0,"delta":{"role":"assistant","refusal":"I can't"},"finish_reason":null}]}"#,
+                r#"{"id":"chatcmpl-r","choices":[{"index":0,"delta":{"refusal":" help."},"finish_reason":null}]}"#,
+                r#"{"id":"chatcmpl-r","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+                "[DONE]",
+            ],
+        );
+        let text: String = got
+            .iter()
+            .filter_map(|(_, d)| d["delta"]["text"].as_str())
+            .collect();
         assert_eq!(text, "I can't help.");
         assert_eq!(got[got.len() - 2].1["delta"]["stop_reason"], "refusal");
     }
@@ -608,10 +864,16 @@ mod tests {
             a.on_event(&ev(e, d), &mut out);
         }
         a.finish(&mut out);
-        let datas: Vec<String> = events(&out).into_iter().map(|(_, d)| d.as_str().map_or_else(|| d.to_string(), str::to_string)).collect();
+        let datas: Vec<String> = events(&out)
+            .into_iter()
+            .map(|(_, d)| d.as_str().map_or_else(|| d.to_string(), str::to_string))
+            .collect();
         let refs: Vec<&str> = datas.iter().map(String::as_str).collect();
         let got = feed_openai(&mut ChatToMessagesStream::new("claude"), &refs);
-        let text: String = got.iter().filter_map(|(_, d)| d["delta"]["text"].as_str()).collect();
+        let text: String = got
+            .iter()
+            .filter_map(|(_, d)| d["delta"]["text"].as_str())
+            .collect();
         assert_eq!(text, "Hello, \"world\"\n");
         assert_eq!(got[0].1["message"]["id"], "msg_014p7gG3wDgGV9EUtLvnow3U");
         assert_eq!(
