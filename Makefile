@@ -71,3 +71,7 @@ run: build mock venv
 bench: build mock venv
 	@command -v wrk >/dev/null || apt-get install -y wrk; command -v wasm-opt >/dev/null || apt-get install -y binaryen
 	$(PY) tests/bench/bench.py
+
+.PHONY: demo-traffic
+demo-traffic: venv
+	$(PY) tests/demo_traffic.py --gateway http://localhost:10000

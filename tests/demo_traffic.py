@@ -44,14 +44,16 @@ def _call(base: str, method: str, path: str, body: dict | None = None, headers: 
         conn.close()
 
 
+def reset(mock: str) -> None:
+    _call(mock, "POST", "/_mock/reset")
+
+
 def script(mock: str, *rules: dict) -> None:
+    """Replaces the mock's rules (a rule left over from an earlier phase would apply first)."""
+    reset(mock)
     status, _, body = _call(mock, "POST", "/_mock/script", {"rules": list(rules)})
     if status != 200:
         raise RuntimeError(f"{mock}/_mock/script answered {status}: {body[:200]!r}")
-
-
-def reset(mock: str) -> None:
-    _call(mock, "POST", "/_mock/reset")
 
 
 class Traffic:
@@ -106,7 +108,9 @@ def run(gateway: str, openai_mock: str, anthropic_mock: str, team_a_key: str, te
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             list(pool.map(lambda _: t.chat(team_b_key, model="gpt-4o", max_tokens=2000), range(6)))
 
-        t.start("failover")  # every OpenAI key refused once: they cool down, attempts move to Anthropic
+        # Every OpenAI key refused once: each refused attempt is retried on Anthropic (the next priority)
+        # and its key cools down; once all three are cooling, requests are steered to Anthropic directly.
+        t.start("failover")
         script(openai_mock, {"status": 429, "headers": {"retry-after": str(cooldown_s)}, "times": 3})
         for i in range(6):
             t.chat(team_b_key, stream=i % 2 == 1)

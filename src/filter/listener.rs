@@ -133,25 +133,27 @@ impl Listener {
             return None;
         }
         let mut demand = self.demand_estimate();
-        let mut result = quota::admit(&HostStore, &limits, &demand, now);
-        if let (true, Ok(Admission::Rejected { .. }), Some(info)) = (self.cfg.lower_max_tokens, &result, &self.info) {
-            let price = self.cfg.prices.get(self.model());
-            if let Ok(Some(max)) = quota::max_affordable_output(&HostStore, &limits, info.prompt_tokens_estimate, price, now) {
-                if max >= 1 && max < demand.output {
-                    if let Some(body) = self.lowered_body(max) {
-                        demand.output = max;
-                        demand.cost_micro_usd =
-                            price.map(|p| quota::cost_micro_usd(p, demand.input, 0, max)).unwrap_or(0);
-                        result = quota::admit(&HostStore, &limits, &demand, now);
-                        if matches!(result, Ok(Admission::Admitted { .. })) {
-                            host::replace_body(BufferType::HttpRequestBody, usize::MAX, &body);
-                            self.body_rewritten = true;
-                            count("tollgate.max_tokens_lowered", 1);
+        if self.cfg.lower_max_tokens {
+            // Ask for no more output than the budget still allows, rather than be refused (or,
+            // for a request larger than a full bucket, run the bucket into debt).
+            if let Some(info) = &self.info {
+                let price = self.cfg.prices.get(self.model());
+                if let Ok(Some(max)) = quota::max_affordable_output(&HostStore, &limits, info.prompt_tokens_estimate, price, now) {
+                    if max >= 1 && max < demand.output {
+                        if let Some(body) = self.lowered_body(max) {
+                            if host::replace_body(BufferType::HttpRequestBody, usize::MAX, &body) {
+                                demand.output = max;
+                                demand.cost_micro_usd =
+                                    price.map(|p| quota::cost_micro_usd(p, demand.input, 0, max)).unwrap_or(0);
+                                self.body_rewritten = true;
+                                count("tollgate.max_tokens_lowered", 1);
+                            }
                         }
                     }
                 }
             }
         }
+        let result = quota::admit(&HostStore, &limits, &demand, now);
         match result {
             Ok(Admission::Admitted { reservations, standings }) => {
                 self.reservations = reservations;
@@ -269,9 +271,17 @@ impl Listener {
         let wants_stream_usage = self.api == ApiKind::ChatCompletions
             && self.info.as_ref().map(|i| i.stream && !i.include_usage).unwrap_or(false);
         let mut body_rewritten = self.body_rewritten;
+        // Admission may have rewritten the body already (lowered max_tokens): build on that one.
+        let lowered;
+        let body: &[u8] = if self.body_rewritten {
+            lowered = host::body(BufferType::HttpRequestBody, usize::MAX);
+            &lowered
+        } else {
+            body
+        };
         if wants_stream_usage {
             if let Some(b) = request::with_include_usage(body) {
-                if host::replace_body(BufferType::HttpRequestBody, body.len(), &b) {
+                if host::replace_body(BufferType::HttpRequestBody, usize::MAX, &b) {
                     self.strip_usage_chunk = true;
                     body_rewritten = true;
                 }
@@ -353,7 +363,8 @@ impl Listener {
         };
         add(format!("tollgate:u:c:{}", self.consumer));
         add(format!("tollgate:u:m:{model_label}"));
-        if !self.provider.is_empty() {
+        let served_by_key = !self.provider.is_empty() && !self.key_id.is_empty();
+        if served_by_key {
             add(format!("tollgate:u:k:{}:{}", self.provider, self.key_id));
         }
         count("tollgate.shared_data.cas_conflicts", u64::from(conflicts));
@@ -382,7 +393,7 @@ impl Listener {
         if estimated {
             count(&format!("{cm}.estimated_requests"), 1);
         }
-        if !self.provider.is_empty() {
+        if served_by_key {
             let pk = format!("tollgate.provider.{}.key.{}", self.provider, self.key_id);
             count(&format!("{pk}.requests"), 1);
             count(&format!("{pk}.tokens_in"), usage.input);

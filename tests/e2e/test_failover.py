@@ -142,3 +142,22 @@ def test_untranslatable_request_gets_a_400_naming_the_field(gateway, mocks):
     assert r.status == 400, r
     assert "n" in r.json()["error"]["message"]
     assert mocks["anthropic"].requests() == []
+
+
+def test_anthropic_client_served_by_an_openai_provider(gateway, mocks):
+    import anthropic
+
+    gw = gateway({"providers": [openai_provider(models={"claude-haiku-4-5": "gpt-4o-mini"})], "status_path": STATUS})
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{gw.port}", api_key="x", max_retries=0)
+    msg = client.messages.create(model="claude-haiku-4-5", max_tokens=64, system="Be brief.",
+                                 messages=[{"role": "user", "content": "hi"}])
+    assert msg.content[0].text == "Hello from openai." and msg.stop_reason == "end_turn"
+    sent = mocks["openai"].requests()[-1]
+    assert sent["path"] == "/v1/chat/completions"
+    body = json.loads(sent["body"])
+    assert body["model"] == "gpt-4o-mini" and body["messages"][0] == {"role": "system", "content": "Be brief."}
+    with client.messages.stream(model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as s:
+        assert "".join(s.text_stream) == "Hello from openai."
+        assert s.get_final_message().usage.output_tokens == 3
+    u = request(gw.port, "GET", STATUS).json()["consumers"]["anonymous"]["usage"]
+    assert u["requests"] == 2 and u["output_tokens"] == 6 and u["estimated_requests"] == 0

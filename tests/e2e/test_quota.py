@@ -1,6 +1,7 @@
 """Issue: an over-quota request gets 429 and Retry-After from Envoy, and never reaches the provider."""
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -139,3 +140,23 @@ def test_exhausted_pool_is_answered_at_the_gateway(gateway, mocks):
     assert len(mocks["openai"].requests()) == 3, "no call while every key cools down"
     keys = request(gw.port, "GET", "/tollgate/status").json()["providers"]["openai"]["keys"]
     assert [k["state"] for k in keys] == ["rate_limited"] * 3
+
+
+def test_lower_max_tokens_instead_of_refusing(gateway, mocks):
+    gw = gateway(plugin([{"metric": "output_tokens", "amount": 500, "window": "1h"}], lower_max_tokens=True))
+    r = chat(gw.port, key=TEAM_A, extra={"max_tokens": 2000})
+    assert r.status == 200, r
+    sent = json.loads(mocks["openai"].requests()[-1]["body"])
+    assert 1 <= sent["max_tokens"] <= 500, sent
+
+
+def test_model_limit_is_narrower_than_the_consumer_limit(gateway, mocks):
+    p = {"consumers": {"list": [{"name": "team-a", "key_env": "TEAM_A_KEY",
+                                 "limits": [{"metric": "requests", "amount": 100, "window": "1h"}],
+                                 "model_limits": {"gpt-4o": [{"metric": "requests", "amount": 1, "window": "1h"}]}}]},
+         "providers": [openai_provider()]}
+    gw = gateway(p)
+    assert chat(gw.port, key=TEAM_A, model="gpt-4o").status == 200
+    r = chat(gw.port, key=TEAM_A, model="gpt-4o")
+    assert r.status == 429 and r.headers["x-ratelimit-limit-requests"] == "1"
+    assert chat(gw.port, key=TEAM_A, model="gpt-4o-mini").status == 200
