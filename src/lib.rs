@@ -3,6 +3,7 @@
 //!
 //! Everything but `filter/` is pure logic that knows nothing of proxy-wasm and is tested on the host.
 
+pub mod admission;
 pub mod config;
 pub mod errors;
 pub mod estimate;

@@ -2,15 +2,15 @@
 
 use super::handoff::{self, Decision};
 use super::host::{self, count, gauge, HostStore};
-use crate::config::{Config, FailureMode};
+use crate::config::Config;
 use crate::errors::{error_body, ClientApi, ErrorKind};
 use crate::estimate;
-use crate::gateway::{self, metric_segment, retry_after_secs};
-use crate::health;
-use crate::quota::{self, Admission, Demand, Limit, Reservation, Standing};
+use crate::gateway::{self, metric_segment};
+use crate::admission::{self, Start, Verdict};
+use crate::quota::{self, Demand, Reservation, Standing};
 use crate::request::{self, RequestInfo};
 use crate::sse::SseParser;
-use crate::store::{add_u64s, StoreError};
+use crate::store::add_u64s;
 use crate::usage::{usage_from_json, ApiKind, StreamUsage, Usage};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
@@ -88,150 +88,83 @@ impl Listener {
         Action::Pause
     }
 
-    /// What tollgate cannot do (shared data failing): let it through or refuse, as configured.
-    fn degraded(&mut self, what: &str, e: StoreError) -> Option<Action> {
-        log::warn!("{what} failed ({e:?}); failure_mode={:?}", self.cfg.failure_mode);
-        count("tollgate.degraded", 1);
-        match self.cfg.failure_mode {
-            FailureMode::Open => None,
-            FailureMode::Closed => Some(self.reject(
-                ErrorKind::Overloaded,
-                "The gateway cannot meter this request right now; try again shortly.",
-                None,
-                &[],
-            )),
-        }
-    }
-
     fn model(&self) -> &str {
         self.info.as_ref().and_then(|i| i.model.as_deref()).unwrap_or("")
     }
 
-    fn limits(&self) -> Vec<(String, Limit)> {
-        let model = self.model().to_string();
-        self.cfg
-            .limits_for(&self.consumer, &model)
-            .into_iter()
-            .map(|(scope, l)| (quota::key(&self.consumer, scope, &l), l))
-            .collect()
-    }
-
-    fn demand_estimate(&self) -> Demand {
-        let (input, output) = match &self.info {
-            Some(i) => (i.prompt_tokens_estimate, i.max_tokens.unwrap_or(self.cfg.default_max_tokens)),
-            None => (0, 0),
-        };
-        let cost = self.cfg.prices.get(self.model()).map(|p| quota::cost_micro_usd(p, input, 0, output)).unwrap_or(0);
-        Demand { requests: 1, input, output, cost_micro_usd: cost }
-    }
-
-    /// Admission: the pool-exhausted check, then the quota reservation. `None` means go on.
+    /// Admission: reserve against the consumer's budgets. `None` means go on.
     fn admit(&mut self, now: u64) -> Option<Action> {
-        let limits = self.limits();
-        if limits.is_empty() {
-            self.admitted = true;
-            return None;
-        }
-        let mut demand = self.demand_estimate();
-        if self.cfg.lower_max_tokens {
-            // Ask for no more output than the budget still allows, rather than be refused (or,
-            // for a request larger than a full bucket, run the bucket into debt).
-            if let Some(info) = &self.info {
-                let price = self.cfg.prices.get(self.model());
-                if let Ok(Some(max)) = quota::max_affordable_output(&HostStore, &limits, info.prompt_tokens_estimate, price, now) {
-                    if max >= 1 && max < demand.output {
-                        if let Some(body) = self.lowered_body(max) {
-                            if host::replace_body(BufferType::HttpRequestBody, usize::MAX, &body) {
-                                demand.output = max;
-                                demand.cost_micro_usd =
-                                    price.map(|p| quota::cost_micro_usd(p, demand.input, 0, max)).unwrap_or(0);
-                                self.body_rewritten = true;
-                                count("tollgate.max_tokens_lowered", 1);
-                            }
+        let (prompt_tokens, max_tokens) =
+            self.info.as_ref().map(|i| (i.prompt_tokens_estimate, i.max_tokens)).unwrap_or((0, Some(0)));
+        let model = self.model().to_string();
+        let ask = admission::Ask { consumer: &self.consumer, model: &model, prompt_tokens, max_tokens };
+        match admission::admit(&HostStore, &self.cfg, &ask, now) {
+            Verdict::Admit { reservations, standings, lower_max_tokens_to } => {
+                if let Some(max) = lower_max_tokens_to {
+                    let body = host::body(BufferType::HttpRequestBody, usize::MAX);
+                    if let Some(b) = request::with_max_tokens(&body, max) {
+                        if host::replace_body(BufferType::HttpRequestBody, usize::MAX, &b) {
+                            self.body_rewritten = true;
+                            count("tollgate.max_tokens_lowered", 1);
                         }
                     }
                 }
-            }
-        }
-        let result = quota::admit(&HostStore, &limits, &demand, now);
-        match result {
-            Ok(Admission::Admitted { reservations, standings }) => {
                 self.reservations = reservations;
                 self.standings = standings;
                 self.admitted = true;
                 self.publish_use();
                 None
             }
-            Ok(Admission::Rejected { retry_after_ms, limit, standings }) => {
+            Verdict::Refuse { retry_after_secs, message, standings } => {
                 self.standings = standings;
                 self.publish_use();
-                let secs = retry_after_secs(retry_after_ms);
                 let mut headers = gateway::rate_limit_headers(self.client, &self.standings, now);
-                headers.push(("retry-after".into(), secs.to_string()));
-                let msg = format!(
-                    "Rate limit reached for consumer '{}' on {} ({} per {}s). Please try again in {}s.",
-                    self.consumer,
-                    limit.metric.as_str(),
-                    display_amount(&limit),
-                    limit.window_ms / 1000,
-                    secs
-                );
-                Some(self.reject(ErrorKind::RateLimit, &msg, Some("rate_limit_exceeded"), &headers))
+                headers.push(("retry-after".into(), retry_after_secs.to_string()));
+                Some(self.reject(ErrorKind::RateLimit, &message, Some("rate_limit_exceeded"), &headers))
             }
-            Err(e) => self.degraded("quota admission", e),
+            Verdict::AdmitUnmetered => {
+                count("tollgate.degraded", 1);
+                self.admitted = true;
+                None
+            }
+            Verdict::Unavailable => {
+                count("tollgate.degraded", 1);
+                Some(self.reject(
+                    ErrorKind::Overloaded,
+                    "The gateway cannot meter this request right now; try again shortly.",
+                    None,
+                    &[],
+                ))
+            }
         }
     }
 
-    fn lowered_body(&self, max: u64) -> Option<Vec<u8>> {
-        let body = host::body(BufferType::HttpRequestBody, usize::MAX);
-        request::with_max_tokens(&body, max)
-    }
-
-    /// Picks the provider this request starts on: the first, in config order, that can serve the
-    /// model, whose circuit lets it through and that has a key not cooling down. When it is not the
-    /// first provider, the request is steered there with the `x-tollgate-route` header, which the
-    /// Envoy routes match on (the route cache is cleared so the router sees it). When none is
-    /// available, answers 429 with the earliest recovery, without calling anyone.
+    /// Picks the provider this request starts on. When it is not the first, the request is steered
+    /// there with the `x-tollgate-route` header, which the Envoy routes match on (the route cache is
+    /// cleared so the router sees it). When none can take it, answers 429 with the earliest
+    /// recovery, without calling anyone.
     fn route(&mut self, now: u64) -> Option<Action> {
-        if self.cfg.providers.is_empty() {
-            return None;
-        }
-        let model = self.model().to_string();
-        let mut earliest: Option<u64> = None;
-        for (i, p) in self.cfg.providers.iter().enumerate() {
-            if !model.is_empty() && p.map_model(&model).is_none() {
-                continue;
-            }
-            let Ok(h) = health::read(&HostStore, p) else {
-                return None; // cannot tell: do not refuse or steer on a guess
-            };
-            let at = h.available_at(&self.cfg.health, now);
-            let usable = at <= now
-                && match h.circuit(&self.cfg.health, now) {
-                    health::Circuit::Closed => true,
-                    health::Circuit::Open { .. } => false,
-                    health::Circuit::HalfOpen => health::try_acquire(&HostStore, p, &self.cfg.health, now).unwrap_or(true),
-                };
-            if usable {
-                if i > 0 {
+        match admission::start(&HostStore, &self.cfg, "", now) {
+            Start::Provider(0) | Start::Unknown => None,
+            Start::Provider(i) => {
+                if let Some(p) = self.cfg.providers.get(i) {
                     host::set_header(MapType::HttpRequestHeaders, gateway::HDR_ROUTE, Some(&p.name));
                     host::clear_route_cache();
                     count(&format!("tollgate.provider.{}.steered_requests", p.name), 1);
                 }
-                return None;
+                None
             }
-            earliest = Some(earliest.map_or(at.max(now + 1), |e: u64| e.min(at.max(now + 1))));
+            Start::Exhausted { retry_after_secs } => {
+                count("tollgate.outcome.exhausted.requests", 1);
+                let msg = format!(
+                    "Every provider key that can serve this request is cooling down after provider rate limits or failures. Please try again in {retry_after_secs}s."
+                );
+                let body = error_body(self.client, ErrorKind::RateLimit, &msg, Some("provider_keys_exhausted"), None);
+                let secs = retry_after_secs.to_string();
+                host::respond(429, &[("content-type", "application/json"), ("retry-after", &secs)], &body);
+                Some(Action::Pause)
+            }
         }
-        let at = earliest?;
-        let secs = retry_after_secs(at - now);
-        count("tollgate.outcome.exhausted.requests", 1);
-        let msg = format!(
-            "Every provider key that can serve this request is cooling down after provider rate limits or failures. Please try again in {secs}s."
-        );
-        let body = error_body(self.client, ErrorKind::RateLimit, &msg, Some("provider_keys_exhausted"), None);
-        let secs = secs.to_string();
-        host::respond(429, &[("content-type", "application/json"), ("retry-after", &secs)], &body);
-        Some(Action::Pause)
     }
 
     /// Gauges of each limit's use, in per mille, for alerting at 80%.
@@ -460,13 +393,6 @@ impl Listener {
         }
         u.output = u.output.max(output);
         (u, true)
-    }
-}
-
-fn display_amount(l: &Limit) -> String {
-    match l.metric {
-        quota::Metric::CostMicroUsd => format!("${:.2}", l.amount as f64 / 1e6),
-        _ => l.amount.to_string(),
     }
 }
 
