@@ -215,7 +215,8 @@ class Envoy:
         self.proc: subprocess.Popen | None = None
         cfg = config if isinstance(config, dict) else None
         self.admin_port = cfg["admin"]["address"]["socket_address"]["port_value"] if cfg else None
-        self.port = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] if cfg else None
+        listeners = (cfg or {}).get("static_resources", {}).get("listeners") or []
+        self.port = listeners[0]["address"]["socket_address"]["port_value"] if listeners else None
 
     def start(self, timeout: float = 30) -> "Envoy":
         self.proc = subprocess.Popen(
