@@ -27,6 +27,8 @@ enum StreamTranslator {
 
 pub struct Upstream {
     id: u32,
+    /// The attempt's headers went on towards the provider.
+    sent: bool,
     rid: Option<u32>,
     cfg: Rc<Config>,
     provider: Option<usize>,
@@ -46,6 +48,7 @@ impl Upstream {
     pub fn new(id: u32, cfg: Rc<Config>) -> Self {
         Upstream {
             id,
+            sent: false,
             rid: None,
             cfg,
             provider: None,
@@ -269,13 +272,37 @@ impl Upstream {
     }
 }
 
-impl Context for Upstream {}
+impl Context for Upstream {
+    /// The attempt ends. Envoy runs no `on_log` for cluster-level contexts, so this is where an
+    /// attempt that never got response headers (per-try timeout, reset) is held against its provider.
+    fn on_done(&mut self) -> bool {
+        self.finish();
+        true
+    }
+}
+
+impl Upstream {
+    fn finish(&mut self) {
+        if let Some(rid) = self.rid.take() {
+            handoff::unpark(rid, self.id);
+        }
+        // Sent, but no answer: a per-try timeout, a reset or a refused connection. (A parked
+        // attempt that the listener refused was never sent and does not count.)
+        if self.status == 0 && self.sent {
+            self.status = 504; // counted once, whichever of on_log/on_done comes first
+            let cfg = self.cfg.clone();
+            if let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) {
+                count(&format!("tollgate.provider.{}.failures", p.name), 1);
+                count(&format!("tollgate.provider.{}.timeouts_or_resets", p.name), 1);
+                let _ = health::record(&HostStore, p, &cfg.health, Outcome::ProviderFailure, host::now_ms());
+            }
+        }
+    }
+}
 
 impl HttpContext for Upstream {
     fn on_log(&mut self) {
-        if let Some(rid) = self.rid {
-            handoff::unpark(rid, self.id);
-        }
+        self.finish();
     }
 
     fn on_http_request_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
@@ -314,6 +341,7 @@ impl HttpContext for Upstream {
                 if drop_length {
                     host::set_header(MapType::HttpRequestHeaders, "content-length", None);
                 }
+                self.sent = true;
                 Action::Continue
             }
             Err(msg) => self.local(ErrorKind::InvalidRequest, 400, &msg, &[]),
@@ -321,6 +349,8 @@ impl HttpContext for Upstream {
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        // A parked attempt sees its body only once the listener role has resumed it.
+        self.sent = true;
         if self.provider.is_none() {
             return Action::Continue;
         }

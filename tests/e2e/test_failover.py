@@ -161,3 +161,18 @@ def test_anthropic_client_served_by_an_openai_provider(gateway, mocks):
         assert s.get_final_message().usage.output_tokens == 3
     u = request(gw.port, "GET", STATUS).json()["consumers"]["anonymous"]["usage"]
     assert u["requests"] == 2 and u["output_tokens"] == 6 and u["estimated_requests"] == 0
+
+
+def test_per_try_timeouts_count_against_the_provider(gateway, mocks):
+    gw = gateway(two_providers(circuit_failures=2, circuit_open_s=30), per_try_timeout="0.5s")
+    a, b = mocks["openai"], mocks["anthropic"]
+    a.script({"delay_ms": 1500})
+    for _ in range(2):
+        r = chat(gw.port)
+        assert r.status == 200 and r.headers["x-tollgate-provider"] == "anthropic", r
+    assert request(gw.port, "GET", STATUS).json()["providers"]["openai"]["circuit"] == "open"
+    seen = len(a.requests())
+    r = chat(gw.port)
+    assert r.headers["x-tollgate-provider"] == "anthropic"
+    time.sleep(1.2)  # the slow answers the mock was still writing have finished
+    assert len(a.requests()) == seen, "no attempt on the provider while its circuit is open"
