@@ -218,6 +218,27 @@ pub fn rate_limit_headers(api: ClientApi, standings: &[Standing], now_ms: u64) -
     out
 }
 
+/// `body` with every occurrence of `secret` replaced by `[key <id>]`.
+pub fn scrub(body: &[u8], secret: &str, id: &str) -> Vec<u8> {
+    let needle = secret.as_bytes();
+    if needle.is_empty() || body.len() < needle.len() {
+        return body.to_vec();
+    }
+    let replacement = format!("[key {id}]");
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        if body.get(i..i + needle.len()) == Some(needle) {
+            out.extend_from_slice(replacement.as_bytes());
+            i += needle.len();
+        } else {
+            out.extend_from_slice(body.get(i..i + 1).unwrap_or_default());
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Seconds for `Retry-After`: whole, rounded up, at least 1.
 pub fn retry_after_secs(ms: u64) -> u64 {
     ms.div_ceil(1000).max(1)
@@ -332,6 +353,16 @@ mod tests {
         let a = rate_limit_headers(ClientApi::Anthropic, &s, 0);
         assert!(a.contains(&("anthropic-ratelimit-input-tokens-remaining".into(), "100".into())));
         assert!(a.contains(&("anthropic-ratelimit-requests-reset".into(), "1970-01-01T00:00:06Z".into())));
+    }
+
+    #[test]
+    fn secrets_are_scrubbed_from_error_bodies() {
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-abc. sk-abc again"}}"#;
+        assert_eq!(
+            scrub(body, "sk-abc", "oa-1"),
+            br#"{"error":{"message":"Incorrect API key provided: [key oa-1]. [key oa-1] again"}}"#.to_vec()
+        );
+        assert_eq!(scrub(b"short", "a-long-secret", "k"), b"short".to_vec());
     }
 
     #[test]

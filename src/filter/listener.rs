@@ -43,6 +43,12 @@ pub struct Listener {
     started_ms: u64,
     path: String,
     body_rewritten: bool,
+    /// The provider (index) this request starts on.
+    start: usize,
+    /// Stream bytes held back from the client while usage chunks are being removed.
+    withheld: Vec<u8>,
+    /// Envoy's own plain-text error, collected to be re-shaped for the client.
+    envoy_error: Option<Vec<u8>>,
 }
 
 impl Listener {
@@ -70,6 +76,9 @@ impl Listener {
             started_ms: 0,
             path: String::new(),
             body_rewritten: false,
+            start: 0,
+            withheld: Vec::new(),
+            envoy_error: None,
         }
     }
 
@@ -147,6 +156,7 @@ impl Listener {
         match admission::start(&HostStore, &self.cfg, "", now) {
             Start::Provider(0) | Start::Unknown => None,
             Start::Provider(i) => {
+                self.start = i;
                 if let Some(p) = self.cfg.providers.get(i) {
                     host::set_header(MapType::HttpRequestHeaders, gateway::HDR_ROUTE, Some(&p.name));
                     host::clear_route_cache();
@@ -198,6 +208,9 @@ impl Listener {
             "other".into()
         };
         host::set_property("tollgate_model", &model);
+        if let Err((msg, code)) = self.check_servable(body) {
+            return self.reject(ErrorKind::InvalidRequest, &msg, Some(code), &[]);
+        }
         if let Some(a) = self.admit(now) {
             return a;
         }
@@ -222,14 +235,32 @@ impl Listener {
         }
         let decision = Decision { client_model: model, body_rewritten };
         if let Some((attempt, provider)) = handoff::decide(self.id, decision.clone()) {
-            if let Err((msg, code)) = self.check_translatable(provider, body) {
-                return self.reject(ErrorKind::InvalidRequest, &msg, Some(code), &[]);
-            }
             if let Err(msg) = self.resume_attempt(attempt, provider, &decision) {
+                self.unadmit();
                 return self.reject(ErrorKind::InvalidRequest, &msg, Some("model_not_found"), &[]);
             }
         }
         Action::Continue
+    }
+
+    /// A request refused after its reservation was made costs nothing.
+    fn unadmit(&mut self) {
+        if self.admitted {
+            let _ = quota::settle(&HostStore, &self.reservations, &Demand::default(), host::now_ms());
+            self.reservations.clear();
+            self.admitted = false;
+        }
+    }
+
+    /// The provider the request starts on must serve the model, in a dialect the request can be
+    /// translated to: otherwise a 400 naming the problem, before anything is reserved or sent.
+    fn check_servable(&self, body: &[u8]) -> Result<(), (String, &'static str)> {
+        let Some(p) = self.cfg.providers.get(self.start) else { return Ok(()) };
+        let model = self.model();
+        if !model.is_empty() && p.map_model(model).is_none() {
+            return Err((format!("The model '{model}' is not served by provider '{}'.", p.name), "model_not_found"));
+        }
+        self.check_translatable(self.start, body)
     }
 
     /// A request the first provider would need translated, but that cannot be, is refused here,
@@ -420,6 +451,11 @@ impl HttpContext for Listener {
             }
             Some(first.1.as_str())
         };
+        // Out of the stream's headers first, so that not even a refusal's access-log line can
+        // show the client's credential.
+        for h in gateway::CREDENTIAL_HEADERS {
+            host::set_header(MapType::HttpRequestHeaders, h, None);
+        }
         match gateway::identify(&self.cfg, lookup) {
             Ok(c) => self.consumer = c,
             Err(e) => {
@@ -427,9 +463,6 @@ impl HttpContext for Listener {
             }
         }
         host::set_property("tollgate_consumer", &self.consumer);
-        for h in gateway::CREDENTIAL_HEADERS {
-            host::set_header(MapType::HttpRequestHeaders, h, None);
-        }
         let mut spoofed = false;
         for (k, _) in hdrs.iter().filter(|(k, _)| k.starts_with(gateway::INTERNAL_PREFIX)) {
             host::set_header(MapType::HttpRequestHeaders, k, None);
@@ -492,9 +525,15 @@ impl HttpContext for Listener {
                 host::set_header(MapType::HttpResponseHeaders, "retry-after", Some(&secs.to_string()));
             }
         }
-        let sse = host::header(MapType::HttpResponseHeaders, "content-type")
-            .map(|c| c.to_ascii_lowercase().contains("text/event-stream"))
-            .unwrap_or(false);
+        let content_type = host::header(MapType::HttpResponseHeaders, "content-type").unwrap_or_default().to_ascii_lowercase();
+        let sse = content_type.contains("text/event-stream");
+        if self.status >= 500 && self.provider.is_empty() && content_type.starts_with("text/plain") && !end_of_stream {
+            // Envoy's own answer (upstream timeout, no healthy upstream, reset): in the client's
+            // error shape like every other error.
+            self.envoy_error = Some(Vec::new());
+            host::set_header(MapType::HttpResponseHeaders, "content-type", Some("application/json"));
+            host::set_header(MapType::HttpResponseHeaders, "content-length", None);
+        }
         if sse {
             self.sse = Some(SseParser::new(self.cfg.max_sse_event_bytes));
             if self.strip_usage_chunk {
@@ -515,9 +554,22 @@ impl HttpContext for Listener {
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let chunk = host::body(BufferType::HttpResponseBody, size);
+        if let Some(text) = self.envoy_error.as_mut() {
+            text.extend_from_slice(&chunk);
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            let detail = String::from_utf8_lossy(text).trim().to_string();
+            let kind = if self.status == 503 { ErrorKind::Overloaded } else { ErrorKind::BadGateway };
+            let body = error_body(self.client, kind, &format!("The gateway could not get an answer from the provider: {detail}."), None, None);
+            host::replace_body(BufferType::HttpResponseBody, size, &body);
+            self.charge(false);
+            return Action::Continue;
+        }
         if let Some(sse) = self.sse.as_mut() {
             let su = &mut self.stream_usage;
             if self.strip_usage_chunk {
+                let dropped_before = sse.dropped_events();
                 let mut out = Vec::with_capacity(chunk.len());
                 sse.feed(&chunk, |ev| {
                     su.on_event(&ev);
@@ -533,8 +585,24 @@ impl HttpContext for Listener {
                         }
                     });
                 }
-                if out != chunk {
-                    host::replace_body(BufferType::HttpResponseBody, size, &out);
+                if sse.dropped_events() > dropped_before {
+                    // An event too large to hold cannot be re-emitted from the parser: give the
+                    // client every byte withheld so far plus this chunk, and pass the rest of the
+                    // stream through as it comes (the usage chunk included).
+                    let mut all = core::mem::take(&mut self.withheld);
+                    all.extend_from_slice(&chunk);
+                    host::replace_body(BufferType::HttpResponseBody, size, &all);
+                    self.strip_usage_chunk = false;
+                    log::warn!("an SSE event exceeded max_sse_event_bytes; passing the stream through unfiltered");
+                } else {
+                    // Bytes of an unfinished event stay withheld until the event is complete.
+                    let pending = sse.pending();
+                    self.withheld.extend_from_slice(&chunk);
+                    let keep_from = self.withheld.len().saturating_sub(pending);
+                    self.withheld.drain(..keep_from);
+                    if out != chunk {
+                        host::replace_body(BufferType::HttpResponseBody, size, &out);
+                    }
                 }
             } else {
                 sse.feed(&chunk, |ev| su.on_event(&ev));

@@ -42,6 +42,8 @@ pub struct Upstream {
     status: u16,
     sse: Option<(SseParser, StreamTranslator)>,
     translate_json: bool,
+    /// An error answer: buffered to take the key out if the provider quoted it.
+    scrub: bool,
 }
 
 impl Upstream {
@@ -62,6 +64,7 @@ impl Upstream {
             status: 0,
             sse: None,
             translate_json: false,
+            scrub: false,
         }
     }
 
@@ -375,6 +378,10 @@ impl HttpContext for Upstream {
         host::set_header(MapType::HttpResponseHeaders, gateway::HDR_PROVIDER, Some(&pname));
         host::set_header(MapType::HttpResponseHeaders, gateway::HDR_KEY_ID, Some(&kid));
         count(&format!("tollgate.provider.{}.responses_{}xx", metric_segment(&pname), self.status / 100), 1);
+        if self.status >= 400 && self.key.is_some() {
+            self.scrub = true;
+            host::set_header(MapType::HttpResponseHeaders, "content-length", None);
+        }
         if self.translation != Translation::None {
             let sse = headers
                 .iter()
@@ -418,11 +425,21 @@ impl HttpContext for Upstream {
             host::replace_body(BufferType::HttpResponseBody, size, &out);
             return Action::Continue;
         }
-        if self.translate_json {
+        if self.translate_json || self.scrub {
             if !end_of_stream {
                 return Action::Pause;
             }
-            let body = host::body(BufferType::HttpResponseBody, size);
+            let mut body = host::body(BufferType::HttpResponseBody, size);
+            if self.scrub {
+                // Some providers quote the key they refused ("Incorrect API key provided: sk-...").
+                if let Some(k) = self.key.and_then(|k| self.provider().and_then(|p| p.keys.get(k))) {
+                    body = gateway::scrub(&body, &k.secret, &k.id);
+                }
+            }
+            if !self.translate_json {
+                host::replace_body(BufferType::HttpResponseBody, size, &body);
+                return Action::Continue;
+            }
             let ok = (200..300).contains(&self.status);
             let out = match (self.translation, ok) {
                 (Translation::ChatToMessages, true) => {
