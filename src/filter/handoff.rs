@@ -26,6 +26,13 @@ pub struct Decision {
 struct Entry {
     parked: Option<(u32, usize)>,
     decision: Option<Decision>,
+    /// The client went away before its answer was complete: attempts reset now are not the
+    /// provider's fault.
+    client_gone: bool,
+    /// Attempts of this request that have not ended yet; the entry outlives the listener's
+    /// context until they have (Envoy ends the listener's side first).
+    attempts: u32,
+    closed: bool,
 }
 
 pub enum State {
@@ -44,7 +51,37 @@ pub fn open(rid: u32) {
 }
 
 pub fn close(rid: u32) {
-    ENTRIES.with(|e| e.borrow_mut().remove(&rid));
+    ENTRIES.with(|e| {
+        let mut map = e.borrow_mut();
+        match map.get_mut(&rid) {
+            Some(entry) if entry.attempts > 0 => entry.closed = true,
+            _ => {
+                map.remove(&rid);
+            }
+        }
+    });
+}
+
+pub fn attempt_started(rid: u32) {
+    ENTRIES.with(|e| {
+        if let Some(entry) = e.borrow_mut().get_mut(&rid) {
+            entry.attempts = entry.attempts.saturating_add(1);
+        }
+    });
+}
+
+/// An attempt ended; returns whether the client had gone by then.
+pub fn attempt_ended(rid: u32) -> bool {
+    ENTRIES.with(|e| {
+        let mut map = e.borrow_mut();
+        let Some(entry) = map.get_mut(&rid) else { return false };
+        entry.attempts = entry.attempts.saturating_sub(1);
+        let gone = entry.client_gone;
+        if entry.closed && entry.attempts == 0 {
+            map.remove(&rid);
+        }
+        gone
+    })
 }
 
 pub fn state(rid: u32) -> State {
@@ -84,3 +121,15 @@ pub fn unpark(rid: u32, context_id: u32) {
         }
     });
 }
+
+/// Called by the listener role when its stream is torn down before the response completed. Envoy
+/// destroys the listener-level filters before the router resets the upstream attempts, so the
+/// attempts see this when they end.
+pub fn mark_client_gone(rid: u32) {
+    ENTRIES.with(|e| {
+        if let Some(entry) = e.borrow_mut().get_mut(&rid) {
+            entry.client_gone = true;
+        }
+    });
+}
+

@@ -49,6 +49,7 @@ pub struct Listener {
     withheld: Vec<u8>,
     /// Envoy's own plain-text error, collected to be re-shaped for the client.
     envoy_error: Option<Vec<u8>>,
+    response_complete: bool,
 }
 
 impl Listener {
@@ -79,6 +80,7 @@ impl Listener {
             start: 0,
             withheld: Vec::new(),
             envoy_error: None,
+            response_complete: false,
         }
     }
 
@@ -427,7 +429,14 @@ impl Listener {
     }
 }
 
-impl Context for Listener {}
+impl Context for Listener {
+    fn on_done(&mut self) -> bool {
+        if !self.response_complete {
+            handoff::mark_client_gone(self.id);
+        }
+        true
+    }
+}
 
 impl HttpContext for Listener {
     fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
@@ -547,6 +556,7 @@ impl HttpContext for Listener {
             }
         }
         if end_of_stream {
+            self.response_complete = true;
             self.charge(false);
         }
         Action::Continue
@@ -563,6 +573,7 @@ impl HttpContext for Listener {
             let kind = if self.status == 503 { ErrorKind::Overloaded } else { ErrorKind::BadGateway };
             let body = error_body(self.client, kind, &format!("The gateway could not get an answer from the provider: {detail}."), None, None);
             host::replace_body(BufferType::HttpResponseBody, size, &body);
+            self.response_complete = true;
             self.charge(false);
             return Action::Continue;
         }
@@ -616,6 +627,7 @@ impl HttpContext for Listener {
             }
         }
         if end_of_stream {
+            self.response_complete = true;
             self.charge(false);
         }
         Action::Continue

@@ -286,12 +286,15 @@ impl Context for Upstream {
 
 impl Upstream {
     fn finish(&mut self) {
+        let mut client_gone = false;
         if let Some(rid) = self.rid.take() {
             handoff::unpark(rid, self.id);
+            client_gone = handoff::attempt_ended(rid);
         }
         // Sent, but no answer: a per-try timeout, a reset or a refused connection. (A parked
-        // attempt that the listener refused was never sent and does not count.)
-        if self.status == 0 && self.sent {
+        // attempt that the listener refused was never sent, and an attempt cut short because the
+        // client left is not the provider's failure: neither counts.)
+        if self.status == 0 && self.sent && !client_gone {
             self.status = 504; // counted once, whichever of on_log/on_done comes first
             let cfg = self.cfg.clone();
             if let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) {
@@ -313,6 +316,9 @@ impl HttpContext for Upstream {
         self.api = ApiKind::from_path(&self.path);
         self.client = ClientApi::from_path(&self.path);
         self.rid = host::header(MapType::HttpRequestHeaders, gateway::HDR_RID).and_then(|v| v.parse().ok());
+        if let Some(rid) = self.rid {
+            handoff::attempt_started(rid);
+        }
         if let Err(action) = self.prepare() {
             return action;
         }

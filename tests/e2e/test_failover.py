@@ -176,3 +176,21 @@ def test_per_try_timeouts_count_against_the_provider(gateway, mocks):
     assert r.headers["x-tollgate-provider"] == "anthropic"
     time.sleep(1.2)  # the slow answers the mock was still writing have finished
     assert len(a.requests()) == seen, "no attempt on the provider while its circuit is open"
+
+
+def test_clients_that_give_up_do_not_open_the_providers_circuit(gateway, mocks):
+    """Clients that disconnect while their attempt is in flight are not the provider's failures."""
+    import socket
+
+    gw = gateway(two_providers(circuit_failures=2, circuit_open_s=30))
+    mocks["openai"].script({"delay_ms": 800, "times": 4})
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    for _ in range(4):
+        s = socket.create_connection(("127.0.0.1", gw.port))
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  f"content-length: {len(body)}\r\n\r\n{body}".encode())
+        time.sleep(0.2)
+        s.close()
+    time.sleep(1.0)
+    assert request(gw.port, "GET", STATUS).json()["providers"]["openai"]["circuit"] == "closed"
+    assert chat(gw.port).headers["x-tollgate-provider"] == "openai"
