@@ -22,8 +22,18 @@ pub struct Decision {
     pub body_rewritten: bool,
 }
 
+/// The request as the client sent it. Envoy gives every attempt the same header map, so an attempt
+/// sees what the previous one rewrote (path, authority): each attempt starts again from this.
+#[derive(Debug, Clone, Default)]
+pub struct Original {
+    pub path: String,
+    pub authority: String,
+    pub consumer: String,
+}
+
 #[derive(Default)]
 struct Entry {
+    original: Original,
     parked: Option<(u32, usize)>,
     decision: Option<Decision>,
     /// The client went away before its answer was complete: attempts reset now are not the
@@ -46,8 +56,12 @@ thread_local! {
     static ENTRIES: RefCell<HashMap<u32, Entry>> = RefCell::new(HashMap::new());
 }
 
-pub fn open(rid: u32) {
-    ENTRIES.with(|e| e.borrow_mut().insert(rid, Entry::default()));
+pub fn open(rid: u32, original: Original) {
+    ENTRIES.with(|e| e.borrow_mut().insert(rid, Entry { original, ..Entry::default() }));
+}
+
+pub fn original(rid: u32) -> Option<Original> {
+    ENTRIES.with(|e| e.borrow().get(&rid).map(|entry| entry.original.clone()))
 }
 
 pub fn close(rid: u32) {

@@ -491,15 +491,20 @@ impl HttpContext for Listener {
         if let Some(a) = self.route(now) {
             return a;
         }
+        let original = handoff::Original {
+            path: self.path.clone(),
+            authority: host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default(),
+            consumer: self.consumer.clone(),
+        };
         if end_of_stream {
             // No body (GET /v1/models and the like): only the request counts.
             if let Some(a) = self.admit(now) {
                 return a;
             }
-            handoff::open(self.id);
+            handoff::open(self.id, original);
             handoff::decide(self.id, Decision::default());
         } else {
-            handoff::open(self.id);
+            handoff::open(self.id, original);
         }
         host::set_header(MapType::HttpRequestHeaders, gateway::HDR_RID, Some(&self.id.to_string()));
         // Never pause here: proxy-wasm would then withhold the body from this filter too. The first

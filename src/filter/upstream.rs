@@ -27,6 +27,7 @@ enum StreamTranslator {
 
 pub struct Upstream {
     id: u32,
+    original: Option<handoff::Original>,
     /// The attempt's headers went on towards the provider.
     sent: bool,
     rid: Option<u32>,
@@ -50,6 +51,7 @@ impl Upstream {
     pub fn new(id: u32, cfg: Rc<Config>) -> Self {
         Upstream {
             id,
+            original: None,
             sent: false,
             rid: None,
             cfg,
@@ -121,7 +123,11 @@ impl Upstream {
         // The circuit was consulted by the listener role when it chose where the request starts
         // (and took the half-open probe slot there); a retry that Envoy moved here goes ahead.
         let health = health::read(&HostStore, p).unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
-        let consumer = host::header(MapType::HttpRequestHeaders, gateway::HDR_CONSUMER);
+        let consumer = self
+            .original
+            .as_ref()
+            .map(|o| o.consumer.clone())
+            .or_else(|| host::header(MapType::HttpRequestHeaders, gateway::HDR_CONSUMER));
         let sticky = cfg
             .sticky_header
             .as_deref()
@@ -152,7 +158,12 @@ impl Upstream {
         for h in gateway::CREDENTIAL_HEADERS {
             host::set_header(MapType::HttpRequestHeaders, h, None);
         }
-        for (k, _) in host::headers(MapType::HttpRequestHeaders).iter().filter(|(k, _)| k.starts_with(gateway::INTERNAL_PREFIX)) {
+        // Internal headers stay out of the provider's request, but for the request id: the next
+        // attempt gets this same header map and needs it to find the request's hand-off.
+        for (k, _) in host::headers(MapType::HttpRequestHeaders)
+            .iter()
+            .filter(|(k, _)| k.starts_with(gateway::INTERNAL_PREFIX) && k != gateway::HDR_RID)
+        {
             host::set_header(MapType::HttpRequestHeaders, k, None);
         }
         for (name, value) in gateway::auth_headers(p, &key.secret) {
@@ -312,13 +323,28 @@ impl HttpContext for Upstream {
     }
 
     fn on_http_request_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
-        self.path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
-        self.api = ApiKind::from_path(&self.path);
-        self.client = ClientApi::from_path(&self.path);
         self.rid = host::header(MapType::HttpRequestHeaders, gateway::HDR_RID).and_then(|v| v.parse().ok());
         if let Some(rid) = self.rid {
             handoff::attempt_started(rid);
         }
+        // Every attempt starts from the request as the client sent it: the header map Envoy hands
+        // to this attempt is the one the previous attempt rewrote.
+        self.original = self.rid.and_then(handoff::original);
+        self.path = match &self.original {
+            Some(o) => {
+                let current_authority = host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
+                if current_authority != o.authority && !o.authority.is_empty() {
+                    host::set_header(MapType::HttpRequestHeaders, ":authority", Some(&o.authority));
+                }
+                if host::header(MapType::HttpRequestHeaders, ":path").as_deref() != Some(o.path.as_str()) {
+                    host::set_header(MapType::HttpRequestHeaders, ":path", Some(&o.path));
+                }
+                o.path.clone()
+            }
+            None => host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default(),
+        };
+        self.api = ApiKind::from_path(&self.path);
+        self.client = ClientApi::from_path(&self.path);
         if let Err(action) = self.prepare() {
             return action;
         }

@@ -186,6 +186,9 @@ def gateway_config(
                     "name": name,
                     "type": "STATIC",
                     "connect_timeout": "2s",
+                    # Envoy allows 3 concurrent retries per cluster by default; failing over is
+                    # what retries are for here.
+                    "circuit_breakers": {"thresholds": [{"max_retries": 1024}]},
                     "load_assignment": {"cluster_name": name, "endpoints": eps},
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -257,6 +260,13 @@ class Envoy:
             if len(lines) >= at_least or time.time() > deadline:
                 return lines
             time.sleep(0.1)
+
+    def wait_log(self, text: str, timeout: float = 5) -> str:
+        """Envoy's log once it contains `text` (its file is flushed periodically), or as it is."""
+        deadline = time.time() + timeout
+        while text not in (log := self.log()) and time.time() < deadline:
+            time.sleep(0.1)
+        return log
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -84,7 +84,7 @@ def test_dead_key_leaves_the_rotation(gateway, mocks):
     assert seen.count(KEYS["OPENAI_KEY_1"]) >= 4 and seen.count(KEYS["OPENAI_KEY_3"]) >= 4
     st = request(gw.port, "GET", STATUS).json()
     assert [k["state"] for k in st["providers"]["openai"]["keys"]] == ["healthy", "disabled", "healthy"]
-    log = gw.log()
+    log = gw.wait_log("key openai/oa-2 refused by the provider with 401")
     assert "key openai/oa-2 refused by the provider with 401" in log
     assert KEYS["OPENAI_KEY_2"] not in log
 
@@ -194,3 +194,23 @@ def test_clients_that_give_up_do_not_open_the_providers_circuit(gateway, mocks):
     time.sleep(1.0)
     assert request(gw.port, "GET", STATUS).json()["providers"]["openai"]["circuit"] == "closed"
     assert chat(gw.port).headers["x-tollgate-provider"] == "openai"
+
+
+def test_each_attempt_starts_from_the_clients_request(gateway, mocks):
+    """Envoy hands every attempt the header map the previous attempt rewrote: an OpenAI request that
+    goes openai (503) -> anthropic (503) -> openai must still be answered in OpenAI's shape, and an
+    Anthropic request that fails over from openai to anthropic in Anthropic's."""
+    gw = gateway(two_providers(circuit_failures=50))
+    a, b = mocks["openai"], mocks["anthropic"]
+    a.script({"status": 503, "times": 1})
+    b.script({"status": 503, "times": 1})
+    r = chat(gw.port)
+    assert r.status == 200 and r.json()["object"] == "chat.completion", r
+    assert [x["path"] for x in a.requests()] == ["/v1/chat/completions"] * 2
+    assert [x["path"] for x in b.requests()] == ["/v1/messages"]
+    assert "x-api-key" not in a.requests()[1]["headers"] and "authorization" not in b.requests()[0]["headers"]
+    a.script({"status": 429, "headers": {"retry-after": "1"}, "times": 1})
+    msg = {"model": "gpt-4o-mini", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    r = request(gw.port, "POST", "/v1/messages", msg, {"x-api-key": "x"})
+    assert r.status == 200 and r.json()["type"] == "message", r
+    assert b.requests()[-1]["path"] == "/v1/messages"

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 from conftest import KEYS
 from harness import ROOT, WASM, Envoy, chat, free_port, request
 
-RLS_BIN = ROOT / "target" / "release" / "rls-server"
+RLS_BIN = Path(os.environ.get("TOLLGATE_RLS_BIN", ROOT / "target" / "release" / "rls-server"))
 BUDGET = 1000  # tokens per consumer per 60 s, fleet-wide
 PER_REQUEST = 100  # what the mock reports for every request below: 40 in + 60 out
 TEAM_A, TEAM_B = KEYS["TEAM_A_KEY"], KEYS["TEAM_B_KEY"]
@@ -222,6 +223,8 @@ def test_budget_is_shared_by_two_replicas_and_survives_their_restart(fleet, redi
     # one charge still on its way to the RLS pass beyond it.
     assert served[a.port] >= 2 and served[b.port] >= 2, served
     assert BUDGET <= n * PER_REQUEST < BUDGET + 2 * PER_REQUEST, (served, fleet.diagnostics())
+    print(f"\nfleet budget {BUDGET} tokens: served {served} x {PER_REQUEST} = {n * PER_REQUEST} "
+          f"(overshoot {n * PER_REQUEST - BUDGET}), then 429")
     time.sleep(0.5)  # the last charge is fire-and-forget
     assert redis.spent("team-a") == n * PER_REQUEST, "every response charged exactly once, SSE included"
     assert len(mocks["openai"].requests()) == n, "a refused request never reaches a provider"
@@ -244,6 +247,38 @@ def test_budget_is_shared_by_two_replicas_and_survives_their_restart(fleet, redi
     assert chat(d.port, key=TEAM_B).status == 200
     assert redis.spent("team-a") == n * PER_REQUEST
     assert len(mocks["openai"].requests()) == n + 2
+
+
+def test_concurrent_clients_on_both_replicas_overshoot_at_most_their_requests_in_flight(fleet, redis, mocks):
+    clients = 4
+    for m in mocks.values():  # slow enough that every client has a request in flight at the cut-off
+        m.script({"usage": {"input": 40, "output": 60}, "delay_ms": 50})
+    fleet.start_rls()
+    replicas = [fleet.start_envoy(), fleet.start_envoy()]
+    served = [0] * clients
+    statuses: list[int] = []
+
+    def client(i: int) -> None:
+        for j in range(3 * BUDGET // PER_REQUEST):
+            r = chat(replicas[(i + j) % 2].port, key=TEAM_A)
+            statuses.append(r.status)
+            if r.status != 200:
+                return
+            served[i] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    spent = sum(served) * PER_REQUEST
+    assert set(statuses) == {200, 429} and statuses.count(429) == clients, statuses
+    # Each client has at most one request in flight and one charge on its way when the budget runs out.
+    assert BUDGET <= spent < BUDGET + 2 * clients * PER_REQUEST, (served, fleet.diagnostics())
+    time.sleep(0.5)
+    assert redis.spent("team-a") == spent
+    print(f"\n{clients} concurrent clients on 2 replicas, budget {BUDGET}: served {served} x {PER_REQUEST} "
+          f"= {spent} (overshoot {spent - BUDGET})")
 
 
 def test_fleet_429_looks_like_tollgates_own(fleet, redis, mocks):
