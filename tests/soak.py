@@ -215,9 +215,10 @@ class Traffic:
 
     def work(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        while True:
+        # The deadline is checked before an id is taken, so the ids sent are exactly 0..sent-1.
+        while time.monotonic() < self.deadline:
             i = next(self.next_id)
-            if i >= self.n or time.monotonic() > self.deadline:
+            if i >= self.n:
                 break
             kind = self.kinds[i]
             try:
@@ -613,6 +614,8 @@ def render(args, sent, elapsed, outcomes, refused, rss, growth, rows, key_rows, 
         f"- Scripted: " + ", ".join(f"{k} x{v}" for k, v in sorted(scripted.items())),
         f"- Provider attempts by mock and status: " + ", ".join(f"{k}: {v}" for k, v in sorted(mock_statuses.items())),
         f"- Refused by tollgate itself (counted nowhere): " + (", ".join(f"{k}: {v}" for k, v in sorted(refused.items())) or "none"),
+        f"- Envoy retries: " + (", ".join(f"{k.replace('cluster.', '')} {v}" for k, v in sorted(stats.items())
+                                          if k.startswith("cluster.llm") and "_retry" in k and v) or "none"),
         f"- tollgate outcomes: " + ", ".join(f"{k.split('.')[3]} {v}" for k, v in sorted(stats.items())
                                              if k.startswith("wasmcustom.tollgate.outcome.")),
         "", "## Requests by kind and outcome", "", "| kind: status | count |", "|---|---|",
@@ -622,7 +625,9 @@ def render(args, sent, elapsed, outcomes, refused, rss, growth, rows, key_rows, 
         f"their sum: input {est_tokens['input_tokens']}, output {est_tokens['output_tokens']}.", "",
         "| consumer | field | tollgate | mocks | diff | ok |", "|---|---|---|---|---|---|",
         *(f"| {c} | {f} | {g} | {e} | {d:+d} | {'yes' if ok else '**NO**'} |" for c, f, g, e, d, ok in rows),
-        "", "| key | requests | expected | input | expected | output | expected | estimated |",
+        "", "Per key, the expected tokens are the exact part only; tollgate's figure adds the estimates of the "
+        "requests counted as estimated on that key.", "",
+        "| key | requests | expected | input | expected | output | expected | estimated |",
         "|---|---|---|---|---|---|---|---|",
         *("| " + " | ".join(map(str, r)) + " |" for r in key_rows),
         "", "## VM health", "",
@@ -631,8 +636,12 @@ def render(args, sent, elapsed, outcomes, refused, rss, growth, rows, key_rows, 
         *(f"- `{k}`: {v}" for k, v in sorted(wasm_stats.items())),
         "", "## Failures", "", *(f"- {f}" for f in failures or ["none"]),
     ]
+    if stats.get("cluster.llm.upstream_rq_retry_overflow"):
+        diagnosis = [*diagnosis, "Envoy's `upstream_rq_retry_overflow` is not 0: a provider 429/5xx reached a client "
+                     "unretried because the cluster's retry circuit breaker (`max_retries`, 3 by default) was full."]
     if diagnosis:
-        out += ["", "## Diagnosis (from the access log)", "", *(f"- {d}" for d in diagnosis)]
+        out += ["", "## Diagnosis (from the access log; attempts listed by mock, not in time order)", "",
+                *(f"- {d}" for d in diagnosis)]
     return "\n".join(out) + "\n"
 
 
