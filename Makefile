@@ -83,3 +83,41 @@ bench: build mock venv
 .PHONY: demo-traffic
 demo-traffic: venv
 	$(PY) tests/demo_traffic.py --gateway http://localhost:10000
+
+# A long mixed run through one real Envoy (default 200k requests, ~5 min on 2 cores): totals, RSS, VM health. Writes SOAK.md.
+.PHONY: soak
+soak: build mock venv
+	$(PY) tests/soak.py
+
+# Fleet-wide budgets (tests/e2e/test_fleet.py, deploy/fleet/README.md): the test RLS server and Redis.
+.PHONY: fleet-deps
+fleet-deps:
+	cargo build --release --manifest-path tests/rls-server/Cargo.toml
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
+
+# Fuzzing (see fuzz/README.md): each target runs FUZZ_SECONDS from the seeds in fuzz/corpus/<target>;
+# new inputs go to fuzz/corpus-new/<target> and crashes to fuzz/artifacts/<target> (both ignored by
+# git). Stable Rust: `--sanitizer none` needs no nightly flag; FUZZ_SANITIZER=address also works, via
+# RUSTC_BOOTSTRAP=1. Overflow checks and debug assertions are on either way.
+FUZZ_SECONDS   ?= 30
+FUZZ_SANITIZER ?= none
+FUZZ_TARGETS   ?= config request usage_json sse retry_headers translate
+FUZZ_ENV       := $(if $(filter none,$(FUZZ_SANITIZER)),,RUSTC_BOOTSTRAP=1)
+FUZZ_MAX_LEN_config        := 4096
+FUZZ_MAX_LEN_request       := 8192
+FUZZ_MAX_LEN_usage_json    := 4096
+FUZZ_MAX_LEN_sse           := 4096
+FUZZ_MAX_LEN_retry_headers := 1024
+FUZZ_MAX_LEN_translate     := 8192
+
+.PHONY: fuzz fuzz-install
+fuzz: $(FUZZ_TARGETS:%=fuzz-%)
+
+fuzz-install:
+	@cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+
+fuzz-%: fuzz-install
+	@mkdir -p fuzz/corpus-new/$*
+	$(FUZZ_ENV) cargo fuzz run --sanitizer $(FUZZ_SANITIZER) $* fuzz/corpus-new/$* fuzz/corpus/$* -- \
+	  -max_total_time=$(FUZZ_SECONDS) -max_len=$(FUZZ_MAX_LEN_$*) -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 \
+	  $(if $(wildcard fuzz/dict/$*.dict),-dict=fuzz/dict/$*.dict)

@@ -166,7 +166,14 @@ impl StreamUsage {
             choices: Option<Vec<IgnoredAny>>,
             usage: Option<IgnoredAny>,
         }
-        if !(ev.data.contains("\"usage\"") && ev.data.contains("\"choices\"")) {
+        // Ordinary chunks (which carry `"usage":null` when usage was asked for) are ruled out
+        // without parsing: only the usage chunk has an empty `choices` array.
+        let empty_choices = ev.data.match_indices("\"choices\"").any(|(i, m)| {
+            let mut rest = ev.data.get(i + m.len()..).unwrap_or("").trim_start();
+            rest = rest.strip_prefix(':').unwrap_or("").trim_start();
+            rest.strip_prefix('[').is_some_and(|r| r.trim_start().starts_with(']'))
+        });
+        if !(empty_choices && ev.data.contains("\"usage\"")) {
             return false;
         }
         matches!(

@@ -480,8 +480,8 @@ def machine() -> dict[str, str]:
             "wrk": " ".join(sh("wrk", "-v").split()[:2]) if shutil.which("wrk") else "n/a"}
 
 
-def yes(ok: bool) -> str:
-    return "met" if ok else "**not met**"
+def yes(ok: bool, invalid: bool = False) -> str:
+    return "**invalid** (errors)" if invalid else "met" if ok else "**not met**"
 
 
 def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, started, elapsed) -> str:
@@ -495,7 +495,12 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
             f"{CONCURRENCY} for tollgate; wrk: 1 thread. All on the same {mach['nproc']} cores.",
             f"- module under test: `{WASM.relative_to(ROOT)}` (release profile, as `make build` leaves it)",
             f"- rounds: {a.rounds} x {a.seconds:g} s per cell and proxy, bare and tollgate interleaved "
-            "(order alternating per round)", ""]
+            "(order alternating per round)"]
+    if a.plugin_extra:
+        head.append(f"- run with `--plugin-extra '{compact(a.plugin_extra)}'`: merged into tollgate's configuration")
+    if a.note:
+        head.append(f"- note: {a.note}")
+    head.append("")
     other = med([r[n]["other_cores"] for rs in results.values() for r in rs for n in ("bare", "tollgate")])
     if other > 0.2:
         head += [f"**Warning:** other processes used {other:.2f} cores (median) during the runs: the machine "
@@ -524,8 +529,6 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
              "- Same routes and retry policy (429/401-403/5xx, 3 retries, previous_priorities) in both; "
              "the access log goes to `/dev/null` in both, with the same format (tollgate's filter-state "
              "values), so both pay the formatting.", ""]
-    if a.plugin_extra:
-        setup[-1:-1] = [f"- Run with `--plugin-extra '{compact(a.plugin_extra)}'`: merged into tollgate's configuration."]
     if notes:
         setup += ["Pre-flight through the tollgate proxy:", ""] + [f"- {n}" for n in notes] + [""]
     if counters:
@@ -535,17 +538,20 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
     perf = ["## Throughput, latency, CPU", "",
             "Tollgate / bare for rps, bytes/s and CPU per request; tollgate minus bare for latency "
             "percentiles and CPU per request. Medians over the rounds; the per-round figures follow.", "",
-            "| cell | rps ratio | bytes/s ratio | +p50 | +p99 | CPU/req ratio | CPU added per request |",
-            "|---|---|---|---|---|---|---|"]
+            "| cell | rps ratio | bytes/s ratio | +p50 | +p99 | CPU/req ratio | CPU added per request | errors b/t |",
+            "|---|---|---|---|---|---|---|---|"]
     summary, tables = [], []
     for (stream, conns) in cells:
         lines, m = cell_rows(results[(stream, conns)], stream)
         title = f"{'streaming' if stream else 'non-streaming'}, {conns} connection{'s' if conns > 1 else ''}"
         tables += [f"### {title}", ""] + lines + [""]
+        rs = results[(stream, conns)]
+        m["errors"] = sum(r["bare"]["errors"] + r["tollgate"]["errors"] for r in rs)
         summary.append((stream, conns, m))
         bps = f"{m['bps']:.3f}" if stream else "-"
         perf.append(f"| {title} | {m['rps']:.3f} | {bps} | {m['p50'] / 1000:+.2f} ms | {m['p99'] / 1000:+.2f} ms | "
-                    f"{m['cpu']:.2f} | {m['cpu_add']:+.0f} µs |")
+                    f"{m['cpu']:.2f} | {m['cpu_add']:+.0f} µs | "
+                    f"{sum(r['bare']['errors'] for r in rs):,}/{sum(r['tollgate']['errors'] for r in rs):,} |")
         print(f"{title:30s} rps {m['rps']:.3f}  +p50 {m['p50']:+.0f} µs  +p99 {m['p99']:+.0f} µs  "
               f"CPU/req x{m['cpu']:.2f} ({m['cpu_add']:+.0f} µs)" + (f"  bytes/s {m['bps']:.3f}" if stream else ""))
     perf += [""] + tables
@@ -553,21 +559,22 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
     goals = []
     ns = [(c, m) for s, c, m in summary if not s]
     st = [(c, m) for s, c, m in summary if s]
+    bad = lambda ms: any(m["errors"] for _, m in ms)  # noqa: E731 (errors make a cell's figures meaningless)
     goals.append(("non-streaming rps >= 90% of bare (at every connection count)",
-                  ", ".join(f"{c}c: {m['rps']:.1%}" for c, m in ns), min(m["rps"] for c, m in ns) >= 0.9))
+                  ", ".join(f"{c}c: {m['rps']:.1%}" for c, m in ns), min(m["rps"] for c, m in ns) >= 0.9, bad(ns)))
     # Judged at 1 connection, where latency is the proxy's own work: at 16/64 connections wrk keeps
     # the proxy saturated and p99 is mostly queueing behind other requests (shown, not judged).
     for ms, label in ((ns, "non-streaming"), (st, "streaming")):
         judged = [m for c, m in ms if c == 1] or [m for c, m in ms]
         goals.append((f"p99 added < 1 ms, {label} (judged at 1 connection; more connections saturate the proxy)",
                       ", ".join(f"{c}c: {m['p99'] / 1000:+.2f} ms" for c, m in ms),
-                      max(m["p99"] for m in judged) < 1000))
+                      max(m["p99"] for m in judged) < 1000, bad(ms)))
     goals.append(("streaming >= 90% of bare bytes/s and rps (at every connection count)",
                   ", ".join(f"{c}c: bytes {m['bps']:.1%}, rps {m['rps']:.1%}" for c, m in st),
-                  min(min(m["bps"], m["rps"]) for c, m in st) >= 0.9))
+                  min(min(m["bps"], m["rps"]) for c, m in st) >= 0.9, bad(st)))
 
     mem = ["## Memory", "",
-           "VmRSS (`/proc/<pid>/status`) of a fresh tollgate Envoy started after the rounds, read when "
+           "VmRSS (`/proc/<pid>/status`) of a fresh tollgate Envoy (not the one of the rounds), read when "
            f"`{STAT_RQ}` passed each mark, under load (wrk: {RSS_CONNS[False]} non-streaming + "
            f"{RSS_CONNS[True]} streaming connections at once):", "",
            "| mark | counter | VmRSS |", "|---|---|---|"]
@@ -579,17 +586,17 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
         (m1, _, r1), (m2, _, r2) = reached[0], reached[-1]
         drift = (r2 - r1) / r1
         mem += [f"Change from {m1:,} to {m2:,} requests: {drift:+.1%}.", ""]
-        goals.append((f"RSS flat within 5% ({m1:,} -> {m2:,} requests)", f"{drift:+.1%}", abs(drift) <= 0.05))
+        goals.append((f"RSS flat within 5% ({m1:,} -> {m2:,} requests)", f"{drift:+.1%}", abs(drift) <= 0.05, False))
     else:
         mem += [f"The run ran out of time before {marks[len(reached)]:,} requests (a busy machine).", ""]
-        goals.append((f"RSS flat within 5% ({marks[0]:,} -> {marks[-1]:,} requests)", "not reached", False))
+        goals.append((f"RSS flat within 5% ({marks[0]:,} -> {marks[-1]:,} requests)", "not reached", False, False))
 
     module = ["## Module", "", "| build | size |", "|---|---|"]
     module += [f"| {k} | {v / 1024:.1f} KB |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in size.items()]
     small = size.get("release-small + wasm-opt -Oz")
     if isinstance(small, int):
         goals.append(("module <= 300 KB after wasm-opt (release-small + `-Oz`, as `make size`)",
-                      f"{small / 1024:.1f} KB", small <= 300 * 1024))
+                      f"{small / 1024:.1f} KB", small <= 300 * 1024, False))
     lb, lt = med(loads["bare"]), med(loads["tollgate"])
     module += ["", "Module load time: wall time from starting Envoy to `/ready` answering 200 (polled every 5 ms), "
                f"median of {len(loads['bare'])} starts each; with the module it includes compiling it in V8 "
@@ -600,8 +607,8 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
 
     goal_lines = ["## Goals", "", "| goal | measured | |", "|---|---|---|"]
     goals.append(("every request answered 200 by both proxies", f"errors: bare {errs['bare']:,}, tollgate {errs['tollgate']:,}",
-                  not any(errs.values())))
-    goal_lines += [f"| {g} | {v} | {yes(ok)} |" for g, v, ok in goals] + [""]
+                  not any(errs.values()), False))
+    goal_lines += [f"| {g} | {v} | {yes(ok, invalid)} |" for g, v, ok, invalid in goals] + [""]
     how = ["## How to read this", "",
            "- Everything shares 2 cores: wrk, the upstream Envoy and the proxy under test. Absolute rps "
            "say more about the machine than about tollgate; the ratios within a round are the figures, "
@@ -624,8 +631,8 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
            f"{NOISY} the run competed with something else (a build, a test suite) and its figures are "
            "noise; such a pair is run again (up to 3 times, while the time budget allows) and the "
            "quietest attempt kept. `--aa` (bare against bare) shows what noise alone looks like.", ""]
-    for g, v, ok in goals:
-        print(f"{yes(ok).strip('*'):8s} {g}: {v}")
+    for g, v, ok, invalid in goals:
+        print(f"{yes(ok, invalid).replace('*', ''):8s} {g}: {v}")
     return "\n".join(head + goal_lines + perf + mem + module + setup + how)
 
 
@@ -636,12 +643,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--conns", default="1,16,64", help="wrk connection counts (1: unsaturated latency)")
-    ap.add_argument("--budget", type=float, default=540,
+    ap.add_argument("--budget", type=float, default=510,
                     help="seconds the whole run may take; noisy pairs are redone only while the rest fits")
     ap.add_argument("--quick", action="store_true", help="2 rounds x 2 s, RSS marks 10k/30k, no BENCHMARKS.md")
     ap.add_argument("--aa", action="store_true", help="bare against bare (noise floor), no BENCHMARKS.md")
     ap.add_argument("--plugin-extra", type=json.loads, default={}, metavar="JSON",
                     help="merged into tollgate's configuration, e.g. '{\"health\": {\"circuit_failures\": 1000000}}'")
+    ap.add_argument("--note", default="", help="a line for the report's header: why this run is special")
     ap.add_argument("--out", type=Path, help="write the report here (default BENCHMARKS.md; none for --quick/--aa)")
     a = ap.parse_args()
     if a.quick:
@@ -683,14 +691,22 @@ def main() -> int:
         for n in notes:
             print("bench: tollgate " + n)
 
+        # On a fresh Envoy, so that the rounds' request count does not pass the marks first and
+        # the 100,000 requests of this phase do not weigh on the proxy of the rounds.
+        print(f"bench: RSS of a fresh tollgate Envoy until {marks[-1]:,} requests...", flush=True)
+        fresh = Proxy("tollgate-rss", fresh_ports(toll_cfg), ENV).start()
+        rss = rss_phase(fresh, marks, 60 if a.quick else 180)
+        fresh.stop()
+        for m, n, r in rss:
+            print(f"bench: VmRSS at {n:,} requests: {r / 1024:.1f} MiB")
+
         ours = [up, *proxies.values()]
         for p in proxies.values():  # warm-up: connection pools, V8 tiers, allocator
             for stream in (False, True):
                 run_wrk(p, 16, 1, stream)
 
-        # Redo noisy pairs only while the rest (remaining pairs + RSS phase) still fits the budget.
+        # Redo noisy pairs only while the remaining pairs still fit the budget.
         pair_s = 2 * (a.seconds + 0.6)
-        rss_rps = 1000.0  # tollgate's rate under the RSS phase's load, refined from the rounds below
         left = len(cells) * a.rounds
         results: dict = {cell: [{} for _ in range(a.rounds)] for cell in cells}
         for rnd in range(a.rounds):
@@ -714,10 +730,7 @@ def main() -> int:
                     if best is None or pair["noise"] < best["noise"]:
                         best = pair
                     # Someone else's build took a core: redo the pair (keep the quietest) while the budget allows.
-                    if not stream and conns > 1:
-                        rss_rps = t["rps"] * 0.8  # the RSS phase mixes in a quarter of streams
-                    rss_reserve = marks[-1] / rss_rps + 5
-                    fits = time.monotonic() + (left + 1) * pair_s + rss_reserve < t0 + a.budget
+                    fits = time.monotonic() + (left + 1) * pair_s < t0 + a.budget
                     if pair["noise"] <= NOISY or attempt == 2 or not fits:
                         break
                     print(f"bench: other load above {NOISY} cores, redoing this pair", flush=True)
@@ -727,16 +740,7 @@ def main() -> int:
         # Tollgate's own view of the rounds: outcomes and provider health, to explain any errors.
         counters = {k.removeprefix("wasmcustom.tollgate."): v for k, v in proxies["tollgate"].stats_matching(
             r"^wasmcustom\.tollgate\.(outcome\.|provider\.[^.]+\.[a-z0-9_]+$)").items()}
-        for p in proxies.values():
-            p.stop()
-
-        # On a fresh Envoy, so that the rounds' request count does not pass the marks first.
-        print(f"bench: RSS of a fresh tollgate Envoy until {marks[-1]:,} requests...", flush=True)
-        fresh = Proxy("tollgate-rss", fresh_ports(toll_cfg), ENV).start()
-        rss = rss_phase(fresh, marks, max(30.0, t0 + a.budget + 30 - time.monotonic())) + [rounds_end]
-        fresh.stop()
-        for m, n, r in rss:
-            print(f"bench: VmRSS at {n:,} requests ({m}): {r / 1024:.1f} MiB")
+        rss.append(rounds_end)
         print()
         md = report(a, cells, results, rss, marks, counters, size, loads, notes, mach, started, time.monotonic() - t0)
         if out:
