@@ -612,8 +612,9 @@ fn limits(path: &str, raw: &[RawLimit]) -> Result<Vec<Limit>, ConfigError> {
             let amount = match metric {
                 // Cost budgets are written in USD and kept in micro-USD.
                 Metric::CostMicroUsd => match l.amount.as_f64() {
-                    Some(x) if x.is_finite() && x > 0.0 && x < 1e12 => (x * 1e6).round() as u64,
-                    _ => return Err(err(format!("{p}.amount"), "must be a positive number of USD")),
+                    // Kept in micro-USD: a budget that rounds to 0 would refuse everything.
+                    Some(x) if x.is_finite() && x >= 0.000_001 && x < 1e12 => (x * 1e6).round() as u64,
+                    _ => return Err(err(format!("{p}.amount"), "must be a number of USD from 0.000001")),
                 },
                 _ => match l.amount.as_u64() {
                     Some(n) if n > 0 => n,
@@ -826,6 +827,14 @@ mod tests {
         assert_eq!(c.providers[0].map_model("gpt-4o"), None);
         assert!(c.is_known_model("gpt-4o-mini"));
         assert!(!c.is_known_model("whatever"));
+    }
+
+    #[test]
+    fn a_cost_budget_that_rounds_to_zero_is_refused() {
+        let e = parse_str(
+            r#"{"default_limits":[{"metric":"cost_usd","amount":1e-7,"window":"1d"}],"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K1"}]}]}"#,
+        );
+        assert_eq!(e.err().as_deref(), Some("default_limits[0].amount: must be a number of USD from 0.000001"));
     }
 
     #[test]
