@@ -57,7 +57,7 @@ unit:
 	cargo test --workspace --quiet
 
 .PHONY: e2e
-e2e: build mock venv
+e2e: build mock venv fleet-deps
 	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 # Debian tools some checks use (promtool for the Prometheus files). Best effort: without root or a
@@ -92,6 +92,7 @@ soak: build mock venv
 # Fleet-wide budgets (tests/e2e/test_fleet.py, deploy/fleet/README.md): the test RLS server and Redis.
 .PHONY: fleet-deps
 fleet-deps:
+	python3 tests/rls-server/patch_limitador.py
 	cargo build --release --manifest-path tests/rls-server/Cargo.toml
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 

@@ -13,16 +13,16 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import KEYS
-from harness import ROOT, WASM, Envoy, chat, free_port, request
+from harness import ROOT, WASM, Envoy, Response, chat, free_port, request
 
-RLS_BIN = Path(os.environ.get("TOLLGATE_RLS_BIN", ROOT / "target" / "release" / "rls-server"))
+RLS_DIR = ROOT / "tests" / "rls-server"
+RLS_BIN = Path(os.environ.get("TOLLGATE_RLS_BIN", RLS_DIR / "target" / "release" / "rls-server"))
 BUDGET = 1000  # tokens per consumer per 60 s, fleet-wide
 PER_REQUEST = 100  # what the mock reports for every request below: 40 in + 60 out
 TEAM_A, TEAM_B = KEYS["TEAM_A_KEY"], KEYS["TEAM_B_KEY"]
@@ -123,17 +123,16 @@ class Rls:
 def rls_binary():
     if not RLS_BIN.exists():
         # `make fleet-deps` builds it; without it, build it here (a few minutes cold).
-        subprocess.run(["cargo", "build", "--release", "-p", "rls-server"], cwd=ROOT, check=True, timeout=1800)
+        subprocess.run(["cargo", "build", "--release"], cwd=RLS_DIR, check=True, timeout=1800)
     return RLS_BIN
 
 
 @pytest.fixture(scope="module")
-def redis(rls_binary):
+def redis(rls_binary, tmp_path_factory):
     binary = _redis_server()
     if binary is None:
         pytest.skip("redis-server is not installed and could not be installed (run `make fleet-deps` as root)")
-    tmp = Path(tempfile.mkdtemp(prefix="tollgate-fleet-"))
-    r = Redis(binary, tmp)
+    r = Redis(binary, tmp_path_factory.mktemp("redis"))
     yield r
     r.stop()
 
@@ -193,7 +192,7 @@ def _usage_rule(mocks):
         m.script({"usage": {"input": 40, "output": 60}})
 
 
-def _messages(port: int, key: str) -> "Response":  # noqa: F821
+def _messages(port: int, key: str) -> Response:
     body = {"model": "claude-haiku-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
     return request(port, "POST", "/v1/messages", body, {"x-api-key": key, "anthropic-version": "2023-06-01"})
 
@@ -313,7 +312,6 @@ def test_fleet_429_looks_like_tollgates_own(fleet, redis, mocks):
         f"Please try again in {m.headers['x-ratelimit-reset']}s.")}}
     assert len(mocks["openai"].requests()) == 1
 
-    # A 429 that is not the fleet budget's (a wrong key is a 401; a provider's 429 is retried) keeps
-    # its own body: the mappers only touch Envoy's rate-limited local replies.
+    # tollgate's own local replies keep their bodies: the mappers only touch rate-limited ones.
     bad = chat(e.port, key="nope")
     assert bad.status == 401 and bad.json()["error"]["code"] == "invalid_api_key"

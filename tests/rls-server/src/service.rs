@@ -48,14 +48,15 @@ impl Rls {
             let mut ctx = Context::default();
             ctx.list_binding("descriptors".into(), vec![entries]);
             let h = hits(req.hits_addend, d.hits_addend.as_ref().map(|v| v.value));
+            // Limitador's errors are not Send: turn them into text before the next await.
+            let storage = |e: limitador::errors::LimitadorError| format!("storage: {e}");
             let result = match h {
-                Hits::Check => self.limiter.is_rate_limited(&ns, &ctx, 1).await,
-                Hits::Add(n) => match self.limiter.update_counters(&ns, &ctx, n).await {
-                    Ok(()) => self.limiter.is_rate_limited(&ns, &ctx, 0).await,
-                    Err(e) => Err(e),
-                },
-            }
-            .map_err(|e| format!("storage: {e}"))?;
+                Hits::Check => self.limiter.is_rate_limited(&ns, &ctx, 1).await.map_err(storage)?,
+                Hits::Add(n) => {
+                    self.limiter.update_counters(&ns, &ctx, n).await.map_err(storage)?;
+                    self.limiter.is_rate_limited(&ns, &ctx, 0).await.map_err(storage)?
+                }
+            };
             let status = status_of(result.limited, &result.counters);
             if self.verbose {
                 let desc: Vec<String> = d.entries.iter().map(|e| format!("{}={}", e.key, e.value)).collect();
