@@ -64,7 +64,7 @@ def test_concurrent_openai_traffic_is_counted_exactly(gateway, mocks):
             assert len(usage_chunks) == (1 if extra else 0), events
         return i
 
-    n = 1600
+    n = 3000
     with ThreadPoolExecutor(64) as pool:
         assert len(list(pool.map(one, range(n)))) == n
     truth = reported(mocks["openai"])
