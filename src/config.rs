@@ -613,7 +613,7 @@ fn limits(path: &str, raw: &[RawLimit]) -> Result<Vec<Limit>, ConfigError> {
                 // Cost budgets are written in USD and kept in micro-USD.
                 Metric::CostMicroUsd => match l.amount.as_f64() {
                     // Kept in micro-USD: a budget that rounds to 0 would refuse everything.
-                    Some(x) if x.is_finite() && x >= 0.000_001 && x < 1e12 => (x * 1e6).round() as u64,
+                    Some(x) if (0.000_001..1e12).contains(&x) => (x * 1e6).round() as u64,
                     _ => return Err(err(format!("{p}.amount"), "must be a number of USD from 0.000001")),
                 },
                 _ => match l.amount.as_u64() {
