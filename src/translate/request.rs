@@ -2,7 +2,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{err, field, parse_object, TranslateError};
+use super::{err, field, parse_object, tool_call_input, TranslateError};
 
 /// OpenAI chat-completions request -> Anthropic messages request. `model` is the provider's model
 /// name; `default_max_tokens` is used when the client gave none (Anthropic requires max_tokens).
@@ -420,29 +420,7 @@ fn assistant_blocks(m: &Map<String, Value>, path: &str) -> Result<Vec<Value>, Tr
         let f = c.get("function");
         let name = f.and_then(|f| f.get("name")).and_then(Value::as_str);
         let name = name.ok_or_else(|| err(format!("{path}.function.name"), "must be a string"))?;
-        let args = f
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let input = if args.trim().is_empty() {
-            json!({})
-        } else {
-            match serde_json::from_str::<Value>(args) {
-                Ok(v @ Value::Object(_)) => v,
-                Ok(_) => {
-                    return Err(err(
-                        format!("{path}.function.arguments"),
-                        "must encode a JSON object",
-                    ))
-                }
-                Err(e) => {
-                    return Err(err(
-                        format!("{path}.function.arguments"),
-                        format!("invalid JSON: {e}"),
-                    ))
-                }
-            }
-        };
+        let input = tool_call_input(f, &path)?;
         blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
     }
     Ok(blocks)

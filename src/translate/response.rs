@@ -3,6 +3,7 @@
 use serde_json::{json, Value};
 
 use super::{
+    tool_call_input,
     chat_id, chat_usage, err, finish_reason, message_id, messages_usage, parse_object, stop_reason,
     TranslateError,
 };
@@ -108,29 +109,7 @@ pub fn chat_response_to_messages(
     for (k, c) in calls.iter().enumerate() {
         let path = format!("choices[0].message.tool_calls[{k}]");
         let f = c.get("function");
-        let args = f
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let input = if args.trim().is_empty() {
-            json!({})
-        } else {
-            match serde_json::from_str::<Value>(args) {
-                Ok(v @ Value::Object(_)) => v,
-                Ok(_) => {
-                    return Err(err(
-                        format!("{path}.function.arguments"),
-                        "must encode a JSON object",
-                    ))
-                }
-                Err(e) => {
-                    return Err(err(
-                        format!("{path}.function.arguments"),
-                        format!("invalid JSON: {e}"),
-                    ))
-                }
-            }
-        };
+        let input = tool_call_input(f, &path)?;
         content.push(json!({
             "type": "tool_use",
             "id": c.get("id").and_then(Value::as_str).unwrap_or_default(),
