@@ -4,7 +4,9 @@ The published crate does not compile with `default-features = false, features = 
 `storage::keys::key_for_counter` calls into `mod bin` in every build, but `mod bin` and
 `Counter::variables_for_key` sit behind `#[cfg(feature = "disk_storage")]`, and that feature builds
 RocksDB from C++ sources. This removes exactly those two `cfg` lines, in a copy under
-tests/rls-server/target/ (ignored by git): no third-party source lives in this repository.
+tests/rls-server/target/ (ignored by git): no third-party source lives in this repository. It also
+turns off the build script, which only generates code for `distributed_storage`, so that its
+build-dependency (tonic-build) is not compiled for nothing.
 """
 import os
 import shutil
@@ -14,6 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEST = HERE / "target" / "limitador-0.14.0"
+MARK = "0.14.0 patch 2\n"
 GATE = '#[cfg(feature = "disk_storage")]'
 EDITS = {  # file -> the line each gate stands before
     "src/storage/keys.rs": "pub mod bin",
@@ -31,7 +34,7 @@ def registry_source() -> Path:
 
 
 def main() -> None:
-    if (DEST / ".patched").exists():
+    if (DEST / ".patched").exists() and (DEST / ".patched").read_text() == MARK:
         return
     src = registry_source()
     if DEST.exists():
@@ -47,7 +50,14 @@ def main() -> None:
         else:
             sys.exit(f"{rel}: no `{GATE}` before `{anchor}`: has the crate changed?")
         path.write_text("".join(lines))
-    (DEST / ".patched").write_text("0.14.0\n")
+    manifest = DEST / "Cargo.toml"
+    text = manifest.read_text().replace('build = "build.rs"', "build = false")
+    start = text.find("[build-dependencies.tonic-build]")
+    if start >= 0:
+        end = text.find("\n[", start + 1)
+        text = text[:start] + (text[end + 1:] if end >= 0 else "")
+    manifest.write_text(text)
+    (DEST / ".patched").write_text(MARK)
     print(f"patched limitador 0.14.0 into {DEST}")
 
 
