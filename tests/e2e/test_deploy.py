@@ -833,7 +833,7 @@ def test_every_dashboard_panel_moves_and_the_budget_alert_fires(gateway, mocks, 
 
 
 def test_makefile_demo_traffic_target_runs_the_script():
-    r = subprocess.run(["make", "-n", "demo-traffic"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(["make", "--no-print-directory", "-n", "demo-traffic"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == ".venv/bin/python tests/demo_traffic.py --gateway http://localhost:10000"
     r = subprocess.run([sys.executable, str(ROOT / "tests/demo_traffic.py"), "--help"], capture_output=True, text=True)
