@@ -441,7 +441,10 @@ impl Context for Listener {
 impl HttpContext for Listener {
     fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         self.started_ms = host::now_ms();
-        let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        // One read of the whole map serves every header this callback looks at.
+        let hdrs = host::headers(MapType::HttpRequestHeaders);
+        let get = |name: &str| hdrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let path = get(":path").unwrap_or_default().to_string();
         if let Some(sp) = &self.cfg.status_path {
             if path == *sp || path.starts_with(&format!("{sp}?")) {
                 return super::status::serve(&self.cfg);
@@ -450,7 +453,6 @@ impl HttpContext for Listener {
         self.api = ApiKind::from_path(&path);
         self.client = ClientApi::from_path(&path);
         self.path = path;
-        let hdrs = host::headers(MapType::HttpRequestHeaders);
         let lookup = |name: &str| -> Option<&str> {
             let mut it = hdrs.iter().filter(|(k, _)| k == name);
             let first = it.next()?;
@@ -493,7 +495,7 @@ impl HttpContext for Listener {
         }
         let original = handoff::Original {
             path: self.path.clone(),
-            authority: host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default(),
+            authority: get(":authority").unwrap_or_default().to_string(),
             consumer: self.consumer.clone(),
         };
         if end_of_stream {

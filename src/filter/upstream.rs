@@ -159,12 +159,10 @@ impl Upstream {
             host::set_header(MapType::HttpRequestHeaders, h, None);
         }
         // Internal headers stay out of the provider's request, but for the request id: the next
-        // attempt gets this same header map and needs it to find the request's hand-off.
-        for (k, _) in host::headers(MapType::HttpRequestHeaders)
-            .iter()
-            .filter(|(k, _)| k.starts_with(gateway::INTERNAL_PREFIX) && k != gateway::HDR_RID)
-        {
-            host::set_header(MapType::HttpRequestHeaders, k, None);
+        // attempt gets this same header map and needs it to find the request's hand-off. (Any a
+        // client sent were dropped by the listener role; these are the ones it set.)
+        for h in [gateway::HDR_CONSUMER, gateway::HDR_ROUTE] {
+            host::set_header(MapType::HttpRequestHeaders, h, None);
         }
         for (name, value) in gateway::auth_headers(p, &key.secret) {
             host::set_header(MapType::HttpRequestHeaders, name, Some(&value));
