@@ -26,13 +26,17 @@ pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now:
         if !model.is_empty() && p.map_model(model).is_none() {
             continue;
         }
-        let Ok(h) = health::read(store, p) else { return Start::Unknown };
+        let Ok(h) = health::read(store, p) else {
+            return Start::Unknown;
+        };
         let at = h.available_at(&cfg.health, now);
         let usable = at <= now
             && match h.circuit(&cfg.health, now) {
                 Circuit::Closed => true,
                 Circuit::Open { .. } => false,
-                Circuit::HalfOpen => health::try_acquire(store, p, &cfg.health, now).unwrap_or(true),
+                Circuit::HalfOpen => {
+                    health::try_acquire(store, p, &cfg.health, now).unwrap_or(true)
+                }
             };
         if usable {
             return Start::Provider(i);
@@ -41,7 +45,9 @@ pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now:
         earliest = Some(earliest.map_or(at, |e| e.min(at)));
     }
     match earliest {
-        Some(at) => Start::Exhausted { retry_after_secs: retry_after_secs(at - now) },
+        Some(at) => Start::Exhausted {
+            retry_after_secs: retry_after_secs(at - now),
+        },
         None => Start::Unknown,
     }
 }
@@ -83,15 +89,28 @@ pub fn limits(cfg: &Config, consumer: &str, model: &str) -> Vec<(String, Limit)>
 }
 
 pub fn demand(cfg: &Config, ask: &Ask<'_>, output: u64) -> Demand {
-    let cost = cfg.prices.get(ask.model).map(|p| quota::cost_micro_usd(p, ask.prompt_tokens, 0, output)).unwrap_or(0);
-    Demand { requests: 1, input: ask.prompt_tokens, output, cost_micro_usd: cost }
+    let cost = cfg
+        .prices
+        .get(ask.model)
+        .map(|p| quota::cost_micro_usd(p, ask.prompt_tokens, 0, output))
+        .unwrap_or(0);
+    Demand {
+        requests: 1,
+        input: ask.prompt_tokens,
+        output,
+        cost_micro_usd: cost,
+    }
 }
 
 /// Reserves the request's estimated cost against every limit that applies, or says why not.
 pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, now: u64) -> Verdict {
     let limits = limits(cfg, ask.consumer, ask.model);
     if limits.is_empty() {
-        return Verdict::Admit { reservations: Vec::new(), standings: Vec::new(), lower_max_tokens_to: None };
+        return Verdict::Admit {
+            reservations: Vec::new(),
+            standings: Vec::new(),
+            lower_max_tokens_to: None,
+        };
     }
     let mut output = ask.max_tokens.unwrap_or(cfg.default_max_tokens);
     let mut lower_to = None;
@@ -99,7 +118,9 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
         // Ask for no more output than the budget still allows, rather than be refused (or, for a
         // request larger than a full bucket, run the bucket into debt).
         let price = cfg.prices.get(ask.model);
-        if let Ok(Some(max)) = quota::max_affordable_output(store, &limits, ask.prompt_tokens, price, now) {
+        if let Ok(Some(max)) =
+            quota::max_affordable_output(store, &limits, ask.prompt_tokens, price, now)
+        {
             if max >= 1 && max < output {
                 output = max;
                 lower_to = Some(max);
@@ -107,10 +128,19 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
         }
     }
     match quota::admit(store, &limits, &demand(cfg, ask, output), now) {
-        Ok(Admission::Admitted { reservations, standings }) => {
-            Verdict::Admit { reservations, standings, lower_max_tokens_to: lower_to }
-        }
-        Ok(Admission::Rejected { retry_after_ms, limit, standings }) => {
+        Ok(Admission::Admitted {
+            reservations,
+            standings,
+        }) => Verdict::Admit {
+            reservations,
+            standings,
+            lower_max_tokens_to: lower_to,
+        },
+        Ok(Admission::Rejected {
+            retry_after_ms,
+            limit,
+            standings,
+        }) => {
             let secs = retry_after_secs(retry_after_ms);
             let amount = match limit.metric {
                 Metric::CostMicroUsd => format!("${:.2}", limit.amount as f64 / 1e6),
@@ -124,14 +154,21 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
                 limit.window_ms / 1000,
                 secs
             );
-            Verdict::Refuse { retry_after_secs: secs, message, standings }
+            Verdict::Refuse {
+                retry_after_secs: secs,
+                message,
+                standings,
+            }
         }
         Err(e) => degraded(cfg, e),
     }
 }
 
 fn degraded(cfg: &Config, e: StoreError) -> Verdict {
-    log::warn!("quota admission failed ({e:?}); failure_mode={:?}", cfg.failure_mode);
+    log::warn!(
+        "quota admission failed ({e:?}); failure_mode={:?}",
+        cfg.failure_mode
+    );
     match cfg.failure_mode {
         FailureMode::Open => Verdict::AdmitUnmetered,
         FailureMode::Closed => Verdict::Unavailable,
@@ -156,7 +193,12 @@ mod tests {
     }
 
     fn ask(prompt: u64, max: Option<u64>) -> Ask<'static> {
-        Ask { consumer: "team-a", model: "gpt-4o", prompt_tokens: prompt, max_tokens: max }
+        Ask {
+            consumer: "team-a",
+            model: "gpt-4o",
+            prompt_tokens: prompt,
+            max_tokens: max,
+        }
     }
 
     #[test]
@@ -165,12 +207,27 @@ mod tests {
         let c = cfg("");
         assert_eq!(start(&s, &c, "", 0), Start::Provider(0));
         cool_key(&s, &c.providers[0], 0, 5_000, CooldownReason::RateLimited).unwrap();
-        assert_eq!(start(&s, &c, "", 0), Start::Provider(0), "a2 is still usable");
+        assert_eq!(
+            start(&s, &c, "", 0),
+            Start::Provider(0),
+            "a2 is still usable"
+        );
         cool_key(&s, &c.providers[0], 1, 8_000, CooldownReason::RateLimited).unwrap();
         assert_eq!(start(&s, &c, "gpt-4o", 0), Start::Provider(1));
-        assert_eq!(start(&s, &c, "gpt-4o-mini", 0), Start::Exhausted { retry_after_secs: 5 }, "b does not serve it");
+        assert_eq!(
+            start(&s, &c, "gpt-4o-mini", 0),
+            Start::Exhausted {
+                retry_after_secs: 5
+            },
+            "b does not serve it"
+        );
         cool_key(&s, &c.providers[1], 0, 30_000, CooldownReason::RateLimited).unwrap();
-        assert_eq!(start(&s, &c, "", 1_000), Start::Exhausted { retry_after_secs: 4 });
+        assert_eq!(
+            start(&s, &c, "", 1_000),
+            Start::Exhausted {
+                retry_after_secs: 4
+            }
+        );
         assert_eq!(start(&s, &c, "", 5_000), Start::Provider(0));
     }
 
@@ -183,7 +240,11 @@ mod tests {
         }
         assert_eq!(start(&s, &c, "", 100), Start::Provider(1));
         assert_eq!(start(&s, &c, "", 10_001), Start::Provider(0), "the probe");
-        assert_eq!(start(&s, &c, "", 10_002), Start::Provider(1), "one probe only");
+        assert_eq!(
+            start(&s, &c, "", 10_002),
+            Start::Provider(1),
+            "one probe only"
+        );
     }
 
     #[test]
@@ -197,10 +258,22 @@ mod tests {
     fn admits_until_the_budget_is_spent_then_refuses_with_retry_after() {
         let s = FakeStore::new();
         let c = cfg("");
-        let Verdict::Admit { reservations, .. } = admit(&s, &c, &ask(100, Some(400)), 0) else { panic!() };
+        let Verdict::Admit { reservations, .. } = admit(&s, &c, &ask(100, Some(400)), 0) else {
+            panic!()
+        };
         assert_eq!(reservations.len(), 1);
-        assert!(matches!(admit(&s, &c, &ask(100, Some(400)), 0), Verdict::Admit { .. }));
-        let Verdict::Refuse { retry_after_secs, message, .. } = admit(&s, &c, &ask(100, Some(400)), 0) else { panic!() };
+        assert!(matches!(
+            admit(&s, &c, &ask(100, Some(400)), 0),
+            Verdict::Admit { .. }
+        ));
+        let Verdict::Refuse {
+            retry_after_secs,
+            message,
+            ..
+        } = admit(&s, &c, &ask(100, Some(400)), 0)
+        else {
+            panic!()
+        };
         assert_eq!(retry_after_secs, 30); // room for 500 tokens at 1000/min
         assert_eq!(
             message,
@@ -213,7 +286,13 @@ mod tests {
         let s = FakeStore::new();
         let c = cfg(r#","lower_max_tokens":true"#);
         let v = admit(&s, &c, &ask(100, Some(5_000)), 0);
-        let Verdict::Admit { lower_max_tokens_to, .. } = v else { panic!("{v:?}") };
+        let Verdict::Admit {
+            lower_max_tokens_to,
+            ..
+        } = v
+        else {
+            panic!("{v:?}")
+        };
         assert_eq!(lower_max_tokens_to, Some(900));
     }
 
@@ -221,15 +300,26 @@ mod tests {
     fn shared_data_failure_follows_failure_mode() {
         let s = FakeStore::new();
         s.broken.set(true);
-        assert_eq!(admit(&s, &cfg(""), &ask(1, Some(1)), 0), Verdict::AdmitUnmetered);
-        assert_eq!(admit(&s, &cfg(r#","failure_mode":"closed""#), &ask(1, Some(1)), 0), Verdict::Unavailable);
+        assert_eq!(
+            admit(&s, &cfg(""), &ask(1, Some(1)), 0),
+            Verdict::AdmitUnmetered
+        );
+        assert_eq!(
+            admit(&s, &cfg(r#","failure_mode":"closed""#), &ask(1, Some(1)), 0),
+            Verdict::Unavailable
+        );
     }
 
     #[test]
     fn consumers_without_limits_are_admitted_without_touching_shared_data() {
         let s = FakeStore::new();
         s.broken.set(true);
-        let a = Ask { consumer: "anonymous", model: "", prompt_tokens: 0, max_tokens: None };
+        let a = Ask {
+            consumer: "anonymous",
+            model: "",
+            prompt_tokens: 0,
+            max_tokens: None,
+        };
         assert!(matches!(admit(&s, &cfg(""), &a, 0), Verdict::Admit { .. }));
     }
 }

@@ -29,7 +29,10 @@ impl fmt::Display for ConfigError {
 }
 
 fn err(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError { path: path.into(), reason: reason.into() }
+    ConfigError {
+        path: path.into(),
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -253,7 +256,10 @@ pub enum Consumers {
     /// No `consumers` section: everyone is the one anonymous consumer.
     Anonymous,
     Keys(Vec<Consumer>),
-    TrustedHeader { header: String, list: Vec<Consumer> },
+    TrustedHeader {
+        header: String,
+        list: Vec<Consumer>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -287,7 +293,10 @@ pub const ANONYMOUS: &str = "anonymous";
 
 impl Config {
     pub fn provider(&self, name: &str) -> Option<(usize, &Provider)> {
-        self.providers.iter().enumerate().find(|(_, p)| p.name == name)
+        self.providers
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name == name)
     }
 
     pub fn consumer(&self, name: &str) -> Option<&Consumer> {
@@ -304,7 +313,11 @@ impl Config {
         let mut out = Vec::new();
         match self.consumer(consumer) {
             Some(c) => {
-                let own = if c.limits.is_empty() { &self.default_limits } else { &c.limits };
+                let own = if c.limits.is_empty() {
+                    &self.default_limits
+                } else {
+                    &c.limits
+                };
                 out.extend(own.iter().map(|l| (None, *l)));
                 if let Some((m, ls)) = c.model_limits.get_key_value(model) {
                     out.extend(ls.iter().map(|l| (Some(m.as_str()), *l)));
@@ -332,7 +345,10 @@ impl Config {
 /// Parses and validates. `env` resolves environment variables (std::env::var in the module).
 pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     if json.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(err("", "configuration is empty: tollgate needs at least `providers`"));
+        return Err(err(
+            "",
+            "configuration is empty: tollgate needs at least `providers`",
+        ));
     }
     let raw: RawConfig = serde_json::from_slice(json).map_err(|e| err("", serde_message(&e)))?;
     validate(raw, env)
@@ -340,7 +356,12 @@ pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
 
 fn serde_message(e: &serde_json::Error) -> String {
     // serde names the offending field for unknown/missing fields; keep its words, add the position.
-    format!("{} (line {}, column {})", strip_position(&e.to_string()), e.line(), e.column())
+    format!(
+        "{} (line {}, column {})",
+        strip_position(&e.to_string()),
+        e.line(),
+        e.column()
+    )
 }
 
 fn strip_position(s: &str) -> &str {
@@ -353,7 +374,8 @@ fn strip_position(s: &str) -> &str {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 const NAME_RULE: &str = "must be 1-64 characters of letters, digits, '-' or '_'";
@@ -371,30 +393,48 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             return Err(err(format!("{p}.name"), NAME_RULE));
         }
         if providers.iter().any(|q: &Provider| q.name == rp.name) {
-            return Err(err(format!("{p}.name"), format!("duplicate provider name '{}'", rp.name)));
+            return Err(err(
+                format!("{p}.name"),
+                format!("duplicate provider name '{}'", rp.name),
+            ));
         }
         if rp.keys.is_empty() {
             return Err(err(format!("{p}.keys"), "at least one key is required"));
         }
         if rp.kind == ProviderType::AzureOpenai && rp.api_version.is_none() {
-            return Err(err(format!("{p}.api_version"), "required for azure_openai (e.g. \"2024-10-21\")"));
+            return Err(err(
+                format!("{p}.api_version"),
+                "required for azure_openai (e.g. \"2024-10-21\")",
+            ));
         }
         if rp.kind != ProviderType::AzureOpenai && rp.api_version.is_some() {
-            return Err(err(format!("{p}.api_version"), "only azure_openai providers take an api_version"));
+            return Err(err(
+                format!("{p}.api_version"),
+                "only azure_openai providers take an api_version",
+            ));
         }
         if rp.anthropic_version.is_some() && rp.kind != ProviderType::Anthropic {
-            return Err(err(format!("{p}.anthropic_version"), "only anthropic providers take an anthropic_version"));
+            return Err(err(
+                format!("{p}.anthropic_version"),
+                "only anthropic providers take an anthropic_version",
+            ));
         }
         let base_path = match rp.base_path {
             Some(b) if !b.starts_with('/') || b.contains('?') => {
-                return Err(err(format!("{p}.base_path"), "must start with '/' and carry no query"))
+                return Err(err(
+                    format!("{p}.base_path"),
+                    "must start with '/' and carry no query",
+                ))
             }
             Some(b) => b.trim_end_matches('/').to_string(),
             None => String::new(),
         };
         if let Some(h) = &rp.host {
             if h.is_empty() || h.bytes().any(|b| b.is_ascii_whitespace() || b == b'/') {
-                return Err(err(format!("{p}.host"), "must be a host name (optionally :port), no scheme or path"));
+                return Err(err(
+                    format!("{p}.host"),
+                    "must be a host name (optionally :port), no scheme or path",
+                ));
             }
         }
         let mut keys: Vec<Key> = Vec::with_capacity(rp.keys.len());
@@ -404,7 +444,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 return Err(err(format!("{k}.id"), NAME_RULE));
             }
             if keys.iter().any(|q| q.id == rk.id) {
-                return Err(err(format!("{k}.id"), format!("duplicate key id '{}'", rk.id)));
+                return Err(err(
+                    format!("{k}.id"),
+                    format!("duplicate key id '{}'", rk.id),
+                ));
             }
             let (secret, source) = match (rk.env, rk.value) {
                 (Some(_), Some(_)) => return Err(err(k, "give either `env` or `value`, not both")),
@@ -443,7 +486,12 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             if weight == 0 || weight > 1000 {
                 return Err(err(format!("{k}.weight"), "must be between 1 and 1000"));
             }
-            keys.push(Key { id: rk.id, secret, source, weight });
+            keys.push(Key {
+                id: rk.id,
+                secret,
+                source,
+                weight,
+            });
         }
         for (client, upstream) in &rp.models {
             if client.is_empty() || upstream.is_empty() {
@@ -457,7 +505,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             host: rp.host,
             base_path,
             api_version: rp.api_version,
-            anthropic_version: rp.anthropic_version.unwrap_or_else(|| "2023-06-01".to_string()),
+            anthropic_version: rp
+                .anthropic_version
+                .unwrap_or_else(|| "2023-06-01".to_string()),
             rotation: rp.rotation,
             keys,
             models: rp.models.into_iter().collect(),
@@ -474,31 +524,55 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             for (ci, c) in rc.list.into_iter().enumerate() {
                 let p = format!("consumers.list[{ci}]");
                 if !valid_name(&c.name) || c.name == ANONYMOUS {
-                    return Err(err(format!("{p}.name"), format!("{NAME_RULE}, and not '{ANONYMOUS}'")));
+                    return Err(err(
+                        format!("{p}.name"),
+                        format!("{NAME_RULE}, and not '{ANONYMOUS}'"),
+                    ));
                 }
                 if list.iter().any(|q| q.name == c.name) {
-                    return Err(err(format!("{p}.name"), format!("duplicate consumer '{}'", c.name)));
+                    return Err(err(
+                        format!("{p}.name"),
+                        format!("duplicate consumer '{}'", c.name),
+                    ));
                 }
                 let key_digest = match (c.key_sha256, c.key_env, rc.trusted_header.is_some()) {
-                    (Some(_), Some(_), _) => return Err(err(p, "give either `key_sha256` or `key_env`, not both")),
+                    (Some(_), Some(_), _) => {
+                        return Err(err(p, "give either `key_sha256` or `key_env`, not both"))
+                    }
                     (Some(h), None, _) => Some(sha256::from_hex(&h).ok_or_else(|| {
-                        err(format!("{p}.key_sha256"), "must be 64 hex characters (sha256 of the consumer's key)")
+                        err(
+                            format!("{p}.key_sha256"),
+                            "must be 64 hex characters (sha256 of the consumer's key)",
+                        )
                     })?),
                     (None, Some(var), _) => match env(&var) {
-                        Some(v) if !v.trim().is_empty() => Some(sha256::sha256(v.trim().as_bytes())),
-                        _ => return Err(err(format!("{p}.key_env"), format!("{var} is not set or empty"))),
+                        Some(v) if !v.trim().is_empty() => {
+                            Some(sha256::sha256(v.trim().as_bytes()))
+                        }
+                        _ => {
+                            return Err(err(
+                                format!("{p}.key_env"),
+                                format!("{var} is not set or empty"),
+                            ))
+                        }
                     },
                     (None, None, true) => None,
-                    (None, None, false) => {
-                        return Err(err(p, "`key_sha256` or `key_env` is required (or set consumers.trusted_header)"))
-                    }
+                    (None, None, false) => return Err(err(
+                        p,
+                        "`key_sha256` or `key_env` is required (or set consumers.trusted_header)",
+                    )),
                 };
                 let own = limits(&format!("{p}.limits"), &c.limits)?;
                 let mut model_limits = HashMap::new();
                 for (m, ls) in &c.model_limits {
                     model_limits.insert(m.clone(), limits(&format!("{p}.model_limits.{m}"), ls)?);
                 }
-                list.push(Consumer { name: c.name, key_digest, limits: own, model_limits });
+                list.push(Consumer {
+                    name: c.name,
+                    key_digest,
+                    limits: own,
+                    model_limits,
+                });
             }
             match rc.trusted_header {
                 Some(h) => {
@@ -509,7 +583,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                     Consumers::TrustedHeader { header: h, list }
                 }
                 None if list.is_empty() => {
-                    return Err(err("consumers.list", "is empty: remove `consumers` to admit everyone anonymously"))
+                    return Err(err(
+                        "consumers.list",
+                        "is empty: remove `consumers` to admit everyone anonymously",
+                    ))
                 }
                 None => Consumers::Keys(list),
             }
@@ -520,7 +597,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     for (m, rp) in raw.prices {
         let ok = |x: f64| x.is_finite() && x >= 0.0;
         if !ok(rp.input) || !ok(rp.output) || !rp.cached_input.map(ok).unwrap_or(true) {
-            return Err(err(format!("prices.{m}"), "prices must be finite, non-negative USD per million tokens"));
+            return Err(err(
+                format!("prices.{m}"),
+                "prices must be finite, non-negative USD per million tokens",
+            ));
         }
         prices.insert(
             m,
@@ -542,7 +622,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         });
         let health = Health {
             default_cooldown_ms: h.default_cooldown_s.unwrap_or(30).saturating_mul(1000),
-            auth_failure_cooldown_ms: h.auth_failure_cooldown_s.unwrap_or(3600).saturating_mul(1000),
+            auth_failure_cooldown_ms: h
+                .auth_failure_cooldown_s
+                .unwrap_or(3600)
+                .saturating_mul(1000),
             circuit_failures: h.circuit_failures.unwrap_or(5),
             circuit_open_ms: h.circuit_open_s.unwrap_or(30).saturating_mul(1000),
             half_open_probes: h.half_open_probes.unwrap_or(1),
@@ -663,7 +746,12 @@ impl Provider {
         let keys: Vec<Key> = weights
             .iter()
             .enumerate()
-            .map(|(i, w)| Key { id: format!("k{i}"), secret: "s".into(), source: KeySecret::Inline, weight: *w })
+            .map(|(i, w)| Key {
+                id: format!("k{i}"),
+                secret: "s".into(),
+                source: KeySecret::Inline,
+                weight: *w,
+            })
             .collect();
         Provider {
             name: "p".into(),
@@ -718,7 +806,8 @@ mod tests {
         parse(s.as_bytes(), &env).map_err(|e| e.to_string())
     }
 
-    const MIN: &str = r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K1"}]}]}"#;
+    const MIN: &str =
+        r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K1"}]}]}"#;
 
     #[test]
     fn minimal_config_admits_everyone_anonymously() {
@@ -776,15 +865,21 @@ mod tests {
             ),
         ];
         for (input, want) in cases {
-            assert_eq!(parse_str(input).err().as_deref(), Some(*want), "for {input}");
+            assert_eq!(
+                parse_str(input).err().as_deref(),
+                Some(*want),
+                "for {input}"
+            );
         }
     }
 
     #[test]
     fn unknown_fields_are_refused_by_name() {
-        let e = parse_str(r#"{"providers":[{"name":"oa","type":"openai","kyes":[]}]}"#).unwrap_err();
+        let e =
+            parse_str(r#"{"providers":[{"name":"oa","type":"openai","kyes":[]}]}"#).unwrap_err();
         assert!(e.starts_with("unknown field `kyes`"), "{e}");
-        let e = parse_str(r#"{"providers":[{"name":"oa","type":"gemini","keys":[]}]}"#).unwrap_err();
+        let e =
+            parse_str(r#"{"providers":[{"name":"oa","type":"gemini","keys":[]}]}"#).unwrap_err();
         assert!(e.contains("unknown variant `gemini`"), "{e}");
     }
 
@@ -804,9 +899,18 @@ mod tests {
                 "providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K1"}]}]}"#,
         )
         .unwrap();
-        let Consumers::Keys(list) = &c.consumers else { unreachable!() };
+        let Consumers::Keys(list) = &c.consumers else {
+            unreachable!()
+        };
         assert_eq!(list[0].key_digest, Some(sha256::sha256(b"team-a-secret")));
-        assert_eq!(list[0].limits[0], Limit { metric: Metric::CostMicroUsd, amount: 1_500_000, window_ms: 86_400_000 });
+        assert_eq!(
+            list[0].limits[0],
+            Limit {
+                metric: Metric::CostMicroUsd,
+                amount: 1_500_000,
+                window_ms: 86_400_000
+            }
+        );
     }
 
     #[test]
@@ -814,7 +918,12 @@ mod tests {
         let keys: Vec<Key> = [5, 1, 1]
             .iter()
             .enumerate()
-            .map(|(i, w)| Key { id: format!("k{i}"), secret: String::new(), source: KeySecret::Inline, weight: *w })
+            .map(|(i, w)| Key {
+                id: format!("k{i}"),
+                secret: String::new(),
+                source: KeySecret::Inline,
+                weight: *w,
+            })
             .collect();
         let s = smooth_weighted_schedule(&keys);
         assert_eq!(s, vec![0, 0, 1, 0, 2, 0, 0]);
@@ -823,7 +932,10 @@ mod tests {
     #[test]
     fn model_mapping() {
         let c = parse_str(r#"{"providers":[{"name":"an","type":"anthropic","keys":[{"id":"k1","env":"K1"}],"models":{"gpt-4o-mini":"claude-haiku-4-5"}}]}"#).unwrap();
-        assert_eq!(c.providers[0].map_model("gpt-4o-mini"), Some("claude-haiku-4-5"));
+        assert_eq!(
+            c.providers[0].map_model("gpt-4o-mini"),
+            Some("claude-haiku-4-5")
+        );
         assert_eq!(c.providers[0].map_model("gpt-4o"), None);
         assert!(c.is_known_model("gpt-4o-mini"));
         assert!(!c.is_known_model("whatever"));
@@ -834,7 +946,10 @@ mod tests {
         let e = parse_str(
             r#"{"default_limits":[{"metric":"cost_usd","amount":1e-7,"window":"1d"}],"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K1"}]}]}"#,
         );
-        assert_eq!(e.err().as_deref(), Some("default_limits[0].amount: must be a number of USD from 0.000001"));
+        assert_eq!(
+            e.err().as_deref(),
+            Some("default_limits[0].amount: must be a number of USD from 0.000001")
+        );
     }
 
     #[test]

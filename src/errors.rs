@@ -80,7 +80,13 @@ impl ErrorKind {
 
 /// JSON error body. `code` and `param` only exist in OpenAI's shape; a 429 without a code gets
 /// OpenAI's "rate_limit_exceeded".
-pub fn error_body(api: ClientApi, kind: ErrorKind, message: &str, code: Option<&str>, param: Option<&str>) -> Vec<u8> {
+pub fn error_body(
+    api: ClientApi,
+    kind: ErrorKind,
+    message: &str,
+    code: Option<&str>,
+    param: Option<&str>,
+) -> Vec<u8> {
     error_body_typed(api, kind, message, code, param, None)
 }
 
@@ -135,10 +141,23 @@ mod tests {
 
     #[test]
     fn client_api_from_path() {
-        for p in ["/v1/messages", "/v1/messages?beta=true", "/v1/messages/count_tokens", "/v1/messages/count_tokens?x=1", "/v1/messages/batches"] {
+        for p in [
+            "/v1/messages",
+            "/v1/messages?beta=true",
+            "/v1/messages/count_tokens",
+            "/v1/messages/count_tokens?x=1",
+            "/v1/messages/batches",
+        ] {
             assert_eq!(ClientApi::from_path(p), ClientApi::Anthropic, "{p}");
         }
-        for p in ["/v1/chat/completions", "/v1/messagesx", "/v1/threads/t1/messages", "/", "", "/v1/responses?a=/v1/messages"] {
+        for p in [
+            "/v1/chat/completions",
+            "/v1/messagesx",
+            "/v1/threads/t1/messages",
+            "/",
+            "",
+            "/v1/responses?a=/v1/messages",
+        ] {
             assert_eq!(ClientApi::from_path(p), ClientApi::OpenAi, "{p}");
         }
     }
@@ -163,7 +182,13 @@ mod tests {
             "server_error",
         ];
         for (k, t) in ALL.iter().zip(want) {
-            let v = parse(&error_body(ClientApi::OpenAi, *k, "boom", Some("c1"), Some("model")));
+            let v = parse(&error_body(
+                ClientApi::OpenAi,
+                *k,
+                "boom",
+                Some("c1"),
+                Some("model"),
+            ));
             assert_eq!(
                 v,
                 json!({"error": {"message": "boom", "type": t, "param": "model", "code": "c1"}}),
@@ -174,15 +199,46 @@ mod tests {
 
     #[test]
     fn openai_nulls_and_rate_limit_defaults() {
-        let v = parse(&error_body(ClientApi::OpenAi, ErrorKind::Authentication, "bad key", Some("invalid_api_key"), None));
-        assert_eq!(v, json!({"error": {"message": "bad key", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}));
-        let v = parse(&error_body(ClientApi::OpenAi, ErrorKind::Internal, "x", None, None));
+        let v = parse(&error_body(
+            ClientApi::OpenAi,
+            ErrorKind::Authentication,
+            "bad key",
+            Some("invalid_api_key"),
+            None,
+        ));
+        assert_eq!(
+            v,
+            json!({"error": {"message": "bad key", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+        );
+        let v = parse(&error_body(
+            ClientApi::OpenAi,
+            ErrorKind::Internal,
+            "x",
+            None,
+            None,
+        ));
         assert_eq!(v["error"]["code"], Value::Null);
         assert_eq!(v["error"]["param"], Value::Null);
-        let v = parse(&error_body(ClientApi::OpenAi, ErrorKind::RateLimit, "slow down", None, None));
+        let v = parse(&error_body(
+            ClientApi::OpenAi,
+            ErrorKind::RateLimit,
+            "slow down",
+            None,
+            None,
+        ));
         assert_eq!(v["error"]["code"], "rate_limit_exceeded");
-        let v = parse(&error_body_typed(ClientApi::OpenAi, ErrorKind::RateLimit, "tpm", Some("rate_limit_exceeded"), None, Some("tokens")));
-        assert_eq!(v, json!({"error": {"message": "tpm", "type": "tokens", "param": null, "code": "rate_limit_exceeded"}}));
+        let v = parse(&error_body_typed(
+            ClientApi::OpenAi,
+            ErrorKind::RateLimit,
+            "tpm",
+            Some("rate_limit_exceeded"),
+            None,
+            Some("tokens"),
+        ));
+        assert_eq!(
+            v,
+            json!({"error": {"message": "tpm", "type": "tokens", "param": null, "code": "rate_limit_exceeded"}})
+        );
     }
 
     #[test]
@@ -200,8 +256,19 @@ mod tests {
         ];
         for (k, t) in ALL.iter().zip(want) {
             // code, param and an OpenAI type override have no place in Anthropic's shape.
-            let v = parse(&error_body_typed(ClientApi::Anthropic, *k, "boom", Some("c1"), Some("p"), Some("tokens")));
-            assert_eq!(v, json!({"type": "error", "error": {"type": t, "message": "boom"}}), "{k:?}");
+            let v = parse(&error_body_typed(
+                ClientApi::Anthropic,
+                *k,
+                "boom",
+                Some("c1"),
+                Some("p"),
+                Some("tokens"),
+            ));
+            assert_eq!(
+                v,
+                json!({"type": "error", "error": {"type": t, "message": "boom"}}),
+                "{k:?}"
+            );
         }
     }
 

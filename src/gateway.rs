@@ -44,7 +44,9 @@ impl AuthError {
 }
 
 /// The credential a client presented: `Authorization: Bearer`, else `x-api-key`, else `api-key`.
-pub fn presented_key<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Result<Option<&'a str>, AuthError> {
+pub fn presented_key<'a>(
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Option<&'a str>, AuthError> {
     if let Some(v) = header("authorization") {
         let v = v.trim();
         let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
@@ -54,18 +56,31 @@ pub fn presented_key<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Result<Opt
         let token = rest.trim();
         return Ok((!token.is_empty()).then_some(token));
     }
-    Ok(header("x-api-key").or_else(|| header("api-key")).map(str::trim).filter(|s| !s.is_empty()))
+    Ok(header("x-api-key")
+        .or_else(|| header("api-key"))
+        .map(str::trim)
+        .filter(|s| !s.is_empty()))
 }
 
 /// Who is calling. Key comparison is against SHA-256 digests, in constant time, over every consumer
 /// (no early exit), so neither the digest nor the list's order leaks through timing.
-pub fn identify<'a>(cfg: &Config, header: impl Fn(&str) -> Option<&'a str>) -> Result<String, AuthError> {
+pub fn identify<'a>(
+    cfg: &Config,
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> Result<String, AuthError> {
     match &cfg.consumers {
         Consumers::Anonymous => Ok(ANONYMOUS.to_string()),
         Consumers::TrustedHeader { header: h, list } => {
-            let name = header(h).map(str::trim).filter(|s| !s.is_empty()).ok_or(AuthError::Missing)?;
+            let name = header(h)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .ok_or(AuthError::Missing)?;
             if list.is_empty() || list.iter().any(|c| c.name == name) {
-                if name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                if name.len() > 64
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
                     return Err(AuthError::Unknown);
                 }
                 Ok(name.to_string())
@@ -167,44 +182,82 @@ pub fn attempt_plan(
 ) -> Result<(String, bool), String> {
     let provider_model = match client_model.filter(|m| !m.is_empty()) {
         Some(m) => Some(provider.map_model(m).ok_or_else(|| {
-            format!("The model '{m}' is not served by provider '{}'.", provider.name)
+            format!(
+                "The model '{m}' is not served by provider '{}'.",
+                provider.name
+            )
         })?),
         None => None,
     };
     let rewrites_body = body_rewritten
         || provider_model.is_some_and(|pm| Some(pm) != client_model)
-        || translation(api, provider.kind).map(|t| t != Translation::None).unwrap_or(false);
-    Ok((upstream_path(provider, api, path, provider_model), rewrites_body))
+        || translation(api, provider.kind)
+            .map(|t| t != Translation::None)
+            .unwrap_or(false);
+    Ok((
+        upstream_path(provider, api, path, provider_model),
+        rewrites_body,
+    ))
 }
 
 /// Rate-limit headers in the client API's dialect. OpenAI's are `x-ratelimit-{limit,remaining,reset}-
 /// {requests,tokens}` (reset as a duration like "6m0s"); Anthropic's `anthropic-ratelimit-{requests,
 /// tokens,input-tokens,output-tokens}-{limit,remaining,reset}` (reset as an RFC 3339 time). Of several
 /// limits on one metric, the one with the least remaining is reported.
-pub fn rate_limit_headers(api: ClientApi, standings: &[Standing], now_ms: u64) -> Vec<(String, String)> {
+pub fn rate_limit_headers(
+    api: ClientApi,
+    standings: &[Standing],
+    now_ms: u64,
+) -> Vec<(String, String)> {
     let pick = |metrics: &[Metric]| {
         standings
             .iter()
             .filter(|s| metrics.contains(&s.limit.metric))
-            .min_by(|a, b| a.remaining.cmp(&b.remaining).then(b.reset_ms.cmp(&a.reset_ms)))
+            .min_by(|a, b| {
+                a.remaining
+                    .cmp(&b.remaining)
+                    .then(b.reset_ms.cmp(&a.reset_ms))
+            })
     };
     let mut out = Vec::new();
     let mut push = |family: &str, s: &Standing| match api {
         ClientApi::OpenAi => {
-            out.push((format!("x-ratelimit-limit-{family}"), s.limit.amount.to_string()));
-            out.push((format!("x-ratelimit-remaining-{family}"), s.remaining.to_string()));
-            out.push((format!("x-ratelimit-reset-{family}"), format_go_duration(s.reset_ms)));
+            out.push((
+                format!("x-ratelimit-limit-{family}"),
+                s.limit.amount.to_string(),
+            ));
+            out.push((
+                format!("x-ratelimit-remaining-{family}"),
+                s.remaining.to_string(),
+            ));
+            out.push((
+                format!("x-ratelimit-reset-{family}"),
+                format_go_duration(s.reset_ms),
+            ));
         }
         ClientApi::Anthropic => {
-            out.push((format!("anthropic-ratelimit-{family}-limit"), s.limit.amount.to_string()));
-            out.push((format!("anthropic-ratelimit-{family}-remaining"), s.remaining.to_string()));
-            out.push((format!("anthropic-ratelimit-{family}-reset"), format_rfc3339(now_ms.saturating_add(s.reset_ms))));
+            out.push((
+                format!("anthropic-ratelimit-{family}-limit"),
+                s.limit.amount.to_string(),
+            ));
+            out.push((
+                format!("anthropic-ratelimit-{family}-remaining"),
+                s.remaining.to_string(),
+            ));
+            out.push((
+                format!("anthropic-ratelimit-{family}-reset"),
+                format_rfc3339(now_ms.saturating_add(s.reset_ms)),
+            ));
         }
     };
     if let Some(s) = pick(&[Metric::Requests]) {
         push("requests", s);
     }
-    if let Some(s) = pick(&[Metric::TotalTokens, Metric::InputTokens, Metric::OutputTokens]) {
+    if let Some(s) = pick(&[
+        Metric::TotalTokens,
+        Metric::InputTokens,
+        Metric::OutputTokens,
+    ]) {
         push("tokens", s);
     }
     if api == ClientApi::Anthropic {
@@ -248,7 +301,13 @@ pub fn retry_after_secs(ms: u64) -> u64 {
 /// called "gpt-4.1" is exported as "gpt-4_1".
 pub fn metric_segment(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -257,12 +316,23 @@ pub fn metric_segment(s: &str) -> String {
 pub fn response_text_chars(body: &[u8]) -> u64 {
     fn walk(v: &serde_json::Value, inside: bool, acc: &mut u64) {
         match v {
-            serde_json::Value::String(s) if inside => *acc = acc.saturating_add(s.chars().count() as u64),
+            serde_json::Value::String(s) if inside => {
+                *acc = acc.saturating_add(s.chars().count() as u64)
+            }
             serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, inside, acc)),
             serde_json::Value::Object(o) => {
                 for (k, x) in o {
-                    let now_inside = inside || matches!(k.as_str(), "choices" | "content" | "output");
-                    if !matches!(k.as_str(), "id" | "type" | "role" | "finish_reason" | "stop_reason" | "model" | "object") {
+                    let now_inside =
+                        inside || matches!(k.as_str(), "choices" | "content" | "output");
+                    if !matches!(
+                        k.as_str(),
+                        "id" | "type"
+                            | "role"
+                            | "finish_reason"
+                            | "stop_reason"
+                            | "model"
+                            | "object"
+                    ) {
                         walk(x, now_inside, acc)
                     }
                 }
@@ -284,7 +354,10 @@ mod tests {
     use crate::quota::Limit;
 
     fn cfg(json: &str) -> Config {
-        parse(json.as_bytes(), &|v| (v == "K").then(|| "sk-secret".to_string())).unwrap()
+        parse(json.as_bytes(), &|v| {
+            (v == "K").then(|| "sk-secret".to_string())
+        })
+        .unwrap()
     }
 
     const KEYS: &str = r#"{"consumers":{"list":[
@@ -295,24 +368,53 @@ mod tests {
     #[test]
     fn consumers_by_key_digest() {
         let c = cfg(KEYS);
-        let h = |auth: Option<&'static str>| move |n: &str| if n == "authorization" { auth } else { None };
-        assert_eq!(identify(&c, h(Some("Bearer sk-secret"))), Ok("team-b".to_string()));
-        assert_eq!(identify(&c, h(Some("bearer   sk-secret "))), Ok("team-b".to_string()));
-        assert_eq!(identify(&c, h(Some("Bearer nope"))), Err(AuthError::Unknown));
+        let h = |auth: Option<&'static str>| {
+            move |n: &str| if n == "authorization" { auth } else { None }
+        };
+        assert_eq!(
+            identify(&c, h(Some("Bearer sk-secret"))),
+            Ok("team-b".to_string())
+        );
+        assert_eq!(
+            identify(&c, h(Some("bearer   sk-secret "))),
+            Ok("team-b".to_string())
+        );
+        assert_eq!(
+            identify(&c, h(Some("Bearer nope"))),
+            Err(AuthError::Unknown)
+        );
         assert_eq!(identify(&c, h(None)), Err(AuthError::Missing));
-        assert!(matches!(identify(&c, h(Some("Basic abc"))), Err(AuthError::Malformed(_))));
-        let x = |n: &str| if n == "x-api-key" { Some("sk-secret") } else { None };
+        assert!(matches!(
+            identify(&c, h(Some("Basic abc"))),
+            Err(AuthError::Malformed(_))
+        ));
+        let x = |n: &str| {
+            if n == "x-api-key" {
+                Some("sk-secret")
+            } else {
+                None
+            }
+        };
         assert_eq!(identify(&c, x), Ok("team-b".to_string()));
     }
 
     #[test]
     fn anonymous_and_trusted_header() {
-        let c = cfg(r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K"}]}]}"#);
+        let c =
+            cfg(r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K"}]}]}"#);
         assert_eq!(identify(&c, |_| None), Ok("anonymous".to_string()));
-        let c = cfg(r#"{"consumers":{"trusted_header":"x-consumer","list":[{"name":"team-a"}]},
-            "providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K"}]}]}"#);
-        assert_eq!(identify(&c, |n| (n == "x-consumer").then_some("team-a")), Ok("team-a".to_string()));
-        assert_eq!(identify(&c, |n| (n == "x-consumer").then_some("team-z")), Err(AuthError::Unknown));
+        let c = cfg(
+            r#"{"consumers":{"trusted_header":"x-consumer","list":[{"name":"team-a"}]},
+            "providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K"}]}]}"#,
+        );
+        assert_eq!(
+            identify(&c, |n| (n == "x-consumer").then_some("team-a")),
+            Ok("team-a".to_string())
+        );
+        assert_eq!(
+            identify(&c, |n| (n == "x-consumer").then_some("team-z")),
+            Err(AuthError::Unknown)
+        );
         assert_eq!(identify(&c, |_| None), Err(AuthError::Missing));
     }
 
@@ -324,15 +426,45 @@ mod tests {
             {"name":"an","type":"anthropic","keys":[{"id":"k1","env":"K"}]},
             {"name":"gq","type":"openai_compatible","base_path":"/openai","keys":[{"id":"k1","env":"K"}]}]}"#);
         let p = |i: usize| &c.providers[i];
-        assert_eq!(upstream_path(p(0), ApiKind::ChatCompletions, "/v1/chat/completions", Some("m")), "/v1/chat/completions");
         assert_eq!(
-            upstream_path(p(1), ApiKind::ChatCompletions, "/v1/chat/completions", Some("gpt-4o")),
+            upstream_path(
+                p(0),
+                ApiKind::ChatCompletions,
+                "/v1/chat/completions",
+                Some("m")
+            ),
+            "/v1/chat/completions"
+        );
+        assert_eq!(
+            upstream_path(
+                p(1),
+                ApiKind::ChatCompletions,
+                "/v1/chat/completions",
+                Some("gpt-4o")
+            ),
             "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         );
-        assert_eq!(upstream_path(p(2), ApiKind::ChatCompletions, "/v1/chat/completions", Some("c")), "/v1/messages");
-        assert_eq!(upstream_path(p(0), ApiKind::Messages, "/v1/messages", Some("m")), "/v1/chat/completions");
-        assert_eq!(upstream_path(p(3), ApiKind::ChatCompletions, "/v1/chat/completions", None), "/openai/v1/chat/completions");
-        assert_eq!(auth_headers(p(2), "s")[1], ("anthropic-version", "2023-06-01".to_string()));
+        assert_eq!(
+            upstream_path(
+                p(2),
+                ApiKind::ChatCompletions,
+                "/v1/chat/completions",
+                Some("c")
+            ),
+            "/v1/messages"
+        );
+        assert_eq!(
+            upstream_path(p(0), ApiKind::Messages, "/v1/messages", Some("m")),
+            "/v1/chat/completions"
+        );
+        assert_eq!(
+            upstream_path(p(3), ApiKind::ChatCompletions, "/v1/chat/completions", None),
+            "/openai/v1/chat/completions"
+        );
+        assert_eq!(
+            auth_headers(p(2), "s")[1],
+            ("anthropic-version", "2023-06-01".to_string())
+        );
         assert_eq!(auth_headers(p(1), "s"), vec![("api-key", "s".to_string())]);
         assert!(translation(ApiKind::Embeddings, ProviderType::Anthropic).is_err());
     }
@@ -340,19 +472,33 @@ mod tests {
     #[test]
     fn rate_limit_headers_report_the_tightest() {
         let st = |metric, amount, remaining, reset_ms| Standing {
-            limit: Limit { metric, amount, window_ms: 60_000 },
+            limit: Limit {
+                metric,
+                amount,
+                window_ms: 60_000,
+            },
             remaining,
             reset_ms,
             used_fraction: 0.0,
         };
-        let s = [st(Metric::Requests, 10, 9, 6_000), st(Metric::TotalTokens, 1000, 400, 36_000), st(Metric::InputTokens, 500, 100, 48_000)];
+        let s = [
+            st(Metric::Requests, 10, 9, 6_000),
+            st(Metric::TotalTokens, 1000, 400, 36_000),
+            st(Metric::InputTokens, 500, 100, 48_000),
+        ];
         let h = rate_limit_headers(ClientApi::OpenAi, &s, 0);
         assert_eq!(h[0], ("x-ratelimit-limit-requests".into(), "10".into()));
         assert_eq!(h[2], ("x-ratelimit-reset-requests".into(), "6s".into()));
         assert_eq!(h[4], ("x-ratelimit-remaining-tokens".into(), "100".into()));
         let a = rate_limit_headers(ClientApi::Anthropic, &s, 0);
-        assert!(a.contains(&("anthropic-ratelimit-input-tokens-remaining".into(), "100".into())));
-        assert!(a.contains(&("anthropic-ratelimit-requests-reset".into(), "1970-01-01T00:00:06Z".into())));
+        assert!(a.contains(&(
+            "anthropic-ratelimit-input-tokens-remaining".into(),
+            "100".into()
+        )));
+        assert!(a.contains(&(
+            "anthropic-ratelimit-requests-reset".into(),
+            "1970-01-01T00:00:06Z".into()
+        )));
     }
 
     #[test]
@@ -360,7 +506,8 @@ mod tests {
         let body = br#"{"error":{"message":"Incorrect API key provided: sk-abc. sk-abc again"}}"#;
         assert_eq!(
             scrub(body, "sk-abc", "oa-1"),
-            br#"{"error":{"message":"Incorrect API key provided: [key oa-1]. [key oa-1] again"}}"#.to_vec()
+            br#"{"error":{"message":"Incorrect API key provided: [key oa-1]. [key oa-1] again"}}"#
+                .to_vec()
         );
         assert_eq!(scrub(b"short", "a-long-secret", "k"), b"short".to_vec());
     }

@@ -38,7 +38,9 @@ impl CooldownReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Circuit {
     Closed,
-    Open { until_ms: u64 },
+    Open {
+        until_ms: u64,
+    },
     /// Open time is over: a few real requests may test the provider.
     HalfOpen,
 }
@@ -73,7 +75,8 @@ pub fn fnv1a(s: &[u8]) -> u64 {
 impl ProviderHealth {
     pub fn decode(bytes: Option<&[u8]>, provider: &Provider) -> Self {
         let b = bytes.unwrap_or(&[]);
-        let [failures, open_until_ms, probes_used, probes_since_ms] = decode_u64s::<HEADER_FIELDS>(Some(b));
+        let [failures, open_until_ms, probes_used, probes_since_ms] =
+            decode_u64s::<HEADER_FIELDS>(Some(b));
         let slots: Vec<[u64; KEY_FIELDS]> = b
             .get(HEADER_FIELDS * 8..)
             .unwrap_or(&[])
@@ -92,19 +95,37 @@ impl ProviderHealth {
                     .unwrap_or((0, CooldownReason::None))
             })
             .collect();
-        ProviderHealth { failures, open_until_ms, probes_used, probes_since_ms, keys }
+        ProviderHealth {
+            failures,
+            open_until_ms,
+            probes_used,
+            probes_since_ms,
+            keys,
+        }
     }
 
     pub fn encode(&self, provider: &Provider) -> Vec<u8> {
-        let mut v = encode_u64s(&[self.failures, self.open_until_ms, self.probes_used, self.probes_since_ms]);
+        let mut v = encode_u64s(&[
+            self.failures,
+            self.open_until_ms,
+            self.probes_used,
+            self.probes_since_ms,
+        ]);
         for (k, (until, reason)) in provider.keys.iter().zip(&self.keys) {
-            v.extend(encode_u64s(&[fnv1a(k.id.as_bytes()), *until, *reason as u64]));
+            v.extend(encode_u64s(&[
+                fnv1a(k.id.as_bytes()),
+                *until,
+                *reason as u64,
+            ]));
         }
         v
     }
 
     pub fn key_available(&self, idx: usize, now_ms: u64) -> bool {
-        self.keys.get(idx).map(|(until, _)| *until <= now_ms).unwrap_or(false)
+        self.keys
+            .get(idx)
+            .map(|(until, _)| *until <= now_ms)
+            .unwrap_or(false)
     }
 
     /// The state of the key at `idx` now: healthy, or cooling until when and why.
@@ -117,14 +138,20 @@ impl ProviderHealth {
 
     /// When the first key of the provider is usable again (now if one is usable now).
     pub fn earliest_key_ms(&self, now_ms: u64) -> u64 {
-        self.keys.iter().map(|(u, _)| (*u).max(now_ms)).min().unwrap_or(now_ms)
+        self.keys
+            .iter()
+            .map(|(u, _)| (*u).max(now_ms))
+            .min()
+            .unwrap_or(now_ms)
     }
 
     pub fn circuit(&self, cfg: &Health, now_ms: u64) -> Circuit {
         if u64::from(cfg.circuit_failures) > self.failures {
             Circuit::Closed
         } else if now_ms < self.open_until_ms {
-            Circuit::Open { until_ms: self.open_until_ms }
+            Circuit::Open {
+                until_ms: self.open_until_ms,
+            }
         } else {
             Circuit::HalfOpen
         }
@@ -141,7 +168,10 @@ impl ProviderHealth {
     }
 }
 
-pub fn read<S: SharedStore + ?Sized>(store: &S, provider: &Provider) -> Result<ProviderHealth, StoreError> {
+pub fn read<S: SharedStore + ?Sized>(
+    store: &S,
+    provider: &Provider,
+) -> Result<ProviderHealth, StoreError> {
     let (bytes, _) = store.get(&entry_key(&provider.name))?;
     Ok(ProviderHealth::decode(bytes.as_deref(), provider))
 }
@@ -282,10 +312,15 @@ mod tests {
         cool_key(&s, &p, 1, 3_000, CooldownReason::RateLimited).unwrap();
         let h = read(&s, &p).unwrap();
         assert_eq!(h.keys[1], (5_000, CooldownReason::RateLimited));
-        assert!(h.key_available(0, 1_000) && !h.key_available(1, 4_999) && h.key_available(1, 5_000));
+        assert!(
+            h.key_available(0, 1_000) && !h.key_available(1, 4_999) && h.key_available(1, 5_000)
+        );
         // Reordered config: "b" keeps its cooldown.
         let reordered = provider(&["b", "c", "a"]);
-        assert_eq!(read(&s, &reordered).unwrap().keys[0], (5_000, CooldownReason::RateLimited));
+        assert_eq!(
+            read(&s, &reordered).unwrap().keys[0],
+            (5_000, CooldownReason::RateLimited)
+        );
         assert_eq!(h.earliest_key_ms(1_000), 1_000);
     }
 
@@ -294,16 +329,25 @@ mod tests {
         let s = FakeStore::new();
         let p = provider(&["a"]);
         for i in 0..2 {
-            assert_eq!(record(&s, &p, &CFG, Outcome::ProviderFailure, 100 + i).unwrap(), Circuit::Closed);
+            assert_eq!(
+                record(&s, &p, &CFG, Outcome::ProviderFailure, 100 + i).unwrap(),
+                Circuit::Closed
+            );
         }
         assert_eq!(
             record(&s, &p, &CFG, Outcome::ProviderFailure, 200).unwrap(),
             Circuit::Open { until_ms: 10_200 }
         );
         assert!(!try_acquire(&s, &p, &CFG, 10_199).unwrap());
-        assert!(try_acquire(&s, &p, &CFG, 10_200).unwrap(), "one probe in half-open");
+        assert!(
+            try_acquire(&s, &p, &CFG, 10_200).unwrap(),
+            "one probe in half-open"
+        );
         assert!(!try_acquire(&s, &p, &CFG, 10_201).unwrap(), "only one");
-        assert_eq!(record(&s, &p, &CFG, Outcome::Success, 10_300).unwrap(), Circuit::Closed);
+        assert_eq!(
+            record(&s, &p, &CFG, Outcome::Success, 10_300).unwrap(),
+            Circuit::Closed
+        );
         assert!(try_acquire(&s, &p, &CFG, 10_301).unwrap());
     }
 

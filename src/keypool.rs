@@ -9,7 +9,9 @@ use crate::store::{add_u64s, SharedStore, StoreError};
 pub enum Choice {
     Key(usize),
     /// Every key is cooling down: the first is back at `retry_at_ms`.
-    Exhausted { retry_at_ms: u64 },
+    Exhausted {
+        retry_at_ms: u64,
+    },
 }
 
 pub fn counter_key(provider: &str) -> String {
@@ -26,17 +28,22 @@ pub fn choose<S: SharedStore + ?Sized>(
 ) -> Result<Choice, StoreError> {
     let n = provider.keys.len();
     if n == 0 {
-        return Ok(Choice::Exhausted { retry_at_ms: now_ms });
+        return Ok(Choice::Exhausted {
+            retry_at_ms: now_ms,
+        });
     }
     let healthy = |i: usize| health.key_available(i, now_ms);
     if !(0..n).any(healthy) {
-        return Ok(Choice::Exhausted { retry_at_ms: health.earliest_key_ms(now_ms) });
+        return Ok(Choice::Exhausted {
+            retry_at_ms: health.earliest_key_ms(now_ms),
+        });
     }
     let pick = match provider.rotation {
         Rotation::Sticky => {
             // Same consumer/session -> same key while it is healthy; if it is not, the next one in
             // order, so the fallback is sticky too.
-            let start = usize::try_from(fnv1a(sticky.unwrap_or("").as_bytes()) % n as u64).unwrap_or(0);
+            let start =
+                usize::try_from(fnv1a(sticky.unwrap_or("").as_bytes()) % n as u64).unwrap_or(0);
             (0..n).map(|o| (start + o) % n).find(|&i| healthy(i))
         }
         Rotation::RoundRobin | Rotation::Weighted => {
@@ -44,18 +51,29 @@ pub fn choose<S: SharedStore + ?Sized>(
             let ticket = ticket.wrapping_sub(1);
             // Rotate over the healthy keys only, so that a cooling key's share is spread evenly
             // over the others instead of all falling on its neighbour.
-            let order: Vec<usize> = if provider.rotation == Rotation::Weighted && !provider.schedule.is_empty() {
-                provider.schedule.iter().copied().filter(|&i| healthy(i)).collect()
-            } else {
-                (0..n).filter(|&i| healthy(i)).collect()
-            };
+            let order: Vec<usize> =
+                if provider.rotation == Rotation::Weighted && !provider.schedule.is_empty() {
+                    provider
+                        .schedule
+                        .iter()
+                        .copied()
+                        .filter(|&i| healthy(i))
+                        .collect()
+                } else {
+                    (0..n).filter(|&i| healthy(i)).collect()
+                };
             let len = order.len() as u64;
-            (len > 0).then(|| usize::try_from(ticket % len).ok()).flatten().and_then(|i| order.get(i).copied())
+            (len > 0)
+                .then(|| usize::try_from(ticket % len).ok())
+                .flatten()
+                .and_then(|i| order.get(i).copied())
         }
     };
     Ok(match pick {
         Some(i) => Choice::Key(i),
-        None => Choice::Exhausted { retry_at_ms: health.earliest_key_ms(now_ms) },
+        None => Choice::Exhausted {
+            retry_at_ms: health.earliest_key_ms(now_ms),
+        },
     })
 }
 
@@ -84,7 +102,9 @@ mod tests {
             if i % 7 == 0 {
                 s.inject_conflicts.set(2);
             }
-            let Choice::Key(k) = pick(&s, &p, None, 0) else { panic!() };
+            let Choice::Key(k) = pick(&s, &p, None, 0) else {
+                panic!()
+            };
             counts[k] += 1;
         }
         assert_eq!(counts, [100, 100, 100]);
@@ -100,7 +120,10 @@ mod tests {
         }
         cool_key(&s, &p, 1, 2_000, CooldownReason::RateLimited).unwrap();
         cool_key(&s, &p, 2, 3_000, CooldownReason::Disabled).unwrap();
-        assert_eq!(pick(&s, &p, None, 500), Choice::Exhausted { retry_at_ms: 1_000 });
+        assert_eq!(
+            pick(&s, &p, None, 500),
+            Choice::Exhausted { retry_at_ms: 1_000 }
+        );
         assert_eq!(pick(&s, &p, None, 1_000), Choice::Key(0));
     }
 
@@ -111,7 +134,9 @@ mod tests {
         cool_key(&s, &p, 1, 1_000, CooldownReason::Disabled).unwrap();
         let mut counts = [0; 4];
         for _ in 0..300 {
-            let Choice::Key(k) = pick(&s, &p, None, 0) else { panic!() };
+            let Choice::Key(k) = pick(&s, &p, None, 0) else {
+                panic!()
+            };
             counts[k] += 1;
         }
         assert_eq!(counts, [100, 0, 100, 100]);
@@ -138,8 +163,15 @@ mod tests {
         cool_key(&s, &p, k, 10, CooldownReason::RateLimited).unwrap();
         let moved = pick(&s, &p, Some("team-a"), 5);
         assert_ne!(moved, first);
-        assert_eq!(pick(&s, &p, Some("team-a"), 5), moved, "the fallback is sticky too");
+        assert_eq!(
+            pick(&s, &p, Some("team-a"), 5),
+            moved,
+            "the fallback is sticky too"
+        );
         assert_eq!(pick(&s, &p, Some("team-a"), 10), first, "back once healthy");
-        assert!(s.keys().iter().all(|k| !k.starts_with("tollgate:rr")), "sticky uses no counter");
+        assert!(
+            s.keys().iter().all(|k| !k.starts_with("tollgate:rr")),
+            "sticky uses no counter"
+        );
     }
 }

@@ -13,14 +13,29 @@ const MS_PER_DAY: i64 = 86_400_000;
 const MAX_FORMAT_MS: u64 = 253_402_300_799_999;
 
 const OPENAI: [(&str, &str); 2] = [
-    ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+    (
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ),
     ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
 ];
 const ANTHROPIC: [(&str, &str); 4] = [
-    ("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset"),
-    ("anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset"),
-    ("anthropic-ratelimit-input-tokens-remaining", "anthropic-ratelimit-input-tokens-reset"),
-    ("anthropic-ratelimit-output-tokens-remaining", "anthropic-ratelimit-output-tokens-reset"),
+    (
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+    ),
+    (
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-tokens-reset",
+    ),
+    (
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-reset",
+    ),
+    (
+        "anthropic-ratelimit-output-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-reset",
+    ),
 ];
 
 /// Response headers of an upstream answer, lowercased names. Returns how many milliseconds from
@@ -30,23 +45,41 @@ const ANTHROPIC: [(&str, &str); 4] = [
 /// Anthropic's `anthropic-ratelimit-*-reset` (the latest of the exhausted ones: the key cannot serve
 /// until every exhausted budget is back; with none marked exhausted, the latest reset).
 /// Past dates give Some(0); everything is capped at [`MAX_COOLDOWN_MS`].
-pub fn cooldown_ms<'a>(headers: impl Iterator<Item = (&'a str, &'a str)> + Clone, now_ms: u64) -> Option<u64> {
+pub fn cooldown_ms<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    now_ms: u64,
+) -> Option<u64> {
     let get = |name: &str| {
-        headers.clone().find(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim())
+        headers
+            .clone()
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
     };
-    let exhausted = |name: &str| get(name).and_then(|v| v.parse::<i64>().ok()).map(|r| r <= 0);
+    let exhausted = |name: &str| {
+        get(name)
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(|r| r <= 0)
+    };
 
-    let retry_after_ms = || get("retry-after-ms").and_then(|v| decimal_ns(v, NS_PER_MS)).map(ns_to_ms_ceil);
+    let retry_after_ms = || {
+        get("retry-after-ms")
+            .and_then(|v| decimal_ns(v, NS_PER_MS))
+            .map(ns_to_ms_ceil)
+    };
     let retry_after = || {
         let v = get("retry-after")?;
-        decimal_ns(v, NS_PER_S).map(ns_to_ms_ceil).or_else(|| Some(parse_http_date_ms(v)?.saturating_sub(now_ms)))
+        decimal_ns(v, NS_PER_S)
+            .map(ns_to_ms_ceil)
+            .or_else(|| Some(parse_http_date_ms(v)?.saturating_sub(now_ms)))
     };
     let openai = || {
         let (mut any_remaining, mut longest, mut longest_exhausted) = (false, None, None);
         for (remaining, reset) in OPENAI {
             let state = exhausted(remaining);
             any_remaining |= state.is_some();
-            let Some(wait) = get(reset).and_then(parse_go_duration_ms) else { continue };
+            let Some(wait) = get(reset).and_then(parse_go_duration_ms) else {
+                continue;
+            };
             longest = longest.max(Some(wait));
             if state == Some(true) {
                 longest_exhausted = longest_exhausted.max(Some(wait));
@@ -61,7 +94,9 @@ pub fn cooldown_ms<'a>(headers: impl Iterator<Item = (&'a str, &'a str)> + Clone
     let anthropic = || {
         let (mut latest, mut latest_exhausted) = (None, None::<u64>);
         for (remaining, reset) in ANTHROPIC {
-            let Some(at) = get(reset).and_then(parse_rfc3339_ms) else { continue };
+            let Some(at) = get(reset).and_then(parse_rfc3339_ms) else {
+                continue;
+            };
             let wait = at.saturating_sub(now_ms);
             latest = latest.max(Some(wait));
             if exhausted(remaining) == Some(true) {
@@ -113,7 +148,10 @@ pub fn parse_go_duration_ms(s: &str) -> Option<u64> {
 /// asctime "Sun Nov  6 08:49:37 1994". Case and spacing are lenient; the weekday is optional and
 /// not checked against the date. Two-digit years are 1970..2069. Dates before 1970 give 0.
 pub fn parse_http_date_ms(s: &str) -> Option<u64> {
-    let mut t = s.split(|c: char| c.is_whitespace() || c == ',' || c == '-').filter(|t| !t.is_empty()).peekable();
+    let mut t = s
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '-')
+        .filter(|t| !t.is_empty())
+        .peekable();
     if t.peek().is_some_and(|w| is_weekday(w)) {
         t.next();
     }
@@ -128,7 +166,13 @@ pub fn parse_http_date_ms(s: &str) -> Option<u64> {
             (first, mon, year, time, Some(t.next()?))
         }
     };
-    if t.next().is_some() || !zone.is_none_or(|z| ["gmt", "utc", "ut", "z", "+0000"].iter().any(|g| z.eq_ignore_ascii_case(g))) {
+    if t.next().is_some()
+        || !zone.is_none_or(|z| {
+            ["gmt", "utc", "ut", "z", "+0000"]
+                .iter()
+                .any(|g| z.eq_ignore_ascii_case(g))
+        })
+    {
         return None;
     }
     let year = match (digits(year)?, year.len()) {
@@ -137,7 +181,11 @@ pub fn parse_http_date_ms(s: &str) -> Option<u64> {
         (y, 4) => y,
         _ => return None,
     };
-    let day = if day.len() <= 2 { digits(day)? } else { return None };
+    let day = if day.len() <= 2 {
+        digits(day)?
+    } else {
+        return None;
+    };
     let mut hms = time.split(':');
     let mut field = || hms.next().filter(|f| f.len() <= 2).and_then(digits);
     let (h, m, sec) = (field()?, field()?, field()?);
@@ -153,22 +201,44 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
     let b = s.trim().as_bytes();
     let num = |from: usize, len: usize| -> Option<u32> {
         let d = b.get(from..from.checked_add(len)?)?;
-        d.iter().all(u8::is_ascii_digit).then(|| d.iter().fold(0, |a, c| a * 10 + u32::from(c - b'0')))
+        d.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| d.iter().fold(0, |a, c| a * 10 + u32::from(c - b'0')))
     };
     let seps = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
-    if seps.iter().any(|&(i, c)| b.get(i) != Some(&c)) || !matches!(b.get(10), Some(b'T' | b't' | b' ')) {
+    if seps.iter().any(|&(i, c)| b.get(i) != Some(&c))
+        || !matches!(b.get(10), Some(b'T' | b't' | b' '))
+    {
         return None;
     }
-    let base = civil_ms(num(0, 4)?, num(5, 2)?, num(8, 2)?, num(11, 2)?, num(14, 2)?, num(17, 2)?)?;
+    let base = civil_ms(
+        num(0, 4)?,
+        num(5, 2)?,
+        num(8, 2)?,
+        num(11, 2)?,
+        num(14, 2)?,
+        num(17, 2)?,
+    )?;
     let mut i = 19;
     let mut frac_ms = 0;
     if b.get(i) == Some(&b'.') {
-        let len = b.get(i + 1..)?.iter().take_while(|c| c.is_ascii_digit()).count();
+        let len = b
+            .get(i + 1..)?
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
         if len == 0 {
             return None;
         }
         // First three fraction digits are the ms, padded on the right: ".5" is 500.
-        frac_ms = (0..3).fold(0, |acc, k| acc * 10 + if k < len { num(i + 1 + k, 1).unwrap_or(0) } else { 0 });
+        frac_ms = (0..3).fold(0, |acc, k| {
+            acc * 10
+                + if k < len {
+                    num(i + 1 + k, 1).unwrap_or(0)
+                } else {
+                    0
+                }
+        });
         i += 1 + len;
     }
     let offset_min = match b.get(i..)? {
@@ -198,7 +268,11 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
 /// "0s", "20ms", "1.5s", "6m0s", "1h2m3s".
 pub fn format_go_duration(ms: u64) -> String {
     if ms < 1000 {
-        return if ms == 0 { "0s".into() } else { format!("{ms}ms") };
+        return if ms == 0 {
+            "0s".into()
+        } else {
+            format!("{ms}ms")
+        };
     }
     let (h, m, s, frac) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
     let mut out = String::new();
@@ -221,21 +295,36 @@ pub fn format_rfc3339(ms: u64) -> String {
     let ms = ms.min(MAX_FORMAT_MS);
     let (days, in_day) = (ms / 86_400_000, ms % 86_400_000 / 1000);
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", in_day / 3600, in_day / 60 % 60, in_day % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        in_day / 3600,
+        in_day / 60 % 60,
+        in_day % 60
+    )
 }
 
 /// Plain non-negative decimal ("12", "1.5", ".5") times `unit_ns`, exact, saturating.
 /// Signs, exponents, "inf" and the like are rejected so garbage falls through to the next signal.
 fn decimal_ns(s: &str, unit_ns: u128) -> Option<u128> {
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if (int.is_empty() && frac.is_empty()) || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+    if (int.is_empty() && frac.is_empty())
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
         return None;
     }
-    let whole = int.bytes().fold(0u128, |a, b| a.saturating_mul(10).saturating_add(u128::from(b - b'0')));
+    let whole = int.bytes().fold(0u128, |a, b| {
+        a.saturating_mul(10).saturating_add(u128::from(b - b'0'))
+    });
     // Digits past the ninth are below a nanosecond of an hour's precision that matters here.
     let frac = frac.get(..9).unwrap_or(frac);
-    let (f, scale) = frac.bytes().fold((0u128, 1u128), |(a, s), b| (a * 10 + u128::from(b - b'0'), s * 10));
-    Some(whole.saturating_mul(unit_ns).saturating_add(f * unit_ns / scale))
+    let (f, scale) = frac.bytes().fold((0u128, 1u128), |(a, s), b| {
+        (a * 10 + u128::from(b - b'0'), s * 10)
+    });
+    Some(
+        whole
+            .saturating_mul(unit_ns)
+            .saturating_add(f * unit_ns / scale),
+    )
 }
 
 fn ns_to_ms_ceil(ns: u128) -> u64 {
@@ -254,13 +343,27 @@ fn digits(s: &str) -> Option<u32> {
 }
 
 fn is_weekday(w: &str) -> bool {
-    const DAYS: [&str; 7] = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"];
-    DAYS.iter().any(|d| w.eq_ignore_ascii_case(d) || d.get(..3).is_some_and(|a| w.eq_ignore_ascii_case(a)))
+    const DAYS: [&str; 7] = [
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+    ];
+    DAYS.iter()
+        .any(|d| w.eq_ignore_ascii_case(d) || d.get(..3).is_some_and(|a| w.eq_ignore_ascii_case(a)))
 }
 
 fn month(m: &str) -> Option<u32> {
-    const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
-    (1..).zip(MONTHS).find(|(_, name)| m.eq_ignore_ascii_case(name)).map(|(n, _)| n)
+    const MONTHS: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
+    (1..)
+        .zip(MONTHS)
+        .find(|(_, name)| m.eq_ignore_ascii_case(name))
+        .map(|(n, _)| n)
 }
 
 /// Validated civil UTC date-time to (possibly negative) unix ms. Years are 0..=9999, so nothing overflows.
@@ -302,7 +405,11 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, u32::try_from(m).unwrap_or(1), u32::try_from(d).unwrap_or(1))
+    (
+        y,
+        u32::try_from(m).unwrap_or(1),
+        u32::try_from(d).unwrap_or(1),
+    )
 }
 
 #[cfg(test)]
@@ -338,7 +445,9 @@ mod tests {
         for (s, want) in ok {
             assert_eq!(parse_go_duration_ms(s), Some(want), "{s:?}");
         }
-        for s in ["", "s", "5", "2d", "-1s", "+1s", "1.2.3s", "6m 0s", "1e3s", "abc", "1sx", ".s", "1S"] {
+        for s in [
+            "", "s", "5", "2d", "-1s", "+1s", "1.2.3s", "6m 0s", "1e3s", "abc", "1sx", ".s", "1S",
+        ] {
             assert_eq!(parse_go_duration_ms(s), None, "{s:?}");
         }
     }
@@ -378,23 +487,35 @@ mod tests {
         ] {
             assert_eq!(parse_http_date_ms(s), want, "{s:?}");
         }
-        assert_eq!(parse_http_date_ms("Wed, 21 Oct 2015 07:28:00 GMT"), Some(1_445_412_480_000));
-        assert_eq!(parse_http_date_ms("Thursday, 01-Jan-70 00:00:00 GMT"), Some(0));
-        assert_eq!(parse_http_date_ms("Tue, 29 Feb 2000 00:00:00 GMT"), Some(951_782_400_000));
+        assert_eq!(
+            parse_http_date_ms("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(1_445_412_480_000)
+        );
+        assert_eq!(
+            parse_http_date_ms("Thursday, 01-Jan-70 00:00:00 GMT"),
+            Some(0)
+        );
+        assert_eq!(
+            parse_http_date_ms("Tue, 29 Feb 2000 00:00:00 GMT"),
+            Some(951_782_400_000)
+        );
         assert_eq!(parse_http_date_ms("Sat, 01 Jan 1960 00:00:00 GMT"), Some(0));
-        assert_eq!(parse_http_date_ms("Fri, 31 Dec 9999 23:59:59 GMT"), Some(253_402_300_799_000));
+        assert_eq!(
+            parse_http_date_ms("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(253_402_300_799_000)
+        );
         for s in [
             "",
-            "Sun, 06 Nov 1994 08:49:37",        // IMF without zone
+            "Sun, 06 Nov 1994 08:49:37", // IMF without zone
             "Sun, 06 Nov 1994 08:49:37 PST",
             "Sun, 06 Nov 1994 08:49:37 GMT x",
             "Sun, 06 Foo 1994 08:49:37 GMT",
             "Sun, 32 Nov 1994 08:49:37 GMT",
-            "Sun, 29 Feb 1900 08:49:37 GMT",   // 1900 is not a leap year
+            "Sun, 29 Feb 1900 08:49:37 GMT", // 1900 is not a leap year
             "Sun, 06 Nov 1994 24:00:00 GMT",
             "Sun, 06 Nov 1994 08:49 GMT",
             "Sun, 06 Nov 1994 08:49:37:1 GMT",
-            "Sun, 06 Nov 19940 08:49:37 GMT",  // year > 9999
+            "Sun, 06 Nov 19940 08:49:37 GMT", // year > 9999
             "Sun, 06 Nov 994 08:49:37 GMT",
             "Sun, 06 Nov 1994 +8:49:37 GMT",
             "120",
@@ -444,11 +565,17 @@ mod tests {
 
     #[test]
     fn truncated_inputs_are_rejected_not_panics() {
-        let prefixes = |s: &'static str| (0..s.len()).filter(move |&i| s.is_char_boundary(i)).map(move |i| &s[..i]);
+        let prefixes = |s: &'static str| {
+            (0..s.len())
+                .filter(move |&i| s.is_char_boundary(i))
+                .map(move |i| &s[..i])
+        };
         for p in prefixes("2024-08-01T12:00:30.123+02:00") {
             assert_eq!(parse_rfc3339_ms(p), None, "{p:?}");
         }
-        for p in prefixes("Sun, 06 Nov 1994 08:49:37 GMT").chain(prefixes("Sunday, 06-Nov-94 08:49:37 GMT")) {
+        for p in prefixes("Sun, 06 Nov 1994 08:49:37 GMT")
+            .chain(prefixes("Sunday, 06-Nov-94 08:49:37 GMT"))
+        {
             assert_eq!(parse_http_date_ms(p), None, "{p:?}");
         }
         for p in prefixes("1h2m3.5µs") {
@@ -468,7 +595,10 @@ mod tests {
         assert_eq!(format_rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(format_rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
         // Every day 1970..~2300 survives format -> parse, which pins both civil conversions.
-        for day in (0..120_000u64).step_by(7).chain([59, 60, 365, 10_957, 11_016]) {
+        for day in (0..120_000u64)
+            .step_by(7)
+            .chain([59, 60, 365, 10_957, 11_016])
+        {
             let ms = day * 86_400_000 + 45_296_000; // 12:34:56
             let s = format_rfc3339(ms);
             assert_eq!(parse_rfc3339_ms(&s), Some(ms), "{s}");
@@ -481,12 +611,28 @@ mod tests {
         assert_eq!(cd(&[("retry-after", "20")], T0), Some(20_000));
         assert_eq!(cd(&[("retry-after", " 0.25 ")], T0), Some(250));
         assert_eq!(cd(&[("Retry-After", "3")], T0), Some(3000)); // caller forgot to lowercase
-        assert_eq!(cd(&[("retry-after", "Thu, 01 Aug 2024 12:01:00 GMT")], T0), Some(30_000));
-        assert_eq!(cd(&[("retry-after", "Thu, 01 Aug 2024 11:00:00 GMT")], T0), Some(0));
-        assert_eq!(cd(&[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")], T0), Some(MAX_COOLDOWN_MS));
-        assert_eq!(cd(&[("retry-after", "99999999999999999999999")], T0), Some(MAX_COOLDOWN_MS));
+        assert_eq!(
+            cd(&[("retry-after", "Thu, 01 Aug 2024 12:01:00 GMT")], T0),
+            Some(30_000)
+        );
+        assert_eq!(
+            cd(&[("retry-after", "Thu, 01 Aug 2024 11:00:00 GMT")], T0),
+            Some(0)
+        );
+        assert_eq!(
+            cd(&[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")], T0),
+            Some(MAX_COOLDOWN_MS)
+        );
+        assert_eq!(
+            cd(&[("retry-after", "99999999999999999999999")], T0),
+            Some(MAX_COOLDOWN_MS)
+        );
         for bad in ["-5", "soon", "inf", "NaN", "1e3", "", "+3"] {
-            assert_eq!(cd(&[("retry-after", bad), ("retry-after-ms", bad)], T0), None, "{bad:?}");
+            assert_eq!(
+                cd(&[("retry-after", bad), ("retry-after-ms", bad)], T0),
+                None,
+                "{bad:?}"
+            );
         }
     }
 
@@ -504,7 +650,12 @@ mod tests {
         assert_eq!(cd(&all[..1], T0), Some(7000));
         assert_eq!(cd(&all[1..2], T0), Some(9000));
         // Garbage at a higher rank is skipped, not fatal.
-        let garbled = [("retry-after-ms", "-1"), ("retry-after", "later"), ("x-ratelimit-reset-tokens", "2d"), all[1]];
+        let garbled = [
+            ("retry-after-ms", "-1"),
+            ("retry-after", "later"),
+            ("x-ratelimit-reset-tokens", "2d"),
+            all[1],
+        ];
         assert_eq!(cd(&garbled, T0), Some(9000));
         assert_eq!(cd(&[("content-type", "application/json")], T0), None);
         assert_eq!(cd(&[], T0), None);
@@ -526,7 +677,10 @@ mod tests {
         // Remaining counts are sent but nothing is exhausted: no signal here.
         assert_eq!(cd(&h("12", "5000"), T0), None);
         // No remaining headers at all: the longest reset.
-        let resets = [("x-ratelimit-reset-requests", "1s"), ("x-ratelimit-reset-tokens", "20ms")];
+        let resets = [
+            ("x-ratelimit-reset-requests", "1s"),
+            ("x-ratelimit-reset-tokens", "20ms"),
+        ];
         assert_eq!(cd(&resets, T0), Some(1000));
     }
 
@@ -537,9 +691,15 @@ mod tests {
                 ("anthropic-ratelimit-requests-remaining", req),
                 ("anthropic-ratelimit-requests-reset", "2024-08-01T12:01:30Z"),
                 ("anthropic-ratelimit-input-tokens-remaining", inp),
-                ("anthropic-ratelimit-input-tokens-reset", "2024-08-01T12:00:40.5Z"),
+                (
+                    "anthropic-ratelimit-input-tokens-reset",
+                    "2024-08-01T12:00:40.5Z",
+                ),
                 ("anthropic-ratelimit-output-tokens-remaining", "100"),
-                ("anthropic-ratelimit-output-tokens-reset", "2024-08-01T14:00:30+02:00"),
+                (
+                    "anthropic-ratelimit-output-tokens-reset",
+                    "2024-08-01T14:00:30+02:00",
+                ),
             ]
         };
         assert_eq!(cd(&h("0", "900"), T0), Some(60_000));
@@ -547,7 +707,10 @@ mod tests {
         assert_eq!(cd(&h("0", "0"), T0), Some(60_000)); // the latest of the exhausted
         assert_eq!(cd(&h("3", "900"), T0), Some(60_000)); // none exhausted: the latest
         assert_eq!(cd(&h("0", "0"), T0 + 3_600_000), Some(0)); // resets already passed
-        let bad = [("anthropic-ratelimit-tokens-reset", "2024-08-01T12:00:30"), ("anthropic-ratelimit-tokens-remaining", "0")];
+        let bad = [
+            ("anthropic-ratelimit-tokens-reset", "2024-08-01T12:00:30"),
+            ("anthropic-ratelimit-tokens-remaining", "0"),
+        ];
         assert_eq!(cd(&bad, T0), None);
     }
 }

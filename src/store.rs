@@ -198,7 +198,10 @@ mod tests {
         let s = FakeStore::new();
         add_u64s(&s, "c", [1]).unwrap();
         s.inject_conflicts.set(u32::MAX);
-        assert_eq!(add_u64s(&s, "c", [1]).map(|_| ()), Err(StoreError::Contended));
+        assert_eq!(
+            add_u64s(&s, "c", [1]).map(|_| ()),
+            Err(StoreError::Contended)
+        );
     }
 
     #[test]

@@ -171,7 +171,8 @@ impl StreamUsage {
         let empty_choices = ev.data.match_indices("\"choices\"").any(|(i, m)| {
             let mut rest = ev.data.get(i + m.len()..).unwrap_or("").trim_start();
             rest = rest.strip_prefix(':').unwrap_or("").trim_start();
-            rest.strip_prefix('[').is_some_and(|r| r.trim_start().starts_with(']'))
+            rest.strip_prefix('[')
+                .is_some_and(|r| r.trim_start().starts_with(']'))
         });
         if !(empty_choices && ev.data.contains("\"usage\"")) {
             return false;

@@ -13,16 +13,62 @@ const CAS_MISMATCH: Status = 8;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
-    fn proxy_get_header_map_value(map: MapType, key: *const u8, key_len: usize, out: *mut *mut u8, out_len: *mut usize) -> Status;
+    fn proxy_get_header_map_value(
+        map: MapType,
+        key: *const u8,
+        key_len: usize,
+        out: *mut *mut u8,
+        out_len: *mut usize,
+    ) -> Status;
     fn proxy_get_header_map_pairs(map: MapType, out: *mut *mut u8, out_len: *mut usize) -> Status;
-    fn proxy_replace_header_map_value(map: MapType, key: *const u8, key_len: usize, value: *const u8, value_len: usize) -> Status;
+    fn proxy_replace_header_map_value(
+        map: MapType,
+        key: *const u8,
+        key_len: usize,
+        value: *const u8,
+        value_len: usize,
+    ) -> Status;
     fn proxy_remove_header_map_value(map: MapType, key: *const u8, key_len: usize) -> Status;
-    fn proxy_get_buffer_bytes(buffer: BufferType, start: usize, max: usize, out: *mut *mut u8, out_len: *mut usize) -> Status;
-    fn proxy_set_buffer_bytes(buffer: BufferType, start: usize, size: usize, data: *const u8, data_len: usize) -> Status;
-    fn proxy_get_property(path: *const u8, path_len: usize, out: *mut *mut u8, out_len: *mut usize) -> Status;
-    fn proxy_set_property(path: *const u8, path_len: usize, value: *const u8, value_len: usize) -> Status;
-    fn proxy_get_shared_data(key: *const u8, key_len: usize, out: *mut *mut u8, out_len: *mut usize, cas: *mut u32) -> Status;
-    fn proxy_set_shared_data(key: *const u8, key_len: usize, value: *const u8, value_len: usize, cas: u32) -> Status;
+    fn proxy_get_buffer_bytes(
+        buffer: BufferType,
+        start: usize,
+        max: usize,
+        out: *mut *mut u8,
+        out_len: *mut usize,
+    ) -> Status;
+    fn proxy_set_buffer_bytes(
+        buffer: BufferType,
+        start: usize,
+        size: usize,
+        data: *const u8,
+        data_len: usize,
+    ) -> Status;
+    fn proxy_get_property(
+        path: *const u8,
+        path_len: usize,
+        out: *mut *mut u8,
+        out_len: *mut usize,
+    ) -> Status;
+    fn proxy_set_property(
+        path: *const u8,
+        path_len: usize,
+        value: *const u8,
+        value_len: usize,
+    ) -> Status;
+    fn proxy_get_shared_data(
+        key: *const u8,
+        key_len: usize,
+        out: *mut *mut u8,
+        out_len: *mut usize,
+        cas: *mut u32,
+    ) -> Status;
+    fn proxy_set_shared_data(
+        key: *const u8,
+        key_len: usize,
+        value: *const u8,
+        value_len: usize,
+        cas: u32,
+    ) -> Status;
     #[allow(clippy::too_many_arguments)]
     fn proxy_send_local_response(
         status: u32,
@@ -34,7 +80,12 @@ extern "C" {
         headers_len: usize,
         grpc_status: i32,
     ) -> Status;
-    fn proxy_define_metric(kind: MetricType, name: *const u8, name_len: usize, out: *mut u32) -> Status;
+    fn proxy_define_metric(
+        kind: MetricType,
+        name: *const u8,
+        name_len: usize,
+        out: *mut u32,
+    ) -> Status;
     fn proxy_increment_metric(id: u32, offset: i64) -> Status;
     fn proxy_record_metric(id: u32, value: u64) -> Status;
     fn proxy_set_effective_context(context_id: u32) -> Status;
@@ -94,18 +145,26 @@ pub fn header_pairs(map: MapType) -> Result<Vec<(String, Vec<u8>)>, Status> {
 /// and value followed by a NUL.
 fn decode_pairs(b: &[u8]) -> Vec<(String, Vec<u8>)> {
     let u32_at = |i: usize| {
-        b.get(i..i.saturating_add(4)).and_then(|s| s.try_into().ok()).map(|a: [u8; 4]| u32::from_le_bytes(a) as usize)
+        b.get(i..i.saturating_add(4))
+            .and_then(|s| s.try_into().ok())
+            .map(|a: [u8; 4]| u32::from_le_bytes(a) as usize)
     };
-    let Some(n) = u32_at(0) else { return Vec::new() };
+    let Some(n) = u32_at(0) else {
+        return Vec::new();
+    };
     let mut out = Vec::with_capacity(n.min(256));
     let mut p = 4usize.saturating_add(n.saturating_mul(8));
     for i in 0..n {
         let (Some(kl), Some(vl)) = (u32_at(4 + i * 8), u32_at(8 + i * 8)) else {
             break;
         };
-        let Some(k) = b.get(p..p.saturating_add(kl)) else { break };
+        let Some(k) = b.get(p..p.saturating_add(kl)) else {
+            break;
+        };
         p = p.saturating_add(kl).saturating_add(1);
-        let Some(v) = b.get(p..p.saturating_add(vl)) else { break };
+        let Some(v) = b.get(p..p.saturating_add(vl)) else {
+            break;
+        };
         p = p.saturating_add(vl).saturating_add(1);
         out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
     }
@@ -116,7 +175,9 @@ pub fn set_header(map: MapType, name: &str, value: Option<&str>) -> Result<(), S
     // SAFETY: pointers come from live slices.
     status(unsafe {
         match value {
-            Some(v) => proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len()),
+            Some(v) => {
+                proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len())
+            }
             None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
         }
     })
@@ -167,7 +228,15 @@ pub fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), Status> 
 
 pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedError> {
     // SAFETY: as above.
-    match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) } {
+    match unsafe {
+        proxy_set_shared_data(
+            key.as_ptr(),
+            key.len(),
+            value.as_ptr(),
+            value.len(),
+            cas.unwrap_or(0),
+        )
+    } {
         OK => Ok(()),
         CAS_MISMATCH => Err(SharedError::CasMismatch),
         _ => Err(SharedError::Other),
@@ -232,7 +301,9 @@ pub fn resume_request() -> Result<(), Status> {
 
 pub fn call_foreign_function(name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
     // SAFETY: as above.
-    fetch(|o, l| unsafe { proxy_call_foreign_function(name.as_ptr(), name.len(), args.as_ptr(), args.len(), o, l) })
+    fetch(|o, l| unsafe {
+        proxy_call_foreign_function(name.as_ptr(), name.len(), args.as_ptr(), args.len(), o, l)
+    })
 }
 
 pub fn now_nanos() -> Result<u64, Status> {

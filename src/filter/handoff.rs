@@ -57,7 +57,15 @@ thread_local! {
 }
 
 pub fn open(rid: u32, original: Original) {
-    ENTRIES.with(|e| e.borrow_mut().insert(rid, Entry { original, ..Entry::default() }));
+    ENTRIES.with(|e| {
+        e.borrow_mut().insert(
+            rid,
+            Entry {
+                original,
+                ..Entry::default()
+            },
+        )
+    });
 }
 
 pub fn original(rid: u32) -> Option<Original> {
@@ -88,7 +96,9 @@ pub fn attempt_started(rid: u32) {
 pub fn attempt_ended(rid: u32) -> bool {
     ENTRIES.with(|e| {
         let mut map = e.borrow_mut();
-        let Some(entry) = map.get_mut(&rid) else { return false };
+        let Some(entry) = map.get_mut(&rid) else {
+            return false;
+        };
         entry.attempts = entry.attempts.saturating_sub(1);
         let gone = entry.client_gone;
         if entry.closed && entry.attempts == 0 {
@@ -101,7 +111,9 @@ pub fn attempt_ended(rid: u32) -> bool {
 pub fn state(rid: u32) -> State {
     ENTRIES.with(|e| match e.borrow().get(&rid) {
         None => State::Unknown,
-        Some(Entry { decision: Some(d), .. }) => State::Decided(d.clone()),
+        Some(Entry {
+            decision: Some(d), ..
+        }) => State::Decided(d.clone()),
         Some(_) => State::Pending,
     })
 }
@@ -146,4 +158,3 @@ pub fn mark_client_gone(rid: u32) {
         }
     });
 }
-

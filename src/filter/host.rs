@@ -27,7 +27,10 @@ pub fn now_ms() -> u64 {
 
 /// Header value as text; absent, unavailable and non-UTF-8 values all read as None.
 pub fn header(map: MapType, name: &str) -> Option<String> {
-    abi::header(map, name).ok().flatten().and_then(|b| String::from_utf8(b).ok())
+    abi::header(map, name)
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
 }
 
 /// All headers with UTF-8 values (others are skipped: tollgate reads none of those).
@@ -45,7 +48,10 @@ pub fn set_header(map: MapType, name: &str, value: Option<&str>) {
 }
 
 pub fn body(kind: BufferType, size: usize) -> Vec<u8> {
-    abi::buffer(kind, 0, size).ok().flatten().unwrap_or_default()
+    abi::buffer(kind, 0, size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// Replaces the whole buffered body (`size` is what the host reported for this callback).

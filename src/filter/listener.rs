@@ -2,11 +2,11 @@
 
 use super::handoff::{self, Decision};
 use super::host::{self, count, gauge, HostStore};
+use crate::admission::{self, Start, Verdict};
 use crate::config::Config;
 use crate::errors::{error_body, ClientApi, ErrorKind};
 use crate::estimate;
 use crate::gateway::{self, metric_segment};
-use crate::admission::{self, Start, Verdict};
 use crate::quota::{self, Demand, Reservation, Standing};
 use crate::request::{self, RequestInfo};
 use crate::sse::SseParser;
@@ -84,7 +84,13 @@ impl Listener {
         }
     }
 
-    fn reject(&self, kind: ErrorKind, message: &str, code: Option<&str>, extra: &[(String, String)]) -> Action {
+    fn reject(
+        &self,
+        kind: ErrorKind,
+        message: &str,
+        code: Option<&str>,
+        extra: &[(String, String)],
+    ) -> Action {
         let body = error_body(self.client, kind, message, code, None);
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
         headers.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -100,17 +106,32 @@ impl Listener {
     }
 
     fn model(&self) -> &str {
-        self.info.as_ref().and_then(|i| i.model.as_deref()).unwrap_or("")
+        self.info
+            .as_ref()
+            .and_then(|i| i.model.as_deref())
+            .unwrap_or("")
     }
 
     /// Admission: reserve against the consumer's budgets. `None` means go on.
     fn admit(&mut self, now: u64) -> Option<Action> {
-        let (prompt_tokens, max_tokens) =
-            self.info.as_ref().map(|i| (i.prompt_tokens_estimate, i.max_tokens)).unwrap_or((0, Some(0)));
+        let (prompt_tokens, max_tokens) = self
+            .info
+            .as_ref()
+            .map(|i| (i.prompt_tokens_estimate, i.max_tokens))
+            .unwrap_or((0, Some(0)));
         let model = self.model().to_string();
-        let ask = admission::Ask { consumer: &self.consumer, model: &model, prompt_tokens, max_tokens };
+        let ask = admission::Ask {
+            consumer: &self.consumer,
+            model: &model,
+            prompt_tokens,
+            max_tokens,
+        };
         match admission::admit(&HostStore, &self.cfg, &ask, now) {
-            Verdict::Admit { reservations, standings, lower_max_tokens_to } => {
+            Verdict::Admit {
+                reservations,
+                standings,
+                lower_max_tokens_to,
+            } => {
                 if let Some(max) = lower_max_tokens_to {
                     let body = host::body(BufferType::HttpRequestBody, usize::MAX);
                     if let Some(b) = request::with_max_tokens(&body, max) {
@@ -126,12 +147,21 @@ impl Listener {
                 self.publish_use();
                 None
             }
-            Verdict::Refuse { retry_after_secs, message, standings } => {
+            Verdict::Refuse {
+                retry_after_secs,
+                message,
+                standings,
+            } => {
                 self.standings = standings;
                 self.publish_use();
                 let mut headers = gateway::rate_limit_headers(self.client, &self.standings, now);
                 headers.push(("retry-after".into(), retry_after_secs.to_string()));
-                Some(self.reject(ErrorKind::RateLimit, &message, Some("rate_limit_exceeded"), &headers))
+                Some(self.reject(
+                    ErrorKind::RateLimit,
+                    &message,
+                    Some("rate_limit_exceeded"),
+                    &headers,
+                ))
             }
             Verdict::AdmitUnmetered => {
                 count("tollgate.degraded", 1);
@@ -160,7 +190,11 @@ impl Listener {
             Start::Provider(i) => {
                 self.start = i;
                 if let Some(p) = self.cfg.providers.get(i) {
-                    host::set_header(MapType::HttpRequestHeaders, gateway::HDR_ROUTE, Some(&p.name));
+                    host::set_header(
+                        MapType::HttpRequestHeaders,
+                        gateway::HDR_ROUTE,
+                        Some(&p.name),
+                    );
                     host::clear_route_cache();
                     count(&format!("tollgate.provider.{}.steered_requests", p.name), 1);
                 }
@@ -171,9 +205,19 @@ impl Listener {
                 let msg = format!(
                     "Every provider key that can serve this request is cooling down after provider rate limits or failures. Please try again in {retry_after_secs}s."
                 );
-                let body = error_body(self.client, ErrorKind::RateLimit, &msg, Some("provider_keys_exhausted"), None);
+                let body = error_body(
+                    self.client,
+                    ErrorKind::RateLimit,
+                    &msg,
+                    Some("provider_keys_exhausted"),
+                    None,
+                );
                 let secs = retry_after_secs.to_string();
-                host::respond(429, &[("content-type", "application/json"), ("retry-after", &secs)], &body);
+                host::respond(
+                    429,
+                    &[("content-type", "application/json"), ("retry-after", &secs)],
+                    &body,
+                );
                 Some(Action::Pause)
             }
         }
@@ -198,7 +242,12 @@ impl Listener {
             Ok(info) => self.info = Some(info),
             Err(e) => {
                 let msg = e.to_string();
-                return self.reject(ErrorKind::InvalidRequest, &msg, Some("invalid_request"), &[]);
+                return self.reject(
+                    ErrorKind::InvalidRequest,
+                    &msg,
+                    Some("invalid_request"),
+                    &[],
+                );
             }
         }
         let model = self.model().to_string();
@@ -217,7 +266,11 @@ impl Listener {
             return a;
         }
         let wants_stream_usage = self.api == ApiKind::ChatCompletions
-            && self.info.as_ref().map(|i| i.stream && !i.include_usage).unwrap_or(false);
+            && self
+                .info
+                .as_ref()
+                .map(|i| i.stream && !i.include_usage)
+                .unwrap_or(false);
         let mut body_rewritten = self.body_rewritten;
         // Admission may have rewritten the body already (lowered max_tokens): build on that one.
         let lowered;
@@ -235,11 +288,19 @@ impl Listener {
                 }
             }
         }
-        let decision = Decision { client_model: model, body_rewritten };
+        let decision = Decision {
+            client_model: model,
+            body_rewritten,
+        };
         if let Some((attempt, provider)) = handoff::decide(self.id, decision.clone()) {
             if let Err(msg) = self.resume_attempt(attempt, provider, &decision) {
                 self.unadmit();
-                return self.reject(ErrorKind::InvalidRequest, &msg, Some("model_not_found"), &[]);
+                return self.reject(
+                    ErrorKind::InvalidRequest,
+                    &msg,
+                    Some("model_not_found"),
+                    &[],
+                );
             }
         }
         Action::Continue
@@ -248,7 +309,12 @@ impl Listener {
     /// A request refused after its reservation was made costs nothing.
     fn unadmit(&mut self) {
         if self.admitted {
-            let _ = quota::settle(&HostStore, &self.reservations, &Demand::default(), host::now_ms());
+            let _ = quota::settle(
+                &HostStore,
+                &self.reservations,
+                &Demand::default(),
+                host::now_ms(),
+            );
             self.reservations.clear();
             self.admitted = false;
         }
@@ -257,24 +323,41 @@ impl Listener {
     /// The provider the request starts on must serve the model, in a dialect the request can be
     /// translated to: otherwise a 400 naming the problem, before anything is reserved or sent.
     fn check_servable(&self, body: &[u8]) -> Result<(), (String, &'static str)> {
-        let Some(p) = self.cfg.providers.get(self.start) else { return Ok(()) };
+        let Some(p) = self.cfg.providers.get(self.start) else {
+            return Ok(());
+        };
         let model = self.model();
         if !model.is_empty() && p.map_model(model).is_none() {
-            return Err((format!("The model '{model}' is not served by provider '{}'.", p.name), "model_not_found"));
+            return Err((
+                format!(
+                    "The model '{model}' is not served by provider '{}'.",
+                    p.name
+                ),
+                "model_not_found",
+            ));
         }
         self.check_translatable(self.start, body)
     }
 
     /// A request the first provider would need translated, but that cannot be, is refused here,
     /// before the attempt leaves, with the field named.
-    fn check_translatable(&self, provider: usize, body: &[u8]) -> Result<(), (String, &'static str)> {
-        let Some(p) = self.cfg.providers.get(provider) else { return Ok(()) };
+    fn check_translatable(
+        &self,
+        provider: usize,
+        body: &[u8],
+    ) -> Result<(), (String, &'static str)> {
+        let Some(p) = self.cfg.providers.get(provider) else {
+            return Ok(());
+        };
         let model = p.map_model(self.model()).unwrap_or("");
         let result = match gateway::translation(self.api, p.kind) {
             Ok(gateway::Translation::ChatToMessages) => {
-                crate::translate::chat_request_to_messages(body, model, self.cfg.default_max_tokens).map(|_| ())
+                crate::translate::chat_request_to_messages(body, model, self.cfg.default_max_tokens)
+                    .map(|_| ())
             }
-            Ok(gateway::Translation::MessagesToChat) => crate::translate::messages_request_to_chat(body, model).map(|_| ()),
+            Ok(gateway::Translation::MessagesToChat) => {
+                crate::translate::messages_request_to_chat(body, model).map(|_| ())
+            }
             Ok(gateway::Translation::None) => Ok(()),
             Err(msg) => return Err((msg, "unsupported_api")),
         };
@@ -283,9 +366,16 @@ impl Listener {
 
     /// Applies what the body decided to the parked first attempt, and lets it go.
     fn resume_attempt(&self, attempt: u32, provider: usize, d: &Decision) -> Result<(), String> {
-        let Some(p) = self.cfg.providers.get(provider) else { return Ok(()) };
-        let (path, drop_length) =
-            gateway::attempt_plan(p, self.api, &self.path, Some(d.client_model.as_str()), d.body_rewritten)?;
+        let Some(p) = self.cfg.providers.get(provider) else {
+            return Ok(());
+        };
+        let (path, drop_length) = gateway::attempt_plan(
+            p,
+            self.api,
+            &self.path,
+            Some(d.client_model.as_str()),
+            d.body_rewritten,
+        )?;
         // The attempt may be gone (reset meanwhile): then there is nothing to resume.
         host::with_context(attempt, self.id, || {
             if path != self.path {
@@ -345,7 +435,12 @@ impl Listener {
                 .get(self.model())
                 .map(|p| quota::cost_micro_usd(p, usage.input, usage.cache_read, usage.output))
                 .unwrap_or(0);
-            let actual = Demand { requests: 1, input: usage.input, output: usage.output, cost_micro_usd: cost };
+            let actual = Demand {
+                requests: 1,
+                input: usage.input,
+                output: usage.output,
+                cost_micro_usd: cost,
+            };
             if let Err(e) = quota::settle(&store, &self.reservations, &actual, now) {
                 log::warn!("quota settlement failed: {e:?}");
             }
@@ -378,9 +473,15 @@ impl Listener {
         host::set_property("tollgate_key_id", &self.key_id);
         host::set_property("tollgate_input_tokens", &usage.input.to_string());
         host::set_property("tollgate_output_tokens", &usage.output.to_string());
-        host::set_property("tollgate_usage", if estimated { "estimated" } else { "exact" });
+        host::set_property(
+            "tollgate_usage",
+            if estimated { "estimated" } else { "exact" },
+        );
         // For Envoy's global rate limit filter: `hits_addend` on stream done charges these.
-        host::set_property("tollgate_total_tokens", &usage.input.saturating_add(usage.output).to_string());
+        host::set_property(
+            "tollgate_total_tokens",
+            &usage.input.saturating_add(usage.output).to_string(),
+        );
         log::debug!(
             "tollgate: charged consumer={} model={} provider={} key={} in={} out={} estimated={} ms={}",
             self.consumer,
@@ -413,7 +514,11 @@ impl Listener {
         if !ok && !torn_down {
             return (Usage::default(), false);
         }
-        let input = self.info.as_ref().map(|i| i.prompt_tokens_estimate).unwrap_or(0);
+        let input = self
+            .info
+            .as_ref()
+            .map(|i| i.prompt_tokens_estimate)
+            .unwrap_or(0);
         let output = if self.sse.is_some() {
             self.stream_usage.estimated_output_tokens()
         } else {
@@ -443,7 +548,11 @@ impl HttpContext for Listener {
         self.started_ms = host::now_ms();
         // One read of the whole map serves every header this callback looks at.
         let hdrs = host::headers(MapType::HttpRequestHeaders);
-        let get = |name: &str| hdrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let get = |name: &str| {
+            hdrs.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
         let path = get(":path").unwrap_or_default().to_string();
         if let Some(sp) = &self.cfg.status_path {
             if path == *sp || path.starts_with(&format!("{sp}?")) {
@@ -470,12 +579,20 @@ impl HttpContext for Listener {
         match gateway::identify(&self.cfg, lookup) {
             Ok(c) => self.consumer = c,
             Err(e) => {
-                return self.reject(ErrorKind::Authentication, e.message(), Some("invalid_api_key"), &[]);
+                return self.reject(
+                    ErrorKind::Authentication,
+                    e.message(),
+                    Some("invalid_api_key"),
+                    &[],
+                );
             }
         }
         host::set_property("tollgate_consumer", &self.consumer);
         let mut spoofed = false;
-        for (k, _) in hdrs.iter().filter(|(k, _)| k.starts_with(gateway::INTERNAL_PREFIX)) {
+        for (k, _) in hdrs
+            .iter()
+            .filter(|(k, _)| k.starts_with(gateway::INTERNAL_PREFIX))
+        {
             host::set_header(MapType::HttpRequestHeaders, k, None);
             spoofed = true;
         }
@@ -483,8 +600,16 @@ impl HttpContext for Listener {
             // The route was matched on the client's copy of tollgate's internal headers: match again.
             host::clear_route_cache();
         }
-        host::set_header(MapType::HttpRequestHeaders, gateway::HDR_CONSUMER, Some(&self.consumer));
-        if let Some(len) = hdrs.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.trim().parse::<u64>().ok()) {
+        host::set_header(
+            MapType::HttpRequestHeaders,
+            gateway::HDR_CONSUMER,
+            Some(&self.consumer),
+        );
+        if let Some(len) = hdrs
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+        {
             if len > self.cfg.max_request_bytes {
                 return self.too_large();
             }
@@ -508,7 +633,11 @@ impl HttpContext for Listener {
         } else {
             handoff::open(self.id, original);
         }
-        host::set_header(MapType::HttpRequestHeaders, gateway::HDR_RID, Some(&self.id.to_string()));
+        host::set_header(
+            MapType::HttpRequestHeaders,
+            gateway::HDR_RID,
+            Some(&self.id.to_string()),
+        );
         // Never pause here: proxy-wasm would then withhold the body from this filter too. The first
         // upstream attempt waits for the body's verdict instead (see handoff).
         Action::Continue
@@ -526,10 +655,17 @@ impl HttpContext for Listener {
     }
 
     fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
-        self.status = host::header(MapType::HttpResponseHeaders, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        self.provider = host::header(MapType::HttpResponseHeaders, gateway::HDR_PROVIDER).unwrap_or_default();
-        self.key_id = host::header(MapType::HttpResponseHeaders, gateway::HDR_KEY_ID).unwrap_or_default();
-        if self.status == 429 && self.provider.is_empty() && host::header(MapType::HttpResponseHeaders, "x-envoy-ratelimited").is_some() {
+        self.status = host::header(MapType::HttpResponseHeaders, ":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        self.provider =
+            host::header(MapType::HttpResponseHeaders, gateway::HDR_PROVIDER).unwrap_or_default();
+        self.key_id =
+            host::header(MapType::HttpResponseHeaders, gateway::HDR_KEY_ID).unwrap_or_default();
+        if self.status == 429
+            && self.provider.is_empty()
+            && host::header(MapType::HttpResponseHeaders, "x-envoy-ratelimited").is_some()
+        {
             // Envoy's global rate limit filter refused it (fleet-wide budget): give the client the
             // same signals as tollgate's own 429.
             count("tollgate.outcome.rejected_global.requests", 1);
@@ -538,16 +674,30 @@ impl HttpContext for Listener {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .unwrap_or(1)
                     .max(1);
-                host::set_header(MapType::HttpResponseHeaders, "retry-after", Some(&secs.to_string()));
+                host::set_header(
+                    MapType::HttpResponseHeaders,
+                    "retry-after",
+                    Some(&secs.to_string()),
+                );
             }
         }
-        let content_type = host::header(MapType::HttpResponseHeaders, "content-type").unwrap_or_default().to_ascii_lowercase();
+        let content_type = host::header(MapType::HttpResponseHeaders, "content-type")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let sse = content_type.contains("text/event-stream");
-        if self.status >= 500 && self.provider.is_empty() && content_type.starts_with("text/plain") && !end_of_stream {
+        if self.status >= 500
+            && self.provider.is_empty()
+            && content_type.starts_with("text/plain")
+            && !end_of_stream
+        {
             // Envoy's own answer (upstream timeout, no healthy upstream, reset): in the client's
             // error shape like every other error.
             self.envoy_error = Some(Vec::new());
-            host::set_header(MapType::HttpResponseHeaders, "content-type", Some("application/json"));
+            host::set_header(
+                MapType::HttpResponseHeaders,
+                "content-type",
+                Some("application/json"),
+            );
             host::set_header(MapType::HttpResponseHeaders, "content-length", None);
         }
         if sse {
@@ -577,8 +727,18 @@ impl HttpContext for Listener {
                 return Action::Pause;
             }
             let detail = String::from_utf8_lossy(text).trim().to_string();
-            let kind = if self.status == 503 { ErrorKind::Overloaded } else { ErrorKind::BadGateway };
-            let body = error_body(self.client, kind, &format!("The gateway could not get an answer from the provider: {detail}."), None, None);
+            let kind = if self.status == 503 {
+                ErrorKind::Overloaded
+            } else {
+                ErrorKind::BadGateway
+            };
+            let body = error_body(
+                self.client,
+                kind,
+                &format!("The gateway could not get an answer from the provider: {detail}."),
+                None,
+                None,
+            );
             host::replace_body(BufferType::HttpResponseBody, size, &body);
             self.response_complete = true;
             self.charge(false);
@@ -649,7 +809,15 @@ impl HttpContext for Listener {
 
 impl Listener {
     fn too_large(&self) -> Action {
-        let msg = format!("Request body is larger than the gateway's limit of {} bytes.", self.cfg.max_request_bytes);
-        self.reject(ErrorKind::RequestTooLarge, &msg, Some("request_too_large"), &[])
+        let msg = format!(
+            "Request body is larger than the gateway's limit of {} bytes.",
+            self.cfg.max_request_bytes
+        );
+        self.reject(
+            ErrorKind::RequestTooLarge,
+            &msg,
+            Some("request_too_large"),
+            &[],
+        )
     }
 }

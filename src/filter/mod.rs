@@ -38,7 +38,9 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let root_id = property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+        let root_id = property(&["plugin_root_id"])
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_default();
         self.role = match root_id.as_str() {
             "" | "tollgate" | "tollgate.listener" => Role::Listener,
             "tollgate.upstream" => Role::Upstream,
@@ -47,7 +49,10 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let raw = host::body(proxy_wasm::types::BufferType::PluginConfiguration, usize::MAX);
+        let raw = host::body(
+            proxy_wasm::types::BufferType::PluginConfiguration,
+            usize::MAX,
+        );
         match config::parse(&raw, &|name| std::env::var(name).ok()) {
             Ok(cfg) => {
                 for w in &cfg.warnings {
@@ -73,8 +78,12 @@ impl RootContext for Root {
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Always Some: the SDK's dispatcher panics on None.
         Some(match (&self.config, self.role) {
-            (Some(cfg), Role::Listener) => Box::new(listener::Listener::new(context_id, cfg.clone())),
-            (Some(cfg), Role::Upstream) => Box::new(upstream::Upstream::new(context_id, cfg.clone())),
+            (Some(cfg), Role::Listener) => {
+                Box::new(listener::Listener::new(context_id, cfg.clone()))
+            }
+            (Some(cfg), Role::Upstream) => {
+                Box::new(upstream::Upstream::new(context_id, cfg.clone()))
+            }
             (None, _) => Box::new(Unconfigured),
         })
     }

@@ -11,7 +11,8 @@ use serde_json::{json, Map, Value};
 
 fn usage(key: &str) -> Value {
     let v = HostStore.get(key).ok().and_then(|(b, _)| b);
-    let [requests, input, output, cache_read, cache_write, estimated] = decode_u64s::<6>(v.as_deref());
+    let [requests, input, output, cache_read, cache_write, estimated] =
+        decode_u64s::<6>(v.as_deref());
     json!({"requests": requests, "input_tokens": input, "output_tokens": output,
            "cache_read_tokens": cache_read, "cache_write_tokens": cache_write, "estimated_requests": estimated})
 }
@@ -20,7 +21,9 @@ pub fn serve(cfg: &Config) -> Action {
     let now = host::now_ms();
     let names: Vec<String> = match &cfg.consumers {
         Consumers::Anonymous => vec![ANONYMOUS.to_string()],
-        Consumers::Keys(l) | Consumers::TrustedHeader { list: l, .. } => l.iter().map(|c| c.name.clone()).collect(),
+        Consumers::Keys(l) | Consumers::TrustedHeader { list: l, .. } => {
+            l.iter().map(|c| c.name.clone()).collect()
+        }
     };
     let mut consumers = Map::new();
     for c in &names {
@@ -34,7 +37,10 @@ pub fn serve(cfg: &Config) -> Action {
                        "remaining": st.map(|s| s.remaining), "reset_ms": st.map(|s| s.reset_ms)})
             })
             .collect();
-        consumers.insert(c.clone(), json!({"usage": usage(&format!("tollgate:u:c:{c}")), "limits": limits}));
+        consumers.insert(
+            c.clone(),
+            json!({"usage": usage(&format!("tollgate:u:c:{c}")), "limits": limits}),
+        );
     }
     let mut models = Map::new();
     let mut model_names: Vec<String> = cfg.prices.keys().cloned().collect();
@@ -50,7 +56,8 @@ pub fn serve(cfg: &Config) -> Action {
     }
     let mut providers = Map::new();
     for p in &cfg.providers {
-        let h = health::read(&HostStore, p).unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
+        let h =
+            health::read(&HostStore, p).unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
         let keys: Vec<Value> = p
             .keys
             .iter()
@@ -71,8 +78,16 @@ pub fn serve(cfg: &Config) -> Action {
             json!({"type": p.kind.as_str(), "circuit": circuit, "consecutive_failures": h.failures, "keys": keys}),
         );
     }
-    let body = json!({"now_ms": now, "consumers": consumers, "models": models, "providers": providers});
+    let body =
+        json!({"now_ms": now, "consumers": consumers, "models": models, "providers": providers});
     let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
-    host::respond(200, &[("content-type", "application/json"), ("cache-control", "no-store")], &bytes);
+    host::respond(
+        200,
+        &[
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+        ],
+        &bytes,
+    );
     Action::Pause
 }

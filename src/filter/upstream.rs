@@ -111,7 +111,12 @@ impl Upstream {
             Ok(i) => i,
             Err(msg) => {
                 log::error!("{msg}");
-                return Err(self.local(ErrorKind::Internal, 500, "The gateway's provider routing is misconfigured.", &[]));
+                return Err(self.local(
+                    ErrorKind::Internal,
+                    500,
+                    "The gateway's provider routing is misconfigured.",
+                    &[],
+                ));
             }
         };
         self.provider = Some(pi);
@@ -122,7 +127,8 @@ impl Upstream {
         let now = host::now_ms();
         // The circuit was consulted by the listener role when it chose where the request starts
         // (and took the half-open probe slot there); a retry that Envoy moved here goes ahead.
-        let health = health::read(&HostStore, p).unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
+        let health =
+            health::read(&HostStore, p).unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
         let consumer = self
             .original
             .as_ref()
@@ -133,16 +139,23 @@ impl Upstream {
             .as_deref()
             .and_then(|h| host::header(MapType::HttpRequestHeaders, h))
             .or(consumer);
-        let choice = keypool::choose(&HostStore, p, &health, sticky.as_deref(), now).unwrap_or_else(|e| {
-            // The rotation counter failed: still serve, from the first healthy key.
-            log::warn!("key rotation counter unavailable: {e:?}");
-            (0..p.keys.len()).find(|&i| health.key_available(i, now)).map(Choice::Key).unwrap_or(Choice::Exhausted { retry_at_ms: now })
-        });
+        let choice = keypool::choose(&HostStore, p, &health, sticky.as_deref(), now)
+            .unwrap_or_else(|e| {
+                // The rotation counter failed: still serve, from the first healthy key.
+                log::warn!("key rotation counter unavailable: {e:?}");
+                (0..p.keys.len())
+                    .find(|&i| health.key_available(i, now))
+                    .map(Choice::Key)
+                    .unwrap_or(Choice::Exhausted { retry_at_ms: now })
+            });
         let ki = match choice {
             Choice::Key(i) => i,
             Choice::Exhausted { retry_at_ms } => {
                 let secs = gateway::retry_after_secs(retry_at_ms.saturating_sub(now)).to_string();
-                count(&format!("tollgate.provider.{}.exhausted_attempts", p.name), 1);
+                count(
+                    &format!("tollgate.provider.{}.exhausted_attempts", p.name),
+                    1,
+                );
                 return Err(self.local(
                     ErrorKind::RateLimit,
                     429,
@@ -171,11 +184,13 @@ impl Upstream {
             host::set_header(MapType::HttpRequestHeaders, ":authority", Some(h));
         }
         let attempt = host::property(&["upstream", "request_attempt_count"])
-            .and_then(|b| b.get(..8).map(|s| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(s);
-                u64::from_le_bytes(a)
-            }))
+            .and_then(|b| {
+                b.get(..8).map(|s| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(s);
+                    u64::from_le_bytes(a)
+                })
+            })
             .unwrap_or(1);
         count(&format!("tollgate.provider.{}.attempts", p.name), 1);
         if attempt > 1 {
@@ -201,17 +216,26 @@ impl Upstream {
         let provider_model = match p.map_model(&self.client_model) {
             Some(m) => m.to_string(),
             None => {
-                let msg = format!("The model '{}' is not served by provider '{}'.", self.client_model, p.name);
+                let msg = format!(
+                    "The model '{}' is not served by provider '{}'.",
+                    self.client_model, p.name
+                );
                 return self.local(ErrorKind::InvalidRequest, 400, &msg, &[]);
             }
         };
         let new_body = match self.translation {
-            Translation::ChatToMessages => translate::chat_request_to_messages(body, &provider_model, cfg.default_max_tokens),
-            Translation::MessagesToChat => translate::messages_request_to_chat(body, &provider_model),
+            Translation::ChatToMessages => {
+                translate::chat_request_to_messages(body, &provider_model, cfg.default_max_tokens)
+            }
+            Translation::MessagesToChat => {
+                translate::messages_request_to_chat(body, &provider_model)
+            }
             Translation::None if provider_model != self.client_model => {
-                request::with_model(body, &provider_model).ok_or_else(|| translate::TranslateError {
-                    field: "model".into(),
-                    reason: "the body is not a JSON object".into(),
+                request::with_model(body, &provider_model).ok_or_else(|| {
+                    translate::TranslateError {
+                        field: "model".into(),
+                        reason: "the body is not a JSON object".into(),
+                    }
                 })
             }
             Translation::None => Ok(body.to_vec()),
@@ -245,15 +269,34 @@ impl Upstream {
         let key_id = key.map(|k| k.id.as_str()).unwrap_or("");
         match self.status {
             429 => {
-                let wait = retry_signal::cooldown_ms(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), now)
-                    .unwrap_or(cfg.health.default_cooldown_ms);
+                let wait = retry_signal::cooldown_ms(
+                    headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                    now,
+                )
+                .unwrap_or(cfg.health.default_cooldown_ms);
                 if let Some(k) = self.key {
                     let until = now.saturating_add(wait);
-                    if health::cool_key(&HostStore, p, k, until, CooldownReason::RateLimited).is_ok() {
-                        log::info!("key {}/{} rate limited, cooling down for {} ms", p.name, key_id, wait);
+                    if health::cool_key(&HostStore, p, k, until, CooldownReason::RateLimited)
+                        .is_ok()
+                    {
+                        log::info!(
+                            "key {}/{} rate limited, cooling down for {} ms",
+                            p.name,
+                            key_id,
+                            wait
+                        );
                     }
-                    count(&format!("tollgate.provider.{}.key.{}.cooldowns", p.name, key_id), 1);
-                    gauge(&format!("tollgate.provider.{}.key.{}.cooldown_until_s", p.name, key_id), until / 1000);
+                    count(
+                        &format!("tollgate.provider.{}.key.{}.cooldowns", p.name, key_id),
+                        1,
+                    );
+                    gauge(
+                        &format!(
+                            "tollgate.provider.{}.key.{}.cooldown_until_s",
+                            p.name, key_id
+                        ),
+                        until / 1000,
+                    );
                 }
             }
             401..=403 => {
@@ -267,12 +310,23 @@ impl Upstream {
                         self.status,
                         cfg.health.auth_failure_cooldown_ms / 1000
                     );
-                    count(&format!("tollgate.provider.{}.key.{}.disabled", p.name, key_id), 1);
-                    gauge(&format!("tollgate.provider.{}.key.{}.cooldown_until_s", p.name, key_id), until / 1000);
+                    count(
+                        &format!("tollgate.provider.{}.key.{}.disabled", p.name, key_id),
+                        1,
+                    );
+                    gauge(
+                        &format!(
+                            "tollgate.provider.{}.key.{}.cooldown_until_s",
+                            p.name, key_id
+                        ),
+                        until / 1000,
+                    );
                 }
             }
             500..=599 => {
-                if let Ok(health::Circuit::Open { .. }) = health::record(&HostStore, p, &cfg.health, Outcome::ProviderFailure, now) {
+                if let Ok(health::Circuit::Open { .. }) =
+                    health::record(&HostStore, p, &cfg.health, Outcome::ProviderFailure, now)
+                {
                     count(&format!("tollgate.provider.{}.circuit_opened", p.name), 1);
                 }
                 count(&format!("tollgate.provider.{}.failures", p.name), 1);
@@ -308,8 +362,17 @@ impl Upstream {
             let cfg = self.cfg.clone();
             if let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) {
                 count(&format!("tollgate.provider.{}.failures", p.name), 1);
-                count(&format!("tollgate.provider.{}.timeouts_or_resets", p.name), 1);
-                let _ = health::record(&HostStore, p, &cfg.health, Outcome::ProviderFailure, host::now_ms());
+                count(
+                    &format!("tollgate.provider.{}.timeouts_or_resets", p.name),
+                    1,
+                );
+                let _ = health::record(
+                    &HostStore,
+                    p,
+                    &cfg.health,
+                    Outcome::ProviderFailure,
+                    host::now_ms(),
+                );
             }
         }
     }
@@ -321,7 +384,8 @@ impl HttpContext for Upstream {
     }
 
     fn on_http_request_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
-        self.rid = host::header(MapType::HttpRequestHeaders, gateway::HDR_RID).and_then(|v| v.parse().ok());
+        self.rid = host::header(MapType::HttpRequestHeaders, gateway::HDR_RID)
+            .and_then(|v| v.parse().ok());
         if let Some(rid) = self.rid {
             handoff::attempt_started(rid);
         }
@@ -330,11 +394,18 @@ impl HttpContext for Upstream {
         self.original = self.rid.and_then(handoff::original);
         self.path = match &self.original {
             Some(o) => {
-                let current_authority = host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
+                let current_authority =
+                    host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
                 if current_authority != o.authority && !o.authority.is_empty() {
-                    host::set_header(MapType::HttpRequestHeaders, ":authority", Some(&o.authority));
+                    host::set_header(
+                        MapType::HttpRequestHeaders,
+                        ":authority",
+                        Some(&o.authority),
+                    );
                 }
-                if host::header(MapType::HttpRequestHeaders, ":path").as_deref() != Some(o.path.as_str()) {
+                if host::header(MapType::HttpRequestHeaders, ":path").as_deref()
+                    != Some(o.path.as_str())
+                {
                     host::set_header(MapType::HttpRequestHeaders, ":path", Some(&o.path));
                 }
                 o.path.clone()
@@ -347,7 +418,10 @@ impl HttpContext for Upstream {
             return action;
         }
         let cfg = self.cfg.clone();
-        let Some((pi, p)) = self.provider.and_then(|i| cfg.providers.get(i).map(|p| (i, p))) else {
+        let Some((pi, p)) = self
+            .provider
+            .and_then(|i| cfg.providers.get(i).map(|p| (i, p)))
+        else {
             return Action::Continue;
         };
         self.translation = match gateway::translation(self.api, p.kind) {
@@ -366,7 +440,13 @@ impl HttpContext for Upstream {
             // No listener role in this VM: the model is unknown here, go on with the path as is.
             Some(handoff::State::Unknown) | None => handoff::Decision::default(),
         };
-        match gateway::attempt_plan(p, self.api, &self.path, Some(decision.client_model.as_str()), decision.body_rewritten) {
+        match gateway::attempt_plan(
+            p,
+            self.api,
+            &self.path,
+            Some(decision.client_model.as_str()),
+            decision.body_rewritten,
+        ) {
             Ok((path, drop_length)) => {
                 if path != self.path {
                     host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path));
@@ -388,7 +468,11 @@ impl HttpContext for Upstream {
             return Action::Continue;
         }
         let cfg = self.cfg.clone();
-        let needs = self.provider.and_then(|i| cfg.providers.get(i)).map(|p| self.needs_body(p)).unwrap_or(false);
+        let needs = self
+            .provider
+            .and_then(|i| cfg.providers.get(i))
+            .map(|p| self.needs_body(p))
+            .unwrap_or(false);
         if !needs {
             return Action::Continue;
         }
@@ -401,36 +485,67 @@ impl HttpContext for Upstream {
 
     fn on_http_response_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
         let headers = host::headers(MapType::HttpResponseHeaders);
-        self.status = headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+        self.status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
         self.record_outcome(&headers);
-        let Some(p) = self.provider() else { return Action::Continue };
-        let (pname, kid) = (p.name.clone(), self.key.and_then(|k| p.keys.get(k)).map(|k| k.id.clone()).unwrap_or_default());
-        host::set_header(MapType::HttpResponseHeaders, gateway::HDR_PROVIDER, Some(&pname));
-        host::set_header(MapType::HttpResponseHeaders, gateway::HDR_KEY_ID, Some(&kid));
-        count(&format!("tollgate.provider.{}.responses_{}xx", metric_segment(&pname), self.status / 100), 1);
+        let Some(p) = self.provider() else {
+            return Action::Continue;
+        };
+        let (pname, kid) = (
+            p.name.clone(),
+            self.key
+                .and_then(|k| p.keys.get(k))
+                .map(|k| k.id.clone())
+                .unwrap_or_default(),
+        );
+        host::set_header(
+            MapType::HttpResponseHeaders,
+            gateway::HDR_PROVIDER,
+            Some(&pname),
+        );
+        host::set_header(
+            MapType::HttpResponseHeaders,
+            gateway::HDR_KEY_ID,
+            Some(&kid),
+        );
+        count(
+            &format!(
+                "tollgate.provider.{}.responses_{}xx",
+                metric_segment(&pname),
+                self.status / 100
+            ),
+            1,
+        );
         if self.status >= 400 && self.key.is_some() {
             self.scrub = true;
             host::set_header(MapType::HttpResponseHeaders, "content-length", None);
         }
         if self.translation != Translation::None {
-            let sse = headers
-                .iter()
-                .any(|(k, v)| k == "content-type" && v.to_ascii_lowercase().contains("text/event-stream"));
+            let sse = headers.iter().any(|(k, v)| {
+                k == "content-type" && v.to_ascii_lowercase().contains("text/event-stream")
+            });
             host::set_header(MapType::HttpResponseHeaders, "content-length", None);
             if sse {
                 let created = host::now_ms() / 1000;
                 let t = match self.translation {
-                    Translation::ChatToMessages => StreamTranslator::ToChat(MessagesToChatStream::new(
-                        &self.client_model,
-                        self.include_usage,
-                        created,
-                    )),
-                    _ => StreamTranslator::ToMessages(ChatToMessagesStream::new(&self.client_model)),
+                    Translation::ChatToMessages => StreamTranslator::ToChat(
+                        MessagesToChatStream::new(&self.client_model, self.include_usage, created),
+                    ),
+                    _ => {
+                        StreamTranslator::ToMessages(ChatToMessagesStream::new(&self.client_model))
+                    }
                 };
                 self.sse = Some((SseParser::new(self.cfg.max_sse_event_bytes), t));
             } else {
                 self.translate_json = true;
-                host::set_header(MapType::HttpResponseHeaders, "content-type", Some("application/json"));
+                host::set_header(
+                    MapType::HttpResponseHeaders,
+                    "content-type",
+                    Some("application/json"),
+                );
             }
         }
         Action::Continue
@@ -462,7 +577,10 @@ impl HttpContext for Upstream {
             let mut body = host::body(BufferType::HttpResponseBody, size);
             if self.scrub {
                 // Some providers quote the key they refused ("Incorrect API key provided: sk-...").
-                if let Some(k) = self.key.and_then(|k| self.provider().and_then(|p| p.keys.get(k))) {
+                if let Some(k) = self
+                    .key
+                    .and_then(|k| self.provider().and_then(|p| p.keys.get(k)))
+                {
                     body = gateway::scrub(&body, &k.secret, &k.id);
                 }
             }
@@ -472,17 +590,29 @@ impl HttpContext for Upstream {
             }
             let ok = (200..300).contains(&self.status);
             let out = match (self.translation, ok) {
-                (Translation::ChatToMessages, true) => {
-                    translate::messages_response_to_chat_at(&body, &self.client_model, host::now_ms() / 1000)
+                (Translation::ChatToMessages, true) => translate::messages_response_to_chat_at(
+                    &body,
+                    &self.client_model,
+                    host::now_ms() / 1000,
+                ),
+                (Translation::MessagesToChat, true) => {
+                    translate::chat_response_to_messages(&body, &self.client_model)
                 }
-                (Translation::MessagesToChat, true) => translate::chat_response_to_messages(&body, &self.client_model),
-                (Translation::ChatToMessages, false) => Ok(translate::messages_error_to_chat(&body, self.status)),
+                (Translation::ChatToMessages, false) => {
+                    Ok(translate::messages_error_to_chat(&body, self.status))
+                }
                 (_, false) => Ok(translate::chat_error_to_messages(&body, self.status)),
                 (Translation::None, true) => Ok(body.clone()),
             };
             let out = out.unwrap_or_else(|e| {
                 log::warn!("could not translate the provider's response: {e}");
-                error_body(self.client, ErrorKind::BadGateway, "The provider's response could not be translated.", None, None)
+                error_body(
+                    self.client,
+                    ErrorKind::BadGateway,
+                    "The provider's response could not be translated.",
+                    None,
+                    None,
+                )
             });
             host::replace_body(BufferType::HttpResponseBody, size, &out);
         }

@@ -131,7 +131,10 @@ pub(crate) fn stop_reason(finish_reason: &str) -> &'static str {
 
 /// An OpenAI tool call's `function.arguments` (a JSON string) as the JSON object Anthropic's
 /// `tool_use.input` wants; empty arguments are `{}`. `path` names the tool call in errors.
-pub(crate) fn tool_call_input(function: Option<&serde_json::Value>, path: &str) -> Result<serde_json::Value, TranslateError> {
+pub(crate) fn tool_call_input(
+    function: Option<&serde_json::Value>,
+    path: &str,
+) -> Result<serde_json::Value, TranslateError> {
     let args = function
         .and_then(|f| f.get("arguments"))
         .and_then(serde_json::Value::as_str)
@@ -142,8 +145,14 @@ pub(crate) fn tool_call_input(function: Option<&serde_json::Value>, path: &str) 
     let field = format!("{path}.function.arguments");
     match serde_json::from_str::<serde_json::Value>(args) {
         Ok(v @ serde_json::Value::Object(_)) => Ok(v),
-        Ok(_) => Err(TranslateError { field, reason: "must encode a JSON object".into() }),
-        Err(e) => Err(TranslateError { field, reason: format!("invalid JSON: {e}") }),
+        Ok(_) => Err(TranslateError {
+            field,
+            reason: "must encode a JSON object".into(),
+        }),
+        Err(e) => Err(TranslateError {
+            field,
+            reason: format!("invalid JSON: {e}"),
+        }),
     }
 }
 

@@ -3,9 +3,8 @@
 use serde_json::{json, Value};
 
 use super::{
-    tool_call_input,
     chat_id, chat_usage, err, finish_reason, message_id, messages_usage, parse_object, stop_reason,
-    TranslateError,
+    tool_call_input, TranslateError,
 };
 
 /// Anthropic messages response -> OpenAI chat completion, `created` = 0 (Anthropic responses carry
