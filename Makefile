@@ -23,6 +23,7 @@ help:
 toolchain:
 	@rustup target list --installed 2>/dev/null | grep -qx $(TARGET) || rustup target add $(TARGET)
 	@cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+	@cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 
 $(VENV)/.installed: tests/requirements.txt
 	python3 -m venv $(VENV)
@@ -49,6 +50,7 @@ size: toolchain
 
 .PHONY: lint
 lint: toolchain
+	cargo fmt --check
 	cargo clippy --release --target $(TARGET) -p tollgate -- -D warnings
 	cargo clippy --workspace --all-targets -- -D warnings
 

@@ -13,9 +13,6 @@ use crate::usage::ApiKind;
 /// client can never choose, nor learn, a pool key.
 pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
 
-/// Internal headers between the listener-level and the cluster-level roles. Any a client sends is
-/// dropped by the listener role before it sets its own.
-pub const HDR_CONSUMER: &str = "x-tollgate-consumer";
 /// Response headers telling the client which provider and key id served it (ids, never secrets).
 pub const HDR_PROVIDER: &str = "x-tollgate-provider";
 pub const HDR_KEY_ID: &str = "x-tollgate-key-id";
@@ -23,6 +20,8 @@ pub const HDR_KEY_ID: &str = "x-tollgate-key-id";
 /// Envoy routes match on it to pick a cluster whose priorities start at that provider.
 pub const HDR_ROUTE: &str = "x-tollgate-route";
 /// The listener context's id, for the cluster-level role to find this request's hand-off.
+/// Internal headers (`x-tollgate-*`) that a client sends are dropped by the listener role before
+/// it sets its own.
 pub const HDR_RID: &str = "x-tollgate-rid";
 pub const INTERNAL_PREFIX: &str = "x-tollgate-";
 

@@ -33,7 +33,7 @@
 //! amount over a short window can never make demands free); `remaining` is a safe lower bound:
 //! any demand up to it is admitted.
 
-use crate::store::{decode_u64s, encode_u64s, update, SharedStore, StoreError};
+use crate::store::{decode_u64s, encode_u64s, update, update_if, SharedStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Metric {
@@ -276,18 +276,16 @@ fn reserve<S: SharedStore + ?Sized>(
     n: u64,
     now: u64,
 ) -> Result<Result<u64, u64>, StoreError> {
-    // Decide on a plain read first: refusals (the common case for a consumer hammering past its
-    // quota) and zero-cost admissions need no write, hence no CAS contention.
-    let tat = read_tat(store, key)?;
-    match b.admit(tat, now, n) {
-        Err(wait) => return Ok(Err(wait)),
-        Ok(_) if b.cost(n) == 0 => return Ok(Ok(tat)),
-        Ok(_) => {}
-    }
-    update(store, key, |cur| {
+    // Refusals (the common case for a consumer hammering past its quota) and zero-cost admissions
+    // write nothing, hence meet no CAS contention.
+    let free = b.cost(n) == 0;
+    update_if(store, key, |cur| {
         let [tat] = decode_u64s::<1>(cur);
-        let out = b.admit(tat, now, n);
-        (encode_u64s(&[out.unwrap_or(tat)]), out)
+        match b.admit(tat, now, n) {
+            Ok(_) if free => (None, Ok(tat)),
+            Ok(after) => (Some(encode_u64s(&[after])), Ok(after)),
+            Err(wait) => (None, Err(wait)),
+        }
     })
     .map(|(out, _)| out)
 }

@@ -35,10 +35,26 @@ where
     S: SharedStore + ?Sized,
     F: FnMut(Option<&[u8]>) -> (Vec<u8>, T),
 {
+    update_if(store, key, |cur| {
+        let (next, out) = f(cur);
+        (Some(next), out)
+    })
+}
+
+/// [`update`] where `f` may decide not to write (`None`): then the read was the whole operation,
+/// one host call instead of a read followed by a read-modify-write.
+pub fn update_if<S, T, F>(store: &S, key: &str, mut f: F) -> Result<(T, u32), StoreError>
+where
+    S: SharedStore + ?Sized,
+    F: FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
+{
     let mut conflicts = 0;
     for _ in 0..CAS_ATTEMPTS {
         let (current, cas) = store.get(key)?;
         let (next, out) = f(current.as_deref());
+        let Some(next) = next else {
+            return Ok((out, conflicts));
+        };
         // Envoy inserts a missing key whatever the CAS, but CAS 0 ("none") would also overwrite a
         // key another worker created a moment ago. A non-zero CAS that no live entry carries makes
         // the first write fail instead, so the loop re-reads the other worker's value.

@@ -3,8 +3,11 @@
 //! The SDK's own `hostcalls::` wrappers `panic!` on any status they do not expect (a header write
 //! in a phase where the map is gone, a local reply the host refuses, a context that has ended), and
 //! a panic traps the VM for every later request on the worker. These bindings return the status.
+//!
+//! Each call is wrapped in a `prof::span`, which counts and times it in profiling builds
+//! (`make profile`) and compiles to nothing otherwise.
 
-use proxy_wasm::types::{BufferType, MapType, MetricType};
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
 type Status = u32;
 const OK: Status = 0;
@@ -13,13 +16,6 @@ const CAS_MISMATCH: Status = 8;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
-    fn proxy_get_header_map_value(
-        map: MapType,
-        key: *const u8,
-        key_len: usize,
-        out: *mut *mut u8,
-        out_len: *mut usize,
-    ) -> Status;
     fn proxy_get_header_map_pairs(map: MapType, out: *mut *mut u8, out_len: *mut usize) -> Status;
     fn proxy_replace_header_map_value(
         map: MapType,
@@ -99,6 +95,7 @@ extern "C" {
         out_len: *mut usize,
     ) -> Status;
     fn proxy_get_current_time_nanoseconds(out: *mut u64) -> Status;
+    fn proxy_get_log_level(out: *mut u32) -> Status;
 }
 
 /// Takes ownership of memory the host allocated through the SDK's `proxy_on_memory_allocate`.
@@ -129,15 +126,14 @@ fn status(s: Status) -> Result<(), Status> {
     }
 }
 
-pub fn header(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
-    // SAFETY: pointers come from live slices; out-pointers point at locals.
-    fetch(|o, l| unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), o, l) })
-}
-
 /// All headers of a map as (name, value bytes). Malformed host data yields what parsed.
 pub fn header_pairs(map: MapType) -> Result<Vec<(String, Vec<u8>)>, Status> {
     // SAFETY: as above.
-    let raw = fetch(|o, l| unsafe { proxy_get_header_map_pairs(map, o, l) })?.unwrap_or_default();
+    let raw = fetch(|o, l| {
+        let _p = super::prof::span("host proxy_get_header_map_pairs");
+        unsafe { proxy_get_header_map_pairs(map, o, l) }
+    })?
+    .unwrap_or_default();
     Ok(decode_pairs(&raw))
 }
 
@@ -173,24 +169,34 @@ fn decode_pairs(b: &[u8]) -> Vec<(String, Vec<u8>)> {
 
 pub fn set_header(map: MapType, name: &str, value: Option<&str>) -> Result<(), Status> {
     // SAFETY: pointers come from live slices.
-    status(unsafe {
-        match value {
-            Some(v) => {
+    status(match value {
+        Some(v) => {
+            let _p = super::prof::span("host proxy_replace_header_map_value");
+            unsafe {
                 proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len())
             }
-            None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
+        }
+        None => {
+            let _p = super::prof::span("host proxy_remove_header_map_value");
+            unsafe { proxy_remove_header_map_value(map, name.as_ptr(), name.len()) }
         }
     })
 }
 
 pub fn buffer(kind: BufferType, start: usize, max: usize) -> Result<Option<Vec<u8>>, Status> {
     // SAFETY: as above.
-    fetch(|o, l| unsafe { proxy_get_buffer_bytes(kind, start, max, o, l) })
+    fetch(|o, l| {
+        let _p = super::prof::span("host proxy_get_buffer_bytes");
+        unsafe { proxy_get_buffer_bytes(kind, start, max, o, l) }
+    })
 }
 
 pub fn set_buffer(kind: BufferType, start: usize, size: usize, data: &[u8]) -> Result<(), Status> {
     // SAFETY: as above.
-    status(unsafe { proxy_set_buffer_bytes(kind, start, size, data.as_ptr(), data.len()) })
+    status({
+        let _p = super::prof::span("host proxy_set_buffer_bytes");
+        unsafe { proxy_set_buffer_bytes(kind, start, size, data.as_ptr(), data.len()) }
+    })
 }
 
 fn property_path(path: &[&str]) -> Vec<u8> {
@@ -200,13 +206,19 @@ fn property_path(path: &[&str]) -> Vec<u8> {
 pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
     let p = property_path(path);
     // SAFETY: as above.
-    fetch(|o, l| unsafe { proxy_get_property(p.as_ptr(), p.len(), o, l) })
+    fetch(|o, l| {
+        let _p = super::prof::span("host proxy_get_property");
+        unsafe { proxy_get_property(p.as_ptr(), p.len(), o, l) }
+    })
 }
 
 pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
     let p = property_path(path);
     // SAFETY: as above.
-    status(unsafe { proxy_set_property(p.as_ptr(), p.len(), value.as_ptr(), value.len()) })
+    status({
+        let _p = super::prof::span("host proxy_set_property");
+        unsafe { proxy_set_property(p.as_ptr(), p.len(), value.as_ptr(), value.len()) }
+    })
 }
 
 pub enum SharedError {
@@ -218,8 +230,11 @@ pub fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), Status> 
     let mut cas: u32 = 0;
     let mut ptr: *mut u8 = core::ptr::null_mut();
     let mut len: usize = 0;
+    let _p = super::prof::span("host proxy_get_shared_data");
     // SAFETY: as above.
-    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut ptr, &mut len, &mut cas) } {
+    let status =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut ptr, &mut len, &mut cas) };
+    match status {
         OK => Ok((owned(ptr, len), (cas != 0).then_some(cas))),
         NOT_FOUND => Ok((None, None)),
         s => Err(s),
@@ -227,8 +242,9 @@ pub fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), Status> 
 }
 
 pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedError> {
+    let _p = super::prof::span("host proxy_set_shared_data");
     // SAFETY: as above.
-    match unsafe {
+    let status = unsafe {
         proxy_set_shared_data(
             key.as_ptr(),
             key.len(),
@@ -236,7 +252,8 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), 
             value.len(),
             cas.unwrap_or(0),
         )
-    } {
+    };
+    match status {
         OK => Ok(()),
         CAS_MISMATCH => Err(SharedError::CasMismatch),
         _ => Err(SharedError::Other),
@@ -258,56 +275,97 @@ pub fn send_local_response(code: u16, headers: &[(&str, &str)], body: &[u8]) -> 
     }
     let details = b"tollgate";
     // SAFETY: as above.
-    status(unsafe {
-        proxy_send_local_response(
-            u32::from(code),
-            details.as_ptr(),
-            details.len(),
-            body.as_ptr(),
-            body.len(),
-            h.as_ptr(),
-            h.len(),
-            -1,
-        )
+    status({
+        let _p = super::prof::span("host proxy_send_local_response");
+        unsafe {
+            proxy_send_local_response(
+                u32::from(code),
+                details.as_ptr(),
+                details.len(),
+                body.as_ptr(),
+                body.len(),
+                h.as_ptr(),
+                h.len(),
+                -1,
+            )
+        }
     })
 }
 
 pub fn define_metric(kind: MetricType, name: &str) -> Result<u32, Status> {
     let mut id = 0;
     // SAFETY: as above.
-    status(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) }).map(|()| id)
+    status({
+        let _p = super::prof::span("host proxy_define_metric");
+        unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) }
+    })
+    .map(|()| id)
 }
 
 pub fn increment_metric(id: u32, by: i64) -> Result<(), Status> {
     // SAFETY: plain values.
-    status(unsafe { proxy_increment_metric(id, by) })
+    status({
+        let _p = super::prof::span("host proxy_increment_metric");
+        unsafe { proxy_increment_metric(id, by) }
+    })
 }
 
 pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
     // SAFETY: plain values.
-    status(unsafe { proxy_record_metric(id, value) })
+    status({
+        let _p = super::prof::span("host proxy_record_metric");
+        unsafe { proxy_record_metric(id, value) }
+    })
 }
 
 pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
     // SAFETY: plain values.
-    status(unsafe { proxy_set_effective_context(context_id) })
+    status({
+        let _p = super::prof::span("host proxy_set_effective_context");
+        unsafe { proxy_set_effective_context(context_id) }
+    })
 }
 
 /// Resumes the effective context's paused request.
 pub fn resume_request() -> Result<(), Status> {
     // SAFETY: plain values. 0 is the ABI's HttpRequest stream.
-    status(unsafe { proxy_continue_stream(0) })
+    status({
+        let _p = super::prof::span("host proxy_continue_stream");
+        unsafe { proxy_continue_stream(0) }
+    })
 }
 
 pub fn call_foreign_function(name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
     // SAFETY: as above.
-    fetch(|o, l| unsafe {
-        proxy_call_foreign_function(name.as_ptr(), name.len(), args.as_ptr(), args.len(), o, l)
+    fetch(|o, l| {
+        let _p = super::prof::span("host proxy_call_foreign_function");
+        unsafe {
+            proxy_call_foreign_function(name.as_ptr(), name.len(), args.as_ptr(), args.len(), o, l)
+        }
     })
 }
 
 pub fn now_nanos() -> Result<u64, Status> {
     let mut t = 0;
     // SAFETY: out-pointer to a local.
-    status(unsafe { proxy_get_current_time_nanoseconds(&mut t) }).map(|()| t)
+    status({
+        let _p = super::prof::span("host proxy_get_current_time_nanoseconds");
+        unsafe { proxy_get_current_time_nanoseconds(&mut t) }
+    })
+    .map(|()| t)
+}
+
+/// The level Envoy logs the `wasm` component at (it can change at runtime through the admin API).
+pub fn log_level() -> Result<LogLevel, Status> {
+    let mut level = 2;
+    // SAFETY: out-pointer to a local.
+    status(unsafe { proxy_get_log_level(&mut level) })?;
+    Ok(match level {
+        0 => LogLevel::Trace,
+        1 => LogLevel::Debug,
+        2 => LogLevel::Info,
+        3 => LogLevel::Warn,
+        4 => LogLevel::Error,
+        _ => LogLevel::Critical,
+    })
 }

@@ -42,6 +42,8 @@ struct Entry {
     /// Attempts of this request that have not ended yet; the entry outlives the listener's
     /// context until they have (Envoy ends the listener's side first).
     attempts: u32,
+    /// Attempts started so far, ended or not: the current one's number.
+    started: u32,
     closed: bool,
 }
 
@@ -84,12 +86,17 @@ pub fn close(rid: u32) {
     });
 }
 
-pub fn attempt_started(rid: u32) {
+/// An attempt began; returns its number (1 for the first), 0 when the request is unknown here.
+pub fn attempt_started(rid: u32) -> u32 {
     ENTRIES.with(|e| {
-        if let Some(entry) = e.borrow_mut().get_mut(&rid) {
-            entry.attempts = entry.attempts.saturating_add(1);
-        }
-    });
+        let mut map = e.borrow_mut();
+        let Some(entry) = map.get_mut(&rid) else {
+            return 0;
+        };
+        entry.attempts = entry.attempts.saturating_add(1);
+        entry.started = entry.started.saturating_add(1);
+        entry.started
+    })
 }
 
 /// An attempt ended; returns whether the client had gone by then.

@@ -114,6 +114,7 @@ impl Listener {
 
     /// Admission: reserve against the consumer's budgets. `None` means go on.
     fn admit(&mut self, now: u64) -> Option<Action> {
+        let _p = super::prof::span("listener admit");
         let (prompt_tokens, max_tokens) = self
             .info
             .as_ref()
@@ -394,6 +395,7 @@ impl Listener {
         if self.charged || !self.admitted {
             return;
         }
+        let _p = super::prof::span("listener charge");
         self.charged = true;
         let ok = (200..300).contains(&self.status);
         let (usage, estimated) = self.final_usage(ok, torn_down);
@@ -536,6 +538,7 @@ impl Listener {
 
 impl Context for Listener {
     fn on_done(&mut self) -> bool {
+        let _p = super::prof::span("listener on_done");
         if !self.response_complete {
             handoff::mark_client_gone(self.id);
         }
@@ -545,6 +548,7 @@ impl Context for Listener {
 
 impl HttpContext for Listener {
     fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
+        let _p = super::prof::span("listener on_http_request_headers");
         self.started_ms = host::now_ms();
         // One read of the whole map serves every header this callback looks at.
         let hdrs = host::headers(MapType::HttpRequestHeaders);
@@ -555,7 +559,10 @@ impl HttpContext for Listener {
         };
         let path = get(":path").unwrap_or_default().to_string();
         if let Some(sp) = &self.cfg.status_path {
-            if path == *sp || path.starts_with(&format!("{sp}?")) {
+            if path
+                .strip_prefix(sp.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'))
+            {
                 return super::status::serve(&self.cfg);
             }
         }
@@ -574,7 +581,9 @@ impl HttpContext for Listener {
         // Out of the stream's headers first, so that not even a refusal's access-log line can
         // show the client's credential.
         for h in gateway::CREDENTIAL_HEADERS {
-            host::set_header(MapType::HttpRequestHeaders, h, None);
+            if get(h).is_some() {
+                host::set_header(MapType::HttpRequestHeaders, h, None);
+            }
         }
         match gateway::identify(&self.cfg, lookup) {
             Ok(c) => self.consumer = c,
@@ -600,11 +609,6 @@ impl HttpContext for Listener {
             // The route was matched on the client's copy of tollgate's internal headers: match again.
             host::clear_route_cache();
         }
-        host::set_header(
-            MapType::HttpRequestHeaders,
-            gateway::HDR_CONSUMER,
-            Some(&self.consumer),
-        );
         if let Some(len) = hdrs
             .iter()
             .find(|(k, _)| k == "content-length")
@@ -614,7 +618,7 @@ impl HttpContext for Listener {
                 return self.too_large();
             }
         }
-        let now = host::now_ms();
+        let now = self.started_ms;
         if let Some(a) = self.route(now) {
             return a;
         }
@@ -644,6 +648,7 @@ impl HttpContext for Listener {
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let _p = super::prof::span("listener on_http_request_body");
         if size as u64 > self.cfg.max_request_bytes {
             return self.too_large();
         }
@@ -655,22 +660,23 @@ impl HttpContext for Listener {
     }
 
     fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
-        self.status = host::header(MapType::HttpResponseHeaders, ":status")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        self.provider =
-            host::header(MapType::HttpResponseHeaders, gateway::HDR_PROVIDER).unwrap_or_default();
-        self.key_id =
-            host::header(MapType::HttpResponseHeaders, gateway::HDR_KEY_ID).unwrap_or_default();
-        if self.status == 429
-            && self.provider.is_empty()
-            && host::header(MapType::HttpResponseHeaders, "x-envoy-ratelimited").is_some()
-        {
+        let _p = super::prof::span("listener on_http_response_headers");
+        // One read of the whole map serves every header this callback looks at.
+        let hdrs = host::headers(MapType::HttpResponseHeaders);
+        let get = |name: &str| {
+            hdrs.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        self.status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        self.provider = get(gateway::HDR_PROVIDER).unwrap_or_default().to_string();
+        self.key_id = get(gateway::HDR_KEY_ID).unwrap_or_default().to_string();
+        if self.status == 429 && self.provider.is_empty() && get("x-envoy-ratelimited").is_some() {
             // Envoy's global rate limit filter refused it (fleet-wide budget): give the client the
             // same signals as tollgate's own 429.
             count("tollgate.outcome.rejected_global.requests", 1);
-            if host::header(MapType::HttpResponseHeaders, "retry-after").is_none() {
-                let secs = host::header(MapType::HttpResponseHeaders, "x-ratelimit-reset")
+            if get("retry-after").is_none() {
+                let secs = get("x-ratelimit-reset")
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .unwrap_or(1)
                     .max(1);
@@ -681,9 +687,7 @@ impl HttpContext for Listener {
                 );
             }
         }
-        let content_type = host::header(MapType::HttpResponseHeaders, "content-type")
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let content_type = get("content-type").unwrap_or_default().to_ascii_lowercase();
         let sse = content_type.contains("text/event-stream");
         if self.status >= 500
             && self.provider.is_empty()
@@ -720,6 +724,7 @@ impl HttpContext for Listener {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let _p = super::prof::span("listener on_http_response_body");
         let chunk = host::body(BufferType::HttpResponseBody, size);
         if let Some(text) = self.envoy_error.as_mut() {
             text.extend_from_slice(&chunk);
@@ -801,9 +806,11 @@ impl HttpContext for Listener {
     }
 
     fn on_log(&mut self) {
+        let _p = super::prof::span("listener on_log");
         // Reached without a charge: the client went away or the upstream reset mid-response.
         self.charge(true);
         handoff::close(self.id);
+        super::prof::request_done();
     }
 }
 

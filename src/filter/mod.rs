@@ -9,6 +9,7 @@ mod abi;
 mod handoff;
 mod host;
 mod listener;
+mod prof;
 mod status;
 mod upstream;
 
@@ -25,7 +26,7 @@ enum Role {
 }
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { role: Role::Listener, config: None }) });
 }}
 
@@ -38,6 +39,7 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        follow_log_level();
         let root_id = property(&["plugin_root_id"])
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
@@ -76,6 +78,11 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let _p = prof::span(if self.role == Role::Listener {
+            "listener create"
+        } else {
+            "upstream create"
+        });
         // Always Some: the SDK's dispatcher panics on None.
         Some(match (&self.config, self.role) {
             (Some(cfg), Role::Listener) => {
@@ -90,6 +97,14 @@ impl RootContext for Root {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// Formats log lines only at the level Envoy would print them: `debug!` on the hot path then costs
+/// nothing in production. Re-read now and then, since the level can be changed at runtime.
+fn follow_log_level() {
+    if let Ok(level) = abi::log_level() {
+        proxy_wasm::set_log_level(level);
     }
 }
 

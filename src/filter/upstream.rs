@@ -90,6 +90,11 @@ impl Upstream {
     /// Which provider Envoy picked: the endpoint's `tollgate.provider` metadata, else the cluster's,
     /// else the only provider configured.
     fn pick_provider(&self) -> Result<usize, String> {
+        // Reading endpoint metadata is one of the dearest host calls (~5 µs): with a single
+        // provider there is nothing to tell apart.
+        if self.cfg.providers.len() == 1 {
+            return Ok(0);
+        }
         let md = |scope: &str| {
             host::property(&["xds", scope, "filter_metadata", METADATA_NS, METADATA_KEY])
                 .and_then(|b| String::from_utf8(b).ok())
@@ -100,13 +105,12 @@ impl Upstream {
                 .provider(&name)
                 .map(|(i, _)| i)
                 .ok_or_else(|| format!("endpoint metadata names provider '{name}', which is not configured")),
-            None if self.cfg.providers.len() == 1 => Ok(0),
             None => Err("the endpoint carries no tollgate.provider metadata and several providers are configured".into()),
         }
     }
 
     /// Everything that does not need the body: provider, key, credentials.
-    fn prepare(&mut self) -> Result<(), Action> {
+    fn prepare(&mut self, hdrs: &[(String, String)], attempt: u32) -> Result<(), Action> {
         let pi = match self.pick_provider() {
             Ok(i) => i,
             Err(msg) => {
@@ -129,25 +133,20 @@ impl Upstream {
         // (and took the half-open probe slot there); a retry that Envoy moved here goes ahead.
         let health =
             health::read(&HostStore, p).unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
-        let consumer = self
-            .original
-            .as_ref()
-            .map(|o| o.consumer.clone())
-            .or_else(|| host::header(MapType::HttpRequestHeaders, gateway::HDR_CONSUMER));
+        let consumer = self.original.as_ref().map(|o| o.consumer.as_str());
         let sticky = cfg
             .sticky_header
             .as_deref()
-            .and_then(|h| host::header(MapType::HttpRequestHeaders, h))
+            .and_then(|h| header_in(hdrs, h))
             .or(consumer);
-        let choice = keypool::choose(&HostStore, p, &health, sticky.as_deref(), now)
-            .unwrap_or_else(|e| {
-                // The rotation counter failed: still serve, from the first healthy key.
-                log::warn!("key rotation counter unavailable: {e:?}");
-                (0..p.keys.len())
-                    .find(|&i| health.key_available(i, now))
-                    .map(Choice::Key)
-                    .unwrap_or(Choice::Exhausted { retry_at_ms: now })
-            });
+        let choice = keypool::choose(&HostStore, p, &health, sticky, now).unwrap_or_else(|e| {
+            // The rotation counter failed: still serve, from the first healthy key.
+            log::warn!("key rotation counter unavailable: {e:?}");
+            (0..p.keys.len())
+                .find(|&i| health.key_available(i, now))
+                .map(Choice::Key)
+                .unwrap_or(Choice::Exhausted { retry_at_ms: now })
+        });
         let ki = match choice {
             Choice::Key(i) => i,
             Choice::Exhausted { retry_at_ms } => {
@@ -168,30 +167,26 @@ impl Upstream {
         let Some(key) = p.keys.get(ki) else {
             return Err(self.local(ErrorKind::Internal, 500, "key index out of range", &[]));
         };
-        for h in gateway::CREDENTIAL_HEADERS {
-            host::set_header(MapType::HttpRequestHeaders, h, None);
+        let auth = gateway::auth_headers(p, &key.secret);
+        // Credentials of another provider's kind (a previous attempt's, in this same header map)
+        // go; the listener role already took out the client's. Internal headers stay out of the
+        // provider's request, but for the request id: the next attempt gets this same header map
+        // and needs it to find the request's hand-off. Only headers present are removed: each
+        // removal is a host call.
+        for h in gateway::CREDENTIAL_HEADERS
+            .iter()
+            .chain([&gateway::HDR_ROUTE])
+        {
+            if header_in(hdrs, h).is_some() && !auth.iter().any(|(name, _)| name == h) {
+                host::set_header(MapType::HttpRequestHeaders, h, None);
+            }
         }
-        // Internal headers stay out of the provider's request, but for the request id: the next
-        // attempt gets this same header map and needs it to find the request's hand-off. (Any a
-        // client sent were dropped by the listener role; these are the ones it set.)
-        for h in [gateway::HDR_CONSUMER, gateway::HDR_ROUTE] {
-            host::set_header(MapType::HttpRequestHeaders, h, None);
-        }
-        for (name, value) in gateway::auth_headers(p, &key.secret) {
+        for (name, value) in auth {
             host::set_header(MapType::HttpRequestHeaders, name, Some(&value));
         }
         if let Some(h) = &p.host {
             host::set_header(MapType::HttpRequestHeaders, ":authority", Some(h));
         }
-        let attempt = host::property(&["upstream", "request_attempt_count"])
-            .and_then(|b| {
-                b.get(..8).map(|s| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(s);
-                    u64::from_le_bytes(a)
-                })
-            })
-            .unwrap_or(1);
         count(&format!("tollgate.provider.{}.attempts", p.name), 1);
         if attempt > 1 {
             // A retry that landed here: a failover onto this provider (or another key of it).
@@ -338,10 +333,18 @@ impl Upstream {
     }
 }
 
+/// The first value of `name` in a header list read with `host::headers`.
+fn header_in<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    hdrs.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
 impl Context for Upstream {
     /// The attempt ends. Envoy runs no `on_log` for cluster-level contexts, so this is where an
     /// attempt that never got response headers (per-try timeout, reset) is held against its provider.
     fn on_done(&mut self) -> bool {
+        let _p = super::prof::span("upstream on_done");
         self.finish();
         true
     }
@@ -380,22 +383,23 @@ impl Upstream {
 
 impl HttpContext for Upstream {
     fn on_log(&mut self) {
+        let _p = super::prof::span("upstream on_log");
         self.finish();
     }
 
     fn on_http_request_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
-        self.rid = host::header(MapType::HttpRequestHeaders, gateway::HDR_RID)
-            .and_then(|v| v.parse().ok());
-        if let Some(rid) = self.rid {
-            handoff::attempt_started(rid);
-        }
+        let _p = super::prof::span("upstream on_http_request_headers");
+        // One read of the whole map serves every header this attempt looks at.
+        let hdrs = host::headers(MapType::HttpRequestHeaders);
+        self.rid = header_in(&hdrs, gateway::HDR_RID).and_then(|v| v.parse().ok());
+        let attempt = self.rid.map(handoff::attempt_started).unwrap_or(0);
         // Every attempt starts from the request as the client sent it: the header map Envoy hands
         // to this attempt is the one the previous attempt rewrote.
         self.original = self.rid.and_then(handoff::original);
+        let current_path = header_in(&hdrs, ":path").unwrap_or_default();
         self.path = match &self.original {
             Some(o) => {
-                let current_authority =
-                    host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
+                let current_authority = header_in(&hdrs, ":authority").unwrap_or_default();
                 if current_authority != o.authority && !o.authority.is_empty() {
                     host::set_header(
                         MapType::HttpRequestHeaders,
@@ -403,18 +407,16 @@ impl HttpContext for Upstream {
                         Some(&o.authority),
                     );
                 }
-                if host::header(MapType::HttpRequestHeaders, ":path").as_deref()
-                    != Some(o.path.as_str())
-                {
+                if current_path != o.path {
                     host::set_header(MapType::HttpRequestHeaders, ":path", Some(&o.path));
                 }
                 o.path.clone()
             }
-            None => host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default(),
+            None => current_path.to_string(),
         };
         self.api = ApiKind::from_path(&self.path);
         self.client = ClientApi::from_path(&self.path);
-        if let Err(action) = self.prepare() {
+        if let Err(action) = self.prepare(&hdrs, attempt) {
             return action;
         }
         let cfg = self.cfg.clone();
@@ -462,6 +464,7 @@ impl HttpContext for Upstream {
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let _p = super::prof::span("upstream on_http_request_body");
         // A parked attempt sees its body only once the listener role has resumed it.
         self.sent = true;
         if self.provider.is_none() {
@@ -484,6 +487,7 @@ impl HttpContext for Upstream {
     }
 
     fn on_http_response_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
+        let _p = super::prof::span("upstream on_http_response_headers");
         let headers = host::headers(MapType::HttpResponseHeaders);
         self.status = headers
             .iter()
@@ -552,6 +556,7 @@ impl HttpContext for Upstream {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let _p = super::prof::span("upstream on_http_response_body");
         if let Some((parser, t)) = self.sse.as_mut() {
             let chunk = host::body(BufferType::HttpResponseBody, size);
             let mut out = Vec::with_capacity(chunk.len() * 2);
