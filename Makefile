@@ -80,6 +80,7 @@ run: build mock venv
 .PHONY: bench
 bench: build mock venv
 	@command -v wrk >/dev/null || apt-get install -y wrk; command -v wasm-opt >/dev/null || apt-get install -y binaryen
+	@$(MAKE) --no-print-directory fleet-deps || echo "make fleet-deps failed: the benchmark's fleet-wide budget rows will say skipped"
 	$(PY) tests/bench/bench.py
 
 .PHONY: demo-traffic

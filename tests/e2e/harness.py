@@ -340,3 +340,28 @@ def sse_data(body: bytes) -> list:
         except ValueError:
             out.append(data)
     return out
+
+
+def redis_command(port: int, *args: str):
+    """One Redis command over RESP on loopback (stdlib only): str, int, list or None."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, sock.makefile("rwb") as f:
+        f.write(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args))
+        f.flush()
+
+        def read():
+            line = f.readline().rstrip(b"\r\n")
+            kind, rest = line[:1], line[1:]
+            if kind == b"+":
+                return rest.decode()
+            if kind == b"-":
+                raise RuntimeError(rest.decode())
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                n = int(rest)
+                return None if n < 0 else f.read(n + 2)[:-2].decode()
+            if kind == b"*":
+                return [read() for _ in range(int(rest))]
+            raise RuntimeError(f"bad RESP line {line!r}")
+
+        return read()

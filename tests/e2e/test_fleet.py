@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import KEYS
-from harness import ROOT, WASM, Envoy, Response, chat, free_port, request
+from harness import ROOT, WASM, Envoy, Response, chat, free_port, redis_command, request
 
 RLS_DIR = ROOT / "tests" / "rls-server"
 RLS_BIN = Path(os.environ.get("TOLLGATE_RLS_BIN", RLS_DIR / "target" / "release" / "rls-server"))
@@ -37,30 +36,6 @@ def _redis_server() -> str | None:
     subprocess.run("apt-get update -qq && apt-get install -y -qq redis-server", shell=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     return shutil.which("redis-server")
-
-
-def _resp(sock_file, *args: str):
-    """One Redis command over RESP (stdlib only); returns str, int, list or None."""
-    sock_file.write(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args))
-    sock_file.flush()
-
-    def read():
-        line = sock_file.readline().rstrip(b"\r\n")
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            return None if n < 0 else sock_file.read(n + 2)[:-2].decode()
-        if kind == b"*":
-            return [read() for _ in range(int(rest))]
-        raise RuntimeError(f"bad RESP line {line!r}")
-
-    return read()
 
 
 class Redis:
@@ -84,8 +59,7 @@ class Redis:
             time.sleep(0.05)
 
     def command(self, *args: str):
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s, s.makefile("rwb") as f:
-            return _resp(f, *args)
+        return redis_command(self.port, *args)
 
     def spent(self, consumer: str) -> int:
         """The fleet-wide counter of `consumer` (Limitador's key names the descriptor values)."""
