@@ -17,6 +17,7 @@ help:
 	@echo "make test       clippy (wasm target), unit tests, end-to-end tests against a real Envoy (shipped configs validated there)"
 	@echo "make build      build $(WASM)"
 	@echo "make size       size-tuned build after wasm-opt"
+	@echo "make profile    host calls and callbacks per request, counted and timed inside the VM"
 	@echo "make lint       clippy for the wasm target and the host"
 
 .PHONY: toolchain
@@ -82,6 +83,11 @@ bench: build mock venv
 	@command -v wrk >/dev/null || apt-get install -y wrk; command -v wasm-opt >/dev/null || apt-get install -y binaryen
 	@$(MAKE) --no-print-directory fleet-deps || echo "make fleet-deps failed: the benchmark's fleet-wide budget rows will say skipped"
 	$(PY) tests/bench/bench.py
+
+# Where the module's time goes per request: host calls and callbacks, counted and timed in the VM.
+.PHONY: profile
+profile: build venv
+	$(PY) tests/bench/profile.py
 
 .PHONY: demo-traffic
 demo-traffic: venv
