@@ -112,12 +112,13 @@ fleet-deps:
 # RUSTC_BOOTSTRAP=1. Overflow checks and debug assertions are on either way.
 FUZZ_SECONDS   ?= 30
 FUZZ_SANITIZER ?= none
-FUZZ_TARGETS   ?= config request usage_json sse retry_headers translate
+FUZZ_TARGETS   ?= config request usage_json sse usage_stream_diff retry_headers translate
 FUZZ_ENV       := $(if $(filter none,$(FUZZ_SANITIZER)),,RUSTC_BOOTSTRAP=1)
 FUZZ_MAX_LEN_config        := 4096
 FUZZ_MAX_LEN_request       := 8192
 FUZZ_MAX_LEN_usage_json    := 4096
 FUZZ_MAX_LEN_sse           := 4096
+FUZZ_MAX_LEN_usage_stream_diff := 4096
 FUZZ_MAX_LEN_retry_headers := 1024
 FUZZ_MAX_LEN_translate     := 8192
 

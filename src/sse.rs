@@ -4,6 +4,8 @@
 //! dropped (oversized) event comes back in exactly one [`SseEvent::raw`], so re-emitting `raw` for
 //! every event reproduces the stream byte for byte.
 
+use std::borrow::Cow;
+
 /// One complete SSE event. Borrowed from the parser's buffers: valid only inside the callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SseEvent<'a> {
@@ -35,22 +37,32 @@ pub enum Overflow {
 /// into chunks. Once the unfinished event outgrows the cap its bytes are released and the rest of
 /// it is skipped up to its blank line, so memory stays bounded by the cap plus one chunk.
 ///
-/// Buffers are reused across calls: in steady state feeding a chunk allocates nothing (invalid
+/// Events that lie whole inside a chunk are parsed in place and their fields borrowed from it; only
+/// an event split across chunks is copied (into a buffer reused across calls), and only a field made
+/// of several `data:` lines is assembled. In steady state feeding a chunk allocates nothing (invalid
 /// UTF-8 in a field is replaced with U+FFFD, which does allocate).
 #[derive(Debug)]
 pub struct SseParser {
-    max_event_bytes: usize,
-    /// Unconsumed bytes: the current block from `event_start` on (while skipping, only the bytes
-    /// not yet scanned).
+    /// The unfinished event's bytes (while skipping, at most an unresolved trailing CR).
     buf: Vec<u8>,
+    lines: Lines,
+}
+
+/// Parser state. Its offsets index the slice being scanned: a chunk, or `buf` when an event is
+/// split across chunks (they are rebased when the unfinished tail moves into `buf`).
+#[derive(Debug)]
+struct Lines {
+    max_event_bytes: usize,
     event_start: usize,
-    /// Start of the current, not yet terminated, line in `buf`.
+    /// Start of the current, not yet terminated, line.
     line_start: usize,
     /// Where the search for the next line terminator resumes.
     scan: usize,
-    data: String,
-    event: String,
-    has_data: bool,
+    data: Data,
+    /// The value of the last `event:` line.
+    event: Option<(usize, usize)>,
+    /// The event's data when it has several `data:` lines (`Data::Joined`).
+    joined: Vec<u8>,
     /// The first line of the stream may start with a BOM, which the spec strips.
     at_stream_start: bool,
     overflow: Overflow,
@@ -60,46 +72,77 @@ pub struct SseParser {
     dropped: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Data {
+    None,
+    /// A single `data:` line's value, borrowed from the scanned slice.
+    Line(usize, usize),
+    Joined,
+}
+
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl SseParser {
     pub fn new(max_event_bytes: usize) -> Self {
         Self {
-            max_event_bytes,
             buf: Vec::new(),
-            event_start: 0,
-            line_start: 0,
-            scan: 0,
-            data: String::new(),
-            event: String::new(),
-            has_data: false,
-            at_stream_start: true,
-            overflow: Overflow::None,
-            skipped_line_nonempty: false,
-            warned: false,
-            dropped: 0,
+            lines: Lines {
+                max_event_bytes,
+                event_start: 0,
+                line_start: 0,
+                scan: 0,
+                data: Data::None,
+                event: None,
+                joined: Vec::new(),
+                at_stream_start: true,
+                overflow: Overflow::None,
+                skipped_line_nonempty: false,
+                warned: false,
+                dropped: 0,
+            },
         }
     }
 
     /// Feeds one body chunk; calls `on_event` once per complete event (terminated by a blank line).
     /// An event can be split across chunks at ANY byte, including inside a CRLF pair.
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
-        self.buf.extend_from_slice(chunk);
-        self.scan_lines(false, &mut on_event);
-        if self.overflow == Overflow::None {
-            let done = self.event_start.min(self.buf.len());
-            self.buf.drain(..done);
-            self.event_start = 0;
-            self.line_start = self.line_start.saturating_sub(done);
-            self.scan = self.scan.saturating_sub(done);
-            if self.buf.len() > self.max_event_bytes {
-                self.count_drop(self.buf.len());
-                self.overflow = Overflow::Dropped;
+        self.feed_dyn(chunk, &mut on_event);
+    }
+
+    /// One copy of the parser whatever the callback (module size).
+    fn feed_dyn(&mut self, chunk: &[u8], on_event: &mut dyn FnMut(SseEvent<'_>)) {
+        let mut rest = chunk;
+        // An event left unfinished by the previous chunk is completed in `buf` one line at a time,
+        // so that only its own bytes are copied; the rest of the chunk is parsed in place.
+        while !self.buf.is_empty() {
+            if rest.is_empty() {
+                self.settle(true);
+                return;
             }
+            let n = find_eol(rest).map_or(rest.len(), |i| match rest.get(i..i.saturating_add(2)) {
+                Some(b"\r\n") => i + 2,
+                _ => i + 1,
+            });
+            let (line, tail) = rest.split_at(n.min(rest.len()));
+            self.buf.extend_from_slice(line);
+            self.lines.scan(&self.buf, false, on_event);
+            self.settle(false);
+            rest = tail;
         }
-        if self.overflow == Overflow::Dropped {
-            self.discard_skipped();
-        }
+        let lines = &mut self.lines;
+        lines.scan(rest, false, on_event);
+        let keep_from = if lines.overflow == Overflow::None {
+            lines.event_start
+        } else {
+            // Skipping: only an unresolved trailing CR is worth keeping.
+            lines.skipped_line_nonempty |= lines.line_start < lines.scan;
+            lines.line_start = lines.scan;
+            lines.scan
+        };
+        self.buf
+            .extend_from_slice(rest.get(keep_from..).unwrap_or_default());
+        lines.rebase(keep_from);
+        self.settle(true);
     }
 
     /// End of stream: dispatches a final event that lacks its blank line if it has data.
@@ -108,54 +151,86 @@ impl SseParser {
     /// its bytes are not lost (see the type's doc). The parser is then ready for a new stream;
     /// [`Self::dropped_events`] keeps counting.
     pub fn finish(&mut self, mut on_event: impl FnMut(SseEvent<'_>)) {
-        self.scan_lines(true, &mut on_event);
-        if self.overflow == Overflow::None {
-            let end = self.buf.len();
-            let start = self.skip_bom(self.line_start, end);
+        self.finish_dyn(&mut on_event);
+    }
+
+    fn finish_dyn(&mut self, on_event: &mut dyn FnMut(SseEvent<'_>)) {
+        let (src, l) = (&self.buf, &mut self.lines);
+        l.scan(src, true, on_event);
+        if l.overflow == Overflow::None {
+            let end = src.len();
+            let start = l.skip_bom(src, l.line_start, end);
             if start < end {
-                self.field_line(start, end);
+                l.field_line(src, start, end);
             }
-            if self.event_start < end {
-                self.end_block(end, &mut on_event);
+            if l.event_start < end {
+                l.end_block(src, end, on_event);
             }
         }
         self.buf.clear();
-        self.event_start = 0;
-        self.line_start = 0;
-        self.scan = 0;
-        self.reset_fields();
-        self.at_stream_start = true;
-        self.overflow = Overflow::None;
-        self.skipped_line_nonempty = false;
-        self.warned = false;
+        l.event_start = 0;
+        l.line_start = 0;
+        l.scan = 0;
+        l.reset_fields();
+        l.at_stream_start = true;
+        l.overflow = Overflow::None;
+        l.skipped_line_nonempty = false;
+        l.warned = false;
     }
 
     /// Bytes of the unfinished event currently held.
     pub fn pending(&self) -> usize {
-        self.buf.len().saturating_sub(self.event_start)
+        self.buf.len().saturating_sub(self.lines.event_start)
     }
 
     /// Number of events dropped because they exceeded the cap (then skipped up to their end).
     pub fn dropped_events(&self) -> u64 {
-        self.dropped
+        self.lines.dropped
     }
 
     /// Whether the parser is in the middle of skipping an oversized event.
     pub fn overflow(&self) -> Overflow {
-        self.overflow
+        self.lines.overflow
     }
 
-    /// Processes every complete line in `buf`. A CR at the very end of `buf` may be the first half
+    /// After a scan of `buf`: releases what is done with and, once the whole chunk is scanned,
+    /// enforces the cap on the rest (checking it per line would let an unresolved CR trip it).
+    fn settle(&mut self, check_cap: bool) {
+        let l = &mut self.lines;
+        if l.overflow == Overflow::None {
+            let done = l.event_start.min(self.buf.len());
+            self.buf.drain(..done);
+            l.rebase(done);
+            if check_cap && self.buf.len() > l.max_event_bytes {
+                l.count_drop(self.buf.len());
+                l.overflow = Overflow::Dropped;
+            }
+        }
+        if l.overflow == Overflow::Dropped {
+            // Nothing before an unresolved trailing CR is needed any more.
+            let keep_from = l.scan.min(self.buf.len());
+            l.skipped_line_nonempty |= l.line_start < keep_from;
+            self.buf.drain(..keep_from);
+            l.at_stream_start = false;
+            l.event_start = 0;
+            l.line_start = 0;
+            l.scan = 0;
+            l.reset_fields();
+        }
+    }
+}
+
+impl Lines {
+    /// Processes every complete line in `src`. A CR at the very end of `src` may be the first half
     /// of a CRLF, so it is left for the next chunk unless `at_eof`.
-    fn scan_lines(&mut self, at_eof: bool, on_event: &mut impl FnMut(SseEvent<'_>)) {
+    fn scan(&mut self, src: &[u8], at_eof: bool, on_event: &mut dyn FnMut(SseEvent<'_>)) {
         loop {
-            let rest = self.buf.get(self.scan..).unwrap_or_default();
-            let Some(i) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
-                self.scan = self.buf.len();
+            let Some(i) = src.get(self.scan..).and_then(find_eol) else {
+                self.scan = src.len();
                 return;
             };
             let term = self.scan + i;
-            let after = match (self.buf.get(term), self.buf.get(term + 1)) {
+            let after = match (src.get(term), src.get(term + 1)) {
                 (Some(b'\r'), Some(b'\n')) => term + 2,
                 (Some(b'\r'), None) if !at_eof => {
                     self.scan = term;
@@ -163,77 +238,108 @@ impl SseParser {
                 }
                 _ => term + 1,
             };
-            let start = self.skip_bom(self.line_start, term);
+            let start = self.skip_bom(src, self.line_start, term);
             let blank = start == term && !self.skipped_line_nonempty;
             self.skipped_line_nonempty = false;
             self.line_start = after;
             self.scan = after;
             if blank {
-                self.end_block(after, on_event);
+                self.end_block(src, after, on_event);
             } else if self.overflow == Overflow::None {
-                self.field_line(start, term);
+                self.field_line(src, start, term);
             }
         }
     }
 
     /// Closes the block that runs from `event_start` to `end` (just past its blank line).
-    fn end_block(&mut self, end: usize, on_event: &mut impl FnMut(SseEvent<'_>)) {
+    fn end_block(&mut self, src: &[u8], end: usize, on_event: &mut dyn FnMut(SseEvent<'_>)) {
         let size = end.saturating_sub(self.event_start);
         if self.overflow == Overflow::Dropped {
             self.overflow = Overflow::None;
         } else if size > self.max_event_bytes {
             self.count_drop(size);
-        } else if let Some(raw) = self.buf.get(self.event_start..end) {
-            let (event, data) = if self.has_data {
-                (self.event.as_str(), self.data.as_str())
-            } else {
-                ("", "")
+        } else if let Some(raw) = src.get(self.event_start..end) {
+            let span =
+                |s: Option<(usize, usize)>| s.and_then(|(a, b)| src.get(a..b)).unwrap_or_default();
+            let (event, data) = match self.data {
+                Data::None => (&b""[..], &b""[..]),
+                Data::Line(a, b) => (span(self.event), span(Some((a, b)))),
+                Data::Joined => (span(self.event), self.joined.as_slice()),
             };
-            on_event(SseEvent { event, data, raw });
+            let (event, data) = (utf8(event), utf8(data));
+            on_event(SseEvent {
+                event: &event,
+                data: &data,
+                raw,
+            });
         }
         self.event_start = end;
         self.reset_fields();
     }
 
-    fn field_line(&mut self, start: usize, end: usize) {
-        let Some(line) = self.buf.get(start..end) else {
+    fn field_line(&mut self, src: &[u8], start: usize, end: usize) {
+        let Some(line) = src.get(start..end) else {
             return;
         };
-        if line.first() == Some(&b':') {
+        let (name, value_at) = if line.starts_with(b"data:") {
+            (&b"data"[..], 5)
+        } else if line.first() == Some(&b':') {
             return;
+        } else {
+            match line.iter().position(|&b| b == b':') {
+                Some(colon) => (line.get(..colon).unwrap_or_default(), colon + 1),
+                None => (line, line.len()),
+            }
+        };
+        let mut value = start + value_at;
+        if value < end && src.get(value) == Some(&b' ') {
+            value += 1;
         }
-        let (name, value) = match line.iter().position(|&b| b == b':') {
-            Some(colon) => {
-                let value = line.get(colon + 1..).unwrap_or_default();
-                (
-                    line.get(..colon).unwrap_or_default(),
-                    value.strip_prefix(b" ").unwrap_or(value),
-                )
-            }
-            None => (line, &b""[..]),
-        };
         match name {
-            b"data" => {
-                if self.has_data {
-                    self.data.push('\n');
-                }
-                self.has_data = true;
-                self.data.push_str(&String::from_utf8_lossy(value));
-            }
-            b"event" => {
-                self.event.clear();
-                self.event.push_str(&String::from_utf8_lossy(value));
-            }
+            b"data" => self.push_data(src, value, end),
+            b"event" => self.event = Some((value, end)),
             _ => {}
         }
     }
 
+    fn push_data(&mut self, src: &[u8], start: usize, end: usize) {
+        let value = src.get(start..end).unwrap_or_default();
+        match self.data {
+            Data::None => self.data = Data::Line(start, end),
+            Data::Line(a, b) => {
+                self.joined.clear();
+                self.joined
+                    .extend_from_slice(src.get(a..b).unwrap_or_default());
+                self.joined.push(b'\n');
+                self.joined.extend_from_slice(value);
+                self.data = Data::Joined;
+            }
+            Data::Joined => {
+                self.joined.push(b'\n');
+                self.joined.extend_from_slice(value);
+            }
+        }
+    }
+
     /// Where the line `start..end` begins once the stream's leading BOM, if any, is stripped.
-    fn skip_bom(&mut self, start: usize, end: usize) -> usize {
+    fn skip_bom(&mut self, src: &[u8], start: usize, end: usize) -> usize {
         let first = std::mem::take(&mut self.at_stream_start);
-        match self.buf.get(start..end) {
+        match src.get(start..end) {
             Some(line) if first && line.starts_with(BOM) => start + BOM.len(),
             _ => start,
+        }
+    }
+
+    /// The scanned slice now starts `by` bytes later (its head was consumed or left behind).
+    fn rebase(&mut self, by: usize) {
+        self.event_start = self.event_start.saturating_sub(by);
+        self.line_start = self.line_start.saturating_sub(by);
+        self.scan = self.scan.saturating_sub(by);
+        let shift = |(a, b): (usize, usize)| (a.saturating_sub(by), b.saturating_sub(by));
+        self.event = self.event.map(shift);
+        if let Data::Line(a, b) = self.data {
+            let (a, b) = shift((a, b));
+            self.data = Data::Line(a, b);
         }
     }
 
@@ -247,23 +353,47 @@ impl SseParser {
         }
     }
 
-    /// While skipping, nothing before an unresolved trailing CR is needed any more.
-    fn discard_skipped(&mut self) {
-        let keep_from = self.scan.min(self.buf.len());
-        self.skipped_line_nonempty |= self.line_start < keep_from;
-        self.buf.drain(..keep_from);
-        self.at_stream_start = false;
-        self.event_start = 0;
-        self.line_start = 0;
-        self.scan = 0;
-        self.reset_fields();
-    }
-
     fn reset_fields(&mut self) {
-        self.data.clear();
-        self.event.clear();
-        self.has_data = false;
+        self.data = Data::None;
+        self.event = None;
     }
+}
+
+/// Validated once per event; only invalid UTF-8 allocates (the std validator has an ASCII fast path,
+/// unlike `from_utf8_lossy`'s).
+#[inline(never)]
+fn utf8(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
+/// Index of the first '\n' or '\r'. Eight bytes at a time: Wasm has no SIMD here, and a byte loop
+/// was most of the parser's time.
+#[inline(never)]
+fn find_eol(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES << 7;
+    let mut words = s.chunks_exact(8);
+    let mut at = 0;
+    for word in &mut words {
+        let x = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+        // Any byte below 0x0E? Rare in text, so the exact test below seldom runs.
+        if x.wrapping_sub(ONES * 0x0E) & !x & HIGH != 0 {
+            let (lf, cr) = (x ^ (ONES * 0x0A), x ^ (ONES * 0x0D));
+            // Zero-byte test: exact for the lowest matching byte, which is the one wanted.
+            let hits = (lf.wrapping_sub(ONES) & !lf | cr.wrapping_sub(ONES) & !cr) & HIGH;
+            if hits != 0 {
+                return Some(at + (hits.trailing_zeros() / 8) as usize);
+            }
+        }
+        at += 8;
+    }
+    let tail = words.remainder();
+    tail.iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .map(|i| at + i)
 }
 
 #[cfg(test)]
@@ -601,6 +731,36 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(&input)
             );
+        }
+    }
+
+    #[test]
+    fn events_straddling_chunks_keep_fields_and_exact_pending() {
+        // Fields are borrowed from a chunk, from the buffer, or assembled across lines: cut in three
+        // anywhere, the events are those of the whole input, and after each chunk `pending` is
+        // exactly what was not dispatched yet.
+        let input = b"\xEF\xBB\xBFevent: a\ndata: 1\ndata: 22\n\n: c\r\nevent: b\r\ndata: x\r\n\r\ndata: last";
+        let whole = parse(input);
+        assert_eq!(
+            fields(&whole),
+            [("a", "1\n22"), ("b", "x"), ("", "last")].map(|(e, d)| (e.to_owned(), d.to_owned()))
+        );
+        for i in 0..=input.len() {
+            for j in i..=input.len() {
+                let mut p = SseParser::new(1 << 20);
+                let mut out = Vec::new();
+                for (chunk, fed) in [
+                    (&input[..i], i),
+                    (&input[i..j], j),
+                    (&input[j..], input.len()),
+                ] {
+                    p.feed(chunk, |e| out.push(own(e)));
+                    let done: usize = out.iter().map(|e| e.2.len()).sum();
+                    assert_eq!(p.pending(), fed - done, "cuts {i} {j}");
+                }
+                p.finish(|e| out.push(own(e)));
+                assert_eq!(out, whole, "cuts {i} {j}");
+            }
         }
     }
 }

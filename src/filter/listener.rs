@@ -755,15 +755,13 @@ impl HttpContext for Listener {
                 let dropped_before = sse.dropped_events();
                 let mut out = Vec::with_capacity(chunk.len());
                 sse.feed(&chunk, |ev| {
-                    su.on_event(&ev);
-                    if !StreamUsage::is_usage_only_chunk(&ev) {
+                    if !su.on_event_is_usage_only(&ev) {
                         out.extend_from_slice(ev.raw);
                     }
                 });
                 if end_of_stream {
                     sse.finish(|ev| {
-                        su.on_event(&ev);
-                        if !StreamUsage::is_usage_only_chunk(&ev) {
+                        if !su.on_event_is_usage_only(&ev) {
                             out.extend_from_slice(ev.raw);
                         }
                     });
@@ -780,9 +778,19 @@ impl HttpContext for Listener {
                 } else {
                     // Bytes of an unfinished event stay withheld until the event is complete.
                     let pending = sse.pending();
-                    self.withheld.extend_from_slice(&chunk);
-                    let keep_from = self.withheld.len().saturating_sub(pending);
-                    self.withheld.drain(..keep_from);
+                    match chunk.len().checked_sub(pending) {
+                        // The common case: the unfinished event began in this chunk.
+                        Some(from) => {
+                            self.withheld.clear();
+                            self.withheld
+                                .extend_from_slice(chunk.get(from..).unwrap_or_default());
+                        }
+                        None => {
+                            self.withheld.extend_from_slice(&chunk);
+                            let keep_from = self.withheld.len().saturating_sub(pending);
+                            self.withheld.drain(..keep_from);
+                        }
+                    }
                     if out != chunk {
                         host::replace_body(BufferType::HttpResponseBody, size, &out);
                     }
