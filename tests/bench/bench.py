@@ -806,7 +806,7 @@ def report(run) -> str:
     ran = [n for n in VARIANTS if any(n in names for names in run.plan.values())]
     head = ["# Benchmarks", "",
             "What tollgate costs, measured against bare Envoy in the same run, with the floor any "
-            "proxy-wasm module pays and the cost of a fleet-wide budget. Written by `make bench` "
+            "proxy-wasm module pays and the cost of local and fleet-wide budgets. Written by `make bench` "
             "(`tests/bench/bench.py`); rerun it to replace these figures.", "",
             f"- date: {run.started:%Y-%m-%d %H:%M} UTC, run took {run.elapsed / 60:.1f} min",
             f"- machine: {mach['nproc']} cores, {mach['cpu']}, Linux {mach['kernel']}",
@@ -817,6 +817,7 @@ def report(run) -> str:
             f"- rounds: {a.rounds} x {a.seconds:g} s per cell and proxy, the proxies of a cell interleaved (order "
             "rotating per round); bare and tollgate in every cell"
             + (f", the empty module in {cells_of(run, 'empty')}" if "empty" in ran else "")
+            + (f", the unmetered proxy in {cells_of(run, 'unmetered')}" if "unmetered" in ran else "")
             + (f", the fleet proxy in {cells_of(run, 'fleet')}" if "fleet" in ran else "")]
     if a.plugin_extra:
         head.append(f"- run with `--plugin-extra '{compact(a.plugin_extra)}'`: merged into tollgate's configuration")
