@@ -83,6 +83,9 @@ impl RootContext for Root {
         } else {
             "upstream create"
         });
+        if context_id.is_multiple_of(256) {
+            follow_log_level();
+        }
         // Always Some: the SDK's dispatcher panics on None.
         Some(match (&self.config, self.role) {
             (Some(cfg), Role::Listener) => {
@@ -103,8 +106,11 @@ impl RootContext for Root {
 /// Formats log lines only at the level Envoy would print them: `debug!` on the hot path then costs
 /// nothing in production. Re-read now and then, since the level can be changed at runtime.
 fn follow_log_level() {
-    if let Ok(level) = abi::log_level() {
-        proxy_wasm::set_log_level(level);
+    match abi::log_level() {
+        Ok(level) => proxy_wasm::set_log_level(level),
+        Err(status) => {
+            log::warn!("proxy_get_log_level failed ({status}): keeping the level as it is")
+        }
     }
 }
 

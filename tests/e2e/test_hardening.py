@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import time
+import urllib.request
 
 import pytest
 
@@ -597,3 +598,24 @@ def test_429_with_unparseable_reset_headers_cools_the_key_for_the_default(gatewa
         assert chat(g.port, key=TEAM_A).status == 200
         keys.add(g.mock.requests()[-1]["key"])
     assert KEYS["OPENAI_KEY_1"] in keys
+
+
+# ---------------------------------------------------------------- operability
+
+def test_debug_lines_follow_envoys_log_level_changed_at_runtime(gateway):
+    """The module formats log lines only at the level Envoy prints them (so debug lines cost nothing
+    in production) and follows a level changed through the admin API without a restart."""
+    gw = gateway(plugin(), concurrency=1, log_level="info")
+    for _ in range(20):
+        assert chat(gw.port, TEAM_A).status == 200
+    time.sleep(0.3)  # the log file is flushed every 100 ms
+    assert "tollgate: charged" not in gw.log(), "a debug line was logged at Envoy's info level"
+
+    req = urllib.request.Request(f"http://127.0.0.1:{gw.admin_port}/logging?wasm=debug", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200
+    # The module re-reads the level every 256 contexts (two per request here).
+    for _ in range(300):
+        assert chat(gw.port, TEAM_A).status == 200
+    assert "tollgate: charged consumer=team-a" in gw.wait_log("tollgate: charged"), \
+        "the debug level set at runtime never reached the module"
