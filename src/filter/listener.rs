@@ -47,6 +47,8 @@ pub struct Listener {
     start: usize,
     /// Stream bytes held back from the client while usage chunks are being removed.
     withheld: Vec<u8>,
+    /// The stream chunk as it goes to the client (usage chunk removed).
+    out: Vec<u8>,
     /// Envoy's own plain-text error, collected to be re-shaped for the client.
     envoy_error: Option<Vec<u8>>,
     response_complete: bool,
@@ -79,6 +81,7 @@ impl Listener {
             body_rewritten: false,
             start: 0,
             withheld: Vec::new(),
+            out: Vec::new(),
             envoy_error: None,
             response_complete: false,
         }
@@ -753,7 +756,9 @@ impl HttpContext for Listener {
             let su = &mut self.stream_usage;
             if self.strip_usage_chunk {
                 let dropped_before = sse.dropped_events();
-                let mut out = Vec::with_capacity(chunk.len());
+                // Reused from chunk to chunk: the stream path allocates nothing per chunk of its own.
+                let mut out = core::mem::take(&mut self.out);
+                out.clear();
                 sse.feed(&chunk, |ev| {
                     if !su.on_event_is_usage_only(&ev) {
                         out.extend_from_slice(ev.raw);
@@ -795,6 +800,7 @@ impl HttpContext for Listener {
                         host::replace_body(BufferType::HttpResponseBody, size, &out);
                     }
                 }
+                self.out = out;
             } else {
                 sse.feed(&chunk, |ev| su.on_event(&ev));
             }
