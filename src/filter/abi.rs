@@ -16,6 +16,13 @@ const CAS_MISMATCH: Status = 8;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
+    fn proxy_get_header_map_value(
+        map: MapType,
+        key: *const u8,
+        key_len: usize,
+        out: *mut *mut u8,
+        out_len: *mut usize,
+    ) -> Status;
     fn proxy_get_header_map_pairs(map: MapType, out: *mut *mut u8, out_len: *mut usize) -> Status;
     fn proxy_replace_header_map_value(
         map: MapType,
@@ -124,6 +131,14 @@ fn status(s: Status) -> Result<(), Status> {
     } else {
         Err(s)
     }
+}
+
+pub fn header(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
+    // SAFETY: pointers come from live slices; out-pointers point at locals.
+    fetch(|o, l| {
+        let _p = super::prof::span("host proxy_get_header_map_value");
+        unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), o, l) }
+    })
 }
 
 /// All headers of a map as (name, value bytes). Malformed host data yields what parsed.

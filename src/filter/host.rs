@@ -25,6 +25,14 @@ pub fn now_ms() -> u64 {
     abi::now_nanos().map(|n| n / 1_000_000).unwrap_or(0)
 }
 
+/// One header's value as text; absent, unavailable and non-UTF-8 values all read as None.
+pub fn header(map: MapType, name: &str) -> Option<String> {
+    abi::header(map, name)
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+}
+
 /// All headers with UTF-8 values (others are skipped: tollgate reads none of those).
 pub fn headers(map: MapType) -> Vec<(String, String)> {
     abi::header_pairs(map)

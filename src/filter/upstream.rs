@@ -488,12 +488,16 @@ impl HttpContext for Upstream {
 
     fn on_http_response_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
         let _p = super::prof::span("upstream on_http_response_headers");
-        let headers = host::headers(MapType::HttpResponseHeaders);
-        self.status = headers
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse().ok())
+        // The status is all a successful untranslated answer needs: one value read instead of
+        // the whole map (the retry signals of a 429 and a stream's content type need the rest).
+        self.status = host::header(MapType::HttpResponseHeaders, ":status")
+            .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        let headers = if self.status == 429 || self.translation != Translation::None {
+            host::headers(MapType::HttpResponseHeaders)
+        } else {
+            Vec::new()
+        };
         self.record_outcome(&headers);
         let Some(p) = self.provider() else {
             return Action::Continue;
