@@ -17,8 +17,9 @@ help:
 	@echo "make test       clippy (wasm target), unit tests, end-to-end tests against a real Envoy (shipped configs validated there)"
 	@echo "make build      build $(WASM)"
 	@echo "make size       size-tuned build after wasm-opt"
+	@echo "make bench      tollgate against bare Envoy, an empty module and a fleet-wide budget (BENCHMARKS.md, ~5 min)"
 	@echo "make profile    host calls and callbacks per request, counted and timed inside the VM"
-	@echo "make lint       clippy for the wasm target and the host"
+	@echo "make lint       rustfmt check, clippy for the wasm target and the host"
 
 .PHONY: toolchain
 toolchain:
