@@ -42,6 +42,13 @@ pub fn headers(map: MapType) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The first value of `name` in a list read with [`headers`].
+pub fn find<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    hdrs.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
 /// Sets (or removes, with None) a header; a map that is gone in this phase is not an error here.
 pub fn set_header(map: MapType, name: &str, value: Option<&str>) {
     let _ = abi::set_header(map, name, value);

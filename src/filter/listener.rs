@@ -555,11 +555,7 @@ impl HttpContext for Listener {
         self.started_ms = host::now_ms();
         // One read of the whole map serves every header this callback looks at.
         let hdrs = host::headers(MapType::HttpRequestHeaders);
-        let get = |name: &str| {
-            hdrs.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
+        let get = |name: &str| host::find(&hdrs, name);
         let path = get(":path").unwrap_or_default().to_string();
         if let Some(sp) = &self.cfg.status_path {
             if path
@@ -666,11 +662,7 @@ impl HttpContext for Listener {
         let _p = super::prof::span("listener on_http_response_headers");
         // One read of the whole map serves every header this callback looks at.
         let hdrs = host::headers(MapType::HttpResponseHeaders);
-        let get = |name: &str| {
-            hdrs.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
+        let get = |name: &str| host::find(&hdrs, name);
         self.status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         self.provider = get(gateway::HDR_PROVIDER).unwrap_or_default().to_string();
         self.key_id = get(gateway::HDR_KEY_ID).unwrap_or_default().to_string();

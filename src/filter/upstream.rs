@@ -137,7 +137,7 @@ impl Upstream {
         let sticky = cfg
             .sticky_header
             .as_deref()
-            .and_then(|h| header_in(hdrs, h))
+            .and_then(|h| host::find(hdrs, h))
             .or(consumer);
         let choice = keypool::choose(&HostStore, p, &health, sticky, now).unwrap_or_else(|e| {
             // The rotation counter failed: still serve, from the first healthy key.
@@ -177,7 +177,7 @@ impl Upstream {
             .iter()
             .chain([&gateway::HDR_ROUTE])
         {
-            if header_in(hdrs, h).is_some() && !auth.iter().any(|(name, _)| name == h) {
+            if host::find(hdrs, h).is_some() && !auth.iter().any(|(name, _)| name == h) {
                 host::set_header(MapType::HttpRequestHeaders, h, None);
             }
         }
@@ -333,13 +333,6 @@ impl Upstream {
     }
 }
 
-/// The first value of `name` in a header list read with `host::headers`.
-fn header_in<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    hdrs.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
 impl Context for Upstream {
     /// The attempt ends. Envoy runs no `on_log` for cluster-level contexts, so this is where an
     /// attempt that never got response headers (per-try timeout, reset) is held against its provider.
@@ -391,15 +384,15 @@ impl HttpContext for Upstream {
         let _p = super::prof::span("upstream on_http_request_headers");
         // One read of the whole map serves every header this attempt looks at.
         let hdrs = host::headers(MapType::HttpRequestHeaders);
-        self.rid = header_in(&hdrs, gateway::HDR_RID).and_then(|v| v.parse().ok());
+        self.rid = host::find(&hdrs, gateway::HDR_RID).and_then(|v| v.parse().ok());
         let attempt = self.rid.map(handoff::attempt_started).unwrap_or(0);
         // Every attempt starts from the request as the client sent it: the header map Envoy hands
         // to this attempt is the one the previous attempt rewrote.
         self.original = self.rid.and_then(handoff::original);
-        let current_path = header_in(&hdrs, ":path").unwrap_or_default();
+        let current_path = host::find(&hdrs, ":path").unwrap_or_default();
         self.path = match &self.original {
             Some(o) => {
-                let current_authority = header_in(&hdrs, ":authority").unwrap_or_default();
+                let current_authority = host::find(&hdrs, ":authority").unwrap_or_default();
                 if current_authority != o.authority && !o.authority.is_empty() {
                     host::set_header(
                         MapType::HttpRequestHeaders,

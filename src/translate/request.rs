@@ -157,15 +157,7 @@ pub fn chat_request_to_messages(
     }
     out.insert("messages".into(), messages.into());
 
-    let tools = match field(&req, "tools") {
-        Some(Value::Array(tools)) => tools
-            .iter()
-            .enumerate()
-            .map(|(k, t)| chat_tool(t, k))
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(_) => return Err(err("tools", "must be an array")),
-        None => Vec::new(),
-    };
+    let tools = tools(&req, chat_tool)?;
     if !tools.is_empty() {
         out.insert("tools".into(), tools.into());
         let mut choice = match field(&req, "tool_choice") {
@@ -445,6 +437,22 @@ fn tool_result(m: &Map<String, Value>, path: &str) -> Result<Value, TranslateErr
     Ok(block)
 }
 
+/// `tools`, each converted by `convert` (which gets the tool and its index); none when absent.
+fn tools(
+    req: &Map<String, Value>,
+    convert: fn(&Value, usize) -> Result<Value, TranslateError>,
+) -> Result<Vec<Value>, TranslateError> {
+    match field(req, "tools") {
+        Some(Value::Array(tools)) => tools
+            .iter()
+            .enumerate()
+            .map(|(k, t)| convert(t, k))
+            .collect(),
+        Some(_) => Err(err("tools", "must be an array")),
+        None => Ok(Vec::new()),
+    }
+}
+
 fn chat_tool(t: &Value, k: usize) -> Result<Value, TranslateError> {
     let path = format!("tools[{k}]");
     if t.get("type").and_then(Value::as_str) != Some("function") {
@@ -594,15 +602,7 @@ pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
     }
     out.insert("messages".into(), messages.into());
 
-    let tools = match field(&req, "tools") {
-        Some(Value::Array(tools)) => tools
-            .iter()
-            .enumerate()
-            .map(|(k, t)| messages_tool(t, k))
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(_) => return Err(err("tools", "must be an array")),
-        None => Vec::new(),
-    };
+    let tools = tools(&req, messages_tool)?;
     // OpenAI rejects tool_choice and parallel_tool_calls without tools; without tools there is no choice.
     if !tools.is_empty() {
         out.insert("tools".into(), tools.into());
