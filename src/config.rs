@@ -184,7 +184,7 @@ struct RawHealth {
 #[serde(deny_unknown_fields)]
 struct RawLimit {
     metric: String,
-    amount: serde_json::Number,
+    amount: crate::json::Number,
     window: String,
 }
 
@@ -350,11 +350,11 @@ pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
             "configuration is empty: tollgate needs at least `providers`",
         ));
     }
-    let raw: RawConfig = serde_json::from_slice(json).map_err(|e| err("", serde_message(&e)))?;
+    let raw: RawConfig = crate::json::from_slice(json).map_err(|e| err("", serde_message(&e)))?;
     validate(raw, env)
 }
 
-fn serde_message(e: &serde_json::Error) -> String {
+fn serde_message(e: &crate::json::Error) -> String {
     // serde names the offending field for unknown/missing fields; keep its words, add the position.
     format!(
         "{} (line {}, column {})",

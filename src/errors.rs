@@ -1,7 +1,7 @@
 //! Error bodies the gateway itself answers with, shaped like the API the client called, so the
 //! client's own SDK parses them (openai-python / anthropic-sdk read `error.type` and `error.message`).
 
-use serde_json::json;
+use crate::json::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientApi {
@@ -121,7 +121,7 @@ pub fn error_body_typed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
+    use crate::json::Value;
 
     const ALL: [ErrorKind; 9] = [
         ErrorKind::InvalidRequest,
@@ -136,7 +136,7 @@ mod tests {
     ];
 
     fn parse(b: &[u8]) -> Value {
-        serde_json::from_slice(b).unwrap_or(Value::Null)
+        crate::json::from_slice(b).unwrap_or(Value::Null)
     }
 
     #[test]

@@ -313,13 +313,13 @@ pub fn metric_segment(s: &str) -> String {
 /// Characters of generated text in a non-streaming response, for an estimate when it has no usage:
 /// the string values under `choices`/`content`/`output`, whatever the API.
 pub fn response_text_chars(body: &[u8]) -> u64 {
-    fn walk(v: &serde_json::Value, inside: bool, acc: &mut u64) {
+    fn walk(v: &crate::json::Value, inside: bool, acc: &mut u64) {
         match v {
-            serde_json::Value::String(s) if inside => {
+            crate::json::Value::String(s) if inside => {
                 *acc = acc.saturating_add(s.chars().count() as u64)
             }
-            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, inside, acc)),
-            serde_json::Value::Object(o) => {
+            crate::json::Value::Array(a) => a.iter().for_each(|x| walk(x, inside, acc)),
+            crate::json::Value::Object(o) => {
                 for (k, x) in o {
                     let now_inside =
                         inside || matches!(k.as_str(), "choices" | "content" | "output");
@@ -340,7 +340,7 @@ pub fn response_text_chars(body: &[u8]) -> u64 {
         }
     }
     let mut acc = 0;
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+    if let Ok(v) = crate::json::from_slice::<crate::json::Value>(body) {
         walk(&v, false, &mut acc);
     }
     acc

@@ -9,6 +9,7 @@ pub mod errors;
 pub mod estimate;
 pub mod gateway;
 pub mod health;
+pub mod json;
 pub mod keypool;
 pub mod quota;
 pub mod request;

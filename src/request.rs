@@ -2,8 +2,8 @@
 
 use std::fmt;
 
+use crate::json::{Map, Value};
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
 use crate::estimate::text_tokens;
 use crate::usage::ApiKind;
@@ -251,19 +251,19 @@ fn object_tokens(part: &Map<String, Value>) -> u64 {
 /// Parses `text` as a JSON object of type `T`, telling invalid JSON from valid non-objects.
 fn parse_object<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, RequestError> {
     if !text.trim_start().starts_with('{') {
-        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        return Err(match crate::json::from_str::<serde::de::IgnoredAny>(text) {
             Ok(_) => RequestError::NotAnObject,
             Err(e) => RequestError::InvalidJson(e.to_string()),
         });
     }
-    serde_json::from_str(text).map_err(|e| RequestError::InvalidJson(e.to_string()))
+    crate::json::from_str(text).map_err(|e| RequestError::InvalidJson(e.to_string()))
 }
 
 /// Parses the body as a JSON object, applies `edit` and serializes it back (keys sorted).
 fn rewrite(body: &[u8], edit: impl FnOnce(&mut Map<String, Value>)) -> Option<Vec<u8>> {
-    let mut value: Value = serde_json::from_slice(body).ok()?;
+    let mut value: Value = crate::json::from_slice(body).ok()?;
     edit(value.as_object_mut()?);
-    serde_json::to_vec(&value).ok()
+    crate::json::to_vec(&value).ok()
 }
 
 /// Returns the body with `stream_options.include_usage` set to true (other fields untouched, order kept
@@ -309,7 +309,7 @@ pub fn with_max_tokens(body: &[u8], max_tokens: u64) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::json::json;
     use ApiKind::*;
 
     fn info(api: ApiKind, body: Value) -> RequestInfo {
@@ -735,7 +735,7 @@ mod tests {
     }
 
     fn parsed(out: Option<Vec<u8>>) -> Value {
-        out.and_then(|b| serde_json::from_slice(&b).ok())
+        out.and_then(|b| crate::json::from_slice(&b).ok())
             .unwrap_or(Value::Null)
     }
 

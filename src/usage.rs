@@ -76,7 +76,7 @@ pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
     struct Body {
         usage: Option<RawUsage>,
     }
-    let usage = serde_json::from_slice::<Body>(body).ok()?.usage?;
+    let usage = crate::json::from_slice::<Body>(body).ok()?.usage?;
     Counts::from(&usage).usage()
 }
 
@@ -195,7 +195,7 @@ impl StreamUsage {
             return false;
         }
         matches!(
-            serde_json::from_str::<Probe>(ev.data),
+            crate::json::from_str::<Probe>(ev.data),
             Ok(Probe { choices: Some(choices), usage: Some(_) }) if choices.is_empty()
         )
     }
@@ -356,7 +356,7 @@ struct Found {
 impl Found {
     /// The serde reading, for what [`Skim`] leaves alone.
     fn parse(data: &str) -> Option<Found> {
-        let chunk = match serde_json::from_str::<Chunk<'_>>(data) {
+        let chunk = match crate::json::from_str::<Chunk<'_>>(data) {
             Ok(chunk) => chunk,
             Err(e) => {
                 log::debug!("usage: skipping a non-JSON SSE event ({e})");
@@ -1429,7 +1429,7 @@ mod tests {
             if ev.data.is_empty() || ev.data == "[DONE]" {
                 return;
             }
-            let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(ev.data) else {
+            let Ok(chunk) = crate::json::from_str::<Chunk<'_>>(ev.data) else {
                 return;
             };
             if let Some(usage) = chunk.message.and_then(|m| m.usage) {

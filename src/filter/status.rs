@@ -4,10 +4,10 @@
 use super::host::{self, HostStore};
 use crate::config::{Config, Consumers, ANONYMOUS};
 use crate::health;
+use crate::json::{json, Map, Value};
 use crate::quota;
 use crate::store::{decode_u64s, SharedStore};
 use proxy_wasm::types::Action;
-use serde_json::{json, Map, Value};
 
 fn usage(key: &str) -> Value {
     let v = HostStore.get(key).ok().and_then(|(b, _)| b);
@@ -80,7 +80,7 @@ pub fn serve(cfg: &Config) -> Action {
     }
     let body =
         json!({"now_ms": now, "consumers": consumers, "models": models, "providers": providers});
-    let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    let bytes = crate::json::to_vec_pretty(&body).unwrap_or_default();
     host::respond(
         200,
         &[

@@ -2,7 +2,7 @@
 //! OpenAI `{"error":{"message","type","param","code"}}`. Shapes and type names come from
 //! [`crate::errors`], so translated errors look like the gateway's own.
 
-use serde_json::{json, Value};
+use crate::json::{json, Value};
 
 use crate::errors::{error_body, error_body_typed, ClientApi, ErrorKind};
 
@@ -26,7 +26,7 @@ fn generic_message(status: u16) -> String {
 /// Anthropic error -> OpenAI error. The Anthropic `error.type` decides the OpenAI type and code
 /// (the status only when the type is missing or unknown). Never fails.
 pub fn messages_error_to_chat(body: &[u8], status: u16) -> Vec<u8> {
-    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let v: Value = crate::json::from_slice(body).unwrap_or(Value::Null);
     let e = v.get("error");
     let message = e
         .and_then(|e| e.get("message"))
@@ -67,7 +67,7 @@ pub fn messages_error_to_chat(body: &[u8], status: u16) -> Vec<u8> {
 /// stream (status 2xx or 0) OpenAI's type/code do. Accepts the loose shapes compatible servers
 /// send: `{"error": "text"}`, `{"message": ..}`, `{"detail": ..}`. Never fails.
 pub fn chat_error_to_messages(body: &[u8], status: u16) -> Vec<u8> {
-    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let v: Value = crate::json::from_slice(body).unwrap_or(Value::Null);
     let v = v.get(0).unwrap_or(&v);
     let e = v.get("error").unwrap_or(v);
     let message = [e.get("message"), Some(e), v.get("message"), v.get("detail")]
@@ -102,7 +102,7 @@ mod tests {
     use super::*;
 
     fn parse(b: &[u8]) -> Value {
-        serde_json::from_slice(b).unwrap_or_default()
+        crate::json::from_slice(b).unwrap_or_default()
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! OpenAI chat completions <-> Anthropic messages translation: requests, responses, streams and
-//! error bodies. Pure functions over `serde_json::Value` (this is not the hot path).
+//! error bodies. Pure functions over `crate::json::Value` (this is not the hot path).
 //!
 //! The rule is "no silent drops": a request field that would change what the client gets back and
 //! has no equivalent on the other side is a [`TranslateError`] naming the field. The fields that are
@@ -17,7 +17,7 @@ pub use response::{
 };
 pub use stream::{ChatToMessagesStream, MessagesToChatStream};
 
-use serde_json::{Map, Value};
+use crate::json::{Map, Value};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TranslateError {
@@ -47,7 +47,7 @@ pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> Transl
 
 /// Parses a body that must be a JSON object.
 pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, TranslateError> {
-    match serde_json::from_slice::<Value>(body) {
+    match crate::json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(err("", "the body must be a JSON object")),
         Err(e) => Err(err("", e.to_string())),
@@ -87,7 +87,7 @@ pub(crate) fn chat_usage(u: &Value) -> Value {
         .saturating_add(u64_at(u, "cache_creation_input_tokens"))
         .saturating_add(cache_read);
     let completion = u64_at(u, "output_tokens");
-    serde_json::json!({
+    crate::json::json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt.saturating_add(completion),
@@ -100,7 +100,7 @@ pub(crate) fn messages_usage(u: &Value) -> Value {
     let cached = u
         .get("prompt_tokens_details")
         .map_or(0, |d| u64_at(d, "cached_tokens"));
-    serde_json::json!({
+    crate::json::json!({
         "input_tokens": u64_at(u, "prompt_tokens").saturating_sub(cached),
         "output_tokens": u64_at(u, "completion_tokens"),
         "cache_creation_input_tokens": 0,
@@ -132,19 +132,19 @@ pub(crate) fn stop_reason(finish_reason: &str) -> &'static str {
 /// An OpenAI tool call's `function.arguments` (a JSON string) as the JSON object Anthropic's
 /// `tool_use.input` wants; empty arguments are `{}`. `path` names the tool call in errors.
 pub(crate) fn tool_call_input(
-    function: Option<&serde_json::Value>,
+    function: Option<&crate::json::Value>,
     path: &str,
-) -> Result<serde_json::Value, TranslateError> {
+) -> Result<crate::json::Value, TranslateError> {
     let args = function
         .and_then(|f| f.get("arguments"))
-        .and_then(serde_json::Value::as_str)
+        .and_then(crate::json::Value::as_str)
         .unwrap_or_default();
     if args.trim().is_empty() {
-        return Ok(serde_json::json!({}));
+        return Ok(crate::json::json!({}));
     }
     let field = format!("{path}.function.arguments");
-    match serde_json::from_str::<serde_json::Value>(args) {
-        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+    match crate::json::from_str::<crate::json::Value>(args) {
+        Ok(v @ crate::json::Value::Object(_)) => Ok(v),
         Ok(_) => Err(TranslateError {
             field,
             reason: "must encode a JSON object".into(),
@@ -159,7 +159,7 @@ pub(crate) fn tool_call_input(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::json::json;
 
     #[test]
     fn display() {
@@ -240,7 +240,7 @@ mod tests {
         let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
         let req = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": tools, "tool_choice": "auto"});
-        let sent: serde_json::Value = serde_json::from_slice(
+        let sent: crate::json::Value = crate::json::from_slice(
             &chat_request_to_messages(req.to_string().as_bytes(), "claude-sonnet-4-5", 1024)
                 .unwrap_or_default(),
         )
@@ -256,7 +256,7 @@ mod tests {
         let provider = json!({"id": "msg_01Oslo", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
             "content": [{"type": "text", "text": "Looking it up."}, {"type": "tool_use", "id": "toolu_01Oslo", "name": "get_weather", "input": {"city": "Oslo"}}],
             "stop_reason": "tool_use", "stop_sequence": null, "usage": {"input_tokens": 300, "output_tokens": 40}});
-        let answer: serde_json::Value = serde_json::from_slice(
+        let answer: crate::json::Value = crate::json::from_slice(
             &messages_response_to_chat_at(provider.to_string().as_bytes(), "gpt-4o", 9)
                 .unwrap_or_default(),
         )
@@ -269,8 +269,8 @@ mod tests {
             (&call["id"], &call["function"]["name"]),
             (&json!("toolu_01Oslo"), &json!("get_weather"))
         );
-        let args: serde_json::Value =
-            serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or_default())
+        let args: crate::json::Value =
+            crate::json::from_str(call["function"]["arguments"].as_str().unwrap_or_default())
                 .unwrap_or_default();
         assert_eq!(args, json!({"city": "Oslo"}));
 
@@ -278,7 +278,7 @@ mod tests {
         let follow = json!({"model": "gpt-4o", "tools": tools, "messages": [
             {"role": "user", "content": "Weather in Oslo?"}, msg.clone(),
             {"role": "tool", "tool_call_id": call["id"].clone(), "content": "-3C, snow"}]});
-        let sent: serde_json::Value = serde_json::from_slice(
+        let sent: crate::json::Value = crate::json::from_slice(
             &chat_request_to_messages(follow.to_string().as_bytes(), "claude-sonnet-4-5", 1024)
                 .unwrap_or_default(),
         )

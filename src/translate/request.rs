@@ -1,6 +1,6 @@
 //! Request bodies: OpenAI chat completions <-> Anthropic messages.
 
-use serde_json::{json, Map, Value};
+use crate::json::{json, Map, Value};
 
 use super::{err, field, parse_object, tool_call_input, TranslateError};
 
@@ -824,12 +824,12 @@ mod tests {
 
     fn to_messages(req: Value) -> Value {
         let out = chat_request_to_messages(req.to_string().as_bytes(), "claude-sonnet-4-5", 4096);
-        serde_json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
+        crate::json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
     }
 
     fn to_chat(req: Value) -> Value {
         let out = messages_request_to_chat(req.to_string().as_bytes(), "gpt-4o");
-        serde_json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
+        crate::json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
     }
 
     #[test]
@@ -1370,7 +1370,7 @@ mod tests {
         ], "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}], "tool_choice": "auto"});
         let anthropic =
             chat_request_to_messages(chat.to_string().as_bytes(), "claude", 1).unwrap_or_default();
-        let back: Value = serde_json::from_slice(
+        let back: Value = crate::json::from_slice(
             &messages_request_to_chat(&anthropic, "gpt-4o").unwrap_or_default(),
         )
         .unwrap_or_default();

@@ -1,6 +1,6 @@
 //! Non-streaming response bodies.
 
-use serde_json::{json, Value};
+use crate::json::{json, Value};
 
 use super::{
     chat_id, chat_usage, err, finish_reason, message_id, messages_usage, parse_object, stop_reason,
@@ -140,12 +140,12 @@ mod tests {
 
     fn to_chat(res: Value) -> Value {
         let out = messages_response_to_chat_at(res.to_string().as_bytes(), "gpt-4o", 1_700_000_000);
-        serde_json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
+        crate::json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
     }
 
     fn to_messages(res: Value) -> Value {
         let out = chat_response_to_messages(res.to_string().as_bytes(), "claude-sonnet-4-5");
-        serde_json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
+        crate::json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
     }
 
     #[test]
@@ -168,7 +168,7 @@ mod tests {
             br#"{"id":"msg_1","content":[],"stop_reason":"max_tokens","usage":{}}"#,
             "m",
         );
-        let plain: Value = serde_json::from_slice(&plain.unwrap_or_default()).unwrap_or_default();
+        let plain: Value = crate::json::from_slice(&plain.unwrap_or_default()).unwrap_or_default();
         assert_eq!(
             (
                 plain["created"].clone(),
@@ -210,7 +210,7 @@ mod tests {
         assert_eq!(msg["tool_calls"][0]["id"], "toolu_01A09q90qw90lq917835lq9");
         assert_eq!(msg["tool_calls"][0]["type"], "function");
         assert_eq!(msg["tool_calls"][0]["function"]["name"], "get_weather");
-        let args: Value = serde_json::from_str(
+        let args: Value = crate::json::from_str(
             msg["tool_calls"][0]["function"]["arguments"]
                 .as_str()
                 .unwrap_or_default(),
@@ -334,7 +334,7 @@ mod tests {
         });
         let chat =
             messages_response_to_chat(original.to_string().as_bytes(), "gpt").unwrap_or_default();
-        let back: Value = serde_json::from_slice(
+        let back: Value = crate::json::from_slice(
             &chat_response_to_messages(&chat, "claude-sonnet-4-5").unwrap_or_default(),
         )
         .unwrap_or_default();

@@ -1,7 +1,7 @@
 //! Streaming translation, one SSE event at a time. Events whose data is not JSON are skipped (with
 //! a warning): one bad event should not end an otherwise good answer.
 
-use serde_json::{json, Map, Value};
+use crate::json::{json, Map, Value};
 
 use super::{
     chat_error_to_messages, chat_id, chat_usage, finish_reason, message_id, messages_error_to_chat,
@@ -10,7 +10,7 @@ use super::{
 use crate::sse::SseEvent;
 
 fn parse(ev: &SseEvent<'_>) -> Option<Value> {
-    match serde_json::from_str(ev.data) {
+    match crate::json::from_str(ev.data) {
         Ok(v) => Some(v),
         Err(e) => {
             log::warn!("tollgate: skipping a stream event that is not JSON: {e}");
@@ -226,7 +226,7 @@ impl ChatToMessagesStream {
             emit(
                 out,
                 "error",
-                &serde_json::from_slice(&chat_error_to_messages(ev.data.as_bytes(), 0))
+                &crate::json::from_slice(&chat_error_to_messages(ev.data.as_bytes(), 0))
                     .unwrap_or_default(),
             );
             self.done = true;
@@ -409,7 +409,7 @@ mod tests {
                     let v = if d == "[DONE]" {
                         json!("[DONE]")
                     } else {
-                        serde_json::from_str(d).unwrap_or(json!("<not json>"))
+                        crate::json::from_str(d).unwrap_or(json!("<not json>"))
                     };
                     assert_ne!(v, json!("<not json>"), "{d}");
                     data = Some(v);
@@ -593,7 +593,7 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            serde_json::from_str::<Value>(&args(0)).unwrap_or_default(),
+            crate::json::from_str::<Value>(&args(0)).unwrap_or_default(),
             input
         );
         assert_eq!(args(1), "{}");
@@ -771,7 +771,7 @@ mod tests {
             .filter_map(|(_, d)| d["delta"]["partial_json"].as_str())
             .collect();
         assert_eq!(
-            serde_json::from_str::<Value>(&args).unwrap_or_default(),
+            crate::json::from_str::<Value>(&args).unwrap_or_default(),
             input
         );
         assert_eq!(got[9].1["index"], 2);
