@@ -143,7 +143,11 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
         }) => {
             let secs = retry_after_secs(retry_after_ms);
             let amount = match limit.metric {
-                Metric::CostMicroUsd => format!("${:.2}", limit.amount as f64 / 1e6),
+                Metric::CostMicroUsd => {
+                    // Cents, rounded half up, in integers: no float formatting in the module.
+                    let cents = limit.amount.saturating_add(5_000) / 10_000;
+                    format!("${}.{:02}", cents / 100, cents % 100)
+                }
                 _ => limit.amount.to_string(),
             };
             let message = format!(

@@ -340,7 +340,7 @@ pub fn response_text_chars(body: &[u8]) -> u64 {
         }
     }
     let mut acc = 0;
-    if let Ok(v) = crate::json::from_slice::<crate::json::Value>(body) {
+    if let Ok(v) = crate::json::from_slice(body) {
         walk(&v, false, &mut acc);
     }
     acc

@@ -3,7 +3,6 @@
 use std::fmt;
 
 use crate::json::{Map, Value};
-use serde::Deserialize;
 
 use crate::estimate::text_tokens;
 use crate::usage::ApiKind;
@@ -24,7 +23,7 @@ pub struct RequestInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestError {
     InvalidUtf8,
-    /// serde_json's message, e.g. "EOF while parsing an object at line 1 column 10".
+    /// The parser's message, e.g. "EOF while parsing an object at line 1 column 10".
     InvalidJson(String),
     NotAnObject,
     /// (field path, expected), e.g. ("messages", "an array").
@@ -66,26 +65,6 @@ const MEDIA_TYPES: &[&str] = &[
     "input_file",
 ];
 
-/// The fields the gateway reads; everything else in the body is skipped unparsed. Fields are
-/// `Value`s so that a wrong type yields a precise [`RequestError::WrongType`]; `null` is `None`.
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Body {
-    model: Option<Value>,
-    stream: Option<Value>,
-    stream_options: Option<Value>,
-    max_tokens: Option<Value>,
-    max_completion_tokens: Option<Value>,
-    max_output_tokens: Option<Value>,
-    messages: Option<Value>,
-    system: Option<Value>,
-    instructions: Option<Value>,
-    prompt: Option<Value>,
-    input: Option<Value>,
-    tools: Option<Value>,
-    functions: Option<Value>,
-}
-
 #[derive(Clone, Copy)]
 enum Expect {
     Str,
@@ -125,44 +104,40 @@ impl Expect {
 pub fn inspect(api: ApiKind, body: &[u8]) -> Result<RequestInfo, RequestError> {
     use Expect::*;
     let text = std::str::from_utf8(body).map_err(|_| RequestError::InvalidUtf8)?;
-    let b = parse_object::<Body>(text)?;
-    let strict = api != ApiKind::Other;
-    let check = |v: Option<Value>, field: &'static str, expect: Expect| match v {
-        Some(v) if !expect.accepts(&v) => match strict {
-            true => Err(RequestError::WrongType(field, expect.describe())),
-            false => Ok(None),
-        },
-        v => Ok(v),
+    let value =
+        crate::json::from_str(text).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    let Value::Object(body) = &value else {
+        return Err(RequestError::NotAnObject);
     };
-    let model = check(b.model, "model", Str)?.and_then(|v| v.as_str().map(str::to_owned));
-    let stream = check(b.stream, "stream", Bool)?.and_then(|v| v.as_bool());
-    let options = check(b.stream_options, "stream_options", Obj)?;
-    let include_usage = options
-        .as_ref()
-        .and_then(|o| o.get("include_usage"))
-        .filter(|v| !v.is_null());
-    let include_usage = check(include_usage.cloned(), "stream_options.include_usage", Bool)?
-        .and_then(|v| v.as_bool());
-    let max_completion = check(b.max_completion_tokens, "max_completion_tokens", Count)?;
-    let max = check(b.max_tokens, "max_tokens", Count)?;
-    let max_output = check(b.max_output_tokens, "max_output_tokens", Count)?;
+    let strict = api != ApiKind::Other;
+    let field = |name: &'static str, expect| check(body.get(name), name, expect, strict);
+    let model = field("model", Str)?
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let stream = field("stream", Bool)?.and_then(Value::as_bool);
+    let include_usage = field("stream_options", Obj)?.and_then(|o| o.get("include_usage"));
+    let include_usage = check(include_usage, "stream_options.include_usage", Bool, strict)?
+        .and_then(Value::as_bool);
+    let max_completion = field("max_completion_tokens", Count)?;
+    let max = field("max_tokens", Count)?;
+    let max_output = field("max_output_tokens", Count)?;
     let max_tokens = max_completion
         .or(max)
         .or(max_output)
-        .and_then(|v| v.as_u64());
+        .and_then(Value::as_u64);
 
-    let messages = check(b.messages, "messages", Arr)?;
-    let system = check(b.system, "system", StrOrArr)?;
-    let instructions = check(b.instructions, "instructions", Str)?;
-    let prompt = check(b.prompt, "prompt", StrOrArr)?;
-    let input = check(b.input, "input", StrOrArr)?;
-    let tools = check(b.tools, "tools", Arr)?;
-    let functions = check(b.functions, "functions", Arr)?;
+    let messages = field("messages", Arr)?;
+    let system = field("system", StrOrArr)?;
+    let instructions = field("instructions", Str)?;
+    let prompt = field("prompt", StrOrArr)?;
+    let input = field("input", StrOrArr)?;
+    let tools = field("tools", Arr)?;
+    let functions = field("functions", Arr)?;
 
     let required = match api {
-        ApiKind::ChatCompletions | ApiKind::Messages => Some(("messages", &messages)),
-        ApiKind::Completions => Some(("prompt", &prompt)),
-        ApiKind::Embeddings => Some(("input", &input)),
+        ApiKind::ChatCompletions | ApiKind::Messages => Some(("messages", messages)),
+        ApiKind::Completions => Some(("prompt", prompt)),
+        ApiKind::Embeddings => Some(("input", input)),
         ApiKind::Responses | ApiKind::Other => None,
     };
     if let Some((field, None)) = required {
@@ -170,7 +145,6 @@ pub fn inspect(api: ApiKind, body: &[u8]) -> Result<RequestInfo, RequestError> {
     }
     if strict
         && messages
-            .as_ref()
             .and_then(Value::as_array)
             .is_some_and(Vec::is_empty)
     {
@@ -178,7 +152,7 @@ pub fn inspect(api: ApiKind, body: &[u8]) -> Result<RequestInfo, RequestError> {
     }
 
     let mut estimate = 0u64;
-    if let Some(Value::Array(msgs)) = &messages {
+    if let Some(Value::Array(msgs)) = messages {
         for m in msgs {
             estimate = estimate
                 .saturating_add(MESSAGE_OVERHEAD)
@@ -186,18 +160,15 @@ pub fn inspect(api: ApiKind, body: &[u8]) -> Result<RequestInfo, RequestError> {
         }
     }
     // Responses API input items are messages too; a plain string input is one user message.
-    if let Some(Value::Array(items)) = &input {
+    if let Some(Value::Array(items)) = input {
         if api == ApiKind::Responses {
             estimate = estimate.saturating_add(MESSAGE_OVERHEAD.saturating_mul(items.len() as u64));
         }
     }
-    for v in [&system, &instructions, &prompt, &input]
-        .into_iter()
-        .flatten()
-    {
+    for v in [system, instructions, prompt, input].into_iter().flatten() {
         estimate = estimate.saturating_add(content_tokens(v));
     }
-    for v in [&tools, &functions].into_iter().flatten() {
+    for v in [tools, functions].into_iter().flatten() {
         estimate = estimate.saturating_add(text_tokens(&v.to_string()));
     }
 
@@ -208,6 +179,23 @@ pub fn inspect(api: ApiKind, body: &[u8]) -> Result<RequestInfo, RequestError> {
         max_tokens,
         prompt_tokens_estimate: estimate,
     })
+}
+
+/// A field of the body, `None` when absent or `null`; of the wrong type, an error when `strict`
+/// and absent otherwise.
+fn check<'v>(
+    v: Option<&'v Value>,
+    field: &'static str,
+    expect: Expect,
+    strict: bool,
+) -> Result<Option<&'v Value>, RequestError> {
+    match v.filter(|v| !v.is_null()) {
+        Some(v) if !expect.accepts(v) => match strict {
+            true => Err(RequestError::WrongType(field, expect.describe())),
+            false => Ok(None),
+        },
+        v => Ok(v),
+    }
 }
 
 /// Tokens of the text a model reads in a message, content part or input item. Only keys that
@@ -248,18 +236,8 @@ fn object_tokens(part: &Map<String, Value>) -> u64 {
     })
 }
 
-/// Parses `text` as a JSON object of type `T`, telling invalid JSON from valid non-objects.
-fn parse_object<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, RequestError> {
-    if !text.trim_start().starts_with('{') {
-        return Err(match crate::json::from_str::<serde::de::IgnoredAny>(text) {
-            Ok(_) => RequestError::NotAnObject,
-            Err(e) => RequestError::InvalidJson(e.to_string()),
-        });
-    }
-    crate::json::from_str(text).map_err(|e| RequestError::InvalidJson(e.to_string()))
-}
-
-/// Parses the body as a JSON object, applies `edit` and serializes it back (keys sorted).
+/// Parses the body as a JSON object, applies `edit` and serializes it back (compact; key order
+/// as [`crate::json`] keeps it).
 fn rewrite(body: &[u8], edit: impl FnOnce(&mut Map<String, Value>)) -> Option<Vec<u8>> {
     let mut value: Value = crate::json::from_slice(body).ok()?;
     edit(value.as_object_mut()?);
@@ -267,7 +245,7 @@ fn rewrite(body: &[u8], edit: impl FnOnce(&mut Map<String, Value>)) -> Option<Ve
 }
 
 /// Returns the body with `stream_options.include_usage` set to true (other fields untouched, order kept
-/// as far as serde_json allows), or None if the body is not a JSON object.
+/// as far as [`crate::json`] keeps it), or None if the body is not a JSON object.
 pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     rewrite(body, |obj| match obj.get_mut("stream_options") {
         Some(Value::Object(options)) => {
@@ -293,7 +271,7 @@ pub fn with_max_tokens(body: &[u8], max_tokens: u64) -> Option<Vec<u8>> {
     rewrite(body, |obj| {
         let present: Vec<&str> = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
             .into_iter()
-            .filter(|k| obj.contains_key(*k))
+            .filter(|k| obj.contains_key(k))
             .collect();
         let fields = if present.is_empty() {
             &["max_tokens"][..]
@@ -742,9 +720,15 @@ mod tests {
     #[test]
     fn rewrites() {
         let body = br#"{"stream":true,"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"temperature":0.7}"#;
+        // Compared as values, whatever the order of the keys.
+        let out = with_include_usage(body).unwrap_or_default();
         assert_eq!(
-            with_include_usage(body),
-            Some(br#"{"messages":[{"content":"hi","role":"user"}],"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"temperature":0.7}"#.to_vec())
+            parsed(Some(out.clone())),
+            json!({"messages": [{"content": "hi", "role": "user"}], "model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}, "temperature": 0.7})
+        );
+        assert_eq!(
+            out.len(),
+            body.len() + r#","stream_options":{"include_usage":true}"#.len()
         );
         assert_eq!(
             parsed(with_include_usage(

@@ -1,18 +1,12 @@
 //! Provider-reported token usage from JSON responses and SSE streams (OpenAI chat/completions/
 //! embeddings/responses, Azure OpenAI, Anthropic messages, OpenAI-compatible servers).
 //!
-//! Parsing goes through small typed structs that skip unknown fields, and streamed text is only
+//! Parsing reads a JSON [`Value`] and walks the few members that matter, and streamed text is only
 //! measured (chars and a token estimate), never kept. Stream events usually take a hand-written
 //! reader that gives the same results at a fraction of the cost ([`Skim`]).
 
-use std::borrow::Cow;
-use std::fmt;
-use std::marker::PhantomData;
-
-use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer};
-
 use crate::estimate;
+use crate::json::Value;
 use crate::sse::SseEvent;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -71,13 +65,9 @@ impl ApiKind {
 /// Accepts OpenAI and Anthropic field names; a usage object with neither an input nor an output
 /// count is treated as absent.
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize, Default)]
-    #[serde(default)]
-    struct Body {
-        usage: Option<RawUsage>,
-    }
-    let usage = crate::json::from_slice::<Body>(body).ok()?.usage?;
-    Counts::from(&usage).usage()
+    // Only `usage` is built: the completion around it is checked, not copied.
+    let usage = crate::json::member(body, "usage").ok()??;
+    counts(&usage)?.usage()
 }
 
 /// Accumulates usage and streamed text from SSE events of any of the supported APIs.
@@ -110,9 +100,9 @@ impl StreamUsage {
         if ev.data.is_empty() || ev.data == "[DONE]" {
             return false;
         }
-        // The skim reads the usual shapes as the serde types below do, at a fraction of the cost,
-        // and leaves anything else (usage, escaped keys, deep nesting, invalid JSON...) to serde:
-        // the results are the same either way.
+        // The skim reads the usual shapes as the Value reading below does, at a fraction of the
+        // cost, and leaves anything else (usage, escaped keys, deep nesting, invalid JSON...) to
+        // it: the results are the same either way.
         let skim = Skim::new(ev.data, &mut self.scratch).event(&self.template);
         if let Some((text, hole)) = skim {
             if let Some(hole) = hole {
@@ -122,21 +112,28 @@ impl StreamUsage {
             // Without usage, not the usage-only chunk.
             return false;
         }
-        self.take_serde(ev, want_usage_only)
+        self.take_value(ev, want_usage_only)
     }
 
-    /// [`Self::on_event_is_usage_only`] through serde alone: the reference the fast path is
-    /// checked against (fuzzing).
+    /// [`Self::on_event_is_usage_only`] through the [`Value`] reading alone: the reference the
+    /// fast path is checked against (fuzzing).
     #[doc(hidden)]
-    pub fn on_event_serde(&mut self, ev: &SseEvent<'_>) -> bool {
+    pub fn on_event_reference(&mut self, ev: &SseEvent<'_>) -> bool {
         if ev.data.is_empty() || ev.data == "[DONE]" {
             return false;
         }
-        self.take_serde(ev, true)
+        self.take_value(ev, true)
     }
 
-    fn take_serde(&mut self, ev: &SseEvent<'_>, want_usage_only: bool) -> bool {
-        let found = Found::parse(ev.data).unwrap_or_default();
+    fn take_value(&mut self, ev: &SseEvent<'_>, want_usage_only: bool) -> bool {
+        let chunk = match crate::json::from_str(ev.data) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                log::debug!("usage: skipping a non-JSON SSE event ({e})");
+                return false;
+            }
+        };
+        let found = Found::read(&chunk).unwrap_or_default();
         // Reported usage is cumulative everywhere (OpenAI final chunk, Anthropic message_delta,
         // Responses `response.completed`): the latest value wins.
         for counts in [&found.start, &found.usage, &found.response]
@@ -146,7 +143,7 @@ impl StreamUsage {
             self.counts.merge(counts);
         }
         self.text = self.text.plus(found.text);
-        want_usage_only && Self::is_usage_only_chunk(ev)
+        want_usage_only && may_be_usage_only(ev.data) && usage_only(&chunk)
     }
 
     /// Provider-reported usage if the stream carried it (OpenAI final usage chunk; Anthropic
@@ -176,29 +173,28 @@ impl StreamUsage {
     /// True when this event is an OpenAI chat chunk that carries usage and no choices (`"choices":[]`)
     /// — the extra chunk that `stream_options.include_usage` adds. Cheap check usable per event.
     pub fn is_usage_only_chunk(ev: &SseEvent<'_>) -> bool {
-        #[derive(Deserialize, Default)]
-        #[serde(default)]
-        struct Probe {
-            // IgnoredAny is zero-sized: this Vec never allocates.
-            choices: Option<Vec<IgnoredAny>>,
-            usage: Option<IgnoredAny>,
-        }
-        // Ordinary chunks (which carry `"usage":null` when usage was asked for) are ruled out
-        // without parsing: only the usage chunk has an empty `choices` array.
-        let empty_choices = ev.data.match_indices("\"choices\"").any(|(i, m)| {
-            let mut rest = ev.data.get(i + m.len()..).unwrap_or("").trim_start();
-            rest = rest.strip_prefix(':').unwrap_or("").trim_start();
-            rest.strip_prefix('[')
-                .is_some_and(|r| r.trim_start().starts_with(']'))
-        });
-        if !(empty_choices && ev.data.contains("\"usage\"")) {
-            return false;
-        }
-        matches!(
-            crate::json::from_str::<Probe>(ev.data),
-            Ok(Probe { choices: Some(choices), usage: Some(_) }) if choices.is_empty()
-        )
+        may_be_usage_only(ev.data) && crate::json::from_str(ev.data).is_ok_and(|v| usage_only(&v))
     }
+}
+
+/// Rules out ordinary chunks (which carry `"usage":null` when usage was asked for) without
+/// parsing: only the usage chunk has an empty `choices` array.
+fn may_be_usage_only(data: &str) -> bool {
+    let empty_choices = data.match_indices("\"choices\"").any(|(i, m)| {
+        let mut rest = data.get(i + m.len()..).unwrap_or("").trim_start();
+        rest = rest.strip_prefix(':').unwrap_or("").trim_start();
+        rest.strip_prefix('[')
+            .is_some_and(|r| r.trim_start().starts_with(']'))
+    });
+    empty_choices && data.contains("\"usage\"")
+}
+
+/// An empty `choices` array and a usage member of any kind but `null`.
+fn usage_only(chunk: &Value) -> bool {
+    matches!(
+        fields(chunk, ["choices", "usage"]),
+        Some([Some(Value::Array(choices)), Some(_)]) if choices.is_empty()
+    )
 }
 
 /// The last reported value of every usage field, kept apart because providers count differently.
@@ -257,89 +253,84 @@ impl Counts {
     }
 }
 
-impl From<&RawUsage> for Counts {
-    fn from(u: &RawUsage) -> Self {
-        let details = |d: &Option<Details>, f: fn(&Details) -> Option<u64>| d.as_ref().and_then(f);
-        Counts {
-            prompt: u.prompt_tokens,
-            input: u.input_tokens,
-            output: u.completion_tokens.or(u.output_tokens),
-            cache_creation: u.cache_creation_input_tokens,
-            cache_read: u.cache_read_input_tokens,
-            cached: details(&u.prompt_tokens_details, |d| d.cached_tokens)
-                .or(details(&u.input_tokens_details, |d| d.cached_tokens)),
-            reasoning: details(&u.completion_tokens_details, |d| d.reasoning_tokens)
-                .or(details(&u.output_tokens_details, |d| d.reasoning_tokens)),
+/// The members of `v` named `names`, as the derived structs this module once used read them
+/// (and as the skim follows): an object's members by name, or an array's
+/// items in field order (no more items than fields); `null` and missing members are absent. None
+/// for any other value: a type error, which fails the whole event.
+fn fields<'v, const N: usize>(v: &'v Value, names: [&str; N]) -> Option<[Option<&'v Value>; N]> {
+    let present = |v: Option<&'v Value>| v.filter(|v| !v.is_null());
+    match v {
+        Value::Object(members) => Some(names.map(|name| present(members.get(name)))),
+        Value::Array(items) if items.len() <= N => {
+            Some(std::array::from_fn(|i| present(items.get(i))))
         }
+        _ => None,
     }
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(default)]
-struct RawUsage {
-    #[serde(deserialize_with = "count")]
-    prompt_tokens: Option<u64>,
-    #[serde(deserialize_with = "count")]
-    completion_tokens: Option<u64>,
-    #[serde(deserialize_with = "count")]
-    input_tokens: Option<u64>,
-    #[serde(deserialize_with = "count")]
-    output_tokens: Option<u64>,
-    #[serde(deserialize_with = "count")]
-    cache_creation_input_tokens: Option<u64>,
-    #[serde(deserialize_with = "count")]
-    cache_read_input_tokens: Option<u64>,
-    prompt_tokens_details: Option<Details>,
-    input_tokens_details: Option<Details>,
-    completion_tokens_details: Option<Details>,
-    output_tokens_details: Option<Details>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(default)]
-struct Details {
-    #[serde(deserialize_with = "count")]
-    cached_tokens: Option<u64>,
-    #[serde(deserialize_with = "count")]
-    reasoning_tokens: Option<u64>,
+/// An optional member read by `read`: the default when absent, None (a type error) when `read`
+/// fails.
+fn or_default<'v, T: Default>(
+    v: Option<&'v Value>,
+    read: impl FnOnce(&'v Value) -> Option<T>,
+) -> Option<T> {
+    v.map_or(Some(T::default()), read)
 }
 
 /// A token count from an untrusted provider: non-negative integers (or integral floats some
-/// OpenAI-compatible servers send); anything else counts as absent instead of failing the parse.
-fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    struct CountVisitor;
-    impl<'de> Visitor<'de> for CountVisitor {
-        type Value = Option<u64>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a token count")
-        }
-        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-            Ok(Some(v))
-        }
-        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-            Ok(u64::try_from(v).ok())
-        }
-        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-            // `as` saturates; NaN becomes 0.
-            Ok((v >= 0.0).then_some(v as u64))
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-            IgnoredAny.visit_seq(seq).map(|_| None)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-            IgnoredAny.visit_map(map).map(|_| None)
-        }
-    }
-    d.deserialize_any(CountVisitor)
+/// OpenAI-compatible servers send); anything else counts as absent instead of failing the read.
+fn count(v: &Value) -> Option<u64> {
+    let Value::Number(n) = v else {
+        return None;
+    };
+    // `as` saturates.
+    n.as_u64()
+        .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+}
+
+/// A usage object's counts, by OpenAI or Anthropic names.
+fn counts(v: &Value) -> Option<Counts> {
+    let [prompt, completion, input, output, cache_creation, cache_read, prompt_details, input_details, completion_details, output_details] =
+        fields(
+            v,
+            [
+                "prompt_tokens",
+                "completion_tokens",
+                "input_tokens",
+                "output_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+                "prompt_tokens_details",
+                "input_tokens_details",
+                "completion_tokens_details",
+                "output_tokens_details",
+            ],
+        )?;
+    // Each details object must have its shape, though only one of its counts is read.
+    let details = |d| {
+        or_default(d, |d| {
+            let counts = fields(d, ["cached_tokens", "reasoning_tokens"])?;
+            Some(counts.map(|c| c.and_then(count)))
+        })
+    };
+    let ([cached, _], [input_cached, _]) = (details(prompt_details)?, details(input_details)?);
+    let ([_, reasoning], [_, output_reasoning]) =
+        (details(completion_details)?, details(output_details)?);
+    let n = |v: Option<&Value>| v.and_then(count);
+    Some(Counts {
+        prompt: n(prompt),
+        input: n(input),
+        output: n(completion).or(n(output)),
+        cache_creation: n(cache_creation),
+        cache_read: n(cache_read),
+        cached: cached.or(input_cached),
+        reasoning: reasoning.or(output_reasoning),
+    })
+}
+
+/// A usage member: absent, or counts of the right shape.
+fn usage(v: Option<&Value>) -> Option<Option<Counts>> {
+    or_default(v, |u| counts(u).map(Some))
 }
 
 /// What one event reports, however it was read.
@@ -354,146 +345,125 @@ struct Found {
 }
 
 impl Found {
-    /// The serde reading, for what [`Skim`] leaves alone.
-    fn parse(data: &str) -> Option<Found> {
-        let chunk = match crate::json::from_str::<Chunk<'_>>(data) {
-            Ok(chunk) => chunk,
-            Err(e) => {
-                log::debug!("usage: skipping a non-JSON SSE event ({e})");
-                return None;
-            }
-        };
-        let counts = |u: Option<RawUsage>| u.as_ref().map(Counts::from);
+    /// The [`Value`] reading, for what [`Skim`] leaves alone; None for an event not of
+    /// [`Chunk`]'s shape.
+    fn read(v: &Value) -> Option<Found> {
+        let chunk = Chunk::read(v)?;
         // Top-level `delta`: Anthropic content_block_delta (object) or Responses `*.delta`
         // (string); audio deltas are base64, not text.
         let audio = chunk.kind.is_some_and(|k| k.contains("audio"));
+        let delta = if audio { Text::default() } else { chunk.delta };
         Some(Found {
-            start: counts(chunk.message.and_then(|m| m.usage))
-                .map(|c| Counts { output: None, ..c }),
-            usage: counts(chunk.usage),
-            response: counts(chunk.response.and_then(|r| r.usage)),
-            text: sum(&[
-                chunk.choices.map(|c| c.text),
-                chunk.delta.filter(|_| !audio),
-                chunk.content_block,
-            ]),
+            start: chunk.message.map(|c| Counts { output: None, ..c }),
+            usage: chunk.usage,
+            response: chunk.response,
+            text: chunk.choices.plus(delta).plus(chunk.content_block),
         })
     }
 }
 
-/// One streamed JSON event of any supported API; every field is optional.
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Chunk<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Option<Cow<'a, str>>,
-    choices: Option<Items<Choice>>,
-    usage: Option<RawUsage>,
-    /// Anthropic message_start.
-    message: Option<WithUsage>,
-    /// Responses API lifecycle events.
-    response: Option<WithUsage>,
-    delta: Option<Text>,
+/// One streamed JSON event of any supported API; every member is optional.
+struct Chunk<'v> {
+    kind: Option<&'v str>,
+    choices: Text,
+    usage: Option<Counts>,
+    /// Anthropic message_start's `message.usage`.
+    message: Option<Counts>,
+    /// Responses API lifecycle events' `response.usage`.
+    response: Option<Counts>,
+    delta: Text,
     /// Anthropic content_block_start: a tool_use block's name is generated output too.
-    content_block: Option<Text>,
+    content_block: Text,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct WithUsage {
-    usage: Option<RawUsage>,
+impl<'v> Chunk<'v> {
+    fn read(v: &'v Value) -> Option<Chunk<'v>> {
+        let [kind, choices, top_usage, message, response, delta, content_block] =
+            fields(v, TOP_FIELDS)?;
+        let with_usage = |v| {
+            let [u] = fields(v, ["usage"])?;
+            usage(u)
+        };
+        Some(Chunk {
+            kind: or_default(kind, |k| k.as_str().map(Some))?,
+            choices: or_default(choices, |c| items(c, choice))?,
+            usage: usage(top_usage)?,
+            message: or_default(message, with_usage)?,
+            response: or_default(response, with_usage)?,
+            delta: texts(&[delta]),
+            content_block: texts(&[content_block]),
+        })
+    }
+}
+
+/// The text of an array's items, read by `read`; None for anything but an array.
+fn items(v: &Value, read: fn(&Value) -> Option<Text>) -> Option<Text> {
+    v.as_array()?
+        .iter()
+        .try_fold(Text::default(), |text, item| Some(text.plus(read(item)?)))
 }
 
 /// OpenAI chat chunk choice (`delta`) or legacy completions choice (`text`).
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Choice {
-    delta: Option<ChatDelta>,
-    text: Option<Text>,
+fn choice(v: &Value) -> Option<Text> {
+    let [delta, text] = fields(v, ["delta", "text"])?;
+    Some(or_default(delta, chat_delta)?.plus(texts(&[text])))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct ChatDelta {
-    content: Option<Text>,
-    refusal: Option<Text>,
-    /// DeepSeek, vLLM and other OpenAI-compatible servers stream reasoning here.
-    reasoning_content: Option<Text>,
-    reasoning: Option<Text>,
-    tool_calls: Option<Items<ToolCall>>,
-    function_call: Option<FunctionDelta>,
+fn chat_delta(v: &Value) -> Option<Text> {
+    // DeepSeek, vLLM and other OpenAI-compatible servers stream reasoning in `reasoning_content`
+    // or `reasoning`.
+    let [content, refusal, reasoning_content, reasoning, tool_calls, function_call] = fields(
+        v,
+        [
+            "content",
+            "refusal",
+            "reasoning_content",
+            "reasoning",
+            "tool_calls",
+            "function_call",
+        ],
+    )?;
+    let tool_call = |call: &Value| {
+        let [function] = fields(call, ["function"])?;
+        or_default(function, function_delta)
+    };
+    Some(
+        texts(&[content, refusal, reasoning_content, reasoning])
+            .plus(or_default(tool_calls, |t| items(t, tool_call))?)
+            .plus(or_default(function_call, function_delta)?),
+    )
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct ToolCall {
-    function: Option<FunctionDelta>,
+fn function_delta(v: &Value) -> Option<Text> {
+    let [name, arguments] = fields(v, ["name", "arguments"])?;
+    Some(texts(&[name, arguments]))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct FunctionDelta {
-    name: Option<Text>,
-    arguments: Option<Text>,
+/// Text a value holds: strings, arrays of text, and the text members of Anthropic's
+/// content_block_start `content_block` and content_block_delta `delta` (text_delta,
+/// input_json_delta, thinking_delta; signature_delta is not text). Nothing else counts.
+fn text(v: &Value) -> Text {
+    match v {
+        Value::String(s) => Text::of(s),
+        Value::Array(items) => items
+            .iter()
+            .fold(Text::default(), |t, item| t.plus(text(item))),
+        Value::Object(block) => ["text", "partial_json", "thinking", "name"]
+            .into_iter()
+            .filter_map(|name| block.get(name))
+            .fold(Text::default(), |t, v| t.plus(text(v))),
+        _ => Text::default(),
+    }
 }
 
-/// Anthropic content_block_start `content_block` and content_block_delta `delta` (text_delta,
-/// input_json_delta, thinking_delta; signature_delta is not text).
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Block {
-    text: Option<Text>,
-    partial_json: Option<Text>,
-    thinking: Option<Text>,
-    name: Option<Text>,
-}
-
-trait HasText {
-    fn text(&self) -> Text;
-}
-
-fn sum(parts: &[Option<Text>]) -> Text {
+fn texts(parts: &[Option<&Value>]) -> Text {
     parts
         .iter()
         .flatten()
-        .fold(Text::default(), |acc, t| acc.plus(*t))
+        .fold(Text::default(), |t, v| t.plus(text(v)))
 }
 
-impl HasText for Choice {
-    fn text(&self) -> Text {
-        let delta = self.delta.as_ref().map(|d| d.text());
-        sum(&[delta, self.text])
-    }
-}
-
-impl HasText for ChatDelta {
-    fn text(&self) -> Text {
-        let tools = self.tool_calls.as_ref().map(|t| t.text);
-        let function = self.function_call.as_ref().map(|f| f.text());
-        sum(&[
-            self.content,
-            self.refusal,
-            self.reasoning_content,
-            self.reasoning,
-            tools,
-            function,
-        ])
-    }
-}
-
-impl HasText for ToolCall {
-    fn text(&self) -> Text {
-        self.function.as_ref().map(|f| f.text()).unwrap_or_default()
-    }
-}
-
-impl HasText for FunctionDelta {
-    fn text(&self) -> Text {
-        sum(&[self.name, self.arguments])
-    }
-}
-
-/// Size of generated text, measured while deserializing so the text itself is never stored.
+/// Size of generated text, measured as it is read so that the text itself is never kept.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Text {
     chars: u64,
@@ -516,88 +486,13 @@ impl Text {
     }
 }
 
-impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct TextVisitor;
-        impl<'de> Visitor<'de> for TextVisitor {
-            type Value = Text;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("text or a content delta")
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Text, E> {
-                Ok(Text::of(s))
-            }
-            fn visit_unit<E>(self) -> Result<Text, E> {
-                Ok(Text::default())
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Text, E> {
-                Ok(Text::default())
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Text, E> {
-                Ok(Text::default())
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Text, E> {
-                Ok(Text::default())
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Text, E> {
-                Ok(Text::default())
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
-                let mut total = Text::default();
-                while let Some(t) = seq.next_element::<Text>()? {
-                    total = total.plus(t);
-                }
-                Ok(total)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text, A::Error> {
-                let block = Block::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(sum(&[
-                    block.text,
-                    block.partial_json,
-                    block.thinking,
-                    block.name,
-                ]))
-            }
-        }
-        d.deserialize_any(TextVisitor)
-    }
-}
-
-/// A JSON array folded into its elements' text, without allocating a Vec.
-struct Items<T> {
-    text: Text,
-    _item: PhantomData<T>,
-}
-
-impl<'de, T: Deserialize<'de> + HasText> Deserialize<'de> for Items<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ItemsVisitor<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de> + HasText> Visitor<'de> for ItemsVisitor<T> {
-            type Value = Items<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an array")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items<T>, A::Error> {
-                let mut text = Text::default();
-                while let Some(item) = seq.next_element::<T>()? {
-                    text = text.plus(item.text());
-                }
-                Ok(Items {
-                    text,
-                    _item: PhantomData,
-                })
-            }
-        }
-        d.deserialize_seq(ItemsVisitor(PhantomData))
-    }
-}
-
-/// Nesting the skim follows before it leaves an event to serde (whose own limit is 128).
+/// Nesting the skim follows before it leaves an event to the Value reading (the JSON parser's
+/// limit is 128).
 const SKIM_DEPTH: u32 = 64;
 /// Longest [`Template`] worth keeping (OpenAI's is about 300 bytes).
 const MAX_TEMPLATE: usize = 2048;
 
-const TOP_FIELDS: &[&str] = &[
+const TOP_FIELDS: [&str; 7] = [
     "type",
     "choices",
     "usage",
@@ -670,11 +565,12 @@ fn starts_with(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// A hand-written reader for what [`Chunk`] describes, for the events that carry text and no usage:
-/// serde's generic machinery cost several times the rest of the stream path per event. It checks
-/// the JSON grammar as strictly as serde_json does (control characters, escapes, number syntax,
-/// trailing bytes, repeated fields) and gives up, returning None, wherever following serde exactly
-/// would take more code than the case is worth (usage, which comes once or twice per stream, among
-/// them); the caller then asks serde.
+/// a generic reading costs several times the rest of the stream path per event (a [`Value`]
+/// allocates every member). It checks the JSON grammar as strictly as the JSON parser does
+/// (control characters, escapes, number syntax, trailing bytes) and gives up, returning None,
+/// wherever following the [`Value`] reading exactly would take more code than the case is worth
+/// (usage, which comes once or twice per stream, repeated fields, among them); the caller then
+/// reads a [`Value`].
 ///
 /// The chunks of one stream mostly differ in one text string only: OpenAI repeats
 /// `{"id":..,"object":..,"created":..,"model":..,"service_tier":..,"system_fingerprint":..,
@@ -694,7 +590,7 @@ struct Skim<'a, 's> {
 }
 
 /// Which of a struct's `fields` `key` names (`fields.len()` for an unknown key); None when it
-/// repeats one, which serde rejects.
+/// repeats one (the last one counts): left to the Value reading.
 fn field(seen: &mut u32, fields: &[&str], key: &[u8]) -> Option<usize> {
     let Some(i) = fields.iter().position(|f| f.as_bytes() == key) else {
         return Some(fields.len());
@@ -807,7 +703,7 @@ impl<'a, 's> Skim<'a, 's> {
     fn top_members(&mut self, top: &mut Top, hole: &mut Option<Hole>) -> Option<()> {
         self.members(&mut |s, key| {
             let (before, strings) = (*top, s.strings);
-            let member = field(&mut top.seen, TOP_FIELDS, key)?;
+            let member = field(&mut top.seen, &TOP_FIELDS, key)?;
             match member {
                 0 => {
                     if !s.null() {
@@ -826,7 +722,7 @@ impl<'a, 's> Skim<'a, 's> {
                         })?;
                     }
                 }
-                // usage, message, response: left to serde unless null.
+                // usage, message, response: left to the Value reading unless null.
                 2..=4 => {
                     if !s.null() {
                         return None;
@@ -917,7 +813,7 @@ impl<'a, 's> Skim<'a, 's> {
                 self.strings += 1;
                 self.last = (self.at - 1 - raw.len(), self.at - 1);
                 if escaped {
-                    self.unescaped(raw)
+                    self.unescaped(raw, Text::of)
                 } else {
                     Some(Text::of(raw))
                 }
@@ -941,16 +837,28 @@ impl<'a, 's> Skim<'a, 's> {
         }
     }
 
-    /// An ignored value (`IgnoredAny`).
+    /// An ignored value. The Value reading decodes it all the same and fails the event on what a
+    /// [`Value`] cannot hold (lone surrogates, numbers beyond f64's range): such values are left
+    /// to it.
     fn skip(&mut self) -> Option<()> {
         match self.peek()? {
             b'{' => self.object(&mut |s, _| s.skip()),
             b'[' => self.array(&mut Self::skip),
-            b'"' => self.string().map(drop),
+            b'"' => {
+                let (raw, escaped) = self.string()?;
+                if escaped && raw.contains("\\u") {
+                    self.unescaped(raw, |_| ())?;
+                }
+                Some(())
+            }
             b'n' => self.word("null"),
             b't' => self.word("true"),
             b'f' => self.word("false"),
-            _ => self.number().map(drop),
+            _ => {
+                let start = self.at;
+                let in_range = |n: &str| n.parse::<f64>().is_ok_and(|f| f.abs() < 1e300);
+                (self.number()? || in_range(self.json.get(start..self.at)?)).then_some(())
+            }
         }
     }
 
@@ -969,7 +877,7 @@ impl<'a, 's> Skim<'a, 's> {
         loop {
             self.ws();
             let (key, escaped) = self.string()?;
-            // serde unescapes keys before matching them: rare enough to leave to it.
+            // Keys are matched unescaped: rare enough to leave to the Value reading.
             if escaped {
                 return None;
             }
@@ -1048,8 +956,8 @@ impl<'a, 's> Skim<'a, 's> {
         }
     }
 
-    /// Text of an escaped string, decoded as serde_json does for a `&str` (surrogates paired).
-    fn unescaped(&mut self, raw: &str) -> Option<Text> {
+    /// `read` over an escaped string, decoded as the JSON parser does (surrogates paired).
+    fn unescaped<T>(&mut self, raw: &str, read: impl FnOnce(&str) -> T) -> Option<T> {
         let out = &mut *self.scratch;
         out.clear();
         let mut rest = raw;
@@ -1058,14 +966,6 @@ impl<'a, 's> Skim<'a, 's> {
             let escape = *rest.as_bytes().get(i + 1)?;
             rest = rest.get(i + 2..)?;
             out.push(match escape {
-                b'"' => '"',
-                b'\\' => '\\',
-                b'/' => '/',
-                b'b' => '\u{8}',
-                b'f' => '\u{c}',
-                b'n' => '\n',
-                b'r' => '\r',
-                b't' => '\t',
                 b'u' => {
                     let unit = hex(rest.get(..4)?.as_bytes())?;
                     rest = rest.get(4..)?;
@@ -1081,11 +981,11 @@ impl<'a, 's> Skim<'a, 's> {
                         char::from_u32(unit)?
                     }
                 }
-                _ => return None,
+                _ => crate::json::short_escape(escape)?,
             });
         }
         out.push_str(rest);
-        let text = Text::of(out);
+        let text = read(out);
         // A stream keeps its reader: let one huge string not hold memory for the rest of it.
         if out.capacity() > 1 << 16 {
             *out = String::new();
@@ -1093,9 +993,9 @@ impl<'a, 's> Skim<'a, 's> {
         Some(text)
     }
 
-    /// A number, its grammar checked as serde_json does; whether serde_json can also visit it
-    /// without a range error (no exponent, not absurdly long: a visited number is rare, and only
-    /// in text, where it counts for nothing).
+    /// A number, its grammar checked as the JSON parser does; whether it is surely within f64's range,
+    /// which the Value reading requires (no exponent, not absurdly long: other numbers are rare,
+    /// and in text they count for nothing).
     fn number(&mut self) -> Option<bool> {
         let start = self.at;
         let _ = self.eat(b'-');
@@ -1416,8 +1316,8 @@ mod tests {
         }
     }
 
-    /// The serde-only `on_event` this module had before the skim, kept as the reference (only
-    /// `merge` now takes a reference).
+    /// The `on_event` this module had before the skim, kept as the reference (reading a
+    /// [`Value`], and `merge` takes a reference).
     #[derive(Default)]
     struct Reference {
         counts: Counts,
@@ -1429,41 +1329,35 @@ mod tests {
             if ev.data.is_empty() || ev.data == "[DONE]" {
                 return;
             }
-            let Ok(chunk) = crate::json::from_str::<Chunk<'_>>(ev.data) else {
+            let Ok(value) = crate::json::from_str(ev.data) else {
                 return;
             };
-            if let Some(usage) = chunk.message.and_then(|m| m.usage) {
+            let Some(chunk) = Chunk::read(&value) else {
+                return;
+            };
+            if let Some(usage) = chunk.message {
                 self.counts.merge(&Counts {
                     output: None,
-                    ..Counts::from(&usage)
+                    ..usage
                 });
             }
-            for usage in [chunk.usage, chunk.response.and_then(|r| r.usage)]
-                .iter()
-                .flatten()
-            {
-                self.counts.merge(&Counts::from(usage));
+            for usage in [chunk.usage, chunk.response].iter().flatten() {
+                self.counts.merge(usage);
             }
-            if let Some(choices) = chunk.choices {
-                self.text = self.text.plus(choices.text);
+            self.text = self.text.plus(chunk.choices);
+            if !chunk.kind.is_some_and(|k| k.contains("audio")) {
+                self.text = self.text.plus(chunk.delta);
             }
-            if let Some(delta) = chunk.delta {
-                if !chunk.kind.is_some_and(|k| k.contains("audio")) {
-                    self.text = self.text.plus(delta);
-                }
-            }
-            if let Some(block) = chunk.content_block {
-                self.text = self.text.plus(block);
-            }
+            self.text = self.text.plus(chunk.content_block);
         }
     }
 
     /// Feeds `events` to the skimming StreamUsage and to the reference: after every event the
     /// counts, the text and the usage-only answer must agree. Returns how many events the skim read
-    /// itself (no serde fallback), and how many of those through a template.
+    /// itself (no fallback to the reference), and how many of those through a template.
     fn differential(events: &[&str]) -> (usize, usize) {
         let (mut s, mut r) = (StreamUsage::new(), Reference::default());
-        let mut serde_only = StreamUsage::new();
+        let mut reference_only = StreamUsage::new();
         let (mut skimmed, mut filled) = (0, 0);
         for data in events {
             let ev = data_ev(data);
@@ -1472,7 +1366,10 @@ mod tests {
             filled += usize::from(probe.fill(&s.template).is_some());
             if let Some((text, _)) = Skim::new(data, &mut scratch).event(&s.template) {
                 skimmed += 1;
-                let found = Found::parse(data).unwrap_or_default();
+                let found = crate::json::from_str(data)
+                    .ok()
+                    .and_then(|v| Found::read(&v))
+                    .unwrap_or_default();
                 assert_eq!(
                     (found.start, found.usage, found.response),
                     (None, None, None)
@@ -1484,8 +1381,11 @@ mod tests {
             r.on_event(&ev);
             assert_eq!(usage_only, StreamUsage::is_usage_only_chunk(&ev), "{data}");
             assert_eq!((s.counts, s.text), (r.counts, r.text), "{data}");
-            assert_eq!(serde_only.on_event_serde(&ev), usage_only, "{data}");
-            assert_eq!((serde_only.counts, serde_only.text), (r.counts, r.text));
+            assert_eq!(reference_only.on_event_reference(&ev), usage_only, "{data}");
+            assert_eq!(
+                (reference_only.counts, reference_only.text),
+                (r.counts, r.text)
+            );
         }
         (skimmed, filled)
     }
@@ -1517,7 +1417,7 @@ mod tests {
     #[test]
     fn skim_reads_every_fixture_event_and_templates_fit() {
         // (JSON events, read by the skim, of which through a template).
-        // Events with usage are left to serde; Responses events number themselves before their
+        // Events with usage are left to the Value reading; Responses events number themselves before their
         // delta: no template fits.
         let want = [
             (12, 11, 8),
@@ -1545,7 +1445,7 @@ mod tests {
     }
 
     #[test]
-    fn skim_matches_serde_on_edge_cases() {
+    fn skim_matches_the_reference_on_edge_cases() {
         let cases = [
             // Whitespace everywhere, keys in any order, unknown keys of every type.
             " {\n\"usage\" : { \"completion_tokens\":2 ,\"prompt_tokens\" :1 } ,\t\"choices\":[ ] }\r\n",
@@ -1586,7 +1486,8 @@ mod tests {
             r#"{"choices":[],"usage":{}}"#,
             r#"{"type":5,"choices":[],"usage":{}}"#,
             r#"{"choices":{},"usage":{}}"#,
-            // Repeated fields (serde rejects known ones), escaped keys, odd shapes.
+            // Repeated fields (the skim leaves known ones to the Value reading), escaped keys, odd
+            // shapes.
             r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
             r#"{"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#,
             r#"{"choices":[{"delta":{"content":"a","content":"b"}}]}"#,
@@ -1878,7 +1779,7 @@ mod tests {
     }
 
     #[test]
-    fn skim_matches_serde_on_generated_events() {
+    fn skim_matches_the_reference_on_generated_events() {
         let mut g = Rng(0x2545_f491_4f6c_dd1d);
         let events: Vec<String> = (0..4000).map(|_| g.event()).collect();
         let (mut skimmed, mut total) = (0, 0);
@@ -1887,12 +1788,12 @@ mod tests {
             skimmed += differential(&chunk).0;
             total += chunk.len();
         }
-        // The generator must exercise the skim, not only the serde fallback.
+        // The generator must exercise the skim, not only the Value fallback.
         assert!(skimmed * 3 > total, "{skimmed} of {total}");
     }
 
     #[test]
-    fn templates_match_serde_whatever_fills_them() {
+    fn templates_match_the_reference_whatever_fills_them() {
         // Streams of events alike but for one text string and what follows its member, as real
         // streams are; now and then the opening changes too, or an event is broken.
         let mut g = Rng(0x9e37_79b9_7f4a_7c15);
@@ -1940,6 +1841,8 @@ mod tests {
             let events: Vec<&str> = events.iter().map(|e| e.as_str()).collect();
             filled += differential(&events).1;
         }
-        assert!(filled > 300, "{filled}");
+        // 296 (306 before the Value reading, which refuses the events whose opening holds a lone
+        // surrogate: the skim no longer reads them).
+        assert!(filled > 280, "{filled}");
     }
 }

@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let (mut fast, mut plain, mut reference) = (StreamUsage::new(), StreamUsage::new(), StreamUsage::new());
     for ev in events.iter().flat_map(|e| [e, e]) {
         let ev = ev.as_sse();
-        let usage_only = reference.on_event_serde(&ev);
+        let usage_only = reference.on_event_reference(&ev);
         assert_eq!(fast.on_event_is_usage_only(&ev), usage_only, "usage-only answer differs: {:?}", ev.data);
         assert_eq!(StreamUsage::is_usage_only_chunk(&ev), usage_only, "is_usage_only_chunk differs: {:?}", ev.data);
         plain.on_event(&ev);

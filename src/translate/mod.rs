@@ -47,7 +47,7 @@ pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> Transl
 
 /// Parses a body that must be a JSON object.
 pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, TranslateError> {
-    match crate::json::from_slice::<Value>(body) {
+    match crate::json::from_slice(body) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(err("", "the body must be a JSON object")),
         Err(e) => Err(err("", e.to_string())),
@@ -143,7 +143,7 @@ pub(crate) fn tool_call_input(
         return Ok(crate::json::json!({}));
     }
     let field = format!("{path}.function.arguments");
-    match crate::json::from_str::<crate::json::Value>(args) {
+    match crate::json::from_str(args) {
         Ok(v @ crate::json::Value::Object(_)) => Ok(v),
         Ok(_) => Err(TranslateError {
             field,

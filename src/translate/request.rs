@@ -54,8 +54,14 @@ pub fn chat_request_to_messages(
             | "reasoning_effort"
             | "verbosity" => {}
             "temperature" => {
+                // Anthropic's range is 0..1 (OpenAI's 0..2): clamped, else kept as written.
                 let t = v.as_f64().ok_or_else(|| err(key, "must be a number"))?;
-                out.insert(key.clone(), json!(t.clamp(0.0, 1.0)));
+                let clamped = match t {
+                    t if t > 1.0 => json!(1),
+                    t if t < 0.0 => json!(0),
+                    _ => v.clone(),
+                };
+                out.insert(key.clone(), clamped);
             }
             "top_p" => {
                 v.as_f64().ok_or_else(|| err(key, "must be a number"))?;

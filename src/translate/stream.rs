@@ -592,10 +592,7 @@ mod tests {
                 .filter_map(|c| c[0]["function"]["arguments"].as_str())
                 .collect()
         };
-        assert_eq!(
-            crate::json::from_str::<Value>(&args(0)).unwrap_or_default(),
-            input
-        );
+        assert_eq!(crate::json::from_str(&args(0)).unwrap_or_default(), input);
         assert_eq!(args(1), "{}");
         let finishes: Vec<&Value> = chunks
             .iter()
@@ -770,10 +767,7 @@ mod tests {
             .filter(|(_, d)| d["index"] == 1 && d["delta"]["type"] == "input_json_delta")
             .filter_map(|(_, d)| d["delta"]["partial_json"].as_str())
             .collect();
-        assert_eq!(
-            crate::json::from_str::<Value>(&args).unwrap_or_default(),
-            input
-        );
+        assert_eq!(crate::json::from_str(&args).unwrap_or_default(), input);
         assert_eq!(got[9].1["index"], 2);
         assert_eq!(got[11].1["delta"]["stop_reason"], "tool_use");
         // No usage chunk arrived: zeros rather than missing fields.
