@@ -1,18 +1,95 @@
-//! The proxy-wasm host calls tollgate makes, bound directly so that every failure is a `Result`.
+//! The proxy-wasm host calls tollgate makes, bound directly so that every failure is a `Result`,
+//! and the ABI's enums (proxy-wasm ABI v0.2.1 values).
 //!
-//! The SDK's own `hostcalls::` wrappers `panic!` on any status they do not expect (a header write
-//! in a phase where the map is gone, a local reply the host refuses, a context that has ended), and
-//! a panic traps the VM for every later request on the worker. These bindings return the status.
+//! The proxy-wasm Rust SDK's `hostcalls::` wrappers `panic!` on any status they do not expect (a
+//! header write in a phase where the map is gone, a local reply the host refuses, a context that has
+//! ended), and a panic traps the VM for every later request on the worker. These bindings return
+//! the status. (The SDK's dispatcher is replaced too: see `dispatch`.)
 //!
 //! Each call is wrapped in a `prof::span`, which counts and times it in profiling builds
 //! (`make profile`) and compiles to nothing otherwise.
 
-use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
+/// Only the variants tollgate uses; the numbers are the ABI's.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapType {
+    HttpRequestHeaders = 0,
+    HttpResponseHeaders = 2,
+}
 
-type Status = u32;
-const OK: Status = 0;
-const NOT_FOUND: Status = 1;
-const CAS_MISMATCH: Status = 8;
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferType {
+    HttpRequestBody = 0,
+    HttpResponseBody = 1,
+    PluginConfiguration = 7,
+}
+
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricType {
+    Counter = 0,
+    Gauge = 1,
+}
+
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Trace = 0,
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+    Critical = 5,
+}
+
+/// A host call's result (`proxy_status_t`). The host's raw value is read as a `u32` and mapped
+/// here, never transmuted: a value outside the enum would be undefined behaviour.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok = 0,
+    NotFound = 1,
+    BadArgument = 2,
+    SerializationFailure = 3,
+    ParseFailure = 4,
+    BadExpression = 5,
+    InvalidMemoryAccess = 6,
+    Empty = 7,
+    CasMismatch = 8,
+    ResultMismatch = 9,
+    InternalFailure = 10,
+    BrokenConnection = 11,
+    Unimplemented = 12,
+}
+
+impl Status {
+    /// A code the spec does not define reads as `InternalFailure`.
+    fn from_raw(raw: u32) -> Status {
+        use Status::*;
+        match raw {
+            0 => Ok,
+            1 => NotFound,
+            2 => BadArgument,
+            3 => SerializationFailure,
+            4 => ParseFailure,
+            5 => BadExpression,
+            6 => InvalidMemoryAccess,
+            7 => Empty,
+            8 => CasMismatch,
+            9 => ResultMismatch,
+            11 => BrokenConnection,
+            12 => Unimplemented,
+            _ => InternalFailure,
+        }
+    }
+}
+
+/// The raw status every import returns.
+type Raw = u32;
+const OK: Raw = Status::Ok as Raw;
+const NOT_FOUND: Raw = Status::NotFound as Raw;
+const CAS_MISMATCH: Raw = Status::CasMismatch as Raw;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -22,56 +99,56 @@ extern "C" {
         key_len: usize,
         out: *mut *mut u8,
         out_len: *mut usize,
-    ) -> Status;
-    fn proxy_get_header_map_pairs(map: MapType, out: *mut *mut u8, out_len: *mut usize) -> Status;
+    ) -> Raw;
+    fn proxy_get_header_map_pairs(map: MapType, out: *mut *mut u8, out_len: *mut usize) -> Raw;
     fn proxy_replace_header_map_value(
         map: MapType,
         key: *const u8,
         key_len: usize,
         value: *const u8,
         value_len: usize,
-    ) -> Status;
-    fn proxy_remove_header_map_value(map: MapType, key: *const u8, key_len: usize) -> Status;
+    ) -> Raw;
+    fn proxy_remove_header_map_value(map: MapType, key: *const u8, key_len: usize) -> Raw;
     fn proxy_get_buffer_bytes(
         buffer: BufferType,
         start: usize,
         max: usize,
         out: *mut *mut u8,
         out_len: *mut usize,
-    ) -> Status;
+    ) -> Raw;
     fn proxy_set_buffer_bytes(
         buffer: BufferType,
         start: usize,
         size: usize,
         data: *const u8,
         data_len: usize,
-    ) -> Status;
+    ) -> Raw;
     fn proxy_get_property(
         path: *const u8,
         path_len: usize,
         out: *mut *mut u8,
         out_len: *mut usize,
-    ) -> Status;
+    ) -> Raw;
     fn proxy_set_property(
         path: *const u8,
         path_len: usize,
         value: *const u8,
         value_len: usize,
-    ) -> Status;
+    ) -> Raw;
     fn proxy_get_shared_data(
         key: *const u8,
         key_len: usize,
         out: *mut *mut u8,
         out_len: *mut usize,
         cas: *mut u32,
-    ) -> Status;
+    ) -> Raw;
     fn proxy_set_shared_data(
         key: *const u8,
         key_len: usize,
         value: *const u8,
         value_len: usize,
         cas: u32,
-    ) -> Status;
+    ) -> Raw;
     #[allow(clippy::too_many_arguments)]
     fn proxy_send_local_response(
         status: u32,
@@ -82,17 +159,17 @@ extern "C" {
         headers: *const u8,
         headers_len: usize,
         grpc_status: i32,
-    ) -> Status;
+    ) -> Raw;
     fn proxy_define_metric(
         kind: MetricType,
         name: *const u8,
         name_len: usize,
         out: *mut u32,
-    ) -> Status;
-    fn proxy_increment_metric(id: u32, offset: i64) -> Status;
-    fn proxy_record_metric(id: u32, value: u64) -> Status;
-    fn proxy_set_effective_context(context_id: u32) -> Status;
-    fn proxy_continue_stream(stream: u32) -> Status;
+    ) -> Raw;
+    fn proxy_increment_metric(id: u32, offset: i64) -> Raw;
+    fn proxy_record_metric(id: u32, value: u64) -> Raw;
+    fn proxy_set_effective_context(context_id: u32) -> Raw;
+    fn proxy_continue_stream(stream: u32) -> Raw;
     fn proxy_call_foreign_function(
         name: *const u8,
         name_len: usize,
@@ -100,36 +177,38 @@ extern "C" {
         args_len: usize,
         out: *mut *mut u8,
         out_len: *mut usize,
-    ) -> Status;
-    fn proxy_get_current_time_nanoseconds(out: *mut u64) -> Status;
-    fn proxy_get_log_level(out: *mut u32) -> Status;
+    ) -> Raw;
+    fn proxy_get_current_time_nanoseconds(out: *mut u64) -> Raw;
+    fn proxy_get_log_level(out: *mut u32) -> Raw;
+    fn proxy_log(level: LogLevel, message: *const u8, message_len: usize) -> Raw;
 }
 
-/// Takes ownership of memory the host allocated through the SDK's `proxy_on_memory_allocate`.
+/// Takes ownership of memory the host allocated through `dispatch::proxy_on_memory_allocate`.
 fn owned(ptr: *mut u8, len: usize) -> Option<Vec<u8>> {
     if ptr.is_null() {
         return if len == 0 { Some(Vec::new()) } else { None };
     }
     // SAFETY: the host filled `len` bytes of a buffer it obtained from proxy_on_memory_allocate,
-    // which allocates a Vec<u8> of exactly that capacity and leaks it to the host.
+    // which allocates exactly `len` bytes (align 1) with the global allocator, as a Vec<u8> of
+    // capacity `len` would, and leaves it to the host.
     Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
-fn fetch(call: impl FnOnce(*mut *mut u8, *mut usize) -> Status) -> Result<Option<Vec<u8>>, Status> {
+fn fetch(call: impl FnOnce(*mut *mut u8, *mut usize) -> Raw) -> Result<Option<Vec<u8>>, Status> {
     let mut ptr: *mut u8 = core::ptr::null_mut();
     let mut len: usize = 0;
     match call(&mut ptr, &mut len) {
         OK => Ok(owned(ptr, len)),
         NOT_FOUND => Ok(None),
-        s => Err(s),
+        s => Err(Status::from_raw(s)),
     }
 }
 
-fn status(s: Status) -> Result<(), Status> {
+fn status(s: Raw) -> Result<(), Status> {
     if s == OK {
         Ok(())
     } else {
-        Err(s)
+        Err(Status::from_raw(s))
     }
 }
 
@@ -252,7 +331,7 @@ pub fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), Status> 
     match status {
         OK => Ok((owned(ptr, len), (cas != 0).then_some(cas))),
         NOT_FOUND => Ok((None, None)),
-        s => Err(s),
+        s => Err(Status::from_raw(s)),
     }
 }
 
@@ -383,4 +462,10 @@ pub fn log_level() -> Result<LogLevel, Status> {
         4 => LogLevel::Error,
         _ => LogLevel::Critical,
     })
+}
+
+/// One line to Envoy's log (not counted by `prof`: logging is not part of a request's work).
+pub fn log(level: LogLevel, message: &str) -> Result<(), Status> {
+    // SAFETY: pointer and length come from a live str.
+    status(unsafe { proxy_log(level, message.as_ptr(), message.len()) })
 }

@@ -1,11 +1,10 @@
 //! Host services behind the pure modules' seams: shared data, clock, metrics, headers, bodies.
 //! Every call goes through `abi`, so a host failure is an ignored or reported `Result`, never a panic.
 
-use super::abi;
+use super::abi::{self, BufferType, MapType, MetricType};
 use crate::store::{SharedStore, StoreError};
 use core::cell::RefCell;
 use hashbrown::HashMap;
-use proxy_wasm::types::{BufferType, MapType, MetricType};
 
 pub struct HostStore;
 

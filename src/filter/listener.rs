@@ -1,5 +1,7 @@
 //! Listener-level role: runs once per client request.
 
+use super::abi::{BufferType, MapType};
+use super::dispatch::{Action, HttpContext};
 use super::handoff::{self, Decision};
 use super::host::{self, count, gauge, HostStore};
 use crate::admission::{self, Start, Verdict};
@@ -12,8 +14,6 @@ use crate::request::{self, RequestInfo};
 use crate::sse::SseParser;
 use crate::store::add_u64s;
 use crate::usage::{usage_from_json, ApiKind, StreamUsage, Usage};
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, BufferType, MapType};
 use std::rc::Rc;
 
 /// The largest non-streaming response body kept to read its `usage`; past it the count is estimated.
@@ -539,7 +539,7 @@ impl Listener {
     }
 }
 
-impl Context for Listener {
+impl HttpContext for Listener {
     fn on_done(&mut self) -> bool {
         let _p = super::prof::span("listener on_done");
         if !self.response_complete {
@@ -547,9 +547,7 @@ impl Context for Listener {
         }
         true
     }
-}
 
-impl HttpContext for Listener {
     fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         let _p = super::prof::span("listener on_http_request_headers");
         self.started_ms = host::now_ms();

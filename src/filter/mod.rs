@@ -6,17 +6,18 @@
 //!   provider rewrite and translation, passive health. Runs once per upstream attempt.
 
 mod abi;
+mod dispatch;
 mod handoff;
 mod host;
 mod listener;
+mod logger;
 mod prof;
 mod status;
 mod upstream;
 
 use crate::config::{self, Config};
+use dispatch::{Action, HttpContext, RootContext};
 use host::{count, property};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::rc::Rc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,17 +26,18 @@ enum Role {
     Upstream,
 }
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { role: Role::Listener, config: None }) });
-}}
+/// Every plugin's root context, as `dispatch` creates it; its configuration says which role it is.
+fn new_root(_context_id: u32) -> Box<dyn RootContext> {
+    Box::new(Root {
+        role: Role::Listener,
+        config: None,
+    })
+}
 
 struct Root {
     role: Role,
     config: Option<Rc<Config>>,
 }
-
-impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -51,10 +53,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let raw = host::body(
-            proxy_wasm::types::BufferType::PluginConfiguration,
-            usize::MAX,
-        );
+        let raw = host::body(abi::BufferType::PluginConfiguration, usize::MAX);
         match config::parse(&raw, &|name| std::env::var(name).ok()) {
             Ok(cfg) => {
                 for w in &cfg.warnings {
@@ -77,7 +76,7 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Box<dyn HttpContext> {
         let _p = prof::span(if self.role == Role::Listener {
             "listener create"
         } else {
@@ -86,8 +85,7 @@ impl RootContext for Root {
         if context_id.is_multiple_of(256) {
             follow_log_level();
         }
-        // Always Some: the SDK's dispatcher panics on None.
-        Some(match (&self.config, self.role) {
+        match (&self.config, self.role) {
             (Some(cfg), Role::Listener) => {
                 Box::new(listener::Listener::new(context_id, cfg.clone()))
             }
@@ -95,11 +93,7 @@ impl RootContext for Root {
                 Box::new(upstream::Upstream::new(context_id, cfg.clone()))
             }
             (None, _) => Box::new(Unconfigured),
-        })
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        }
     }
 }
 
@@ -107,9 +101,9 @@ impl RootContext for Root {
 /// nothing in production. Re-read now and then, since the level can be changed at runtime.
 fn follow_log_level() {
     match abi::log_level() {
-        Ok(level) => proxy_wasm::set_log_level(level),
+        Ok(level) => logger::set_level(level),
         Err(status) => {
-            log::warn!("proxy_get_log_level failed ({status}): keeping the level as it is")
+            log::warn!("proxy_get_log_level failed ({status:?}): keeping the level as it is")
         }
     }
 }
@@ -118,8 +112,6 @@ fn follow_log_level() {
 /// defensive answer if a context is created anyway): refuse with 503 rather than pass traffic
 /// through without keys or quotas.
 struct Unconfigured;
-
-impl Context for Unconfigured {}
 
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {

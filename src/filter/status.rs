@@ -1,13 +1,13 @@
 //! `status_path`: the shared-data totals, key health and quota standings as JSON, for operators
 //! and tests. Ids and counts only, never a secret.
 
+use super::dispatch::Action;
 use super::host::{self, HostStore};
 use crate::config::{Config, Consumers, ANONYMOUS};
 use crate::health;
 use crate::json::{json, Map, Value};
 use crate::quota;
 use crate::store::{decode_u64s, SharedStore};
-use proxy_wasm::types::Action;
 
 fn usage(key: &str) -> Value {
     let v = HostStore.get(key).ok().and_then(|(b, _)| b);

@@ -1,5 +1,7 @@
 //! Cluster-level role: runs once per upstream attempt, for whichever endpoint Envoy picked.
 
+use super::abi::{BufferType, MapType};
+use super::dispatch::{Action, HttpContext};
 use super::handoff;
 use super::host::{self, count, gauge, HostStore};
 use crate::config::{Config, Provider};
@@ -12,8 +14,6 @@ use crate::retry_signal;
 use crate::sse::SseParser;
 use crate::translate::{self, ChatToMessagesStream, MessagesToChatStream};
 use crate::usage::ApiKind;
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, BufferType, MapType};
 use std::rc::Rc;
 
 /// Metadata namespace and key on an endpoint (or cluster) naming its tollgate provider.
@@ -333,16 +333,6 @@ impl Upstream {
     }
 }
 
-impl Context for Upstream {
-    /// The attempt ends. Envoy runs no `on_log` for cluster-level contexts, so this is where an
-    /// attempt that never got response headers (per-try timeout, reset) is held against its provider.
-    fn on_done(&mut self) -> bool {
-        let _p = super::prof::span("upstream on_done");
-        self.finish();
-        true
-    }
-}
-
 impl Upstream {
     fn finish(&mut self) {
         let mut client_gone = false;
@@ -375,6 +365,14 @@ impl Upstream {
 }
 
 impl HttpContext for Upstream {
+    /// The attempt ends. Envoy runs no `on_log` for cluster-level contexts, so this is where an
+    /// attempt that never got response headers (per-try timeout, reset) is held against its provider.
+    fn on_done(&mut self) -> bool {
+        let _p = super::prof::span("upstream on_done");
+        self.finish();
+        true
+    }
+
     fn on_log(&mut self) {
         let _p = super::prof::span("upstream on_log");
         self.finish();
