@@ -129,7 +129,7 @@ impl FakeStore {
     }
     pub fn keys(&self) -> Vec<String> {
         let mut k: Vec<String> = self.data.borrow().keys().cloned().collect();
-        k.sort();
+        k.sort_unstable();
         k
     }
 }

@@ -43,14 +43,22 @@ pub fn serve(cfg: &Config) -> Action {
         );
     }
     let mut models = Map::new();
-    let mut model_names: Vec<String> = cfg.prices.keys().cloned().collect();
-    for p in &cfg.providers {
-        model_names.extend(p.models.keys().cloned());
+    // Sorted and unique by insertion: a few dozen names, and no sort code in the module for them.
+    let mut model_names: Vec<&str> = Vec::new();
+    let named = cfg.providers.iter().flat_map(|p| p.models.keys());
+    for m in cfg
+        .prices
+        .keys()
+        .chain(named)
+        .map(String::as_str)
+        .chain(["other", "none"])
+    {
+        if let Err(at) = model_names.binary_search(&m) {
+            model_names.insert(at, m);
+        }
     }
-    model_names.extend(["other".to_string(), "none".to_string()]);
-    model_names.sort();
-    model_names.dedup();
     for m in model_names {
+        let m = m.to_string();
         let label = crate::gateway::metric_segment(&m);
         models.insert(m, usage(&format!("tollgate:u:m:{label}")));
     }

@@ -223,7 +223,7 @@ fn chat_messages(messages: Option<&Value>) -> Result<(Vec<String>, Vec<Value>), 
             other => {
                 return Err(err(
                     format!("{path}.role"),
-                    format!("unknown role {other:?}"),
+                    format!("unknown role \"{other}\""),
                 ))
             }
         };
@@ -235,9 +235,13 @@ fn chat_messages(messages: Option<&Value>) -> Result<(Vec<String>, Vec<Value>), 
     }
     let messages = turns
         .into_iter()
-        .map(|(role, mut blocks)| {
-            blocks.sort_by_key(|b| b.get("type").and_then(Value::as_str) != Some("tool_result"));
-            json!({"role": role, "content": blocks})
+        .map(|(role, blocks)| {
+            // Tool results first, each group in its order (a partition: no sort code in the module).
+            let (mut content, rest): (Vec<Value>, Vec<Value>) = blocks
+                .into_iter()
+                .partition(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"));
+            content.extend(rest);
+            json!({"role": role, "content": content})
         })
         .collect();
     Ok((system, messages))
@@ -311,7 +315,7 @@ fn user_blocks(content: Option<&Value>, path: &str) -> Result<Vec<Value>, Transl
             other => {
                 return Err(err(
                     format!("{path}.type"),
-                    format!("unknown content part type {other:?}"),
+                    format!("unknown content part type \"{other}\""),
                 ))
             }
         }
@@ -375,7 +379,7 @@ fn assistant_blocks(m: &Map<String, Value>, path: &str) -> Result<Vec<Value>, Tr
                     other => {
                         return Err(err(
                             format!("{path}.type"),
-                            format!("unsupported assistant content part type {other:?}"),
+                            format!("unsupported assistant content part type \"{other}\""),
                         ))
                     }
                 };
@@ -679,7 +683,7 @@ fn messages_message(m: &Value, path: &str, out: &mut Vec<Value>) -> Result<(), T
                     other => {
                         return Err(err(
                             format!("{path}.type"),
-                            format!("unsupported content block type {other:?}"),
+                            format!("unsupported content block type \"{other}\""),
                         ))
                     }
                 }
@@ -715,7 +719,7 @@ fn messages_message(m: &Value, path: &str, out: &mut Vec<Value>) -> Result<(), T
                     other => {
                         return Err(err(
                             format!("{path}.type"),
-                            format!("unsupported content block type {other:?}"),
+                            format!("unsupported content block type \"{other}\""),
                         ))
                     }
                 }
@@ -799,7 +803,7 @@ fn messages_tool(t: &Value, k: usize) -> Result<Value, TranslateError> {
         Some(other) => {
             return Err(err(
                 format!("{path}.type"),
-                format!("server tool {other:?} cannot be run by an OpenAI provider"),
+                format!("server tool \"{other}\" cannot be run by an OpenAI provider"),
             ))
         }
     }

@@ -45,7 +45,7 @@ pub fn messages_response_to_chat_at(
             other => {
                 return Err(err(
                     format!("content[{i}].type"),
-                    format!("unsupported content block type {other:?}"),
+                    format!("unsupported content block type \"{other}\""),
                 ))
             }
         }
