@@ -877,7 +877,7 @@ impl Parser<'_> {
             }
             first = false;
             key.clear();
-            self.string_into(key)?;
+            self.string_into(key, true)?;
             self.skip_ws();
             match self.peek() {
                 Some(b':') => self.i += 1,
@@ -933,7 +933,7 @@ impl Parser<'_> {
             Some(b'"') => {
                 self.i += 1;
                 scratch.clear();
-                self.string_into(scratch)
+                self.string_into(scratch, false)
             }
             _ => self.value().map(drop),
         }
@@ -942,43 +942,52 @@ impl Parser<'_> {
     /// After the opening quote.
     fn string(&mut self) -> Result<String, Error> {
         let mut out = String::new();
-        self.string_into(&mut out)?;
+        self.string_into(&mut out, true)?;
         Ok(out)
     }
 
-    fn string_into(&mut self, out: &mut String) -> Result<(), Error> {
+    /// After the opening quote. `keep` false checks the text without copying it (escapes still
+    /// land in `out`, which the caller clears).
+    fn string_into(&mut self, out: &mut String, keep: bool) -> Result<(), Error> {
         let mut start = self.i;
         loop {
-            let Some(b) = self.peek() else {
+            let rest = self.s.get(self.i..).unwrap_or_default();
+            let Some(n) = rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            else {
+                self.i = self.s.len();
                 return Err(self.error("EOF while parsing a string"));
             };
-            match b {
-                b'"' => {
-                    self.push_text(out, start)?;
+            self.i += n;
+            match rest.get(n) {
+                Some(b'"') => {
+                    self.push_text(out, start, keep)?;
                     self.i += 1;
                     return Ok(());
                 }
-                b'\\' => {
-                    self.push_text(out, start)?;
+                Some(b'\\') => {
+                    self.push_text(out, start, keep)?;
                     self.i += 1;
                     self.escape(out)?;
                     start = self.i;
                 }
-                0..=0x1f => {
+                _ => {
                     return Err(self.error_at_next(
                         "control character (\\u0000-\\u001F) found while parsing a string",
                     ))
                 }
-                _ => self.i += 1,
             }
         }
     }
 
-    fn push_text(&mut self, out: &mut String, start: usize) -> Result<(), Error> {
+    fn push_text(&mut self, out: &mut String, start: usize, keep: bool) -> Result<(), Error> {
         let raw = self.s.get(start..self.i).unwrap_or_default();
         match core::str::from_utf8(raw) {
             Ok(text) => {
-                out.push_str(text);
+                if keep {
+                    out.push_str(text);
+                }
                 Ok(())
             }
             Err(e) => {
