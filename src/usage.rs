@@ -487,7 +487,7 @@ impl Text {
 }
 
 /// Nesting the skim follows before it leaves an event to the Value reading (the JSON parser's
-/// limit is 128).
+/// limit is 127 levels).
 const SKIM_DEPTH: u32 = 64;
 /// Longest [`Template`] worth keeping (OpenAI's is about 300 bytes).
 const MAX_TEMPLATE: usize = 2048;
