@@ -718,6 +718,19 @@ mod tests {
     }
 
     #[test]
+    fn a_rewritten_body_keeps_the_client_s_key_order_and_number_text() {
+        let body = br#"{"stream":true,"model":"gpt-4o","temperature":0.70,"seed":12345678901234567890123,"messages":[]}"#;
+        assert_eq!(
+            String::from_utf8(with_include_usage(body).unwrap_or_default()).unwrap_or_default(),
+            r#"{"stream":true,"model":"gpt-4o","temperature":0.70,"seed":12345678901234567890123,"messages":[],"stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(
+            String::from_utf8(with_max_tokens(body, 64).unwrap_or_default()).unwrap_or_default(),
+            r#"{"stream":true,"model":"gpt-4o","temperature":0.70,"seed":12345678901234567890123,"messages":[],"max_tokens":64}"#
+        );
+    }
+
+    #[test]
     fn rewrites() {
         let body = br#"{"stream":true,"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"temperature":0.7}"#;
         // Compared as values, whatever the order of the keys.
