@@ -43,11 +43,15 @@ build: toolchain
 mock:
 	cargo build --release -p mock-provider
 
+# The features rustc emits for wasm32-wasip1: with `-all`, wasm-opt may use others, and Envoy then
+# refuses to load the module.
+WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
+
 .PHONY: size
 size: toolchain
 	cargo build --profile release-small --target $(TARGET) -p tollgate
 	@command -v wasm-opt >/dev/null || (apt-get install -y binaryen >/dev/null 2>&1 || true)
-	wasm-opt -all -Oz target/$(TARGET)/release-small/tollgate.wasm -o target/tollgate.small.wasm
+	wasm-opt $(WASM_OPT_FEATURES) -Oz target/$(TARGET)/release-small/tollgate.wasm -o target/tollgate.small.wasm
 	@ls -l $(WASM) target/tollgate.small.wasm | awk '{print $$5, $$9}'
 
 .PHONY: lint
