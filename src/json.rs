@@ -204,7 +204,7 @@ impl Map<String, Value> {
         // Sorted by (key, position), a repeated key is a run whose first element is its first
         // occurrence and whose last is its last value.
         let mut order: Vec<usize> = (0..entries.len()).collect();
-        order.sort_unstable_by(|&a, &b| entries[a].0.cmp(&entries[b].0).then(a.cmp(&b)));
+        heapsort(&mut order, |a, b| (&entries[a].0, a) < (&entries[b].0, b));
         let mut dropped = vec![false; entries.len()];
         let mut moves = Vec::new();
         for run in order.chunk_by(|&a, &b| entries[a].0 == entries[b].0) {
@@ -228,6 +228,32 @@ impl Map<String, Value> {
             });
         }
         Map { entries }
+    }
+}
+
+/// An in-place O(n log n) sort by `less`, whatever the input: core's sort is several KB of the
+/// module for this one use, and the order here is total (key, then position), so stability is moot.
+fn heapsort(v: &mut [usize], less: impl Fn(usize, usize) -> bool) {
+    let sift = |v: &mut [usize], mut root: usize, end: usize| loop {
+        let mut child = 2 * root + 1;
+        if child >= end {
+            return;
+        }
+        if child + 1 < end && less(v[child], v[child + 1]) {
+            child += 1;
+        }
+        if !less(v[root], v[child]) {
+            return;
+        }
+        v.swap(root, child);
+        root = child;
+    };
+    for root in (0..v.len() / 2).rev() {
+        sift(v, root, v.len());
+    }
+    for end in (1..v.len()).rev() {
+        v.swap(0, end);
+        sift(v, 0, end);
     }
 }
 
@@ -1382,6 +1408,26 @@ mod tests {
             member(deep.as_bytes(), "usage").is_err(),
             from_str(&deep).is_err()
         );
+    }
+
+    #[test]
+    fn heapsort_orders_like_the_standard_sort() {
+        let mut seed = 7u64;
+        for len in [0usize, 1, 2, 3, 10, 17, 100, 1000] {
+            let keys: Vec<u64> = (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 33) % 13
+                })
+                .collect();
+            let mut ours: Vec<usize> = (0..len).collect();
+            heapsort(&mut ours, |a, b| (keys[a], a) < (keys[b], b));
+            let mut theirs: Vec<usize> = (0..len).collect();
+            theirs.sort_by_key(|&i| (keys[i], i));
+            assert_eq!(ours, theirs, "len {len}");
+        }
     }
 
     #[test]
