@@ -62,12 +62,6 @@ impl Number {
     pub fn is_u64(&self) -> bool {
         matches!(self.0, N::Pos(_))
     }
-    pub fn is_i64(&self) -> bool {
-        self.as_i64().is_some()
-    }
-    pub fn is_f64(&self) -> bool {
-        matches!(self.0, N::Text(_))
-    }
     /// None for NaN and infinities, which JSON cannot carry.
     pub fn from_f64(f: f64) -> Option<Number> {
         if !f.is_finite() {
@@ -176,20 +170,8 @@ impl Map<String, Value> {
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
         self.entries.iter().map(|(k, v)| (k, v))
     }
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut Value)> {
-        self.entries.iter_mut().map(|(k, v)| (&*k, v))
-    }
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.entries.iter().map(|(k, _)| k)
-    }
-    pub fn values(&self) -> impl Iterator<Item = &Value> {
-        self.entries.iter().map(|(_, v)| v)
-    }
-    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Value> {
-        self.entries.iter_mut().map(|(_, v)| v)
-    }
-    pub fn retain(&mut self, mut keep: impl FnMut(&String, &mut Value) -> bool) {
-        self.entries.retain_mut(|(k, v)| keep(k, v))
     }
 
     /// Entries as parsed, repeated keys merged without the quadratic cost of `insert`: an object
@@ -427,9 +409,6 @@ impl Value {
     }
     pub fn is_u64(&self) -> bool {
         self.as_u64().is_some()
-    }
-    pub fn is_i64(&self) -> bool {
-        self.as_i64().is_some()
     }
     /// The value, leaving `Null` in its place.
     pub fn take(&mut self) -> Value {

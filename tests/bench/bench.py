@@ -45,7 +45,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from harness import ENVOY, WASM, Envoy, free_port, gateway_config, redis_command, request, sse_data  # noqa: E402
+from harness import (ENVOY, WASM, Envoy, free_port, gateway_config, redis_command, request, sse_data,  # noqa: E402
+                     stop_process)
 
 LUA = HERE / "chat.lua"
 OUT = ROOT / "BENCHMARKS.md"
@@ -346,13 +347,7 @@ class Service:
         return proc_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self in RUNNING:
             RUNNING.remove(self)
 
@@ -418,12 +413,7 @@ def stop_all() -> None:
     for p in list(RUNNING):
         try:
             if isinstance(p, subprocess.Popen):
-                if p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(5)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+                stop_process(p)
                 RUNNING.remove(p)
             else:
                 p.stop()

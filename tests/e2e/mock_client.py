@@ -16,6 +16,8 @@ import time
 import urllib.error
 import urllib.request
 
+from harness import stop_process
+
 _LISTENING = re.compile(r"^mock-provider (\S+) listening on (\S+):(\d+)\s*$")
 
 
@@ -91,10 +93,4 @@ def start_mock(binary: str, port: int, name: str, timeout: float = 10) -> tuple[
 
 
 def stop_mock(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc)
