@@ -6,8 +6,8 @@
 //! Envoy passes in `vm_config.environment_variables.host_env_keys`, consumer keys as SHA-256 digests.
 
 use crate::json::{Map, Value};
-use crate::quota::{Limit, Metric, Price};
-use crate::sha256;
+use crate::limit::consumer_key;
+use crate::limit::quota::{Limit, Metric, Price};
 use core::fmt;
 use hashbrown::HashMap;
 
@@ -579,31 +579,32 @@ fn validate(value: &Value, env: &dyn Fn(&str) -> Option<String>) -> Res<Config> 
             if list.iter().any(|q| q.name == name) {
                 return Err(c.err("name", format!("duplicate consumer '{name}'")));
             }
-            let key_digest = match (key_sha256, key_env, trusted_header.is_some()) {
-                (Some(_), Some(_), _) => {
-                    return Err(err(
-                        &c.path,
-                        "give either `key_sha256` or `key_env`, not both",
-                    ))
-                }
-                (Some(h), None, _) => Some(sha256::from_hex(h).ok_or_else(|| {
-                    c.err(
-                        "key_sha256",
-                        "must be 64 hex characters (sha256 of the consumer's key)",
-                    )
-                })?),
-                (None, Some(var), _) => match env(var) {
-                    Some(v) if !v.trim().is_empty() => Some(sha256::sha256(v.trim().as_bytes())),
-                    _ => return Err(c.err("key_env", format!("{var} is not set or empty"))),
-                },
-                (None, None, true) => None,
-                (None, None, false) => {
-                    return Err(err(
+            let key_digest =
+                match (key_sha256, key_env, trusted_header.is_some()) {
+                    (Some(_), Some(_), _) => {
+                        return Err(err(
+                            &c.path,
+                            "give either `key_sha256` or `key_env`, not both",
+                        ))
+                    }
+                    (Some(h), None, _) => Some(consumer_key::from_hex(h).ok_or_else(|| {
+                        c.err(
+                            "key_sha256",
+                            "must be 64 hex characters (sha256 of the consumer's key)",
+                        )
+                    })?),
+                    (None, Some(var), _) => match env(var) {
+                        Some(v) if !v.trim().is_empty() => {
+                            Some(consumer_key::digest(v.trim().as_bytes()))
+                        }
+                        _ => return Err(c.err("key_env", format!("{var} is not set or empty"))),
+                    },
+                    (None, None, true) => None,
+                    (None, None, false) => return Err(err(
                         &c.path,
                         "`key_sha256` or `key_env` is required (or set consumers.trusted_header)",
-                    ))
-                }
-            };
+                    )),
+                };
             let own = limits(raw_limits)?;
             let mut model_limits = HashMap::with_capacity(raw_model_limits.len());
             for (path, m, v) in raw_model_limits {
@@ -1301,7 +1302,10 @@ mod tests {
         let Consumers::Keys(list) = &c.consumers else {
             unreachable!()
         };
-        assert_eq!(list[0].key_digest, Some(sha256::sha256(b"team-a-secret")));
+        assert_eq!(
+            list[0].key_digest,
+            Some(consumer_key::digest(b"team-a-secret"))
+        );
         assert_eq!(
             list[0].limits[0],
             Limit {

@@ -2,12 +2,12 @@
 //! upstream attempt must look like for the provider Envoy picked, which rate-limit headers a client
 //! gets. Nothing here touches proxy-wasm.
 
+use crate::api::errors::ClientApi;
 use crate::config::{Config, Consumers, Provider, ProviderType, ANONYMOUS};
-use crate::errors::ClientApi;
-use crate::quota::{Metric, Standing};
-use crate::retry_signal::{format_go_duration, format_rfc3339};
-use crate::sha256;
-use crate::usage::ApiKind;
+use crate::count::usage::ApiKind;
+use crate::failover::retry_signal::{format_go_duration, format_rfc3339};
+use crate::limit::consumer_key;
+use crate::limit::quota::{Metric, Standing};
 
 /// Request headers that carry a client's credential: removed before any attempt leaves Envoy, so a
 /// client can never choose, nor learn, a pool key.
@@ -89,11 +89,11 @@ pub fn identify<'a>(
         }
         Consumers::Keys(list) => {
             let key = presented_key(header)?.ok_or(AuthError::Missing)?;
-            let digest = sha256::sha256(key.as_bytes());
+            let digest = consumer_key::digest(key.as_bytes());
             let mut found: Option<&str> = None;
             for c in list {
                 if let Some(d) = &c.key_digest {
-                    if sha256::ct_eq(d, &digest) {
+                    if consumer_key::same(d, &digest) {
                         found = Some(&c.name);
                     }
                 }
@@ -350,7 +350,7 @@ pub fn response_text_chars(body: &[u8]) -> u64 {
 mod tests {
     use super::*;
     use crate::config::parse;
-    use crate::quota::Limit;
+    use crate::limit::quota::Limit;
 
     fn cfg(json: &str) -> Config {
         parse(json.as_bytes(), &|v| {

@@ -1,24 +1,25 @@
 //! tollgate: an Envoy proxy-wasm filter that injects provider API keys from a rotating pool,
 //! counts tokens, enforces quotas and fails over between keys and providers.
 //!
-//! Everything but `filter/` is pure logic that knows nothing of proxy-wasm and is tested on the host.
+//! The tree follows what the filter does. Everything but `filter/` is pure logic that knows nothing
+//! of proxy-wasm and is tested on the host:
+//! - `config`: the plugin configuration (serde, then validation that names the field);
+//! - `api`: the client APIs' shapes (request inspection, error bodies);
+//! - `pool`: which key an attempt carries;
+//! - `count`: tokens out of JSON and SSE answers, and estimates when a provider gives none;
+//! - `limit`: consumers' budgets, admission and settlement in shared data;
+//! - `failover`: key cooldowns and provider circuits, and rewriting a request for another provider;
+//! - `store`: the shared-data seam (Envoy's CAS store, and a fake that behaves like it).
 
-pub mod admission;
+pub mod api;
 pub mod config;
-pub mod errors;
-pub mod estimate;
+pub mod count;
+pub mod failover;
 pub mod gateway;
-pub mod health;
 pub mod json;
-pub mod keypool;
-pub mod quota;
-pub mod request;
-pub mod retry_signal;
-pub mod sha256;
-pub mod sse;
+pub mod limit;
+pub mod pool;
 pub mod store;
-pub mod translate;
-pub mod usage;
 
 /// The Envoy glue. Only built for Wasm: it binds the proxy-wasm host ABI directly.
 #[cfg(target_arch = "wasm32")]

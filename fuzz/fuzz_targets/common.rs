@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use tollgate::sse::{SseEvent, SseParser};
+use tollgate::count::sse::{SseEvent, SseParser};
 
 /// FNV-1a, then a splitmix step so every bit depends on the whole input.
 pub fn hash(data: &[u8]) -> u64 {

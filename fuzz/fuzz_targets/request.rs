@@ -6,8 +6,8 @@ mod common;
 
 use common::Params;
 use libfuzzer_sys::fuzz_target;
-use tollgate::request::{inspect, with_include_usage, with_max_tokens, with_model};
-use tollgate::usage::ApiKind;
+use tollgate::api::request::{inspect, with_include_usage, with_max_tokens, with_model};
+use tollgate::count::usage::ApiKind;
 
 const KINDS: [ApiKind; 6] = [
     ApiKind::ChatCompletions,

@@ -7,7 +7,7 @@ mod common;
 
 use common::Params;
 use libfuzzer_sys::fuzz_target;
-use tollgate::retry_signal::{
+use tollgate::failover::retry_signal::{
     cooldown_ms, format_go_duration, format_rfc3339, parse_go_duration_ms, parse_http_date_ms,
     parse_rfc3339_ms, MAX_COOLDOWN_MS,
 };

@@ -7,7 +7,7 @@ mod common;
 
 use common::{parse_sse, Event, Params};
 use libfuzzer_sys::fuzz_target;
-use tollgate::usage::{StreamUsage, Usage};
+use tollgate::count::usage::{StreamUsage, Usage};
 
 #[derive(Debug, PartialEq, Eq)]
 struct Totals {

@@ -8,7 +8,7 @@ mod common;
 use common::{parse_sse, Event, Params};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tollgate::translate::{
+use tollgate::failover::translate::{
     chat_error_to_messages, chat_request_to_messages, chat_response_to_messages,
     messages_error_to_chat, messages_request_to_chat, messages_response_to_chat,
     messages_response_to_chat_at, ChatToMessagesStream, MessagesToChatStream,

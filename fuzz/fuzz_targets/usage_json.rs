@@ -6,8 +6,8 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use tollgate::sse::SseEvent;
-use tollgate::usage::{usage_from_json, ApiKind, StreamUsage};
+use tollgate::count::sse::SseEvent;
+use tollgate::count::usage::{usage_from_json, ApiKind, StreamUsage};
 
 fuzz_target!(|data: &[u8]| {
     let _ = usage_from_json(data);

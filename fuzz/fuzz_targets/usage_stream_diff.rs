@@ -7,7 +7,7 @@ mod common;
 
 use common::parse_sse;
 use libfuzzer_sys::fuzz_target;
-use tollgate::usage::StreamUsage;
+use tollgate::count::usage::StreamUsage;
 
 fn totals(s: &StreamUsage) -> impl PartialEq + std::fmt::Debug {
     (s.usage(), s.output_reported(), s.text_chars(), s.estimated_output_tokens())

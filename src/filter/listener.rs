@@ -4,16 +4,16 @@ use super::abi::{BufferType, MapType};
 use super::dispatch::{Action, HttpContext};
 use super::handoff::{self, Decision};
 use super::host::{self, count, gauge, HostStore};
-use crate::admission::{self, Start, Verdict};
+use crate::api::errors::{error_body, ClientApi, ErrorKind};
+use crate::api::request::{self, RequestInfo};
 use crate::config::Config;
-use crate::errors::{error_body, ClientApi, ErrorKind};
-use crate::estimate;
+use crate::count::estimate;
+use crate::count::sse::SseParser;
+use crate::count::usage::{usage_from_json, ApiKind, StreamUsage, Usage};
 use crate::gateway::{self, metric_segment};
-use crate::quota::{self, Demand, Reservation, Standing};
-use crate::request::{self, RequestInfo};
-use crate::sse::SseParser;
+use crate::limit::admission::{self, Start, Verdict};
+use crate::limit::quota::{self, Demand, Reservation, Standing};
 use crate::store::add_u64s;
-use crate::usage::{usage_from_json, ApiKind, StreamUsage, Usage};
 use std::rc::Rc;
 
 /// The largest non-streaming response body kept to read its `usage`; past it the count is estimated.
@@ -356,11 +356,15 @@ impl Listener {
         let model = p.map_model(self.model()).unwrap_or("");
         let result = match gateway::translation(self.api, p.kind) {
             Ok(gateway::Translation::ChatToMessages) => {
-                crate::translate::chat_request_to_messages(body, model, self.cfg.default_max_tokens)
-                    .map(|_| ())
+                crate::failover::translate::chat_request_to_messages(
+                    body,
+                    model,
+                    self.cfg.default_max_tokens,
+                )
+                .map(|_| ())
             }
             Ok(gateway::Translation::MessagesToChat) => {
-                crate::translate::messages_request_to_chat(body, model).map(|_| ())
+                crate::failover::translate::messages_request_to_chat(body, model).map(|_| ())
             }
             Ok(gateway::Translation::None) => Ok(()),
             Err(msg) => return Err((msg, "unsupported_api")),

@@ -116,9 +116,9 @@ struct Unconfigured;
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         count("tollgate.outcome.unconfigured.requests", 1);
-        let body = crate::errors::error_body(
-            crate::errors::ClientApi::OpenAi,
-            crate::errors::ErrorKind::Overloaded,
+        let body = crate::api::errors::error_body(
+            crate::api::errors::ClientApi::OpenAi,
+            crate::api::errors::ErrorKind::Overloaded,
             "The gateway is not configured.",
             None,
             None,

@@ -4,9 +4,9 @@
 use super::dispatch::Action;
 use super::host::{self, HostStore};
 use crate::config::{Config, Consumers, ANONYMOUS};
-use crate::health;
+use crate::failover::health;
 use crate::json::{json, Map, Value};
-use crate::quota;
+use crate::limit::quota;
 use crate::store::{decode_u64s, SharedStore};
 
 fn usage(key: &str) -> Value {

@@ -4,16 +4,16 @@ use super::abi::{BufferType, MapType};
 use super::dispatch::{Action, HttpContext};
 use super::handoff;
 use super::host::{self, count, gauge, HostStore};
+use crate::api::errors::{error_body, ClientApi, ErrorKind};
+use crate::api::request;
 use crate::config::{Config, Provider};
-use crate::errors::{error_body, ClientApi, ErrorKind};
+use crate::count::sse::SseParser;
+use crate::count::usage::ApiKind;
+use crate::failover::health::{self, CooldownReason, Outcome};
+use crate::failover::retry_signal;
+use crate::failover::translate::{self, ChatToMessagesStream, MessagesToChatStream};
 use crate::gateway::{self, metric_segment, Translation};
-use crate::health::{self, CooldownReason, Outcome};
-use crate::keypool::{self, Choice};
-use crate::request;
-use crate::retry_signal;
-use crate::sse::SseParser;
-use crate::translate::{self, ChatToMessagesStream, MessagesToChatStream};
-use crate::usage::ApiKind;
+use crate::pool::keypool::{self, Choice};
 use std::rc::Rc;
 
 /// Metadata namespace and key on an endpoint (or cluster) naming its tollgate provider.
@@ -555,7 +555,7 @@ impl HttpContext for Upstream {
         if let Some((parser, t)) = self.sse.as_mut() {
             let chunk = host::body(BufferType::HttpResponseBody, size);
             let mut out = Vec::with_capacity(chunk.len() * 2);
-            let mut on = |ev: crate::sse::SseEvent<'_>| match t {
+            let mut on = |ev: crate::count::sse::SseEvent<'_>| match t {
                 StreamTranslator::ToChat(s) => s.on_event(&ev, &mut out),
                 StreamTranslator::ToMessages(s) => s.on_event(&ev, &mut out),
             };

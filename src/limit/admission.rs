@@ -3,9 +3,9 @@
 //! budgets admit it. The glue applies the result; the tests here run the same code on the fake store.
 
 use crate::config::{Config, FailureMode};
+use crate::failover::health::{self, Circuit};
 use crate::gateway::retry_after_secs;
-use crate::health::{self, Circuit};
-use crate::quota::{self, Admission, Demand, Limit, Metric, Reservation, Standing};
+use crate::limit::quota::{self, Admission, Demand, Limit, Metric, Reservation, Standing};
 use crate::store::{SharedStore, StoreError};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -183,7 +183,7 @@ fn degraded(cfg: &Config, e: StoreError) -> Verdict {
 mod tests {
     use super::*;
     use crate::config::parse;
-    use crate::health::{cool_key, record, CooldownReason, Outcome};
+    use crate::failover::health::{cool_key, record, CooldownReason, Outcome};
     use crate::store::FakeStore;
 
     fn cfg(extra: &str) -> Config {

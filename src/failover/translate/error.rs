@@ -1,10 +1,10 @@
 //! Error bodies: Anthropic `{"type":"error","error":{"type","message"}}` <->
 //! OpenAI `{"error":{"message","type","param","code"}}`. Shapes and type names come from
-//! [`crate::errors`], so translated errors look like the gateway's own.
+//! [`crate::api::errors`], so translated errors look like the gateway's own.
 
 use crate::json::{json, Value};
 
-use crate::errors::{error_body, error_body_typed, ClientApi, ErrorKind};
+use crate::api::errors::{error_body, error_body_typed, ClientApi, ErrorKind};
 
 fn kind_from_status(status: u16) -> ErrorKind {
     match status {

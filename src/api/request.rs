@@ -4,8 +4,8 @@ use std::fmt;
 
 use crate::json::{Map, Value};
 
-use crate::estimate::text_tokens;
-use crate::usage::ApiKind;
+use crate::count::estimate::text_tokens;
+use crate::count::usage::ApiKind;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestInfo {

@@ -7,7 +7,7 @@ use super::{
     chat_error_to_messages, chat_id, chat_usage, finish_reason, message_id, messages_error_to_chat,
     messages_usage, stop_reason,
 };
-use crate::sse::SseEvent;
+use crate::count::sse::SseEvent;
 
 fn parse(ev: &SseEvent<'_>) -> Option<Value> {
     match crate::json::from_str(ev.data) {

@@ -402,8 +402,8 @@ mod tests {
 
     type Ev = (String, String, Vec<u8>);
 
-    const OPENAI: &[u8] = include_bytes!("../tests/fixtures/openai_stream.sse");
-    const ANTHROPIC: &[u8] = include_bytes!("../tests/fixtures/anthropic_stream.sse");
+    const OPENAI: &[u8] = include_bytes!("../../tests/fixtures/openai_stream.sse");
+    const ANTHROPIC: &[u8] = include_bytes!("../../tests/fixtures/anthropic_stream.sse");
 
     fn own(ev: SseEvent<'_>) -> Ev {
         (ev.event.to_owned(), ev.data.to_owned(), ev.raw.to_vec())
@@ -519,9 +519,9 @@ mod tests {
     #[test]
     fn other_fixtures_round_trip() {
         for input in [
-            &include_bytes!("../tests/fixtures/openai_stream_tools.sse")[..],
-            include_bytes!("../tests/fixtures/openai_responses_stream.sse"),
-            include_bytes!("../tests/fixtures/anthropic_stream_tools.sse"),
+            &include_bytes!("../../tests/fixtures/openai_stream_tools.sse")[..],
+            include_bytes!("../../tests/fixtures/openai_responses_stream.sse"),
+            include_bytes!("../../tests/fixtures/anthropic_stream_tools.sse"),
         ] {
             let evs = parse_chunks(1 << 20, input.chunks(7)).0;
             assert_eq!(raw_concat(&evs), input);

@@ -5,9 +5,9 @@
 //! measured (chars and a token estimate), never kept. Stream events usually take a hand-written
 //! reader that gives the same results at a fraction of the cost ([`Skim`]).
 
-use crate::estimate;
+use crate::count::estimate;
+use crate::count::sse::SseEvent;
 use crate::json::Value;
-use crate::sse::SseEvent;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -1067,7 +1067,7 @@ impl<'a, 's> Skim<'a, 's> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sse::SseParser;
+    use crate::count::sse::SseParser;
 
     fn u(input: u64, output: u64, cache_read: u64, cache_write: u64, reasoning: u64) -> Usage {
         Usage {
@@ -1107,35 +1107,35 @@ mod tests {
     fn json_fixtures() {
         let cases: [(&[u8], Usage); 8] = [
             (
-                include_bytes!("../tests/fixtures/openai_chat.json"),
+                include_bytes!("../../tests/fixtures/openai_chat.json"),
                 u(24, 8, 0, 0, 0),
             ),
             (
-                include_bytes!("../tests/fixtures/openai_chat_tools.json"),
+                include_bytes!("../../tests/fixtures/openai_chat_tools.json"),
                 u(97, 56, 0, 0, 0),
             ),
             (
-                include_bytes!("../tests/fixtures/openai_chat_cached.json"),
+                include_bytes!("../../tests/fixtures/openai_chat_cached.json"),
                 u(2006, 300, 1920, 0, 256),
             ),
             (
-                include_bytes!("../tests/fixtures/openai_embeddings.json"),
+                include_bytes!("../../tests/fixtures/openai_embeddings.json"),
                 u(13, 0, 0, 0, 0),
             ),
             (
-                include_bytes!("../tests/fixtures/openai_completions.json"),
+                include_bytes!("../../tests/fixtures/openai_completions.json"),
                 u(5, 12, 0, 0, 0),
             ),
             (
-                include_bytes!("../tests/fixtures/openai_responses.json"),
+                include_bytes!("../../tests/fixtures/openai_responses.json"),
                 u(1320, 412, 1152, 0, 384),
             ),
             (
-                include_bytes!("../tests/fixtures/anthropic_message.json"),
+                include_bytes!("../../tests/fixtures/anthropic_message.json"),
                 u(14, 23, 0, 0, 0),
             ),
             (
-                include_bytes!("../tests/fixtures/anthropic_message_cache.json"),
+                include_bytes!("../../tests/fixtures/anthropic_message_cache.json"),
                 u(12 + 1854 + 3310, 205, 3310, 1854, 0),
             ),
         ];
@@ -1148,33 +1148,33 @@ mod tests {
     fn stream_fixtures() {
         let cases: [(&[u8], Usage, u64, usize); 5] = [
             (
-                include_bytes!("../tests/fixtures/openai_stream.sse"),
+                include_bytes!("../../tests/fixtures/openai_stream.sse"),
                 u(19, 9, 0, 0, 0),
                 32,
                 1,
             ),
             // Tool name "get_weather" (11) + arguments {"location":"Paris, France","unit":"celsius"} (45).
             (
-                include_bytes!("../tests/fixtures/openai_stream_tools.sse"),
+                include_bytes!("../../tests/fixtures/openai_stream_tools.sse"),
                 u(83, 22, 0, 0, 0),
                 56,
                 1,
             ),
             (
-                include_bytes!("../tests/fixtures/openai_responses_stream.sse"),
+                include_bytes!("../../tests/fixtures/openai_responses_stream.sse"),
                 u(1342, 18, 1152, 0, 0),
                 76,
                 0,
             ),
             (
-                include_bytes!("../tests/fixtures/anthropic_stream.sse"),
+                include_bytes!("../../tests/fixtures/anthropic_stream.sse"),
                 u(21 + 2048, 41, 2048, 0, 0),
                 167,
                 0,
             ),
             // Thinking (110) + text (56) + tool name (11) + input JSON (53).
             (
-                include_bytes!("../tests/fixtures/anthropic_stream_tools.sse"),
+                include_bytes!("../../tests/fixtures/anthropic_stream_tools.sse"),
                 u(472, 118, 0, 0, 0),
                 230,
                 0,
@@ -1188,7 +1188,7 @@ mod tests {
             assert_eq!(n, *usage_only, "case {i}");
         }
         // OpenAI streams one token per delta, and the per-delta estimate sees exactly that.
-        let (s, _) = stream(include_bytes!("../tests/fixtures/openai_stream.sse"));
+        let (s, _) = stream(include_bytes!("../../tests/fixtures/openai_stream.sse"));
         assert_eq!(s.estimated_output_tokens(), 9);
     }
 
@@ -1407,11 +1407,11 @@ mod tests {
     }
 
     const STREAMS: [&[u8]; 5] = [
-        include_bytes!("../tests/fixtures/openai_stream.sse"),
-        include_bytes!("../tests/fixtures/openai_stream_tools.sse"),
-        include_bytes!("../tests/fixtures/openai_responses_stream.sse"),
-        include_bytes!("../tests/fixtures/anthropic_stream.sse"),
-        include_bytes!("../tests/fixtures/anthropic_stream_tools.sse"),
+        include_bytes!("../../tests/fixtures/openai_stream.sse"),
+        include_bytes!("../../tests/fixtures/openai_stream_tools.sse"),
+        include_bytes!("../../tests/fixtures/openai_responses_stream.sse"),
+        include_bytes!("../../tests/fixtures/anthropic_stream.sse"),
+        include_bytes!("../../tests/fixtures/anthropic_stream_tools.sse"),
     ];
 
     #[test]

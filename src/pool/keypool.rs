@@ -2,7 +2,7 @@
 //! Envoy workers (the rotation counter lives in shared data), skipping keys that are cooling down.
 
 use crate::config::{Provider, Rotation};
-use crate::health::{fnv1a, ProviderHealth};
+use crate::failover::health::{fnv1a, ProviderHealth};
 use crate::store::{add_u64s, SharedStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,7 @@ pub fn choose<S: SharedStore + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::{cool_key, read, CooldownReason};
+    use crate::failover::health::{cool_key, read, CooldownReason};
     use crate::store::FakeStore;
 
     fn provider(weights: &[u32], rotation: Rotation) -> Provider {

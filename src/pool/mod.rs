@@ -1,0 +1,2 @@
+//! The key pool: which provider key an attempt carries.
+pub mod keypool;
