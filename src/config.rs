@@ -303,12 +303,20 @@ pub struct Config {
     pub max_sse_event_bytes: usize,
     pub failure_mode: FailureMode,
     pub sticky_header: Option<String>,
-    pub status_path: Option<String>,
+    pub status: Option<StatusConfig>,
+    pub default_price: Option<Price>,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
     pub warnings: Vec<String>,
 }
 
 pub const ANONYMOUS: &str = "anonymous";
+
+/// The status endpoint: its path, and the digest of the key that sees everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusConfig {
+    pub path: String,
+    pub admin_key_digest: Option<[u8; 32]>,
+}
 
 impl Config {
     pub fn provider(&self, name: &str) -> Option<(usize, &Provider)> {
@@ -345,6 +353,18 @@ impl Config {
             None => out.extend(self.default_limits.iter().map(|l| (None, *l))),
         }
         out
+    }
+
+    /// The model's price, else the configured default price.
+    pub fn price_for(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model).or(self.default_price.as_ref())
+    }
+
+    /// Whether a cost limit applies to `consumer` asking for `model`.
+    pub fn has_cost_limit(&self, consumer: &str, model: &str) -> bool {
+        self.limits_for(consumer, model)
+            .iter()
+            .any(|(_, l)| l.metric == Metric::CostMicroUsd)
     }
 
     /// Models named anywhere in the config: the only model names used in shared-data keys and
@@ -717,7 +737,11 @@ fn validate(value: &Value, env: &dyn Fn(&str) -> Option<String>) -> Res<Config> 
             .choice("failure_mode", FAILURE_MODES)?
             .unwrap_or_default(),
         sticky_header: root.str("sticky_header")?.map(str::to_ascii_lowercase),
-        status_path: status_path.map(str::to_string),
+        status: status_path.map(|p| StatusConfig {
+            path: p.to_string(),
+            admin_key_digest: None,
+        }),
+        default_price: None,
         warnings,
     })
 }
@@ -1086,7 +1110,7 @@ mod tests {
             (c.max_request_bytes, c.lower_max_tokens, c.failure_mode),
             (4 << 20, false, FailureMode::Open)
         );
-        assert_eq!((c.sticky_header, c.status_path), (None, None));
+        assert_eq!((c.sticky_header, c.status), (None, None));
         let p = &c.providers[0];
         assert_eq!(
             (p.host.as_deref(), p.base_path.as_str(), p.rotation),
@@ -1193,7 +1217,7 @@ mod tests {
             (
                 c.failure_mode,
                 c.sticky_header.as_deref(),
-                c.status_path.as_deref()
+                c.status.as_ref().map(|s| s.path.as_str())
             ),
             (FailureMode::Closed, Some("x-s"), Some("/st"))
         );

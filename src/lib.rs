@@ -16,9 +16,11 @@ pub mod config;
 pub mod count;
 pub mod failover;
 pub mod gateway;
+pub mod host;
 pub mod json;
 pub mod limit;
 pub mod pool;
+pub mod roles;
 pub mod store;
 
 /// The Envoy glue. Only built for Wasm: it binds the proxy-wasm host ABI directly.

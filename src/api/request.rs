@@ -7,7 +7,7 @@ use crate::json::{Map, Value};
 use crate::count::estimate::text_tokens;
 use crate::count::usage::ApiKind;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestInfo {
     pub model: Option<String>,
     pub stream: bool,

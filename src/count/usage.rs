@@ -1064,6 +1064,25 @@ impl<'a, 's> Skim<'a, 's> {
     }
 }
 
+/// TEMPORARY (replaced by the serde rewrite): the event without a top-level `"usage":null`.
+pub fn without_null_usage(raw: &[u8]) -> Option<Vec<u8>> {
+    let s = core::str::from_utf8(raw).ok()?;
+    for pat in [
+        ",\"usage\":null",
+        "\"usage\":null,",
+        ", \"usage\": null",
+        "\"usage\": null, ",
+    ] {
+        if let Some(i) = s.find(pat) {
+            let mut out = Vec::with_capacity(raw.len());
+            out.extend_from_slice(raw.get(..i)?);
+            out.extend_from_slice(raw.get(i + pat.len()..)?);
+            return Some(out);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

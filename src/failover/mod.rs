@@ -2,4 +2,5 @@
 //! rewriting of a request and its answer for another provider.
 pub mod health;
 pub mod retry_signal;
+pub mod route;
 pub mod translate;

@@ -1,24 +1,28 @@
-//! The Envoy glue: proxy-wasm contexts that gather inputs, call the pure modules and apply their
-//! decisions. Two roles of one module, chosen by the plugin's `root_id`:
-//! - `tollgate` / `tollgate.listener` (listener-level HTTP filter): consumer check, quota admission,
-//!   token accounting, rate-limit headers, access-log values. Runs once per request.
-//! - `tollgate.upstream` (cluster-level filter, before `upstream_codec`): key choice and injection,
-//!   provider rewrite and translation, passive health. Runs once per upstream attempt.
+//! The Envoy glue: the proxy-wasm SDK's contexts, each callback handing its arguments to a role
+//! (`crate::roles`) with [`sdk_host::SdkHost`] and mapping the role's [`Flow`] to an `Action`.
+//! No decision lives here. Which role a plugin plays comes from its `root_id`.
 
-mod abi;
-mod dispatch;
-mod handoff;
-mod host;
-mod listener;
-mod logger;
+mod hostcalls;
 mod prof;
-mod status;
-mod upstream;
+mod sdk_host;
 
+use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::config::{self, Config};
-use dispatch::{Action, HttpContext, RootContext};
-use host::{count, property};
+use crate::host::Host;
+use crate::roles::listener::Listener;
+use crate::roles::upstream::Upstream;
+use crate::roles::Flow;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
+use sdk_host::SdkHost;
 use std::rc::Rc;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { role: Role::Listener, config: None })
+    });
+}}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -26,12 +30,11 @@ enum Role {
     Upstream,
 }
 
-/// Every plugin's root context, as `dispatch` creates it; its configuration says which role it is.
-fn new_root(_context_id: u32) -> Box<dyn RootContext> {
-    Box::new(Root {
-        role: Role::Listener,
-        config: None,
-    })
+fn action(flow: Flow) -> Action {
+    match flow {
+        Flow::Continue => Action::Continue,
+        Flow::Pause | Flow::Stop => Action::Pause,
+    }
 }
 
 struct Root {
@@ -39,10 +42,13 @@ struct Root {
     config: Option<Rc<Config>>,
 }
 
+impl Context for Root {}
+
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         follow_log_level();
-        let root_id = property(&["plugin_root_id"])
+        let root_id = SdkHost
+            .property(&["plugin_root_id"])
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
         self.role = match root_id.as_str() {
@@ -53,7 +59,10 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let raw = host::body(abi::BufferType::PluginConfiguration, usize::MAX);
+        let raw = proxy_wasm::hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         match config::parse(&raw, &|name| std::env::var(name).ok()) {
             Ok(cfg) => {
                 for w in &cfg.warnings {
@@ -76,35 +85,110 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, context_id: u32) -> Box<dyn HttpContext> {
-        let _p = prof::span(if self.role == Role::Listener {
-            "listener create"
-        } else {
-            "upstream create"
-        });
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    /// Always `Some`: the SDK's dispatcher panics on `None`.
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         if context_id.is_multiple_of(256) {
             follow_log_level();
         }
-        match (&self.config, self.role) {
-            (Some(cfg), Role::Listener) => {
-                Box::new(listener::Listener::new(context_id, cfg.clone()))
-            }
-            (Some(cfg), Role::Upstream) => {
-                Box::new(upstream::Upstream::new(context_id, cfg.clone()))
-            }
+        Some(match (&self.config, self.role) {
+            (Some(cfg), Role::Listener) => Box::new(ListenerContext(Listener::new(cfg.clone()))),
+            (Some(cfg), Role::Upstream) => Box::new(UpstreamContext(Upstream::new(cfg.clone()))),
             (None, _) => Box::new(Unconfigured),
-        }
+        })
     }
 }
 
 /// Formats log lines only at the level Envoy would print them: `debug!` on the hot path then costs
 /// nothing in production. Re-read now and then, since the level can be changed at runtime.
 fn follow_log_level() {
-    match abi::log_level() {
-        Ok(level) => logger::set_level(level),
-        Err(status) => {
-            log::warn!("proxy_get_log_level failed ({status:?}): keeping the level as it is")
+    if let Ok(level) = proxy_wasm::hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
+}
+
+struct ListenerContext(Listener);
+
+impl Context for ListenerContext {
+    fn on_done(&mut self) -> bool {
+        let _p = prof::span("listener on_done");
+        self.0.on_done(&mut SdkHost);
+        true
+    }
+}
+
+impl HttpContext for ListenerContext {
+    fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
+        let _p = prof::span("listener on_http_request_headers");
+        action(self.0.on_request_headers(&mut SdkHost, end_of_stream))
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let _p = prof::span("listener on_http_request_body");
+        action(self.0.on_request_body(&mut SdkHost, size, end_of_stream))
+    }
+
+    fn on_http_request_trailers(&mut self, _num: usize) -> Action {
+        let _p = prof::span("listener on_http_request_trailers");
+        action(self.0.on_request_trailers(&mut SdkHost))
+    }
+
+    fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
+        let _p = prof::span("listener on_http_response_headers");
+        action(self.0.on_response_headers(&mut SdkHost, end_of_stream))
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let _p = prof::span("listener on_http_response_body");
+        action(self.0.on_response_body(&mut SdkHost, size, end_of_stream))
+    }
+
+    fn on_log(&mut self) {
+        {
+            let _p = prof::span("listener on_log");
+            self.0.on_log(&mut SdkHost);
         }
+        prof::request_done();
+    }
+}
+
+struct UpstreamContext(Upstream);
+
+impl Context for UpstreamContext {
+    /// The attempt ends (Envoy runs no `on_log` for cluster-level contexts).
+    fn on_done(&mut self) -> bool {
+        let _p = prof::span("upstream on_done");
+        self.0.on_done(&mut SdkHost);
+        true
+    }
+}
+
+impl HttpContext for UpstreamContext {
+    fn on_http_request_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
+        let _p = prof::span("upstream on_http_request_headers");
+        action(self.0.on_request_headers(&mut SdkHost))
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let _p = prof::span("upstream on_http_request_body");
+        action(self.0.on_request_body(&mut SdkHost, size, end_of_stream))
+    }
+
+    fn on_http_response_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
+        let _p = prof::span("upstream on_http_response_headers");
+        action(self.0.on_response_headers(&mut SdkHost))
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let _p = prof::span("upstream on_http_response_body");
+        action(self.0.on_response_body(&mut SdkHost, size, end_of_stream))
+    }
+
+    fn on_log(&mut self) {
+        self.0.on_done(&mut SdkHost);
     }
 }
 
@@ -113,17 +197,20 @@ fn follow_log_level() {
 /// through without keys or quotas.
 struct Unconfigured;
 
+impl Context for Unconfigured {}
+
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        count("tollgate.outcome.unconfigured.requests", 1);
-        let body = crate::api::errors::error_body(
-            crate::api::errors::ClientApi::OpenAi,
-            crate::api::errors::ErrorKind::Overloaded,
+        let mut host = SdkHost;
+        host.count("tollgate.outcome.unconfigured.requests", 1);
+        let body = error_body(
+            ClientApi::OpenAi,
+            ErrorKind::Overloaded,
             "The gateway is not configured.",
             None,
             None,
         );
-        host::respond(503, &[("content-type", "application/json")], &body);
+        host.respond(503, &[("content-type", "application/json")], &body);
         Action::Pause
     }
 }

@@ -1,56 +1,10 @@
-//! The listener role's two decisions before a request may go upstream, as pure functions over the
-//! shared-data store: where it starts (which provider can take it), and whether the consumer's
-//! budgets admit it. The glue applies the result; the tests here run the same code on the fake store.
+//! Whether a consumer's budgets admit a request, as a pure function over the shared-data store.
+//! The listener role applies the verdict; the tests here run the same code on the fake store.
 
 use crate::config::{Config, FailureMode};
-use crate::failover::health::{self, Circuit};
 use crate::gateway::retry_after_secs;
 use crate::limit::quota::{self, Admission, Demand, Limit, Metric, Reservation, Standing};
 use crate::store::{SharedStore, StoreError};
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Start {
-    /// Start on this provider (index in config order); > 0 means steering.
-    Provider(usize),
-    /// No provider can take it: every key cooling down or every circuit open.
-    Exhausted { retry_after_secs: u64 },
-    /// Shared data unreadable: no steering, no refusal on a guess.
-    Unknown,
-}
-
-/// The first provider, in failover order, that serves `model` ("" = any), whose circuit lets it
-/// through (taking a half-open probe slot) and that has a key not cooling down.
-pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now: u64) -> Start {
-    let mut earliest: Option<u64> = None;
-    for (i, p) in cfg.providers.iter().enumerate() {
-        if !model.is_empty() && p.map_model(model).is_none() {
-            continue;
-        }
-        let Ok(h) = health::read(store, p) else {
-            return Start::Unknown;
-        };
-        let at = h.available_at(&cfg.health, now);
-        let usable = at <= now
-            && match h.circuit(&cfg.health, now) {
-                Circuit::Closed => true,
-                Circuit::Open { .. } => false,
-                Circuit::HalfOpen => {
-                    health::try_acquire(store, p, &cfg.health, now).unwrap_or(true)
-                }
-            };
-        if usable {
-            return Start::Provider(i);
-        }
-        let at = at.max(now.saturating_add(1));
-        earliest = Some(earliest.map_or(at, |e| e.min(at)));
-    }
-    match earliest {
-        Some(at) => Start::Exhausted {
-            retry_after_secs: retry_after_secs(at - now),
-        },
-        None => Start::Unknown,
-    }
-}
 
 /// What the listener knows of a request when it decides.
 #[derive(Debug, Clone)]
@@ -74,6 +28,8 @@ pub enum Verdict {
         retry_after_secs: u64,
         message: String,
         standings: Vec<Standing>,
+        /// The limit that refused it.
+        limit: Limit,
     },
     /// Shared data failed and `failure_mode` is `open`: let it through unmetered.
     AdmitUnmetered,
@@ -90,8 +46,7 @@ pub fn limits(cfg: &Config, consumer: &str, model: &str) -> Vec<(String, Limit)>
 
 pub fn demand(cfg: &Config, ask: &Ask<'_>, output: u64) -> Demand {
     let cost = cfg
-        .prices
-        .get(ask.model)
+        .price_for(ask.model)
         .map(|p| quota::cost_micro_usd(p, ask.prompt_tokens, 0, output))
         .unwrap_or(0);
     Demand {
@@ -117,7 +72,7 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
     if cfg.lower_max_tokens {
         // Ask for no more output than the budget still allows, rather than be refused (or, for a
         // request larger than a full bucket, run the bucket into debt).
-        let price = cfg.prices.get(ask.model);
+        let price = cfg.price_for(ask.model);
         if let Ok(Some(max)) =
             quota::max_affordable_output(store, &limits, ask.prompt_tokens, price, now)
         {
@@ -162,6 +117,7 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
                 retry_after_secs: secs,
                 message,
                 standings,
+                limit,
             }
         }
         Err(e) => degraded(cfg, e),
@@ -183,7 +139,6 @@ fn degraded(cfg: &Config, e: StoreError) -> Verdict {
 mod tests {
     use super::*;
     use crate::config::parse;
-    use crate::failover::health::{cool_key, record, CooldownReason, Outcome};
     use crate::store::FakeStore;
 
     fn cfg(extra: &str) -> Config {
@@ -203,59 +158,6 @@ mod tests {
             prompt_tokens: prompt,
             max_tokens: max,
         }
-    }
-
-    #[test]
-    fn starts_on_the_first_provider_with_a_usable_key() {
-        let s = FakeStore::new();
-        let c = cfg("");
-        assert_eq!(start(&s, &c, "", 0), Start::Provider(0));
-        cool_key(&s, &c.providers[0], 0, 5_000, CooldownReason::RateLimited).unwrap();
-        assert_eq!(
-            start(&s, &c, "", 0),
-            Start::Provider(0),
-            "a2 is still usable"
-        );
-        cool_key(&s, &c.providers[0], 1, 8_000, CooldownReason::RateLimited).unwrap();
-        assert_eq!(start(&s, &c, "gpt-4o", 0), Start::Provider(1));
-        assert_eq!(
-            start(&s, &c, "gpt-4o-mini", 0),
-            Start::Exhausted {
-                retry_after_secs: 5
-            },
-            "b does not serve it"
-        );
-        cool_key(&s, &c.providers[1], 0, 30_000, CooldownReason::RateLimited).unwrap();
-        assert_eq!(
-            start(&s, &c, "", 1_000),
-            Start::Exhausted {
-                retry_after_secs: 4
-            }
-        );
-        assert_eq!(start(&s, &c, "", 5_000), Start::Provider(0));
-    }
-
-    #[test]
-    fn an_open_circuit_is_skipped_and_half_open_lets_one_probe_through() {
-        let s = FakeStore::new();
-        let c = cfg("");
-        for t in 0..2 {
-            record(&s, &c.providers[0], &c.health, Outcome::ProviderFailure, t).unwrap();
-        }
-        assert_eq!(start(&s, &c, "", 100), Start::Provider(1));
-        assert_eq!(start(&s, &c, "", 10_001), Start::Provider(0), "the probe");
-        assert_eq!(
-            start(&s, &c, "", 10_002),
-            Start::Provider(1),
-            "one probe only"
-        );
-    }
-
-    #[test]
-    fn an_unreadable_store_neither_steers_nor_refuses() {
-        let s = FakeStore::new();
-        s.broken.set(true);
-        assert_eq!(start(&s, &cfg(""), "", 0), Start::Unknown);
     }
 
     #[test]

@@ -53,6 +53,7 @@ def wasm_filter(name: str, root_id: str, plugin: dict, env_keys: list[str]) -> d
             "config": {
                 "name": name,
                 "root_id": root_id,
+                **({"allow_on_headers_stop_iteration": True} if root_id != "tollgate.upstream" else {}),
                 "vm_config": {
                     "vm_id": "tollgate",
                     "runtime": "envoy.wasm.runtime.v8",

@@ -1,0 +1,150 @@
+//! Where a request starts: the first provider, in failover order, that serves its model and can
+//! take it now. The listener role decides this from the body, before any attempt exists; Envoy's
+//! retry priorities carry the later attempts down the same order.
+
+use crate::config::Config;
+use crate::failover::health::{self, Circuit};
+use crate::gateway::retry_after_secs;
+use crate::store::SharedStore;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// Start on this provider (index in config order); > 0 means steering.
+    Provider(usize),
+    /// Providers serve the model, but none can take it now: every key cooling down or every
+    /// circuit open.
+    Exhausted { retry_after_secs: u64 },
+    /// No provider lists the model.
+    NotServed,
+}
+
+/// Whether `provider` serves `model` ("" = no model named: any provider).
+fn serves(cfg: &Config, provider: usize, model: &str) -> bool {
+    cfg.providers
+        .get(provider)
+        .is_some_and(|p| model.is_empty() || p.map_model(model).is_some())
+}
+
+/// The first provider that serves `model`, whose circuit lets it through (taking a half-open probe
+/// slot) and that has a key not cooling down. When shared data cannot be read, the first provider
+/// that serves the model: no refusal on a guess.
+pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now: u64) -> Start {
+    let mut earliest: Option<u64> = None;
+    let mut first_serving = None;
+    for (i, p) in cfg.providers.iter().enumerate() {
+        if !serves(cfg, i, model) {
+            continue;
+        }
+        first_serving.get_or_insert(i);
+        let Ok(h) = health::read(store, p) else {
+            return Start::Provider(first_serving.unwrap_or(i));
+        };
+        let at = h.available_at(&cfg.health, now);
+        let usable = at <= now
+            && match h.circuit(&cfg.health, now) {
+                Circuit::Closed => true,
+                Circuit::Open { .. } => false,
+                Circuit::HalfOpen => {
+                    health::try_acquire(store, p, &cfg.health, now).unwrap_or(true)
+                }
+            };
+        if usable {
+            return Start::Provider(i);
+        }
+        let at = at.max(now.saturating_add(1));
+        earliest = Some(earliest.map_or(at, |e| e.min(at)));
+    }
+    match (earliest, first_serving) {
+        (Some(at), _) => Start::Exhausted {
+            retry_after_secs: retry_after_secs(at - now),
+        },
+        (None, Some(i)) => Start::Provider(i),
+        (None, None) => Start::NotServed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+    use crate::failover::health::{cool_key, record, CooldownReason, Outcome};
+    use crate::store::FakeStore;
+
+    fn cfg(extra: &str) -> Config {
+        let json = format!(
+            r#"{{"providers":[{{"name":"a","type":"openai","keys":[{{"id":"a1","env":"K"}},{{"id":"a2","env":"K"}}],"models":{{"gpt-4o":"gpt-4o","gpt-4o-mini":"gpt-4o-mini"}}}},
+                             {{"name":"b","type":"anthropic","keys":[{{"id":"b1","env":"K"}}],"models":{{"gpt-4o":"claude","claude-only":"claude"}}}}],
+                "health":{{"circuit_failures":2,"circuit_open_s":10}} {extra}}}"#
+        );
+        parse(json.as_bytes(), &|_| Some("secret".into())).unwrap()
+    }
+
+    #[test]
+    fn starts_on_the_first_provider_with_a_usable_key() {
+        let s = FakeStore::new();
+        let c = cfg("");
+        assert_eq!(start(&s, &c, "", 0), Start::Provider(0));
+        cool_key(&s, &c.providers[0], 0, 5_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "", 0),
+            Start::Provider(0),
+            "a2 is still usable"
+        );
+        cool_key(&s, &c.providers[0], 1, 8_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(start(&s, &c, "gpt-4o", 0), Start::Provider(1));
+        assert_eq!(
+            start(&s, &c, "gpt-4o-mini", 0),
+            Start::Exhausted {
+                retry_after_secs: 5
+            },
+            "b does not serve it"
+        );
+        cool_key(&s, &c.providers[1], 0, 30_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "", 1_000),
+            Start::Exhausted {
+                retry_after_secs: 4
+            }
+        );
+        assert_eq!(start(&s, &c, "", 5_000), Start::Provider(0));
+    }
+
+    #[test]
+    fn a_model_only_a_later_provider_lists_starts_there() {
+        let s = FakeStore::new();
+        let c = cfg("");
+        assert_eq!(start(&s, &c, "claude-only", 0), Start::Provider(1));
+        assert_eq!(start(&s, &c, "nobody-lists-it", 0), Start::NotServed);
+        cool_key(&s, &c.providers[1], 0, 7_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "claude-only", 0),
+            Start::Exhausted {
+                retry_after_secs: 7
+            }
+        );
+    }
+
+    #[test]
+    fn an_open_circuit_is_skipped_and_half_open_lets_one_probe_through() {
+        let s = FakeStore::new();
+        let c = cfg("");
+        for t in 0..2 {
+            record(&s, &c.providers[0], &c.health, Outcome::ProviderFailure, t).unwrap();
+        }
+        assert_eq!(start(&s, &c, "", 100), Start::Provider(1));
+        assert_eq!(start(&s, &c, "", 10_001), Start::Provider(0), "the probe");
+        assert_eq!(
+            start(&s, &c, "", 10_002),
+            Start::Provider(1),
+            "one probe only"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_store_neither_steers_nor_refuses() {
+        let s = FakeStore::new();
+        s.broken.set(true);
+        assert_eq!(start(&s, &cfg(""), "", 0), Start::Provider(0));
+        assert_eq!(start(&s, &cfg(""), "claude-only", 0), Start::Provider(1));
+    }
+}

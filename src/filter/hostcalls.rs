@@ -1,0 +1,145 @@
+//! The few host calls tollgate makes through the raw ABI instead of the SDK's `hostcalls`.
+//!
+//! The SDK's wrappers `panic!` on any status they do not expect, and a panic traps the VM for every
+//! later request on the worker. Envoy 1.40 returns such statuses for writes in these cases, so these
+//! calls return the status instead:
+//! - header writes: `BadArgument` once the request headers went on (or the map is gone);
+//! - body writes: `BadArgument`/`NotFound` when the buffer is not available in this phase;
+//! - property (filter-state) writes: `BadArgument`/`NotFound` on a stream that is being destroyed;
+//! - local replies: refused when the stream was already answered or is gone;
+//! - foreign functions: `clear_route_cache` answers `NotFound` where there is no route cache.
+//!
+//! Reads go through the SDK (`get_map_value_bytes`, `get_map_bytes`, `get_buffer`, ...), which
+//! return bytes and expect only the statuses Envoy gives for them.
+
+use proxy_wasm::types::{BufferType, MapType};
+
+/// The raw status every import returns; only Ok (0) is success here.
+type Raw = u32;
+const OK: Raw = 0;
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_replace_header_map_value(
+        map: MapType,
+        key: *const u8,
+        key_len: usize,
+        value: *const u8,
+        value_len: usize,
+    ) -> Raw;
+    fn proxy_remove_header_map_value(map: MapType, key: *const u8, key_len: usize) -> Raw;
+    fn proxy_set_buffer_bytes(
+        buffer: BufferType,
+        start: usize,
+        size: usize,
+        data: *const u8,
+        data_len: usize,
+    ) -> Raw;
+    fn proxy_set_property(
+        path: *const u8,
+        path_len: usize,
+        value: *const u8,
+        value_len: usize,
+    ) -> Raw;
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_send_local_response(
+        status: u32,
+        details: *const u8,
+        details_len: usize,
+        body: *const u8,
+        body_len: usize,
+        headers: *const u8,
+        headers_len: usize,
+        grpc_status: i32,
+    ) -> Raw;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_len: usize,
+        args: *const u8,
+        args_len: usize,
+        out: *mut *mut u8,
+        out_len: *mut usize,
+    ) -> Raw;
+}
+
+pub fn replace_header(map: MapType, name: &str, value: &str) -> bool {
+    let _p = super::prof::span("host proxy_replace_header_map_value");
+    // SAFETY: pointers and lengths come from live str slices.
+    OK == unsafe {
+        proxy_replace_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    }
+}
+
+pub fn remove_header(map: MapType, name: &str) -> bool {
+    let _p = super::prof::span("host proxy_remove_header_map_value");
+    // SAFETY: as above.
+    OK == unsafe { proxy_remove_header_map_value(map, name.as_ptr(), name.len()) }
+}
+
+pub fn set_buffer(kind: BufferType, start: usize, size: usize, data: &[u8]) -> bool {
+    let _p = super::prof::span("host proxy_set_buffer_bytes");
+    // SAFETY: as above.
+    OK == unsafe { proxy_set_buffer_bytes(kind, start, size, data.as_ptr(), data.len()) }
+}
+
+pub fn set_property(name: &str, value: &[u8]) -> bool {
+    let _p = super::prof::span("host proxy_set_property");
+    // SAFETY: as above (a one-segment path needs no separators).
+    OK == unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) }
+}
+
+pub fn send_local_response(code: u16, headers: &[(&str, &str)], body: &[u8]) -> bool {
+    // The ABI's map encoding: u32 count, (u32 key len, u32 value len) per pair, then each key and
+    // value followed by a NUL.
+    let mut h = Vec::with_capacity(64);
+    h.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (k, v) in headers {
+        h.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        h.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in headers {
+        h.extend_from_slice(k.as_bytes());
+        h.push(0);
+        h.extend_from_slice(v.as_bytes());
+        h.push(0);
+    }
+    let details = b"tollgate";
+    let _p = super::prof::span("host proxy_send_local_response");
+    // SAFETY: as above.
+    OK == unsafe {
+        proxy_send_local_response(
+            u32::from(code),
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            h.as_ptr(),
+            h.len(),
+            -1,
+        )
+    }
+}
+
+/// Calls a foreign function for its effect; whatever it returns is dropped.
+pub fn call_foreign_function(name: &str) -> bool {
+    let mut out: *mut u8 = core::ptr::null_mut();
+    let mut len: usize = 0;
+    let _p = super::prof::span("host proxy_call_foreign_function");
+    // SAFETY: as above; out-pointers point at locals.
+    let status = unsafe {
+        proxy_call_foreign_function(
+            name.as_ptr(),
+            name.len(),
+            core::ptr::null(),
+            0,
+            &mut out,
+            &mut len,
+        )
+    };
+    if !out.is_null() {
+        // SAFETY: the host allocated `len` bytes through the SDK's proxy_on_memory_allocate (a
+        // Vec<u8> of that capacity) and hands them over: dropping them frees them.
+        drop(unsafe { Vec::from_raw_parts(out, len, len) });
+    }
+    status == OK
+}

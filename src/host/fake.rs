@@ -1,0 +1,232 @@
+//! A host that behaves like Envoy where the roles can tell: request headers refuse writes once the
+//! request went on, a stream answers locally once, shared data follows Envoy's CAS rules
+//! ([`FakeStore`]), and a cluster-level stream reads the filter state its listener-level stream wrote.
+
+use super::{Body, Host, Map};
+use crate::store::{FakeStore, SharedStore};
+use hashbrown::HashMap;
+use std::rc::Rc;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+pub struct FakeHost {
+    pub now: u64,
+    pub maps: HashMap<Map, Vec<(String, Vec<u8>)>>,
+    /// Set once the request's headers went on towards the upstream: Envoy then refuses writes.
+    pub request_headers_sent: bool,
+    pub bodies: HashMap<Body, Vec<u8>>,
+    /// Attributes (`["upstream", "request_attempt_count"]`, endpoint metadata, ...).
+    pub attributes: HashMap<Vec<String>, Vec<u8>>,
+    pub filter_state: HashMap<String, Vec<u8>>,
+    /// The listener-level stream's filter state, readable (not writable) from a cluster-level one.
+    pub parent_filter_state: HashMap<String, Vec<u8>>,
+    pub reply: Option<Reply>,
+    pub route_cache_cleared: u32,
+    pub counters: HashMap<String, u64>,
+    pub gauges: HashMap<String, u64>,
+    pub store: Rc<FakeStore>,
+}
+
+impl FakeHost {
+    pub fn new(store: Rc<FakeStore>) -> Self {
+        FakeHost {
+            now: 1_700_000_000_000,
+            maps: HashMap::new(),
+            request_headers_sent: false,
+            bodies: HashMap::new(),
+            attributes: HashMap::new(),
+            filter_state: HashMap::new(),
+            parent_filter_state: HashMap::new(),
+            reply: None,
+            route_cache_cleared: 0,
+            counters: HashMap::new(),
+            gauges: HashMap::new(),
+            store,
+        }
+    }
+
+    /// A request as a client sends it: method, path, and more headers.
+    pub fn with_request(mut self, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Self {
+        let mut map = vec![
+            (":method".to_string(), method.as_bytes().to_vec()),
+            (":path".to_string(), path.as_bytes().to_vec()),
+            (":authority".to_string(), b"gateway.local".to_vec()),
+        ];
+        map.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_vec())));
+        self.maps.insert(Map::RequestHeaders, map);
+        self
+    }
+
+    /// A cluster-level stream of the request `listener` carried: same request headers (Envoy hands
+    /// every attempt the same map), the listener's filter state readable.
+    pub fn attempt_of(listener: &FakeHost) -> Self {
+        let mut h = FakeHost::new(listener.store.clone());
+        h.now = listener.now;
+        h.parent_filter_state = listener.filter_state.clone();
+        if let Some(m) = listener.maps.get(&Map::RequestHeaders) {
+            h.maps.insert(Map::RequestHeaders, m.clone());
+        }
+        if let Some(b) = listener.bodies.get(&Body::Request) {
+            h.bodies.insert(Body::Request, b.clone());
+        }
+        h
+    }
+
+    /// The next attempt of the same request: Envoy hands it the header map the previous attempt
+    /// rewrote, and the body as the listener-level filters left it.
+    pub fn next_attempt(listener: &FakeHost, previous: &FakeHost) -> Self {
+        let mut h = FakeHost::attempt_of(listener);
+        if let Some(m) = previous.maps.get(&Map::RequestHeaders) {
+            h.maps.insert(Map::RequestHeaders, m.clone());
+        }
+        h
+    }
+
+    pub fn set_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        let mut map = vec![(":status".to_string(), status.to_string().into_bytes())];
+        map.extend(
+            headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+        );
+        self.maps.insert(Map::ResponseHeaders, map);
+        self.bodies.insert(Body::Response, body.to_vec());
+    }
+
+    pub fn get(&self, map: Map, name: &str) -> Option<String> {
+        self.header(map, name)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
+    }
+
+    pub fn state(&self, name: &str) -> Option<String> {
+        self.filter_state
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    fn writable(&self, map: Map) -> bool {
+        !(map == Map::RequestHeaders && self.request_headers_sent)
+    }
+}
+
+impl Host for FakeHost {
+    fn now_ms(&self) -> u64 {
+        self.now
+    }
+
+    fn header(&self, map: Map, name: &str) -> Option<Vec<u8>> {
+        self.maps
+            .get(&map)?
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn headers(&self, map: Map) -> Vec<(String, Vec<u8>)> {
+        self.maps.get(&map).cloned().unwrap_or_default()
+    }
+
+    fn set_header(&mut self, map: Map, name: &str, value: &str) -> bool {
+        if !self.writable(map) {
+            return false;
+        }
+        let m = self.maps.entry(map).or_default();
+        m.retain(|(k, _)| k != name);
+        m.push((name.to_string(), value.as_bytes().to_vec()));
+        true
+    }
+
+    fn remove_header(&mut self, map: Map, name: &str) -> bool {
+        if !self.writable(map) {
+            return false;
+        }
+        if let Some(m) = self.maps.get_mut(&map) {
+            m.retain(|(k, _)| k != name);
+        }
+        true
+    }
+
+    fn body(&self, which: Body, size: usize) -> Vec<u8> {
+        let b = self.bodies.get(&which).map(Vec::as_slice).unwrap_or(&[]);
+        b.get(..size.min(b.len())).unwrap_or(&[]).to_vec()
+    }
+
+    fn set_body(&mut self, which: Body, size: usize, data: &[u8]) -> bool {
+        let b = self.bodies.entry(which).or_default();
+        let keep = b.split_off(size.min(b.len()));
+        *b = data.to_vec();
+        b.extend_from_slice(&keep);
+        true
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        if let [name] = path {
+            if let Some(v) = self
+                .filter_state
+                .get(*name)
+                .or_else(|| self.parent_filter_state.get(*name))
+            {
+                return Some(v.clone());
+            }
+        }
+        let key: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        self.attributes.get(&key).cloned()
+    }
+
+    fn set_filter_state(&mut self, name: &str, value: &[u8]) -> bool {
+        self.filter_state.insert(name.to_string(), value.to_vec());
+        true
+    }
+
+    fn clear_route_cache(&mut self) {
+        self.route_cache_cleared += 1;
+    }
+
+    fn respond(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> bool {
+        if self.reply.is_some() {
+            return false;
+        }
+        self.reply = Some(Reply {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+        });
+        true
+    }
+
+    fn count(&mut self, name: &str, by: u64) {
+        *self.counters.entry(name.to_string()).or_default() += by;
+    }
+
+    fn gauge(&mut self, name: &str, value: u64) {
+        self.gauges.insert(name.to_string(), value);
+    }
+
+    fn store(&self) -> &dyn SharedStore {
+        self.store.as_ref()
+    }
+}

@@ -1,0 +1,81 @@
+//! Everything a role asks of Envoy, behind one trait: headers, bodies, properties and filter
+//! state, metrics, shared data, the clock, local replies and the route cache.
+//!
+//! The roles (`crate::roles`) make every decision against this trait, so their tests run on the host
+//! with [`fake::FakeHost`], which behaves like Envoy where it matters (request headers are frozen once
+//! the request continued, a second local reply is refused, shared data has Envoy's CAS rules).
+//! `filter/` implements it over the proxy-wasm SDK; that adapter holds no decision of its own.
+//!
+//! Header values are bytes: a client may send any byte above 0x7f in a header, and a value that is
+//! not UTF-8 must neither trap the VM nor slip past a check that only looked at valid ones.
+
+#[cfg(test)]
+pub mod fake;
+
+use crate::store::SharedStore;
+
+/// The header maps a role reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Map {
+    RequestHeaders,
+    RequestTrailers,
+    ResponseHeaders,
+}
+
+/// The bodies a role reads and replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Body {
+    Request,
+    Response,
+}
+
+pub trait Host {
+    /// Milliseconds since the Unix epoch, from Envoy's clock.
+    fn now_ms(&self) -> u64;
+
+    /// The first value of a header, as bytes; None when absent.
+    fn header(&self, map: Map, name: &str) -> Option<Vec<u8>>;
+    /// Every header of a map, names lower-case as Envoy keeps them, values as bytes.
+    fn headers(&self, map: Map) -> Vec<(String, Vec<u8>)>;
+    /// Replaces a header (all its values). False when Envoy refused (map gone or frozen).
+    fn set_header(&mut self, map: Map, name: &str, value: &str) -> bool;
+    /// Removes a header (all its values), whatever bytes they hold.
+    fn remove_header(&mut self, map: Map, name: &str) -> bool;
+
+    /// The buffered body: `size` is what the callback reported.
+    fn body(&self, which: Body, size: usize) -> Vec<u8>;
+    /// Replaces the buffered body (`size` bytes of it) by `data`.
+    fn set_body(&mut self, which: Body, size: usize, data: &[u8]) -> bool;
+
+    /// An attribute or a filter-state value (`["tollgate_plan"]` reads `wasm.tollgate_plan`).
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Writes `wasm.<name>` into the stream's filter state: access logs read it as
+    /// `%FILTER_STATE(wasm.<name>:PLAIN)%`, and the cluster-level role of the same request reads
+    /// what the listener-level role wrote.
+    fn set_filter_state(&mut self, name: &str, value: &[u8]) -> bool;
+    /// Makes the router match the route again (request headers changed).
+    fn clear_route_cache(&mut self);
+
+    /// Answers the stream locally. False when Envoy refused (already answered, stream gone).
+    fn respond(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> bool;
+
+    fn count(&mut self, name: &str, by: u64);
+    fn gauge(&mut self, name: &str, value: u64);
+
+    /// Envoy's shared data: one store per `vm_id`, across workers and both roles.
+    fn store(&self) -> &dyn SharedStore;
+}
+
+/// The first value of `name` in a list read with [`Host::headers`].
+pub fn find<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+/// The first value of `name` as text: None when absent or not UTF-8 (tollgate reads no header whose
+/// meaning survives invalid bytes).
+pub fn find_str<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
+    find(headers, name).and_then(|v| core::str::from_utf8(v).ok())
+}

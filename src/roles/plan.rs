@@ -1,0 +1,54 @@
+//! What the listener-level role decided for a request, handed to every upstream attempt.
+//!
+//! The listener role decides before any attempt exists (it holds the request headers while it reads
+//! the body). It writes this record into the stream's filter state; the cluster-level role reads it
+//! on each attempt (Envoy lets an upstream filter read its downstream stream's filter state). Each
+//! attempt starts again from the request as the client sent it: Envoy hands every attempt the same
+//! header map, which the previous attempt rewrote (`:path`, `:authority`).
+
+use serde::{Deserialize, Serialize};
+
+/// Filter-state name (`wasm.tollgate_plan`).
+pub const FILTER_STATE: &str = "tollgate_plan";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The client's `:path` and `:authority`.
+    pub path: String,
+    pub authority: String,
+    /// The model the client asked for ("" when the request has none).
+    pub model: String,
+    /// The listener changed the body (lowered max_tokens, asked for stream usage): the client's
+    /// content-length no longer holds.
+    pub rewritten: bool,
+    /// Who is calling: sticky rotation falls back to it.
+    pub consumer: String,
+}
+
+impl Plan {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Plan> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let p = Plan {
+            path: "/v1/chat/completions?x=1".into(),
+            authority: "gw".into(),
+            model: "gpt-4o \"mini\"\n".into(),
+            rewritten: true,
+            consumer: "team-a".into(),
+        };
+        assert_eq!(Plan::decode(&p.encode()), Some(p));
+        assert_eq!(Plan::decode(b"garbage"), None);
+    }
+}

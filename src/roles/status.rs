@@ -1,0 +1,163 @@
+//! The status endpoint (`status.path`): usage totals, key health and quota standings as JSON.
+//!
+//! Who sees what: the admin key (`status.admin_key_sha256` / `admin_key_env`) sees everything; a
+//! consumer sees its own usage and budgets only; anyone else gets 401. Ids and counts only, never a
+//! secret. Money is shown in USD.
+
+use super::Flow;
+use crate::api::errors::{error_body, ClientApi, ErrorKind};
+use crate::config::{Config, Consumers, ANONYMOUS};
+use crate::failover::health;
+use crate::gateway;
+use crate::host::Host;
+use crate::limit::consumer_key;
+use crate::limit::quota::{self, Limit, Metric};
+use crate::store::{decode_u64s, SharedStore};
+use serde_json::{json, Map, Value};
+
+fn usage(store: &dyn SharedStore, key: &str) -> Value {
+    let v = store.get(key).ok().and_then(|(b, _)| b);
+    let [requests, input, output, cache_read, cache_write, estimated] =
+        decode_u64s::<6>(v.as_deref());
+    json!({"requests": requests, "input_tokens": input, "output_tokens": output,
+           "cache_read_tokens": cache_read, "cache_write_tokens": cache_write,
+           "estimated_requests": estimated})
+}
+
+/// An amount of a limit's metric as shown: USD for money, a count otherwise.
+fn amount(limit: &Limit, value: u64) -> Value {
+    if limit.metric == Metric::CostMicroUsd {
+        json!(value as f64 / 1_000_000.0)
+    } else {
+        json!(value)
+    }
+}
+
+fn consumer_view(store: &dyn SharedStore, cfg: &Config, name: &str, now: u64) -> Value {
+    let limits: Vec<Value> = cfg
+        .limits_for(name, "")
+        .into_iter()
+        .map(|(scope, l)| {
+            let key = quota::key(name, scope, &l);
+            let st = quota::standings(store, &[(key, l)], now)
+                .ok()
+                .and_then(|v| v.into_iter().next());
+            json!({"metric": metric_name(&l), "amount": amount(&l, l.amount),
+                   "window_s": l.window_ms / 1000,
+                   "remaining": st.map(|s| amount(&l, s.remaining)),
+                   "reset_ms": st.map(|s| s.reset_ms)})
+        })
+        .collect();
+    json!({"usage": usage(store, &format!("tollgate:u:c:{name}")), "limits": limits})
+}
+
+/// `cost_usd` for money limits (the config's name), the metric's own name otherwise.
+fn metric_name(l: &Limit) -> &'static str {
+    if l.metric == Metric::CostMicroUsd {
+        "cost_usd"
+    } else {
+        l.metric.as_str()
+    }
+}
+
+fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
+    let names: Vec<String> = match &cfg.consumers {
+        Consumers::Anonymous => vec![ANONYMOUS.to_string()],
+        Consumers::Keys(l) | Consumers::TrustedHeader { list: l, .. } => {
+            l.iter().map(|c| c.name.clone()).collect()
+        }
+    };
+    let mut consumers = Map::new();
+    for c in &names {
+        consumers.insert(c.clone(), consumer_view(store, cfg, c, now));
+    }
+    let mut model_names: Vec<&str> = cfg
+        .prices
+        .keys()
+        .chain(cfg.providers.iter().flat_map(|p| p.models.keys()))
+        .map(String::as_str)
+        .chain(["other", "none"])
+        .collect();
+    model_names.sort_unstable();
+    model_names.dedup();
+    let mut models = Map::new();
+    for m in model_names {
+        let label = gateway::metric_segment(m);
+        models.insert(
+            m.to_string(),
+            usage(store, &format!("tollgate:u:m:{label}")),
+        );
+    }
+    let mut providers = Map::new();
+    for p in &cfg.providers {
+        let h = health::read(store, p).unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
+        let keys: Vec<Value> = p
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let (reason, until) = h.key_state(i, now);
+                json!({"id": k.id, "state": reason.as_str(), "cooldown_until_ms": until,
+                       "usage": usage(store, &format!("tollgate:u:k:{}:{}", p.name, k.id))})
+            })
+            .collect();
+        let circuit = match h.circuit(&cfg.health, now) {
+            health::Circuit::Closed => "closed",
+            health::Circuit::Open { .. } => "open",
+            health::Circuit::HalfOpen => "half_open",
+        };
+        providers.insert(
+            p.name.clone(),
+            json!({"type": p.kind.as_str(), "circuit": circuit,
+                   "consecutive_failures": h.failures, "keys": keys}),
+        );
+    }
+    json!({"now_ms": now, "consumers": consumers, "models": models, "providers": providers})
+}
+
+pub fn serve<H: Host>(host: &mut H, cfg: &Config, hdrs: &[(String, Vec<u8>)]) -> Flow {
+    let now = host.now_ms();
+    let lookup =
+        |name: &str| crate::host::find(hdrs, name).and_then(|v| core::str::from_utf8(v).ok());
+    let admin = cfg
+        .status
+        .as_ref()
+        .and_then(|s| s.admin_key_digest)
+        .zip(gateway::presented_key(lookup).ok().flatten())
+        .is_some_and(|(want, key)| {
+            consumer_key::same(&want, &consumer_key::digest(key.as_bytes()))
+        });
+    let body = if admin {
+        everything(host.store(), cfg, now)
+    } else {
+        let consumer = match &cfg.consumers {
+            Consumers::Anonymous => None,
+            _ => gateway::identify(cfg, lookup).ok(),
+        };
+        match consumer {
+            Some(name) => json!({"now_ms": now, "consumer": name,
+                                 "standing": consumer_view(host.store(), cfg, &name, now)}),
+            None => {
+                let body = error_body(
+                    ClientApi::OpenAi,
+                    ErrorKind::Authentication,
+                    "The status endpoint needs the gateway's admin key, or a consumer key to see that consumer's own standing.",
+                    Some("invalid_api_key"),
+                    None,
+                );
+                host.respond(401, &[("content-type", "application/json")], &body);
+                return Flow::Stop;
+            }
+        }
+    };
+    let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    host.respond(
+        200,
+        &[
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+        ],
+        &bytes,
+    );
+    Flow::Stop
+}

@@ -1,0 +1,814 @@
+//! Both roles driven through whole requests on the fake host: the listener decides, an attempt
+//! carries the plan to the provider, the answer comes back and is charged once.
+
+use super::listener::{Listener, CLIENT_GONE};
+use super::plan::{self, Plan};
+use super::upstream::Upstream;
+use super::Flow;
+use crate::config::{parse, Config};
+use crate::host::fake::FakeHost;
+use crate::host::{Body, Map};
+use crate::store::FakeStore;
+use serde_json::Value;
+use std::rc::Rc;
+
+const TEAM_A_KEY: &str = "tg-team-a";
+
+fn config(extra: &str) -> Rc<Config> {
+    let json = format!(
+        r#"{{"consumers":{{"list":[
+              {{"name":"team-a","key_env":"TEAM_A","limits":[{{"metric":"total_tokens","amount":100000,"window":"1m"}},
+                                                        {{"metric":"requests","amount":100,"window":"1m"}}]}},
+              {{"name":"team-b","key_env":"TEAM_B","limits":[{{"metric":"total_tokens","amount":50,"window":"1m"}}]}}]}},
+            "providers":[
+              {{"name":"openai","type":"openai","keys":[{{"id":"oa-1","env":"OA1"}},{{"id":"oa-2","env":"OA2"}}],
+                "models":{{"gpt-4o-mini":"gpt-4o-mini","gpt-4o":"gpt-4o"}}}},
+              {{"name":"anthropic","type":"anthropic","keys":[{{"id":"an-1","env":"AN1"}}],
+                "models":{{"gpt-4o-mini":"claude-haiku-4-5","claude-only":"claude-haiku-4-5"}}}}],
+            "default_max_tokens":100 {extra}}}"#
+    );
+    let env = |name: &str| -> Option<String> {
+        Some(
+            match name {
+                "TEAM_A" => TEAM_A_KEY,
+                "TEAM_B" => "tg-team-b",
+                "OA1" => "sk-openai-one",
+                "OA2" => "sk-openai-two",
+                "AN1" => "sk-ant-one",
+                _ => return None,
+            }
+            .to_string(),
+        )
+    };
+    Rc::new(parse(json.as_bytes(), &env).unwrap())
+}
+
+const CHAT: &[u8] = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"seed":12345678901234567890123}"#;
+const CHAT_STREAM: &[u8] =
+    br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
+
+fn client(store: &Rc<FakeStore>, path: &str, headers: &[(&str, &[u8])], body: &[u8]) -> FakeHost {
+    let mut h = FakeHost::new(store.clone()).with_request("POST", path, headers);
+    h.bodies.insert(Body::Request, body.to_vec());
+    h
+}
+
+fn bearer(key: &str) -> Vec<u8> {
+    format!("Bearer {key}").into_bytes()
+}
+
+/// The request path of the listener role as Envoy drives it: headers (held), then the body.
+fn send(l: &mut Listener, h: &mut FakeHost) -> Flow {
+    let body_len = h.bodies.get(&Body::Request).map_or(0, Vec::len);
+    let mut flow = l.on_request_headers(h, body_len == 0);
+    if flow == Flow::Pause {
+        flow = l.on_request_body(h, body_len, true);
+    }
+    if flow == Flow::Continue {
+        h.request_headers_sent = true;
+    }
+    flow
+}
+
+fn on_endpoint(h: &mut FakeHost, provider: &str) {
+    h.attributes.insert(
+        [
+            "xds",
+            "upstream_host_metadata",
+            "filter_metadata",
+            "tollgate",
+            "provider",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        provider.as_bytes().to_vec(),
+    );
+}
+
+/// One upstream attempt on `provider`, answered with `status`, `headers` and `body`; returns the
+/// attempt's host (what the provider saw) after the answer went through the role.
+fn attempt(
+    lh: &FakeHost,
+    provider: &str,
+    attempt_no: u64,
+    status: u16,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    cfg: &Rc<Config>,
+) -> (Upstream, FakeHost) {
+    let mut u = Upstream::new(cfg.clone());
+    let mut h = FakeHost::attempt_of(lh);
+    on_endpoint(&mut h, provider);
+    h.attributes.insert(
+        vec!["upstream".into(), "request_attempt_count".into()],
+        attempt_no.to_le_bytes().to_vec(),
+    );
+    assert_eq!(u.on_request_headers(&mut h), Flow::Continue);
+    let len = h.bodies.get(&Body::Request).map_or(0, Vec::len);
+    assert_eq!(u.on_request_body(&mut h, len, true), Flow::Continue);
+    h.set_response(status, headers, body);
+    u.on_response_headers(&mut h);
+    let len = body.len();
+    u.on_response_body(&mut h, len, true);
+    (u, h)
+}
+
+/// The answer as the listener role passes it to the client, fed in `chunks`; returns the bytes the
+/// client gets.
+fn answer(l: &mut Listener, lh: &mut FakeHost, upstream: &FakeHost, chunks: &[&[u8]]) -> Vec<u8> {
+    lh.maps.insert(
+        Map::ResponseHeaders,
+        upstream
+            .maps
+            .get(&Map::ResponseHeaders)
+            .cloned()
+            .unwrap_or_default(),
+    );
+    assert_eq!(l.on_response_headers(lh, false), Flow::Continue);
+    let mut out = Vec::new();
+    let mut held = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let end = i + 1 == chunks.len();
+        held.extend_from_slice(c);
+        lh.bodies.insert(Body::Response, held.clone());
+        let flow = l.on_response_body(lh, held.len(), end);
+        if flow == Flow::Continue {
+            out.extend_from_slice(
+                lh.bodies
+                    .get(&Body::Response)
+                    .map_or(&[][..], Vec::as_slice),
+            );
+            held.clear();
+        }
+    }
+    l.on_log(lh);
+    out
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn json(b: &[u8]) -> Value {
+    serde_json::from_slice(b).unwrap()
+}
+
+#[test]
+fn a_request_through_admission_attempt_answer_and_charge() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer(TEAM_A_KEY)),
+            ("content-type", b"application/json"),
+        ],
+        CHAT,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(
+        l.on_request_headers(&mut lh, false),
+        Flow::Pause,
+        "headers held for the body"
+    );
+    assert_eq!(
+        lh.get(Map::RequestHeaders, "authorization"),
+        None,
+        "client key removed"
+    );
+    assert_eq!(l.on_request_body(&mut lh, CHAT.len(), true), Flow::Continue);
+    lh.request_headers_sent = true;
+    let plan = Plan::decode(lh.filter_state.get(plan::FILTER_STATE).unwrap()).unwrap();
+    assert_eq!(
+        (plan.model.as_str(), plan.consumer.as_str()),
+        ("gpt-4o-mini", "team-a")
+    );
+    assert!(!plan.rewritten);
+    assert_eq!(
+        lh.bodies[&Body::Request],
+        CHAT,
+        "the body goes as the client sent it"
+    );
+
+    let completion = fixture("openai_chat.json");
+    let (_, uh) = attempt(
+        &lh,
+        "openai",
+        1,
+        200,
+        &[("content-type", "application/json")],
+        &completion,
+        &cfg,
+    );
+    assert_eq!(
+        uh.get(Map::RequestHeaders, "authorization").as_deref(),
+        Some("Bearer sk-openai-one")
+    );
+    assert_eq!(
+        uh.get(Map::ResponseHeaders, "x-tollgate-key-id").as_deref(),
+        Some("oa-1")
+    );
+    assert_eq!(uh.counter("tollgate.provider.openai.attempts"), 1);
+
+    let out = answer(
+        &mut l,
+        &mut lh,
+        &uh,
+        &[&completion[..40], &completion[40..]],
+    );
+    assert_eq!(out, completion, "an untranslated answer passes unchanged");
+    assert_eq!(lh.state("tollgate_input_tokens").as_deref(), Some("24"));
+    assert_eq!(lh.state("tollgate_output_tokens").as_deref(), Some("8"));
+    assert_eq!(lh.state("tollgate_usage").as_deref(), Some("exact"));
+    assert_eq!(lh.state("tollgate_key_id").as_deref(), Some("oa-1"));
+    assert_eq!(lh.counter("tollgate.outcome.ok.requests"), 1);
+    assert_eq!(
+        lh.get(Map::ResponseHeaders, "x-ratelimit-limit-requests")
+            .as_deref(),
+        Some("100")
+    );
+    // Charged exactly once, whatever comes after.
+    l.on_log(&mut lh);
+    assert_eq!(
+        lh.counter("tollgate.consumer.team-a.model.gpt-4o-mini.requests"),
+        1
+    );
+}
+
+#[test]
+fn a_stream_without_asked_usage_has_it_asked_for_then_withheld_and_stripped() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        CHAT_STREAM,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let sent = json(&lh.bodies[&Body::Request]);
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert!(
+        Plan::decode(&lh.filter_state[plan::FILTER_STATE])
+            .unwrap()
+            .rewritten
+    );
+
+    let stream = fixture("openai_stream.sse");
+    let (_, uh) = attempt(
+        &lh,
+        "openai",
+        1,
+        200,
+        &[("content-type", "text/event-stream")],
+        b"",
+        &cfg,
+    );
+    // Split at awkward places: inside an event, inside the usage chunk.
+    let cuts = [7, 300, stream.len() - 150, stream.len() - 20];
+    let mut chunks: Vec<&[u8]> = Vec::new();
+    let mut from = 0;
+    for c in cuts {
+        chunks.push(&stream[from..c]);
+        from = c;
+    }
+    chunks.push(&stream[from..]);
+    let out = answer(&mut l, &mut lh, &uh, &chunks);
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        !text.contains("usage"),
+        "no usage member reaches the client: {text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_eq!(
+        text.matches("data: ").count(),
+        stream
+            .split(|&b| b == b'\n')
+            .filter(|l| l.starts_with(b"data: "))
+            .count()
+            - 1
+    );
+    assert_eq!(lh.state("tollgate_usage").as_deref(), Some("exact"));
+    assert_eq!(lh.state("tollgate_input_tokens").as_deref(), Some("19"));
+    assert_eq!(lh.state("tollgate_output_tokens").as_deref(), Some("9"));
+}
+
+#[test]
+fn an_anthropic_stream_is_translated_for_an_openai_client_and_counted_natively() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let body = br#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Say hello"}]}"#;
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        body,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let (_, uh) = attempt(
+        &lh,
+        "anthropic",
+        2,
+        200,
+        &[("content-type", "text/event-stream")],
+        b"",
+        &cfg,
+    );
+    assert_eq!(
+        uh.get(Map::RequestHeaders, ":path").as_deref(),
+        Some("/v1/messages")
+    );
+    assert_eq!(
+        uh.get(Map::RequestHeaders, "x-api-key").as_deref(),
+        Some("sk-ant-one")
+    );
+    assert_eq!(
+        json(&uh.bodies[&Body::Request])["model"],
+        "claude-haiku-4-5"
+    );
+    assert_eq!(
+        uh.counter("tollgate.provider.anthropic.retried_attempts"),
+        1
+    );
+    let stream = fixture("anthropic_stream.sse");
+    let out = answer(&mut l, &mut lh, &uh, &[&stream[..100], &stream[100..]]);
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("chat.completion.chunk"), "{text}");
+    assert!(
+        text.contains("\"model\":\"gpt-4o-mini\""),
+        "the client's model name: {text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_eq!(lh.state("tollgate_usage").as_deref(), Some("exact"));
+    assert_eq!(lh.state("tollgate_input_tokens").as_deref(), Some("2069"));
+}
+
+#[test]
+fn a_translated_answer_without_usage_is_estimated() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    // An Anthropic client, answered by the OpenAI-speaking provider without usage.
+    let body = br#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"Say hello"}]}"#;
+    let mut lh = client(
+        &store,
+        "/v1/messages",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        body,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let completion = br#"{"id":"c1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, friend."},"finish_reason":"stop"}]}"#;
+    let (_, uh) = attempt(
+        &lh,
+        "openai",
+        1,
+        200,
+        &[("content-type", "application/json")],
+        completion,
+        &cfg,
+    );
+    let out = answer(&mut l, &mut lh, &uh, &[completion]);
+    assert_eq!(
+        json(&out)["type"],
+        "message",
+        "translated for the Anthropic client"
+    );
+    assert_eq!(lh.state("tollgate_usage").as_deref(), Some("estimated"));
+    assert_ne!(lh.state("tollgate_output_tokens").as_deref(), Some("0"));
+}
+
+#[test]
+fn an_anthropic_stream_cut_after_message_start_is_estimated() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        CHAT_STREAM,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let (_, uh) = attempt(
+        &lh,
+        "anthropic",
+        1,
+        200,
+        &[("content-type", "text/event-stream")],
+        b"",
+        &cfg,
+    );
+    let stream = fixture("anthropic_stream.sse");
+    let text = String::from_utf8(stream).unwrap();
+    let cut = text.find("event: message_delta").unwrap();
+    let out = answer(&mut l, &mut lh, &uh, &[&text.as_bytes()[..cut]]);
+    assert!(!out.is_empty());
+    assert_eq!(lh.state("tollgate_usage").as_deref(), Some("estimated"));
+    // 21 input + 2048 cache reads, as message_start reported them.
+    assert_eq!(
+        lh.state("tollgate_input_tokens").as_deref(),
+        Some("2069"),
+        "message_start's input is exact"
+    );
+}
+
+fn refused(
+    extra_cfg: &str,
+    path: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+) -> (FakeHost, crate::host::fake::Reply) {
+    let cfg = config(extra_cfg);
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(&store, path, headers, body);
+    let mut l = Listener::new(cfg);
+    assert_eq!(send(&mut l, &mut lh), Flow::Stop);
+    let reply = lh.reply.clone().unwrap();
+    (lh, reply)
+}
+
+#[test]
+fn refusals_answer_in_the_client_api_shape_before_any_attempt() {
+    let key: &[(&str, &[u8])] = &[("x-api-key", TEAM_A_KEY.as_bytes())];
+    // No key: 401, OpenAI shape.
+    let (_, r) = refused("", "/v1/chat/completions", &[], CHAT);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    // Anthropic shape on /v1/messages.
+    let (_, r) = refused("", "/v1/messages", &[("x-api-key", b"wrong")], b"{}");
+    assert_eq!((r.status, r.json()["type"].as_str()), (401, Some("error")));
+    // Empty body and missing messages: 400.
+    let (h, r) = refused("", "/v1/chat/completions", key, b"");
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    assert!(
+        h.filter_state.get(plan::FILTER_STATE).is_none(),
+        "nothing planned"
+    );
+    let (_, r) = refused(
+        "",
+        "/v1/chat/completions",
+        key,
+        br#"{"model":"gpt-4o-mini"}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("messages"));
+    let (_, r) = refused("", "/v1/messages", key, b"");
+    assert_eq!(
+        (r.status, r.json()["error"]["type"].as_str()),
+        (400, Some("invalid_request_error"))
+    );
+    // A model no provider lists: 400 naming it.
+    let (_, r) = refused(
+        "",
+        "/v1/chat/completions",
+        key,
+        br#"{"model":"nobody-serves-this","messages":[{"role":"user","content":"x"}]}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("nobody-serves-this"));
+    // Too large.
+    let (_, r) = refused(
+        r#","max_request_bytes":10"#,
+        "/v1/chat/completions",
+        key,
+        CHAT,
+    );
+    assert_eq!(r.status, 413);
+}
+
+#[test]
+fn a_token_limit_refusal_says_tokens_and_a_request_limit_says_requests() {
+    // team-b has 50 tokens a minute: the first request runs the bucket into debt, the next waits.
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", b"tg-team-b")],
+        CHAT,
+    );
+    assert_eq!(
+        send(&mut Listener::new(cfg.clone()), &mut lh),
+        Flow::Continue
+    );
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", b"tg-team-b")],
+        CHAT,
+    );
+    assert_eq!(send(&mut Listener::new(cfg), &mut lh), Flow::Stop);
+    let r = lh.reply.unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["type"], "tokens");
+    assert!(r.header("retry-after").is_some());
+    assert!(r.header("x-ratelimit-remaining-tokens").is_some());
+
+    let cfg = config(r#","default_limits":[{"metric":"requests","amount":1,"window":"1m"}]"#);
+    let store = Rc::new(FakeStore::new());
+    for expected in [Flow::Continue, Flow::Stop] {
+        let mut lh = client(&store, "/v1/chat/completions", &[], CHAT);
+        let mut l = Listener::new(Rc::new(
+            parse(
+                br#"{"providers":[{"name":"openai","type":"openai","keys":[{"id":"k","env":"K"}]}],"default_limits":[{"metric":"requests","amount":1,"window":"1m"}]}"#,
+                &|_| Some("s".into()),
+            )
+            .unwrap(),
+        ));
+        assert_eq!(send(&mut l, &mut lh), expected);
+        if expected == Flow::Stop {
+            assert_eq!(
+                lh.reply.as_ref().unwrap().json()["error"]["type"],
+                "requests"
+            );
+        }
+    }
+    drop(cfg);
+}
+
+#[test]
+fn a_model_whose_providers_all_cool_down_gets_429_with_retry_after() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let now = FakeHost::new(store.clone()).now;
+    crate::failover::health::cool_key(
+        store.as_ref(),
+        &cfg.providers[1],
+        0,
+        now + 9_000,
+        crate::failover::health::CooldownReason::RateLimited,
+    )
+    .unwrap();
+    let body = br#"{"model":"claude-only","messages":[{"role":"user","content":"x"}]}"#;
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        body,
+    );
+    let mut l = Listener::new(cfg);
+    assert_eq!(send(&mut l, &mut lh), Flow::Stop);
+    let r = lh.reply.unwrap();
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("9")));
+}
+
+#[test]
+fn a_model_only_a_later_provider_lists_is_steered_there() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let body = br#"{"model":"claude-only","messages":[{"role":"user","content":"x"}]}"#;
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        body,
+    );
+    let mut l = Listener::new(cfg);
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    assert_eq!(
+        lh.get(Map::RequestHeaders, "x-tollgate-route").as_deref(),
+        Some("anthropic")
+    );
+    assert_eq!(lh.route_cache_cleared, 1);
+}
+
+#[test]
+fn credentials_internal_and_trusted_headers_never_reach_the_provider_whatever_their_bytes() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/messages",
+        &[
+            ("authorization", b"\xff\xfe not utf-8"),
+            ("x-api-key", TEAM_A_KEY.as_bytes()),
+            ("x-tollgate-route", b"anthropic"),
+            ("x-tollgate-whatever", b"\x80"),
+        ],
+        br#"{"model":"claude-only","max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    // The client's route header went; the listener set its own.
+    let names: Vec<&str> = lh.maps[&Map::RequestHeaders]
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert!(
+        !names.contains(&"authorization") && !names.contains(&"x-tollgate-whatever"),
+        "{names:?}"
+    );
+    let (_, uh) = attempt(
+        &lh,
+        "anthropic",
+        1,
+        200,
+        &[("content-type", "application/json")],
+        b"{}",
+        &cfg,
+    );
+    let seen: Vec<&str> = uh.maps[&Map::RequestHeaders]
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert!(
+        !seen.iter().any(|k| k.starts_with("x-tollgate-")),
+        "{seen:?}"
+    );
+    assert!(!seen.contains(&"authorization"));
+    assert_eq!(
+        uh.get(Map::RequestHeaders, "x-api-key").as_deref(),
+        Some("sk-ant-one")
+    );
+
+    // A trusted consumer header goes too.
+    let cfg = Rc::new(
+        parse(
+            br#"{"consumers":{"trusted_header":"x-consumer"},"providers":[{"name":"openai","type":"openai","keys":[{"id":"k","env":"K"}]}]}"#,
+            &|_| Some("s".into()),
+        )
+        .unwrap(),
+    );
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-consumer", b"team-z")],
+        CHAT,
+    );
+    let mut l = Listener::new(cfg);
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    assert_eq!(lh.get(Map::RequestHeaders, "x-consumer"), None);
+    assert_eq!(lh.state("tollgate_consumer").as_deref(), Some("team-z"));
+}
+
+#[test]
+fn every_attempt_starts_from_the_clients_request() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/messages",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        br#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    // Attempt 1 on OpenAI rewrites the shared header map's path; it is refused with 429.
+    let (_, first) = attempt(&lh, "openai", 1, 429, &[("retry-after", "30")], b"{}", &cfg);
+    assert_eq!(
+        first.get(Map::RequestHeaders, ":path").as_deref(),
+        Some("/v1/chat/completions")
+    );
+    let health = crate::failover::health::read(store.as_ref(), &cfg.providers[0]).unwrap();
+    assert!(
+        !health.key_available(0, lh.now + 29_000),
+        "oa-1 cools down for 30 s"
+    );
+    // Attempt 2 gets that same map, and goes to Anthropic with the client's path.
+    let mut second_host = FakeHost::next_attempt(&lh, &first);
+    let mut u = Upstream::new(cfg.clone());
+    on_endpoint(&mut second_host, "anthropic");
+    assert_eq!(u.on_request_headers(&mut second_host), Flow::Continue);
+    assert_eq!(
+        second_host.get(Map::RequestHeaders, ":path").as_deref(),
+        Some("/v1/messages")
+    );
+    assert_eq!(
+        second_host.get(Map::RequestHeaders, "authorization"),
+        None,
+        "OpenAI's credential went"
+    );
+}
+
+#[test]
+fn an_error_body_quoting_the_key_is_scrubbed() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        CHAT,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let (_, uh) = attempt(
+        &lh,
+        "openai",
+        1,
+        401,
+        &[("content-type", "application/json")],
+        br#"{"error":{"message":"Incorrect API key provided: sk-openai-one."}}"#,
+        &cfg,
+    );
+    let body = String::from_utf8(uh.bodies[&Body::Response].clone()).unwrap();
+    assert!(
+        !body.contains("sk-openai-one") && body.contains("[key oa-1]"),
+        "{body}"
+    );
+}
+
+#[test]
+fn an_attempt_cut_because_the_client_left_is_not_the_providers_failure() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        CHAT,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    l.on_done(&mut lh);
+    assert!(lh.filter_state.contains_key(CLIENT_GONE));
+    let mut uh = FakeHost::attempt_of(&lh);
+    on_endpoint(&mut uh, "openai");
+    let mut u = Upstream::new(cfg.clone());
+    assert_eq!(u.on_request_headers(&mut uh), Flow::Continue);
+    u.on_done(&mut uh);
+    assert_eq!(uh.counter("tollgate.provider.openai.failures"), 0);
+    // Without the client gone, a sent attempt with no answer counts once.
+    let lh2 = client(&store, "/v1/chat/completions", &[], CHAT);
+    let mut uh = FakeHost::attempt_of(&lh2);
+    on_endpoint(&mut uh, "openai");
+    let mut u = Upstream::new(cfg);
+    assert_eq!(u.on_request_headers(&mut uh), Flow::Continue);
+    u.on_done(&mut uh);
+    u.on_done(&mut uh);
+    assert_eq!(uh.counter("tollgate.provider.openai.failures"), 1);
+}
+
+#[test]
+fn request_trailers_end_the_request_like_a_last_body_chunk() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-api-key", TEAM_A_KEY.as_bytes())],
+        CHAT,
+    );
+    let mut l = Listener::new(cfg);
+    assert_eq!(l.on_request_headers(&mut lh, false), Flow::Pause);
+    assert_eq!(l.on_request_body(&mut lh, CHAT.len(), false), Flow::Pause);
+    assert_eq!(l.on_request_trailers(&mut lh), Flow::Continue);
+    assert!(lh.filter_state.contains_key(plan::FILTER_STATE));
+}
+
+#[test]
+fn an_unpriced_model_is_never_free_on_a_cost_budget() {
+    let priced = r#","prices":{"gpt-4o":{"input":1,"output":1}}"#;
+    let limits = r#","default_limits":[{"metric":"cost_usd","amount":1,"window":"1h"}]"#;
+    let json = |extra: &str| {
+        format!(
+            r#"{{"providers":[{{"name":"openai","type":"openai","keys":[{{"id":"k","env":"K"}}]}}]{priced}{limits}{extra}}}"#
+        )
+    };
+    let store = Rc::new(FakeStore::new());
+    let cfg = Rc::new(parse(json("").as_bytes(), &|_| Some("s".into())).unwrap());
+    let mut lh = client(&store, "/v1/chat/completions", &[], CHAT);
+    let mut l = Listener::new(cfg);
+    assert_eq!(send(&mut l, &mut lh), Flow::Stop);
+    let r = lh.reply.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no price"));
+
+    let cfg = Rc::new(
+        parse(
+            json(r#","default_price":{"input":2,"output":2}"#).as_bytes(),
+            &|_| Some("s".into()),
+        )
+        .unwrap(),
+    );
+    let mut lh = client(&store, "/v1/chat/completions", &[], CHAT);
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let standing = crate::limit::quota::standings(
+        store.as_ref(),
+        &crate::limit::admission::limits(&cfg, "anonymous", "gpt-4o-mini"),
+        lh.now,
+    )
+    .unwrap();
+    assert!(
+        standing[0].remaining < 1_000_000,
+        "the reservation cost something: {standing:?}"
+    );
+}

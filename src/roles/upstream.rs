@@ -1,0 +1,502 @@
+//! Cluster-level role: runs once per upstream attempt, for whichever endpoint Envoy picked.
+//!
+//! It owns what the provider sees: the key (chosen from the pool, never one cooling down), the
+//! provider's credential headers, path and authority, and the request body rewritten or translated
+//! for that provider. On the way back it records what the answer says of the key and the provider
+//! (cooldown for as long as the provider asked, circuit), names them in response headers for the
+//! listener role, and takes the key out of any error body that quotes it. Everything else the client
+//! sees is the listener role's.
+
+use super::listener::CLIENT_GONE;
+use super::plan::{self, Plan};
+use super::Flow;
+use crate::api::errors::{error_body, ClientApi, ErrorKind};
+use crate::api::request;
+use crate::config::{Config, Provider};
+use crate::count::usage::ApiKind;
+use crate::failover::health::{self, CooldownReason, Outcome};
+use crate::failover::retry_signal;
+use crate::failover::translate::{self, TranslateError};
+use crate::gateway::{self, metric_segment, Translation};
+use crate::host::{find_str, Body, Host, Map};
+use crate::pool::keypool::{self, Choice};
+use std::rc::Rc;
+
+/// Metadata namespace and key on an endpoint (or cluster) naming its tollgate provider.
+const METADATA_NS: &str = "tollgate";
+const METADATA_KEY: &str = "provider";
+
+pub struct Upstream {
+    cfg: Rc<Config>,
+    plan: Plan,
+    api: ApiKind,
+    client: ClientApi,
+    provider: Option<usize>,
+    key: Option<usize>,
+    translation: Translation,
+    /// The attempt's headers went on towards the provider.
+    sent: bool,
+    status: u16,
+    /// An error answer: buffered to take the key out if the provider quoted it.
+    scrub: bool,
+    finished: bool,
+}
+
+impl Upstream {
+    pub fn new(cfg: Rc<Config>) -> Self {
+        Upstream {
+            cfg,
+            plan: Plan::default(),
+            api: ApiKind::Other,
+            client: ClientApi::OpenAi,
+            provider: None,
+            key: None,
+            translation: Translation::None,
+            sent: false,
+            status: 0,
+            scrub: false,
+            finished: false,
+        }
+    }
+
+    fn provider(&self) -> Option<&Provider> {
+        self.provider.and_then(|i| self.cfg.providers.get(i))
+    }
+
+    /// An answer from the attempt itself, in the client's shape. Envoy treats it as this attempt's
+    /// response, so a 429 here is retried by the route's retry policy on the next priority.
+    fn local<H: Host>(
+        &self,
+        host: &mut H,
+        kind: ErrorKind,
+        status: u16,
+        message: &str,
+        extra: &[(&str, &str)],
+    ) -> Flow {
+        let body = error_body(self.client, kind, message, None, None);
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend_from_slice(extra);
+        host.respond(status, &headers, &body);
+        Flow::Stop
+    }
+
+    /// Which provider Envoy picked: the endpoint's `tollgate.provider` metadata, else the cluster's,
+    /// else the only provider configured.
+    fn pick_provider<H: Host>(&self, host: &H) -> Result<usize, String> {
+        // Reading endpoint metadata is one of the dearest host calls (~5 µs): with a single
+        // provider there is nothing to tell apart.
+        if self.cfg.providers.len() == 1 {
+            return Ok(0);
+        }
+        let md = |scope: &str| {
+            host.property(&["xds", scope, "filter_metadata", METADATA_NS, METADATA_KEY])
+                .and_then(|b| String::from_utf8(b).ok())
+        };
+        match md("upstream_host_metadata").or_else(|| md("cluster_metadata")) {
+            Some(name) => self
+                .cfg
+                .provider(&name)
+                .map(|(i, _)| i)
+                .ok_or_else(|| format!("endpoint metadata names provider '{name}', which is not configured")),
+            None => Err("the endpoint carries no tollgate.provider metadata and several providers are configured".into()),
+        }
+    }
+
+    pub fn on_request_headers<H: Host>(&mut self, host: &mut H) -> Flow {
+        let hdrs = host.headers(Map::RequestHeaders);
+        let current_path = find_str(&hdrs, ":path").unwrap_or_default();
+        let current_authority = find_str(&hdrs, ":authority").unwrap_or_default();
+        // Every attempt starts again from the request as the client sent it: the header map Envoy
+        // hands to this attempt is the one the previous attempt rewrote.
+        self.plan = match host
+            .property(&[plan::FILTER_STATE])
+            .and_then(|b| Plan::decode(&b))
+        {
+            Some(p) => p,
+            // No listener role in front (a direct caller of the cluster): the headers as they are.
+            None => Plan {
+                path: current_path.to_string(),
+                authority: current_authority.to_string(),
+                ..Plan::default()
+            },
+        };
+        if !self.plan.authority.is_empty() && current_authority != self.plan.authority {
+            host.set_header(Map::RequestHeaders, ":authority", &self.plan.authority);
+        }
+        if current_path != self.plan.path {
+            host.set_header(Map::RequestHeaders, ":path", &self.plan.path);
+        }
+        self.api = ApiKind::from_path(&self.plan.path);
+        self.client = ClientApi::from_path(&self.plan.path);
+        let pi = match self.pick_provider(host) {
+            Ok(i) => i,
+            Err(msg) => {
+                log::error!("{msg}");
+                return self.local(
+                    host,
+                    ErrorKind::Internal,
+                    500,
+                    "The gateway's provider routing is misconfigured.",
+                    &[],
+                );
+            }
+        };
+        self.provider = Some(pi);
+        let cfg = self.cfg.clone();
+        let Some(p) = cfg.providers.get(pi) else {
+            return self.local(
+                host,
+                ErrorKind::Internal,
+                500,
+                "provider index out of range",
+                &[],
+            );
+        };
+        self.translation = match gateway::translation(self.api, p.kind) {
+            Ok(t) => t,
+            Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
+        };
+        let (path, drop_length) = match gateway::attempt_plan(
+            p,
+            self.api,
+            &self.plan.path,
+            Some(self.plan.model.as_str()),
+            self.plan.rewritten,
+        ) {
+            Ok(x) => x,
+            Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
+        };
+        let now = host.now_ms();
+        // The circuit was consulted by the listener role when it chose where the request starts
+        // (and took the half-open probe slot there); a retry that Envoy moved here goes ahead.
+        let health = health::read(host.store(), p)
+            .unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
+        let sticky = cfg
+            .sticky_header
+            .as_deref()
+            .and_then(|h| find_str(&hdrs, h))
+            .or(Some(self.plan.consumer.as_str()).filter(|c| !c.is_empty()));
+        let choice = keypool::choose(host.store(), p, &health, sticky, now).unwrap_or_else(|e| {
+            // The rotation counter failed: still serve, from the first healthy key.
+            log::warn!("key rotation counter unavailable: {e:?}");
+            (0..p.keys.len())
+                .find(|&i| health.key_available(i, now))
+                .map(Choice::Key)
+                .unwrap_or(Choice::Exhausted { retry_at_ms: now })
+        });
+        let ki = match choice {
+            Choice::Key(i) => i,
+            Choice::Exhausted { retry_at_ms } => {
+                let secs = gateway::retry_after_secs(retry_at_ms.saturating_sub(now)).to_string();
+                host.count(
+                    &format!("tollgate.provider.{}.exhausted_attempts", p.name),
+                    1,
+                );
+                return self.local(
+                    host,
+                    ErrorKind::RateLimit,
+                    429,
+                    "Every key of this provider is cooling down.",
+                    &[("retry-after", &secs), ("x-tollgate-exhausted", "true")],
+                );
+            }
+        };
+        self.key = Some(ki);
+        let Some(key) = p.keys.get(ki) else {
+            return self.local(
+                host,
+                ErrorKind::Internal,
+                500,
+                "key index out of range",
+                &[],
+            );
+        };
+        let auth = gateway::auth_headers(p, &key.secret);
+        // Credentials of another provider's kind (a previous attempt's, in this same header map)
+        // and tollgate's routing header go; the listener role already took out the client's. Only
+        // headers present are removed: each removal is a host call.
+        for (name, _) in &hdrs {
+            let stale = gateway::CREDENTIAL_HEADERS.contains(&name.as_str())
+                && !auth.iter().any(|(a, _)| a == name);
+            if stale || name.starts_with(gateway::INTERNAL_PREFIX) {
+                host.remove_header(Map::RequestHeaders, name);
+            }
+        }
+        for (name, value) in &auth {
+            host.set_header(Map::RequestHeaders, name, value);
+        }
+        if let Some(h) = &p.host {
+            host.set_header(Map::RequestHeaders, ":authority", h);
+        }
+        if path != self.plan.path {
+            host.set_header(Map::RequestHeaders, ":path", &path);
+        }
+        if drop_length {
+            host.remove_header(Map::RequestHeaders, "content-length");
+        }
+        host.count(&format!("tollgate.provider.{}.attempts", p.name), 1);
+        if attempt_number(host) > 1 {
+            // A retry that landed here: a failover onto this provider (or another key of it).
+            host.count(&format!("tollgate.provider.{}.retried_attempts", p.name), 1);
+        }
+        self.sent = true;
+        Flow::Continue
+    }
+
+    fn needs_body(&self, p: &Provider) -> bool {
+        self.translation != Translation::None || !p.models.is_empty()
+    }
+
+    pub fn on_request_body<H: Host>(
+        &mut self,
+        host: &mut H,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let cfg = self.cfg.clone();
+        let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) else {
+            return Flow::Continue;
+        };
+        if !self.needs_body(p) {
+            return Flow::Continue;
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        let body = host.body(Body::Request, size);
+        self.rewrite(host, p, &body)
+    }
+
+    /// Rewrites the buffered request body for the provider (its model name, its API).
+    fn rewrite<H: Host>(&mut self, host: &mut H, p: &Provider, body: &[u8]) -> Flow {
+        let client_model = match request::inspect(self.api, body) {
+            Ok(i) => i.model.unwrap_or_default(),
+            // The listener role validated it already; a direct caller of the cluster gets the same 400.
+            Err(e) => return self.local(host, ErrorKind::InvalidRequest, 400, &e.to_string(), &[]),
+        };
+        let provider_model = match p.map_model(&client_model) {
+            Some(m) => m.to_string(),
+            None => {
+                let msg = format!(
+                    "The model '{client_model}' is not served by provider '{}'.",
+                    p.name
+                );
+                return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]);
+            }
+        };
+        let new_body = match self.translation {
+            Translation::ChatToMessages => translate::chat_request_to_messages(
+                body,
+                &provider_model,
+                self.cfg.default_max_tokens,
+            ),
+            Translation::MessagesToChat => {
+                translate::messages_request_to_chat(body, &provider_model)
+            }
+            Translation::None if provider_model != client_model => {
+                request::with_model(body, &provider_model).ok_or_else(|| TranslateError {
+                    field: "model".into(),
+                    reason: "the body is not a JSON object".into(),
+                })
+            }
+            Translation::None => return Flow::Continue,
+        };
+        match new_body {
+            Ok(b) => {
+                if b.as_slice() != body {
+                    host.set_body(Body::Request, body.len(), &b);
+                }
+                Flow::Continue
+            }
+            Err(e) => {
+                host.count(&format!("tollgate.provider.{}.untranslatable", p.name), 1);
+                self.local(host, ErrorKind::InvalidRequest, 400, &e.to_string(), &[])
+            }
+        }
+    }
+
+    pub fn on_response_headers<H: Host>(&mut self, host: &mut H) -> Flow {
+        // The status is all a successful answer needs: one value read instead of the whole map
+        // (the retry signals of a 429 need the rest).
+        self.status = host
+            .header(Map::ResponseHeaders, ":status")
+            .and_then(|v| core::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0);
+        let headers = if self.status == 429 {
+            host.headers(Map::ResponseHeaders)
+        } else {
+            Vec::new()
+        };
+        self.record_outcome(host, &headers);
+        let Some(p) = self.provider() else {
+            return Flow::Continue;
+        };
+        let (pname, kid) = (
+            p.name.clone(),
+            self.key
+                .and_then(|k| p.keys.get(k))
+                .map(|k| k.id.clone())
+                .unwrap_or_default(),
+        );
+        host.set_header(Map::ResponseHeaders, gateway::HDR_PROVIDER, &pname);
+        host.set_header(Map::ResponseHeaders, gateway::HDR_KEY_ID, &kid);
+        host.count(
+            &format!(
+                "tollgate.provider.{}.responses_{}xx",
+                metric_segment(&pname),
+                self.status / 100
+            ),
+            1,
+        );
+        if self.status >= 400 && self.key.is_some() {
+            self.scrub = true;
+            host.remove_header(Map::ResponseHeaders, "content-length");
+        }
+        Flow::Continue
+    }
+
+    pub fn on_response_body<H: Host>(
+        &mut self,
+        host: &mut H,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        if !self.scrub {
+            return Flow::Continue;
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        // Some providers quote the key they refused ("Incorrect API key provided: sk-...").
+        let body = host.body(Body::Response, size);
+        if let Some(k) = self
+            .key
+            .and_then(|k| self.provider().and_then(|p| p.keys.get(k)))
+        {
+            let clean = gateway::scrub(&body, &k.secret, &k.id);
+            if clean != body {
+                host.set_body(Body::Response, size, &clean);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// What the answer says of the key and the provider: a 429 cools the key for as long as the
+    /// provider asked, 401-403 disable it, 5xx count against the provider's circuit.
+    fn record_outcome<H: Host>(&self, host: &mut H, headers: &[(String, Vec<u8>)]) {
+        let Some(p) = self.provider() else { return };
+        let cfg = &self.cfg;
+        let now = host.now_ms();
+        let key_id = self
+            .key
+            .and_then(|k| p.keys.get(k))
+            .map(|k| k.id.as_str())
+            .unwrap_or("");
+        match self.status {
+            429 => {
+                let wait = retry_signal::cooldown_ms(
+                    headers
+                        .iter()
+                        .filter_map(|(k, v)| core::str::from_utf8(v).ok().map(|v| (k.as_str(), v))),
+                    now,
+                )
+                .unwrap_or(cfg.health.default_cooldown_ms);
+                if let Some(k) = self.key {
+                    let until = now.saturating_add(wait);
+                    if health::cool_key(host.store(), p, k, until, CooldownReason::RateLimited)
+                        .is_ok()
+                    {
+                        log::info!(
+                            "key {}/{} rate limited, cooling down for {} ms",
+                            p.name,
+                            key_id,
+                            wait
+                        );
+                    }
+                    host.count(
+                        &format!("tollgate.provider.{}.key.{}.cooldowns", p.name, key_id),
+                        1,
+                    );
+                    host.gauge(
+                        &format!(
+                            "tollgate.provider.{}.key.{}.cooldown_until_s",
+                            p.name, key_id
+                        ),
+                        until / 1000,
+                    );
+                }
+            }
+            401..=403 => {
+                if let Some(k) = self.key {
+                    let until = now.saturating_add(cfg.health.auth_failure_cooldown_ms);
+                    let _ = health::cool_key(host.store(), p, k, until, CooldownReason::Disabled);
+                    log::warn!(
+                        "tollgate: key {}/{} refused by the provider with {}: disabled for {} s",
+                        p.name,
+                        key_id,
+                        self.status,
+                        cfg.health.auth_failure_cooldown_ms / 1000
+                    );
+                    host.count(
+                        &format!("tollgate.provider.{}.key.{}.disabled", p.name, key_id),
+                        1,
+                    );
+                    host.gauge(
+                        &format!(
+                            "tollgate.provider.{}.key.{}.cooldown_until_s",
+                            p.name, key_id
+                        ),
+                        until / 1000,
+                    );
+                }
+            }
+            500..=599 => {
+                if let Ok(health::Circuit::Open { .. }) =
+                    health::record(host.store(), p, &cfg.health, Outcome::ProviderFailure, now)
+                {
+                    host.count(&format!("tollgate.provider.{}.circuit_opened", p.name), 1);
+                }
+                host.count(&format!("tollgate.provider.{}.failures", p.name), 1);
+            }
+            _ => {
+                let _ = health::record(host.store(), p, &cfg.health, Outcome::Success, now);
+            }
+        }
+    }
+
+    /// The attempt ends. Envoy runs no `on_log` for cluster-level contexts, so this is where an
+    /// attempt that never got response headers (per-try timeout, reset) is held against its
+    /// provider: once, and not when the client went away (that is not the provider's failure).
+    pub fn on_done<H: Host>(&mut self, host: &mut H) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if self.status != 0 || !self.sent || host.property(&[CLIENT_GONE]).is_some() {
+            return;
+        }
+        let cfg = self.cfg.clone();
+        if let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) {
+            host.count(&format!("tollgate.provider.{}.failures", p.name), 1);
+            host.count(
+                &format!("tollgate.provider.{}.timeouts_or_resets", p.name),
+                1,
+            );
+            let _ = health::record(
+                host.store(),
+                p,
+                &cfg.health,
+                Outcome::ProviderFailure,
+                host.now_ms(),
+            );
+        }
+    }
+}
+
+/// This attempt's number (1 for the first), from Envoy; 0 when unknown.
+fn attempt_number<H: Host>(host: &H) -> u64 {
+    host.property(&["upstream", "request_attempt_count"])
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
+}
