@@ -3,13 +3,18 @@
 - docker-compose.yml against the Compose Specification schema, and against the files it mounts;
 - envoy/compose.yaml is envoy/demo.yaml with the compose addresses, and passes `envoy --mode validate`
   with the built module and compose's default environment;
+- every shipped configuration (envoy/*.yaml, the Istio EnvoyFilter, the Envoy Gateway EnvoyPatchPolicy)
+  lets the listener role hold the request headers while it reads the body
+  (`allow_on_headers_stop_iteration`), so it decides before the first attempt, reloads a failed VM
+  (`failure_policy: FAIL_RELOAD`) in both roles, and gives both roles one vm_id, module and configuration;
 - the Dockerfiles: the mock's build steps replayed offline, the Wasm image's layout;
 - Prometheus config and alert rules with promtool (when installed), the 80% alert unit-tested;
 - the Grafana provisioning and dashboard; every panel's PromQL names metrics, labels and label values
   that a real Envoy running tollgate exports after tests/demo_traffic.py, and (with a local Prometheus)
   every panel shows non-zero data;
 - the Istio and Envoy Gateway manifests against their CRD schemas (tests/schemas/README.md), consistent
-  with each other, and the Envoy configuration each control plane would generate from them passes
+  with each other, and the Envoy configuration each control plane would generate from them (the patches
+  applied to a listener and clusters of the shape it generates) passes
   `envoy --mode validate` with the built module (validate mode loads the module and runs its
   configuration check, so the plugin configurations and the environment they need are checked too).
 """
@@ -123,24 +128,60 @@ def envoy_validate(config: dict, env: dict[str, str], tmp_path: Path) -> tuple[i
     return r.returncode, r.stdout + r.stderr
 
 
-def listener_bootstrap(http_filter: dict, clusters: list[dict], route_cluster: str) -> dict:
-    """A minimal bootstrap around a control plane's listener filter and its patched clusters."""
-    hcm = {
+HCM = "envoy.filters.network.http_connection_manager"
+
+
+def hcm(http_filters: list[dict], route_cluster: str) -> dict:
+    return {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "gw",
         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
                                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": route_cluster}}]}]},
-        "http_filters": [http_filter, ROUTER],
+        "http_filters": http_filters,
     }
+
+
+def bootstrap(listener: dict, clusters: list[dict]) -> dict:
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {
-            "listeners": [{"name": "gw", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
-                           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                                           "typed_config": hcm}]}]}],
-            "clusters": clusters,
-        },
+        "static_resources": {"listeners": [listener], "clusters": clusters},
     }
+
+
+def listener_bootstrap(http_filter: dict, clusters: list[dict], route_cluster: str) -> dict:
+    """A minimal bootstrap around a control plane's listener filter and its patched clusters."""
+    return bootstrap({"name": "gw", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
+                      "filter_chains": [{"filters": [{"name": HCM, "typed_config": hcm([http_filter, ROUTER], route_cluster)}]}]},
+                     clusters)
+
+
+def roles(node) -> dict[str, list[dict]]:
+    """root_id -> the Wasm PluginConfigs of that role."""
+    out: dict[str, list[dict]] = {}
+    for c in wasm_configs(node):
+        out.setdefault(c["root_id"], []).append(c)
+    return out
+
+
+def assert_roles_decide_first_and_reload(node) -> None:
+    """What every shipped configuration must say: the listener role may hold the request headers while it
+    reads the body (allow_on_headers_stop_iteration), so it decides consumer, quota and provider before the
+    first attempt; both roles reload a VM that trapped (failure_policy: FAIL_RELOAD; Envoy refuses the
+    deprecated fail_open beside it); both share one vm_id, hence one shared-data space, and one build."""
+    r = roles(node)
+    assert set(r) == {"tollgate.listener", "tollgate.upstream"}, set(r)
+    assert all(c.get("allow_on_headers_stop_iteration") is True for c in r["tollgate.listener"])
+    every = [c for cs in r.values() for c in cs]
+    assert all(c.get("failure_policy") == "FAIL_RELOAD" and "fail_open" not in c for c in every)
+    assert len({c["vm_config"].get("vm_id", "") for c in every}) == 1
+    assert len({json.dumps(c["vm_config"]["code"], sort_keys=True) for c in every}) == 1
+    assert len({json.dumps(json.loads(c["configuration"]["value"]), sort_keys=True) for c in every}) == 1
+
+
+def host_env(node) -> dict[str, str]:
+    """A test value for every variable the configuration's Wasm VMs read."""
+    return {k: f"test-{k}" for c in wasm_configs(node)
+            for k in c["vm_config"].get("environment_variables", {}).get("host_env_keys", [])}
 
 
 def tls_cluster(name: str, host: str) -> dict:
@@ -155,11 +196,36 @@ def tls_cluster(name: str, host: str) -> dict:
 
 
 def json_patch_add(doc: dict, pointer: str, value) -> None:
+    """RFC 6902 `add`: sets an object member, or inserts into an array before the element at that index."""
     parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.lstrip("/").split("/")]
     target = doc
     for p in parts[:-1]:
-        target = target[p]
-    target[parts[-1]] = copy.deepcopy(value)
+        target = target[int(p)] if isinstance(target, list) else target[p]
+    if isinstance(target, list):
+        target.insert(len(target) if parts[-1] == "-" else int(parts[-1]), copy.deepcopy(value))
+    else:
+        target[parts[-1]] = copy.deepcopy(value)
+
+
+def json_path_pointers(doc, json_path: str) -> list[str]:
+    """Envoy Gateway turns an operation's jsonPath into JSON pointers (internal/utils/jsonpatch). Only the
+    form the manifests use is understood here: `..<key>[?(@.name == '<value>')]`."""
+    m = re.fullmatch(r"\.\.(\w+)\[\?\(@\.name == '([^']*)'\)\]", json_path)
+    assert m, f"jsonPath {json_path!r} is not of the form this test evaluates"
+    key, name = m.groups()
+    out = []
+
+    def visit(node, pointer: str):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == key and isinstance(v, list):
+                    out.extend(f"{pointer}/{k}/{i}" for i, e in enumerate(v) if isinstance(e, dict) and e.get("name") == name)
+                visit(v, f"{pointer}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                visit(v, f"{pointer}/{i}")
+    visit(doc, "")
+    return out
 
 
 def dockerfile(rel: str) -> list[tuple[str, str]]:
@@ -390,6 +456,23 @@ def test_compose_envoy_config_passes_envoy_validate(tmp_path):
     del env["TEAM_B_KEY"]
     rc, out = envoy_validate(cfg, env, tmp_path)
     assert rc != 0 and "TEAM_B_KEY" in out
+    # The deprecated fail_open beside failure_policy is refused, not silently preferred.
+    bad = copy.deepcopy(cfg)
+    wasm_configs(bad)[0]["fail_open"] = True
+    rc, out = envoy_validate(bad, compose_env_defaults(), tmp_path)
+    assert rc != 0 and "only one of fail_open or failure_policy" in out
+
+
+SHIPPED_ENVOY_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "envoy").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("rel", SHIPPED_ENVOY_CONFIGS)
+def test_shipped_envoy_config_decides_before_the_first_attempt_and_passes_envoy_validate(rel, tmp_path):
+    cfg = load(rel)
+    assert_roles_decide_first_and_reload(cfg)
+    replace_filenames(cfg, str(WASM))
+    rc, out = envoy_validate(cfg, host_env(cfg), tmp_path)
+    assert rc == 0 and "OK" in out, out[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -543,60 +626,73 @@ def test_grafana_dashboard_is_provisioned_and_covers_every_metric_family():
 # ---------------------------------------------------------------------------------------------- istio
 
 def istio_docs():
-    wp = load("deploy/istio/wasmplugin.yaml")
-    ef = load("deploy/istio/envoyfilter-upstream.yaml")
+    ef = load("deploy/istio/envoyfilter.yaml")
     secret = load("deploy/istio/secret.yaml")
     patch = load("deploy/istio/gateway-patch.yaml")
     routing = load_all("deploy/istio/routing.yaml")
-    return wp, ef, secret, patch, routing
+    return ef, secret, patch, routing
+
+
+def istio_patches(ef: dict) -> tuple[dict, list[dict]]:
+    """The listener role's HTTP_FILTER patch and the cluster-level role's CLUSTER patches."""
+    patches = ef["spec"]["configPatches"]
+    (listener,) = [p for p in patches if p["applyTo"] == "HTTP_FILTER"]
+    clusters = [p for p in patches if p["applyTo"] == "CLUSTER"]
+    assert len(clusters) + 1 == len(patches)
+    return listener, clusters
 
 
 def test_istio_manifests_match_the_crd_schemas():
-    wp, ef, *_ = istio_docs()
-    assert crd_errors("istio/wasmplugin-v1alpha1.json", wp) == []
+    ef, *_ = istio_docs()
     assert crd_errors("istio/envoyfilter-v1alpha3.json", ef) == []
-    # CEL rules of the CRDs that concern the fields used here.
-    assert sum(k in wp["spec"] for k in ("selector", "targetRef", "targetRefs")) <= 1
-    assert all(not (e.get("valueFrom") == "HOST" and "value" in e) for e in wp["spec"]["vmConfig"]["env"])
+    # CEL rules of the CRD that concern the fields used here.
     assert sum(k in ef["spec"] for k in ("workloadSelector", "targetRefs")) <= 1
-    # Strict: what the API server would refuse, the schemas refuse.
-    bad = copy.deepcopy(wp)
-    bad["spec"]["vmConfig"]["envs"] = []
-    assert any("envs" in e for e in crd_errors("istio/wasmplugin-v1alpha1.json", bad))
+    # Strict: what the API server would refuse, the schema refuses.
     bad = copy.deepcopy(ef)
-    bad["spec"]["configPatches"][0]["applyTo"] = "UPSTREAM_HTTP_FILTER"  # proposed, not in Istio (istio/istio#57342)
+    bad["spec"]["configPatches"][1]["applyTo"] = "UPSTREAM_HTTP_FILTER"  # proposed, not in Istio (istio/istio#57342)
     assert crd_errors("istio/envoyfilter-v1alpha3.json", bad) != []
     bad = copy.deepcopy(ef)
-    bad["spec"]["configPatches"][0]["match"]["cluster"]["port"] = 443
+    bad["spec"]["configPatches"][1]["match"]["cluster"]["port"] = 443
     assert crd_errors("istio/envoyfilter-v1alpha3.json", bad) != []
+    bad = copy.deepcopy(ef)
+    bad["spec"]["configPatches"][0]["match"]["listener"]["filterChain"]["filter"]["subfilter"] = {}
+    assert any("subfilter" in e for e in crd_errors("istio/envoyfilter-v1alpha3.json", bad))
+    # Why the listener role is not a WasmPlugin: nothing in WasmPlugin carries allow_on_headers_stop_iteration.
+    wasmplugin = (SCHEMAS / "istio/wasmplugin-v1alpha1.json").read_text().lower()
+    assert "stop_iteration" not in wasmplugin and "stopiteration" not in wasmplugin
 
 
 def test_istio_listener_and_upstream_roles_agree():
-    wp, ef, secret, patch, routing = istio_docs()
-    plugin = wp["spec"]["pluginConfig"]
-    host_env = [e["name"] for e in wp["spec"]["vmConfig"]["env"] if e["valueFrom"] == "HOST"]
-    assert wp["spec"]["pluginName"] == "tollgate.listener" and wp["spec"]["url"].startswith("oci://")
-    patches = ef["spec"]["configPatches"]
+    ef, secret, patch, routing = istio_docs()
+    assert_roles_decide_first_and_reload(ef)
+    listener, patches = istio_patches(ef)
+    # Before the router of the gateway's HTTP connection managers.
+    assert listener["match"]["context"] == "GATEWAY" and listener["patch"]["operation"] == "INSERT_BEFORE"
+    assert listener["match"]["listener"]["filterChain"]["filter"] == {"name": HCM,
+                                                                     "subFilter": {"name": ROUTER["name"]}}
+    (lc,) = wasm_configs(listener["patch"]["value"])
+    assert listener["patch"]["value"]["name"] == lc["root_id"] == "tollgate.listener"
+    plugin = json.loads(lc["configuration"]["value"])
     opts = [p["patch"]["value"]["typed_extension_protocol_options"] for p in patches]
     assert all(o == opts[0] for o in opts)
     filters = opts[0][HPO]["http_filters"]
     assert [f["name"] for f in filters] == ["tollgate.upstream", "envoy.filters.http.upstream_codec"]
     (up,) = wasm_configs(filters)
     assert up["root_id"] == "tollgate.upstream"
-    assert json.loads(up["configuration"]["value"]) == plugin
-    # Istio gives WasmPlugin filters no vm_id; shared data is keyed by vm_id, so none here either.
-    assert not up["vm_config"].get("vm_id")
-    assert set(up["vm_config"]["environment_variables"]["host_env_keys"]) == set(host_env) \
+    # An explicit vm_id, shared by both roles (assert_roles_decide_first_and_reload): WasmPlugins on the
+    # same gateway get an empty one from istiod and would otherwise share tollgate's data space.
+    assert up["vm_config"]["vm_id"]
+    assert set(up["vm_config"]["environment_variables"]["host_env_keys"]) \
         == set(secret["stringData"]) == env_names_in_plugin_config(plugin)
-    # The module file comes from the image volume of the gateway patch, the same image as the WasmPlugin's.
+    # The module file comes from the image volume of the gateway patch, for both roles.
     pod = patch["spec"]["template"]["spec"]
     (proxy,) = pod["containers"]
     assert proxy["name"] == "istio-proxy" and proxy["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
     (mount,) = proxy["volumeMounts"]
     (vol,) = pod["volumes"]
     assert vol["name"] == mount["name"]
-    assert up["vm_config"]["code"]["local"]["filename"] == f"{mount['mountPath']}/plugin.wasm"
-    assert "oci://" + vol["image"]["reference"] == wp["spec"]["url"]
+    assert {c["vm_config"]["code"]["local"]["filename"] for c in (lc, up)} == {f"{mount['mountPath']}/plugin.wasm"}
+    assert re.fullmatch(r"[\w.-]+(/[\w.-]+)+(:[\w.-]+|@sha256:[0-9a-f]{64})", vol["image"]["reference"])
     # Each patched cluster is a provider host of the ServiceEntry, with TLS and SNI set by a DestinationRule
     # (the patch replaces HttpProtocolOptions, auto_sni included).
     (se,) = by_kind(routing, "ServiceEntry")
@@ -619,74 +715,80 @@ def test_istio_listener_and_upstream_roles_agree():
 
 
 def test_envoy_config_istio_would_generate_passes_envoy_validate(tmp_path):
-    wp, ef, *_ = istio_docs()
-    host_env = [e["name"] for e in wp["spec"]["vmConfig"]["env"] if e["valueFrom"] == "HOST"]
-    # What istiod builds from the WasmPlugin (pilot/pkg/model/extensions.go): no vm_id, root_id = pluginName,
-    # pluginConfig as a JSON StringValue, HOST variables as host_env_keys.
-    listener = {"name": "istio-ingress.tollgate", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {"name": "istio-ingress.tollgate", "root_id": wp["spec"]["pluginName"],
-                   "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                     "value": json.dumps(wp["spec"]["pluginConfig"])},
-                   "vm_config": {"runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(WASM)}},
-                                 "environment_variables": {"host_env_keys": host_env,
-                                                           "key_values": {"ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION": "1"}}}}}}
+    ef, *_ = istio_docs()
+    listener, patches = istio_patches(ef)
+    # INSERT_BEFORE the router of an HTTP connection manager as istiod generates it for the Gateway.
+    http_filter = copy.deepcopy(listener["patch"]["value"])
+    replace_filenames(http_filter, str(WASM))
     clusters = []
-    for p in ef["spec"]["configPatches"]:
+    for p in patches:
         c = p["match"]["cluster"]
         cluster = tls_cluster(f"outbound|{c['portNumber']}||{c['service']}", c["service"])
         cluster.update(copy.deepcopy(p["patch"]["value"]))  # MERGE: these fields were not set by Istio
         replace_filenames(cluster, str(WASM))
         clusters.append(cluster)
-    cfg = listener_bootstrap(listener, clusters, clusters[-1]["name"])
-    rc, out = envoy_validate(cfg, {k: f"test-{k}" for k in host_env}, tmp_path)
+    cfg = listener_bootstrap(http_filter, clusters, clusters[-1]["name"])
+    assert_roles_decide_first_and_reload(cfg)
+    rc, out = envoy_validate(cfg, host_env(cfg), tmp_path)
     assert rc == 0 and "OK" in out, out[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------- envoy gateway
 
 def eg_docs():
-    docs = load_all("deploy/envoy-gateway/extension-policy.yaml")
-    (eep,) = by_kind(docs, "EnvoyExtensionPolicy")
-    (epp,) = by_kind(docs, "EnvoyPatchPolicy")
+    (epp,) = load_all("deploy/envoy-gateway/patch-policy.yaml")
+    assert epp["kind"] == "EnvoyPatchPolicy"
     proxy_docs = load_all("deploy/envoy-gateway/envoyproxy.yaml")
     routing = load_all("deploy/envoy-gateway/routing.yaml")
-    return eep, epp, by_kind(proxy_docs, "Secret")[0], by_kind(proxy_docs, "EnvoyProxy")[0], routing
+    return epp, by_kind(proxy_docs, "Secret")[0], by_kind(proxy_docs, "EnvoyProxy")[0], routing
 
 
-def test_envoy_gateway_policies_match_the_crd_schemas():
-    eep, epp, *_ = eg_docs()
-    assert crd_errors("envoy-gateway/envoyextensionpolicy-v1alpha1.json", eep) == []
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+
+def test_envoy_gateway_patch_policy_matches_the_crd_schema():
+    epp, *_ = eg_docs()
     assert crd_errors("envoy-gateway/envoypatchpolicy-v1alpha1.json", epp) == []
-    # CEL rules of the CRDs.
-    s = eep["spec"]
-    assert ("targetRef" in s) != ("targetRefs" in s)
-    assert all(r["group"] == "gateway.networking.k8s.io" and r["kind"] in ("Gateway", "HTTPRoute") for r in s["targetRefs"])
-    for w in s["wasm"]:
-        code = w["code"]
-        assert ("http" in code) == (code["type"] == "HTTP") and ("image" in code) == (code["type"] == "Image")
+    # CEL rule of the CRD.
     assert ("targetRef" in epp["spec"]) != bool(epp["spec"].get("targetRefs"))
-    bad = copy.deepcopy(eep)
-    bad["spec"]["wasm"][0]["env"]["hostkeys"] = []
-    assert any("hostkeys" in e for e in crd_errors("envoy-gateway/envoyextensionpolicy-v1alpha1.json", bad))
     bad = copy.deepcopy(epp)
     bad["spec"]["jsonPatches"][0]["type"] = "Cluster"
     assert crd_errors("envoy-gateway/envoypatchpolicy-v1alpha1.json", bad) != []
+    bad = copy.deepcopy(epp)
+    bad["spec"]["jsonPatches"][0]["operation"]["jsonpath"] = bad["spec"]["jsonPatches"][0]["operation"].pop("jsonPath")
+    assert any("jsonpath" in e for e in crd_errors("envoy-gateway/envoypatchpolicy-v1alpha1.json", bad))
+    # Why the listener role is not an EnvoyExtensionPolicy Wasm extension: it has rootID, config, env,
+    # code and failOpen, nothing for allow_on_headers_stop_iteration or failure_policy.
+    eep = json.loads((SCHEMAS / "envoy-gateway/envoyextensionpolicy-v1alpha1.json").read_text())
+    wasm = eep["properties"]["spec"]["properties"]["wasm"]["items"]["properties"]
+    assert set(wasm) == {"name", "rootID", "code", "config", "env", "failOpen"}
 
 
 def test_envoy_gateway_listener_and_upstream_roles_agree():
-    eep, epp, secret, proxy, routing = eg_docs()
-    (w,) = eep["spec"]["wasm"]
-    assert w["rootID"] == "tollgate.listener" and w["failOpen"] is False
-    plugin = w["config"]
-    assert plugin == load("deploy/istio/wasmplugin.yaml")["spec"]["pluginConfig"]
-    (route,) = by_kind(routing, "HTTPRoute")
-    assert eep["spec"]["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
-                                          "name": route["metadata"]["name"]}]
+    epp, secret, proxy, routing = eg_docs()
+    assert_roles_decide_first_and_reload(epp)
     (gw,) = by_kind(routing, "Gateway")
     assert epp["spec"]["targetRef"] == {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gw["metadata"]["name"]}
+    assert epp["metadata"]["namespace"] == gw["metadata"]["namespace"]
     assert gw["spec"]["infrastructure"]["parametersRef"]["name"] == proxy["metadata"]["name"]
+    # The listener role: inserted before the router of the Gateway listener (Envoy Gateway names the xDS
+    # listener <namespace>/<gateway>/<listener>).
+    listener_patches = [jp for jp in epp["spec"]["jsonPatches"] if jp["type"] == LISTENER_TYPE]
+    (gl,) = gw["spec"]["listeners"]
+    assert gl["protocol"] == "HTTP"
+    (lp,) = listener_patches
+    assert lp["name"] == f"{gw['metadata']['namespace']}/{gw['metadata']['name']}/{gl['name']}"
+    assert lp["operation"]["op"] == "add" and "path" not in lp["operation"]
+    assert lp["operation"]["jsonPath"] == f"..http_filters[?(@.name == '{ROUTER['name']}')]"
+    (lc,) = wasm_configs(lp["operation"]["value"])
+    assert lp["operation"]["value"]["name"] == lc["root_id"] == "tollgate.listener"
+    plugin = json.loads(lc["configuration"]["value"])
+    # The same consumers, providers and prices as on Istio.
+    istio_listener, _ = istio_patches(load("deploy/istio/envoyfilter.yaml"))
+    assert plugin == json.loads(wasm_configs(istio_listener)[0]["configuration"]["value"])
     # The clusters patched are the ones Envoy Gateway names after the route's rules, each for its provider.
+    (route,) = by_kind(routing, "HTTPRoute")
     ns = route["metadata"]["namespace"]
     backends = {b["metadata"]["name"]: b["spec"]["endpoints"][0]["fqdn"]["hostname"] for b in by_kind(routing, "Backend")}
     hosts = {p["name"]: p["host"] for p in plugin["providers"]}
@@ -694,59 +796,67 @@ def test_envoy_gateway_listener_and_upstream_roles_agree():
                  for i, r in enumerate(route["spec"]["rules"])}
     patched: dict[str, dict] = {}
     for jp in epp["spec"]["jsonPatches"]:
-        assert jp["type"] == "type.googleapis.com/envoy.config.cluster.v3.Cluster" and jp["operation"]["op"] == "add"
+        if jp["type"] == LISTENER_TYPE:
+            continue
+        assert jp["type"] == CLUSTER_TYPE and jp["operation"]["op"] == "add"
         patched.setdefault(jp["name"], {})[jp["operation"]["path"]] = jp["operation"]["value"]
     assert set(patched) == set(rule_host)
+    container = proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]
+    (mount,) = container["volumeMounts"]
     for name, ops in patched.items():
         provider = ops["/metadata"]["filter_metadata"]["tollgate"]["provider"]
         assert hosts[provider] == rule_host[name]
         (up,) = wasm_configs(ops["/typed_extension_protocol_options"])
-        assert up["root_id"] == "tollgate.upstream"
-        assert json.loads(up["configuration"]["value"]) == plugin
-        # Envoy Gateway names the policy's VM envoyextensionpolicy/<ns>/<name>/wasm/<index>; shared data
-        # is keyed by vm_id.
-        assert up["vm_config"]["vm_id"] == f"envoyextensionpolicy/{eep['metadata']['namespace']}/{eep['metadata']['name']}/wasm/0"
-        assert up["vm_config"]["environment_variables"]["host_env_keys"] == w["env"]["hostKeys"]
-        mounts = proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]["volumeMounts"]
-        assert up["vm_config"]["code"]["local"]["filename"] == f"{mounts[0]['mountPath']}/plugin.wasm"
-    # Keys: Secret -> Envoy container env -> hostKeys -> the configuration's variables.
-    container = proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]
+        assert up["root_id"] == "tollgate.upstream" and up["vm_config"]["vm_id"]
+        assert up["vm_config"]["code"]["local"]["filename"] == f"{mount['mountPath']}/plugin.wasm"
+    # Keys: Secret -> Envoy container env -> host_env_keys -> the configuration's variables.
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    assert set(env) == set(w["env"]["hostKeys"]) == set(secret["stringData"]) == env_names_in_plugin_config(plugin)
+    assert set(env) == set(lc["vm_config"]["environment_variables"]["host_env_keys"]) == set(secret["stringData"]) \
+        == env_names_in_plugin_config(plugin)
     assert all(ref == {"name": secret["metadata"]["name"], "key": k} for k, ref in env.items())
+    # The module: the same tollgate image as on Istio, mounted for both roles.
     (vol,) = proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["pod"]["volumes"]
-    assert vol["image"]["reference"] == w["code"]["image"]["url"]
+    assert vol["name"] == mount["name"]
+    istio_pod = load("deploy/istio/gateway-patch.yaml")["spec"]["template"]["spec"]
+    assert vol["image"]["reference"] == istio_pod["volumes"][0]["image"]["reference"]
     # The first rule is the steering rule for the second provider.
     steer = route["spec"]["rules"][0]["matches"][0]["headers"][0]
     assert steer["name"] == "x-tollgate-route" and hosts[steer["value"]] == rule_host[f"httproute/{ns}/llm/rule/0"]
 
 
 def test_envoy_config_envoy_gateway_would_generate_passes_envoy_validate(tmp_path):
-    eep, epp, *_ = eg_docs()
-    (w,) = eep["spec"]["wasm"]
-    name = f"envoyextensionpolicy/{eep['metadata']['namespace']}/{eep['metadata']['name']}/wasm/0"
-    # What Envoy Gateway builds from the policy (internal/xds/translator/wasm.go), with the module as a
-    # local file instead of its internal HTTP server.
-    listener = {"name": f"envoy.filters.http.wasm/{name}", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {"name": w["name"], "root_id": w["rootID"], "fail_open": w["failOpen"],
-                   "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(w["config"])},
-                   "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
-                                 "code": {"local": {"filename": str(WASM)}},
-                                 "environment_variables": {"host_env_keys": w["env"]["hostKeys"]}}}}}
-    clusters = {}
-    hosts = {p["name"]: p["host"] for p in w["config"]["providers"]}
+    epp, *_ = eg_docs()
+    # What Envoy Gateway generates for the Gateway's HTTP listener (internal/xds/translator: the HTTP
+    # connection manager in default_filter_chain, the router last) and for the route's rules, before the
+    # patches.
+    listeners, clusters = {}, {}
+    plugin_hosts = {}
     for jp in epp["spec"]["jsonPatches"]:
-        if jp["name"] not in clusters:
-            clusters[jp["name"]] = tls_cluster(jp["name"], "placeholder")
-        json_patch_add(clusters[jp["name"]], jp["operation"]["path"], jp["operation"]["value"])
+        op = jp["operation"]
+        if jp["type"] == LISTENER_TYPE:
+            lst = listeners.setdefault(jp["name"], {
+                "name": jp["name"], "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10080}},
+                "default_filter_chain": {"filters": [{"name": HCM, "typed_config": hcm([copy.deepcopy(ROUTER)], "")}]}})
+            pointers = json_path_pointers(lst, op["jsonPath"])
+            assert len(pointers) == 1, pointers
+            json_patch_add(lst, pointers[0] + op.get("path", ""), op["value"])
+            (lc,) = wasm_configs(op["value"])
+            plugin_hosts = {p["name"]: p["host"] for p in json.loads(lc["configuration"]["value"])["providers"]}
+        else:
+            c = clusters.setdefault(jp["name"], tls_cluster(jp["name"], "placeholder"))
+            json_patch_add(c, op["path"], op["value"])
     for c in clusters.values():
-        host = hosts[c["metadata"]["filter_metadata"]["tollgate"]["provider"]]
+        host = plugin_hosts[c["metadata"]["filter_metadata"]["tollgate"]["provider"]]
         walk(c, lambda d: d.update(address=host) if d.get("address") == "placeholder" else None)
         c["transport_socket"]["typed_config"]["sni"] = host
-        replace_filenames(c, str(WASM))
-    cfg = listener_bootstrap(listener, list(clusters.values()), next(iter(clusters)))
-    rc, out = envoy_validate(cfg, {k: f"test-{k}" for k in w["env"]["hostKeys"]}, tmp_path)
+    (lst,) = listeners.values()
+    http_filters = lst["default_filter_chain"]["filters"][0]["typed_config"]["http_filters"]
+    assert [f["name"] for f in http_filters] == ["tollgate.listener", ROUTER["name"]]
+    walk(lst, lambda d: d.update(cluster=next(iter(clusters))) if d.get("cluster") == "" else None)
+    cfg = bootstrap(lst, list(clusters.values()))
+    replace_filenames(cfg, str(WASM))
+    assert_roles_decide_first_and_reload(cfg)
+    rc, out = envoy_validate(cfg, host_env(cfg), tmp_path)
     assert rc == 0 and "OK" in out, out[-3000:]
 
 
