@@ -559,7 +559,7 @@ impl HttpContext for Listener {
         let hdrs = host::headers(MapType::HttpRequestHeaders);
         let get = |name: &str| host::find(&hdrs, name);
         let path = get(":path").unwrap_or_default().to_string();
-        if let Some(sp) = &self.cfg.status_path {
+        if let Some(sp) = self.cfg.status.as_ref().map(|s| &s.path) {
             if path
                 .strip_prefix(sp.as_str())
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'))
