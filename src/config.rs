@@ -1784,6 +1784,24 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_regressions_and_the_demo_corpus_entry() {
+        let any = |_: &str| Some("sk-x".to_string());
+        let cost = include_bytes!("../fuzz/regressions/config/cost_usd_rounds_to_zero.json");
+        assert_eq!(
+            parse(cost, &any)
+                .map_err(|e| e.to_string())
+                .err()
+                .as_deref(),
+            Some("default_limits[0].amount: must be a number of USD from 0.000001")
+        );
+        let demo = parse(include_bytes!("../fuzz/corpus/config/demo.json"), &any);
+        assert_eq!(
+            demo.map(|c| c.status.map(|s| s.path)),
+            Ok(Some("/tollgate/status".to_string()))
+        );
+    }
+
+    #[test]
     fn windows() {
         assert_eq!(parse_window("30s"), Some(30_000));
         assert_eq!(parse_window("1m"), Some(60_000));
