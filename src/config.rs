@@ -473,8 +473,8 @@ fn reword(msg: &str, field: &str) -> String {
         let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
         return format!("unknown field, expected one of: {}", names.join(", "));
     }
-    // The expectation is ours or serde's (never containing ", expected "); what was found may be
-    // the client's text, so split at the last one.
+    // The expectation is ours or serde's (never containing ", expected "); what was found may
+    // quote the config's own strings, which may, so split at the last one.
     let Some((found, expected)) = msg.rsplit_once(", expected ") else {
         return msg.to_string();
     };
@@ -1705,6 +1705,21 @@ mod tests {
             parse_str(&format!("{MIN} {{}}")).unwrap_err(),
             "invalid JSON: trailing characters at line 1 column 79"
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = "[".repeat(200_000);
+        for input in [
+            deep.clone(),
+            cfg(
+                &format!(r#""default_limits":[{{"metric":"requests","amount":{deep}"#),
+                "",
+            ),
+            cfg(&format!(r#""rotaton":{deep}"#), ""),
+        ] {
+            assert!(parse_str(&input).is_err());
+        }
     }
 
     #[test]
