@@ -24,6 +24,7 @@ DEMO_ENV = {
     "OPENAI_KEY_3": "sk-demo-openai-3",
     "ANTHROPIC_KEY_1": "sk-ant-demo-1",
     "TEAM_B_KEY": "tg-demo-team-b",
+    "TOLLGATE_ADMIN_KEY": "tg-demo-admin",
 }
 
 TRY = """
@@ -45,7 +46,7 @@ Or with the OpenAI SDK:
   print(client.chat.completions.create(model="gpt-4o-mini",
         messages=[{"role": "user", "content": "Say hello"}]).choices[0].message.content)
 
-Usage totals and key health: curl -s localhost:10000/tollgate/status
+Usage totals and key health: curl -s localhost:10000/tollgate/status -H 'Authorization: Bearer tg-demo-admin'
 Prometheus metrics:          curl -s localhost:9901/stats/prometheus | grep tollgate
 Ctrl-C stops everything.
 """

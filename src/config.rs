@@ -1,15 +1,35 @@
-//! Plugin configuration: one walk over the parsed JSON that reads typed fields (unknown ones
-//! refused) and validates them into `Config`; every error names the field path and the reason.
-//! No serde derive: each derived deserializer costs tens of KB of the Wasm module.
+//! Plugin configuration, in two phases: serde reads the JSON into the `Raw*` structs below (unknown
+//! fields refused), then `validate` turns them into `Config`. Every error names the field path and
+//! the reason, e.g. `providers[0].keys[2].env: OPENAI_KEY_3 is not set (...)`.
+//!
+//! Every raw field is an `Option`: `null` means absent, and a missing required field is reported by
+//! the validation as `path: missing`, in the same words as every other error.
+//!
+//! Hand-written on purpose, around serde:
+//! - `reword` turns serde's messages (`unknown field \`x\`, expected one of \`a\`, \`b\``,
+//!   `invalid type: string "3", expected u32`) into the config's wording, which operators and
+//!   tests read (`unknown field, expected one of: a, b`, `expected a non-negative integer`);
+//! - `Object` reads a derived struct from a JSON object only: serde's derived structs also accept a
+//!   JSON array, filled field by field in declaration order, which no one means in a config;
+//! - `Choice` reads the string choices: serde_json reports a derived enum given a non-string
+//!   (`"failure_mode": true`) as a JSON syntax error, with no word of what was expected;
+//! - `micro_usd` reads a `cost_usd` amount from the number's text (kept by `RawValue`): through f64,
+//!   0.0000015 USD would be 1.4999999999999998 micro-USD.
 //!
 //! Secrets are resolved here, once, at configure time: key values from environment variables that
-//! Envoy passes in `vm_config.environment_variables.host_env_keys`, consumer keys as SHA-256 digests.
+//! Envoy passes in `vm_config.environment_variables.host_env_keys`, consumer and admin keys as
+//! SHA-256 digests.
 
-use crate::json::{Map, Value};
-use crate::limit::consumer_key;
+use crate::limit::consumer_key::{self, KeyDigest};
 use crate::limit::quota::{Limit, Metric, Price};
 use core::fmt;
+use core::marker::PhantomData;
 use hashbrown::HashMap;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{Deserializer, MapAccess, Unexpected, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
 
 /// A configuration error: `path: reason`, e.g. `providers[0].keys[2].env: OPENAI_KEY_3 is not set`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,148 +92,6 @@ pub enum FailureMode {
     Open,
     /// ... or refuse it with 503.
     Closed,
-}
-
-// ---------------------------------------------------------------- JSON walker
-
-const PROVIDER_TYPES: &[(&str, ProviderType)] = &[
-    ("openai", ProviderType::Openai),
-    ("azure_openai", ProviderType::AzureOpenai),
-    ("anthropic", ProviderType::Anthropic),
-    ("openai_compatible", ProviderType::OpenaiCompatible),
-];
-const ROTATIONS: &[(&str, Rotation)] = &[
-    ("round_robin", Rotation::RoundRobin),
-    ("weighted", Rotation::Weighted),
-    ("sticky", Rotation::Sticky),
-];
-const FAILURE_MODES: &[(&str, FailureMode)] =
-    &[("open", FailureMode::Open), ("closed", FailureMode::Closed)];
-
-type Res<T> = Result<T, ConfigError>;
-
-/// `value` converted by `f`: None when absent or null (null is absent, as serde's `Option` had
-/// it), else an error naming `path` and `what` was expected.
-fn typed<'a, T>(
-    path: &str,
-    value: Option<&'a Value>,
-    what: &str,
-    f: impl FnOnce(&'a Value) -> Option<T>,
-) -> Res<Option<T>> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => f(v)
-            .map(Some)
-            .ok_or_else(|| err(path, format!("expected {what}"))),
-    }
-}
-
-/// The elements of the array at `path` (none when absent), each with its own path.
-fn items<'a>(path: &str, value: Option<&'a Value>) -> Res<Vec<(String, &'a Value)>> {
-    let list = typed(path, value, "an array", Value::as_array)?;
-    Ok(list
-        .into_iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, v)| (format!("{path}[{i}]"), v))
-        .collect())
-}
-
-/// An object of the configuration at `path` (`map` None: absent, every field absent). Its keys
-/// are checked against the declared fields up front, so a misspelt optional field is an error
-/// rather than a silent default.
-struct Obj<'a> {
-    map: Option<&'a Map<String, Value>>,
-    path: String,
-}
-
-impl<'a> Obj<'a> {
-    fn new(value: &'a Value, path: String, fields: &[&str]) -> Res<Self> {
-        let map = value
-            .as_object()
-            .ok_or_else(|| err(&path, "expected an object"))?;
-        let o = Obj {
-            map: Some(map),
-            path,
-        };
-        match map.keys().find(|k| !fields.contains(&k.as_str())) {
-            Some(k) => Err(o.err(
-                k,
-                format!("unknown field, expected one of: {}", fields.join(", ")),
-            )),
-            None => Ok(o),
-        }
-    }
-    fn at(&self, name: &str) -> String {
-        if self.path.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{name}", self.path)
-        }
-    }
-    fn err(&self, name: &str, reason: impl Into<String>) -> ConfigError {
-        err(self.at(name), reason)
-    }
-    fn get(&self, name: &str) -> Option<&'a Value> {
-        self.map.and_then(|m| m.get(name))
-    }
-    fn opt<T>(
-        &self,
-        name: &str,
-        what: &str,
-        f: impl FnOnce(&'a Value) -> Option<T>,
-    ) -> Res<Option<T>> {
-        typed(&self.at(name), self.get(name), what, f)
-    }
-    /// A required field's value, read by one of the accessors below.
-    fn need<T>(&self, name: &str, value: Option<T>) -> Res<T> {
-        value.ok_or_else(|| self.err(name, "missing"))
-    }
-    fn str(&self, name: &str) -> Res<Option<&'a str>> {
-        self.opt(name, "a string", Value::as_str)
-    }
-    fn flag(&self, name: &str) -> Res<bool> {
-        Ok(self
-            .opt(name, "a boolean", Value::as_bool)?
-            .unwrap_or(false))
-    }
-    fn uint<T: TryFrom<u64>>(&self, name: &str) -> Res<Option<T>> {
-        self.opt(name, "a non-negative integer", Value::as_u64)?
-            .map(|n| T::try_from(n).map_err(|_| self.err(name, "is too large")))
-            .transpose()
-    }
-    fn choice<T: Copy>(&self, name: &str, table: &[(&str, T)]) -> Res<Option<T>> {
-        let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
-        let what = format!("one of: {}", names.join(", "));
-        self.opt(name, &what, |v| {
-            let s = v.as_str()?;
-            table.iter().find(|(n, _)| *n == s).map(|(_, t)| *t)
-        })
-    }
-    fn obj(&self, name: &str, fields: &[&str]) -> Res<Obj<'a>> {
-        match self.opt(name, "", Some)? {
-            Some(v) => Obj::new(v, self.at(name), fields),
-            None => Ok(Obj {
-                map: None,
-                path: self.at(name),
-            }),
-        }
-    }
-    fn list(&self, name: &str, required: bool) -> Res<Vec<(String, &'a Value)>> {
-        if required {
-            self.need(name, self.opt(name, "", Some)?)?;
-        }
-        items(&self.at(name), self.get(name))
-    }
-    /// An object with free keys (model names): (path, key, value) for each entry.
-    fn entries(&self, name: &str) -> Res<Vec<(String, &'a str, &'a Value)>> {
-        let map = self.opt(name, "an object", Value::as_object)?;
-        Ok(map
-            .into_iter()
-            .flat_map(|m| m.iter())
-            .map(|(k, v)| (format!("{}.{k}", self.at(name)), k.as_str(), v))
-            .collect())
-    }
 }
 
 // ---------------------------------------------------------------- validated layer
@@ -290,6 +168,13 @@ pub struct Health {
     pub half_open_probes: u32,
 }
 
+/// The status endpoint: who may read everything (the admin key), else each consumer its own standing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusConfig {
+    pub path: String,
+    pub admin_key_digest: Option<KeyDigest>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub consumers: Consumers,
@@ -297,6 +182,9 @@ pub struct Config {
     pub health: Health,
     pub default_limits: Vec<Limit>,
     pub prices: HashMap<String, Price>,
+    /// The price of a model missing from `prices`: without one, such a model has no cost, and a
+    /// cost budget cannot be kept for it.
+    pub default_price: Option<Price>,
     pub default_max_tokens: u64,
     pub lower_max_tokens: bool,
     pub max_request_bytes: u64,
@@ -304,19 +192,11 @@ pub struct Config {
     pub failure_mode: FailureMode,
     pub sticky_header: Option<String>,
     pub status: Option<StatusConfig>,
-    pub default_price: Option<Price>,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
     pub warnings: Vec<String>,
 }
 
 pub const ANONYMOUS: &str = "anonymous";
-
-/// The status endpoint: its path, and the digest of the key that sees everything.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusConfig {
-    pub path: String,
-    pub admin_key_digest: Option<[u8; 32]>,
-}
 
 impl Config {
     pub fn provider(&self, name: &str) -> Option<(usize, &Provider)> {
@@ -355,18 +235,6 @@ impl Config {
         out
     }
 
-    /// The model's price, else the configured default price.
-    pub fn price_for(&self, model: &str) -> Option<&Price> {
-        self.prices.get(model).or(self.default_price.as_ref())
-    }
-
-    /// Whether a cost limit applies to `consumer` asking for `model`.
-    pub fn has_cost_limit(&self, consumer: &str, model: &str) -> bool {
-        self.limits_for(consumer, model)
-            .iter()
-            .any(|(_, l)| l.metric == Metric::CostMicroUsd)
-    }
-
     /// Models named anywhere in the config: the only model names used in shared-data keys and
     /// metric names, so that clients cannot grow either without bound.
     pub fn is_known_model(&self, model: &str) -> bool {
@@ -379,18 +247,287 @@ impl Config {
                 }
             }
     }
+
+    /// The model's price, else `default_price`.
+    pub fn price_for(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model).or(self.default_price.as_ref())
+    }
+
+    /// Whether a `cost_usd` budget applies to `consumer` asking for `model`.
+    pub fn has_cost_limit(&self, consumer: &str, model: &str) -> bool {
+        self.limits_for(consumer, model)
+            .iter()
+            .any(|(_, l)| l.metric == Metric::CostMicroUsd)
+    }
+}
+
+// ---------------------------------------------------------------- raw layer (serde)
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    consumers: Option<Object<RawConsumers>>,
+    providers: Option<Vec<Object<RawProvider>>>,
+    health: Option<Object<RawHealth>>,
+    default_limits: Option<Vec<Object<RawLimit>>>,
+    prices: Option<BTreeMap<String, Object<RawPrice>>>,
+    default_price: Option<Object<RawPrice>>,
+    default_max_tokens: Option<u64>,
+    lower_max_tokens: Option<bool>,
+    max_request_bytes: Option<u64>,
+    max_sse_event_bytes: Option<u64>,
+    failure_mode: Option<Choice<FailureMode>>,
+    sticky_header: Option<String>,
+    status: Option<Object<RawStatus>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<Choice<ProviderType>>,
+    host: Option<String>,
+    base_path: Option<String>,
+    api_version: Option<String>,
+    anthropic_version: Option<String>,
+    rotation: Option<Choice<Rotation>>,
+    keys: Option<Vec<Object<RawKey>>>,
+    models: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: Option<String>,
+    env: Option<String>,
+    value: Option<String>,
+    inline: Option<bool>,
+    weight: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumers {
+    trusted_header: Option<String>,
+    list: Option<Vec<Object<RawConsumer>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumer {
+    name: Option<String>,
+    key_sha256: Option<String>,
+    key_env: Option<String>,
+    limits: Option<Vec<Object<RawLimit>>>,
+    model_limits: Option<BTreeMap<String, Option<Vec<Object<RawLimit>>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    metric: Option<String>,
+    /// The number's text: a `cost_usd` amount is read from it exactly.
+    amount: Option<Box<RawValue>>,
+    window: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input: Option<f64>,
+    output: Option<f64>,
+    cached_input: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    default_cooldown_s: Option<u64>,
+    auth_failure_cooldown_s: Option<u64>,
+    circuit_failures: Option<u32>,
+    circuit_open_s: Option<u64>,
+    half_open_probes: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatus {
+    path: Option<String>,
+    admin_key_sha256: Option<String>,
+    admin_key_env: Option<String>,
+}
+
+/// `T` read from a JSON object only (see the module's doc comment).
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        d.deserialize_map(ObjectVisitor(PhantomData))
+    }
+}
+
+/// A value named by one of a fixed set of strings.
+trait Named: Copy + 'static {
+    const NAMES: &'static [(&'static str, Self)];
+}
+
+impl Named for ProviderType {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("openai", ProviderType::Openai),
+        ("azure_openai", ProviderType::AzureOpenai),
+        ("anthropic", ProviderType::Anthropic),
+        ("openai_compatible", ProviderType::OpenaiCompatible),
+    ];
+}
+
+impl Named for Rotation {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("round_robin", Rotation::RoundRobin),
+        ("weighted", Rotation::Weighted),
+        ("sticky", Rotation::Sticky),
+    ];
+}
+
+impl Named for FailureMode {
+    const NAMES: &'static [(&'static str, Self)] =
+        &[("open", FailureMode::Open), ("closed", FailureMode::Closed)];
+}
+
+/// A `Named` value (see the module's doc comment).
+struct Choice<T>(T);
+
+impl<'de, T: Named> Deserialize<'de> for Choice<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ChoiceVisitor<T>(PhantomData<T>);
+        impl<T: Named> Visitor<'_> for ChoiceVisitor<T> {
+            type Value = Choice<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let names: Vec<&str> = T::NAMES.iter().map(|(n, _)| *n).collect();
+                write!(f, "one of: {}", names.join(", "))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Choice<T>, E> {
+                T::NAMES
+                    .iter()
+                    .find(|(n, _)| *n == s)
+                    .map(|(_, t)| Choice(*t))
+                    .ok_or_else(|| E::invalid_value(Unexpected::Str(s), &self))
+            }
+        }
+        d.deserialize_str(ChoiceVisitor(PhantomData))
+    }
+}
+
+/// Fields that were replaced: naming one gets this reason rather than "unknown field".
+const REPLACED: &[(&str, &str)] = &[(
+    "status_path",
+    r#"replaced by "status": {"path": ..., "admin_key_sha256" or "admin_key_env"}"#,
+)];
+
+/// serde_path_to_error's (path, serde_json error) as our `path: reason`.
+fn from_serde(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    let path = match e.path().to_string() {
+        root if root == "." => String::new(),
+        path => path,
+    };
+    let field = match e.path().iter().next_back() {
+        Some(serde_path_to_error::Segment::Map { key }) => key.clone(),
+        _ => String::new(),
+    };
+    let inner = e.into_inner();
+    if !inner.is_data() {
+        return err("", format!("invalid JSON: {inner}"));
+    }
+    let text = inner.to_string();
+    let position = format!(" at line {} column {}", inner.line(), inner.column());
+    let msg = text.strip_suffix(&position).unwrap_or(&text);
+    if let Some(name) = msg
+        .strip_prefix("duplicate field `")
+        .and_then(|m| m.strip_suffix('`'))
+    {
+        // Raised once the object is read, so the path is the object's.
+        return err(at(&path, name), "given twice");
+    }
+    let reason = match REPLACED.iter().find(|(p, _)| *p == path) {
+        Some((_, why)) if msg.starts_with("unknown field") => why.to_string(),
+        _ => reword(msg, &field),
+    };
+    err(path, reason)
+}
+
+/// serde's data error `msg` about `field` in the config's wording (see the module's doc comment);
+/// any other message as it is.
+fn reword(msg: &str, field: &str) -> String {
+    if let Some(expected) = msg.strip_prefix(&format!("unknown field `{field}`, ")) {
+        // "expected one of `a`, `b`", "expected `a` or `b`", "expected `a`": the names in backticks.
+        let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        return format!("unknown field, expected one of: {}", names.join(", "));
+    }
+    // The expectation is ours or serde's (never containing ", expected "); what was found may
+    // quote the config's own strings, which may, so split at the last one.
+    let Some((found, expected)) = msg.rsplit_once(", expected ") else {
+        return msg.to_string();
+    };
+    let unsigned = matches!(expected, "u8" | "u16" | "u32" | "u64" | "usize");
+    if unsigned && found.starts_with("invalid value: integer `") && !found.contains('-') {
+        return "is too large".to_string();
+    }
+    if !found.starts_with("invalid type: ") && !found.starts_with("invalid value: ") {
+        return msg.to_string();
+    }
+    let expected = match expected {
+        _ if unsigned => "a non-negative integer",
+        "f64" => "a number",
+        "a sequence" => "an array",
+        "a map" => "an object",
+        other => other,
+    };
+    format!("expected {expected}")
 }
 
 /// Parses and validates. `env` resolves environment variables (std::env::var in the module).
-pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+pub fn parse(json: &[u8], env: &Env) -> Result<Config, ConfigError> {
     if json.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(err(
             "",
             "configuration is empty: tollgate needs at least `providers`",
         ));
     }
-    let value = crate::json::from_slice(json).map_err(|e| err("", format!("invalid JSON: {e}")))?;
-    validate(&value, env)
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let Object(raw) = serde_path_to_error::deserialize(&mut de).map_err(from_serde)?;
+    de.end()
+        .map_err(|e| err("", format!("invalid JSON: {e}")))?;
+    validate(raw, env)
+}
+
+// ---------------------------------------------------------------- validation
+
+type Res<T> = Result<T, ConfigError>;
+
+/// Environment variables by name (std::env::var in the module, a table in tests).
+pub type Env<'a> = dyn Fn(&str) -> Option<String> + 'a;
+
+fn at(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+/// A required field's value.
+fn need<T>(path: &str, field: &str, value: Option<T>) -> Res<T> {
+    value.ok_or_else(|| err(at(path, field), "missing"))
 }
 
 fn valid_name(s: &str) -> bool {
@@ -402,326 +539,99 @@ fn valid_name(s: &str) -> bool {
 
 const NAME_RULE: &str = "must be 1-64 characters of letters, digits, '-' or '_'";
 
-fn validate(value: &Value, env: &dyn Fn(&str) -> Option<String>) -> Res<Config> {
-    let root = Obj::new(
-        value,
-        String::new(),
-        &[
-            "consumers",
-            "providers",
-            "health",
-            "default_limits",
-            "prices",
-            "default_max_tokens",
-            "lower_max_tokens",
-            "max_request_bytes",
-            "max_sse_event_bytes",
-            "failure_mode",
-            "sticky_header",
-            "status_path",
-        ],
-    )?;
+/// The value of the environment variable `var` named by the field at `path`, trimmed.
+fn env_secret(path: &str, var: &str, env: &Env) -> Res<String> {
+    match env(var) {
+        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+        Some(_) => Err(err(path, format!("{var} is empty"))),
+        None => Err(err(
+            path,
+            format!("{var} is not set (list it in vm_config.environment_variables.host_env_keys)"),
+        )),
+    }
+}
+
+/// A key (`whose`: "the admin key") given either as its SHA-256 in hex (the field `fields.0` of
+/// `path`) or through an environment variable (`fields.1`), as a digest; None when neither is.
+fn key_digest(
+    path: &str,
+    fields: (&str, &str),
+    sha: Option<String>,
+    var: Option<String>,
+    whose: &str,
+    env: &Env,
+) -> Res<Option<KeyDigest>> {
+    let (sha_field, env_field) = fields;
+    match (sha, var) {
+        (Some(_), Some(_)) => Err(err(
+            at(path, env_field),
+            format!("give either `{sha_field}` or `{env_field}`, not both"),
+        )),
+        (Some(h), None) => consumer_key::from_hex(&h).map(Some).ok_or_else(|| {
+            err(
+                at(path, sha_field),
+                format!("must be 64 hex characters (sha256 of {whose})"),
+            )
+        }),
+        (None, Some(var)) => {
+            let key = env_secret(&at(path, env_field), &var, env)?;
+            Ok(Some(consumer_key::digest(key.as_bytes())))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
     let mut warnings = Vec::new();
 
-    let raw_providers = root.list("providers", true)?;
+    let raw_providers = need("", "providers", raw.providers)?;
     if raw_providers.is_empty() {
         return Err(err("providers", "at least one provider is required"));
     }
-    let mut providers = Vec::with_capacity(raw_providers.len());
-    for (path, v) in raw_providers {
-        let rp = Obj::new(
-            v,
-            path,
-            &[
-                "name",
-                "type",
-                "host",
-                "base_path",
-                "api_version",
-                "anthropic_version",
-                "rotation",
-                "keys",
-                "models",
-            ],
+    let mut providers: Vec<Provider> = Vec::with_capacity(raw_providers.len());
+    for (i, Object(rp)) in raw_providers.into_iter().enumerate() {
+        let p = provider(
+            &format!("providers[{i}]"),
+            rp,
+            &providers,
+            env,
+            &mut warnings,
         )?;
-        let name = rp.need("name", rp.str("name")?)?;
-        let kind = rp.need("type", rp.choice("type", PROVIDER_TYPES)?)?;
-        let host = rp.str("host")?;
-        let base_path = rp.str("base_path")?;
-        let api_version = rp.str("api_version")?;
-        let anthropic_version = rp.str("anthropic_version")?;
-        let rotation = rp.choice("rotation", ROTATIONS)?.unwrap_or_default();
-        let raw_keys = rp.list("keys", true)?;
-        let raw_models = rp.entries("models")?;
-
-        if !valid_name(name) {
-            return Err(rp.err("name", NAME_RULE));
-        }
-        if providers.iter().any(|q: &Provider| q.name == name) {
-            return Err(rp.err("name", format!("duplicate provider name '{name}'")));
-        }
-        if raw_keys.is_empty() {
-            return Err(rp.err("keys", "at least one key is required"));
-        }
-        if kind == ProviderType::AzureOpenai && api_version.is_none() {
-            return Err(rp.err(
-                "api_version",
-                "required for azure_openai (e.g. \"2024-10-21\")",
-            ));
-        }
-        if kind != ProviderType::AzureOpenai && api_version.is_some() {
-            return Err(rp.err(
-                "api_version",
-                "only azure_openai providers take an api_version",
-            ));
-        }
-        if anthropic_version.is_some() && kind != ProviderType::Anthropic {
-            return Err(rp.err(
-                "anthropic_version",
-                "only anthropic providers take an anthropic_version",
-            ));
-        }
-        let base_path = match base_path {
-            Some(b) if !b.starts_with('/') || b.contains('?') => {
-                return Err(rp.err("base_path", "must start with '/' and carry no query"))
-            }
-            Some(b) => b.trim_end_matches('/').to_string(),
-            None => String::new(),
-        };
-        if let Some(h) = host {
-            if h.is_empty() || h.bytes().any(|b| b.is_ascii_whitespace() || b == b'/') {
-                return Err(rp.err(
-                    "host",
-                    "must be a host name (optionally :port), no scheme or path",
-                ));
-            }
-        }
-        let mut keys: Vec<Key> = Vec::with_capacity(raw_keys.len());
-        for (path, v) in raw_keys {
-            let rk = Obj::new(v, path, &["id", "env", "value", "inline", "weight"])?;
-            let id = rk.need("id", rk.str("id")?)?;
-            let (var, value, inline) = (rk.str("env")?, rk.str("value")?, rk.flag("inline")?);
-            let weight = rk.uint("weight")?.unwrap_or(1u32);
-            let k = &rk.path;
-            if !valid_name(id) {
-                return Err(rk.err("id", NAME_RULE));
-            }
-            if keys.iter().any(|q| q.id == id) {
-                return Err(rk.err("id", format!("duplicate key id '{id}'")));
-            }
-            let (secret, source) = match (var, value) {
-                (Some(_), Some(_)) => return Err(err(k, "give either `env` or `value`, not both")),
-                (None, None) => return Err(err(k, "`env` (the environment variable holding the key) is required")),
-                (Some(var), None) => match env(var) {
-                    Some(v) if !v.trim().is_empty() => (v.trim().to_string(), KeySecret::Env(var.to_string())),
-                    Some(_) => return Err(rk.err("env", format!("{var} is empty"))),
-                    None => {
-                        return Err(rk.err(
-                            "env",
-                            format!("{var} is not set (list it in vm_config.environment_variables.host_env_keys)"),
-                        ))
-                    }
-                },
-                (None, Some(v)) => {
-                    if !inline {
-                        return Err(rk.err(
-                            "value",
-                            "inline secrets must be marked `\"inline\": true`; prefer `env`",
-                        ));
-                    }
-                    if v.trim().is_empty() {
-                        return Err(rk.err("value", "is empty"));
-                    }
-                    warnings.push(format!(
-                        "{k}: key '{id}' is inline in the configuration; it will show in /config_dump. Use `env` instead",
-                    ));
-                    (v.trim().to_string(), KeySecret::Inline)
-                }
-            };
-            if secret.bytes().any(|b| b < 0x21 || b == 0x7f) {
-                return Err(err(k, "the key contains whitespace or control characters"));
-            }
-            if weight == 0 || weight > 1000 {
-                return Err(rk.err("weight", "must be between 1 and 1000"));
-            }
-            keys.push(Key {
-                id: id.to_string(),
-                secret,
-                source,
-                weight,
-            });
-        }
-        let mut models = HashMap::with_capacity(raw_models.len());
-        for (path, client, v) in raw_models {
-            let upstream = v.as_str().ok_or_else(|| err(path, "expected a string"))?;
-            if client.is_empty() || upstream.is_empty() {
-                return Err(rp.err("models", "model names must not be empty"));
-            }
-            models.insert(client.to_string(), upstream.to_string());
-        }
-        let schedule = smooth_weighted_schedule(&keys);
-        providers.push(Provider {
-            name: name.to_string(),
-            kind,
-            host: host.map(str::to_string),
-            base_path,
-            api_version: api_version.map(str::to_string),
-            anthropic_version: anthropic_version.unwrap_or("2023-06-01").to_string(),
-            rotation,
-            keys,
-            models,
-            schedule,
-        });
+        providers.push(p);
     }
 
-    let default_limits = limits(root.list("default_limits", false)?)?;
+    let default_limits = limits("default_limits", raw.default_limits)?;
 
-    let rc = root.obj("consumers", &["trusted_header", "list"])?;
-    let consumers = if rc.map.is_none() {
-        Consumers::Anonymous
-    } else {
-        let trusted_header = rc.str("trusted_header")?;
-        let raw_list = rc.list("list", false)?;
-        let mut list: Vec<Consumer> = Vec::with_capacity(raw_list.len());
-        for (path, v) in raw_list {
-            let c = Obj::new(
-                v,
-                path,
-                &["name", "key_sha256", "key_env", "limits", "model_limits"],
-            )?;
-            let name = c.need("name", c.str("name")?)?;
-            let (key_sha256, key_env) = (c.str("key_sha256")?, c.str("key_env")?);
-            let raw_limits = c.list("limits", false)?;
-            let raw_model_limits = c.entries("model_limits")?;
-            if !valid_name(name) || name == ANONYMOUS {
-                return Err(c.err("name", format!("{NAME_RULE}, and not '{ANONYMOUS}'")));
-            }
-            if list.iter().any(|q| q.name == name) {
-                return Err(c.err("name", format!("duplicate consumer '{name}'")));
-            }
-            let key_digest =
-                match (key_sha256, key_env, trusted_header.is_some()) {
-                    (Some(_), Some(_), _) => {
-                        return Err(err(
-                            &c.path,
-                            "give either `key_sha256` or `key_env`, not both",
-                        ))
-                    }
-                    (Some(h), None, _) => Some(consumer_key::from_hex(h).ok_or_else(|| {
-                        c.err(
-                            "key_sha256",
-                            "must be 64 hex characters (sha256 of the consumer's key)",
-                        )
-                    })?),
-                    (None, Some(var), _) => match env(var) {
-                        Some(v) if !v.trim().is_empty() => {
-                            Some(consumer_key::digest(v.trim().as_bytes()))
-                        }
-                        _ => return Err(c.err("key_env", format!("{var} is not set or empty"))),
-                    },
-                    (None, None, true) => None,
-                    (None, None, false) => return Err(err(
-                        &c.path,
-                        "`key_sha256` or `key_env` is required (or set consumers.trusted_header)",
-                    )),
-                };
-            let own = limits(raw_limits)?;
-            let mut model_limits = HashMap::with_capacity(raw_model_limits.len());
-            for (path, m, v) in raw_model_limits {
-                model_limits.insert(m.to_string(), limits(items(&path, Some(v))?)?);
-            }
-            list.push(Consumer {
-                name: name.to_string(),
-                key_digest,
-                limits: own,
-                model_limits,
-            });
-        }
-        match trusted_header {
-            Some(h) => {
-                let h = h.to_ascii_lowercase();
-                if h.is_empty() || h.starts_with(':') {
-                    return Err(rc.err("trusted_header", "must be a header name"));
-                }
-                Consumers::TrustedHeader { header: h, list }
-            }
-            None if list.is_empty() => {
-                return Err(rc.err(
-                    "list",
-                    "is empty: remove `consumers` to admit everyone anonymously",
-                ))
-            }
-            None => Consumers::Keys(list),
-        }
+    let consumers = match raw.consumers {
+        None => Consumers::Anonymous,
+        Some(Object(rc)) => consumers(rc, env)?,
     };
 
     let mut prices = HashMap::new();
-    for (path, m, v) in root.entries("prices")? {
-        let rp = Obj::new(v, path, &["input", "output", "cached_input"])?;
-        let usd = |name| rp.opt(name, "a number", Value::as_f64);
-        let input = rp.need("input", usd("input")?)?;
-        let output = rp.need("output", usd("output")?)?;
-        let cached_input = usd("cached_input")?;
-        let ok = |x: f64| x.is_finite() && x >= 0.0;
-        if !ok(input) || !ok(output) || !cached_input.map(ok).unwrap_or(true) {
-            return Err(err(
-                rp.path,
-                "prices must be finite, non-negative USD per million tokens",
-            ));
-        }
-        prices.insert(
-            m.to_string(),
-            Price {
-                input_per_mtok: input,
-                output_per_mtok: output,
-                cached_input_per_mtok: cached_input.unwrap_or(input),
-            },
-        );
+    for (model, Object(rp)) in raw.prices.unwrap_or_default() {
+        let p = price(&format!("prices.{model}"), rp)?;
+        prices.insert(model, p);
     }
+    let default_price = raw
+        .default_price
+        .map(|Object(rp)| price("default_price", rp))
+        .transpose()?;
 
-    let h = root.obj(
-        "health",
-        &[
-            "default_cooldown_s",
-            "auth_failure_cooldown_s",
-            "circuit_failures",
-            "circuit_open_s",
-            "half_open_probes",
-        ],
-    )?;
-    let ms = |name: &str, default_s: u64| -> Res<u64> {
-        Ok(h.uint(name)?.unwrap_or(default_s).saturating_mul(1000))
-    };
-    let health = Health {
-        default_cooldown_ms: ms("default_cooldown_s", 30)?,
-        auth_failure_cooldown_ms: ms("auth_failure_cooldown_s", 3600)?,
-        circuit_failures: h.uint("circuit_failures")?.unwrap_or(5),
-        circuit_open_ms: ms("circuit_open_s", 30)?,
-        half_open_probes: h.uint("half_open_probes")?.unwrap_or(1),
-    };
-    if health.circuit_failures == 0 {
-        return Err(h.err("circuit_failures", "must be at least 1"));
-    }
-    if health.half_open_probes == 0 {
-        return Err(h.err("half_open_probes", "must be at least 1"));
-    }
+    let health = health(raw.health.map(|Object(h)| h).unwrap_or_default())?;
 
-    let max_request_bytes: u64 = root.uint("max_request_bytes")?.unwrap_or(4 << 20);
+    let max_request_bytes = raw.max_request_bytes.unwrap_or(4 << 20);
     if max_request_bytes == 0 {
         return Err(err("max_request_bytes", "must be positive"));
     }
-    let max_sse_event_bytes: u64 = root.uint("max_sse_event_bytes")?.unwrap_or(1 << 20);
+    let max_sse_event_bytes = raw.max_sse_event_bytes.unwrap_or(1 << 20);
     if max_sse_event_bytes < 1024 {
         return Err(err("max_sse_event_bytes", "must be at least 1024"));
     }
-    let default_max_tokens: u64 = root.uint("default_max_tokens")?.unwrap_or(4096);
+    let default_max_tokens = raw.default_max_tokens.unwrap_or(4096);
     if default_max_tokens == 0 {
         return Err(err("default_max_tokens", "must be positive"));
     }
-    let status_path = root.str("status_path")?;
-    if status_path.is_some_and(|p| !p.starts_with('/')) {
-        return Err(err("status_path", "must start with '/'"));
-    }
+    let status = raw.status.map(|Object(s)| status(s, env)).transpose()?;
 
     Ok(Config {
         consumers,
@@ -729,61 +639,326 @@ fn validate(value: &Value, env: &dyn Fn(&str) -> Option<String>) -> Res<Config> 
         health,
         default_limits,
         prices,
+        default_price,
         default_max_tokens,
-        lower_max_tokens: root.flag("lower_max_tokens")?,
+        lower_max_tokens: raw.lower_max_tokens.unwrap_or(false),
         max_request_bytes,
         max_sse_event_bytes: usize::try_from(max_sse_event_bytes).unwrap_or(usize::MAX),
-        failure_mode: root
-            .choice("failure_mode", FAILURE_MODES)?
-            .unwrap_or_default(),
-        sticky_header: root.str("sticky_header")?.map(str::to_ascii_lowercase),
-        status: status_path.map(|p| StatusConfig {
-            path: p.to_string(),
-            admin_key_digest: None,
-        }),
-        default_price: None,
+        failure_mode: raw.failure_mode.map(|Choice(m)| m).unwrap_or_default(),
+        sticky_header: raw.sticky_header.map(|h| h.to_ascii_lowercase()),
+        status,
         warnings,
     })
 }
 
-fn limits(raw: Vec<(String, &Value)>) -> Res<Vec<Limit>> {
-    raw.into_iter()
-        .map(|(path, v)| {
-            let l = Obj::new(v, path, &["metric", "amount", "window"])?;
-            let metric = l.need("metric", l.str("metric")?)?;
-            let amount = l.opt("amount", "a number", |v| match v {
-                Value::Number(n) => Some(n),
-                _ => None,
-            })?;
-            let amount = l.need("amount", amount)?;
-            let window = l.need("window", l.str("window")?)?;
-            let metric = match metric {
-                "requests" => Metric::Requests,
-                "input_tokens" => Metric::InputTokens,
-                "output_tokens" => Metric::OutputTokens,
-                "total_tokens" => Metric::TotalTokens,
-                "cost_usd" => Metric::CostMicroUsd,
-                other => {
-                    return Err(l.err(
-                        "metric",
-                        format!("unknown metric '{other}' (requests, input_tokens, output_tokens, total_tokens, cost_usd)"),
-                    ))
-                }
-            };
-            let amount = match metric {
-                // Cost budgets are written in USD and kept in micro-USD.
-                Metric::CostMicroUsd => micro_usd(&amount.to_string())
-                    .ok_or_else(|| l.err("amount", "must be a number of USD from 0.000001"))?,
-                _ => amount
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| l.err("amount", "must be a positive whole number"))?,
-            };
-            let window_ms = parse_window(window)
-                .ok_or_else(|| l.err("window", "must be a number and a unit: \"30s\", \"1m\", \"1h\", \"1d\""))?;
-            Ok(Limit { metric, amount, window_ms })
-        })
+fn provider(
+    path: &str,
+    rp: RawProvider,
+    before: &[Provider],
+    env: &Env,
+    warnings: &mut Vec<String>,
+) -> Res<Provider> {
+    let name = need(path, "name", rp.name)?;
+    let Choice(kind) = need(path, "type", rp.kind)?;
+    let raw_keys = need(path, "keys", rp.keys)?;
+    let field = |f| at(path, f);
+
+    if !valid_name(&name) {
+        return Err(err(field("name"), NAME_RULE));
+    }
+    if before.iter().any(|q| q.name == name) {
+        return Err(err(
+            field("name"),
+            format!("duplicate provider name '{name}'"),
+        ));
+    }
+    if raw_keys.is_empty() {
+        return Err(err(field("keys"), "at least one key is required"));
+    }
+    let api_version = rp.api_version;
+    if kind == ProviderType::AzureOpenai && api_version.is_none() {
+        return Err(err(
+            field("api_version"),
+            "required for azure_openai (e.g. \"2024-10-21\")",
+        ));
+    }
+    if kind != ProviderType::AzureOpenai && api_version.is_some() {
+        return Err(err(
+            field("api_version"),
+            "only azure_openai providers take an api_version",
+        ));
+    }
+    if rp.anthropic_version.is_some() && kind != ProviderType::Anthropic {
+        return Err(err(
+            field("anthropic_version"),
+            "only anthropic providers take an anthropic_version",
+        ));
+    }
+    let base_path = match rp.base_path {
+        Some(b) if !b.starts_with('/') || b.contains('?') => {
+            return Err(err(
+                field("base_path"),
+                "must start with '/' and carry no query",
+            ))
+        }
+        Some(b) => b.trim_end_matches('/').to_string(),
+        None => String::new(),
+    };
+    if let Some(h) = &rp.host {
+        if h.is_empty() || h.bytes().any(|b| b.is_ascii_whitespace() || b == b'/') {
+            return Err(err(
+                field("host"),
+                "must be a host name (optionally :port), no scheme or path",
+            ));
+        }
+    }
+    let mut keys: Vec<Key> = Vec::with_capacity(raw_keys.len());
+    for (i, Object(rk)) in raw_keys.into_iter().enumerate() {
+        let k = key(&format!("{path}.keys[{i}]"), rk, &keys, env, warnings)?;
+        keys.push(k);
+    }
+    let models: HashMap<String, String> = rp.models.unwrap_or_default().into_iter().collect();
+    if models.iter().any(|(c, u)| c.is_empty() || u.is_empty()) {
+        return Err(err(field("models"), "model names must not be empty"));
+    }
+    let schedule = smooth_weighted_schedule(&keys);
+    Ok(Provider {
+        name,
+        kind,
+        host: rp.host,
+        base_path,
+        api_version,
+        anthropic_version: rp
+            .anthropic_version
+            .unwrap_or_else(|| "2023-06-01".to_string()),
+        rotation: rp.rotation.map(|Choice(r)| r).unwrap_or_default(),
+        keys,
+        models,
+        schedule,
+    })
+}
+
+fn key(path: &str, rk: RawKey, before: &[Key], env: &Env, warnings: &mut Vec<String>) -> Res<Key> {
+    let id = need(path, "id", rk.id)?;
+    let weight = rk.weight.unwrap_or(1);
+    if !valid_name(&id) {
+        return Err(err(at(path, "id"), NAME_RULE));
+    }
+    if before.iter().any(|q| q.id == id) {
+        return Err(err(at(path, "id"), format!("duplicate key id '{id}'")));
+    }
+    let (secret, source) = match (rk.env, rk.value) {
+        (Some(_), Some(_)) => return Err(err(path, "give either `env` or `value`, not both")),
+        (None, None) => {
+            return Err(err(
+                path,
+                "`env` (the environment variable holding the key) is required",
+            ))
+        }
+        (Some(var), None) => (
+            env_secret(&at(path, "env"), &var, env)?,
+            KeySecret::Env(var),
+        ),
+        (None, Some(v)) => {
+            if !rk.inline.unwrap_or(false) {
+                return Err(err(
+                    at(path, "value"),
+                    "inline secrets must be marked `\"inline\": true`; prefer `env`",
+                ));
+            }
+            if v.trim().is_empty() {
+                return Err(err(at(path, "value"), "is empty"));
+            }
+            warnings.push(format!(
+                "{path}: key '{id}' is inline in the configuration; it will show in /config_dump. Use `env` instead",
+            ));
+            (v.trim().to_string(), KeySecret::Inline)
+        }
+    };
+    if secret.bytes().any(|b| b < 0x21 || b == 0x7f) {
+        return Err(err(
+            path,
+            "the key contains whitespace or control characters",
+        ));
+    }
+    if weight == 0 || weight > 1000 {
+        return Err(err(at(path, "weight"), "must be between 1 and 1000"));
+    }
+    Ok(Key {
+        id,
+        secret,
+        source,
+        weight,
+    })
+}
+
+fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
+    let raw_list = rc.list.unwrap_or_default();
+    let mut list: Vec<Consumer> = Vec::with_capacity(raw_list.len());
+    for (i, Object(c)) in raw_list.into_iter().enumerate() {
+        let path = format!("consumers.list[{i}]");
+        let name = need(&path, "name", c.name)?;
+        if !valid_name(&name) || name == ANONYMOUS {
+            return Err(err(
+                at(&path, "name"),
+                format!("{NAME_RULE}, and not '{ANONYMOUS}'"),
+            ));
+        }
+        if list.iter().any(|q| q.name == name) {
+            return Err(err(
+                at(&path, "name"),
+                format!("duplicate consumer '{name}'"),
+            ));
+        }
+        let key_digest = key_digest(
+            &path,
+            ("key_sha256", "key_env"),
+            c.key_sha256,
+            c.key_env,
+            "the consumer's key",
+            env,
+        )?;
+        if key_digest.is_none() && rc.trusted_header.is_none() {
+            return Err(err(
+                &path,
+                "`key_sha256` or `key_env` is required (or set consumers.trusted_header)",
+            ));
+        }
+        let own = limits(&at(&path, "limits"), c.limits)?;
+        let mut model_limits = HashMap::new();
+        for (model, ls) in c.model_limits.unwrap_or_default() {
+            let ls = limits(&format!("{path}.model_limits.{model}"), ls)?;
+            model_limits.insert(model, ls);
+        }
+        list.push(Consumer {
+            name,
+            key_digest,
+            limits: own,
+            model_limits,
+        });
+    }
+    match rc.trusted_header {
+        Some(h) => {
+            let h = h.to_ascii_lowercase();
+            if h.is_empty() || h.starts_with(':') {
+                return Err(err("consumers.trusted_header", "must be a header name"));
+            }
+            Ok(Consumers::TrustedHeader { header: h, list })
+        }
+        None if list.is_empty() => Err(err(
+            "consumers.list",
+            "is empty: remove `consumers` to admit everyone anonymously",
+        )),
+        None => Ok(Consumers::Keys(list)),
+    }
+}
+
+fn price(path: &str, rp: RawPrice) -> Res<Price> {
+    let input = need(path, "input", rp.input)?;
+    let output = need(path, "output", rp.output)?;
+    let ok = |x: f64| x.is_finite() && x >= 0.0;
+    if !ok(input) || !ok(output) || !rp.cached_input.map(ok).unwrap_or(true) {
+        return Err(err(
+            path,
+            "prices must be finite, non-negative USD per million tokens",
+        ));
+    }
+    Ok(Price {
+        input_per_mtok: input,
+        output_per_mtok: output,
+        cached_input_per_mtok: rp.cached_input.unwrap_or(input),
+    })
+}
+
+fn health(h: RawHealth) -> Res<Health> {
+    let ms = |s: Option<u64>, default_s: u64| s.unwrap_or(default_s).saturating_mul(1000);
+    let health = Health {
+        default_cooldown_ms: ms(h.default_cooldown_s, 30),
+        auth_failure_cooldown_ms: ms(h.auth_failure_cooldown_s, 3600),
+        circuit_failures: h.circuit_failures.unwrap_or(5),
+        circuit_open_ms: ms(h.circuit_open_s, 30),
+        half_open_probes: h.half_open_probes.unwrap_or(1),
+    };
+    if health.circuit_failures == 0 {
+        return Err(err("health.circuit_failures", "must be at least 1"));
+    }
+    if health.half_open_probes == 0 {
+        return Err(err("health.half_open_probes", "must be at least 1"));
+    }
+    Ok(health)
+}
+
+fn status(s: RawStatus, env: &Env) -> Res<StatusConfig> {
+    let path = need("status", "path", s.path)?;
+    if !path.starts_with('/') {
+        return Err(err("status.path", "must start with '/'"));
+    }
+    let admin_key_digest = key_digest(
+        "status",
+        ("admin_key_sha256", "admin_key_env"),
+        s.admin_key_sha256,
+        s.admin_key_env,
+        "the admin key",
+        env,
+    )?;
+    Ok(StatusConfig {
+        path,
+        admin_key_digest,
+    })
+}
+
+fn limits(path: &str, raw: Option<Vec<Object<RawLimit>>>) -> Res<Vec<Limit>> {
+    raw.unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, Object(l))| limit(&format!("{path}[{i}]"), l))
         .collect()
+}
+
+fn limit(path: &str, l: RawLimit) -> Res<Limit> {
+    let metric = need(path, "metric", l.metric)?;
+    // A valid JSON value starting like a number is one.
+    let amount = need(path, "amount", l.amount)?;
+    let amount = amount.get();
+    if !amount.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        return Err(err(at(path, "amount"), "expected a number"));
+    }
+    let window = need(path, "window", l.window)?;
+    let metric = match metric.as_str() {
+        "requests" => Metric::Requests,
+        "input_tokens" => Metric::InputTokens,
+        "output_tokens" => Metric::OutputTokens,
+        "total_tokens" => Metric::TotalTokens,
+        "cost_usd" => Metric::CostMicroUsd,
+        other => {
+            return Err(err(
+                at(path, "metric"),
+                format!("unknown metric '{other}' (requests, input_tokens, output_tokens, total_tokens, cost_usd)"),
+            ))
+        }
+    };
+    let amount = match metric {
+        // Cost budgets are written in USD and kept in micro-USD.
+        Metric::CostMicroUsd => micro_usd(amount)
+            .ok_or_else(|| err(at(path, "amount"), "must be a number of USD from 0.000001"))?,
+        // serde_json's u64: the text of a whole number without exponent or fraction.
+        _ => amount
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| err(at(path, "amount"), "must be a positive whole number"))?,
+    };
+    let window_ms = parse_window(&window).ok_or_else(|| {
+        err(
+            at(path, "window"),
+            "must be a number and a unit: \"30s\", \"1m\", \"1h\", \"1d\"",
+        )
+    })?;
+    Ok(Limit {
+        metric,
+        amount,
+        window_ms,
+    })
 }
 
 /// A USD amount written as a JSON number (`1.5`, `0.10`, `15e-7`, `2E+3`) in micro-USD, rounded
@@ -987,11 +1162,24 @@ mod tests {
         }
     }
 
-    /// `{"providers":[P]}` with P the minimal provider merged with `extra` (a JSON fragment that
-    /// may override its fields), and `top` more top-level fields.
+    /// `{"providers":[P]}` with P the minimal provider and `extra` (a JSON fragment, which may
+    /// give other keys), and `top` more top-level fields.
     fn cfg(top: &str, extra: &str) -> String {
+        // A field given twice is refused: `extra`'s fields replace the minimal ones.
+        let minimal = [
+            r#""name":"oa","#,
+            r#""type":"openai","#,
+            r#""keys":[{"id":"k1","env":"K1"}],"#,
+        ];
+        let fields: String = minimal
+            .iter()
+            .filter(|f| f.split(':').next().is_some_and(|k| !extra.contains(k)))
+            .copied()
+            .collect();
+        let provider = format!("{fields}{}", extra.trim_start_matches(','));
         format!(
-            r#"{{{top}"providers":[{{"name":"oa","type":"openai","keys":[{{"id":"k1","env":"K1"}}]{extra}}}]}}"#
+            r#"{{{top}"providers":[{{{}}}]}}"#,
+            provider.trim_end_matches(',')
         )
     }
 
@@ -1003,7 +1191,7 @@ mod tests {
     fn unknown_fields_are_refused_with_their_path_and_the_accepted_names() {
         const LIMIT: &str = "expected one of: metric, amount, window";
         let cases: &[(&str, &str, String)] = &[
-            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status_path".into()),
+            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models".into()),
             ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, weight".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
@@ -1097,7 +1285,7 @@ mod tests {
     #[test]
     fn null_is_absent() {
         let c = parse_str(&cfg(
-            r#""consumers":null,"health":null,"default_limits":null,"prices":null,"max_request_bytes":null,"lower_max_tokens":null,"failure_mode":null,"sticky_header":null,"status_path":null,"#,
+            r#""consumers":null,"health":null,"default_limits":null,"prices":null,"max_request_bytes":null,"lower_max_tokens":null,"failure_mode":null,"sticky_header":null,"status":null,"default_price":null,"#,
             r#","host":null,"base_path":null,"rotation":null,"models":null,"keys":[{"id":"k1","env":"K1","value":null,"inline":null,"weight":null}]"#,
         ))
         .unwrap();
@@ -1110,7 +1298,10 @@ mod tests {
             (c.max_request_bytes, c.lower_max_tokens, c.failure_mode),
             (4 << 20, false, FailureMode::Open)
         );
-        assert_eq!((c.sticky_header, c.status), (None, None));
+        assert_eq!(
+            (c.sticky_header, c.status, c.default_price),
+            (None, None, None)
+        );
         let p = &c.providers[0];
         assert_eq!(
             (p.host.as_deref(), p.base_path.as_str(), p.rotation),
@@ -1130,7 +1321,8 @@ mod tests {
                 "providers":[{"name":"az","type":"azure_openai","host":"h:8443","base_path":"/x/","api_version":"v1","rotation":"weighted","keys":[{"id":"k1","env":"K1","weight":3},{"id":"k2","value":" sk-in ","inline":true}],"models":{"m":"deploy"}}],
                 "health":{"default_cooldown_s":1,"auth_failure_cooldown_s":2,"circuit_failures":3,"circuit_open_s":4,"half_open_probes":5},
                 "default_limits":[{"metric":"total_tokens","amount":9,"window":"day"}],"prices":{"m":{"input":1,"output":2.5}},
-                "default_max_tokens":10,"lower_max_tokens":true,"max_request_bytes":11,"max_sse_event_bytes":2048,"failure_mode":"closed","sticky_header":"X-S","status_path":"/st"}"#,
+                "default_max_tokens":10,"lower_max_tokens":true,"max_request_bytes":11,"max_sse_event_bytes":2048,"failure_mode":"closed","sticky_header":"X-S","status":{"path":"/st","admin_key_env":"TEAM_A"},
+                "default_price":{"input":3,"output":4,"cached_input":0.5}}"#,
         )
         .unwrap();
         let Consumers::TrustedHeader { header, list } = &c.consumers else {
@@ -1205,6 +1397,14 @@ mod tests {
             (1.0, 2.5, 1.0)
         );
         assert_eq!(
+            c.default_price,
+            Some(Price {
+                input_per_mtok: 3.0,
+                output_per_mtok: 4.0,
+                cached_input_per_mtok: 0.5
+            })
+        );
+        assert_eq!(
             (
                 c.default_max_tokens,
                 c.lower_max_tokens,
@@ -1214,12 +1414,15 @@ mod tests {
             (10, true, 11, 2048)
         );
         assert_eq!(
+            (c.failure_mode, c.sticky_header.as_deref(), c.status),
             (
-                c.failure_mode,
-                c.sticky_header.as_deref(),
-                c.status.as_ref().map(|s| s.path.as_str())
-            ),
-            (FailureMode::Closed, Some("x-s"), Some("/st"))
+                FailureMode::Closed,
+                Some("x-s"),
+                Some(StatusConfig {
+                    path: "/st".into(),
+                    admin_key_digest: Some(consumer_key::digest(b"team-a-secret"))
+                })
+            )
         );
     }
 
@@ -1376,6 +1579,240 @@ mod tests {
         assert_eq!(
             e.err().as_deref(),
             Some("default_limits[0].amount: must be a number of USD from 0.000001")
+        );
+    }
+
+    #[test]
+    fn status_section() {
+        let status = |section: &str| {
+            parse_str(&cfg(&format!(r#""status":{section},"#), "")).map(|c| c.status)
+        };
+        assert_eq!(
+            status(r#"{"path":"/tollgate/status"}"#),
+            Ok(Some(StatusConfig {
+                path: "/tollgate/status".into(),
+                admin_key_digest: None
+            }))
+        );
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(
+            status(&format!(r#"{{"path":"/s","admin_key_sha256":"{abc}"}}"#))
+                .map(|s| s.and_then(|s| s.admin_key_digest)),
+            Ok(Some(consumer_key::digest(b"abc")))
+        );
+        assert_eq!(
+            status(r#"{"path":"/s","admin_key_env":"TEAM_A"}"#)
+                .map(|s| s.and_then(|s| s.admin_key_digest)),
+            Ok(Some(consumer_key::digest(b"team-a-secret")))
+        );
+        let cases: &[(&str, &str)] = &[
+            (r#"{}"#, "status.path: missing"),
+            (r#"{"path":null}"#, "status.path: missing"),
+            (r#"{"path":"s"}"#, "status.path: must start with '/'"),
+            (
+                &format!(r#"{{"path":"/s","admin_key_sha256":"{abc}","admin_key_env":"TEAM_A"}}"#),
+                "status.admin_key_env: give either `admin_key_sha256` or `admin_key_env`, not both",
+            ),
+            (
+                r#"{"path":"/s","admin_key_sha256":"abc"}"#,
+                "status.admin_key_sha256: must be 64 hex characters (sha256 of the admin key)",
+            ),
+            (
+                r#"{"path":"/s","admin_key_env":"NOPE"}"#,
+                "status.admin_key_env: NOPE is not set (list it in vm_config.environment_variables.host_env_keys)",
+            ),
+            (r#"{"path":"/s","admin_key_env":"EMPTY"}"#, "status.admin_key_env: EMPTY is empty"),
+            (
+                r#"{"path":"/s","admin_key":"x"}"#,
+                "status.admin_key: unknown field, expected one of: path, admin_key_sha256, admin_key_env",
+            ),
+            (r#""/s""#, "status: expected an object"),
+        ];
+        for (section, want) in cases {
+            assert_eq!(status(section).unwrap_err(), *want, "for {section}");
+        }
+    }
+
+    #[test]
+    fn status_path_is_refused_with_its_replacement() {
+        let want = r#"status_path: replaced by "status": {"path": ..., "admin_key_sha256" or "admin_key_env"}"#;
+        assert_eq!(refused(r#""status_path":"/st","#, ""), want);
+        assert_eq!(refused(r#""status_path":null,"#, ""), want);
+    }
+
+    #[test]
+    fn unpriced_models_take_the_default_price_and_cost_limits_are_found() {
+        let c = parse_str(&cfg(
+            r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","model_limits":{"m2":[{"metric":"cost_usd","amount":1,"window":"1d"}]}},{"name":"b","key_env":"K1","limits":[{"metric":"requests","amount":1,"window":"1d"}]}]},
+                "default_limits":[{"metric":"cost_usd","amount":5,"window":"1d"}],
+                "prices":{"m":{"input":1,"output":2}},"default_price":{"input":10,"output":20},"#,
+            "",
+        ))
+        .unwrap();
+        assert_eq!(c.price_for("m").map(|p| p.input_per_mtok), Some(1.0));
+        assert_eq!(c.price_for("other").map(|p| p.input_per_mtok), Some(10.0));
+        assert_eq!(
+            c.price_for("other").map(|p| p.cached_input_per_mtok),
+            Some(10.0)
+        );
+        assert!(
+            c.has_cost_limit("a", "m"),
+            "a has no own limits: the defaults"
+        );
+        assert!(c.has_cost_limit("a", "m2"));
+        assert!(
+            !c.has_cost_limit("b", "m2"),
+            "b's own limits replace the defaults"
+        );
+        assert!(c.has_cost_limit("anonymous", "x"));
+        let bare = parse_str(MIN).unwrap();
+        assert_eq!(bare.price_for("m"), None);
+        assert!(!bare.has_cost_limit("anonymous", "m"));
+        assert_eq!(
+            refused(r#""default_price":{"input":1},"#, ""),
+            "default_price.output: missing"
+        );
+        assert_eq!(
+            refused(r#""default_price":{"input":-1,"output":1},"#, ""),
+            "default_price: prices must be finite, non-negative USD per million tokens"
+        );
+        assert_eq!(
+            refused(r#""default_price":{"input":1,"output":1,"cache":1},"#, ""),
+            "default_price.cache: unknown field, expected one of: input, output, cached_input"
+        );
+    }
+
+    #[test]
+    fn only_objects_are_read_as_objects_and_no_field_twice() {
+        assert_eq!(
+            parse_str(r#"{"providers":[["oa","openai",null,null,null,null,null,[]]]}"#)
+                .unwrap_err(),
+            "providers[0]: expected an object"
+        );
+        assert_eq!(
+            refused("", r#","keys":[["k1","K1"]]"#),
+            "providers[0].keys[0]: expected an object"
+        );
+        assert_eq!(
+            parse_str(r#"{"providers":[{"name":"oa","name":"ob","type":"openai"}]}"#).unwrap_err(),
+            "providers[0].name: given twice"
+        );
+        assert_eq!(
+            refused(r#""max_request_bytes":1,"max_request_bytes":2,"#, ""),
+            "max_request_bytes: given twice"
+        );
+        assert_eq!(
+            parse_str(&format!("{MIN} {{}}")).unwrap_err(),
+            "invalid JSON: trailing characters at line 1 column 79"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = "[".repeat(200_000);
+        for input in [
+            deep.clone(),
+            cfg(
+                &format!(r#""default_limits":[{{"metric":"requests","amount":{deep}"#),
+                "",
+            ),
+            cfg(&format!(r#""rotaton":{deep}"#), ""),
+        ] {
+            assert!(parse_str(&input).is_err());
+        }
+    }
+
+    #[test]
+    fn serde_messages_in_the_configs_words() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "unknown field `x`, expected one of `a`, `b`, `c`",
+                "x",
+                "unknown field, expected one of: a, b, c",
+            ),
+            (
+                "unknown field `x`, expected `a` or `b`",
+                "x",
+                "unknown field, expected one of: a, b",
+            ),
+            (
+                "unknown field `x`, expected `a`",
+                "x",
+                "unknown field, expected one of: a",
+            ),
+            // The client's text may say anything, backticks and ", expected " included.
+            (
+                "unknown field `x`, y`, expected `a`",
+                "x`, y",
+                "unknown field, expected one of: a",
+            ),
+            (
+                "invalid type: string \"a, expected b\", expected u32",
+                "f",
+                "expected a non-negative integer",
+            ),
+            (
+                "invalid value: integer `-1`, expected u64",
+                "f",
+                "expected a non-negative integer",
+            ),
+            (
+                "invalid value: integer `4294967296`, expected u32",
+                "f",
+                "is too large",
+            ),
+            (
+                "invalid type: floating point `2.5`, expected u32",
+                "f",
+                "expected a non-negative integer",
+            ),
+            (
+                "invalid type: string \"1\", expected f64",
+                "f",
+                "expected a number",
+            ),
+            (
+                "invalid type: map, expected a sequence",
+                "f",
+                "expected an array",
+            ),
+            (
+                "invalid type: sequence, expected a map",
+                "f",
+                "expected an object",
+            ),
+            (
+                "invalid value: string \"x\", expected one of: a, b",
+                "f",
+                "expected one of: a, b",
+            ),
+            (
+                "something else, expected anything",
+                "f",
+                "something else, expected anything",
+            ),
+            ("number out of range", "f", "number out of range"),
+        ];
+        for (msg, field, want) in cases {
+            assert_eq!(reword(msg, field), *want, "for {msg}");
+        }
+    }
+
+    #[test]
+    fn fuzz_regressions_and_the_demo_corpus_entry() {
+        let any = |_: &str| Some("sk-x".to_string());
+        let cost = include_bytes!("../fuzz/regressions/config/cost_usd_rounds_to_zero.json");
+        assert_eq!(
+            parse(cost, &any)
+                .map_err(|e| e.to_string())
+                .err()
+                .as_deref(),
+            Some("default_limits[0].amount: must be a number of USD from 0.000001")
+        );
+        let demo = parse(include_bytes!("../fuzz/corpus/config/demo.json"), &any);
+        assert_eq!(
+            demo.map(|c| c.status.map(|s| s.path)),
+            Ok(Some("/tollgate/status".to_string()))
         );
     }
 

@@ -70,7 +70,7 @@ PLUGIN = {
     ],
     "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.6}, "gpt-4o": {"input": 2.5, "output": 10}},
     "health": {"default_cooldown_s": 2},
-    "status_path": STATUS,
+    "status": {"path": STATUS},
 }
 # kind -> (weight, consumer). Weights are per mille of requests.
 MIX = {

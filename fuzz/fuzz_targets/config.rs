@@ -46,6 +46,9 @@ fuzz_target!(|data: &[u8]| {
         names.extend(list.iter().flat_map(|c| c.model_limits.keys().map(String::as_str)));
     }
     names.extend(cfg.prices.keys().map(String::as_str));
+    if let Some(status) = &cfg.status {
+        assert!(status.path.starts_with('/'));
+    }
     for &consumer in &names {
         for &model in &names {
             for (_, limit) in cfg.limits_for(consumer, model) {
@@ -54,6 +57,14 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         let _ = cfg.consumer(consumer);
+        // Every price admission multiplies by is finite and non-negative.
+        if let Some(p) = cfg.price_for(consumer) {
+            let ok = |x: f64| x.is_finite() && x >= 0.0;
+            assert!(ok(p.input_per_mtok) && ok(p.output_per_mtok) && ok(p.cached_input_per_mtok), "{p:?}");
+        }
+        for &model in &names {
+            let _ = cfg.has_cost_limit(consumer, model);
+        }
         let _ = cfg.is_known_model(consumer);
         for p in &cfg.providers {
             let _ = p.map_model(consumer);

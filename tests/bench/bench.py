@@ -99,7 +99,7 @@ PLUGIN = {
         "keys": [{"id": f"oa-{i}", "env": f"BENCH_OPENAI_KEY_{i}"} for i in (1, 2, 3)],
     }],
     "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.6, "cached_input": 0.075}},
-    "status_path": "/tollgate/status",
+    "status": {"path": "/tollgate/status"},
 }
 
 # ---------------------------------------------------------------------------------------------
