@@ -12,10 +12,9 @@ import urllib.request
 
 import pytest
 
-from conftest import KEYS, anthropic_provider, openai_provider
+from conftest import KEYS, STATUS, anthropic_provider, openai_provider, status
 from harness import Envoy, Response, chat, free_port, gateway_config, request, sse_data
 
-STATUS = "/tollgate/status"
 TEAM_A = KEYS["TEAM_A_KEY"]
 MAX_REQUEST = 2048
 MAX_EVENT = 1024
@@ -24,7 +23,7 @@ COOLDOWN_S = 3
 
 def plugin(**extra) -> dict:
     p = {"consumers": {"list": [{"name": "team-a", "key_env": "TEAM_A_KEY"}]},
-         "providers": [openai_provider()], "status_path": STATUS,
+         "providers": [openai_provider()], "status": STATUS,
          "max_request_bytes": MAX_REQUEST, "max_sse_event_bytes": MAX_EVENT,
          "health": {"default_cooldown_s": COOLDOWN_S}}
     p.update(extra)
@@ -54,9 +53,6 @@ def _read(conn: http.client.HTTPConnection) -> Response:
     conn.close()
     return Response(r.status, hdrs, raw)
 
-
-def status(gw) -> dict:
-    return request(gw.port, "GET", STATUS).json()
 
 
 def usage(gw) -> dict:
