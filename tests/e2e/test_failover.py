@@ -219,20 +219,20 @@ def test_each_attempt_starts_from_the_clients_request(gateway, mocks):
 
 def test_provider_never_sees_client_tollgate_headers_nor_the_trusted_consumer_header(gateway, mocks):
     """`x-tollgate-*` headers are the gateway's own and the trusted consumer header is an internal
-    identity: whatever a client sends under those names reaches no provider, on the first attempt, on
-    a retry with another key, nor after a failover to another provider."""
+    identity: whatever a client sends under those names reaches no provider, on the first attempt nor
+    on the retry (here after a failover to the other provider)."""
     p = {"consumers": {"trusted_header": "x-team", "list": [{"name": "team-a"}, {"name": "team-b"}]},
          "providers": [openai_provider(), anthropic_provider()]}
     gw = gateway(p)
     a, b = mocks["openai"], mocks["anthropic"]
-    a.script({"status": 429, "headers": {"retry-after": "30"}, "times": 3})  # every openai key once, then anthropic
+    a.script({"status": 429, "headers": {"retry-after": "30"}, "times": 1})  # the retry goes to anthropic
     spoofed = {"x-team": "team-a", "x-tollgate-consumer": "team-b", "x-tollgate-route": "openai",
                "x-tollgate-provider": "openai", "x-tollgate-key-id": "oa-1", "x-tollgate-rid": "1",
                "x-tollgate-anything": "yes"}
     r = chat(gw.port, key=None, headers=spoofed)
     assert r.status == 200, r
     seen = a.requests() + b.requests()
-    assert (len(a.requests()), len(b.requests())) == (3, 1), [(q["path"], q["key"]) for q in seen]
+    assert len(a.requests()) == 1 and len(b.requests()) == 1, [(q["path"], q["key"]) for q in seen]
     for i, q in enumerate(seen):
         leaked = {k: v for k, v in q["headers"].items() if k.startswith("x-tollgate-") or k == "x-team"}
         assert leaked == {}, f"attempt {i + 1} ({q['path']}) received {leaked}"
