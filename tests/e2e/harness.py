@@ -157,6 +157,8 @@ def gateway_config(
                                     "typed_config": {
                                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "gw",
+                                        # HTTP/1.1 and HTTP/2 (h2c with prior knowledge) on one port.
+                                        "codec_type": "AUTO",
                                         "access_log": [
                                             {
                                                 "name": "envoy.access_loggers.file",

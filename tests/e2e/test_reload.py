@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import time
 from concurrent.futures import ThreadPoolExecutor
 
