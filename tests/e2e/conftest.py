@@ -1,7 +1,6 @@
 """Fixtures: the Rust mock providers (one per test session) and real Envoy gateways per test."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import ENVOY, MOCK_BIN, WASM, Envoy, free_port, gateway_config  # noqa: E402
+from harness import ENVOY, MOCK_BIN, WASM, Envoy, free_port, gateway_config, request  # noqa: E402
 from mock_client import start_mock  # noqa: E402
 
 # Known secret values: the secrets test searches everything a client or operator sees for them.
@@ -21,7 +20,24 @@ KEYS = {
     "ANTHROPIC_KEY_2": "sk-ant2-SECRET-8a5c3f",
     "TEAM_A_KEY": "tg-team-a-SECRET-0e6d2b",
     "TEAM_B_KEY": "tg-team-b-SECRET-5f1a7c",
+    "STATUS_ADMIN_KEY": "tg-admin-SECRET-3c9e1d",
 }
+
+STATUS_PATH = "/tollgate/status"
+# The plugin config's `status` section: the admin key (env) sees everything, a consumer its own standing.
+STATUS = {"path": STATUS_PATH, "admin_key_env": "STATUS_ADMIN_KEY"}
+
+
+def status_as(gw, key: str | None):
+    """GET the status endpoint presenting `key` as a Bearer token (None: no credential)."""
+    return request(gw.port, "GET", STATUS_PATH, headers={"authorization": f"Bearer {key}"} if key else None)
+
+
+def status(gw) -> dict:
+    """The status endpoint as the operator sees it (admin key)."""
+    r = status_as(gw, KEYS["STATUS_ADMIN_KEY"])
+    assert r.status == 200, r
+    return r.json()
 
 
 def openai_provider(name="openai", n=3, **extra):
@@ -62,23 +78,40 @@ def _fresh_mocks(mocks):
         m.reset()
 
 
-@pytest.fixture
-def gateway(mocks, tmp_path):
-    started: list[Envoy] = []
+class Gateways:
+    """Starts real Envoy gateways in front of the mocks, and stops them all at the end."""
 
-    def start(plugin: dict, endpoints: list[dict] | None = None, env: dict | None = None,
+    def __init__(self, mocks, tmp: Path):
+        self.mocks, self.tmp, self.started = mocks, tmp, []
+
+    def start(self, plugin: dict, endpoints: list[dict] | None = None, env: dict | None = None,
               concurrency: int = 2, log_level: str = "info", **kw) -> Envoy:
         if endpoints is None:
-            endpoints = [{"provider": p["name"], "port": mocks["openai" if p["type"] != "anthropic" else "anthropic"].port,
+            endpoints = [{"provider": p["name"], "port": self.mocks["openai" if p["type"] != "anthropic" else "anthropic"].port,
                           "priority": i} for i, p in enumerate(plugin["providers"])]
+        access_log = self.tmp / f"access{len(self.started)}.log"
         cfg = gateway_config(plugin, endpoints, listener_port=free_port(), admin_port=free_port(),
-                             access_log=str(tmp_path / f"access{len(started)}.log"),
-                             env_keys=sorted(KEYS), **kw)
+                             access_log=str(access_log), env_keys=sorted(KEYS), **kw)
         e = Envoy(cfg, env={**KEYS, **(env or {})}, concurrency=concurrency, log_level=log_level)
-        e.access_log_path = tmp_path / f"access{len(started)}.log"
-        started.append(e)
+        e.access_log_path = access_log
+        self.started.append(e)
         return e.start()
 
-    yield start
-    for e in started:
-        e.stop()
+    def stop(self) -> None:
+        for e in self.started:
+            e.stop()
+
+
+@pytest.fixture
+def gateway(mocks, tmp_path):
+    g = Gateways(mocks, tmp_path)
+    yield g.start
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def module_gateway(mocks, tmp_path_factory):
+    """Like `gateway`, for gateways a whole test module shares (cases that leave no state behind)."""
+    g = Gateways(mocks, tmp_path_factory.mktemp("gateways"))
+    yield g.start
+    g.stop()

@@ -45,7 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wasm_filter(name: str, root_id: str, plugin: dict, env_keys: list[str]) -> dict:
+def wasm_filter(name: str, root_id: str, plugin: dict, env_keys: list[str], *, listener: bool = False) -> dict:
+    """One tollgate role. A VM that traps is replaced (FAIL_RELOAD) instead of failing every later
+    request on its worker; the listener role holds the request headers while it reads the body
+    (allow_on_headers_stop_iteration), so it can decide before the first attempt."""
+    extra = {"allow_on_headers_stop_iteration": True} if listener else {}
     return {
         "name": name,
         "typed_config": {
@@ -53,7 +57,8 @@ def wasm_filter(name: str, root_id: str, plugin: dict, env_keys: list[str]) -> d
             "config": {
                 "name": name,
                 "root_id": root_id,
-                **({"allow_on_headers_stop_iteration": True} if root_id != "tollgate.upstream" else {}),
+                "failure_policy": "FAIL_RELOAD",
+                **extra,
                 "vm_config": {
                     "vm_id": "tollgate",
                     "runtime": "envoy.wasm.runtime.v8",
@@ -152,6 +157,8 @@ def gateway_config(
                                     "typed_config": {
                                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "gw",
+                                        # HTTP/1.1 and HTTP/2 (h2c with prior knowledge) on one port.
+                                        "codec_type": "AUTO",
                                         "access_log": [
                                             {
                                                 "name": "envoy.access_loggers.file",
@@ -169,7 +176,7 @@ def gateway_config(
                                             ]
                                         },
                                         "http_filters": [
-                                            wasm_filter("tollgate", "tollgate.listener", plugin, env_keys),
+                                            wasm_filter("tollgate", "tollgate.listener", plugin, env_keys, listener=True),
                                             {
                                                 "name": "envoy.filters.http.router",
                                                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -257,13 +264,13 @@ class Envoy:
         if self.proc:
             stop_process(self.proc, grace=10)
 
-    def access_log(self, contains: str = "", at_least: int = 1, timeout: float = 5) -> list[str]:
-        """Access-log lines (optionally only those containing `contains`), waiting for Envoy's
-        periodic file flush until at least `at_least` of them are there."""
+    def access_log(self, contains: str = "", at_least: int = 1, timeout: float = 5, since: int = 0) -> list[str]:
+        """Access-log lines (optionally only those containing `contains`, from line `since` on), waiting
+        for Envoy's periodic file flush until at least `at_least` of them are there."""
         deadline = time.time() + timeout
         while True:
             text = self.access_log_path.read_text() if self.access_log_path.exists() else ""
-            lines = [l for l in text.splitlines() if contains in l]
+            lines = [l for l in text.splitlines()[since:] if contains in l]
             if len(lines) >= at_least or time.time() > deadline:
                 return lines
             time.sleep(0.1)
@@ -372,3 +379,40 @@ def redis_command(port: int, *args: str):
             raise RuntimeError(f"bad RESP line {line!r}")
 
         return read()
+
+
+def raw_request(port: int, method: str, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b"",
+                timeout: float = 10) -> Response | None:
+    """HTTP/1.1 over a plain socket, so header bytes go out as given (http.client refuses what is not
+    Latin-1 text). The answer is read to the close; None when the gateway closed without answering."""
+    head = method.encode() + b" " + path + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+    head += b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    if not any(k.lower() == b"content-length" for k, _ in headers):
+        head += b"content-length: %d\r\n" % len(body)
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head + b"\r\n" + body)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    if not got:
+        return None
+    head, _, payload = got.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    hdrs: dict[str, str] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    if hdrs.get("transfer-encoding") == "chunked":
+        body_out = b""
+        while payload:
+            size, _, rest = payload.partition(b"\r\n")
+            n = int(size.split(b";")[0] or b"0", 16)
+            if n == 0:
+                break
+            body_out += rest[:n]
+            payload = rest[n + 2:]
+        payload = body_out
+    return Response(int(lines[0].split(" ")[1]), hdrs, payload)

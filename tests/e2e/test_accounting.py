@@ -9,15 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
 import openai
+import pytest
 
-from conftest import KEYS, anthropic_provider, openai_provider
+from conftest import KEYS, STATUS, anthropic_provider, openai_provider, status, status_as
 from harness import chat, request, sse_data
 
-STATUS = "/tollgate/status"
 
-
-def status(gw) -> dict:
-    return request(gw.port, "GET", STATUS).json()
 
 
 def reported(mock) -> dict:
@@ -46,7 +43,7 @@ def consumers():
 
 
 def test_concurrent_openai_traffic_is_counted_exactly(gateway, mocks):
-    plugin = {"consumers": consumers(), "providers": [openai_provider()], "status_path": STATUS,
+    plugin = {"consumers": consumers(), "providers": [openai_provider()], "status": STATUS,
               "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.6}}}
     gw = gateway(plugin, concurrency=2)
 
@@ -93,7 +90,7 @@ def test_concurrent_openai_traffic_is_counted_exactly(gateway, mocks):
 
 
 def test_anthropic_messages_counted_with_cache_tokens(gateway, mocks):
-    plugin = {"providers": [anthropic_provider(models={})], "status_path": STATUS}
+    plugin = {"providers": [anthropic_provider(models={})], "status": STATUS}
     gw = gateway(plugin, endpoints=[{"provider": "anthropic", "port": mocks["anthropic"].port}])
     mocks["anthropic"].script({"times": 1, "usage": {"input": 10, "output": 7, "cache_read": 100, "cache_write": 20}})
     body = {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
@@ -112,7 +109,7 @@ def test_anthropic_messages_counted_with_cache_tokens(gateway, mocks):
 
 
 def test_missing_usage_is_estimated_and_flagged(gateway, mocks):
-    gw = gateway({"providers": [openai_provider(n=1)], "status_path": STATUS})
+    gw = gateway({"providers": [openai_provider(n=1)], "status": STATUS})
     mocks["openai"].script({"omit_usage": True, "words": 40})
     assert chat(gw.port, content="Tell me a story about a lighthouse keeper " * 5).status == 200
     assert chat(gw.port, stream=True, content="again " * 30).status == 200
@@ -125,7 +122,7 @@ def test_missing_usage_is_estimated_and_flagged(gateway, mocks):
 
 
 def test_client_disconnect_mid_stream_is_still_charged_once(gateway, mocks):
-    gw = gateway({"providers": [openai_provider(n=1)], "status_path": STATUS})
+    gw = gateway({"providers": [openai_provider(n=1)], "status": STATUS})
     mocks["openai"].script({"words": 200, "chunk_delay_ms": 20})
     s = socket.create_connection(("127.0.0.1", gw.port))
     body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "long answer please"}]})
@@ -148,7 +145,7 @@ def test_client_disconnect_mid_stream_is_still_charged_once(gateway, mocks):
 
 
 def test_openai_sdk_streams_are_well_formed(gateway, mocks):
-    gw = gateway({"providers": [openai_provider()], "status_path": STATUS})
+    gw = gateway({"providers": [openai_provider()], "status": STATUS})
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="whatever", max_retries=0)
     chunks = list(client.chat.completions.create(model="gpt-4o-mini", stream=True,
                                                  messages=[{"role": "user", "content": "hi"}]))
@@ -164,7 +161,7 @@ def test_openai_sdk_streams_are_well_formed(gateway, mocks):
 
 
 def test_anthropic_sdk_stream(gateway, mocks):
-    gw = gateway({"providers": [anthropic_provider(models={})], "status_path": STATUS},
+    gw = gateway({"providers": [anthropic_provider(models={})], "status": STATUS},
                  endpoints=[{"provider": "anthropic", "port": mocks["anthropic"].port}])
     client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{gw.port}", api_key="whatever", max_retries=0)
     with client.messages.stream(model="claude-haiku-4-5", max_tokens=50,
@@ -175,3 +172,175 @@ def test_anthropic_sdk_stream(gateway, mocks):
     assert final.usage.output_tokens == 3
     u = status(gw)["consumers"]["anonymous"]["usage"]
     assert u["output_tokens"] == 3 and u["input_tokens"] == final.usage.input_tokens
+
+
+# ---------------------------------------------------------------- issue #14
+
+def logged_tokens(line: str) -> tuple[int, int]:
+    return int(re.search(r" in=(\d+)", line).group(1)), int(re.search(r" out=(\d+)", line).group(1))
+
+
+def post(port: int, path: str, body: dict) -> "object":
+    """A POST whose answer may be cut short by an upstream reset (the partial body is kept)."""
+    import http.client
+
+    from harness import Response
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", path, body=json.dumps(body).encode(),
+                 headers={"content-type": "application/json", "authorization": "Bearer x", "x-api-key": "x"})
+    r = conn.getresponse()
+    try:
+        raw = r.read()
+    except http.client.IncompleteRead as e:
+        raw = e.partial
+    conn.close()
+    return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, raw)
+
+
+@pytest.fixture(scope="module")
+def translating(module_gateway, mocks):
+    """Gateways that translate: OpenAI clients served by Anthropic, Anthropic clients served by OpenAI."""
+    return {
+        "openai_client": module_gateway({"providers": [anthropic_provider()]},
+                                        endpoints=[{"provider": "anthropic", "port": mocks["anthropic"].port}]),
+        "anthropic_client": module_gateway({"providers": [openai_provider(models={"claude-haiku-4-5": "gpt-4o-mini"})]},
+                                           endpoints=[{"provider": "openai", "port": mocks["openai"].port}]),
+    }
+
+
+def translated_request(gws: dict, client: str, stream: bool, content: str):
+    gw = gws[client]
+    if client == "openai_client":
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+        path = "/v1/chat/completions"
+    else:
+        body = {"model": "claude-haiku-4-5", "max_tokens": 200, "messages": [{"role": "user", "content": content}]}
+        path = "/v1/messages"
+    return gw, post(gw.port, path, {**body, **({"stream": True} if stream else {})})
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("client", ["openai_client", "anthropic_client"])
+def test_translated_answer_without_usage_is_estimated(translating, mocks, client, stream):
+    """A provider answer without `usage`, translated for a client of the other API, is charged as an
+    estimate (access log usage=estimated, input and output tokens > 0): a count the provider did not
+    give is never an exact zero."""
+    provider = mocks["anthropic" if client == "openai_client" else "openai"]
+    provider.script({"omit_usage": True, "words": 30, "times": 1})
+    since = len(translating[client].access_log(at_least=0))
+    gw, r = translated_request(translating, client, stream, "Tell me about lighthouses " * 5)
+    assert r.status == 200, r
+    assert len(provider.requests()) == 1
+    (line,) = gw.access_log(since=since)
+    assert "usage=estimated" in line, line
+    tokens_in, tokens_out = logged_tokens(line)
+    assert tokens_in > 5 and tokens_out > 5, line
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["no_message_delta_usage", "cut_after_message_start"])
+def test_translated_stream_with_only_message_start_counts_is_estimated(translating, mocks, cut):
+    """Anthropic reports the output count in `message_delta`; `message_start`'s output (1) is
+    provisional. A stream translated for an OpenAI client whose only counts came in `message_start`
+    (no usage in `message_delta`, or the stream cut after `message_start` and a few deltas) is charged
+    as an estimate, not as exact with 1 output token."""
+    rule = {"cut_after_chunks": 3} if cut else {"omit_delta_usage": True}
+    mocks["anthropic"].script({"words": 30, "times": 1, **rule})
+    since = len(translating["openai_client"].access_log(at_least=0))
+    gw, r = translated_request(translating, "openai_client", True, "Tell me about lighthouses")
+    assert r.status == 200, r
+    (line,) = gw.access_log(since=since)
+    assert "usage=estimated" in line, line
+    tokens_in, tokens_out = logged_tokens(line)
+    assert tokens_in > 0 and tokens_out >= (2 if cut else 10), line
+
+
+def test_stream_without_include_usage_has_no_usage_member(module_gateway, mocks):
+    """A client streaming chat completions without `stream_options.include_usage` gets the chunks
+    OpenAI would send it: no `usage` member at all. (tollgate asks the provider for the usage chunk to
+    count the request; the provider then puts `"usage": null` in every chunk, which tollgate must take
+    out with the usage chunk.) The request is still charged exactly."""
+    gw = module_gateway({"providers": [openai_provider(n=1)]})
+    since = len(gw.access_log(at_least=0))
+    r = chat(gw.port, stream=True, content="hi there")
+    assert r.status == 200, r
+    events = sse_data(r.body)
+    assert events[-1] == "[DONE]" and len(events) > 3, events
+    assert json.loads(mocks["openai"].requests()[0]["body"])["stream_options"] == {"include_usage": True}
+    with_usage = [e for e in events if isinstance(e, dict) and "usage" in e]
+    assert with_usage == [], f"{len(with_usage)} chunks carry usage, e.g. {with_usage[:1]}"
+    assert b'"usage"' not in r.body
+    (line,) = gw.access_log(since=since)
+    assert "usage=exact" in line and logged_tokens(line)[1] == 3, line
+
+
+def consumer_standing_plugin() -> dict:
+    return {"consumers": {"list": [
+                {"name": "team-a", "key_env": "TEAM_A_KEY",
+                 "limits": [{"metric": "cost_usd", "amount": 0.5, "window": "1h"},
+                            {"metric": "requests", "amount": 100, "window": "1h"}]},
+                {"name": "team-b", "key_env": "TEAM_B_KEY"}]},
+            "providers": [openai_provider()], "status": STATUS,
+            "prices": {"gpt-4o-mini": {"input": 10.0, "output": 30.0}}}
+
+
+def numbers_under(value, path: str = ""):
+    """(path, number) for every number in a JSON value, the path made of its keys."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from numbers_under(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from numbers_under(v, f"{path}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, value
+
+
+# Fields of a cost_usd limit that hold money (not its window or reset time).
+MONEY_FIELD = re.compile(r"amount|remaining|used|spent|usd|cost")
+
+
+def cost_limits(value) -> list[dict]:
+    if isinstance(value, dict):
+        found = [value] if value.get("metric") == "cost_usd" else []
+        return found + [c for v in value.values() for c in cost_limits(v)]
+    if isinstance(value, list):
+        return [c for v in value for c in cost_limits(v)]
+    return []
+
+
+def test_status_needs_a_credential_and_a_consumer_sees_only_its_own_standing(gateway, mocks):
+    """The status endpoint: without a credential (or with a wrong one) 401 in OpenAI's error shape; a
+    consumer presenting its own key sees its own standing (usage, limits) and nothing about other
+    consumers or the provider keys; the admin key sees everything. Money is in USD, never micro-USD."""
+    gw = gateway(consumer_standing_plugin())
+    mocks["openai"].script({"usage": {"input": 100, "output": 100}})  # $0.001 + $0.003 per request
+    assert chat(gw.port, key=KEYS["TEAM_A_KEY"]).status == 200
+    assert chat(gw.port, key=KEYS["TEAM_B_KEY"]).status == 200
+
+    for key in (None, "tg-not-a-key", KEYS["OPENAI_KEY_1"]):
+        r = status_as(gw, key)
+        assert r.status == 401, (key, r)
+        err = r.json()["error"]
+        assert {"message", "type", "code"} <= set(err) and isinstance(err["message"], str), err
+
+    r = status_as(gw, KEYS["TEAM_A_KEY"])
+    assert r.status == 200, r
+    own = r.json()
+    text = r.body.decode()
+    assert "team-a" in text and "usage" in text, own
+    assert "team-b" not in text, "a consumer sees another consumer's standing"
+    for key_id in ("oa-1", "oa-2", "oa-3"):
+        assert key_id not in text, f"a consumer sees the provider key {key_id}"
+    assert any(path.endswith(".requests") and v == 1 for path, v in numbers_under(own)), own
+    limits = cost_limits(own)
+    assert limits and all(l["amount"] == 0.5 for l in limits), limits
+    money = [(p, v) for p, v in numbers_under(own) if "usd" in p.lower() or "cost" in p.lower()]
+    money += [(p, v) for l in limits for p, v in numbers_under(l) if MONEY_FIELD.search(p)]
+    assert money and all(v <= 0.5 for _, v in money), f"money not in USD: {money}"
+    assert any(abs(v - 0.004) < 1e-6 or abs(v - 0.496) < 1e-6 for _, v in money), f"spend of $0.004 not shown: {money}"
+
+    everything = status(gw)
+    text = json.dumps(everything)
+    assert "team-a" in text and "team-b" in text and "oa-2" in text, everything
+    assert [k["id"] for k in everything["providers"]["openai"]["keys"]] == ["oa-1", "oa-2", "oa-3"]
+    assert all(v <= 0.5 for l in cost_limits(everything) for p, v in numbers_under(l) if MONEY_FIELD.search(p))

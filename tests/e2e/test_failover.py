@@ -6,14 +6,13 @@ import time
 
 import openai
 
-from conftest import KEYS, anthropic_provider, openai_provider
+from conftest import KEYS, STATUS, anthropic_provider, openai_provider, status
 from harness import chat, request, sse_data
 
-STATUS = "/tollgate/status"
 
 
 def two_providers(**health):
-    p = {"providers": [openai_provider(), anthropic_provider()], "status_path": STATUS}
+    p = {"providers": [openai_provider(), anthropic_provider()], "status": STATUS}
     if health:
         p["health"] = health
     return p
@@ -55,7 +54,7 @@ def test_throttled_keys_cool_down_then_traffic_fails_over_to_anthropic(gateway, 
     assert events[-1] == "[DONE]"
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if isinstance(e, dict) and e["choices"]) \
         == "Hello from anthropic."
-    st = request(gw.port, "GET", STATUS).json()
+    st = status(gw)
     assert [k["state"] for k in st["providers"]["openai"]["keys"]] == ["rate_limited"] * 3
     assert st["providers"]["anthropic"]["keys"][0]["usage"]["requests"] == 8
     assert st["providers"]["openai"]["keys"][0]["usage"]["requests"] == 0
@@ -82,7 +81,7 @@ def test_dead_key_leaves_the_rotation(gateway, mocks):
     seen = keys_seen(a)
     assert seen.count(KEYS["OPENAI_KEY_2"]) == 1, seen
     assert seen.count(KEYS["OPENAI_KEY_1"]) >= 4 and seen.count(KEYS["OPENAI_KEY_3"]) >= 4
-    st = request(gw.port, "GET", STATUS).json()
+    st = status(gw)
     assert [k["state"] for k in st["providers"]["openai"]["keys"]] == ["healthy", "disabled", "healthy"]
     log = gw.wait_log("key openai/oa-2 refused by the provider with 401")
     assert "key openai/oa-2 refused by the provider with 401" in log
@@ -95,14 +94,14 @@ def test_503_burst_opens_the_circuit_and_a_half_open_probe_closes_it(gateway, mo
     a.script({"status": 503, "times": 3})
     for _ in range(3):
         assert chat(gw.port).status == 200  # 503 on A, retried on B
-    assert request(gw.port, "GET", STATUS).json()["providers"]["openai"]["circuit"] == "open"
+    assert status(gw)["providers"]["openai"]["circuit"] == "open"
     for _ in range(3):
         assert chat(gw.port).headers["x-tollgate-provider"] == "anthropic"
     assert len(a.requests()) == 3, "no attempt on A while its circuit is open"
     time.sleep(2.1)
     r = chat(gw.port)  # the half-open probe
     assert r.headers["x-tollgate-provider"] == "openai"
-    assert request(gw.port, "GET", STATUS).json()["providers"]["openai"]["circuit"] == "closed"
+    assert status(gw)["providers"]["openai"]["circuit"] == "closed"
     assert chat(gw.port).headers["x-tollgate-provider"] == "openai"
 
 
@@ -147,7 +146,7 @@ def test_untranslatable_request_gets_a_400_naming_the_field(gateway, mocks):
 def test_anthropic_client_served_by_an_openai_provider(gateway, mocks):
     import anthropic
 
-    gw = gateway({"providers": [openai_provider(models={"claude-haiku-4-5": "gpt-4o-mini"})], "status_path": STATUS})
+    gw = gateway({"providers": [openai_provider(models={"claude-haiku-4-5": "gpt-4o-mini"})], "status": STATUS})
     client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{gw.port}", api_key="x", max_retries=0)
     msg = client.messages.create(model="claude-haiku-4-5", max_tokens=64, system="Be brief.",
                                  messages=[{"role": "user", "content": "hi"}])
@@ -159,7 +158,7 @@ def test_anthropic_client_served_by_an_openai_provider(gateway, mocks):
     with client.messages.stream(model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as s:
         assert "".join(s.text_stream) == "Hello from openai."
         assert s.get_final_message().usage.output_tokens == 3
-    u = request(gw.port, "GET", STATUS).json()["consumers"]["anonymous"]["usage"]
+    u = status(gw)["consumers"]["anonymous"]["usage"]
     assert u["requests"] == 2 and u["output_tokens"] == 6 and u["estimated_requests"] == 0
 
 
@@ -170,7 +169,7 @@ def test_per_try_timeouts_count_against_the_provider(gateway, mocks):
     for _ in range(2):
         r = chat(gw.port)
         assert r.status == 200 and r.headers["x-tollgate-provider"] == "anthropic", r
-    assert request(gw.port, "GET", STATUS).json()["providers"]["openai"]["circuit"] == "open"
+    assert status(gw)["providers"]["openai"]["circuit"] == "open"
     seen = len(a.requests())
     r = chat(gw.port)
     assert r.headers["x-tollgate-provider"] == "anthropic"
@@ -192,7 +191,7 @@ def test_clients_that_give_up_do_not_open_the_providers_circuit(gateway, mocks):
         time.sleep(0.2)
         s.close()
     time.sleep(1.0)
-    assert request(gw.port, "GET", STATUS).json()["providers"]["openai"]["circuit"] == "closed"
+    assert status(gw)["providers"]["openai"]["circuit"] == "closed"
     assert chat(gw.port).headers["x-tollgate-provider"] == "openai"
 
 
@@ -214,3 +213,73 @@ def test_each_attempt_starts_from_the_clients_request(gateway, mocks):
     r = request(gw.port, "POST", "/v1/messages", msg, {"x-api-key": "x"})
     assert r.status == 200 and r.json()["type"] == "message", r
     assert b.requests()[-1]["path"] == "/v1/messages"
+
+
+# ---------------------------------------------------------------- issue #14
+
+def test_provider_never_sees_client_tollgate_headers_nor_the_trusted_consumer_header(gateway, mocks):
+    """`x-tollgate-*` headers are the gateway's own and the trusted consumer header is an internal
+    identity: whatever a client sends under those names reaches no provider, on the first attempt nor
+    on the retry (here after a failover to the other provider)."""
+    p = {"consumers": {"trusted_header": "x-team", "list": [{"name": "team-a"}, {"name": "team-b"}]},
+         "providers": [openai_provider(), anthropic_provider()]}
+    gw = gateway(p)
+    a, b = mocks["openai"], mocks["anthropic"]
+    a.script({"status": 429, "headers": {"retry-after": "30"}, "times": 1})  # the retry goes to anthropic
+    spoofed = {"x-team": "team-a", "x-tollgate-consumer": "team-b", "x-tollgate-route": "openai",
+               "x-tollgate-provider": "openai", "x-tollgate-key-id": "oa-1", "x-tollgate-rid": "1",
+               "x-tollgate-anything": "yes"}
+    r = chat(gw.port, key=None, headers=spoofed)
+    assert r.status == 200, r
+    seen = a.requests() + b.requests()
+    assert len(a.requests()) == 1 and len(b.requests()) == 1, [(q["path"], q["key"]) for q in seen]
+    for i, q in enumerate(seen):
+        leaked = {k: v for k, v in q["headers"].items() if k.startswith("x-tollgate-") or k == "x-team"}
+        assert leaked == {}, f"attempt {i + 1} ({q['path']}) received {leaked}"
+    line = gw.access_log()[-1]
+    assert "consumer=team-a" in line, line
+
+
+def two_providers_by_model():
+    return {"providers": [openai_provider(models={"gpt-4o-mini": "gpt-4o-mini"}),
+                          anthropic_provider(models={"claude-haiku-4-5": "claude-haiku-4-5"})]}
+
+
+def test_model_only_the_second_provider_lists_is_served_by_it(gateway, mocks):
+    """The provider is chosen by the model before the first attempt: a model only the second provider
+    lists is served by it, and the first provider is never asked."""
+    gw = gateway(two_providers_by_model())
+    r = chat(gw.port, model="claude-haiku-4-5")
+    assert r.status == 200, r
+    assert r.headers["x-tollgate-provider"] == "anthropic"
+    assert r.json()["choices"][0]["message"]["content"] == "Hello from anthropic."
+    assert mocks["openai"].requests() == []
+    assert json.loads(mocks["anthropic"].requests()[0]["body"])["model"] == "claude-haiku-4-5"
+    assert chat(gw.port, model="gpt-4o-mini").headers["x-tollgate-provider"] == "openai"
+
+
+def test_model_whose_providers_all_cool_down_gets_429_with_retry_after(gateway, mocks):
+    """When every provider listing the model is cooling down, the client is told to come back later
+    (429 with Retry-After), not that the request is invalid; other models are still served."""
+    gw = gateway(two_providers_by_model())
+    mocks["anthropic"].script({"status": 429, "headers": {"retry-after": "30"}, "times": 1})
+    first = chat(gw.port, model="claude-haiku-4-5")
+    assert first.status == 429, first
+    r = chat(gw.port, model="claude-haiku-4-5")
+    assert r.status == 429, r
+    assert 1 <= int(r.headers["retry-after"]) <= 30, r.headers
+    assert isinstance(r.json()["error"]["message"], str), r
+    assert len(mocks["anthropic"].requests()) == 1, "no call while the only key for the model cools down"
+    assert mocks["openai"].requests() == []
+    assert chat(gw.port, model="gpt-4o-mini").status == 200
+
+
+def test_model_no_provider_lists_gets_400_naming_the_model(gateway, mocks):
+    """A model no provider lists is refused at the gateway with 400 naming the model; no provider is
+    called."""
+    gw = gateway(two_providers_by_model())
+    r = chat(gw.port, model="gpt-9-ultra")
+    assert r.status == 400, r
+    err = r.json()["error"]
+    assert "gpt-9-ultra" in err["message"], err
+    assert mocks["openai"].requests() == [] and mocks["anthropic"].requests() == []

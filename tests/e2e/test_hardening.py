@@ -12,10 +12,9 @@ import urllib.request
 
 import pytest
 
-from conftest import KEYS, anthropic_provider, openai_provider
-from harness import Envoy, Response, chat, free_port, gateway_config, request, sse_data
+from conftest import KEYS, STATUS, anthropic_provider, openai_provider, status
+from harness import Envoy, Response, chat, free_port, gateway_config, raw_request, sse_data
 
-STATUS = "/tollgate/status"
 TEAM_A = KEYS["TEAM_A_KEY"]
 MAX_REQUEST = 2048
 MAX_EVENT = 1024
@@ -24,9 +23,9 @@ COOLDOWN_S = 3
 
 def plugin(**extra) -> dict:
     p = {"consumers": {"list": [{"name": "team-a", "key_env": "TEAM_A_KEY"}]},
-         "providers": [openai_provider()], "status_path": STATUS,
+         "providers": [openai_provider()], "status": STATUS,
          "max_request_bytes": MAX_REQUEST, "max_sse_event_bytes": MAX_EVENT,
-         "health": {"default_cooldown_s": COOLDOWN_S}}
+         "health": {"default_cooldown_s": COOLDOWN_S}, "sticky_header": "x-session"}
     p.update(extra)
     return p
 
@@ -54,9 +53,6 @@ def _read(conn: http.client.HTTPConnection) -> Response:
     conn.close()
     return Response(r.status, hdrs, raw)
 
-
-def status(gw) -> dict:
-    return request(gw.port, "GET", STATUS).json()
 
 
 def usage(gw) -> dict:
@@ -619,3 +615,203 @@ def test_debug_lines_follow_envoys_log_level_changed_at_runtime(gateway):
         assert chat(gw.port, TEAM_A).status == 200
     assert "tollgate: charged consumer=team-a" in gw.wait_log("tollgate: charged"), \
         "the debug level set at runtime never reached the module"
+
+
+# ---------------------------------------------------------------- issue #14
+# These gateways have no status endpoint: the checks read what the client, the mock and Envoy's log saw.
+
+TRAP = re.compile(r"panicked|Function: \S+ failed|wasm trap|Uncaught \w*Error|VM (?:crashed|failed)")
+
+
+def lean_plugin(**extra) -> dict:
+    p = plugin(**extra)
+    del p["status"]
+    return p
+
+
+@pytest.fixture(scope="module")
+def lean(module_gateway):
+    return module_gateway(lean_plugin())
+
+
+@pytest.fixture(scope="module")
+def trusted(module_gateway):
+    return module_gateway(lean_plugin(consumers={"trusted_header": "x-team", "list": [{"name": "team-a"}]}))
+
+
+def assert_still_serves(gw, mock, log0: int, headers: dict | None = None) -> None:
+    """No trap in Envoy's log since offset `log0`, and the next plain request is served 200."""
+    before = len(mock.requests())
+    r = chat(gw.port, key=None if headers else TEAM_A, headers=headers)
+    assert r.status == 200, r
+    assert r.json()["choices"][0]["message"]["content"] == f"Hello from {mock.name}."
+    assert len(mock.requests()) == before + 1
+    time.sleep(0.2)  # Envoy flushes its log file every 100 ms here
+    bad = [l for l in gw.log()[log0:].splitlines() if TRAP.search(l)]
+    assert not bad, "\n".join(bad[:5])
+    crashed = {k: v for k, v in gw.stats().items() if k.startswith("wasm.") and re.search(r"crash|fail", k) and v}
+    assert not crashed, crashed
+
+
+BODY = json.dumps(GOOD).encode()
+MSG_BODY = json.dumps({"model": "claude-haiku-4-5", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}).encode()
+AUTH = (b"authorization", b"Bearer " + TEAM_A.encode())
+CT = (b"content-type", b"application/json")
+
+BAD_REQUEST_HEADERS = [
+    # (id, path, headers)
+    ("authorization", b"/v1/chat/completions", [CT, (b"authorization", b"Bearer \xff\xfe\xc3(")]),
+    ("authorization_key_then_bytes", b"/v1/chat/completions", [CT, (b"authorization", b"Bearer " + TEAM_A.encode() + b"\xff")]),
+    ("x_api_key", b"/v1/messages", [CT, (b"x-api-key", b"\xff\xfe")]),
+    ("api_key", b"/v1/chat/completions", [CT, (b"api-key", b"k\xff")]),
+    ("sticky_header", b"/v1/chat/completions", [CT, AUTH, (b"x-session", b"s\xff\xfe")]),
+    ("tollgate_header", b"/v1/chat/completions", [CT, AUTH, (b"x-tollgate-consumer", b"\xff")]),
+    ("content_type", b"/v1/chat/completions", [(b"content-type", b"application/json\xff"), AUTH]),
+    ("content_length", b"/v1/chat/completions", [CT, AUTH, (b"content-length", b"1\xff")]),
+    ("path", b"/v1/chat/completions?\xff=\xfe", [CT, AUTH]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUEST_HEADERS, ids=[c[0] for c in BAD_REQUEST_HEADERS])
+def test_non_utf8_request_header_does_not_trap_the_vm(lean, mocks, case):
+    """Header values are bytes, not text: a client sending bytes that are not UTF-8 in any header the
+    module reads gets an answer (whatever it is), no Wasm VM traps, and the next request is served."""
+    _, path, headers = case
+    log0 = len(lean.log())
+    r = raw_request(lean.port, "POST", path, headers, MSG_BODY if path == b"/v1/messages" else BODY)
+    assert r is None or 200 <= r.status < 600, r
+    assert_still_serves(lean, mocks["openai"], log0)
+
+
+def test_non_utf8_trusted_consumer_header_does_not_trap_the_vm(trusted, mocks):
+    """The same for the trusted consumer header (consumers.trusted_header)."""
+    log0 = len(trusted.log())
+    r = raw_request(trusted.port, "POST", b"/v1/chat/completions", [CT, (b"x-team", b"team-\xff\xfe")], BODY)
+    assert r is not None and r.status in (200, 401, 403), r
+    assert_still_serves(trusted, mocks["openai"], log0, headers={"x-team": "team-a"})
+
+
+BAD_RESPONSE_HEADERS = [
+    # (id, provider type, stream, mock rule headers)
+    ("retry_after", "openai", False, 429, {"retry-after": "1\u00ff"}),
+    ("openai_reset", "openai", False, 429, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1\u00ffs",
+                                             "x-ratelimit-remaining-tokens": "\u00fe", "x-ratelimit-reset-tokens": "\u00ff"}),
+    ("anthropic_reset", "anthropic", False, 429, {"anthropic-ratelimit-requests-remaining": "0",
+                                                  "anthropic-ratelimit-requests-reset": "2026-\u00ff",
+                                                  "anthropic-ratelimit-tokens-reset": "\u00fe", "retry-after": "\u00ff"}),
+    ("reset_on_success", "openai", False, 200, {"x-ratelimit-remaining-requests": "\u00ff", "x-ratelimit-reset-requests": "\u00ff"}),
+    ("content_type_json", "openai", False, 200, {"content-type": "application/json\u00ff"}),
+    ("content_type_sse", "openai", True, 200, {"content-type": "text/event-stream; charset=\u00ff"}),
+]
+
+
+@pytest.mark.parametrize("case", BAD_RESPONSE_HEADERS, ids=[c[0] for c in BAD_RESPONSE_HEADERS])
+def test_non_utf8_provider_response_header_does_not_trap_the_vm(gateway, mocks, case):
+    """A provider answering with header bytes that are not UTF-8 (reset times, Retry-After,
+    content-type) cannot break the gateway: the client gets an answer, no Wasm VM traps, and the next
+    request is served."""
+    _, kind, stream, code, headers = case
+    provider = anthropic_provider(n=2) if kind == "anthropic" else openai_provider()
+    gw = gateway(lean_plugin(providers=[provider]), endpoints=[{"provider": provider["name"], "port": mocks[kind].port}])
+    mock = mocks[kind]
+    mock.script({"status": code, "headers": headers, "latin1_headers": True, "times": 1})
+    log0 = len(gw.log())
+    r = chat(gw.port, key=TEAM_A, stream=stream)
+    assert 200 <= r.status < 600, r
+    assert mock.requests(), "the provider was called"
+    assert_still_serves(gw, mock, log0)
+
+
+def test_non_utf8_authorization_with_a_consumer_x_api_key_is_not_sent_to_anthropic(gateway, mocks):
+    """A client authenticating with its consumer key in `x-api-key` and sending an `Authorization`
+    header of bytes that are not UTF-8: the Anthropic provider never receives the client's
+    Authorization header (it carries only the pool key tollgate injects)."""
+    gw = gateway(lean_plugin(providers=[anthropic_provider(models={})]),
+                 endpoints=[{"provider": "anthropic", "port": mocks["anthropic"].port}])
+    r = raw_request(gw.port, "POST", b"/v1/messages",
+                    [CT, (b"x-api-key", TEAM_A.encode()), (b"authorization", b"Bearer \xff\xfe\x80secret")], MSG_BODY)
+    assert r is not None and r.status == 200, r
+    (sent,) = mocks["anthropic"].requests()
+    assert "authorization" not in sent["headers"], sent["headers"]
+    assert sent["headers"]["x-api-key"] == KEYS["ANTHROPIC_KEY_1"]
+
+
+EMPTY_OR_NO_MESSAGES = [
+    # (id, path, body, client API)
+    ("chat_empty_body", b"/v1/chat/completions", b"", "openai"),
+    ("chat_without_messages", b"/v1/chat/completions", json.dumps({"model": "gpt-4o-mini"}).encode(), "openai"),
+    ("messages_empty_body", b"/v1/messages", b"", "anthropic"),
+    ("messages_without_messages", b"/v1/messages", json.dumps({"model": "claude-haiku-4-5", "max_tokens": 5}).encode(),
+     "anthropic"),
+]
+
+
+@pytest.mark.parametrize("case", EMPTY_OR_NO_MESSAGES, ids=[c[0] for c in EMPTY_OR_NO_MESSAGES])
+def test_empty_body_or_missing_messages_gets_400_in_the_clients_shape(lean, mocks, case):
+    """An empty body, or a chat/messages request without `messages`, is refused by the gateway with
+    400 in the client API's error shape (OpenAI for /v1/chat/completions, Anthropic for /v1/messages),
+    and no provider is called."""
+    _, path, body, api = case
+    auth = AUTH if api == "openai" else (b"x-api-key", TEAM_A.encode())
+    log0 = len(lean.log())
+    r = raw_request(lean.port, "POST", path, [CT, auth], body)
+    assert r is not None, "no answer"
+    if api == "openai":
+        err = openai_error(r, 400)
+        assert err["type"] == "invalid_request_error", err
+        message = err["message"]
+    else:
+        message = anthropic_error(r, 400, "invalid_request_error")["message"]
+    assert ("empty" in message.lower()) if not body else ("messages" in message), message
+    assert mocks["openai"].requests() == [] and mocks["anthropic"].requests() == []
+    assert_still_serves(lean, mocks["openai"], log0)
+
+
+def h2_post_with_trailers(port: int, path: str, body: bytes, headers: list[tuple[str, str]],
+                          timeout: float = 10) -> tuple[int | None, bytes, bool]:
+    """HTTP/2 over cleartext with prior knowledge: HEADERS, DATA, then trailing HEADERS carrying
+    END_STREAM. Returns (status, body, whether the response stream ended) within `timeout`."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    status, data, ended = None, b"", False
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "x"),
+                                *headers])
+        conn.send_data(sid, body)
+        conn.send_headers(sid, [("x-trailer", "done")], end_stream=True)
+        s.sendall(conn.data_to_send())
+        deadline = time.monotonic() + timeout
+        while not ended and time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    data += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ended = ev.stream_id == sid
+            s.sendall(conn.data_to_send())
+    return status, data, ended
+
+
+def test_http2_request_ending_in_trailers_is_answered(lean, mocks):
+    """An HTTP/2 client may end its request with trailers instead of an END_STREAM on the last DATA
+    frame (gRPC-style clients do): the request is still served and does not hang."""
+    t0 = time.monotonic()
+    status, body, ended = h2_post_with_trailers(
+        lean.port, "/v1/chat/completions", BODY, [("content-type", "application/json"), ("authorization", f"Bearer {TEAM_A}")])
+    assert ended, f"no complete answer after {time.monotonic() - t0:.1f}s (status {status}, {body[:200]!r})"
+    assert status == 200, (status, body[:300])
+    assert json.loads(body)["choices"][0]["message"]["content"] == "Hello from openai."
+    assert len(mocks["openai"].requests()) == 1

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from conftest import KEYS, anthropic_provider, openai_provider
+from conftest import KEYS, STATUS, anthropic_provider, openai_provider, status
 from harness import chat, request
 
 TEAM_A = KEYS["TEAM_A_KEY"]
@@ -16,7 +16,7 @@ TEAM_A = KEYS["TEAM_A_KEY"]
 
 def plugin(limits, **extra):
     return {"consumers": {"list": [{"name": "team-a", "key_env": "TEAM_A_KEY", "limits": limits}]},
-            "providers": [openai_provider()], "status_path": "/tollgate/status", **extra}
+            "providers": [openai_provider()], **extra}
 
 
 def test_token_budget_spent_then_429_with_retry_after_then_admitted_again(gateway, mocks):
@@ -128,7 +128,7 @@ def test_openai_sdk_raises_rate_limit_error_and_its_retry_waits_retry_after(gate
 
 
 def test_exhausted_pool_is_answered_at_the_gateway(gateway, mocks):
-    gw = gateway({"providers": [openai_provider()], "status_path": "/tollgate/status"})
+    gw = gateway({"providers": [openai_provider()], "status": STATUS})
     mocks["openai"].script({"status": 429, "headers": {"retry-after": "30"}})
     r = chat(gw.port)
     assert r.status == 429
@@ -138,7 +138,7 @@ def test_exhausted_pool_is_answered_at_the_gateway(gateway, mocks):
     assert 28 <= int(r.headers["retry-after"]) <= 30
     assert r.json()["error"]["code"] == "provider_keys_exhausted"
     assert len(mocks["openai"].requests()) == 3, "no call while every key cools down"
-    keys = request(gw.port, "GET", "/tollgate/status").json()["providers"]["openai"]["keys"]
+    keys = status(gw)["providers"]["openai"]["keys"]
     assert [k["state"] for k in keys] == ["rate_limited"] * 3
 
 
@@ -160,3 +160,54 @@ def test_model_limit_is_narrower_than_the_consumer_limit(gateway, mocks):
     r = chat(gw.port, key=TEAM_A, model="gpt-4o")
     assert r.status == 429 and r.headers["x-ratelimit-limit-requests"] == "1"
     assert chat(gw.port, key=TEAM_A, model="gpt-4o-mini").status == 200
+
+
+# ---------------------------------------------------------------- issue #14
+
+COST_LIMIT = [{"metric": "cost_usd", "amount": 0.01, "window": "1h"}]
+PRICED = {"gpt-4o-mini": {"input": 10.0, "output": 30.0}}
+
+
+def test_unpriced_model_on_a_cost_budget_is_charged_the_default_price(gateway, mocks):
+    """A consumer with a cost budget asking for a model that has no price of its own is charged at
+    `default_price`: the budget runs out as it would for a priced model, never for free."""
+    gw = gateway(plugin(COST_LIMIT, prices=PRICED, default_price={"input": 10.0, "output": 30.0}))
+    mocks["openai"].script({"usage": {"input": 100, "output": 100}})  # $0.004 per request at the default price
+    statuses = [chat(gw.port, key=TEAM_A, model="gpt-4o", extra={"max_tokens": 10}).status for _ in range(5)]
+    assert statuses[:2] == [200, 200] and 429 in statuses, statuses
+    r = chat(gw.port, key=TEAM_A, model="gpt-4o", extra={"max_tokens": 10})
+    assert r.status == 429 and "cost_usd" in r.json()["error"]["message"], r
+    assert len(mocks["openai"].requests()) == statuses.count(200)
+
+
+def test_unpriced_model_on_a_cost_budget_without_default_price_is_refused(gateway, mocks):
+    """Without `default_price`, a model without a price cannot be charged against a cost budget, so the
+    request is refused before any provider is called: 400 in OpenAI's shape, naming the model and
+    saying it has no price. Priced models still go through."""
+    gw = gateway(plugin(COST_LIMIT, prices=PRICED))
+    r = chat(gw.port, key=TEAM_A, model="gpt-4o")
+    assert r.status == 400, r
+    err = r.json()["error"]
+    assert {"message", "type", "code"} <= set(err) and err["type"] == "invalid_request_error", err
+    assert "gpt-4o" in err["message"] and "price" in err["message"], err
+    assert mocks["openai"].requests() == []
+    assert chat(gw.port, key=TEAM_A, model="gpt-4o-mini").status == 200
+
+
+def test_token_limit_429_has_type_tokens_and_request_limit_429_type_requests(gateway, mocks):
+    """OpenAI's 429 error `type` says which budget ran out, and clients back off by it: "tokens" when a
+    token limit refused the request, "requests" when a request-count limit did."""
+    p = {"consumers": {"list": [
+        {"name": "team-a", "key_env": "TEAM_A_KEY", "limits": [{"metric": "total_tokens", "amount": 150, "window": "1h"}]},
+        {"name": "team-b", "key_env": "TEAM_B_KEY", "limits": [{"metric": "requests", "amount": 1, "window": "1h"}]}]},
+         "providers": [openai_provider()]}
+    gw = gateway(p)
+    mocks["openai"].script({"usage": {"input": 100, "output": 100}})
+    assert chat(gw.port, key=TEAM_A, extra={"max_tokens": 10}).status == 200
+    r = chat(gw.port, key=TEAM_A, extra={"max_tokens": 10})
+    assert r.status == 429, r
+    assert r.json()["error"]["type"] == "tokens", r.json()
+    assert chat(gw.port, key=KEYS["TEAM_B_KEY"]).status == 200
+    r = chat(gw.port, key=KEYS["TEAM_B_KEY"])
+    assert r.status == 429, r
+    assert r.json()["error"]["type"] == "requests", r.json()

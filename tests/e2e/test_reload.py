@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import KEYS, openai_provider
-from harness import Envoy, chat, free_port, gateway_config, request
+from conftest import KEYS, STATUS, openai_provider, status
+from harness import Envoy, chat, free_port, gateway_config
 
-STATUS = "/tollgate/status"
 
 
 def lds_envoy(plugin: dict, mocks, tmp_path) -> tuple[Envoy, dict, "Path"]:
@@ -41,14 +41,14 @@ def set_plugin(listener: dict, plugin: dict) -> None:
 def test_counts_quota_and_cooldowns_survive_a_listener_config_change_under_traffic(mocks, tmp_path):
     plugin = {"consumers": {"list": [{"name": "team-a", "key_env": "TEAM_A_KEY",
                                       "limits": [{"metric": "requests", "amount": 100000, "window": "1h"}]}]},
-              "providers": [openai_provider()], "status_path": STATUS}
+              "providers": [openai_provider()], "status": STATUS}
     gw, listener, lds = lds_envoy(plugin, mocks, tmp_path)
     gw.start()
     try:
         mocks["openai"].script({"key": KEYS["OPENAI_KEY_3"], "status": 429, "headers": {"retry-after": "600"}, "times": 1})
         for _ in range(30):
             assert chat(gw.port, key=KEYS["TEAM_A_KEY"]).status == 200
-        before = request(gw.port, "GET", STATUS).json()
+        before = status(gw)
         assert before["consumers"]["team-a"]["usage"]["requests"] == 30
         assert before["providers"]["openai"]["keys"][2]["state"] == "rate_limited"
 
@@ -76,7 +76,7 @@ def test_counts_quota_and_cooldowns_survive_a_listener_config_change_under_traff
         assert chat(gw.port, key=KEYS["TEAM_B_KEY"]).status == 200, "the new config is in force"
         assert statuses and set(statuses) == {200}, f"requests failed during the change: {set(statuses)}"
 
-        after = request(gw.port, "GET", STATUS).json()
+        after = status(gw)
         # Same vm_id: totals, the quota window and the key's cooldown carried over.
         assert after["consumers"]["team-a"]["usage"]["requests"] == 30 + len(statuses)
         # (the bucket refills ~28 requests a second meanwhile; a reset window would show ~100000)

@@ -14,13 +14,12 @@ import time
 
 import pytest
 
-from conftest import KEYS, anthropic_provider, openai_provider
+from conftest import KEYS, STATUS, STATUS_PATH, anthropic_provider, openai_provider
 from harness import ROOT, Envoy, chat, free_port, gateway_config, request
 
-STATUS = "/tollgate/status"
 TEAM_A, TEAM_B = KEYS["TEAM_A_KEY"], KEYS["TEAM_B_KEY"]
-PROVIDER_KEYS = {k: v for k, v in KEYS.items() if not k.startswith("TEAM_")}
-CONSUMER_KEYS = {k: v for k, v in KEYS.items() if k.startswith("TEAM_")}
+# What clients present: consumer keys and the status endpoint's admin key.
+CONSUMER_KEYS = {k: v for k, v in KEYS.items() if k.startswith("TEAM_") or k == "STATUS_ADMIN_KEY"}
 # An extra access log that prints the credential headers Envoy still holds for the request when it
 # logs: tollgate removes them, so these must print "-".
 HEADER_LOG_FORMAT = "auth=%REQ(AUTHORIZATION)% xkey=%REQ(X-API-KEY)% apikey=%REQ(API-KEY)% status=%RESPONSE_CODE%\n"
@@ -44,7 +43,7 @@ def plugin() -> dict:
             {"name": "team-b", "key_env": "TEAM_B_KEY", "limits": [{"metric": "requests", "amount": 1, "window": "1h"}]},
         ]},
         "providers": [openai_provider(), anthropic_provider(n=2)],
-        "status_path": STATUS,
+        "status": STATUS,
         "max_request_bytes": 4096,
     }
 
@@ -72,7 +71,7 @@ def traffic(port: int, mocks) -> list[tuple[str, object]]:
     out += [
         ("failover_json", chat(port, key=TEAM_A)),
         ("failover_sse", chat(port, key=TEAM_A, stream=True)),
-        ("status", request(port, "GET", STATUS)),
+        ("status", request(port, "GET", STATUS_PATH, headers={"authorization": f"Bearer {KEYS['STATUS_ADMIN_KEY']}"})),
     ]
     a.script({"status": 500, "times": 4})
     b.script({"status": 500, "times": 4})

@@ -49,6 +49,8 @@ pub struct Reply {
     /// What the client was told, for the request log.
     pub usage: Option<Usage>,
     pub delay_ms: u64,
+    /// Header values go out as Latin-1 bytes (see `Rule::latin1_headers`).
+    pub latin1_headers: bool,
 }
 
 /// One SSE event, with the usage it tells the client (if any).
@@ -183,6 +185,7 @@ fn json_reply(status: u16, body: &Value, usage: Option<Usage>, ctx: &Ctx) -> Rep
         body: Body::Full(body.to_string().into_bytes()),
         usage,
         delay_ms: 0,
+        latin1_headers: false,
     }
 }
 
@@ -243,6 +246,7 @@ pub fn answer(target: &Target, req: &Request, rule: Option<Rule>, ctx: &Ctx) -> 
     let mut reply = answer_unscripted(target, req, &rule, status, ctx);
     reply.headers = merge(reply.headers, rule.header_pairs());
     reply.delay_ms = rule.delay_ms;
+    reply.latin1_headers = rule.latin1_headers;
     reply
 }
 
@@ -254,6 +258,7 @@ fn answer_unscripted(target: &Target, req: &Request, rule: &Rule, status: u16, c
             body: Body::Full(raw.clone().into_bytes()),
             usage: None,
             delay_ms: 0,
+            latin1_headers: false,
         };
     }
     if status >= 400 {
@@ -315,7 +320,9 @@ fn answer_unscripted(target: &Target, req: &Request, rule: &Rule, status: u16, c
                 .is_some_and(|v| v == &Value::Bool(true));
             openai_stream(&model("gpt-mock"), &a, include_usage)
         }
-        (Endpoint::Messages, true) => anthropic_stream(&model("claude-mock"), &a),
+        (Endpoint::Messages, true) => {
+            anthropic_stream(&model("claude-mock"), &a, rule.omit_delta_usage)
+        }
     };
     stream_reply(events, rule, status, ctx)
 }
@@ -593,7 +600,7 @@ fn openai_stream(model: &str, a: &Answer, include_usage: bool) -> Vec<Event> {
     events
 }
 
-fn anthropic_stream(model: &str, a: &Answer) -> Vec<Event> {
+fn anthropic_stream(model: &str, a: &Answer, omit_delta_usage: bool) -> Vec<Event> {
     let mut start = json!({"type": "message_start", "message": {
         "id": format!("msg_mock_{}", a.seq), "type": "message", "role": "assistant", "model": model,
         "content": [], "stop_reason": null, "stop_sequence": null}});
@@ -641,10 +648,11 @@ fn anthropic_stream(model: &str, a: &Answer) -> Vec<Event> {
     ));
     let mut delta =
         json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}});
-    if let (Some(u), Some(o)) = (a.usage, delta.as_object_mut()) {
+    let delta_usage = a.usage.filter(|_| !omit_delta_usage);
+    if let (Some(u), Some(o)) = (delta_usage, delta.as_object_mut()) {
         o.insert("usage".into(), json!({"output_tokens": u.output}));
     }
-    events.push(named_event(&delta, false, a.usage));
+    events.push(named_event(&delta, false, delta_usage));
     events.push(named_event(&json!({"type": "message_stop"}), false, None));
     events
 }
@@ -682,6 +690,7 @@ fn stream_reply(mut events: Vec<Event>, rule: &Rule, status: u16, ctx: &Ctx) -> 
         },
         usage,
         delay_ms: 0,
+        latin1_headers: false,
     }
 }
 
@@ -971,6 +980,22 @@ mod tests {
         assert_eq!(ev[5].1["usage"]["completion_tokens"], 3);
         assert_eq!(ev[5].1["usage"]["prompt_tokens"], (body.len() / 10) as u64);
         assert_eq!(reply.usage.map(|u| u.output), Some(3));
+    }
+
+    #[test]
+    fn anthropic_stream_without_delta_usage_reports_only_message_start() {
+        let body = r#"{"model":"claude-x","stream":true,"max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+        let rule = Rule {
+            omit_delta_usage: true,
+            ..Rule::default()
+        };
+        let reply = run("/v1/messages", body, Some(rule));
+        let (ev, cut) = events(&reply);
+        assert!(!cut);
+        let delta = ev.iter().find(|(n, _)| n == "message_delta").unwrap();
+        assert!(delta.1.get("usage").is_none(), "{delta:?}");
+        assert_eq!(ev[0].1["message"]["usage"]["output_tokens"], 1);
+        assert_eq!(reply.usage.map(|u| u.output), Some(1));
     }
 
     #[test]

@@ -265,15 +265,33 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-fn head(status: u16, headers: &[(String, String)], close: bool, http10: bool) -> String {
-    let mut s = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+/// Header values go out as UTF-8, or as Latin-1 when `latin1` (values already checked to be
+/// U+0000..U+00FF), which is how a test gets bytes that are not UTF-8 onto the wire.
+fn head(
+    status: u16,
+    headers: &[(String, String)],
+    close: bool,
+    http10: bool,
+    latin1: bool,
+) -> Vec<u8> {
+    let mut s = format!("HTTP/1.1 {status} {}\r\n", reason(status)).into_bytes();
     for (n, v) in headers {
-        s.push_str(&format!("{n}: {v}\r\n"));
+        s.extend_from_slice(n.as_bytes());
+        s.extend_from_slice(b": ");
+        if latin1 {
+            s.extend(
+                v.chars()
+                    .map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?')),
+            );
+        } else {
+            s.extend_from_slice(v.as_bytes());
+        }
+        s.extend_from_slice(b"\r\n");
     }
     if close {
-        s.push_str("connection: close\r\n");
+        s.extend_from_slice(b"connection: close\r\n");
     } else if http10 {
-        s.push_str("connection: keep-alive\r\n");
+        s.extend_from_slice(b"connection: keep-alive\r\n");
     }
     s
 }
@@ -286,10 +304,10 @@ pub fn write_response<W: Write>(
     body: &[u8],
     close: bool,
     http10: bool,
+    latin1: bool,
 ) -> io::Result<()> {
-    let mut out = head(status, headers, close, http10);
-    out.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
-    let mut out = out.into_bytes();
+    let mut out = head(status, headers, close, http10, latin1);
+    out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
     out.extend_from_slice(body);
     w.write_all(&out)?;
     w.flush()
@@ -303,13 +321,14 @@ pub fn write_stream_head<W: Write>(
     headers: &[(String, String)],
     close: bool,
     http10: bool,
+    latin1: bool,
 ) -> io::Result<()> {
-    let mut out = head(status, headers, close || http10, false);
+    let mut out = head(status, headers, close || http10, false, latin1);
     if !http10 {
-        out.push_str("transfer-encoding: chunked\r\n");
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    out.push_str("\r\n");
-    w.write_all(out.as_bytes())?;
+    out.extend_from_slice(b"\r\n");
+    w.write_all(&out)?;
     w.flush()
 }
 
@@ -520,10 +539,26 @@ mod tests {
     }
 
     #[test]
+    fn latin1_header_values_go_out_as_single_bytes() {
+        let mut out = Vec::new();
+        let hdrs = [("retry-after".to_string(), "1\u{ff}\u{80}".to_string())];
+        write_response(&mut out, 429, &hdrs, b"", true, false, true).unwrap();
+        assert!(
+            out.windows(16).any(|w| w == b"retry-after: 1\xff\x80"),
+            "{out:?}"
+        );
+        let mut out = Vec::new();
+        write_response(&mut out, 429, &hdrs, b"", true, false, false).unwrap();
+        assert!(out
+            .windows(18)
+            .any(|w| w == "retry-after: 1\u{ff}\u{80}".as_bytes()));
+    }
+
+    #[test]
     fn writes_chunked_stream_framing() {
         let mut out = Vec::new();
         let hdrs = [("content-type".to_string(), "text/event-stream".to_string())];
-        write_stream_head(&mut out, 200, &hdrs, false, false).unwrap();
+        write_stream_head(&mut out, 200, &hdrs, false, false, false).unwrap();
         write_chunk(&mut out, b"data: x\n\n", false).unwrap();
         write_chunk(&mut out, b"", false).unwrap();
         write_last_chunk(&mut out, false).unwrap();
@@ -533,7 +568,7 @@ mod tests {
              9\r\ndata: x\n\n\r\n0\r\n\r\n"
         );
         let mut out = Vec::new();
-        write_response(&mut out, 429, &[], b"{}", true, false).unwrap();
+        write_response(&mut out, 429, &[], b"{}", true, false, false).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 429 Too Many Requests\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"

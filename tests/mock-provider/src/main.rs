@@ -188,7 +188,15 @@ fn handle_conn(stream: TcpStream, shared: &Shared) {
 fn bad_request(w: &mut TcpStream, reader: &mut BufReader<TcpStream>, msg: &str) {
     let body = json!({"error": {"message": format!("bad request: {msg}"), "type": "invalid_request_error"}});
     let headers = [("content-type".to_string(), "application/json".to_string())];
-    let _ = http::write_response(w, 400, &headers, body.to_string().as_bytes(), true, false);
+    let _ = http::write_response(
+        w,
+        400,
+        &headers,
+        body.to_string().as_bytes(),
+        true,
+        false,
+        false,
+    );
     close(w, reader);
 }
 
@@ -208,7 +216,7 @@ fn respond<W: Write>(shared: &Shared, req: &http::Request, w: &mut W) -> io::Res
     if req.path().starts_with("/_mock/") {
         let (status, ctype, body) = control(shared, req);
         let headers = [("content-type".to_string(), ctype.to_string())];
-        http::write_response(w, status, &headers, &body, !keep, req.http10)?;
+        http::write_response(w, status, &headers, &body, !keep, req.http10, false)?;
         return Ok(keep);
     }
     let time_ms = now_ms();
@@ -264,7 +272,15 @@ fn respond<W: Write>(shared: &Shared, req: &http::Request, w: &mut W) -> io::Res
     }
     match reply.body {
         api::Body::Full(body) => {
-            http::write_response(w, reply.status, &reply.headers, &body, !keep, req.http10)?;
+            http::write_response(
+                w,
+                reply.status,
+                &reply.headers,
+                &body,
+                !keep,
+                req.http10,
+                reply.latin1_headers,
+            )?;
             Ok(keep)
         }
         api::Body::Stream {
@@ -272,7 +288,14 @@ fn respond<W: Write>(shared: &Shared, req: &http::Request, w: &mut W) -> io::Res
             cut,
             chunk_delay_ms,
         } => {
-            http::write_stream_head(w, reply.status, &reply.headers, !keep, req.http10)?;
+            http::write_stream_head(
+                w,
+                reply.status,
+                &reply.headers,
+                !keep,
+                req.http10,
+                reply.latin1_headers,
+            )?;
             for (i, event) in events.iter().enumerate() {
                 if i > 0 && chunk_delay_ms > 0 {
                     std::thread::sleep(Duration::from_millis(chunk_delay_ms));

@@ -42,6 +42,14 @@ pub struct Rule {
     pub cut_after_chunks: Option<usize>,
     #[serde(default)]
     pub chunk_delay_ms: u64,
+    /// Anthropic streams: `message_delta` carries no usage, so only `message_start`'s counts (input,
+    /// a provisional output of 1) reach the client.
+    #[serde(default)]
+    pub omit_delta_usage: bool,
+    /// Header values are sent as Latin-1 (one byte per char up to U+00FF), so a test can make the
+    /// mock send bytes that are not UTF-8 (`"\u00ff"` becomes the byte 0xFF).
+    #[serde(default)]
+    pub latin1_headers: bool,
 }
 
 impl Rule {
@@ -72,6 +80,11 @@ impl Rule {
             }
             if framing.contains(&k.as_str()) {
                 return Err(format!("header {k} is managed by the mock"));
+            }
+            if self.latin1_headers && v.chars().any(|c| u32::from(c) > 0xFF) {
+                return Err(format!(
+                    "header {k}: latin1_headers allows U+0000..U+00FF only"
+                ));
             }
         }
         Ok(())
@@ -201,6 +214,10 @@ mod tests {
             .add_rules(br#"{"rules":[{"headers":{"x":"a\r\nb: c"}}]}"#)
             .is_err());
         assert!(s.add_rules(b"not json").is_err());
+        assert!(s
+            .add_rules(r#"{"rules":[{"latin1_headers":true,"headers":{"x":"\u2603"}}]}"#.as_bytes())
+            .unwrap_err()
+            .contains("latin1_headers"));
         assert!(s.take_rule(None, "/").is_none(), "nothing was added");
     }
 }
