@@ -6,7 +6,8 @@
 //! so no tree of the body is built). Repeated keys: the last one counts, as in serde_json's
 //! `Value` (within a message's content parts, every occurrence is counted: an estimate).
 //!
-//! Rewrites change one member and keep every other byte of the body ([`splice`]).
+//! Rewrites change one member and keep every other byte of the body ([`splice`], which also says
+//! why a splice rather than serde_json's `preserve_order`, with measurements).
 
 use std::fmt;
 
@@ -698,6 +699,16 @@ mod tests {
         assert!(matches!(
             err(ChatCompletions, r#"{"a":1} x"#),
             RequestError::InvalidJson(_)
+        ));
+        // Nesting beyond serde_json's limit in a member that is measured: an error, not a crash.
+        let deep = format!(
+            r#"{{"messages":[{{"content":{}"x"{}}}]}}"#,
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        assert!(matches!(
+            err(ChatCompletions, &deep),
+            RequestError::InvalidJson(e) if e.contains("recursion limit")
         ));
         for body in ["[1, 2]", " \"text\"", "42", "null", "true"] {
             assert_eq!(

@@ -6,7 +6,10 @@
 //! byte range to replace. Only the splice itself is ours.
 //!
 //! The alternative, serde_json's `preserve_order` + `arbitrary_precision` (parse into a `Value`,
-//! set the member, write it back), would re-escape strings and drop whitespace, and builds a tree.
+//! set the member, write it back), re-escapes strings, drops whitespace and builds a tree. Measured
+//! (native, release, median of 2,000 runs, chat bodies with `\u00e9` and `\/` escapes and a huge
+//! `seed`): `with_model` on 2.2 KB took 1.75 µs by splice against 11.8 µs by tree, on 16.6 KB
+//! 11.2 µs against 89.0 µs; `with_include_usage` 2.0 µs and 11.4 µs by splice.
 //!
 //! Repeated keys: serde_json's `Value` keeps the last one, and so does [`members`]: the member
 //! changed is the one a reader of the body takes.
