@@ -184,13 +184,13 @@ fn may_be_usage_only(data: &str) -> bool {
 /// tollgate asks for `stream_options.include_usage` when a client streams chat completions
 /// without it; the provider then adds `"usage":null` to every chunk, which the client did not ask for.
 pub fn without_null_usage(event_raw: &[u8]) -> Option<Vec<u8>> {
-    // Most events of most streams: no usage member at all, and no parse.
-    const KEY: &[u8] = b"\"usage\"";
-    if !event_raw.windows(KEY.len()).any(|w| w == KEY) {
+    let raw = std::str::from_utf8(event_raw).ok()?;
+    // Most events of most streams: no null usage at all, and no parse.
+    if !raw.contains("null") || !raw.contains("\"usage\"") {
         return None;
     }
     let data = data_line(event_raw)?;
-    let payload = std::str::from_utf8(event_raw.get(data.clone())?).ok()?;
+    let payload = raw.get(data.clone())?;
     let [usage] = splice::members(payload, ["usage"]).ok()?.values;
     let value = splice::span(payload, usage.filter(|u| u.get() == "null")?.get())?;
     // Back from the value over `:` and the key to the `,` or `{` before the member: the key, which
