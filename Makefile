@@ -117,7 +117,7 @@ fleet-deps:
 # RUSTC_BOOTSTRAP=1. Overflow checks and debug assertions are on either way.
 FUZZ_SECONDS   ?= 30
 FUZZ_SANITIZER ?= none
-FUZZ_TARGETS   ?= config json_diff request usage_json sse usage_stream_diff retry_headers translate
+FUZZ_TARGETS   ?= config request usage_json sse usage_stream_diff retry_headers translate
 FUZZ_ENV       := $(if $(filter none,$(FUZZ_SANITIZER)),,RUSTC_BOOTSTRAP=1)
 FUZZ_MAX_LEN_config        := 4096
 FUZZ_MAX_LEN_request       := 8192

@@ -310,42 +310,6 @@ pub fn metric_segment(s: &str) -> String {
         .collect()
 }
 
-/// Characters of generated text in a non-streaming response, for an estimate when it has no usage:
-/// the string values under `choices`/`content`/`output`, whatever the API.
-pub fn response_text_chars(body: &[u8]) -> u64 {
-    fn walk(v: &crate::json::Value, inside: bool, acc: &mut u64) {
-        match v {
-            crate::json::Value::String(s) if inside => {
-                *acc = acc.saturating_add(s.chars().count() as u64)
-            }
-            crate::json::Value::Array(a) => a.iter().for_each(|x| walk(x, inside, acc)),
-            crate::json::Value::Object(o) => {
-                for (k, x) in o {
-                    let now_inside =
-                        inside || matches!(k.as_str(), "choices" | "content" | "output");
-                    if !matches!(
-                        k.as_str(),
-                        "id" | "type"
-                            | "role"
-                            | "finish_reason"
-                            | "stop_reason"
-                            | "model"
-                            | "object"
-                    ) {
-                        walk(x, now_inside, acc)
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut acc = 0;
-    if let Ok(v) = crate::json::from_slice(body) {
-        walk(&v, false, &mut acc);
-    }
-    acc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,7 +480,5 @@ mod tests {
         assert_eq!(retry_after_secs(0), 1);
         assert_eq!(retry_after_secs(1001), 2);
         assert_eq!(metric_segment("gpt-4.1/mini"), "gpt-4_1_mini");
-        let body = br#"{"id":"x","choices":[{"message":{"role":"assistant","content":"Hello there"}}],"usage":null}"#;
-        assert_eq!(response_text_chars(body), 11);
     }
 }

@@ -1,9 +1,21 @@
 //! What the gateway needs from a client request body, and the few rewrites it makes to it.
+//!
+//! Reading: serde_json finds the top-level members the gateway reads ([`splice::members`]), each
+//! borrowed as a [`RawValue`]; each is then checked for its type and read (the model, the flags and
+//! limits) or measured for the prompt estimate ([`Content`], a visitor that counts text as it goes,
+//! so no tree of the body is built). Repeated keys: the last one counts, as in serde_json's
+//! `Value` (within a message's content parts, every occurrence is counted: an estimate).
+//!
+//! Rewrites change one member and keep every other byte of the body ([`splice`], which also says
+//! why a splice rather than serde_json's `preserve_order`, with measurements).
 
 use std::fmt;
 
-use crate::json::{Map, Value};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::error::Category;
+use serde_json::value::RawValue;
 
+use crate::api::splice::{self, members, Splice};
 use crate::count::estimate::text_tokens;
 use crate::count::usage::ApiKind;
 
@@ -22,6 +34,8 @@ pub struct RequestInfo {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestError {
+    /// Nothing but whitespace.
+    EmptyBody,
     InvalidUtf8,
     /// The parser's message, e.g. "EOF while parsing an object at line 1 column 10".
     InvalidJson(String),
@@ -30,19 +44,23 @@ pub enum RequestError {
     WrongType(&'static str, &'static str),
     /// `messages` present but [] (chat completions and Anthropic messages).
     EmptyMessages,
-    /// e.g. "messages" for ChatCompletions/Messages, "input" for embeddings.
+    /// A field the API requires, absent or null: "messages" for chat completions and Anthropic
+    /// messages, "prompt" for legacy completions, "input" for embeddings.
     MissingField(&'static str),
 }
 
 impl fmt::Display for RequestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            RequestError::EmptyBody => {
+                f.write_str("The request body is empty; expected a JSON object.")
+            }
             RequestError::InvalidUtf8 => f.write_str("request body is not valid UTF-8"),
             RequestError::InvalidJson(e) => write!(f, "request body is not valid JSON: {e}"),
             RequestError::NotAnObject => f.write_str("request body must be a JSON object"),
             RequestError::WrongType(field, expected) => write!(f, "'{field}' must be {expected}"),
             RequestError::EmptyMessages => f.write_str("'messages' must be a non-empty array"),
-            RequestError::MissingField(field) => write!(f, "missing required field '{field}'"),
+            RequestError::MissingField(field) => write!(f, "'{field}' is required"),
         }
     }
 }
@@ -65,7 +83,24 @@ const MEDIA_TYPES: &[&str] = &[
     "input_file",
 ];
 
-#[derive(Clone, Copy)]
+/// The top-level members [`inspect`] reads.
+const FIELDS: [&str; 13] = [
+    "model",
+    "stream",
+    "stream_options",
+    "max_completion_tokens",
+    "max_tokens",
+    "max_output_tokens",
+    "messages",
+    "system",
+    "instructions",
+    "prompt",
+    "input",
+    "tools",
+    "functions",
+];
+
+#[derive(Clone, Copy, PartialEq)]
 enum Expect {
     Str,
     Bool,
@@ -76,14 +111,16 @@ enum Expect {
 }
 
 impl Expect {
-    fn accepts(self, v: &Value) -> bool {
+    fn accepts(self, v: &RawValue) -> bool {
+        // A RawValue is valid JSON with no leading whitespace: its first byte tells its type.
+        let first = v.get().as_bytes().first().copied().unwrap_or_default();
         match self {
-            Expect::Str => v.is_string(),
-            Expect::Bool => v.is_boolean(),
-            Expect::Obj => v.is_object(),
-            Expect::Arr => v.is_array(),
-            Expect::StrOrArr => v.is_string() || v.is_array(),
-            Expect::Count => v.is_u64(),
+            Expect::Str => first == b'"',
+            Expect::Bool => first == b't' || first == b'f',
+            Expect::Obj => first == b'{',
+            Expect::Arr => first == b'[',
+            Expect::StrOrArr => first == b'"' || first == b'[',
+            Expect::Count => serde_json::from_str::<u64>(v.get()).is_ok(),
         }
     }
 
@@ -104,36 +141,51 @@ impl Expect {
 pub fn inspect(api: ApiKind, body: &[u8]) -> Result<RequestInfo, RequestError> {
     use Expect::*;
     let text = std::str::from_utf8(body).map_err(|_| RequestError::InvalidUtf8)?;
-    let value =
-        crate::json::from_str(text).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
-    let Value::Object(body) = &value else {
-        return Err(RequestError::NotAnObject);
-    };
+    if text.trim_matches(JSON_WS).is_empty() {
+        return Err(RequestError::EmptyBody);
+    }
+    let object = members(text, FIELDS).map_err(|e| match e.classify() {
+        Category::Data => RequestError::NotAnObject,
+        _ => RequestError::InvalidJson(e.to_string()),
+    })?;
+    let [model, stream, stream_options, max_completion, max, max_output, messages, system, instructions, prompt, input, tools, functions] =
+        object.values;
     let strict = api != ApiKind::Other;
-    let field = |name: &'static str, expect| check(body.get(name), name, expect, strict);
-    let model = field("model", Str)?
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let stream = field("stream", Bool)?.and_then(Value::as_bool);
-    let include_usage = field("stream_options", Obj)?.and_then(|o| o.get("include_usage"));
-    let include_usage = check(include_usage, "stream_options.include_usage", Bool, strict)?
-        .and_then(Value::as_bool);
-    let max_completion = field("max_completion_tokens", Count)?;
-    let max = field("max_tokens", Count)?;
-    let max_output = field("max_output_tokens", Count)?;
+    let field = |v, name: &'static str, expect| check(v, name, expect, strict);
+    let model = field(model, "model", Str)?
+        .map(parse::<String>)
+        .transpose()?;
+    let stream = field(stream, "stream", Bool)?.is_some_and(|s| s.get() == "true");
+    let include_usage = match field(stream_options, "stream_options", Obj)? {
+        Some(options) => {
+            let [include] = members(options.get(), ["include_usage"])
+                .map_err(|e| RequestError::InvalidJson(e.to_string()))?
+                .values;
+            check(include, "stream_options.include_usage", Bool, strict)?
+                .is_some_and(|v| v.get() == "true")
+        }
+        None => false,
+    };
+    let max_completion = field(max_completion, "max_completion_tokens", Count)?;
+    let max = field(max, "max_tokens", Count)?;
+    let max_output = field(max_output, "max_output_tokens", Count)?;
     let max_tokens = max_completion
         .or(max)
         .or(max_output)
-        .and_then(Value::as_u64);
+        .map(parse::<u64>)
+        .transpose()?;
 
-    let messages = field("messages", Arr)?;
-    let system = field("system", StrOrArr)?;
-    let instructions = field("instructions", Str)?;
-    let prompt = field("prompt", StrOrArr)?;
-    let input = field("input", StrOrArr)?;
-    let tools = field("tools", Arr)?;
-    let functions = field("functions", Arr)?;
+    let messages = field(messages, "messages", Arr)?;
+    let system = field(system, "system", StrOrArr)?;
+    let instructions = field(instructions, "instructions", Str)?;
+    let prompt = field(prompt, "prompt", StrOrArr)?;
+    let input = field(input, "input", StrOrArr)?;
+    let tools = field(tools, "tools", Arr)?;
+    let functions = field(functions, "functions", Arr)?;
 
+    // What the providers' references mark required (the Responses API's `input` is optional:
+    // a follow-up may give only `previous_response_id`). `model` is not checked: the gateway's
+    // model map may route a request without one.
     let required = match api {
         ApiKind::ChatCompletions | ApiKind::Messages => Some(("messages", messages)),
         ApiKind::Completions => Some(("prompt", prompt)),
@@ -143,53 +195,51 @@ pub fn inspect(api: ApiKind, body: &[u8]) -> Result<RequestInfo, RequestError> {
     if let Some((field, None)) = required {
         return Err(RequestError::MissingField(field));
     }
-    if strict
-        && messages
-            .and_then(Value::as_array)
-            .is_some_and(Vec::is_empty)
-    {
-        return Err(RequestError::EmptyMessages);
-    }
 
     let mut estimate = 0u64;
-    if let Some(Value::Array(msgs)) = messages {
-        for m in msgs {
-            estimate = estimate
-                .saturating_add(MESSAGE_OVERHEAD)
-                .saturating_add(content_tokens(m));
+    if let Some(messages) = messages {
+        let messages = parse::<Content>(messages)?;
+        if strict && messages.items == 0 {
+            return Err(RequestError::EmptyMessages);
         }
+        estimate = messages.with_overhead();
     }
-    // Responses API input items are messages too; a plain string input is one user message.
-    if let Some(Value::Array(items)) = input {
-        if api == ApiKind::Responses {
-            estimate = estimate.saturating_add(MESSAGE_OVERHEAD.saturating_mul(items.len() as u64));
-        }
+    for v in [system, instructions, prompt].into_iter().flatten() {
+        estimate = estimate.saturating_add(parse::<Content>(v)?.tokens);
     }
-    for v in [system, instructions, prompt, input].into_iter().flatten() {
-        estimate = estimate.saturating_add(content_tokens(v));
+    if let Some(input) = input {
+        let input = parse::<Content>(input)?;
+        // Responses API input items are messages too (a plain string input, one user message,
+        // has no items).
+        estimate = match api {
+            ApiKind::Responses => estimate.saturating_add(input.with_overhead()),
+            _ => estimate.saturating_add(input.tokens),
+        };
     }
     for v in [tools, functions].into_iter().flatten() {
-        estimate = estimate.saturating_add(text_tokens(&v.to_string()));
+        estimate = estimate.saturating_add(json_tokens(v));
     }
 
     Ok(RequestInfo {
         model,
-        stream: stream.unwrap_or(false),
-        include_usage: include_usage.unwrap_or(false),
+        stream,
+        include_usage,
         max_tokens,
         prompt_tokens_estimate: estimate,
     })
 }
 
+const JSON_WS: [char; 4] = [' ', '\t', '\n', '\r'];
+
 /// A field of the body, `None` when absent or `null`; of the wrong type, an error when `strict`
 /// and absent otherwise.
 fn check<'v>(
-    v: Option<&'v Value>,
+    v: Option<&'v RawValue>,
     field: &'static str,
     expect: Expect,
     strict: bool,
-) -> Result<Option<&'v Value>, RequestError> {
-    match v.filter(|v| !v.is_null()) {
+) -> Result<Option<&'v RawValue>, RequestError> {
+    match v.filter(|v| v.get() != "null") {
         Some(v) if !expect.accepts(v) => match strict {
             true => Err(RequestError::WrongType(field, expect.describe())),
             false => Ok(None),
@@ -198,96 +248,222 @@ fn check<'v>(
     }
 }
 
+/// A member already known to be valid JSON of the right type; what can still fail is the nesting
+/// limit of the measuring visitors (serde_json's 128 levels).
+fn parse<'a, T: Deserialize<'a>>(v: &'a RawValue) -> Result<T, RequestError> {
+    serde_json::from_str(v.get()).map_err(|e| RequestError::InvalidJson(e.to_string()))
+}
+
+/// Tokens of JSON the model reads as such (tool definitions, tool-use input), measured on the text
+/// as the client wrote it: SDKs send it compact.
+fn json_tokens(v: &RawValue) -> u64 {
+    text_tokens(v.get())
+}
+
 /// Tokens of the text a model reads in a message, content part or input item. Only keys that
 /// carry text are followed, so ids, URLs and base64 payloads are never counted as text.
-fn content_tokens(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => text_tokens(s),
-        // Token-id prompts (`[1, 2, 3]`): one token per id.
-        Value::Number(_) => 1,
-        Value::Array(items) => items
-            .iter()
-            .fold(0u64, |n, item| n.saturating_add(content_tokens(item))),
-        Value::Object(part) => object_tokens(part),
-        Value::Bool(_) | Value::Null => 0,
+#[derive(Default)]
+struct Content {
+    tokens: u64,
+    /// Items, when an array.
+    items: u64,
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ContentVisitor)
     }
 }
 
-fn object_tokens(part: &Map<String, Value>) -> u64 {
-    if part
-        .get("type")
-        .and_then(Value::as_str)
-        .is_some_and(|t| MEDIA_TYPES.contains(&t))
-    {
-        return MEDIA_PART_TOKENS;
+struct ContentVisitor;
+
+impl Content {
+    /// Tokens plus each item's framing, for messages.
+    fn with_overhead(&self) -> u64 {
+        self.tokens
+            .saturating_add(MESSAGE_OVERHEAD.saturating_mul(self.items))
     }
-    part.iter().fold(0u64, |n, (key, value)| {
-        let tokens = match (key.as_str(), value) {
-            // Tool-use input objects are serialized JSON to the model.
-            ("input", Value::Object(_)) => text_tokens(&value.to_string()),
-            (
-                "content" | "text" | "thinking" | "refusal" | "name" | "arguments" | "output"
-                | "input" | "summary" | "tool_calls" | "function_call" | "function",
-                _,
-            ) => content_tokens(value),
-            _ => 0,
-        };
-        n.saturating_add(tokens)
-    })
 }
 
-/// Parses the body as a JSON object, applies `edit` and serializes it back (compact; key order
-/// as [`crate::json`] keeps it).
-fn rewrite(body: &[u8], edit: impl FnOnce(&mut Map<String, Value>)) -> Option<Vec<u8>> {
-    let mut value: Value = crate::json::from_slice(body).ok()?;
-    edit(value.as_object_mut()?);
-    crate::json::to_vec(&value).ok()
+impl ContentVisitor {
+    fn tokens(tokens: u64) -> Content {
+        Content { tokens, items: 0 }
+    }
 }
 
-/// Returns the body with `stream_options.include_usage` set to true (other fields untouched, order kept
-/// as far as [`crate::json`] keeps it), or None if the body is not a JSON object.
+impl<'de> Visitor<'de> for ContentVisitor {
+    type Value = Content;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Content, E> {
+        Ok(Self::tokens(text_tokens(s)))
+    }
+
+    // Token-id prompts (`[1, 2, 3]`): one token per id.
+    fn visit_u64<E>(self, _: u64) -> Result<Content, E> {
+        Ok(Self::tokens(1))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Content, E> {
+        Ok(Self::tokens(1))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Content, E> {
+        Ok(Self::tokens(1))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Content, E> {
+        Ok(Content::default())
+    }
+
+    fn visit_unit<E>(self) -> Result<Content, E> {
+        Ok(Content::default())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
+        let mut content = Content::default();
+        while let Some(item) = seq.next_element::<Content>()? {
+            content.tokens = content.tokens.saturating_add(item.tokens);
+            content.items = content.items.saturating_add(1);
+        }
+        Ok(content)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Content, A::Error> {
+        const TEXT_KEYS: [&str; 13] = [
+            "type",
+            "input",
+            "content",
+            "text",
+            "thinking",
+            "refusal",
+            "name",
+            "arguments",
+            "output",
+            "summary",
+            "tool_calls",
+            "function_call",
+            "function",
+        ];
+        let (mut tokens, mut media) = (0u64, false);
+        while let Some(key) = map.next_key_seed(splice::KeyIndex(&TEXT_KEYS))? {
+            let add = match key {
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                    0
+                }
+                Some(0) => {
+                    let kind = map.next_value::<&'de RawValue>()?;
+                    media |= serde_json::from_str::<&str>(kind.get())
+                        .is_ok_and(|t| MEDIA_TYPES.contains(&t));
+                    0
+                }
+                // Tool-use input objects are serialized JSON to the model.
+                Some(1) => {
+                    let input = map.next_value::<&'de RawValue>()?;
+                    if input.get().starts_with('{') {
+                        json_tokens(input)
+                    } else {
+                        serde_json::from_str::<Content>(input.get())
+                            .map_err(serde::de::Error::custom)?
+                            .tokens
+                    }
+                }
+                Some(_) => map.next_value::<Content>()?.tokens,
+            };
+            tokens = tokens.saturating_add(add);
+        }
+        Ok(Self::tokens(if media { MEDIA_PART_TOKENS } else { tokens }))
+    }
+}
+
+/// The members the rewrites set.
+const REWRITTEN: [&str; 5] = [
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "stream_options",
+];
+
+/// `edit` applied to the body's members (see [`splice`]); None if the body is not a JSON object.
+fn rewrite(
+    body: &[u8],
+    edit: impl FnOnce(&str, &splice::Object<'_, 5>, &mut Splice) -> Option<()>,
+) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let object = members(text, REWRITTEN).ok()?;
+    let mut splice = Splice::default();
+    edit(text, &object, &mut splice)?;
+    splice.apply(text)
+}
+
+/// Returns the body with `stream_options.include_usage` set to true, every other byte as it was,
+/// or None if the body is not a JSON object.
 pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
-    rewrite(body, |obj| match obj.get_mut("stream_options") {
-        Some(Value::Object(options)) => {
-            options.insert("include_usage".into(), Value::Bool(true));
-        }
-        _ => {
-            let options = Map::from_iter([("include_usage".to_owned(), Value::Bool(true))]);
-            obj.insert("stream_options".into(), Value::Object(options));
+    rewrite(body, |text, object, splice| {
+        let [.., options] = object.values;
+        let inner = options.and_then(|o| members(o.get(), ["include_usage"]).ok());
+        match (options, inner) {
+            (Some(_), Some(inner)) => {
+                let [include] = inner.values;
+                splice.set(text, &inner, include, "include_usage", "true".into())
+            }
+            // null, or not an object: replaced.
+            (Some(other), None) => {
+                splice.replace(
+                    splice::span(text, other.get())?,
+                    r#"{"include_usage":true}"#.into(),
+                );
+                Some(())
+            }
+            (None, _) => splice.set(
+                text,
+                object,
+                None,
+                "stream_options",
+                r#"{"include_usage":true}"#.into(),
+            ),
         }
     })
 }
 
-/// Returns the body with "model" replaced, or None if not a JSON object.
+/// Returns the body with "model" replaced (or added), every other byte as it was, or None if not
+/// a JSON object.
 pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
-    rewrite(body, |obj| {
-        obj.insert("model".into(), Value::String(model.to_owned()));
+    let model = serde_json::to_string(model).ok()?;
+    rewrite(body, |text, object, splice| {
+        let [current, ..] = object.values;
+        splice.set(text, object, current, "model", model)
     })
 }
 
 /// Returns the body with max_tokens (or whichever of the three fields is present, each of them if
-/// several are; max_tokens if none) set.
+/// several are; max_tokens if none) set, every other byte as it was.
 pub fn with_max_tokens(body: &[u8], max_tokens: u64) -> Option<Vec<u8>> {
-    rewrite(body, |obj| {
-        let present: Vec<&str> = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+    rewrite(body, |text, object, splice| {
+        let [_, max, max_completion, max_output, _] = object.values;
+        let present: Vec<&RawValue> = [max, max_completion, max_output]
             .into_iter()
-            .filter(|k| obj.contains_key(k))
+            .flatten()
             .collect();
-        let fields = if present.is_empty() {
-            &["max_tokens"][..]
-        } else {
-            &present[..]
-        };
-        for field in fields {
-            obj.insert((*field).into(), Value::from(max_tokens));
+        if present.is_empty() {
+            return splice.set(text, object, None, "max_tokens", max_tokens.to_string());
         }
+        for v in present {
+            splice.replace(splice::span(text, v.get())?, max_tokens.to_string());
+        }
+        Some(())
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json::json;
+    use serde_json::{json, Value};
     use ApiKind::*;
 
     fn info(api: ApiKind, body: Value) -> RequestInfo {
@@ -512,10 +688,10 @@ mod tests {
             err(ChatCompletions, r#"{"messages": [}"#),
             RequestError::InvalidJson("expected value at line 1 column 15".into())
         );
-        assert_eq!(
-            err(ChatCompletions, ""),
-            RequestError::InvalidJson("EOF while parsing a value at line 1 column 0".into())
-        );
+        for empty in ["", " ", "\r\n\t "] {
+            assert_eq!(err(ChatCompletions, empty), RequestError::EmptyBody);
+            assert_eq!(err(Other, empty), RequestError::EmptyBody);
+        }
         assert!(matches!(
             err(ChatCompletions, "hello"),
             RequestError::InvalidJson(_)
@@ -523,6 +699,16 @@ mod tests {
         assert!(matches!(
             err(ChatCompletions, r#"{"a":1} x"#),
             RequestError::InvalidJson(_)
+        ));
+        // Nesting beyond serde_json's limit in a member that is measured: an error, not a crash.
+        let deep = format!(
+            r#"{{"messages":[{{"content":{}"x"{}}}]}}"#,
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        assert!(matches!(
+            err(ChatCompletions, &deep),
+            RequestError::InvalidJson(e) if e.contains("recursion limit")
         ));
         for body in ["[1, 2]", " \"text\"", "42", "null", "true"] {
             assert_eq!(
@@ -696,7 +882,11 @@ mod tests {
         );
         assert_eq!(
             RequestError::MissingField("input").to_string(),
-            "missing required field 'input'"
+            "'input' is required"
+        );
+        assert_eq!(
+            RequestError::EmptyBody.to_string(),
+            "The request body is empty; expected a JSON object."
         );
         assert_eq!(
             RequestError::NotAnObject.to_string(),
@@ -713,7 +903,7 @@ mod tests {
     }
 
     fn parsed(out: Option<Vec<u8>>) -> Value {
-        out.and_then(|b| crate::json::from_slice(&b).ok())
+        out.and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null)
     }
 
@@ -728,6 +918,82 @@ mod tests {
             String::from_utf8(with_max_tokens(body, 64).unwrap_or_default()).unwrap_or_default(),
             r#"{"stream":true,"model":"gpt-4o","temperature":0.70,"seed":12345678901234567890123,"messages":[],"max_tokens":64}"#
         );
+    }
+
+    fn text(out: Option<Vec<u8>>) -> String {
+        String::from_utf8(out.unwrap_or_default()).unwrap_or_default()
+    }
+
+    #[test]
+    fn rewrites_keep_every_other_byte() {
+        let body = "{ \"seed\": 12345678901234567890123, \"temperature\": 1.0e3,\n  \"model\" : \"gpt-\\u00e9\\/4o\",\"stop\":[\"\\/\"],\n  \"messages\": [{\"role\":\"user\",\"content\":\"h\\u00e9\"}] }\n";
+        let rest = |model: &str| {
+            format!("{{ \"seed\": 12345678901234567890123, \"temperature\": 1.0e3,\n  \"model\" : {model},\"stop\":[\"\\/\"],\n  \"messages\": [{{\"role\":\"user\",\"content\":\"h\\u00e9\"}}] }}\n")
+        };
+        assert_eq!(
+            text(with_model(body.as_bytes(), "m\u{e9}\"")),
+            rest("\"m\u{e9}\\\"\"")
+        );
+        // Absent members go last, before the closing brace (trailing whitespace kept).
+        let tail = "\n  \"messages\": [{\"role\":\"user\",\"content\":\"h\\u00e9\"}] ";
+        let added =
+            |member: &str| body.replacen(&format!("{tail}}}"), &format!("{tail},{member}}}"), 1);
+        assert_eq!(
+            text(with_max_tokens(body.as_bytes(), 7)),
+            added("\"max_tokens\":7")
+        );
+        assert_eq!(
+            text(with_include_usage(body.as_bytes())),
+            added("\"stream_options\":{\"include_usage\":true}")
+        );
+        assert_eq!(text(with_model(b"{}", "m")), r#"{"model":"m"}"#);
+        assert_eq!(text(with_model(b" { } ", "m")), r#" { "model":"m"} "#);
+    }
+
+    #[test]
+    fn rewrites_in_place_and_inside_stream_options() {
+        let body = br#"{"max_output_tokens": 9 ,"stream_options":{ "x":1 },"max_tokens":null}"#;
+        assert_eq!(
+            text(with_max_tokens(body, 5)),
+            r#"{"max_output_tokens": 5 ,"stream_options":{ "x":1 },"max_tokens":5}"#
+        );
+        assert_eq!(
+            text(with_include_usage(body)),
+            r#"{"max_output_tokens": 9 ,"stream_options":{ "x":1 ,"include_usage":true},"max_tokens":null}"#
+        );
+        assert_eq!(
+            text(with_include_usage(
+                br#"{"stream_options":{"include_usage" : false}}"#
+            )),
+            r#"{"stream_options":{"include_usage" : true}}"#
+        );
+        assert_eq!(
+            text(with_include_usage(br#"{"stream_options":{}}"#)),
+            r#"{"stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(
+            text(with_include_usage(br#"{"stream_options":7}"#)),
+            r#"{"stream_options":{"include_usage":true}}"#
+        );
+    }
+
+    #[test]
+    fn repeated_keys_the_last_one_is_read_and_rewritten() {
+        let body = br#"{"model":"a","model":"b","max_tokens":1,"max_tokens":2}"#;
+        let read = inspect(Other, body).map(|i| (i.model, i.max_tokens));
+        assert_eq!(read, Ok((Some("b".into()), Some(2))));
+        assert_eq!(
+            text(with_model(body, "c")),
+            r#"{"model":"a","model":"c","max_tokens":1,"max_tokens":2}"#
+        );
+        assert_eq!(
+            text(with_max_tokens(body, 9)),
+            r#"{"model":"a","model":"b","max_tokens":1,"max_tokens":9}"#
+        );
+        // What serde_json's own reading takes.
+        let value: Value =
+            serde_json::from_slice(&with_model(body, "c").unwrap_or_default()).unwrap_or_default();
+        assert_eq!(value["model"], "c");
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! about ±25% of both. Scripts that BPE vocabularies compress poorly are counted per character or
 //! per short run, between what cl100k (more tokens) and o200k (fewer) produce.
 
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use crate::api::splice::KeyIndex;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
     /// Latin-script letters: words of up to 8 letters are usually one token.
@@ -85,6 +91,101 @@ pub fn text_tokens(text: &str) -> u64 {
 /// For streamed text where only a char count is kept: ~4 chars per token, never 0 for chars > 0.
 pub fn chars_to_tokens(chars: u64) -> u64 {
     chars.div_ceil(4)
+}
+
+/// Characters of generated text in a non-streaming response, for an estimate when it has no usage:
+/// the string values under `choices`/`content`/`output`, whatever the API (0 for a body that is not
+/// JSON). Counted as serde_json reads them, without building the body.
+pub fn response_text_chars(body: &[u8]) -> u64 {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    Chars { inside: false }
+        .deserialize(&mut de)
+        .and_then(|n| de.end().map(|()| n))
+        .unwrap_or(0)
+}
+
+/// [`response_text_chars`]'s walk: strings count once `inside` a member that holds generated text.
+#[derive(Clone, Copy)]
+struct Chars {
+    inside: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Chars {
+    type Value = u64;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Chars {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<u64, E> {
+        Ok(if self.inside {
+            s.chars().count() as u64
+        } else {
+            0
+        })
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<u64, E> {
+        Ok(0)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<u64, E> {
+        Ok(0)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<u64, E> {
+        Ok(0)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<u64, E> {
+        Ok(0)
+    }
+
+    fn visit_unit<E>(self) -> Result<u64, E> {
+        Ok(0)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+        let mut n = 0u64;
+        while let Some(chars) = seq.next_element_seed(self)? {
+            n = n.saturating_add(chars);
+        }
+        Ok(n)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        /// Members holding generated text, then members whose strings are never text.
+        const KEYS: [&str; 10] = [
+            "choices",
+            "content",
+            "output",
+            "id",
+            "type",
+            "role",
+            "finish_reason",
+            "stop_reason",
+            "model",
+            "object",
+        ];
+        let mut n = 0u64;
+        while let Some(key) = map.next_key_seed(KeyIndex(&KEYS))? {
+            let chars = match key {
+                Some(0..=2) => map.next_value_seed(Chars { inside: true })?,
+                Some(_) => map.next_value::<IgnoredAny>().map(|_| 0)?,
+                None => map.next_value_seed(self)?,
+            };
+            n = n.saturating_add(chars);
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +270,18 @@ mod tests {
                 latin || est > chars_to_tokens(text.chars().count() as u64),
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn response_text() {
+        let body = br#"{"id":"x","choices":[{"message":{"role":"assistant","content":"Hello there"}}],"usage":null}"#;
+        assert_eq!(response_text_chars(body), 11);
+        let anthropic = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude","content":[{"type":"text","text":"Caf\u00e9"},{"type":"tool_use","id":"t","name":"f","input":{"a":"bc"}}],"stop_reason":"end_turn"}"#;
+        // "Café", the tool name and its input's string; ids and types are not text.
+        assert_eq!(response_text_chars(anthropic), 4 + 1 + 2);
+        for not_json in [&b""[..], b"{", b"{\"choices\":[\"a\"]} x", b"\xff"] {
+            assert_eq!(response_text_chars(not_json), 0);
         }
     }
 

@@ -1,5 +1,9 @@
 //! Incremental Server-Sent Events parser (WHATWG `text/event-stream` rules).
 //!
+//! Hand-written: no crate on the card parses SSE, and the ones that do elsewhere own the stream
+//! (async readers, owned events), while a proxy filter is handed chunks split anywhere and must give
+//! back every byte it does not drop.
+//!
 //! Built for a proxy that both inspects and forwards a stream: every byte that is not part of a
 //! dropped (oversized) event comes back in exactly one [`SseEvent::raw`], so re-emitting `raw` for
 //! every event reproduces the stream byte for byte.

@@ -915,7 +915,7 @@ impl Listener {
         let output = if self.sse.is_some() {
             self.stream_usage.estimated_output_tokens()
         } else {
-            estimate::chars_to_tokens(gateway::response_text_chars(&self.json))
+            estimate::chars_to_tokens(estimate::response_text_chars(&self.json))
         };
         // An Anthropic stream cut before message_delta still told us its input exactly.
         let mut u = self.stream_usage.usage().unwrap_or_default();
