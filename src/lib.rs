@@ -15,7 +15,6 @@ pub mod api;
 pub mod config;
 pub mod count;
 pub mod failover;
-pub mod gateway;
 pub mod host;
 pub mod json;
 pub mod limit;

@@ -2,3 +2,25 @@
 pub mod estimate;
 pub mod sse;
 pub mod usage;
+
+/// A metric-name segment: Envoy splits stat names on '.', and tag regexes match on them, so a model
+/// called "gpt-4.1" is exported as "gpt-4_1".
+pub fn metric_segment(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metric_segments_keep_stat_names_splittable() {
+        assert_eq!(super::metric_segment("gpt-4.1/mini"), "gpt-4_1_mini");
+    }
+}

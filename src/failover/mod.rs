@@ -2,5 +2,6 @@
 //! rewriting of a request and its answer for another provider.
 pub mod health;
 pub mod retry_signal;
+pub mod rewrite;
 pub mod route;
 pub mod translate;

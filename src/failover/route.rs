@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::failover::health::{self, Circuit};
-use crate::gateway::retry_after_secs;
+use crate::limit::headers::retry_after_secs;
 use crate::store::SharedStore;
 
 #[derive(Debug, Clone, PartialEq)]

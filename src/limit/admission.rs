@@ -2,7 +2,7 @@
 //! The listener role applies the verdict; the tests here run the same code on the fake store.
 
 use crate::config::{Config, FailureMode};
-use crate::gateway::retry_after_secs;
+use crate::limit::headers::retry_after_secs;
 use crate::limit::quota::{self, Admission, Demand, Limit, Metric, Reservation, Standing};
 use crate::store::{SharedStore, StoreError};
 

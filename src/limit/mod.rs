@@ -1,5 +1,7 @@
 //! Consumers' budgets: quota windows in shared data, admission before a request goes upstream, and
 //! settlement when its usage is known.
 pub mod admission;
+pub mod consumer;
 pub mod consumer_key;
+pub mod headers;
 pub mod quota;

@@ -1,2 +1,3 @@
 //! The key pool: which provider key an attempt carries.
+pub mod credentials;
 pub mod keypool;

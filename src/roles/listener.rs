@@ -11,16 +11,20 @@
 use super::plan::{self, Plan};
 use super::{status, Flow};
 use crate::api::errors::{error_body, error_body_typed, ClientApi, ErrorKind};
+use crate::api::headers;
 use crate::api::request::{self, RequestInfo};
 use crate::config::{Config, Consumers, Provider};
 use crate::count::estimate;
+use crate::count::metric_segment;
 use crate::count::sse::{SseEvent, SseParser};
 use crate::count::usage::{self, usage_from_json, ApiKind, StreamUsage, Usage};
+use crate::failover::rewrite::{self, Translation};
 use crate::failover::route::{self, Start};
 use crate::failover::translate::{self, ChatToMessagesStream, MessagesToChatStream};
-use crate::gateway::{self, metric_segment, Translation};
 use crate::host::{find, find_str, Body, Host, Map};
 use crate::limit::admission::{self, Verdict};
+use crate::limit::consumer;
+use crate::limit::headers as limit_headers;
 use crate::limit::quota::{self, Demand, Metric, Reservation, Standing};
 use crate::store::add_u64s;
 use std::rc::Rc;
@@ -179,9 +183,9 @@ impl Listener {
         let mut spoofed = false;
         let mut removed: Vec<&str> = Vec::new();
         for (name, _) in &hdrs {
-            let internal = name.starts_with(gateway::INTERNAL_PREFIX);
+            let internal = name.starts_with(headers::INTERNAL_PREFIX);
             if (internal
-                || gateway::CREDENTIAL_HEADERS.contains(&name.as_str())
+                || headers::CREDENTIAL_HEADERS.contains(&name.as_str())
                 || Some(name.as_str()) == trusted)
                 && !removed.contains(&name.as_str())
             {
@@ -204,7 +208,7 @@ impl Listener {
                 return status::serve(host, &self.cfg, &hdrs);
             }
         }
-        match gateway::identify(&self.cfg, |name| credential(&hdrs, name)) {
+        match consumer::identify(&self.cfg, |name| credential(&hdrs, name)) {
             Ok(c) => self.consumer = c,
             Err(e) => {
                 return self.reject(
@@ -384,7 +388,7 @@ impl Listener {
         }
         if let Some(p) = self.cfg.providers.get(start).filter(|_| start > 0) {
             // The routes match on this header to pick a cluster whose priorities start there.
-            host.set_header(Map::RequestHeaders, gateway::HDR_ROUTE, &p.name);
+            host.set_header(Map::RequestHeaders, headers::HDR_ROUTE, &p.name);
             host.clear_route_cache();
             host.count(&format!("tollgate.provider.{}.steered_requests", p.name), 1);
         }
@@ -411,7 +415,7 @@ impl Listener {
             return Ok(());
         };
         let model = p.map_model(self.model()).unwrap_or("");
-        let result = match gateway::translation(self.api, p.kind) {
+        let result = match rewrite::translation(self.api, p.kind) {
             Ok(Translation::ChatToMessages) => {
                 translate::chat_request_to_messages(body, model, self.cfg.default_max_tokens)
                     .map(|_| ())
@@ -472,7 +476,8 @@ impl Listener {
             } => {
                 self.standings = standings;
                 self.publish_use(host);
-                let mut headers = gateway::rate_limit_headers(self.client, &self.standings, now);
+                let mut headers =
+                    limit_headers::rate_limit_headers(self.client, &self.standings, now);
                 headers.push(("retry-after".into(), retry_after_secs.to_string()));
                 // OpenAI names the exhausted limit in `error.type`.
                 let kind = if limit.metric == Metric::Requests {
@@ -533,8 +538,8 @@ impl Listener {
         let hdrs = host.headers(Map::ResponseHeaders);
         let get = |name: &str| find_str(&hdrs, name);
         self.status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        self.provider = get(gateway::HDR_PROVIDER).unwrap_or_default().to_string();
-        self.key_id = get(gateway::HDR_KEY_ID).unwrap_or_default().to_string();
+        self.provider = get(headers::HDR_PROVIDER).unwrap_or_default().to_string();
+        self.key_id = get(headers::HDR_KEY_ID).unwrap_or_default().to_string();
         if self.status == 429
             && self.provider.is_empty()
             && find(&hdrs, "x-envoy-ratelimited").is_some()
@@ -554,7 +559,7 @@ impl Listener {
         let sse = content_type.contains("text/event-stream");
         let translation = self
             .answering_provider()
-            .and_then(|p| gateway::translation(self.api, p.kind).ok())
+            .and_then(|p| rewrite::translation(self.api, p.kind).ok())
             .unwrap_or(Translation::None);
         if self.status >= 500
             && self.provider.is_empty()
@@ -590,7 +595,7 @@ impl Listener {
         }
         if !self.standings.is_empty() {
             let now = host.now_ms();
-            for (k, v) in gateway::rate_limit_headers(self.client, &self.standings, now) {
+            for (k, v) in limit_headers::rate_limit_headers(self.client, &self.standings, now) {
                 host.set_header(Map::ResponseHeaders, &k, &v);
             }
         }
@@ -959,7 +964,7 @@ fn edit_event(edit: &mut StreamEdit, su: &mut StreamUsage, ev: &SseEvent<'_>, ou
 fn credential<'a>(hdrs: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
     let mut values = hdrs.iter().filter(|(k, _)| k == name);
     let first = values.next()?;
-    if values.next().is_some() && gateway::CREDENTIAL_HEADERS.contains(&name) {
+    if values.next().is_some() && headers::CREDENTIAL_HEADERS.contains(&name) {
         return Some("\u{0}repeated");
     }
     core::str::from_utf8(&first.1).ok()

@@ -8,8 +8,8 @@ use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::config::{Config, Consumers, ANONYMOUS};
 use crate::failover::health;
-use crate::gateway;
 use crate::host::Host;
+use crate::limit::consumer;
 use crate::limit::consumer_key;
 use crate::limit::quota::{self, Limit, Metric};
 use crate::store::{decode_u64s, SharedStore};
@@ -82,7 +82,7 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
     model_names.dedup();
     let mut models = Map::new();
     for m in model_names {
-        let label = gateway::metric_segment(m);
+        let label = crate::count::metric_segment(m);
         models.insert(
             m.to_string(),
             usage(store, &format!("tollgate:u:m:{label}")),
@@ -123,7 +123,7 @@ pub fn serve<H: Host>(host: &mut H, cfg: &Config, hdrs: &[(String, Vec<u8>)]) ->
         .status
         .as_ref()
         .and_then(|s| s.admin_key_digest)
-        .zip(gateway::presented_key(lookup).ok().flatten())
+        .zip(consumer::presented_key(lookup).ok().flatten())
         .is_some_and(|(want, key)| {
             consumer_key::same(&want, &consumer_key::digest(key.as_bytes()))
         });
@@ -132,7 +132,7 @@ pub fn serve<H: Host>(host: &mut H, cfg: &Config, hdrs: &[(String, Vec<u8>)]) ->
     } else {
         let consumer = match &cfg.consumers {
             Consumers::Anonymous => None,
-            _ => gateway::identify(cfg, lookup).ok(),
+            _ => consumer::identify(cfg, lookup).ok(),
         };
         match consumer {
             Some(name) => json!({"now_ms": now, "consumer": name,

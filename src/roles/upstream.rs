@@ -11,14 +11,18 @@ use super::listener::CLIENT_GONE;
 use super::plan::{self, Plan};
 use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
+use crate::api::headers;
 use crate::api::request;
 use crate::config::{Config, Provider};
+use crate::count::metric_segment;
 use crate::count::usage::ApiKind;
 use crate::failover::health::{self, CooldownReason, Outcome};
 use crate::failover::retry_signal;
+use crate::failover::rewrite::{self, Translation};
 use crate::failover::translate::{self, TranslateError};
-use crate::gateway::{self, metric_segment, Translation};
 use crate::host::{find_str, Body, Host, Map};
+use crate::limit::headers as limit_headers;
+use crate::pool::credentials;
 use crate::pool::keypool::{self, Choice};
 use std::rc::Rc;
 
@@ -152,11 +156,11 @@ impl Upstream {
                 &[],
             );
         };
-        self.translation = match gateway::translation(self.api, p.kind) {
+        self.translation = match rewrite::translation(self.api, p.kind) {
             Ok(t) => t,
             Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
         };
-        let (path, drop_length) = match gateway::attempt_plan(
+        let (path, drop_length) = match rewrite::attempt_plan(
             p,
             self.api,
             &self.plan.path,
@@ -187,7 +191,8 @@ impl Upstream {
         let ki = match choice {
             Choice::Key(i) => i,
             Choice::Exhausted { retry_at_ms } => {
-                let secs = gateway::retry_after_secs(retry_at_ms.saturating_sub(now)).to_string();
+                let secs =
+                    limit_headers::retry_after_secs(retry_at_ms.saturating_sub(now)).to_string();
                 host.count(
                     &format!("tollgate.provider.{}.exhausted_attempts", p.name),
                     1,
@@ -211,14 +216,14 @@ impl Upstream {
                 &[],
             );
         };
-        let auth = gateway::auth_headers(p, &key.secret);
+        let auth = credentials::auth_headers(p, &key.secret);
         // Credentials of another provider's kind (a previous attempt's, in this same header map)
         // and tollgate's routing header go; the listener role already took out the client's. Only
         // headers present are removed: each removal is a host call.
         for (name, _) in &hdrs {
-            let stale = gateway::CREDENTIAL_HEADERS.contains(&name.as_str())
+            let stale = headers::CREDENTIAL_HEADERS.contains(&name.as_str())
                 && !auth.iter().any(|(a, _)| a == name);
-            if stale || name.starts_with(gateway::INTERNAL_PREFIX) {
+            if stale || name.starts_with(headers::INTERNAL_PREFIX) {
                 host.remove_header(Map::RequestHeaders, name);
             }
         }
@@ -338,8 +343,8 @@ impl Upstream {
                 .map(|k| k.id.clone())
                 .unwrap_or_default(),
         );
-        host.set_header(Map::ResponseHeaders, gateway::HDR_PROVIDER, &pname);
-        host.set_header(Map::ResponseHeaders, gateway::HDR_KEY_ID, &kid);
+        host.set_header(Map::ResponseHeaders, headers::HDR_PROVIDER, &pname);
+        host.set_header(Map::ResponseHeaders, headers::HDR_KEY_ID, &kid);
         host.count(
             &format!(
                 "tollgate.provider.{}.responses_{}xx",
@@ -373,7 +378,7 @@ impl Upstream {
             .key
             .and_then(|k| self.provider().and_then(|p| p.keys.get(k)))
         {
-            let clean = gateway::scrub(&body, &k.secret, &k.id);
+            let clean = credentials::scrub(&body, &k.secret, &k.id);
             if clean != body {
                 host.set_body(Body::Response, size, &clean);
             }

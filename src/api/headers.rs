@@ -1,0 +1,16 @@
+//! The names of the headers tollgate reads and writes between the client, its two roles and the
+//! provider.
+
+/// Request headers that carry a client's credential: removed before any attempt leaves Envoy, so a
+/// client can never choose, nor learn, a pool key.
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// Response headers telling the client which provider and key id served it (ids, never secrets).
+pub const HDR_PROVIDER: &str = "x-tollgate-provider";
+pub const HDR_KEY_ID: &str = "x-tollgate-key-id";
+/// Set by the listener role when a request must start on a provider other than the first: the
+/// Envoy routes match on it to pick a cluster whose priorities start at that provider.
+pub const HDR_ROUTE: &str = "x-tollgate-route";
+/// Internal headers: a client's copies are removed before anything reads them, and none reaches
+/// a provider.
+pub const INTERNAL_PREFIX: &str = "x-tollgate-";
