@@ -44,6 +44,7 @@ ENV = {
     "SOAK_ANTHROPIC_KEY_1": "sk-soak-an1",
     "SOAK_TEAM_A": "tg-soak-team-a", "SOAK_TEAM_B": "tg-soak-team-b",
     "SOAK_TEAM_DC": "tg-soak-team-dc", "SOAK_TEAM_TIGHT": "tg-soak-team-tight",
+    "SOAK_ADMIN": "tg-soak-admin",
 }
 KEY_OF_SECRET = {ENV[f"SOAK_OPENAI_KEY_{i}"]: ("openai", f"oa-{i}") for i in (1, 2, 3)}
 KEY_OF_SECRET[ENV["SOAK_ANTHROPIC_KEY_1"]] = ("anthropic", "an-1")
@@ -70,7 +71,7 @@ PLUGIN = {
     ],
     "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.6}, "gpt-4o": {"input": 2.5, "output": 10}},
     "health": {"default_cooldown_s": 2},
-    "status": {"path": STATUS},
+    "status": {"path": STATUS, "admin_key_env": "SOAK_ADMIN"},
 }
 # kind -> (weight, consumer). Weights are per mille of requests.
 MIX = {
@@ -275,7 +276,7 @@ def rss_kb(pid: int) -> int:
 
 def status(port: int) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", STATUS)
+    conn.request("GET", STATUS, headers={"authorization": f"Bearer {ENV['SOAK_ADMIN']}"})
     r = conn.getresponse()
     body = r.read()
     conn.close()
