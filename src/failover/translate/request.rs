@@ -1332,4 +1332,39 @@ mod tests {
         assert_eq!(back["tool_choice"], "auto");
         assert_eq!(back["max_completion_tokens"], 200);
     }
+
+    /// Escaped strings cannot be borrowed from the body; they are read and written all the same.
+    #[test]
+    fn escaped_strings_and_error_reasons() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a\"b\u00e9"},
+            {"type":"image_url","image_url":{"url":"data:image\/png;base64,iV\/BOR=="}}]}],"stop":"\n"}"#;
+        let got: Value =
+            serde_json::from_slice(&chat_request_to_messages(body, "c", 5).unwrap_or_default())
+                .unwrap_or_default();
+        assert_eq!(
+            got["messages"][0]["content"],
+            json!([{"type": "text", "text": "a\"bé"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iV/BOR=="}}])
+        );
+        assert_eq!(got["stop_sequences"], json!(["\n"]));
+
+        let e = chat_err(json!({"model": "m", "messages": [], "brand_new_knob": 1}));
+        assert_eq!(
+            e.to_string(),
+            "brand_new_knob: this field has no Anthropic equivalent"
+        );
+        let e = messages_request_to_chat(br#"{"messages":[],"knob":1}"#, "g").err();
+        assert_eq!(
+            e.map(|e| e.to_string()).as_deref(),
+            Some("knob: this field has no OpenAI equivalent")
+        );
+        // Type errors name the field and say what was expected.
+        let e = chat_err(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x", "tool_call_id": 5}]}),
+        );
+        assert_eq!(e.field, "messages[0].tool_call_id");
+        assert!(e.reason.contains("expected a string"), "{e}");
+        let e = chat_request_to_messages(br#"{"messages":[]} x"#, "c", 1).err();
+        assert_eq!(e.map(|e| e.field).as_deref(), Some(""));
+    }
 }

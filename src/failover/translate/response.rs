@@ -338,4 +338,45 @@ mod tests {
         .unwrap_or_default();
         assert_eq!(back, original);
     }
+
+    /// Usage shows what the provider reported: nothing for an OpenAI client, zeros where
+    /// Anthropic's shape requires the member.
+    #[test]
+    fn json_without_usage_each_way() {
+        let got = to_chat(
+            json!({"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn"}),
+        );
+        assert_eq!(got.get("usage"), None);
+        assert_eq!(got["choices"][0]["message"]["content"], "hi");
+        let got = to_chat(
+            json!({"id": "msg_1", "content": [{"type": "text", "text": "hi"}], "usage": null}),
+        );
+        assert_eq!(got.get("usage"), None);
+
+        let got = to_messages(
+            json!({"id": "chatcmpl-1", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}),
+        );
+        assert_eq!(
+            got["usage"],
+            json!({"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
+        );
+    }
+
+    /// Providers add members; counts of an unexpected type count as unreported, not as errors.
+    #[test]
+    fn unknown_members_and_odd_counts_are_tolerated() {
+        let got = to_chat(
+            json!({"id": "msg_1", "content": [{"type": "text", "text": "hi", "citations": null, "brand_new": 1}],
+            "stop_reason": "end_turn", "container": {"id": "c"}, "usage": {"input_tokens": "12", "output_tokens": 3, "server_tool_use": {"web_search_requests": 1}}}),
+        );
+        assert_eq!(got["usage"]["prompt_tokens"], 0);
+        assert_eq!(got["usage"]["completion_tokens"], 3);
+        let got = to_messages(
+            json!({"id": "chatcmpl-1", "service_tier": "default", "choices": [{"index": 0,
+            "message": {"role": "assistant", "content": "hi", "annotations": [{"type": "url_citation"}]}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": -1, "prompt_tokens_details": null}}),
+        );
+        assert_eq!(got["usage"]["input_tokens"], 5);
+        assert_eq!(got["usage"]["output_tokens"], 0);
+    }
 }

@@ -963,4 +963,57 @@ mod tests {
             json!({"input_tokens": 472, "output_tokens": 15, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 1000})
         );
     }
+
+    const BARE_STREAM: &[(&str, &str)] = &[
+        (
+            "message_start",
+            r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"stop_reason":null}}"#,
+        ),
+        (
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+        ),
+        (
+            "message_delta",
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"}}"#,
+        ),
+        ("message_stop", r#"{"type":"message_stop"}"#),
+    ];
+
+    /// No usage anywhere in the source: no usage chunk even though the client asked for one.
+    #[test]
+    fn anthropic_stream_without_usage() {
+        let chunks = feed_anthropic(&mut MessagesToChatStream::new("m", true, 1), BARE_STREAM);
+        assert_eq!(chunks.len(), 4);
+        assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+        assert_eq!(chunks[2]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(chunks[3], "[DONE]");
+
+        // Only message_delta reports: the usage chunk carries what it said.
+        let mut stream = BARE_STREAM.to_vec();
+        stream[2].1 = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":4}}"#;
+        let chunks = feed_anthropic(&mut MessagesToChatStream::new("m", true, 1), &stream);
+        assert_eq!(
+            chunks[3]["usage"],
+            json!({"prompt_tokens": 0, "completion_tokens": 4, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}})
+        );
+    }
+
+    /// No usage chunk from OpenAI: Anthropic's message_delta still needs usage, so zeros.
+    #[test]
+    fn openai_stream_without_usage() {
+        let got = feed_openai(
+            &mut ChatToMessagesStream::new("c"),
+            &[
+                r#"{"id":"chatcmpl-n","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+                r#"{"id":"chatcmpl-n","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+                "[DONE]",
+            ],
+        );
+        assert_eq!(
+            got[got.len() - 2].1,
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                "usage": {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}})
+        );
+    }
 }
