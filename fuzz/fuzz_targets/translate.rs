@@ -63,18 +63,29 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(out) = messages_response_to_chat(data, model) {
         object(&out, "messages_response_to_chat");
     }
+    // Usage is shown only when the provider reported it (OpenAI clients), and always for
+    // Anthropic clients (their shape requires it). Unknown when the body is not all valid JSON to
+    // serde_json::Value: members the translator skips, such as `model`, may hold invalid UTF-8.
+    let reported = serde_json::from_slice::<Value>(data)
+        .ok()
+        .map(|v| v.get("usage").is_some_and(|u| !u.is_null()));
     if let Ok(out) = messages_response_to_chat_at(data, model, created) {
-        object(&out, "messages_response_to_chat_at");
+        let o = object(&out, "messages_response_to_chat_at");
+        if let Some(reported) = reported {
+            assert_eq!(o.contains_key("usage"), reported, "usage shown as reported: {o:?}");
+        }
     }
     if let Ok(out) = chat_response_to_messages(data, model) {
-        object(&out, "chat_response_to_messages");
+        let o = object(&out, "chat_response_to_messages");
+        assert!(o.get("usage").is_some_and(Value::is_object), "no usage: {o:?}");
     }
     object(&messages_error_to_chat(data, status), "messages_error_to_chat");
     object(&chat_error_to_messages(data, status), "chat_error_to_messages");
 
     let (events, _) = parse_sse(1 << 20, [data]);
 
-    let mut m2c = MessagesToChatStream::new(model, p.below(2) == 0, created);
+    let include_usage = p.below(2) == 0;
+    let mut m2c = MessagesToChatStream::new(model, include_usage, created);
     let mut out = Vec::new();
     for ev in &events {
         m2c.on_event(&ev.as_sse(), &mut out);
@@ -85,6 +96,12 @@ fuzz_target!(|data: &[u8]| {
     let done = got.iter().filter(|(_, d)| d == "[DONE]").count();
     assert_eq!(done, 1, "MessagesToChatStream: {done} [DONE]");
     assert_eq!(got.last().map(|(_, d)| d.as_str()), Some("[DONE]"));
+    let usage_chunks = got
+        .iter()
+        .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+        .filter(|v| v.get("usage").is_some())
+        .count();
+    assert!(usage_chunks <= usize::from(include_usage), "MessagesToChatStream: {usage_chunks} usage chunks");
 
     let mut c2m = ChatToMessagesStream::new(model);
     let mut out = Vec::new();

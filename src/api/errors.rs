@@ -1,7 +1,7 @@
 //! Error bodies the gateway itself answers with, shaped like the API the client called, so the
 //! client's own SDK parses them (openai-python / anthropic-sdk read `error.type` and `error.message`).
 
-use crate::json::json;
+use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientApi {
@@ -100,28 +100,68 @@ pub fn error_body_typed(
     param: Option<&str>,
     openai_type: Option<&str>,
 ) -> Vec<u8> {
-    let v = match api {
+    match api {
         ClientApi::OpenAi => {
             let code = code.or((kind == ErrorKind::RateLimit).then_some("rate_limit_exceeded"));
-            json!({"error": {
-                "message": message,
-                "type": openai_type.unwrap_or(kind.openai_type()),
-                "param": param,
-                "code": code,
-            }})
+            to_vec(&OpenAiErrorBody {
+                error: OpenAiError {
+                    message,
+                    kind: openai_type.unwrap_or(kind.openai_type()),
+                    param,
+                    code,
+                },
+            })
         }
-        ClientApi::Anthropic => json!({
-            "type": "error",
-            "error": {"type": kind.anthropic_type(), "message": message},
-        }),
-    };
-    v.to_string().into_bytes()
+        ClientApi::Anthropic => anthropic_error_body(kind.anthropic_type(), message),
+    }
+}
+
+/// Anthropic's error shape with any `error.type`, including ones the gateway never produces
+/// itself (`billing_error`, when translating a provider's error).
+pub(crate) fn anthropic_error_body(kind: &str, message: &str) -> Vec<u8> {
+    to_vec(&AnthropicErrorBody {
+        kind: "error",
+        error: AnthropicError { kind, message },
+    })
+}
+
+fn to_vec<T: Serialize>(body: &T) -> Vec<u8> {
+    // Cannot fail: plain structs of strings.
+    serde_json::to_vec(body).unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct OpenAiErrorBody<'a> {
+    error: OpenAiError<'a>,
+}
+
+#[derive(Serialize)]
+struct OpenAiError<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct AnthropicErrorBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: AnthropicError<'a>,
+}
+
+#[derive(Serialize)]
+struct AnthropicError<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    message: &'a str,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json::Value;
+    use serde_json::{json, Value};
 
     const ALL: [ErrorKind; 9] = [
         ErrorKind::InvalidRequest,
@@ -136,7 +176,7 @@ mod tests {
     ];
 
     fn parse(b: &[u8]) -> Value {
-        crate::json::from_slice(b).unwrap_or(Value::Null)
+        serde_json::from_slice(b).unwrap_or(Value::Null)
     }
 
     #[test]

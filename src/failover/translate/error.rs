@@ -1,10 +1,18 @@
 //! Error bodies: Anthropic `{"type":"error","error":{"type","message"}}` <->
 //! OpenAI `{"error":{"message","type","param","code"}}`. Shapes and type names come from
 //! [`crate::api::errors`], so translated errors look like the gateway's own.
+//!
+//! Error bodies come from anywhere (providers, OpenAI-compatible servers, proxies in between), so
+//! they are read leniently: a member of an unexpected type counts as absent, and a body that is not
+//! JSON at all still gets a well-formed error with a generic message.
 
-use crate::json::{json, Value};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
-use crate::api::errors::{error_body, error_body_typed, ClientApi, ErrorKind};
+use super::shapes::{Lenient, StrOr};
+use crate::api::errors::{
+    anthropic_error_body, error_body, error_body_typed, ClientApi, ErrorKind,
+};
 
 fn kind_from_status(status: u16) -> ErrorKind {
     match status {
@@ -23,20 +31,36 @@ fn generic_message(status: u16) -> String {
     format!("The provider returned an error (HTTP {status}).")
 }
 
+/// An error object of either API (Anthropic has no `code`), or a whole error body, strict or loose
+/// (`{"error": {..}}`, `{"error": "text"}`, `{"message": ..}`, `{"detail": ..}`).
+#[derive(Debug, Default, Deserialize)]
+struct ErrorIn<'a> {
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+    #[serde(default)]
+    message: Lenient<String>,
+    #[serde(rename = "type", default)]
+    kind: Lenient<String>,
+    #[serde(default)]
+    code: Lenient<String>,
+    #[serde(default)]
+    detail: Lenient<String>,
+}
+
+fn read(raw: &RawValue) -> Option<StrOr<'_, ErrorIn<'_>>> {
+    serde_json::from_str(raw.get()).ok()
+}
+
 /// Anthropic error -> OpenAI error. The Anthropic `error.type` decides the OpenAI type and code
 /// (the status only when the type is missing or unknown). Never fails.
 pub fn messages_error_to_chat(body: &[u8], status: u16) -> Vec<u8> {
-    let v: Value = crate::json::from_slice(body).unwrap_or(Value::Null);
-    let e = v.get("error");
-    let message = e
-        .and_then(|e| e.get("message"))
-        .and_then(Value::as_str)
-        .map_or_else(|| generic_message(status), str::to_string);
-    let (kind, code) = match e
-        .and_then(|e| e.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-    {
+    let e = serde_json::from_slice::<ErrorIn>(body)
+        .ok()
+        .and_then(|v| v.error)
+        .and_then(|raw| serde_json::from_str::<ErrorIn>(raw.get()).ok())
+        .unwrap_or_default();
+    let message = e.message.0.unwrap_or_else(|| generic_message(status));
+    let (kind, code) = match e.kind.0.as_deref().unwrap_or_default() {
         "invalid_request_error" => (ErrorKind::InvalidRequest, None),
         "authentication_error" => (ErrorKind::Authentication, Some("invalid_api_key")),
         "permission_error" => (ErrorKind::PermissionDenied, None),
@@ -63,29 +87,49 @@ pub fn messages_error_to_chat(body: &[u8], status: u16) -> Vec<u8> {
     error_body(ClientApi::OpenAi, kind, &message, code, None)
 }
 
+/// A loose OpenAI-style error body: the first element of a list, `error` as an object or a string,
+/// or the body's own `message`/`detail`. Returns (message, type, code).
+fn openai_error(body: &[u8]) -> (Option<String>, Option<String>, Option<String>) {
+    let top: Option<&RawValue> = serde_json::from_slice(body).ok();
+    let first = top.map(|t| {
+        serde_json::from_str::<Vec<&RawValue>>(t.get())
+            .ok()
+            .and_then(|l| l.first().copied())
+            .unwrap_or(t)
+    });
+    let v = first.and_then(read);
+    let (v_message, v_detail, error) = match &v {
+        Some(StrOr::Other(o)) => (o.message.0.clone(), o.detail.0.clone(), o.error),
+        _ => (None, None, None),
+    };
+    // Without an `error` member, the body itself is the error object.
+    let e = match error {
+        Some(raw) => read(raw),
+        None => v,
+    };
+    let (e_message, e_text, kind, code) = match e {
+        Some(StrOr::Str(s)) => (None, Some(s.into_owned()), None, None),
+        Some(StrOr::Other(o)) => (o.message.0, None, o.kind.0, o.code.0),
+        None => (None, None, None, None),
+    };
+    (e_message.or(e_text).or(v_message).or(v_detail), kind, code)
+}
+
 /// OpenAI (or OpenAI-compatible) error -> Anthropic error. The status decides the type; inside a
 /// stream (status 2xx or 0) OpenAI's type/code do. Accepts the loose shapes compatible servers
 /// send: `{"error": "text"}`, `{"message": ..}`, `{"detail": ..}`. Never fails.
 pub fn chat_error_to_messages(body: &[u8], status: u16) -> Vec<u8> {
-    let v: Value = crate::json::from_slice(body).unwrap_or(Value::Null);
-    let v = v.get(0).unwrap_or(&v);
-    let e = v.get("error").unwrap_or(v);
-    let message = [e.get("message"), Some(e), v.get("message"), v.get("detail")]
-        .into_iter()
-        .flatten()
-        .find_map(Value::as_str)
-        .map_or_else(|| generic_message(status), str::to_string);
-    let typ = e.get("type").and_then(Value::as_str).unwrap_or_default();
-    let code = e.get("code").and_then(Value::as_str).unwrap_or_default();
+    let (message, typ, code) = openai_error(body);
+    let message = message.unwrap_or_else(|| generic_message(status));
+    let typ = typ.unwrap_or_default();
+    let code = code.unwrap_or_default();
     if status == 402 || code == "insufficient_quota" || typ == "insufficient_quota" {
-        return json!({"type": "error", "error": {"type": "billing_error", "message": message}})
-            .to_string()
-            .into_bytes();
+        return anthropic_error_body("billing_error", &message);
     }
     let kind = if (400..600).contains(&status) {
         kind_from_status(status)
     } else {
-        match (typ, code) {
+        match (typ.as_str(), code.as_str()) {
             (_, "rate_limit_exceeded") | ("requests" | "tokens", _) => ErrorKind::RateLimit,
             (_, "invalid_api_key") => ErrorKind::Authentication,
             (_, "context_length_exceeded") | ("invalid_request_error", _) => {
@@ -100,9 +144,10 @@ pub fn chat_error_to_messages(body: &[u8], status: u16) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     fn parse(b: &[u8]) -> Value {
-        crate::json::from_slice(b).unwrap_or_default()
+        serde_json::from_slice(b).unwrap_or_default()
     }
 
     #[test]

@@ -1,13 +1,17 @@
 //! OpenAI chat completions <-> Anthropic messages translation: requests, responses, streams and
-//! error bodies. Pure functions over `crate::json::Value` (this is not the hot path).
+//! error bodies, through serde types of each API's shapes ([`shapes`]) that borrow from the body.
+//! Not the hot path: it runs only when a request fails over to the other provider family.
 //!
 //! The rule is "no silent drops": a request field that would change what the client gets back and
 //! has no equivalent on the other side is a [`TranslateError`] naming the field. The fields that are
 //! dropped on purpose are listed on [`chat_request_to_messages`] and [`messages_request_to_chat`].
+//! Usage in a translated answer is what the provider reported, nothing more (token accounting reads
+//! the provider's own answer before translation).
 
 mod error;
 mod request;
 mod response;
+mod shapes;
 mod stream;
 
 pub use error::{chat_error_to_messages, messages_error_to_chat};
@@ -17,7 +21,10 @@ pub use response::{
 };
 pub use stream::{ChatToMessagesStream, MessagesToChatStream};
 
-use crate::json::{Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use shapes::{ChatUsageIn, ChatUsageOut, Input, PromptDetailsOut, UsageIn, UsageOut};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TranslateError {
@@ -45,22 +52,47 @@ pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> Transl
     }
 }
 
-/// Parses a body that must be a JSON object.
-pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, TranslateError> {
-    match crate::json::from_slice(body) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(err("", "the body must be a JSON object")),
-        Err(e) => Err(err("", e.to_string())),
+/// Reads a body that must be a JSON object as `T`. A type error names its field path
+/// (serde_path_to_error); a member the request type does not name is refused with `unknown`, the
+/// reason for the caller's API ("this field has no Anthropic equivalent").
+pub(crate) fn parse_body<'a, T: Deserialize<'a>>(
+    body: &'a [u8],
+    unknown: &str,
+) -> Result<T, TranslateError> {
+    // serde reads a struct from an array too; the APIs only know objects.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Err(e) => err("", e.to_string()),
+                Ok(_) => err("", "the body must be a JSON object"),
+            },
+        );
     }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let v = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let path = if path == "." { String::new() } else { path };
+                // deny_unknown_fields' message lists every known member: say what matters instead.
+                if inner.to_string().starts_with("unknown field") {
+                    err(path, unknown)
+                } else {
+                    err(path, inner.to_string())
+                }
+            }
+            // Not JSON: there is no field to name.
+            _ => err("", inner.to_string()),
+        }
+    })?;
+    de.end().map_err(|e| err("", e.to_string()))?;
+    Ok(v)
 }
 
-/// A field's value with JSON `null` treated as absent, as both APIs do.
-pub(crate) fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).filter(|v| !v.is_null())
-}
-
-pub(crate) fn u64_at(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+/// Serializes a translated body. Cannot fail for these shapes (all map keys are strings).
+pub(crate) fn to_body<T: Serialize>(v: &T) -> Result<Vec<u8>, TranslateError> {
+    serde_json::to_vec(v).map_err(|e| err("", e.to_string()))
 }
 
 /// `chatcmpl-` + Anthropic id; the reverse of [`message_id`].
@@ -81,31 +113,40 @@ pub(crate) fn message_id(openai_id: &str) -> String {
 
 /// Anthropic usage -> OpenAI usage. Anthropic's `input_tokens` excludes cached tokens; OpenAI's
 /// `prompt_tokens` includes them.
-pub(crate) fn chat_usage(u: &Value) -> Value {
-    let cache_read = u64_at(u, "cache_read_input_tokens");
-    let prompt = u64_at(u, "input_tokens")
-        .saturating_add(u64_at(u, "cache_creation_input_tokens"))
+pub(crate) fn chat_usage(u: &UsageIn) -> ChatUsageOut {
+    let cache_read = u.cache_read_input_tokens.n();
+    let prompt = u
+        .input_tokens
+        .n()
+        .saturating_add(u.cache_creation_input_tokens.n())
         .saturating_add(cache_read);
-    let completion = u64_at(u, "output_tokens");
-    crate::json::json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt.saturating_add(completion),
-        "prompt_tokens_details": {"cached_tokens": cache_read},
-    })
+    let completion = u.output_tokens.n();
+    ChatUsageOut {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt.saturating_add(completion),
+        prompt_tokens_details: PromptDetailsOut {
+            cached_tokens: cache_read,
+        },
+    }
 }
 
-/// OpenAI usage -> Anthropic usage (cached tokens move out of `input_tokens`).
-pub(crate) fn messages_usage(u: &Value) -> Value {
+/// OpenAI usage -> Anthropic usage (cached tokens move out of `input_tokens`). Anthropic's shapes
+/// require usage: none reported is all zeros.
+pub(crate) fn messages_usage(u: Option<&ChatUsageIn>) -> UsageOut {
+    let u = u.copied().unwrap_or_default();
     let cached = u
-        .get("prompt_tokens_details")
-        .map_or(0, |d| u64_at(d, "cached_tokens"));
-    crate::json::json!({
-        "input_tokens": u64_at(u, "prompt_tokens").saturating_sub(cached),
-        "output_tokens": u64_at(u, "completion_tokens"),
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached,
-    })
+        .prompt_tokens_details
+        .0
+        .unwrap_or_default()
+        .cached_tokens
+        .n();
+    UsageOut {
+        input_tokens: u.prompt_tokens.n().saturating_sub(cached),
+        output_tokens: u.completion_tokens.n(),
+        cache_creation_input_tokens: 0,
+        cache_read_input_tokens: cached,
+    }
 }
 
 /// Anthropic stop_reason -> OpenAI finish_reason.
@@ -130,36 +171,28 @@ pub(crate) fn stop_reason(finish_reason: &str) -> &'static str {
 }
 
 /// An OpenAI tool call's `function.arguments` (a JSON string) as the JSON object Anthropic's
-/// `tool_use.input` wants; empty arguments are `{}`. `path` names the tool call in errors.
+/// `tool_use.input` wants, kept as the model wrote it; empty arguments are `{}`. `path` names the
+/// tool call in errors.
 pub(crate) fn tool_call_input(
-    function: Option<&crate::json::Value>,
+    arguments: Option<&str>,
     path: &str,
-) -> Result<crate::json::Value, TranslateError> {
-    let args = function
-        .and_then(|f| f.get("arguments"))
-        .and_then(crate::json::Value::as_str)
-        .unwrap_or_default();
+) -> Result<Input, TranslateError> {
+    let args = arguments.unwrap_or_default();
     if args.trim().is_empty() {
-        return Ok(crate::json::json!({}));
+        return Ok(Input::Empty);
     }
     let field = format!("{path}.function.arguments");
-    match crate::json::from_str(args) {
-        Ok(v @ crate::json::Value::Object(_)) => Ok(v),
-        Ok(_) => Err(TranslateError {
-            field,
-            reason: "must encode a JSON object".into(),
-        }),
-        Err(e) => Err(TranslateError {
-            field,
-            reason: format!("invalid JSON: {e}"),
-        }),
+    match serde_json::from_str::<Box<RawValue>>(args) {
+        Ok(v) if v.get().starts_with('{') => Ok(Input::Owned(v)),
+        Ok(_) => Err(err(field, "must encode a JSON object")),
+        Err(e) => Err(err(field, format!("invalid JSON: {e}"))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json::json;
+    use serde_json::{json, Value};
 
     #[test]
     fn display() {
@@ -188,28 +221,33 @@ mod tests {
         assert_eq!(message_id("abc"), "msg_abc");
     }
 
+    fn usage_in<T: serde::de::DeserializeOwned + Default>(v: Value) -> T {
+        serde_json::from_str(&v.to_string()).unwrap_or_default()
+    }
+
     #[test]
     fn usage_both_ways() {
         let a = json!({"input_tokens": 10, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 300, "output_tokens": 7});
-        let o = chat_usage(&a);
+        let o = serde_json::to_value(chat_usage(&usage_in(a))).unwrap_or_default();
         assert_eq!(
             o,
             json!({"prompt_tokens": 330, "completion_tokens": 7, "total_tokens": 337, "prompt_tokens_details": {"cached_tokens": 300}})
         );
         assert_eq!(
-            messages_usage(&o),
+            serde_json::to_value(messages_usage(Some(&usage_in(o)))).unwrap_or_default(),
             json!({"input_tokens": 30, "output_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 300})
         );
         // Hostile numbers neither overflow nor underflow.
-        let o = chat_usage(
-            &json!({"input_tokens": u64::MAX, "cache_read_input_tokens": 5, "output_tokens": u64::MAX}),
-        );
-        assert_eq!(o["total_tokens"], u64::MAX);
-        let a = messages_usage(
-            &json!({"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 9}, "completion_tokens": -3}),
-        );
-        assert_eq!(a["input_tokens"], 0);
-        assert_eq!(a["output_tokens"], 0);
+        let o = chat_usage(&usage_in(
+            json!({"input_tokens": u64::MAX, "cache_read_input_tokens": 5, "output_tokens": u64::MAX}),
+        ));
+        assert_eq!(o.total_tokens, u64::MAX);
+        let a = messages_usage(Some(&usage_in(
+            json!({"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 9}, "completion_tokens": -3}),
+        )));
+        assert_eq!(a.input_tokens, 0);
+        assert_eq!(a.output_tokens, 0);
+        assert_eq!(messages_usage(None).input_tokens, 0);
     }
 
     #[test]
@@ -240,7 +278,7 @@ mod tests {
         let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
         let req = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": tools, "tool_choice": "auto"});
-        let sent: crate::json::Value = crate::json::from_slice(
+        let sent: Value = serde_json::from_slice(
             &chat_request_to_messages(req.to_string().as_bytes(), "claude-sonnet-4-5", 1024)
                 .unwrap_or_default(),
         )
@@ -256,7 +294,7 @@ mod tests {
         let provider = json!({"id": "msg_01Oslo", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
             "content": [{"type": "text", "text": "Looking it up."}, {"type": "tool_use", "id": "toolu_01Oslo", "name": "get_weather", "input": {"city": "Oslo"}}],
             "stop_reason": "tool_use", "stop_sequence": null, "usage": {"input_tokens": 300, "output_tokens": 40}});
-        let answer: crate::json::Value = crate::json::from_slice(
+        let answer: Value = serde_json::from_slice(
             &messages_response_to_chat_at(provider.to_string().as_bytes(), "gpt-4o", 9)
                 .unwrap_or_default(),
         )
@@ -269,8 +307,8 @@ mod tests {
             (&call["id"], &call["function"]["name"]),
             (&json!("toolu_01Oslo"), &json!("get_weather"))
         );
-        let args: crate::json::Value =
-            crate::json::from_str(call["function"]["arguments"].as_str().unwrap_or_default())
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or_default())
                 .unwrap_or_default();
         assert_eq!(args, json!({"city": "Oslo"}));
 
@@ -278,7 +316,7 @@ mod tests {
         let follow = json!({"model": "gpt-4o", "tools": tools, "messages": [
             {"role": "user", "content": "Weather in Oslo?"}, msg.clone(),
             {"role": "tool", "tool_call_id": call["id"].clone(), "content": "-3C, snow"}]});
-        let sent: crate::json::Value = crate::json::from_slice(
+        let sent: Value = serde_json::from_slice(
             &chat_request_to_messages(follow.to_string().as_bytes(), "claude-sonnet-4-5", 1024)
                 .unwrap_or_default(),
         )

@@ -1,8 +1,18 @@
 //! Request bodies: OpenAI chat completions <-> Anthropic messages.
 
-use crate::json::{json, Map, Value};
+use std::borrow::Cow;
 
-use super::{err, field, parse_object, tool_call_input, TranslateError};
+use serde_json::value::RawValue;
+use serde_json::Number;
+
+use super::shapes::{
+    BlockIn, BlockOut, ChatFunctionCallOut, ChatFunctionDefOut, ChatMessageIn, ChatMessageOut,
+    ChatPartIn, ChatPartOut, ChatRequestIn, ChatRequestOut, ChatToolCallOut, ChatToolChoiceIn,
+    ChatToolChoiceOut, ChatToolIn, ChatToolOut, ImageSourceOut, ImageUrlIn, ImageUrlOut, MessageIn,
+    MessageOut, MessagesRequestIn, MessagesRequestOut, MetadataOut, NameOut, SchemaOut, StrOr,
+    StrOrParts, StreamOptionsOut, ToolChoiceOut, ToolIn, ToolOut, ToolResultOut,
+};
+use super::{err, parse_body, to_body, tool_call_input, TranslateError};
 
 /// OpenAI chat-completions request -> Anthropic messages request. `model` is the provider's model
 /// name; `default_max_tokens` is used when the client gave none (Anthropic requires max_tokens).
@@ -15,7 +25,7 @@ use super::{err, field, parse_object, tool_call_input, TranslateError};
 /// is passed on. `parallel_tool_calls: false` becomes
 /// `tool_choice.disable_parallel_tool_use`. System and developer messages anywhere in the
 /// conversation are hoisted into `system`, joined with blank lines; `temperature` is clamped to
-/// Anthropic's 0..=1.
+/// Anthropic's 0..=1 (written `1` or `0` when clamped, as the client wrote it otherwise).
 ///
 /// Refused (a [`TranslateError`] naming the field): `n` > 1, `logprobs`, `top_logprobs`,
 /// `response_format` other than text, audio `modalities`/`audio`, non-empty `logit_bias`,
@@ -26,192 +36,153 @@ pub fn chat_request_to_messages(
     model: &str,
     default_max_tokens: u64,
 ) -> Result<Vec<u8>, TranslateError> {
-    let req = parse_object(body)?;
-    let mut out = Map::new();
-    out.insert("model".into(), model.into());
-    for (key, v) in req.iter().filter(|(_, v)| !v.is_null()) {
-        match key.as_str() {
-            // Handled below.
-            "model"
-            | "messages"
-            | "max_tokens"
-            | "max_completion_tokens"
-            | "tools"
-            | "tool_choice"
-            | "parallel_tool_calls"
-            | "user"
-            | "safety_identifier" => {}
-            "frequency_penalty"
-            | "presence_penalty"
-            | "seed"
-            | "stream_options"
-            | "store"
-            | "metadata"
-            | "service_tier"
-            | "prompt_cache_key"
-            | "prompt_cache_retention"
-            | "prediction"
-            | "reasoning_effort"
-            | "verbosity" => {}
-            "temperature" => {
-                // Anthropic's range is 0..1 (OpenAI's 0..2): clamped, else kept as written.
-                let t = v.as_f64().ok_or_else(|| err(key, "must be a number"))?;
-                let clamped = match t {
-                    t if t > 1.0 => json!(1),
-                    t if t < 0.0 => json!(0),
-                    _ => v.clone(),
-                };
-                out.insert(key.clone(), clamped);
-            }
-            "top_p" => {
-                v.as_f64().ok_or_else(|| err(key, "must be a number"))?;
-                out.insert(key.clone(), v.clone());
-            }
-            // An OpenAI-compatible extension that Anthropic has too.
-            "top_k" => {
-                v.as_u64()
-                    .ok_or_else(|| err(key, "must be a non-negative integer"))?;
-                out.insert(key.clone(), v.clone());
-            }
-            "stream" => {
-                v.as_bool().ok_or_else(|| err(key, "must be a boolean"))?;
-                out.insert(key.clone(), v.clone());
-            }
-            "stop" => {
-                let stops = match v {
-                    Value::String(s) => vec![Value::String(s.clone())],
-                    Value::Array(a) if a.is_empty() => continue,
-                    Value::Array(a) if a.iter().all(Value::is_string) => a.clone(),
-                    _ => return Err(err(key, "must be a string or an array of strings")),
-                };
-                out.insert("stop_sequences".into(), Value::Array(stops));
-            }
-            "n" if v.as_u64() != Some(1) => {
-                return Err(err(
-                    key,
-                    "an Anthropic provider returns a single choice; n must be 1",
-                ))
-            }
-            "logprobs" if v.as_bool() != Some(false) => {
-                return Err(err(
-                    key,
-                    "log probabilities are not available from an Anthropic provider",
-                ))
-            }
-            "top_logprobs" if v.as_u64() != Some(0) => {
-                return Err(err(
-                    key,
-                    "log probabilities are not available from an Anthropic provider",
-                ))
-            }
-            "n" | "logprobs" | "top_logprobs" => {}
-            "response_format" => match v.get("type").and_then(Value::as_str) {
-                Some("text") => {}
-                Some(t @ ("json_object" | "json_schema")) => {
-                    return Err(err(
-                        format!("{key}.type"),
-                        format!("{t} output cannot be enforced by an Anthropic provider"),
-                    ))
-                }
-                _ => return Err(err(format!("{key}.type"), "unsupported response format")),
-            },
-            "modalities" => {
-                let text_only = v
-                    .as_array()
-                    .is_some_and(|a| a.iter().all(|m| m.as_str() == Some("text")));
-                if !text_only {
-                    return Err(err(key, "an Anthropic provider only produces text"));
-                }
-            }
-            "logit_bias" if v.as_object().is_some_and(Map::is_empty) => {}
-            "logit_bias" => {
-                return Err(err(
-                    key,
-                    "logit bias is not available from an Anthropic provider",
-                ))
-            }
-            "audio" => {
-                return Err(err(
-                    key,
-                    "audio output is not available from an Anthropic provider",
-                ))
-            }
-            "functions" | "function_call" => {
-                return Err(err(
-                    key,
-                    "the deprecated functions API is not supported; use tools and tool_choice",
-                ))
-            }
-            _ => return Err(err(key, "this field has no Anthropic equivalent")),
-        }
-    }
+    let req: ChatRequestIn = parse_body(body, "this field has no Anthropic equivalent")?;
+    refuse_chat_only(&req)?;
 
-    let max_tokens = match field(&req, "max_completion_tokens")
-        .map(|v| ("max_completion_tokens", v))
-        .or(field(&req, "max_tokens").map(|v| ("max_tokens", v)))
-    {
-        Some((name, v)) => v
-            .as_u64()
-            .ok_or_else(|| err(name, "must be a non-negative integer"))?,
-        None => default_max_tokens,
+    let stop_sequences = match req.stop {
+        None => None,
+        Some(raw) => match serde_json::from_str::<StrOr<Vec<Cow<str>>>>(raw.get()) {
+            Ok(StrOr::Str(s)) => Some(vec![s]),
+            Ok(StrOr::Other(list)) => Some(list).filter(|l| !l.is_empty()),
+            Err(_) => return Err(err("stop", "must be a string or an array of strings")),
+        },
     };
-    out.insert("max_tokens".into(), max_tokens.into());
+    // Anthropic's range is 0..1 (OpenAI's 0..2): clamped, else kept as written.
+    let temperature = req.temperature.map(|t| match t.as_f64() {
+        Some(f) if f > 1.0 => Number::from(1),
+        Some(f) if f < 0.0 => Number::from(0),
+        _ => t,
+    });
+    let (system, messages) = chat_messages(req.messages)?;
 
-    let (system, messages) = chat_messages(field(&req, "messages"))?;
-    if !system.is_empty() {
-        out.insert("system".into(), system.join("\n\n").into());
-    }
-    out.insert("messages".into(), messages.into());
-
-    let tools = tools(&req, chat_tool)?;
-    if !tools.is_empty() {
-        out.insert("tools".into(), tools.into());
-        let mut choice = match field(&req, "tool_choice") {
+    let tools = req
+        .tools
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(k, t)| chat_tool(t, k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tool_choice = if tools.is_empty() {
+        None
+    } else {
+        let mut choice = match req.tool_choice {
             Some(c) => chat_tool_choice(c)?,
-            None => json!({"type": "auto"}),
+            None => ToolChoiceOut {
+                kind: "auto",
+                name: None,
+                disable_parallel_tool_use: false,
+            },
         };
-        let serial = field(&req, "parallel_tool_calls").and_then(Value::as_bool) == Some(false);
-        if let Some(c) = choice
-            .as_object_mut()
-            .filter(|c| serial && c.get("type") != Some(&json!("none")))
-        {
-            c.insert("disable_parallel_tool_use".into(), true.into());
-        }
-        out.insert("tool_choice".into(), choice);
-    }
+        choice.disable_parallel_tool_use =
+            req.parallel_tool_calls == Some(false) && choice.kind != "none";
+        Some(choice)
+    };
 
-    let user = field(&req, "user").or(field(&req, "safety_identifier"));
-    if let Some(user) = user {
-        let user = user
-            .as_str()
-            .ok_or_else(|| err("user", "must be a string"))?;
-        out.insert("metadata".into(), json!({"user_id": user}));
+    let out = MessagesRequestOut {
+        model,
+        max_tokens: req
+            .max_completion_tokens
+            .or(req.max_tokens)
+            .unwrap_or(default_max_tokens),
+        system: Some(system.join("\n\n")).filter(|s| !s.is_empty()),
+        messages,
+        tools: Some(tools).filter(|t| !t.is_empty()),
+        tool_choice,
+        temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        stream: req.stream,
+        stop_sequences,
+        metadata: req
+            .user
+            .or(req.safety_identifier)
+            .map(|user_id| MetadataOut { user_id }),
+    };
+    to_body(&out)
+}
+
+/// The request members that ask for what an Anthropic provider cannot give.
+fn refuse_chat_only(req: &ChatRequestIn) -> Result<(), TranslateError> {
+    const NO_LOGPROBS: &str = "log probabilities are not available from an Anthropic provider";
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(err(
+            "n",
+            "an Anthropic provider returns a single choice; n must be 1",
+        ));
     }
-    Ok(Value::Object(out).to_string().into_bytes())
+    if req.logprobs == Some(true) {
+        return Err(err("logprobs", NO_LOGPROBS));
+    }
+    if req.top_logprobs.is_some_and(|n| n != 0) {
+        return Err(err("top_logprobs", NO_LOGPROBS));
+    }
+    if let Some(f) = &req.response_format {
+        match f.kind.as_deref() {
+            Some("text") => {}
+            Some(t @ ("json_object" | "json_schema")) => {
+                return Err(err(
+                    "response_format.type",
+                    format!("{t} output cannot be enforced by an Anthropic provider"),
+                ))
+            }
+            _ => return Err(err("response_format.type", "unsupported response format")),
+        }
+    }
+    if req
+        .modalities
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|m| m != "text"))
+    {
+        return Err(err(
+            "modalities",
+            "an Anthropic provider only produces text",
+        ));
+    }
+    if req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(err(
+            "logit_bias",
+            "logit bias is not available from an Anthropic provider",
+        ));
+    }
+    if req.audio.is_some() {
+        return Err(err(
+            "audio",
+            "audio output is not available from an Anthropic provider",
+        ));
+    }
+    for (name, v) in [
+        ("functions", &req.functions),
+        ("function_call", &req.function_call),
+    ] {
+        if v.is_some() {
+            return Err(err(
+                name,
+                "the deprecated functions API is not supported; use tools and tool_choice",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// System texts and Anthropic messages, with consecutive same-role messages merged (Anthropic
 /// requires alternation) and tool results first in their user message (Anthropic requires that too).
-fn chat_messages(messages: Option<&Value>) -> Result<(Vec<String>, Vec<Value>), TranslateError> {
-    let messages = messages
-        .and_then(Value::as_array)
-        .ok_or_else(|| err("messages", "must be an array of messages"))?;
+fn chat_messages(
+    messages: Option<Vec<ChatMessageIn<'_>>>,
+) -> Result<(Vec<String>, Vec<MessageOut<'_>>), TranslateError> {
+    let messages = messages.ok_or_else(|| err("messages", "must be an array of messages"))?;
     let mut system = Vec::new();
-    let mut turns: Vec<(&str, Vec<Value>)> = Vec::new();
-    for (i, m) in messages.iter().enumerate() {
+    let mut turns: Vec<(&'static str, Vec<BlockOut>)> = Vec::new();
+    for (i, m) in messages.into_iter().enumerate() {
         let path = format!("messages[{i}]");
-        let m = m
-            .as_object()
-            .ok_or_else(|| err(&path, "must be an object"))?;
-        let (role, blocks) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
+        let (role, blocks) = match m.role.as_ref() {
             "system" | "developer" => {
-                let text = plain_text(field(m, "content"), &format!("{path}.content"))?;
+                let text = plain_text(m.content, &format!("{path}.content"))?;
                 if !text.is_empty() {
                     system.push(text);
                 }
                 continue;
             }
-            "user" => ("user", user_blocks(field(m, "content"), &path)?),
+            "user" => ("user", user_blocks(m.content, &path)?),
             "assistant" => ("assistant", assistant_blocks(m, &path)?),
             "tool" => ("user", vec![tool_result(m, &path)?]),
             "function" => {
@@ -237,32 +208,37 @@ fn chat_messages(messages: Option<&Value>) -> Result<(Vec<String>, Vec<Value>), 
         .into_iter()
         .map(|(role, blocks)| {
             // Tool results first, each group in its order (a partition: no sort code in the module).
-            let (mut content, rest): (Vec<Value>, Vec<Value>) = blocks
+            let (mut content, rest): (Vec<_>, Vec<_>) = blocks
                 .into_iter()
-                .partition(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"));
+                .partition(|b| matches!(b, BlockOut::ToolResult { .. }));
             content.extend(rest);
-            json!({"role": role, "content": content})
+            MessageOut { role, content }
         })
         .collect();
     Ok((system, messages))
 }
 
 /// Text of a system or tool message: a string or text parts.
-fn plain_text(content: Option<&Value>, path: &str) -> Result<String, TranslateError> {
+fn plain_text(
+    content: Option<StrOr<Vec<ChatPartIn>>>,
+    path: &str,
+) -> Result<String, TranslateError> {
     match content {
         None => Ok(String::new()),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(parts)) => Ok(text_parts(parts, path)?.join("\n")),
-        Some(_) => Err(err(path, "must be a string or an array of text parts")),
+        Some(StrOr::Str(s)) => Ok(s.into_owned()),
+        Some(StrOr::Other(parts)) => Ok(text_parts(parts, path)?.join("\n")),
     }
 }
 
-fn text_parts(parts: &[Value], path: &str) -> Result<Vec<String>, TranslateError> {
+fn text_parts<'a>(
+    parts: Vec<ChatPartIn<'a>>,
+    path: &str,
+) -> Result<Vec<Cow<'a, str>>, TranslateError> {
     parts
-        .iter()
+        .into_iter()
         .enumerate()
-        .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
-            Some("text") => text_of(p, &format!("{path}[{j}]")),
+        .map(|(j, p)| match p.kind.as_ref() {
+            "text" => text_of(p.text, &format!("{path}[{j}]")),
             _ => Err(err(
                 format!("{path}[{j}].type"),
                 "only text parts are allowed here",
@@ -271,23 +247,23 @@ fn text_parts(parts: &[Value], path: &str) -> Result<Vec<String>, TranslateError
         .collect()
 }
 
-fn text_of(part: &Value, path: &str) -> Result<String, TranslateError> {
-    part.get("text")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| err(format!("{path}.text"), "must be a string"))
+fn text_of<'a>(text: Option<Cow<'a, str>>, path: &str) -> Result<Cow<'a, str>, TranslateError> {
+    text.ok_or_else(|| err(format!("{path}.text"), "must be a string"))
 }
 
-fn text_block(text: String) -> Option<Value> {
+fn text_block(text: Cow<'_, str>) -> Option<BlockOut<'_>> {
     // Anthropic rejects empty text blocks; an empty text carries nothing.
-    (!text.is_empty()).then(|| json!({"type": "text", "text": text}))
+    (!text.is_empty()).then_some(BlockOut::Text { text })
 }
 
-fn user_blocks(content: Option<&Value>, path: &str) -> Result<Vec<Value>, TranslateError> {
+fn user_blocks<'a>(
+    content: Option<StrOr<'a, Vec<ChatPartIn<'a>>>>,
+    path: &str,
+) -> Result<Vec<BlockOut<'a>>, TranslateError> {
     let parts = match content {
-        Some(Value::String(s)) => return Ok(text_block(s.clone()).into_iter().collect()),
-        Some(Value::Array(parts)) => parts,
-        _ => {
+        Some(StrOr::Str(s)) => return Ok(text_block(s).into_iter().collect()),
+        Some(StrOr::Other(parts)) => parts,
+        None => {
             return Err(err(
                 format!("{path}.content"),
                 "must be a string or an array of content parts",
@@ -295,11 +271,11 @@ fn user_blocks(content: Option<&Value>, path: &str) -> Result<Vec<Value>, Transl
         }
     };
     let mut blocks = Vec::new();
-    for (j, p) in parts.iter().enumerate() {
+    for (j, p) in parts.into_iter().enumerate() {
         let path = format!("{path}.content[{j}]");
-        match p.get("type").and_then(Value::as_str).unwrap_or_default() {
-            "text" => blocks.extend(text_block(text_of(p, &path)?)),
-            "image_url" => blocks.push(image_block(p.get("image_url"), &path)?),
+        match p.kind.as_ref() {
+            "text" => blocks.extend(text_block(text_of(p.text, &path)?)),
+            "image_url" => blocks.push(image_block(p.image_url, &path)?),
             "input_audio" => {
                 return Err(err(
                     path,
@@ -323,59 +299,69 @@ fn user_blocks(content: Option<&Value>, path: &str) -> Result<Vec<Value>, Transl
     Ok(blocks)
 }
 
-fn image_block(image_url: Option<&Value>, path: &str) -> Result<Value, TranslateError> {
-    let url = image_url
-        .and_then(|i| i.get("url").or(Some(i)))
-        .and_then(Value::as_str);
+fn image_block<'a>(
+    image_url: Option<StrOr<'a, ImageUrlIn<'a>>>,
+    path: &str,
+) -> Result<BlockOut<'a>, TranslateError> {
     let path = format!("{path}.image_url.url");
-    let url = url.ok_or_else(|| err(&path, "must be a string"))?;
+    let url = match image_url {
+        Some(StrOr::Str(u)) => Some(u),
+        Some(StrOr::Other(i)) => i.url,
+        None => None,
+    };
+    let source = match url.ok_or_else(|| err(&path, "must be a string"))? {
+        Cow::Borrowed(u) => image_source(u, &path)?.map(Cow::Borrowed),
+        Cow::Owned(u) => image_source(&u, &path)?.map(|s| Cow::Owned(s.to_string())),
+    };
+    Ok(BlockOut::Image { source })
+}
+
+/// An image URL (data: or http(s)) as an Anthropic image source.
+fn image_source<'u>(url: &'u str, path: &str) -> Result<ImageSourceOut<&'u str>, TranslateError> {
     if let Some(data) = url.strip_prefix("data:") {
         let (media_type, data) = data
             .split_once(',')
             .and_then(|(head, data)| Some((head.strip_suffix(";base64")?.split(';').next()?, data)))
             .ok_or_else(|| {
                 err(
-                    &path,
+                    path,
                     "only base64 data URLs can be sent to an Anthropic provider",
                 )
             })?;
-        return Ok(
-            json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
-        );
+        return Ok(ImageSourceOut::Base64 { media_type, data });
     }
     let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
     if matches!(scheme.as_deref(), Some("http" | "https")) {
-        return Ok(json!({"type": "image", "source": {"type": "url", "url": url}}));
+        return Ok(ImageSourceOut::Url { url });
     }
     Err(err(path, "must be an http(s) or data: URL"))
 }
 
-fn assistant_blocks(m: &Map<String, Value>, path: &str) -> Result<Vec<Value>, TranslateError> {
-    if field(m, "audio").is_some() {
+fn assistant_blocks<'a>(
+    m: ChatMessageIn<'a>,
+    path: &str,
+) -> Result<Vec<BlockOut<'a>>, TranslateError> {
+    if m.audio.is_some() {
         return Err(err(
             format!("{path}.audio"),
             "assistant audio cannot be sent to an Anthropic provider",
         ));
     }
-    if field(m, "function_call").is_some() {
+    if m.function_call.is_some() {
         return Err(err(
             format!("{path}.function_call"),
             "the deprecated functions API is not supported; use tool_calls",
         ));
     }
     let mut blocks = Vec::new();
-    match field(m, "content") {
-        Some(Value::String(s)) => blocks.extend(text_block(s.clone())),
-        Some(Value::Array(parts)) => {
-            for (j, p) in parts.iter().enumerate() {
+    match m.content {
+        Some(StrOr::Str(s)) => blocks.extend(text_block(s)),
+        Some(StrOr::Other(parts)) => {
+            for (j, p) in parts.into_iter().enumerate() {
                 let path = format!("{path}.content[{j}]");
-                let text = match p.get("type").and_then(Value::as_str).unwrap_or_default() {
-                    "text" => text_of(p, &path)?,
-                    "refusal" => p
-                        .get("refusal")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
+                let text = match p.kind.as_ref() {
+                    "text" => text_of(p.text, &path)?,
+                    "refusal" => p.refusal.unwrap_or_default(),
                     other => {
                         return Err(err(
                             format!("{path}.type"),
@@ -386,134 +372,107 @@ fn assistant_blocks(m: &Map<String, Value>, path: &str) -> Result<Vec<Value>, Tr
                 blocks.extend(text_block(text));
             }
         }
-        Some(_) => {
-            return Err(err(
-                format!("{path}.content"),
-                "must be a string or an array of content parts",
-            ))
-        }
-        None => {
-            let refusal = field(m, "refusal")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            blocks.extend(text_block(refusal.to_string()));
-        }
+        None => blocks.extend(text_block(m.refusal.unwrap_or_default())),
     }
-    let calls = match field(m, "tool_calls") {
-        Some(Value::Array(calls)) => calls.as_slice(),
-        Some(_) => return Err(err(format!("{path}.tool_calls"), "must be an array")),
-        None => &[],
-    };
-    for (k, c) in calls.iter().enumerate() {
+    for (k, c) in m.tool_calls.unwrap_or_default().into_iter().enumerate() {
         let path = format!("{path}.tool_calls[{k}]");
-        if c.get("type")
-            .and_then(Value::as_str)
-            .is_some_and(|t| t != "function")
-        {
+        if c.kind.as_ref().is_some_and(|t| t != "function") {
             return Err(err(
                 format!("{path}.type"),
                 "only function tool calls can be sent to an Anthropic provider",
             ));
         }
-        let id = c
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| err(format!("{path}.id"), "must be a string"))?;
-        let f = c.get("function");
-        let name = f.and_then(|f| f.get("name")).and_then(Value::as_str);
+        let id =
+            c.id.ok_or_else(|| err(format!("{path}.id"), "must be a string"))?;
+        let (name, arguments) = c.function.map_or((None, None), |f| (f.name, f.arguments));
         let name = name.ok_or_else(|| err(format!("{path}.function.name"), "must be a string"))?;
-        let input = tool_call_input(f, &path)?;
-        blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+        let input = tool_call_input(arguments.as_deref(), &path)?;
+        blocks.push(BlockOut::ToolUse { id, name, input });
     }
     Ok(blocks)
 }
 
-fn tool_result(m: &Map<String, Value>, path: &str) -> Result<Value, TranslateError> {
-    let id = field(m, "tool_call_id").and_then(Value::as_str);
-    let id = id.ok_or_else(|| err(format!("{path}.tool_call_id"), "must be a string"))?;
-    let mut block = json!({"type": "tool_result", "tool_use_id": id});
-    let content = match field(m, "content") {
-        Some(Value::Array(parts)) => {
+fn tool_result<'a>(m: ChatMessageIn<'a>, path: &str) -> Result<BlockOut<'a>, TranslateError> {
+    let tool_use_id = m
+        .tool_call_id
+        .ok_or_else(|| err(format!("{path}.tool_call_id"), "must be a string"))?;
+    let content = match m.content {
+        Some(StrOr::Other(parts)) => {
             let texts = text_parts(parts, &format!("{path}.content"))?;
-            texts.into_iter().filter_map(text_block).collect()
+            let blocks: Vec<_> = texts.into_iter().filter_map(text_block).collect();
+            (!blocks.is_empty()).then_some(ToolResultOut::Blocks(blocks))
         }
-        c => Value::String(plain_text(c, &format!("{path}.content"))?),
+        Some(StrOr::Str(s)) => (!s.is_empty()).then_some(ToolResultOut::Text(s)),
+        None => None,
     };
-    let empty = content.as_str().is_some_and(str::is_empty)
-        || content.as_array().is_some_and(Vec::is_empty);
-    if let (false, Some(b)) = (empty, block.as_object_mut()) {
-        b.insert("content".into(), content);
-    }
-    Ok(block)
+    Ok(BlockOut::ToolResult {
+        tool_use_id,
+        content,
+    })
 }
 
-/// `tools`, each converted by `convert` (which gets the tool and its index); none when absent.
-fn tools(
-    req: &Map<String, Value>,
-    convert: fn(&Value, usize) -> Result<Value, TranslateError>,
-) -> Result<Vec<Value>, TranslateError> {
-    match field(req, "tools") {
-        Some(Value::Array(tools)) => tools
-            .iter()
-            .enumerate()
-            .map(|(k, t)| convert(t, k))
-            .collect(),
-        Some(_) => Err(err("tools", "must be an array")),
-        None => Ok(Vec::new()),
-    }
-}
-
-fn chat_tool(t: &Value, k: usize) -> Result<Value, TranslateError> {
+fn chat_tool(t: ChatToolIn<'_>, k: usize) -> Result<ToolOut<'_>, TranslateError> {
     let path = format!("tools[{k}]");
-    if t.get("type").and_then(Value::as_str) != Some("function") {
+    if t.kind.as_deref() != Some("function") {
         return Err(err(
             format!("{path}.type"),
             "only function tools can be sent to an Anthropic provider",
         ));
     }
     let f = t
-        .get("function")
+        .function
         .ok_or_else(|| err(format!("{path}.function"), "is required"))?;
     let name = f
-        .get("name")
-        .and_then(Value::as_str)
+        .name
         .ok_or_else(|| err(format!("{path}.function.name"), "must be a string"))?;
-    let schema = match f.get("parameters").filter(|p| !p.is_null()) {
-        Some(p @ Value::Object(_)) => p.clone(),
+    let input_schema = match f.parameters {
+        Some(p) if is_object(p) => SchemaOut::Raw(p),
         Some(_) => {
             return Err(err(
                 format!("{path}.function.parameters"),
                 "must be a JSON schema object",
             ))
         }
-        None => json!({"type": "object", "properties": {}}),
+        None => SchemaOut::EmptyObject,
     };
-    let mut tool = json!({"name": name, "input_schema": schema});
-    if let (Some(d), Some(o)) = (
-        f.get("description").and_then(Value::as_str),
-        tool.as_object_mut(),
-    ) {
-        o.insert("description".into(), d.into());
-    }
-    Ok(tool)
+    Ok(ToolOut {
+        name,
+        description: f.description,
+        input_schema,
+    })
 }
 
-fn chat_tool_choice(c: &Value) -> Result<Value, TranslateError> {
-    let name = c
-        .get("function")
-        .and_then(|f| f.get("name"))
-        .and_then(Value::as_str)
-        .filter(|_| c.get("type").and_then(Value::as_str) == Some("function"));
-    match (c.as_str(), name) {
-        (Some("auto"), _) => Ok(json!({"type": "auto"})),
-        (Some("none"), _) => Ok(json!({"type": "none"})),
-        (Some("required"), _) => Ok(json!({"type": "any"})),
-        (_, Some(name)) => Ok(json!({"type": "tool", "name": name})),
-        _ => Err(err(
+fn is_object(v: &RawValue) -> bool {
+    v.get().starts_with('{')
+}
+
+fn chat_tool_choice<'a>(
+    c: StrOr<'a, ChatToolChoiceIn<'a>>,
+) -> Result<ToolChoiceOut<'a>, TranslateError> {
+    let (kind, name) = match c {
+        StrOr::Str(s) => match s.as_ref() {
+            "auto" => ("auto", None),
+            "none" => ("none", None),
+            "required" => ("any", None),
+            _ => ("", None),
+        },
+        StrOr::Other(ChatToolChoiceIn {
+            kind: Some(k),
+            function: Some(f),
+        }) if k == "function" && f.name.is_some() => ("tool", f.name),
+        StrOr::Other(_) => ("", None),
+    };
+    if kind.is_empty() {
+        return Err(err(
             "tool_choice",
             "must be \"auto\", \"none\", \"required\" or a function choice",
-        )),
+        ));
     }
+    Ok(ToolChoiceOut {
+        kind,
+        name,
+        disable_parallel_tool_use: false,
+    })
 }
 
 /// Anthropic messages request -> OpenAI chat-completions request (for Anthropic-API clients routed
@@ -529,104 +488,65 @@ fn chat_tool_choice(c: &Value) -> Result<Value, TranslateError> {
 /// `context_management`, documents, images inside tool results, file image sources, unknown block
 /// types and unknown top-level fields.
 pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, TranslateError> {
-    let req = parse_object(body)?;
-    let mut out = Map::new();
-    out.insert("model".into(), model.into());
-    for (key, v) in req.iter().filter(|(_, v)| !v.is_null()) {
-        match key.as_str() {
-            "model" | "messages" | "system" | "tools" | "tool_choice" => {}
-            "top_k" | "thinking" | "service_tier" | "cache_control" => {}
-            "max_tokens" => {
-                let n = v
-                    .as_u64()
-                    .ok_or_else(|| err(key, "must be a non-negative integer"))?;
-                out.insert("max_completion_tokens".into(), n.into());
-            }
-            "temperature" | "top_p" => {
-                v.as_f64().ok_or_else(|| err(key, "must be a number"))?;
-                out.insert(key.clone(), v.clone());
-            }
-            "stream" => {
-                let stream = v.as_bool().ok_or_else(|| err(key, "must be a boolean"))?;
-                out.insert(key.clone(), stream.into());
-                if stream {
-                    out.insert("stream_options".into(), json!({"include_usage": true}));
-                }
-            }
-            "stop_sequences" => match v {
-                Value::Array(a) if a.iter().all(Value::is_string) => {
-                    if !a.is_empty() {
-                        out.insert("stop".into(), v.clone());
-                    }
-                }
-                _ => return Err(err(key, "must be an array of strings")),
-            },
-            "metadata" => match v.get("user_id") {
-                Some(Value::String(u)) => {
-                    out.insert("user".into(), u.clone().into());
-                }
-                None | Some(Value::Null) => {}
-                Some(_) => return Err(err("metadata.user_id", "must be a string")),
-            },
-            "mcp_servers" | "container" | "context_management" => {
-                return Err(err(
-                    key,
-                    "this feature is not available from an OpenAI provider",
-                ))
-            }
-            _ => return Err(err(key, "this field has no OpenAI equivalent")),
+    let req: MessagesRequestIn = parse_body(body, "this field has no OpenAI equivalent")?;
+    for (name, v) in [
+        ("mcp_servers", &req.mcp_servers),
+        ("container", &req.container),
+        ("context_management", &req.context_management),
+    ] {
+        if v.is_some() {
+            return Err(err(
+                name,
+                "this feature is not available from an OpenAI provider",
+            ));
         }
     }
 
     let mut messages = Vec::new();
-    match field(&req, "system") {
-        None => {}
-        Some(Value::String(s)) if s.is_empty() => {}
-        Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
-        Some(Value::Array(blocks)) => {
-            let texts = blocks
-                .iter()
-                .enumerate()
-                .map(|(j, b)| match b.get("type").and_then(Value::as_str) {
-                    Some("text") => text_of(b, &format!("system[{j}]")),
-                    _ => Err(err(
-                        format!("system[{j}].type"),
-                        "only text blocks are allowed in system",
-                    )),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let text = texts.join("\n\n");
-            if !text.is_empty() {
-                messages.push(json!({"role": "system", "content": text}));
-            }
-        }
-        Some(_) => return Err(err("system", "must be a string or an array of text blocks")),
+    let system = match req.system {
+        None => String::new(),
+        Some(StrOr::Str(s)) => s.into_owned(),
+        Some(StrOr::Other(blocks)) => blocks
+            .into_iter()
+            .enumerate()
+            .map(|(j, b)| match b.kind.as_ref() {
+                "text" => text_of(b.text, &format!("system[{j}]")),
+                _ => Err(err(
+                    format!("system[{j}].type"),
+                    "only text blocks are allowed in system",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?
+            .join("\n\n"),
+    };
+    if !system.is_empty() {
+        messages.push(ChatMessageOut::System { content: system });
     }
-    let msgs = field(&req, "messages").and_then(Value::as_array);
-    for (i, m) in msgs
-        .ok_or_else(|| err("messages", "must be an array of messages"))?
-        .iter()
-        .enumerate()
-    {
+    let msgs = req
+        .messages
+        .ok_or_else(|| err("messages", "must be an array of messages"))?;
+    for (i, m) in msgs.into_iter().enumerate() {
         messages_message(m, &format!("messages[{i}]"), &mut messages)?;
     }
-    out.insert("messages".into(), messages.into());
 
-    let tools = tools(&req, messages_tool)?;
+    let tools = req
+        .tools
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(k, t)| messages_tool(t, k))
+        .collect::<Result<Vec<_>, _>>()?;
     // OpenAI rejects tool_choice and parallel_tool_calls without tools; without tools there is no choice.
-    if !tools.is_empty() {
-        out.insert("tools".into(), tools.into());
-        if let Some(c) = field(&req, "tool_choice") {
-            let choice = match (
-                c.get("type").and_then(Value::as_str),
-                c.get("name").and_then(Value::as_str),
-            ) {
-                (Some("auto"), _) => json!("auto"),
-                (Some("none"), _) => json!("none"),
-                (Some("any"), _) => json!("required"),
-                (Some("tool"), Some(name)) => {
-                    json!({"type": "function", "function": {"name": name}})
-                }
+    let (tool_choice, parallel_tool_calls) = match req.tool_choice {
+        Some(c) if !tools.is_empty() => {
+            let choice = match (c.kind.as_deref(), c.name) {
+                (Some("auto"), _) => ChatToolChoiceOut::Mode("auto"),
+                (Some("none"), _) => ChatToolChoiceOut::Mode("none"),
+                (Some("any"), _) => ChatToolChoiceOut::Mode("required"),
+                (Some("tool"), Some(name)) => ChatToolChoiceOut::Function {
+                    kind: "function",
+                    function: NameOut { name },
+                },
                 _ => {
                     return Err(err(
                         "tool_choice",
@@ -634,143 +554,169 @@ pub fn messages_request_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, Tra
                     ))
                 }
             };
-            out.insert("tool_choice".into(), choice);
-            if c.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true) {
-                out.insert("parallel_tool_calls".into(), false.into());
-            }
+            let serial = c.disable_parallel_tool_use == Some(true);
+            (Some(choice), serial.then_some(false))
         }
-    }
-    Ok(Value::Object(out).to_string().into_bytes())
+        _ => (None, None),
+    };
+    let stream = req.stream;
+    let out = ChatRequestOut {
+        model,
+        messages,
+        tools: Some(tools).filter(|t| !t.is_empty()),
+        tool_choice,
+        parallel_tool_calls,
+        max_completion_tokens: req.max_tokens,
+        stop: req.stop_sequences.filter(|s| !s.is_empty()),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        stream,
+        stream_options: (stream == Some(true)).then_some(StreamOptionsOut {
+            include_usage: true,
+        }),
+        user: req.metadata.and_then(|m| m.user_id),
+    };
+    to_body(&out)
 }
 
 /// One Anthropic message -> OpenAI messages: a user message's tool results become `tool` messages
 /// (placed first, right after the assistant's tool calls) followed by the rest of its content.
-fn messages_message(m: &Value, path: &str, out: &mut Vec<Value>) -> Result<(), TranslateError> {
-    let role = m.get("role").and_then(Value::as_str);
-    let blocks = match m.get("content") {
-        Some(Value::String(s)) => {
-            return match role {
-                Some(r @ ("user" | "assistant")) => {
-                    out.push(json!({"role": r, "content": s}));
-                    Ok(())
-                }
-                _ => Err(err(
-                    format!("{path}.role"),
-                    "must be \"user\" or \"assistant\"",
-                )),
-            }
+fn messages_message<'a>(
+    m: MessageIn<'a>,
+    path: &str,
+    out: &mut Vec<ChatMessageOut<'a>>,
+) -> Result<(), TranslateError> {
+    let role = m.role.as_ref();
+    if role != "user" && role != "assistant" {
+        return Err(err(
+            format!("{path}.role"),
+            "must be \"user\" or \"assistant\"",
+        ));
+    }
+    let blocks = match m.content {
+        Some(StrOr::Str(s)) if role == "user" => {
+            out.push(ChatMessageOut::User {
+                content: StrOrParts::Str(s),
+            });
+            return Ok(());
         }
-        Some(Value::Array(b)) => b,
-        _ => {
+        Some(StrOr::Str(s)) => {
+            out.push(ChatMessageOut::Assistant {
+                content: Some(s.into_owned()),
+                tool_calls: None,
+            });
+            return Ok(());
+        }
+        Some(StrOr::Other(b)) => b,
+        None => {
             return Err(err(
                 format!("{path}.content"),
                 "must be a string or an array of content blocks",
             ))
         }
     };
-    match role {
-        Some("user") => {
-            let mut parts = Vec::new();
-            for (j, b) in blocks.iter().enumerate() {
-                let path = format!("{path}.content[{j}]");
-                match b.get("type").and_then(Value::as_str).unwrap_or_default() {
-                    "text" => parts.push(json!({"type": "text", "text": text_of(b, &path)?})),
-                    "image" => parts.push(image_part(b, &path)?),
-                    "tool_result" => out.push(tool_message(b, &path)?),
-                    "document" => {
-                        return Err(err(path, "documents cannot be sent to an OpenAI provider"))
-                    }
-                    other => {
-                        return Err(err(
-                            format!("{path}.type"),
-                            format!("unsupported content block type \"{other}\""),
-                        ))
-                    }
+    if role == "user" {
+        let mut parts = Vec::new();
+        for (j, b) in blocks.into_iter().enumerate() {
+            let path = format!("{path}.content[{j}]");
+            match b.kind.as_ref() {
+                "text" => parts.push(ChatPartOut::Text {
+                    text: text_of(b.text, &path)?,
+                }),
+                "image" => parts.push(image_part(b, &path)?),
+                "tool_result" => out.push(tool_message(b, &path)?),
+                "document" => {
+                    return Err(err(path, "documents cannot be sent to an OpenAI provider"))
+                }
+                other => {
+                    return Err(err(
+                        format!("{path}.type"),
+                        format!("unsupported content block type \"{other}\""),
+                    ))
                 }
             }
-            let content = match parts.as_slice() {
-                [] => return Ok(()),
-                [p] if p.get("type").and_then(Value::as_str) == Some("text") => {
-                    p.get("text").cloned().unwrap_or_default()
-                }
-                _ => Value::Array(parts),
-            };
-            out.push(json!({"role": "user", "content": content}));
         }
-        Some("assistant") => {
-            let (mut texts, mut calls) = (Vec::new(), Vec::new());
-            for (j, b) in blocks.iter().enumerate() {
-                let path = format!("{path}.content[{j}]");
-                match b.get("type").and_then(Value::as_str).unwrap_or_default() {
-                    "text" => texts.push(text_of(b, &path)?),
-                    "tool_use" => {
-                        let id = b
-                            .get("id")
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| err(format!("{path}.id"), "must be a string"))?;
-                        let name = b
-                            .get("name")
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| err(format!("{path}.name"), "must be a string"))?;
-                        let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
-                        calls.push(json!({"id": id, "type": "function", "function": {"name": name, "arguments": input.to_string()}}));
-                    }
-                    "thinking" | "redacted_thinking" => {}
-                    other => {
-                        return Err(err(
-                            format!("{path}.type"),
-                            format!("unsupported content block type \"{other}\""),
-                        ))
-                    }
-                }
+        let content = match parts.len() {
+            0 => return Ok(()),
+            1 => match parts.pop() {
+                Some(ChatPartOut::Text { text }) => StrOrParts::Str(text),
+                p => StrOrParts::Parts(p.into_iter().collect()),
+            },
+            _ => StrOrParts::Parts(parts),
+        };
+        out.push(ChatMessageOut::User { content });
+        return Ok(());
+    }
+    let (mut texts, mut calls) = (Vec::new(), Vec::new());
+    for (j, b) in blocks.into_iter().enumerate() {
+        let path = format!("{path}.content[{j}]");
+        match b.kind.as_ref() {
+            "text" => texts.push(text_of(b.text, &path)?),
+            "tool_use" => {
+                let id =
+                    b.id.ok_or_else(|| err(format!("{path}.id"), "must be a string"))?;
+                let name = b
+                    .name
+                    .ok_or_else(|| err(format!("{path}.name"), "must be a string"))?;
+                calls.push(ChatToolCallOut {
+                    id,
+                    kind: "function",
+                    function: ChatFunctionCallOut {
+                        name,
+                        arguments: Cow::Borrowed(b.input.map_or("{}", RawValue::get)),
+                    },
+                });
             }
-            let mut msg = json!({"role": "assistant", "content": texts.join("\n")});
-            if let (false, Some(o)) = (calls.is_empty(), msg.as_object_mut()) {
-                if texts.is_empty() {
-                    o.insert("content".into(), Value::Null);
-                }
-                o.insert("tool_calls".into(), calls.into());
+            "thinking" | "redacted_thinking" => {}
+            other => {
+                return Err(err(
+                    format!("{path}.type"),
+                    format!("unsupported content block type \"{other}\""),
+                ))
             }
-            out.push(msg);
-        }
-        _ => {
-            return Err(err(
-                format!("{path}.role"),
-                "must be \"user\" or \"assistant\"",
-            ))
         }
     }
+    let content = (!texts.is_empty() || calls.is_empty()).then(|| texts.join("\n"));
+    out.push(ChatMessageOut::Assistant {
+        content,
+        tool_calls: (!calls.is_empty()).then_some(calls),
+    });
     Ok(())
 }
 
-fn image_part(b: &Value, path: &str) -> Result<Value, TranslateError> {
-    let src = b.get("source");
-    let get = |k: &str| src.and_then(|s| s.get(k)).and_then(Value::as_str);
-    let url = match (get("type"), get("media_type"), get("data"), get("url")) {
-        (Some("base64"), Some(mt), Some(data), _) => format!("data:{mt};base64,{data}"),
-        (Some("url"), _, _, Some(url)) => url.to_string(),
-        _ => {
-            return Err(err(
-                format!("{path}.source"),
-                "only base64 and url image sources can be sent to an OpenAI provider",
-            ))
-        }
+fn image_part<'a>(b: BlockIn<'a>, path: &str) -> Result<ChatPartOut<'a>, TranslateError> {
+    let url = match b.source {
+        Some(src) => match (src.kind.as_deref(), src.media_type, src.data, src.url) {
+            (Some("base64"), Some(mt), Some(data), _) => Some(format!("data:{mt};base64,{data}")),
+            (Some("url"), _, _, Some(url)) => Some(url.into_owned()),
+            _ => None,
+        },
+        None => None,
     };
-    Ok(json!({"type": "image_url", "image_url": {"url": url}}))
+    let url = url.ok_or_else(|| {
+        err(
+            format!("{path}.source"),
+            "only base64 and url image sources can be sent to an OpenAI provider",
+        )
+    })?;
+    Ok(ChatPartOut::ImageUrl {
+        image_url: ImageUrlOut { url },
+    })
 }
 
-fn tool_message(b: &Value, path: &str) -> Result<Value, TranslateError> {
-    let id = b.get("tool_use_id").and_then(Value::as_str);
-    let id = id.ok_or_else(|| err(format!("{path}.tool_use_id"), "must be a string"))?;
-    let text = match b.get("content") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
+fn tool_message<'a>(b: BlockIn<'a>, path: &str) -> Result<ChatMessageOut<'a>, TranslateError> {
+    let tool_call_id = b
+        .tool_use_id
+        .ok_or_else(|| err(format!("{path}.tool_use_id"), "must be a string"))?;
+    let text = match b.content {
+        None => String::new(),
+        Some(StrOr::Str(s)) => s.into_owned(),
+        Some(StrOr::Other(parts)) => parts
+            .into_iter()
             .enumerate()
-            .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
-                Some("text") => text_of(p, &format!("{path}.content[{j}]")),
-                Some("image") => Err(err(
+            .map(|(j, p)| match p.kind.as_ref() {
+                "text" => text_of(p.text, &format!("{path}.content[{j}]")),
+                "image" => Err(err(
                     format!("{path}.content[{j}]"),
                     "images in tool results cannot be sent to an OpenAI provider",
                 )),
@@ -781,24 +727,21 @@ fn tool_message(b: &Value, path: &str) -> Result<Value, TranslateError> {
             })
             .collect::<Result<Vec<_>, _>>()?
             .join("\n"),
-        Some(_) => {
-            return Err(err(
-                format!("{path}.content"),
-                "must be a string or an array of content blocks",
-            ))
-        }
     };
-    let text = if b.get("is_error").and_then(Value::as_bool) == Some(true) {
+    let content = if b.is_error == Some(true) {
         format!("Error: {text}")
     } else {
         text
     };
-    Ok(json!({"role": "tool", "tool_call_id": id, "content": text}))
+    Ok(ChatMessageOut::Tool {
+        tool_call_id,
+        content,
+    })
 }
 
-fn messages_tool(t: &Value, k: usize) -> Result<Value, TranslateError> {
+fn messages_tool(t: ToolIn<'_>, k: usize) -> Result<ChatToolOut<'_>, TranslateError> {
     let path = format!("tools[{k}]");
-    match t.get("type").and_then(Value::as_str) {
+    match t.kind.as_deref() {
         None | Some("custom") => {}
         Some(other) => {
             return Err(err(
@@ -808,38 +751,37 @@ fn messages_tool(t: &Value, k: usize) -> Result<Value, TranslateError> {
         }
     }
     let name = t
-        .get("name")
-        .and_then(Value::as_str)
+        .name
         .ok_or_else(|| err(format!("{path}.name"), "must be a string"))?;
-    let schema = t.get("input_schema").filter(|s| s.is_object());
-    let schema = schema.ok_or_else(|| {
+    let parameters = t.input_schema.filter(|s| is_object(s)).ok_or_else(|| {
         err(
             format!("{path}.input_schema"),
             "must be a JSON schema object",
         )
     })?;
-    let mut f = json!({"name": name, "parameters": schema});
-    if let (Some(d), Some(o)) = (
-        t.get("description").and_then(Value::as_str),
-        f.as_object_mut(),
-    ) {
-        o.insert("description".into(), d.into());
-    }
-    Ok(json!({"type": "function", "function": f}))
+    Ok(ChatToolOut {
+        kind: "function",
+        function: ChatFunctionDefOut {
+            name,
+            description: t.description,
+            parameters,
+        },
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     fn to_messages(req: Value) -> Value {
         let out = chat_request_to_messages(req.to_string().as_bytes(), "claude-sonnet-4-5", 4096);
-        crate::json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
+        serde_json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
     }
 
     fn to_chat(req: Value) -> Value {
         let out = messages_request_to_chat(req.to_string().as_bytes(), "gpt-4o");
-        crate::json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
+        serde_json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
     }
 
     #[test]
@@ -905,7 +847,8 @@ mod tests {
                     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}],
                 "tool_choice": {"type": "any"},
                 "max_tokens": 300,
-                "temperature": 1.0,
+                // Clamped: written as Anthropic's bound, 1 (serde_json tells 1 from 1.0).
+                "temperature": 1,
                 "top_p": 0.9,
                 "stop_sequences": ["END"],
                 "stream": true,
@@ -931,9 +874,9 @@ mod tests {
                 "max_tokens",
                 json!(60),
             ),
-            (json!({"temperature": -0.5}), "temperature", json!(0.0)),
+            (json!({"temperature": -0.5}), "temperature", json!(0)),
             (json!({"temperature": 0.3}), "temperature", json!(0.3)),
-            (json!({"temperature": 2}), "temperature", json!(1.0)),
+            (json!({"temperature": 2}), "temperature", json!(1)),
             (
                 json!({"stop": ["a", "b"]}),
                 "stop_sequences",
@@ -1380,7 +1323,7 @@ mod tests {
         ], "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}], "tool_choice": "auto"});
         let anthropic =
             chat_request_to_messages(chat.to_string().as_bytes(), "claude", 1).unwrap_or_default();
-        let back: Value = crate::json::from_slice(
+        let back: Value = serde_json::from_slice(
             &messages_request_to_chat(&anthropic, "gpt-4o").unwrap_or_default(),
         )
         .unwrap_or_default();
@@ -1388,5 +1331,40 @@ mod tests {
         assert_eq!(back["tools"], chat["tools"]);
         assert_eq!(back["tool_choice"], "auto");
         assert_eq!(back["max_completion_tokens"], 200);
+    }
+
+    /// Escaped strings cannot be borrowed from the body; they are read and written all the same.
+    #[test]
+    fn escaped_strings_and_error_reasons() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a\"b\u00e9"},
+            {"type":"image_url","image_url":{"url":"data:image\/png;base64,iV\/BOR=="}}]}],"stop":"\n"}"#;
+        let got: Value =
+            serde_json::from_slice(&chat_request_to_messages(body, "c", 5).unwrap_or_default())
+                .unwrap_or_default();
+        assert_eq!(
+            got["messages"][0]["content"],
+            json!([{"type": "text", "text": "a\"bé"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iV/BOR=="}}])
+        );
+        assert_eq!(got["stop_sequences"], json!(["\n"]));
+
+        let e = chat_err(json!({"model": "m", "messages": [], "brand_new_knob": 1}));
+        assert_eq!(
+            e.to_string(),
+            "brand_new_knob: this field has no Anthropic equivalent"
+        );
+        let e = messages_request_to_chat(br#"{"messages":[],"knob":1}"#, "g").err();
+        assert_eq!(
+            e.map(|e| e.to_string()).as_deref(),
+            Some("knob: this field has no OpenAI equivalent")
+        );
+        // Type errors name the field and say what was expected.
+        let e = chat_err(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x", "tool_call_id": 5}]}),
+        );
+        assert_eq!(e.field, "messages[0].tool_call_id");
+        assert!(e.reason.contains("expected a string"), "{e}");
+        let e = chat_request_to_messages(br#"{"messages":[]} x"#, "c", 1).err();
+        assert_eq!(e.map(|e| e.field).as_deref(), Some(""));
     }
 }

@@ -1,11 +1,18 @@
 //! Non-streaming response bodies.
 
-use crate::json::{json, Value};
+use std::borrow::Cow;
 
-use super::{
-    chat_id, chat_usage, err, finish_reason, message_id, messages_usage, parse_object, stop_reason,
-    tool_call_input, TranslateError,
+use super::shapes::{
+    BlockOut, ChatAnswerOut, ChatChoiceOut, ChatCompletionIn, ChatCompletionOut,
+    ChatFunctionCallOut, ChatToolCallOut, MessagesResponseIn, MessagesResponseOut,
 };
+use super::{
+    chat_id, chat_usage, err, finish_reason, message_id, messages_usage, parse_body, stop_reason,
+    to_body, tool_call_input, TranslateError,
+};
+
+/// Providers add members: a response's unknown ones are ignored, so this reason never shows.
+const UNKNOWN: &str = "unexpected member";
 
 /// Anthropic messages response -> OpenAI chat completion, `created` = 0 (Anthropic responses carry
 /// no timestamp and this module reads no clock). Prefer [`messages_response_to_chat_at`].
@@ -17,30 +24,30 @@ pub fn messages_response_to_chat(
 }
 
 /// Anthropic messages response -> OpenAI chat completion created at `created_unix_s`.
-/// Thinking blocks are left out: chat completions has no place for them.
+/// Thinking blocks are left out: chat completions has no place for them. `usage` is there only
+/// when the provider reported it.
 pub fn messages_response_to_chat_at(
     body: &[u8],
     client_model: &str,
     created_unix_s: u64,
 ) -> Result<Vec<u8>, TranslateError> {
-    let res = parse_object(body)?;
+    let res: MessagesResponseIn = parse_body(body, UNKNOWN)?;
     let blocks = res
-        .get("content")
-        .and_then(Value::as_array)
+        .content
         .ok_or_else(|| err("content", "must be an array"))?;
     let mut text = String::new();
     let mut calls = Vec::new();
-    for (i, b) in blocks.iter().enumerate() {
-        match b.get("type").and_then(Value::as_str).unwrap_or_default() {
-            "text" => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or_default()),
-            "tool_use" => {
-                let id = b.get("id").and_then(Value::as_str).unwrap_or_default();
-                let name = b.get("name").and_then(Value::as_str).unwrap_or_default();
-                let args = b
-                    .get("input")
-                    .map_or_else(|| "{}".to_string(), Value::to_string);
-                calls.push(json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}}));
-            }
+    for (i, b) in blocks.into_iter().enumerate() {
+        match b.kind.as_ref() {
+            "text" => text.push_str(b.text.as_deref().unwrap_or_default()),
+            "tool_use" => calls.push(ChatToolCallOut {
+                id: b.id.unwrap_or_default(),
+                kind: "function",
+                function: ChatFunctionCallOut {
+                    name: b.name.unwrap_or_default(),
+                    arguments: Cow::Borrowed(b.input.map_or("{}", |i| i.get())),
+                },
+            }),
             "thinking" | "redacted_thinking" => {}
             other => {
                 return Err(err(
@@ -50,102 +57,93 @@ pub fn messages_response_to_chat_at(
             }
         }
     }
-    let mut message = json!({"role": "assistant", "content": text, "refusal": null});
-    if let (false, Some(m)) = (calls.is_empty(), message.as_object_mut()) {
-        if text.is_empty() {
-            m.insert("content".into(), Value::Null);
-        }
-        m.insert("tool_calls".into(), calls.into());
-    }
-    let finish = res
-        .get("stop_reason")
-        .and_then(Value::as_str)
-        .map(finish_reason);
-    let id = res.get("id").and_then(Value::as_str).unwrap_or_default();
-    let out = json!({
-        "id": chat_id(id),
-        "object": "chat.completion",
-        "created": created_unix_s,
-        "model": client_model,
-        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
-        "usage": chat_usage(res.get("usage").unwrap_or(&Value::Null)),
-    });
-    Ok(out.to_string().into_bytes())
+    let content = (!text.is_empty() || calls.is_empty()).then_some(text);
+    let out = ChatCompletionOut {
+        id: chat_id(res.id.as_deref().unwrap_or_default()),
+        object: "chat.completion",
+        created: created_unix_s,
+        model: client_model,
+        choices: [ChatChoiceOut {
+            index: 0,
+            message: ChatAnswerOut {
+                role: "assistant",
+                content,
+                refusal: None,
+                tool_calls: (!calls.is_empty()).then_some(calls),
+            },
+            logprobs: None,
+            finish_reason: res.stop_reason.as_deref().map(finish_reason),
+        }],
+        usage: res.usage.as_ref().map(chat_usage),
+    };
+    to_body(&out)
 }
 
 /// OpenAI chat completion -> Anthropic messages response. Only the first choice exists (requests
-/// from Anthropic clients never ask for more).
+/// from Anthropic clients never ask for more). Anthropic's shape requires `usage`: zeros when the
+/// provider reported none.
 pub fn chat_response_to_messages(
     body: &[u8],
     client_model: &str,
 ) -> Result<Vec<u8>, TranslateError> {
-    let res = parse_object(body)?;
+    let res: ChatCompletionIn = parse_body(body, UNKNOWN)?;
     let choice = res
-        .get("choices")
-        .and_then(|c| c.get(0))
+        .choices
+        .and_then(|c| c.into_iter().next())
         .ok_or_else(|| err("choices", "must hold at least one choice"))?;
     let msg = choice
-        .get("message")
+        .message
         .ok_or_else(|| err("choices[0].message", "is required"))?;
     let mut content = Vec::new();
     // A refusal is the model's answer too; the client sees it as text with stop_reason "refusal".
-    let refusal = msg
-        .get("refusal")
-        .and_then(Value::as_str)
-        .filter(|r| !r.is_empty());
-    for text in [msg.get("content").and_then(Value::as_str), refusal]
-        .into_iter()
-        .flatten()
-    {
+    let refusal = msg.refusal.filter(|r| !r.is_empty());
+    let refused = refusal.is_some();
+    for text in [msg.content, refusal].into_iter().flatten() {
         if !text.is_empty() {
-            content.push(json!({"type": "text", "text": text}));
+            content.push(BlockOut::Text { text });
         }
     }
-    let calls = msg
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice);
-    for (k, c) in calls.iter().enumerate() {
+    for (k, c) in msg.tool_calls.unwrap_or_default().into_iter().enumerate() {
         let path = format!("choices[0].message.tool_calls[{k}]");
-        let f = c.get("function");
-        let input = tool_call_input(f, &path)?;
-        content.push(json!({
-            "type": "tool_use",
-            "id": c.get("id").and_then(Value::as_str).unwrap_or_default(),
-            "name": f.and_then(|f| f.get("name")).and_then(Value::as_str).unwrap_or_default(),
-            "input": input,
-        }));
+        let (name, arguments) = c.function.map_or((None, None), |f| (f.name, f.arguments));
+        let input = tool_call_input(arguments.as_deref(), &path)?;
+        content.push(BlockOut::ToolUse {
+            id: c.id.unwrap_or_default(),
+            name: name.unwrap_or_default(),
+            input,
+        });
     }
-    let stop = match (choice.get("finish_reason").and_then(Value::as_str), refusal) {
-        (_, Some(_)) => Some("refusal"),
-        (f, None) => f.map(stop_reason),
+    let stop = if refused {
+        Some("refusal")
+    } else {
+        choice.finish_reason.as_deref().map(stop_reason)
     };
-    let id = res.get("id").and_then(Value::as_str).unwrap_or_default();
-    let out = json!({
-        "id": message_id(id),
-        "type": "message",
-        "role": "assistant",
-        "model": client_model,
-        "content": content,
-        "stop_reason": stop,
-        "stop_sequence": null,
-        "usage": messages_usage(res.get("usage").unwrap_or(&Value::Null)),
-    });
-    Ok(out.to_string().into_bytes())
+    let out = MessagesResponseOut {
+        id: message_id(res.id.as_deref().unwrap_or_default()),
+        kind: "message",
+        role: "assistant",
+        model: client_model,
+        content,
+        stop_reason: stop,
+        stop_sequence: None,
+        usage: messages_usage(res.usage.as_ref()),
+    };
+    to_body(&out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     fn to_chat(res: Value) -> Value {
         let out = messages_response_to_chat_at(res.to_string().as_bytes(), "gpt-4o", 1_700_000_000);
-        crate::json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
+        serde_json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
     }
 
     fn to_messages(res: Value) -> Value {
         let out = chat_response_to_messages(res.to_string().as_bytes(), "claude-sonnet-4-5");
-        crate::json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
+        serde_json::from_slice(&out.unwrap_or_default()).unwrap_or_default()
     }
 
     #[test]
@@ -168,7 +166,7 @@ mod tests {
             br#"{"id":"msg_1","content":[],"stop_reason":"max_tokens","usage":{}}"#,
             "m",
         );
-        let plain: Value = crate::json::from_slice(&plain.unwrap_or_default()).unwrap_or_default();
+        let plain: Value = serde_json::from_slice(&plain.unwrap_or_default()).unwrap_or_default();
         assert_eq!(
             (
                 plain["created"].clone(),
@@ -210,7 +208,7 @@ mod tests {
         assert_eq!(msg["tool_calls"][0]["id"], "toolu_01A09q90qw90lq917835lq9");
         assert_eq!(msg["tool_calls"][0]["type"], "function");
         assert_eq!(msg["tool_calls"][0]["function"]["name"], "get_weather");
-        let args: Value = crate::json::from_str(
+        let args: Value = serde_json::from_str(
             msg["tool_calls"][0]["function"]["arguments"]
                 .as_str()
                 .unwrap_or_default(),
@@ -334,10 +332,51 @@ mod tests {
         });
         let chat =
             messages_response_to_chat(original.to_string().as_bytes(), "gpt").unwrap_or_default();
-        let back: Value = crate::json::from_slice(
+        let back: Value = serde_json::from_slice(
             &chat_response_to_messages(&chat, "claude-sonnet-4-5").unwrap_or_default(),
         )
         .unwrap_or_default();
         assert_eq!(back, original);
+    }
+
+    /// Usage shows what the provider reported: nothing for an OpenAI client, zeros where
+    /// Anthropic's shape requires the member.
+    #[test]
+    fn json_without_usage_each_way() {
+        let got = to_chat(
+            json!({"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn"}),
+        );
+        assert_eq!(got.get("usage"), None);
+        assert_eq!(got["choices"][0]["message"]["content"], "hi");
+        let got = to_chat(
+            json!({"id": "msg_1", "content": [{"type": "text", "text": "hi"}], "usage": null}),
+        );
+        assert_eq!(got.get("usage"), None);
+
+        let got = to_messages(
+            json!({"id": "chatcmpl-1", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}),
+        );
+        assert_eq!(
+            got["usage"],
+            json!({"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
+        );
+    }
+
+    /// Providers add members; counts of an unexpected type count as unreported, not as errors.
+    #[test]
+    fn unknown_members_and_odd_counts_are_tolerated() {
+        let got = to_chat(
+            json!({"id": "msg_1", "content": [{"type": "text", "text": "hi", "citations": null, "brand_new": 1}],
+            "stop_reason": "end_turn", "container": {"id": "c"}, "usage": {"input_tokens": "12", "output_tokens": 3, "server_tool_use": {"web_search_requests": 1}}}),
+        );
+        assert_eq!(got["usage"]["prompt_tokens"], 0);
+        assert_eq!(got["usage"]["completion_tokens"], 3);
+        let got = to_messages(
+            json!({"id": "chatcmpl-1", "service_tier": "default", "choices": [{"index": 0,
+            "message": {"role": "assistant", "content": "hi", "annotations": [{"type": "url_citation"}]}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": -1, "prompt_tokens_details": null}}),
+        );
+        assert_eq!(got["usage"]["input_tokens"], 5);
+        assert_eq!(got["usage"]["output_tokens"], 0);
     }
 }

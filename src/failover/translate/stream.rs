@@ -1,31 +1,44 @@
-//! Streaming translation, one SSE event at a time. Events whose data is not JSON are skipped (with
-//! a warning): one bad event should not end an otherwise good answer.
+//! Streaming translation, one SSE event at a time. Events whose data is not JSON of the expected
+//! shape are skipped (with a warning): one bad event should not end an otherwise good answer.
 
-use crate::json::{json, Map, Value};
+use std::borrow::Cow;
 
+use serde::{Deserialize, Serialize};
+
+use super::shapes::{
+    BlockDeltaOut, BlockOut, ChatChunkChoiceOut, ChatChunkIn, ChatChunkOut, ChatDeltaOut,
+    ChatFunctionDeltaOut, ChatToolCallDeltaOut, ChatToolCallIn, ChatUsageIn, EventIn, EventOut,
+    Input, MessageDeltaOut, MessagesResponseOut, StartUsageOut, UsageIn,
+};
 use super::{
     chat_error_to_messages, chat_id, chat_usage, finish_reason, message_id, messages_error_to_chat,
     messages_usage, stop_reason,
 };
 use crate::count::sse::SseEvent;
 
-fn parse(ev: &SseEvent<'_>) -> Option<Value> {
-    match crate::json::from_str(ev.data) {
+fn parse<'a, T: Deserialize<'a>>(ev: &SseEvent<'a>) -> Option<T> {
+    match serde_json::from_str(ev.data) {
         Ok(v) => Some(v),
         Err(e) => {
-            log::warn!("tollgate: skipping a stream event that is not JSON: {e}");
+            log::warn!("tollgate: skipping a stream event that cannot be read: {e}");
             None
         }
     }
 }
 
-fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or_default()
-}
-
 fn write_data(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(data);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// `data: <json>\n\n`, serialized straight into `out`.
+fn write_json<T: Serialize>(out: &mut Vec<u8>, v: &T) {
+    out.extend_from_slice(b"data: ");
+    // Cannot fail: these shapes have string keys only, and writing to a Vec does not fail.
+    if let Err(e) = serde_json::to_writer(&mut *out, v) {
+        log::warn!("tollgate: could not write a stream event: {e}");
+    }
     out.extend_from_slice(b"\n\n");
 }
 
@@ -39,8 +52,9 @@ pub struct MessagesToChatStream {
     role_sent: bool,
     /// Anthropic block index -> the tool call's ordinal among tool calls (OpenAI's `index`).
     tools: Vec<(u64, u64)>,
-    /// Anthropic usage fields, merged from message_start and message_delta (both may carry them).
-    usage: Map<String, Value>,
+    /// Usage as reported by message_start and message_delta (both may carry it); `None` when the
+    /// provider reported none, and then the client gets no usage chunk.
+    usage: Option<UsageIn>,
     started: bool,
     failed: bool,
     done: bool,
@@ -55,7 +69,7 @@ impl MessagesToChatStream {
             include_usage,
             role_sent: false,
             tools: Vec::new(),
-            usage: Map::new(),
+            usage: None,
             started: false,
             failed: false,
             done: false,
@@ -66,59 +80,81 @@ impl MessagesToChatStream {
         if self.done || self.failed || ev.data.is_empty() {
             return;
         }
-        let Some(v) = parse(ev) else { return };
-        let typ = v.get("type").and_then(Value::as_str).unwrap_or(ev.event);
-        match typ {
+        let Some(v) = parse::<EventIn>(ev) else {
+            return;
+        };
+        let index = v.index.unwrap_or_default();
+        match v.kind.as_deref().unwrap_or(ev.event) {
             "message_start" => {
-                let msg = v.get("message").unwrap_or(&Value::Null);
-                self.id = chat_id(str_at(msg, "id"));
+                let msg = v.message;
+                self.id = chat_id(
+                    msg.as_ref()
+                        .and_then(|m| m.id.as_deref())
+                        .unwrap_or_default(),
+                );
                 self.started = true;
-                self.merge_usage(msg.get("usage"));
-                self.delta(out, json!({"content": ""}), None);
+                self.merge_usage(msg.and_then(|m| m.usage));
+                self.delta(out, Some(""), None, None);
             }
             "content_block_start" => {
-                let block = v.get("content_block").unwrap_or(&Value::Null);
-                let index = v.get("index").and_then(Value::as_u64).unwrap_or_default();
-                match str_at(block, "type") {
+                let Some(block) = v.content_block else { return };
+                match block.kind.as_ref() {
                     "tool_use" => {
                         let n = self.tools.len() as u64;
                         self.tools.push((index, n));
-                        let call = json!({"index": n, "id": str_at(block, "id"), "type": "function",
-                            "function": {"name": str_at(block, "name"), "arguments": ""}});
-                        self.delta(out, json!({"tool_calls": [call]}), None);
+                        let call = ChatToolCallDeltaOut {
+                            index: n,
+                            id: Some(block.id.as_deref().unwrap_or_default()),
+                            kind: Some("function"),
+                            function: ChatFunctionDeltaOut {
+                                name: Some(block.name.as_deref().unwrap_or_default()),
+                                arguments: "",
+                            },
+                        };
+                        self.delta(out, None, Some(call), None);
                     }
-                    "text" if !str_at(block, "text").is_empty() => {
-                        self.delta(out, json!({"content": str_at(block, "text")}), None);
+                    "text" => {
+                        if let Some(text) = block.text.filter(|t| !t.is_empty()) {
+                            self.delta(out, Some(&text), None, None);
+                        }
                     }
                     _ => {}
                 }
             }
             "content_block_delta" => {
-                let delta = v.get("delta").unwrap_or(&Value::Null);
-                let index = v.get("index").and_then(Value::as_u64).unwrap_or_default();
-                match str_at(delta, "type") {
+                let Some(delta) = v.delta else { return };
+                match delta.kind.as_deref().unwrap_or_default() {
                     "text_delta" => {
-                        self.delta(out, json!({"content": str_at(delta, "text")}), None)
+                        let text = delta.text.unwrap_or_default();
+                        self.delta(out, Some(&text), None, None);
                     }
-                    "input_json_delta" if !str_at(delta, "partial_json").is_empty() => {
+                    "input_json_delta" => {
+                        let args = delta.partial_json.unwrap_or_default();
                         let Some(&(_, n)) = self.tools.iter().find(|(i, _)| *i == index) else {
                             return;
                         };
-                        let call = json!({"index": n, "function": {"arguments": str_at(delta, "partial_json")}});
-                        self.delta(out, json!({"tool_calls": [call]}), None);
+                        if args.is_empty() {
+                            return;
+                        }
+                        let call = ChatToolCallDeltaOut {
+                            index: n,
+                            id: None,
+                            kind: None,
+                            function: ChatFunctionDeltaOut {
+                                name: None,
+                                arguments: &args,
+                            },
+                        };
+                        self.delta(out, None, Some(call), None);
                     }
                     // thinking_delta, signature_delta, citations_delta: nothing to say in chat completions.
                     _ => {}
                 }
             }
             "message_delta" => {
-                self.merge_usage(v.get("usage"));
-                if let Some(reason) = v
-                    .get("delta")
-                    .and_then(|d| d.get("stop_reason"))
-                    .and_then(Value::as_str)
-                {
-                    self.delta(out, json!({}), Some(finish_reason(reason)));
+                self.merge_usage(v.usage);
+                if let Some(reason) = v.delta.and_then(|d| d.stop_reason) {
+                    self.delta(out, None, None, Some(finish_reason(&reason)));
                 }
             }
             "message_stop" => self.end(out),
@@ -138,41 +174,57 @@ impl MessagesToChatStream {
         }
     }
 
-    fn merge_usage(&mut self, usage: Option<&Value>) {
-        if let Some(u) = usage.and_then(Value::as_object) {
-            self.usage.extend(
-                u.iter()
-                    .filter(|(_, v)| v.is_u64())
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            );
+    fn merge_usage(&mut self, usage: Option<UsageIn>) {
+        if let Some(u) = usage {
+            self.usage.get_or_insert_with(UsageIn::default).merge(&u);
         }
     }
 
-    fn chunk(&self, choices: Value) -> Value {
-        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": choices})
+    fn chunk<'s>(
+        &'s self,
+        choices: Vec<ChatChunkChoiceOut<'s>>,
+        usage: Option<&UsageIn>,
+    ) -> ChatChunkOut<'s> {
+        ChatChunkOut {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage: usage.map(chat_usage),
+        }
     }
 
-    fn delta(&mut self, out: &mut Vec<u8>, mut delta: Value, finish: Option<&str>) {
-        if let (false, Some(d)) = (self.role_sent, delta.as_object_mut()) {
-            d.insert("role".into(), "assistant".into());
-            self.role_sent = true;
-        }
-        let chunk = self.chunk(
-            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]),
-        );
-        write_data(out, chunk.to_string().as_bytes());
+    fn delta(
+        &mut self,
+        out: &mut Vec<u8>,
+        content: Option<&str>,
+        call: Option<ChatToolCallDeltaOut<'_>>,
+        finish: Option<&'static str>,
+    ) {
+        let role = (!self.role_sent).then_some("assistant");
+        self.role_sent = true;
+        let delta = ChatDeltaOut {
+            role,
+            content,
+            tool_calls: call.map(|c| [c]),
+        };
+        let choice = ChatChunkChoiceOut {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason: finish,
+        };
+        write_json(out, &self.chunk(vec![choice], None));
     }
 
     fn end(&mut self, out: &mut Vec<u8>) {
-        if self.include_usage && self.started && !self.failed {
-            let mut chunk = self.chunk(json!([]));
-            if let Some(c) = chunk.as_object_mut() {
-                c.insert(
-                    "usage".into(),
-                    chat_usage(&Value::Object(self.usage.clone())),
-                );
-            }
-            write_data(out, chunk.to_string().as_bytes());
+        if let Some(usage) = self
+            .usage
+            .as_ref()
+            .filter(|_| self.include_usage && self.started && !self.failed)
+        {
+            write_json(out, &self.chunk(Vec::new(), Some(usage)));
         }
         write_data(out, b"[DONE]");
         self.done = true;
@@ -193,7 +245,7 @@ pub struct ChatToMessagesStream {
     text_block: Option<u64>,
     stop: Option<&'static str>,
     refused: bool,
-    usage: Value,
+    usage: Option<ChatUsageIn>,
     done: bool,
 }
 
@@ -208,7 +260,7 @@ impl ChatToMessagesStream {
             text_block: None,
             stop: None,
             refused: false,
-            usage: Value::Null,
+            usage: None,
             done: false,
         }
     }
@@ -221,44 +273,39 @@ impl ChatToMessagesStream {
             self.end(out);
             return;
         }
-        let Some(v) = parse(ev) else { return };
-        if v.get("error").is_some_and(|e| !e.is_null()) {
-            emit(
-                out,
-                "error",
-                &crate::json::from_slice(&chat_error_to_messages(ev.data.as_bytes(), 0))
-                    .unwrap_or_default(),
-            );
+        let Some(v) = parse::<ChatChunkIn>(ev) else {
+            return;
+        };
+        if v.error.is_some() {
+            emit_raw(out, "error", &chat_error_to_messages(ev.data.as_bytes(), 0));
             self.done = true;
             return;
         }
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            self.usage = u.clone();
+        if v.usage.is_some() {
+            self.usage = v.usage;
         }
         // Azure's first chunk has no choices (only prompt filter results) and no id yet.
-        let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
+        let Some(choice) = v.choices.and_then(|c| c.into_iter().next()) else {
             return;
         };
-        self.start(str_at(&v, "id"), out);
-        let delta = choice.get("delta").unwrap_or(&Value::Null);
-        self.refused |= !str_at(delta, "refusal").is_empty();
-        for text in [str_at(delta, "content"), str_at(delta, "refusal")] {
-            if !text.is_empty() {
-                self.text(text, out);
+        self.start(v.id.as_deref().unwrap_or_default(), out);
+        if let Some(delta) = choice.delta {
+            let refusal = delta.refusal.filter(|r| !r.is_empty());
+            self.refused |= refusal.is_some();
+            for text in [delta.content, refusal].into_iter().flatten() {
+                if !text.is_empty() {
+                    self.text(&text, out);
+                }
+            }
+            for (k, call) in delta.tool_calls.unwrap_or_default().into_iter().enumerate() {
+                self.tool_call(call, k as u64, out);
             }
         }
-        let calls = delta
-            .get("tool_calls")
-            .and_then(Value::as_array)
-            .map_or(&[][..], Vec::as_slice);
-        for (k, call) in calls.iter().enumerate() {
-            self.tool_call(call, k as u64, out);
-        }
-        if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
+        if let Some(f) = choice.finish_reason {
             self.stop = Some(if self.refused {
                 "refusal"
             } else {
-                stop_reason(f)
+                stop_reason(&f)
             });
             self.close(out);
         }
@@ -273,8 +320,14 @@ impl ChatToMessagesStream {
         if self.started {
             self.end(out);
         } else {
-            let e = json!({"type": "error", "error": {"type": "api_error", "message": "The provider's stream ended without an answer."}});
-            emit(out, "error", &e);
+            let e = crate::api::errors::error_body(
+                crate::api::errors::ClientApi::Anthropic,
+                crate::api::errors::ErrorKind::Internal,
+                "The provider's stream ended without an answer.",
+                None,
+                None,
+            );
+            emit_raw(out, "error", &e);
             self.done = true;
         }
     }
@@ -285,35 +338,40 @@ impl ChatToMessagesStream {
         }
         self.started = true;
         // Input tokens are only known at the end; message_delta carries the real numbers.
-        let msg = json!({"id": message_id(openai_id), "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0}});
-        emit(
-            out,
-            "message_start",
-            &json!({"type": "message_start", "message": msg}),
-        );
+        let message = MessagesResponseOut {
+            id: message_id(openai_id),
+            kind: "message",
+            role: "assistant",
+            model: &self.model,
+            content: Vec::new(),
+            stop_reason: None,
+            stop_sequence: None,
+            usage: StartUsageOut {
+                input_tokens: 0,
+                output_tokens: 0,
+            },
+        };
+        emit(out, &EventOut::MessageStart { message });
     }
 
-    fn open_block(&mut self, block: Value, out: &mut Vec<u8>) -> u64 {
+    fn open_block(&mut self, block: BlockOut<'_>, out: &mut Vec<u8>) -> u64 {
         self.close(out);
         let index = self.next_block;
         self.next_block = self.next_block.saturating_add(1);
         self.open = Some(index);
         emit(
             out,
-            "content_block_start",
-            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+            &EventOut::ContentBlockStart {
+                index,
+                content_block: block,
+            },
         );
         index
     }
 
     fn close(&mut self, out: &mut Vec<u8>) {
         if let Some(index) = self.open.take() {
-            emit(
-                out,
-                "content_block_stop",
-                &json!({"type": "content_block_stop", "index": index}),
-            );
+            emit(out, &EventOut::ContentBlockStop { index });
         }
     }
 
@@ -321,66 +379,90 @@ impl ChatToMessagesStream {
         let index = match self.text_block.filter(|b| self.open == Some(*b)) {
             Some(b) => b,
             None => {
-                let b = self.open_block(json!({"type": "text", "text": ""}), out);
+                let b = self.open_block(
+                    BlockOut::Text {
+                        text: Cow::Borrowed(""),
+                    },
+                    out,
+                );
                 self.text_block = Some(b);
                 b
             }
         };
-        let delta = json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}});
-        emit(out, "content_block_delta", &delta);
+        let delta = BlockDeltaOut::TextDelta { text };
+        emit(out, &EventOut::ContentBlockDelta { index, delta });
     }
 
-    fn tool_call(&mut self, call: &Value, position: u64, out: &mut Vec<u8>) {
-        let oi = call
-            .get("index")
-            .and_then(Value::as_u64)
-            .unwrap_or(position);
-        let f = call.get("function").unwrap_or(&Value::Null);
+    fn tool_call(&mut self, call: ChatToolCallIn<'_>, position: u64, out: &mut Vec<u8>) {
+        let oi = call.index.unwrap_or(position);
+        let (name, args) = call
+            .function
+            .map_or((None, None), |f| (f.name, f.arguments));
         // Some compatible servers repeat id and name on every chunk: the index says what is new.
         let index = match self.tools.iter().find(|(i, _)| *i == oi) {
             Some(&(_, b)) => b,
             None => {
-                let id = str_at(call, "id");
-                let id = if id.is_empty() {
-                    format!("toolu_{}", self.next_block)
-                } else {
-                    id.to_string()
+                let id = match call.id.filter(|id| !id.is_empty()) {
+                    Some(id) => id,
+                    None => Cow::Owned(format!("toolu_{}", self.next_block)),
                 };
-                let block =
-                    json!({"type": "tool_use", "id": id, "name": str_at(f, "name"), "input": {}});
+                let block = BlockOut::ToolUse {
+                    id,
+                    name: name.unwrap_or_default(),
+                    input: Input::Empty,
+                };
                 let b = self.open_block(block, out);
                 self.tools.push((oi, b));
                 b
             }
         };
-        let args = str_at(f, "arguments");
-        if !args.is_empty() {
-            let delta = json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": args}});
-            emit(out, "content_block_delta", &delta);
+        if let Some(partial_json) = args.as_deref().filter(|a| !a.is_empty()) {
+            let delta = BlockDeltaOut::InputJsonDelta { partial_json };
+            emit(out, &EventOut::ContentBlockDelta { index, delta });
         }
     }
 
     fn end(&mut self, out: &mut Vec<u8>) {
         self.start("", out);
         self.close(out);
-        let delta = json!({"type": "message_delta", "delta": {"stop_reason": self.stop, "stop_sequence": null},
-            "usage": messages_usage(&self.usage)});
-        emit(out, "message_delta", &delta);
-        emit(out, "message_stop", &json!({"type": "message_stop"}));
+        let delta = MessageDeltaOut {
+            stop_reason: self.stop,
+            stop_sequence: None,
+        };
+        let usage = messages_usage(self.usage.as_ref());
+        emit(out, &EventOut::MessageDelta { delta, usage });
+        emit(out, &EventOut::MessageStop);
         self.done = true;
     }
 }
 
-fn emit(out: &mut Vec<u8>, event: &str, data: &Value) {
+fn emit(out: &mut Vec<u8>, ev: &EventOut<'_>) {
+    let name = match ev {
+        EventOut::MessageStart { .. } => "message_start",
+        EventOut::ContentBlockStart { .. } => "content_block_start",
+        EventOut::ContentBlockDelta { .. } => "content_block_delta",
+        EventOut::ContentBlockStop { .. } => "content_block_stop",
+        EventOut::MessageDelta { .. } => "message_delta",
+        EventOut::MessageStop => "message_stop",
+    };
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\n");
+    write_json(out, ev);
+}
+
+/// An event whose data is already serialized (error bodies).
+fn emit_raw(out: &mut Vec<u8>, event: &str, data: &[u8]) {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(event.as_bytes());
     out.extend_from_slice(b"\n");
-    write_data(out, data.to_string().as_bytes());
+    write_data(out, data);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     fn ev<'a>(event: &'a str, data: &'a str) -> SseEvent<'a> {
         SseEvent {
@@ -409,7 +491,7 @@ mod tests {
                     let v = if d == "[DONE]" {
                         json!("[DONE]")
                     } else {
-                        crate::json::from_str(d).unwrap_or(json!("<not json>"))
+                        serde_json::from_str::<Value>(d).unwrap_or(json!("<not json>"))
                     };
                     assert_ne!(v, json!("<not json>"), "{d}");
                     data = Some(v);
@@ -592,7 +674,10 @@ mod tests {
                 .filter_map(|c| c[0]["function"]["arguments"].as_str())
                 .collect()
         };
-        assert_eq!(crate::json::from_str(&args(0)).unwrap_or_default(), input);
+        assert_eq!(
+            serde_json::from_str::<Value>(&args(0)).unwrap_or_default(),
+            input
+        );
         assert_eq!(args(1), "{}");
         let finishes: Vec<&Value> = chunks
             .iter()
@@ -767,7 +852,10 @@ mod tests {
             .filter(|(_, d)| d["index"] == 1 && d["delta"]["type"] == "input_json_delta")
             .filter_map(|(_, d)| d["delta"]["partial_json"].as_str())
             .collect();
-        assert_eq!(crate::json::from_str(&args).unwrap_or_default(), input);
+        assert_eq!(
+            serde_json::from_str::<Value>(&args).unwrap_or_default(),
+            input
+        );
         assert_eq!(got[9].1["index"], 2);
         assert_eq!(got[11].1["delta"]["stop_reason"], "tool_use");
         // No usage chunk arrived: zeros rather than missing fields.
@@ -873,6 +961,59 @@ mod tests {
         assert_eq!(
             got[got.len() - 2].1["usage"],
             json!({"input_tokens": 472, "output_tokens": 15, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 1000})
+        );
+    }
+
+    const BARE_STREAM: &[(&str, &str)] = &[
+        (
+            "message_start",
+            r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"stop_reason":null}}"#,
+        ),
+        (
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+        ),
+        (
+            "message_delta",
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"}}"#,
+        ),
+        ("message_stop", r#"{"type":"message_stop"}"#),
+    ];
+
+    /// No usage anywhere in the source: no usage chunk even though the client asked for one.
+    #[test]
+    fn anthropic_stream_without_usage() {
+        let chunks = feed_anthropic(&mut MessagesToChatStream::new("m", true, 1), BARE_STREAM);
+        assert_eq!(chunks.len(), 4);
+        assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+        assert_eq!(chunks[2]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(chunks[3], "[DONE]");
+
+        // Only message_delta reports: the usage chunk carries what it said.
+        let mut stream = BARE_STREAM.to_vec();
+        stream[2].1 = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":4}}"#;
+        let chunks = feed_anthropic(&mut MessagesToChatStream::new("m", true, 1), &stream);
+        assert_eq!(
+            chunks[3]["usage"],
+            json!({"prompt_tokens": 0, "completion_tokens": 4, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}})
+        );
+    }
+
+    /// No usage chunk from OpenAI: Anthropic's message_delta still needs usage, so zeros.
+    #[test]
+    fn openai_stream_without_usage() {
+        let got = feed_openai(
+            &mut ChatToMessagesStream::new("c"),
+            &[
+                r#"{"id":"chatcmpl-n","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+                r#"{"id":"chatcmpl-n","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+                "[DONE]",
+            ],
+        );
+        assert_eq!(
+            got[got.len() - 2].1,
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                "usage": {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}})
         );
     }
 }
