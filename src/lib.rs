@@ -16,7 +16,6 @@ pub mod config;
 pub mod count;
 pub mod failover;
 pub mod host;
-pub mod json;
 pub mod limit;
 pub mod pool;
 pub mod roles;

@@ -21,6 +21,8 @@ KEYS = {
     "TEAM_A_KEY": "tg-team-a-SECRET-0e6d2b",
     "TEAM_B_KEY": "tg-team-b-SECRET-5f1a7c",
     "STATUS_ADMIN_KEY": "tg-admin-SECRET-3c9e1d",
+    # The shipped demo configs read their status admin key from this variable.
+    "TOLLGATE_ADMIN_KEY": "tg-demo-admin-SECRET-6b2d8e",
 }
 
 STATUS_PATH = "/tollgate/status"
