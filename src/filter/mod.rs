@@ -9,13 +9,21 @@ mod sdk_host;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::config::{self, Config};
 use crate::host::Host;
+use crate::roles::held::{self, Held};
 use crate::roles::listener::Listener;
 use crate::roles::upstream::Upstream;
 use crate::roles::Flow;
+use core::cell::RefCell;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
 use sdk_host::SdkHost;
 use std::rc::Rc;
+use std::time::Duration;
+
+thread_local! {
+    /// Requests this VM's listener contexts hold (one VM runs on one worker thread).
+    static HELD: RefCell<Held> = RefCell::new(Held::default());
+}
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -75,6 +83,10 @@ impl RootContext for Root {
                     cfg.providers.iter().map(|p| p.keys.len()).sum::<usize>()
                 );
                 self.config = Some(Rc::new(cfg));
+                if self.role == Role::Listener {
+                    // Watches held requests (see `roles::held`).
+                    let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_secs(1));
+                }
                 true
             }
             Err(e) => {
@@ -89,13 +101,33 @@ impl RootContext for Root {
         Some(ContextType::HttpContext)
     }
 
+    fn on_tick(&mut self) {
+        let overdue = HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if h.proven() {
+                Vec::new()
+            } else {
+                h.overdue(sdk_host::now_ms())
+            }
+        });
+        for id in overdue {
+            // The stream may be gone meanwhile: then there is nothing to answer.
+            if proxy_wasm::hostcalls::set_effective_context(id).is_ok() {
+                held::answer_overdue(&mut SdkHost);
+            }
+        }
+    }
+
     /// Always `Some`: the SDK's dispatcher panics on `None`.
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         if context_id.is_multiple_of(256) {
             follow_log_level();
         }
         Some(match (&self.config, self.role) {
-            (Some(cfg), Role::Listener) => Box::new(ListenerContext(Listener::new(cfg.clone()))),
+            (Some(cfg), Role::Listener) => Box::new(ListenerContext {
+                id: context_id,
+                role: Listener::new(cfg.clone()),
+            }),
             (Some(cfg), Role::Upstream) => Box::new(UpstreamContext(Upstream::new(cfg.clone()))),
             (None, _) => Box::new(Unconfigured),
         })
@@ -110,12 +142,23 @@ fn follow_log_level() {
     }
 }
 
-struct ListenerContext(Listener);
+struct ListenerContext {
+    id: u32,
+    role: Listener,
+}
+
+/// Whether held requests still need watching (cheap: no host call).
+fn watching_held() -> bool {
+    HELD.with(|h| !h.borrow().proven())
+}
 
 impl Context for ListenerContext {
     fn on_done(&mut self) -> bool {
         let _p = prof::span("listener on_done");
-        self.0.on_done(&mut SdkHost);
+        if watching_held() {
+            HELD.with(|h| h.borrow_mut().release(self.id));
+        }
+        self.role.on_done(&mut SdkHost);
         true
     }
 }
@@ -123,33 +166,47 @@ impl Context for ListenerContext {
 impl HttpContext for ListenerContext {
     fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_request_headers");
-        action(self.0.on_request_headers(&mut SdkHost, end_of_stream))
+        let flow = self.role.on_request_headers(&mut SdkHost, end_of_stream);
+        if flow == Flow::Pause && watching_held() {
+            let now = sdk_host::now_ms();
+            HELD.with(|h| h.borrow_mut().hold(self.id, now));
+        }
+        action(flow)
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_request_body");
-        action(self.0.on_request_body(&mut SdkHost, size, end_of_stream))
+        if watching_held() {
+            HELD.with(|h| h.borrow_mut().body_arrived(self.id));
+        }
+        action(self.role.on_request_body(&mut SdkHost, size, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, _num: usize) -> Action {
         let _p = prof::span("listener on_http_request_trailers");
-        action(self.0.on_request_trailers(&mut SdkHost))
+        if watching_held() {
+            HELD.with(|h| h.borrow_mut().body_arrived(self.id));
+        }
+        action(self.role.on_request_trailers(&mut SdkHost))
     }
 
     fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_response_headers");
-        action(self.0.on_response_headers(&mut SdkHost, end_of_stream))
+        action(self.role.on_response_headers(&mut SdkHost, end_of_stream))
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_response_body");
-        action(self.0.on_response_body(&mut SdkHost, size, end_of_stream))
+        action(
+            self.role
+                .on_response_body(&mut SdkHost, size, end_of_stream),
+        )
     }
 
     fn on_log(&mut self) {
         {
             let _p = prof::span("listener on_log");
-            self.0.on_log(&mut SdkHost);
+            self.role.on_log(&mut SdkHost);
         }
         prof::request_done();
     }

@@ -9,6 +9,7 @@
 //!
 //! `filter/` only adapts the proxy-wasm SDK's callbacks to these methods.
 
+pub mod held;
 pub mod listener;
 pub mod plan;
 pub mod status;

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from conftest import KEYS, STATUS, anthropic_provider, openai_provider, status
-from harness import Envoy, Response, chat, free_port, gateway_config, raw_request, sse_data
+from harness import Envoy, Response, chat, free_port, gateway_config, raw_request, request, sse_data
 
 TEAM_A = KEYS["TEAM_A_KEY"]
 MAX_REQUEST = 2048
@@ -815,3 +815,40 @@ def test_http2_request_ending_in_trailers_is_answered(lean, mocks):
     assert status == 200, (status, body[:300])
     assert json.loads(body)["choices"][0]["message"]["content"] == "Hello from openai."
     assert len(mocks["openai"].requests()) == 1
+
+
+def test_a_listener_config_without_allow_on_headers_stop_iteration_fails_loudly_not_silently(mocks, tmp_path):
+    """The listener role holds request headers while it reads the body; without
+    `allow_on_headers_stop_iteration: true` Envoy never hands it the body. A user who upgrades the
+    module but not the config must get an error and a log line naming the setting, not a hang."""
+    plugin = {"providers": [openai_provider()]}
+    endpoints = [{"provider": "openai", "port": mocks["openai"].port, "priority": 0}]
+    cfg = gateway_config(plugin, endpoints, listener_port=free_port(), admin_port=free_port(),
+                         access_log=str(tmp_path / "access.log"), env_keys=sorted(KEYS))
+
+    def drop_flag(node):
+        if isinstance(node, dict):
+            node.pop("allow_on_headers_stop_iteration", None)
+            for v in node.values():
+                drop_flag(v)
+        elif isinstance(node, list):
+            for v in node:
+                drop_flag(v)
+
+    drop_flag(cfg)
+    assert "allow_on_headers_stop_iteration" not in json.dumps(cfg)
+    e = Envoy(cfg, env=dict(KEYS), concurrency=1).start()
+    try:
+        started = time.time()
+        r = chat(e.port)
+        took = time.time() - started
+        assert r.status == 500, r
+        assert "misconfigured" in r.json()["error"]["message"]
+        assert took < 15, f"answered after {took:.1f}s"
+        e.wait_log("allow_on_headers_stop_iteration: true", timeout=5)
+        assert mocks["openai"].requests() == [], "the provider was never called"
+        # A request without a body is not held: it reaches the provider (the mock has no /v1/models).
+        r = request(e.port, "GET", "/v1/models", headers={"authorization": "Bearer x"})
+        assert r.status == 404 and b"Invalid URL" in r.body, r
+    finally:
+        e.stop()
