@@ -17,7 +17,7 @@ help:
 	@echo "make test       clippy (wasm target), unit tests, end-to-end tests against a real Envoy (shipped configs validated there)"
 	@echo "make build      build $(WASM)"
 	@echo "make size       size-tuned build after wasm-opt"
-	@echo "make bench      tollgate against bare Envoy, an empty module and a fleet-wide budget (BENCHMARKS.md, ~5 min)"
+	@echo "make bench      tollgate against bare Envoy, the previous module (BENCH_PREVIOUS=$(BENCH_PREVIOUS)), an empty module and a fleet-wide budget (BENCHMARKS.md, ~6 min)"
 	@echo "make profile    host calls and callbacks per request, counted and timed inside the VM"
 	@echo "make lint       rustfmt check, clippy for the wasm target and the host"
 
@@ -83,11 +83,34 @@ test: toolchain tools lint unit e2e
 run: build mock venv
 	$(PY) envoy/run_demo.py
 
+# The module `make bench` compares tollgate against in the same rounds (A/B): built from this commit's
+# sources (git archive) into $(BENCH_PREV_DIR), with its own target dir so that it never touches
+# tollgate's build. Any commit or ref: `make bench BENCH_PREVIOUS=<rev>`.
+BENCH_PREVIOUS  ?= ecc9695
+BENCH_PREV_DIR  := target/bench-previous
+BENCH_PREV_WASM := $(BENCH_PREV_DIR)/tollgate.wasm
+
 .PHONY: bench
 bench: build mock venv
 	@command -v wrk >/dev/null || apt-get install -y wrk; command -v wasm-opt >/dev/null || apt-get install -y binaryen
 	@$(MAKE) --no-print-directory fleet-deps || echo "make fleet-deps failed: the benchmark's fleet-wide budget rows will say skipped"
-	$(PY) tests/bench/bench.py
+	@$(MAKE) --no-print-directory bench-previous || echo "building $(BENCH_PREVIOUS) failed: the benchmark runs without the previous module and says so"
+	$(PY) tests/bench/bench.py --previous $(BENCH_PREV_WASM) --previous-label "$$(cat $(BENCH_PREV_DIR)/COMMIT 2>/dev/null || echo '$(BENCH_PREVIOUS)')"
+
+# Sources are extracted again only when the commit changes (COMMIT holds it), with fresh mtimes (tar
+# -m: cargo must not take an older commit's sources for up to date). The module is removed first, so
+# a failed build leaves none and bench.py reports the previous variant skipped.
+.PHONY: bench-previous
+bench-previous: toolchain
+	@set -e; rm -f $(BENCH_PREV_WASM); \
+	rev=$$(git rev-parse --verify --quiet '$(BENCH_PREVIOUS)^{commit}') || { echo "BENCH_PREVIOUS=$(BENCH_PREVIOUS) is not a commit"; exit 1; }; \
+	if [ "$$(cat $(BENCH_PREV_DIR)/COMMIT 2>/dev/null)" != "$$(git rev-parse --short $$rev)" ]; then \
+	  rm -rf $(BENCH_PREV_DIR) && mkdir -p $(BENCH_PREV_DIR)/src && git archive $$rev | tar -x -m -C $(BENCH_PREV_DIR)/src && \
+	  git rev-parse --short $$rev > $(BENCH_PREV_DIR)/COMMIT; fi; \
+	echo "building the previous module ($(BENCH_PREVIOUS) = $$(cat $(BENCH_PREV_DIR)/COMMIT)) in $(BENCH_PREV_DIR)/src"; \
+	cd $(BENCH_PREV_DIR)/src && CARGO_TARGET_DIR=$(CURDIR)/target/bench-previous-build \
+	  cargo build --quiet --release --target $(TARGET) -p tollgate; \
+	cp $(CURDIR)/target/bench-previous-build/$(TARGET)/release/tollgate.wasm $(CURDIR)/$(BENCH_PREV_WASM)
 
 # Where the module's time goes per request: host calls and callbacks, counted and timed in the VM.
 .PHONY: profile

