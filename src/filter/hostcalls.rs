@@ -28,6 +28,7 @@ extern "C" {
         value_len: usize,
     ) -> Raw;
     fn proxy_remove_header_map_value(map: MapType, key: *const u8, key_len: usize) -> Raw;
+    fn proxy_set_header_map_pairs(map: MapType, data: *const u8, data_len: usize) -> Raw;
     fn proxy_set_buffer_bytes(
         buffer: BufferType,
         start: usize,
@@ -76,6 +77,33 @@ pub fn remove_header(map: MapType, name: &str) -> bool {
     OK == unsafe { proxy_remove_header_map_value(map, name.as_ptr(), name.len()) }
 }
 
+/// Replaces a whole header map.
+pub fn set_header_pairs(map: MapType, headers: &[(String, Vec<u8>)]) -> bool {
+    let data = encode_pairs(headers.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
+    let _p = super::prof::span("host proxy_set_header_map_pairs");
+    // SAFETY: pointer and length come from a live Vec.
+    OK == unsafe { proxy_set_header_map_pairs(map, data.as_ptr(), data.len()) }
+}
+
+/// The ABI's map encoding: u32 count, (u32 key len, u32 value len) per pair, then each key and
+/// value followed by a NUL.
+fn encode_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
+    let n = pairs.clone().count();
+    let mut h = Vec::with_capacity(4 + n * 40);
+    h.extend_from_slice(&(n as u32).to_le_bytes());
+    for (k, v) in pairs.clone() {
+        h.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        h.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        h.extend_from_slice(k);
+        h.push(0);
+        h.extend_from_slice(v);
+        h.push(0);
+    }
+    h
+}
+
 pub fn set_buffer(kind: BufferType, start: usize, size: usize, data: &[u8]) -> bool {
     let _p = super::prof::span("host proxy_set_buffer_bytes");
     // SAFETY: as above.
@@ -89,20 +117,7 @@ pub fn set_property(name: &str, value: &[u8]) -> bool {
 }
 
 pub fn send_local_response(code: u16, headers: &[(&str, &str)], body: &[u8]) -> bool {
-    // The ABI's map encoding: u32 count, (u32 key len, u32 value len) per pair, then each key and
-    // value followed by a NUL.
-    let mut h = Vec::with_capacity(64);
-    h.extend_from_slice(&(headers.len() as u32).to_le_bytes());
-    for (k, v) in headers {
-        h.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        h.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in headers {
-        h.extend_from_slice(k.as_bytes());
-        h.push(0);
-        h.extend_from_slice(v.as_bytes());
-        h.push(0);
-    }
+    let h = encode_pairs(headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
     let details = b"tollgate";
     let _p = super::prof::span("host proxy_send_local_response");
     // SAFETY: as above.

@@ -20,6 +20,10 @@ use sdk_host::SdkHost;
 use std::rc::Rc;
 use std::time::Duration;
 
+/// How often a worker flushes its metrics and usage totals (both roles tick: whichever comes
+/// first flushes the worker's tally).
+const TICK_MS: u64 = 200;
+
 thread_local! {
     /// Requests this VM's listener contexts hold (one VM runs on one worker thread).
     static HELD: RefCell<Held> = RefCell::new(Held::default());
@@ -55,7 +59,7 @@ impl Context for Root {}
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         follow_log_level();
-        let root_id = SdkHost
+        let root_id = SdkHost::default()
             .property(&["plugin_root_id"])
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
@@ -83,10 +87,8 @@ impl RootContext for Root {
                     cfg.providers.iter().map(|p| p.keys.len()).sum::<usize>()
                 );
                 self.config = Some(Rc::new(cfg));
-                if self.role == Role::Listener {
-                    // Watches held requests (see `roles::held`).
-                    let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_secs(1));
-                }
+                // Flushes this worker's metrics and usage totals, and watches held requests.
+                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
                 true
             }
             Err(e) => {
@@ -102,6 +104,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        sdk_host::flush();
+        if self.role != Role::Listener {
+            return;
+        }
         let overdue = HELD.with(|h| {
             let mut h = h.borrow_mut();
             if h.proven() {
@@ -113,7 +119,7 @@ impl RootContext for Root {
         for id in overdue {
             // The stream may be gone meanwhile: then there is nothing to answer.
             if proxy_wasm::hostcalls::set_effective_context(id).is_ok() {
-                held::answer_overdue(&mut SdkHost);
+                held::answer_overdue(&mut SdkHost::default());
             }
         }
     }
@@ -158,7 +164,7 @@ impl Context for ListenerContext {
         if watching_held() {
             HELD.with(|h| h.borrow_mut().release(self.id));
         }
-        self.role.on_done(&mut SdkHost);
+        self.role.on_done(&mut SdkHost::default());
         true
     }
 }
@@ -166,7 +172,7 @@ impl Context for ListenerContext {
 impl HttpContext for ListenerContext {
     fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_request_headers");
-        let flow = self.role.on_request_headers(&mut SdkHost, end_of_stream);
+        let flow = self.role.on_request_headers(&mut SdkHost::default(), end_of_stream);
         if flow == Flow::Pause && watching_held() {
             let now = sdk_host::now_ms();
             HELD.with(|h| h.borrow_mut().hold(self.id, now));
@@ -179,7 +185,7 @@ impl HttpContext for ListenerContext {
         if watching_held() {
             HELD.with(|h| h.borrow_mut().body_arrived(self.id));
         }
-        action(self.role.on_request_body(&mut SdkHost, size, end_of_stream))
+        action(self.role.on_request_body(&mut SdkHost::default(), size, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, _num: usize) -> Action {
@@ -187,26 +193,26 @@ impl HttpContext for ListenerContext {
         if watching_held() {
             HELD.with(|h| h.borrow_mut().body_arrived(self.id));
         }
-        action(self.role.on_request_trailers(&mut SdkHost))
+        action(self.role.on_request_trailers(&mut SdkHost::default()))
     }
 
     fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_response_headers");
-        action(self.role.on_response_headers(&mut SdkHost, end_of_stream))
+        action(self.role.on_response_headers(&mut SdkHost::default(), end_of_stream))
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_response_body");
         action(
             self.role
-                .on_response_body(&mut SdkHost, size, end_of_stream),
+                .on_response_body(&mut SdkHost::default(), size, end_of_stream),
         )
     }
 
     fn on_log(&mut self) {
         {
             let _p = prof::span("listener on_log");
-            self.role.on_log(&mut SdkHost);
+            self.role.on_log(&mut SdkHost::default());
         }
         prof::request_done();
     }
@@ -218,7 +224,7 @@ impl Context for UpstreamContext {
     /// The attempt ends (Envoy runs no `on_log` for cluster-level contexts).
     fn on_done(&mut self) -> bool {
         let _p = prof::span("upstream on_done");
-        self.0.on_done(&mut SdkHost);
+        self.0.on_done(&mut SdkHost::default());
         true
     }
 }
@@ -226,26 +232,26 @@ impl Context for UpstreamContext {
 impl HttpContext for UpstreamContext {
     fn on_http_request_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
         let _p = prof::span("upstream on_http_request_headers");
-        action(self.0.on_request_headers(&mut SdkHost))
+        action(self.0.on_request_headers(&mut SdkHost::default()))
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("upstream on_http_request_body");
-        action(self.0.on_request_body(&mut SdkHost, size, end_of_stream))
+        action(self.0.on_request_body(&mut SdkHost::default(), size, end_of_stream))
     }
 
     fn on_http_response_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
         let _p = prof::span("upstream on_http_response_headers");
-        action(self.0.on_response_headers(&mut SdkHost))
+        action(self.0.on_response_headers(&mut SdkHost::default()))
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("upstream on_http_response_body");
-        action(self.0.on_response_body(&mut SdkHost, size, end_of_stream))
+        action(self.0.on_response_body(&mut SdkHost::default(), size, end_of_stream))
     }
 
     fn on_log(&mut self) {
-        self.0.on_done(&mut SdkHost);
+        self.0.on_done(&mut SdkHost::default());
     }
 }
 
@@ -258,7 +264,7 @@ impl Context for Unconfigured {}
 
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let mut host = SdkHost;
+        let mut host = SdkHost::default();
         host.count("tollgate.outcome.unconfigured.requests", 1);
         let body = error_body(
             ClientApi::OpenAi,

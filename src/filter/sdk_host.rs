@@ -4,6 +4,7 @@
 
 use super::hostcalls;
 use super::prof::span;
+use crate::host::tally::{Sink, Tally, ROW};
 use crate::host::{Body, Host, Map};
 use crate::store::{SharedStore, StoreError};
 use core::cell::RefCell;
@@ -28,8 +29,12 @@ impl SharedStore for HostStore {
     }
 }
 
-/// The current stream's host: stateless, the SDK's calls act on the context Envoy is running.
-pub struct SdkHost;
+/// The current stream's host: the SDK's calls act on the context Envoy is running. Made anew for
+/// each callback, so the clock is read at most once per callback.
+#[derive(Default)]
+pub struct SdkHost {
+    now_ms: core::cell::Cell<u64>,
+}
 
 fn map_type(map: Map) -> MapType {
     match map {
@@ -50,6 +55,47 @@ thread_local! {
     /// Metric ids by name. A VM runs on one worker thread, so this is per VM; Envoy aggregates
     /// same-named stats across workers.
     static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    /// Metrics and usage totals of this worker since the last tick.
+    static TALLY: RefCell<Tally> = RefCell::new(Tally::default());
+}
+
+/// The tick: this worker's metrics and totals go to Envoy.
+pub fn flush() {
+    let pending = TALLY.with(|t| core::mem::take(&mut *t.borrow_mut()));
+    if pending.is_empty() {
+        return;
+    }
+    let mut pending = pending;
+    let (conflicts, kept) = pending.flush(&mut Flusher);
+    TALLY.with(|t| {
+        let mut t = t.borrow_mut();
+        // Rows the store refused wait for the next tick, with whatever came meanwhile.
+        let mut later = core::mem::take(&mut *t);
+        later.merge(pending);
+        *t = later;
+        t.count("tollgate.shared_data.cas_conflicts", u64::from(conflicts));
+        t.count("tollgate.shared_data.failures", u64::from(kept));
+    });
+}
+
+struct Flusher;
+
+impl Sink for Flusher {
+    fn increment(&mut self, counter: &str, by: u64) {
+        if let Some(id) = metric_id(MetricType::Counter, counter) {
+            let _p = span("host proxy_increment_metric");
+            let _ = sdk::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+    fn record(&mut self, gauge: &str, value: u64) {
+        if let Some(id) = metric_id(MetricType::Gauge, gauge) {
+            let _p = span("host proxy_record_metric");
+            let _ = sdk::record_metric(id, value);
+        }
+    }
+    fn store(&self) -> &dyn SharedStore {
+        &HostStore
+    }
 }
 
 fn metric_id(kind: MetricType, name: &str) -> Option<u32> {
@@ -75,7 +121,10 @@ pub fn now_ms() -> u64 {
 
 impl Host for SdkHost {
     fn now_ms(&self) -> u64 {
-        now_ms()
+        if self.now_ms.get() == 0 {
+            self.now_ms.set(now_ms());
+        }
+        self.now_ms.get()
     }
 
     fn header(&self, map: Map, name: &str) -> Option<Vec<u8>> {
@@ -94,6 +143,10 @@ impl Host for SdkHost {
 
     fn remove_header(&mut self, map: Map, name: &str) -> bool {
         hostcalls::remove_header(map_type(map), name)
+    }
+
+    fn set_headers(&mut self, map: Map, headers: &[(String, Vec<u8>)]) -> bool {
+        hostcalls::set_header_pairs(map_type(map), headers)
     }
 
     fn body(&self, which: Body, size: usize) -> Vec<u8> {
@@ -126,20 +179,15 @@ impl Host for SdkHost {
     }
 
     fn count(&mut self, name: &str, by: u64) {
-        if by == 0 {
-            return;
-        }
-        if let Some(id) = metric_id(MetricType::Counter, name) {
-            let _p = span("host proxy_increment_metric");
-            let _ = sdk::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
-        }
+        TALLY.with(|t| t.borrow_mut().count(name, by));
     }
 
     fn gauge(&mut self, name: &str, value: u64) {
-        if let Some(id) = metric_id(MetricType::Gauge, name) {
-            let _p = span("host proxy_record_metric");
-            let _ = sdk::record_metric(id, value);
-        }
+        TALLY.with(|t| t.borrow_mut().gauge(name, value));
+    }
+
+    fn add_to_row(&mut self, key: &str, row: [u64; ROW]) {
+        TALLY.with(|t| t.borrow_mut().add_row(key, row));
     }
 
     fn store(&self) -> &dyn SharedStore {

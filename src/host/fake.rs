@@ -39,6 +39,8 @@ pub struct FakeHost {
     pub parent_filter_state: HashMap<String, Vec<u8>>,
     pub reply: Option<Reply>,
     pub route_cache_cleared: u32,
+    /// Whole-map header writes ([`Host::set_headers`]).
+    pub header_writes: u32,
     pub counters: HashMap<String, u64>,
     pub gauges: HashMap<String, u64>,
     pub store: Rc<FakeStore>,
@@ -56,6 +58,7 @@ impl FakeHost {
             parent_filter_state: HashMap::new(),
             reply: None,
             route_cache_cleared: 0,
+            header_writes: 0,
             counters: HashMap::new(),
             gauges: HashMap::new(),
             store,
@@ -167,6 +170,15 @@ impl Host for FakeHost {
         true
     }
 
+    fn set_headers(&mut self, map: Map, headers: &[(String, Vec<u8>)]) -> bool {
+        if !self.writable(map) {
+            return false;
+        }
+        self.maps.insert(map, headers.to_vec());
+        self.header_writes += 1;
+        true
+    }
+
     fn body(&self, which: Body, size: usize) -> Vec<u8> {
         let b = self.bodies.get(&which).map(Vec::as_slice).unwrap_or(&[]);
         b.get(..size.min(b.len())).unwrap_or(&[]).to_vec()
@@ -224,6 +236,10 @@ impl Host for FakeHost {
 
     fn gauge(&mut self, name: &str, value: u64) {
         self.gauges.insert(name.to_string(), value);
+    }
+
+    fn add_to_row(&mut self, key: &str, row: [u64; crate::host::tally::ROW]) {
+        let _ = crate::store::add_u64s(self.store.as_ref(), key, row);
     }
 
     fn store(&self) -> &dyn SharedStore {

@@ -11,6 +11,7 @@
 
 #[cfg(test)]
 pub mod fake;
+pub mod tally;
 
 use crate::store::SharedStore;
 
@@ -41,6 +42,9 @@ pub trait Host {
     fn set_header(&mut self, map: Map, name: &str, value: &str) -> bool;
     /// Removes a header (all its values), whatever bytes they hold.
     fn remove_header(&mut self, map: Map, name: &str) -> bool;
+    /// Replaces the whole map with `headers` in one call: several edits to a map read whole cost
+    /// one host call instead of one each.
+    fn set_headers(&mut self, map: Map, headers: &[(String, Vec<u8>)]) -> bool;
 
     /// The buffered body: `size` is what the callback reported.
     fn body(&self, which: Body, size: usize) -> Vec<u8>;
@@ -59,11 +63,78 @@ pub trait Host {
     /// Answers the stream locally. False when Envoy refused (already answered, stream gone).
     fn respond(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> bool;
 
+    /// Metrics. The adapter may defer them to the next tick.
     fn count(&mut self, name: &str, by: u64);
     fn gauge(&mut self, name: &str, value: u64);
+    /// Adds `row` to the shared-data row `key` (usage totals). The adapter may defer it to the next
+    /// tick: totals stay exact, at most one tick late.
+    fn add_to_row(&mut self, key: &str, row: [u64; tally::ROW]);
 
     /// Envoy's shared data: one store per `vm_id`, across workers and both roles.
     fn store(&self) -> &dyn SharedStore;
+}
+
+/// Edits to a header map read whole, applied with one [`Host::set_headers`].
+#[derive(Debug, Clone, Default)]
+pub struct Edits {
+    headers: Vec<(String, Vec<u8>)>,
+    changed: bool,
+}
+
+impl Edits {
+    pub fn of(headers: Vec<(String, Vec<u8>)>) -> Self {
+        Edits {
+            headers,
+            changed: false,
+        }
+    }
+
+    pub fn headers(&self) -> &[(String, Vec<u8>)] {
+        &self.headers
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        find_str(&self.headers, name)
+    }
+
+    /// Removes every value of `name`.
+    pub fn remove(&mut self, name: &str) {
+        let before = self.headers.len();
+        self.headers.retain(|(k, _)| k != name);
+        self.changed |= self.headers.len() != before;
+    }
+
+    /// Removes every header `pred` picks by name.
+    pub fn remove_where(&mut self, pred: impl Fn(&str) -> bool) {
+        let before = self.headers.len();
+        self.headers.retain(|(k, _)| !pred(k));
+        self.changed |= self.headers.len() != before;
+    }
+
+    /// Sets `name` to `value`, replacing every value it had.
+    pub fn set(&mut self, name: &str, value: &str) {
+        if self.headers.iter().filter(|(k, _)| k == name).count() == 1
+            && find(&self.headers, name) == Some(value.as_bytes())
+        {
+            return;
+        }
+        self.headers.retain(|(k, _)| k != name);
+        self.headers.push((name.to_string(), value.as_bytes().to_vec()));
+        self.changed = true;
+    }
+
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// Writes the map back if anything changed: one host call, or none.
+    pub fn apply<H: Host + ?Sized>(&mut self, host: &mut H, map: Map) -> bool {
+        if !self.changed {
+            return true;
+        }
+        self.changed = false;
+        host.set_headers(map, &self.headers)
+    }
 }
 
 /// The first value of `name` in a list read with [`Host::headers`].

@@ -21,12 +21,11 @@ use crate::count::usage::{self, usage_from_json, ApiKind, StreamUsage, Usage};
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::route::{self, Start};
 use crate::failover::translate::{self, ChatToMessagesStream, MessagesToChatStream};
-use crate::host::{find, find_str, Body, Host, Map};
+use crate::host::{find, find_str, Body, Edits, Host, Map};
 use crate::limit::admission::{self, Verdict};
 use crate::limit::consumer;
 use crate::limit::headers as limit_headers;
 use crate::limit::quota::{self, Demand, Metric, Reservation, Standing};
-use crate::store::add_u64s;
 use std::rc::Rc;
 
 /// The largest non-streaming response body kept to read its `usage`; past it the count is estimated.
@@ -56,6 +55,8 @@ pub struct Listener {
     model_label: String,
     /// The request went on (or was answered): nothing more to decide on the request path.
     decided: bool,
+    /// The request headers, read once and edited until the request goes on (one write).
+    request_headers: Edits,
     admitted: bool,
     reservations: Vec<Reservation>,
     standings: Vec<Standing>,
@@ -95,6 +96,7 @@ impl Listener {
             info: None,
             model_label: "none".into(),
             decided: false,
+            request_headers: Edits::default(),
             admitted: false,
             reservations: Vec::new(),
             standings: Vec::new(),
@@ -135,6 +137,9 @@ impl Listener {
         extra: &[(String, String)],
     ) -> Flow {
         self.decided = true;
+        // Not even a refusal's access-log line shows the client's credential.
+        self.request_headers.apply(host, Map::RequestHeaders);
+        self.write_record(host, None);
         let body = error_body_typed(self.client, kind, message, code, None, openai_type);
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
         headers.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -166,7 +171,8 @@ impl Listener {
 
     pub fn on_request_headers<H: Host>(&mut self, host: &mut H, end_of_stream: bool) -> Flow {
         self.started_ms = host.now_ms();
-        // One read of the whole map serves every header this callback looks at.
+        // One read of the whole map serves every header this role looks at, and one write (when
+        // the request goes on) carries every change to it.
         let hdrs = host.headers(Map::RequestHeaders);
         self.path = find_str(&hdrs, ":path").unwrap_or_default().to_string();
         self.authority = find_str(&hdrs, ":authority")
@@ -174,30 +180,6 @@ impl Listener {
             .to_string();
         self.api = ApiKind::from_path(&self.path);
         self.client = ClientApi::from_path(&self.path);
-        // Credentials and tollgate's internal headers leave the request first, by name and whatever
-        // their bytes, so that neither a provider nor a refusal's access-log line sees them.
-        let trusted = match &self.cfg.consumers {
-            Consumers::TrustedHeader { header, .. } => Some(header.as_str()),
-            _ => None,
-        };
-        let mut spoofed = false;
-        let mut removed: Vec<&str> = Vec::new();
-        for (name, _) in &hdrs {
-            let internal = name.starts_with(headers::INTERNAL_PREFIX);
-            if (internal
-                || headers::CREDENTIAL_HEADERS.contains(&name.as_str())
-                || Some(name.as_str()) == trusted)
-                && !removed.contains(&name.as_str())
-            {
-                host.remove_header(Map::RequestHeaders, name);
-                removed.push(name);
-                spoofed |= internal;
-            }
-        }
-        if spoofed {
-            // The route was matched on the client's copy of tollgate's internal headers.
-            host.clear_route_cache();
-        }
         if let Some(st) = &self.cfg.status {
             if self
                 .path
@@ -208,7 +190,27 @@ impl Listener {
                 return status::serve(host, &self.cfg, &hdrs);
             }
         }
-        match consumer::identify(&self.cfg, |name| credential(&hdrs, name)) {
+        let identified = consumer::identify(&self.cfg, |name| credential(&hdrs, name));
+        // Credentials and tollgate's internal headers leave the request, by name and whatever
+        // their bytes: neither a provider nor an access-log line sees them.
+        let trusted = match &self.cfg.consumers {
+            Consumers::TrustedHeader { header, .. } => Some(header.clone()),
+            _ => None,
+        };
+        let spoofed = hdrs
+            .iter()
+            .any(|(k, _)| k.starts_with(headers::INTERNAL_PREFIX));
+        self.request_headers = Edits::of(hdrs);
+        self.request_headers.remove_where(|name| {
+            name.starts_with(headers::INTERNAL_PREFIX)
+                || headers::CREDENTIAL_HEADERS.contains(&name)
+                || Some(name) == trusted.as_deref()
+        });
+        if spoofed {
+            // The route was matched on the client's copy of tollgate's internal headers.
+            host.clear_route_cache();
+        }
+        match identified {
             Ok(c) => self.consumer = c,
             Err(e) => {
                 return self.reject(
@@ -221,9 +223,10 @@ impl Listener {
                 )
             }
         }
-        host.set_filter_state("tollgate_consumer", self.consumer.as_bytes());
-        if let Some(len) =
-            find_str(&hdrs, "content-length").and_then(|v| v.trim().parse::<u64>().ok())
+        if let Some(len) = self
+            .request_headers
+            .get("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok())
         {
             if len > self.cfg.max_request_bytes {
                 return self.too_large(host);
@@ -269,7 +272,8 @@ impl Listener {
 
     /// Everything before the first attempt. `body` is None when the request has none.
     fn decide<H: Host>(&mut self, host: &mut H, body: Option<&[u8]>) -> Flow {
-        let now = host.now_ms();
+        // The time the request arrived: milliseconds before its body, and no clock read.
+        let now = self.started_ms;
         let needs_body = !matches!(self.api, ApiKind::Other);
         let info = match (body, needs_body) {
             (Some(b), _) => request::inspect(self.api, b),
@@ -298,7 +302,6 @@ impl Listener {
         } else {
             "other".into()
         };
-        host.set_filter_state("tollgate_model", model.as_bytes());
         let start = match route::start(host.store(), &self.cfg, &model, now) {
             Start::Provider(i) => i,
             Start::NotServed => {
@@ -315,6 +318,8 @@ impl Listener {
             Start::Exhausted { retry_after_secs } => {
                 host.count("tollgate.outcome.exhausted.requests", 1);
                 self.decided = true;
+                self.request_headers.apply(host, Map::RequestHeaders);
+                self.write_record(host, None);
                 let msg = format!(
                     "Every provider key that can serve this request is cooling down after provider rate limits or failures. Please try again in {retry_after_secs}s."
                 );
@@ -386,11 +391,19 @@ impl Listener {
                 rewritten = None;
             }
         }
-        if let Some(p) = self.cfg.providers.get(start).filter(|_| start > 0) {
+        let steered = self.cfg.providers.get(start).filter(|_| start > 0);
+        if let Some(p) = steered {
             // The routes match on this header to pick a cluster whose priorities start there.
-            host.set_header(Map::RequestHeaders, headers::HDR_ROUTE, &p.name);
-            host.clear_route_cache();
+            self.request_headers.set(headers::HDR_ROUTE, &p.name);
             host.count(&format!("tollgate.provider.{}.steered_requests", p.name), 1);
+        }
+        if rewritten.is_some() {
+            // The body changed length: the client's content-length no longer holds.
+            self.request_headers.remove("content-length");
+        }
+        self.request_headers.apply(host, Map::RequestHeaders);
+        if steered.is_some() {
+            host.clear_route_cache();
         }
         let plan = Plan {
             path: self.path.clone(),
@@ -534,28 +547,29 @@ impl Listener {
     }
 
     pub fn on_response_headers<H: Host>(&mut self, host: &mut H, end_of_stream: bool) -> Flow {
-        // One read of the whole map serves every header this callback looks at.
-        let hdrs = host.headers(Map::ResponseHeaders);
-        let get = |name: &str| find_str(&hdrs, name);
-        self.status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        self.provider = get(headers::HDR_PROVIDER).unwrap_or_default().to_string();
-        self.key_id = get(headers::HDR_KEY_ID).unwrap_or_default().to_string();
+        // One read of the whole map serves every header this callback looks at, and one write
+        // carries every change (rate-limit headers, content type and length).
+        let mut map = Edits::of(host.headers(Map::ResponseHeaders));
+        self.status = map.get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        self.provider = map.get(headers::HDR_PROVIDER).unwrap_or_default().to_string();
+        self.key_id = map.get(headers::HDR_KEY_ID).unwrap_or_default().to_string();
         if self.status == 429
             && self.provider.is_empty()
-            && find(&hdrs, "x-envoy-ratelimited").is_some()
+            && find(map.headers(), "x-envoy-ratelimited").is_some()
         {
             // Envoy's global rate limit filter refused it (fleet-wide budget): give the client the
             // same signals as tollgate's own 429.
             host.count("tollgate.outcome.rejected_global.requests", 1);
-            if find(&hdrs, "retry-after").is_none() {
-                let secs = get("x-ratelimit-reset")
+            if find(map.headers(), "retry-after").is_none() {
+                let secs = map
+                    .get("x-ratelimit-reset")
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .unwrap_or(1)
                     .max(1);
-                host.set_header(Map::ResponseHeaders, "retry-after", &secs.to_string());
+                map.set("retry-after", &secs.to_string());
             }
         }
-        let content_type = get("content-type").unwrap_or_default().to_ascii_lowercase();
+        let content_type = map.get("content-type").unwrap_or_default().to_ascii_lowercase();
         let sse = content_type.contains("text/event-stream");
         let translation = self
             .answering_provider()
@@ -569,15 +583,15 @@ impl Listener {
             // Envoy's own answer (upstream timeout, no healthy upstream, reset): in the client's
             // error shape like every other error.
             self.envoy_error = Some(Vec::new());
-            host.set_header(Map::ResponseHeaders, "content-type", "application/json");
-            host.remove_header(Map::ResponseHeaders, "content-length");
+            map.set("content-type", "application/json");
+            map.remove("content-length");
         } else if sse {
             self.sse = Some(SseParser::new(self.cfg.max_sse_event_bytes));
             let include_usage = self.info.as_ref().is_some_and(|i| i.include_usage);
             let model = self.model().to_string();
             self.edit = match translation {
                 Translation::ChatToMessages => StreamEdit::ToChat(Box::new(
-                    MessagesToChatStream::new(&model, include_usage, host.now_ms() / 1000),
+                    MessagesToChatStream::new(&model, include_usage, self.started_ms / 1000),
                 )),
                 Translation::MessagesToChat => {
                     StreamEdit::ToMessages(Box::new(ChatToMessagesStream::new(&model)))
@@ -586,19 +600,18 @@ impl Listener {
                 Translation::None => StreamEdit::None,
             };
             if !matches!(self.edit, StreamEdit::None) {
-                host.remove_header(Map::ResponseHeaders, "content-length");
+                map.remove("content-length");
             }
         } else if translation != Translation::None && !end_of_stream {
             self.translate_json = translation;
-            host.set_header(Map::ResponseHeaders, "content-type", "application/json");
-            host.remove_header(Map::ResponseHeaders, "content-length");
+            map.set("content-type", "application/json");
+            map.remove("content-length");
         }
-        if !self.standings.is_empty() {
-            let now = host.now_ms();
-            for (k, v) in limit_headers::rate_limit_headers(self.client, &self.standings, now) {
-                host.set_header(Map::ResponseHeaders, &k, &v);
-            }
+        // The budgets as admission saw them: resets are counted from the request's arrival.
+        for (k, v) in limit_headers::rate_limit_headers(self.client, &self.standings, self.started_ms) {
+            map.set(&k, &v);
         }
+        map.apply(host, Map::ResponseHeaders);
         if end_of_stream {
             self.response_complete = true;
             self.charge(host, false);
@@ -636,7 +649,12 @@ impl Listener {
             return Flow::Continue;
         }
         if self.sse.is_some() {
-            let chunk = host.body(Body::Response, size);
+            // HTTP/1 ends a body with an empty chunk: nothing to read.
+            let chunk = if size == 0 {
+                Vec::new()
+            } else {
+                host.body(Body::Response, size)
+            };
             self.on_stream_chunk(host, size, &chunk, end_of_stream);
         } else if self.translate_json != Translation::None {
             // Whole, then translated: a JSON answer cannot be translated piecewise.
@@ -645,9 +663,9 @@ impl Listener {
             }
             let body = host.body(Body::Response, size);
             self.keep_json(&body);
-            let out = self.translated_json(host, &body);
+            let out = self.translated_json(&body);
             host.set_body(Body::Response, size, &out);
-        } else if !self.json_overflow {
+        } else if !self.json_overflow && size > 0 {
             let chunk = host.body(Body::Response, size);
             self.keep_json(&chunk);
         }
@@ -670,12 +688,12 @@ impl Listener {
         }
     }
 
-    fn translated_json<H: Host>(&self, host: &H, body: &[u8]) -> Vec<u8> {
+    fn translated_json(&self, body: &[u8]) -> Vec<u8> {
         let ok = (200..300).contains(&self.status);
         let model = self.model();
         let out = match (self.translate_json, ok) {
             (Translation::ChatToMessages, true) => {
-                translate::messages_response_to_chat_at(body, model, host.now_ms() / 1000)
+                translate::messages_response_to_chat_at(body, model, self.started_ms / 1000)
             }
             (Translation::MessagesToChat, true) => {
                 translate::chat_response_to_messages(body, model)
@@ -791,30 +809,15 @@ impl Listener {
             usage.cache_write,
             u64::from(estimated),
         ];
-        let mut conflicts = 0;
-        let mut failed = false;
         let served_by_key = !self.provider.is_empty() && !self.key_id.is_empty();
-        let mut keys = vec![
-            format!("tollgate:u:c:{}", self.consumer),
-            format!("tollgate:u:m:{}", self.model_label),
-        ];
+        host.add_to_row(&format!("tollgate:u:c:{}", self.consumer), row);
+        host.add_to_row(&format!("tollgate:u:m:{}", self.model_label), row);
         if served_by_key {
-            keys.push(format!("tollgate:u:k:{}:{}", self.provider, self.key_id));
+            host.add_to_row(
+                &format!("tollgate:u:k:{}:{}", self.provider, self.key_id),
+                row,
+            );
         }
-        for key in &keys {
-            match add_u64s(host.store(), key, row) {
-                Ok((_, c)) => conflicts += c,
-                Err(e) => {
-                    failed = true;
-                    log::warn!("usage counter {key} not updated: {e:?}");
-                }
-            }
-        }
-        host.count("tollgate.shared_data.cas_conflicts", u64::from(conflicts));
-        if failed {
-            host.count("tollgate.shared_data.failures", 1);
-        }
-        let now = host.now_ms();
         if !self.reservations.is_empty() {
             let cost = self
                 .cfg
@@ -827,7 +830,7 @@ impl Listener {
                 output: usage.output,
                 cost_micro_usd: cost,
             };
-            if let Err(e) = quota::settle(host.store(), &self.reservations, &actual, now) {
+            if let Err(e) = quota::settle(host.store(), &self.reservations, &actual, self.started_ms) {
                 log::warn!("quota settlement failed: {e:?}");
             }
         }
@@ -854,26 +857,11 @@ impl Listener {
             (false, _) => "upstream_4xx",
         };
         host.count(&format!("tollgate.outcome.{outcome}.requests"), 1);
-        // Access-log values (read as %FILTER_STATE(wasm.tollgate_...:PLAIN)%).
-        host.set_filter_state("tollgate_provider", self.provider.as_bytes());
-        host.set_filter_state("tollgate_key_id", self.key_id.as_bytes());
-        host.set_filter_state("tollgate_input_tokens", usage.input.to_string().as_bytes());
-        host.set_filter_state(
-            "tollgate_output_tokens",
-            usage.output.to_string().as_bytes(),
-        );
-        host.set_filter_state(
-            "tollgate_usage",
-            if estimated { b"estimated" } else { b"exact" },
-        );
+        self.write_record(host, Some((usage, estimated)));
         // For Envoy's global rate limit filter: `hits_addend` on stream done charges these.
         host.set_filter_state(
             "tollgate_total_tokens",
-            usage
-                .input
-                .saturating_add(usage.output)
-                .to_string()
-                .as_bytes(),
+            usage.input.saturating_add(usage.output).to_string().as_bytes(),
         );
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
@@ -885,9 +873,32 @@ impl Listener {
                 usage.input,
                 usage.output,
                 estimated,
-                now.saturating_sub(self.started_ms)
+                host.now_ms().saturating_sub(self.started_ms)
             );
         }
+    }
+
+    /// The access-log record, one filter-state value (`%FILTER_STATE(wasm.tollgate:PLAIN)%`), in
+    /// logfmt: `consumer=team-a model=gpt-4o provider=openai key=oa-1 in=24 out=8 usage=exact`.
+    /// Fields not known (a refused request was never charged) read `-`.
+    fn write_record<H: Host>(&self, host: &mut H, charged: Option<(Usage, bool)>) {
+        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { logfmt(s) };
+        let (input, output, usage) = match charged {
+            Some((u, estimated)) => (
+                u.input.to_string(),
+                u.output.to_string(),
+                if estimated { "estimated" } else { "exact" },
+            ),
+            None => ("-".into(), "-".into(), "-"),
+        };
+        let record = format!(
+            "consumer={} model={} provider={} key={} in={input} out={output} usage={usage}",
+            dash(&self.consumer),
+            if self.info.is_some() { dash(self.model()) } else { "-".into() },
+            dash(&self.provider),
+            dash(&self.key_id),
+        );
+        host.set_filter_state(RECORD, record.as_bytes());
     }
 
     /// The provider's usage when it gave one, read from its own answer (before any translation);
@@ -930,6 +941,31 @@ impl Listener {
         u.output = u.output.max(output);
         (u, true)
     }
+}
+
+/// Filter-state name of the access-log record (`wasm.tollgate`).
+pub const RECORD: &str = "tollgate";
+
+/// A logfmt value: as is when it has no space, quote, `=` or control character, else quoted.
+fn logfmt(s: &str) -> String {
+    if s
+        .chars()
+        .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '=')
+    {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Filter state the listener role writes when its client went away before the answer completed.
