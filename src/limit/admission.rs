@@ -3,7 +3,7 @@
 
 use crate::config::{Config, FailureMode};
 use crate::limit::headers::retry_after_secs;
-use crate::limit::quota::{self, Admission, Demand, Limit, Metric, Reservation, Standing};
+use crate::limit::quota::{self, Admission, Demand, Limit, Limits, Metric, Reservation, Standing};
 use crate::store::{SharedStore, StoreError};
 
 /// What the listener knows of a request when it decides.
@@ -37,11 +37,8 @@ pub enum Verdict {
     Unavailable,
 }
 
-pub fn limits(cfg: &Config, consumer: &str, model: &str) -> Vec<(String, Limit)> {
-    cfg.limits_for(consumer, model)
-        .into_iter()
-        .map(|(scope, l)| (quota::key(consumer, scope, &l), l))
-        .collect()
+pub fn limits(cfg: &Config, consumer: &str, model: &str) -> Limits {
+    Limits::new(consumer, cfg.limits_for(consumer, model))
 }
 
 pub fn demand(cfg: &Config, ask: &Ask<'_>, output: u64) -> Demand {
@@ -67,35 +64,39 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
             lower_max_tokens_to: None,
         };
     }
-    let mut output = ask.max_tokens.unwrap_or(cfg.default_max_tokens);
-    let mut lower_to = None;
-    if cfg.lower_max_tokens {
+    let wanted = ask.max_tokens.unwrap_or(cfg.default_max_tokens);
+    let price = cfg.price_for(ask.model);
+    // The lowering reads the same budgets the admission checks: one read, one write.
+    let admitted = quota::admit_with(store, &limits, now, |budgets| {
         // Ask for no more output than the budget still allows, rather than be refused (or, for a
         // request larger than a full bucket, run the bucket into debt).
-        let price = cfg.price_for(ask.model);
-        if let Ok(Some(max)) =
-            quota::max_affordable_output(store, &limits, ask.prompt_tokens, price, now)
-        {
-            if max >= 1 && max < output {
-                output = max;
-                lower_to = Some(max);
-            }
-        }
-    }
-    match quota::admit(store, &limits, &demand(cfg, ask, output), now) {
-        Ok(Admission::Admitted {
-            reservations,
-            standings,
-        }) => Verdict::Admit {
+        let lower_to = cfg
+            .lower_max_tokens
+            .then(|| budgets.max_affordable_output(ask.prompt_tokens, price))
+            .flatten()
+            .filter(|&max| max >= 1 && max < wanted);
+        (demand(cfg, ask, lower_to.unwrap_or(wanted)), lower_to)
+    });
+    match admitted {
+        Ok((
+            Admission::Admitted {
+                reservations,
+                standings,
+            },
+            lower_to,
+        )) => Verdict::Admit {
             reservations,
             standings,
             lower_max_tokens_to: lower_to,
         },
-        Ok(Admission::Rejected {
-            retry_after_ms,
-            limit,
-            standings,
-        }) => {
+        Ok((
+            Admission::Rejected {
+                retry_after_ms,
+                limit,
+                standings,
+            },
+            _,
+        )) => {
             let secs = retry_after_secs(retry_after_ms);
             let amount = match limit.metric {
                 Metric::CostMicroUsd => {
@@ -227,5 +228,34 @@ mod tests {
             max_tokens: None,
         };
         assert!(matches!(admit(&s, &cfg(""), &a, 0), Verdict::Admit { .. }));
+    }
+
+    #[test]
+    fn lowering_max_tokens_admits_in_one_read_and_one_write() {
+        let s = FakeStore::new();
+        let c = quota::tests::Counting::new(&s);
+        let v = admit(
+            &c,
+            &cfg(r#","lower_max_tokens":true"#),
+            &ask(100, Some(5_000)),
+            0,
+        );
+        assert_eq!(c.take(), (1, 1));
+        let Verdict::Admit {
+            reservations,
+            lower_max_tokens_to: Some(900),
+            ..
+        } = v
+        else {
+            panic!("{v:?}")
+        };
+        let used = Demand {
+            requests: 1,
+            input: 100,
+            output: 50,
+            cost_micro_usd: 0,
+        };
+        quota::settle(&c, &reservations, &used, 0).unwrap();
+        assert_eq!(c.take(), (1, 1));
     }
 }

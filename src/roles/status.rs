@@ -34,14 +34,13 @@ fn amount(limit: &Limit, value: u64) -> Value {
 }
 
 fn consumer_view(store: &dyn SharedStore, cfg: &Config, name: &str, now: u64) -> Value {
-    let limits: Vec<Value> = cfg
-        .limits_for(name, "")
-        .into_iter()
-        .map(|(scope, l)| {
-            let key = quota::key(name, scope, &l);
-            let st = quota::standings(store, &[(key, l)], now)
-                .ok()
-                .and_then(|v| v.into_iter().next());
+    let applied = quota::Limits::new(name, cfg.limits_for(name, ""));
+    let standings = quota::standings(store, &applied, now).unwrap_or_default();
+    let limits: Vec<Value> = applied
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let st = standings.get(i);
             json!({"metric": metric_name(&l), "amount": amount(&l, l.amount),
                    "window_s": l.window_ms / 1000,
                    "remaining": st.map(|s| amount(&l, s.remaining)),
