@@ -115,6 +115,8 @@ pub struct FakeStore {
     pub inject_conflicts: Cell<u32>,
     /// When true every call fails with `Host`.
     pub broken: Cell<bool>,
+    /// Calls made (gets and sets): each is a host call in Envoy.
+    pub calls: Cell<u32>,
 }
 
 impl FakeStore {
@@ -136,6 +138,7 @@ impl FakeStore {
 
 impl SharedStore for FakeStore {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        self.calls.set(self.calls.get() + 1);
         if self.broken.get() {
             return Err(StoreError::Host);
         }
@@ -146,6 +149,7 @@ impl SharedStore for FakeStore {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        self.calls.set(self.calls.get() + 1);
         if self.broken.get() {
             return Err(StoreError::Host);
         }

@@ -3,7 +3,7 @@
 //! retry priorities carry the later attempts down the same order.
 
 use crate::config::Config;
-use crate::failover::health::{self, Circuit};
+use crate::failover::health::{self, Circuit, ProviderHealth};
 use crate::limit::headers::retry_after_secs;
 use crate::store::SharedStore;
 
@@ -29,6 +29,17 @@ fn serves(cfg: &Config, provider: usize, model: &str) -> bool {
 /// slot) and that has a key not cooling down. When shared data cannot be read, the first provider
 /// that serves the model: no refusal on a guess.
 pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now: u64) -> Start {
+    start_reading(store, cfg, model, now).0
+}
+
+/// [`start`], with the health reading of the provider it starts on: the attempt that follows can
+/// choose its key from it instead of reading it again.
+pub fn start_reading<S: SharedStore + ?Sized>(
+    store: &S,
+    cfg: &Config,
+    model: &str,
+    now: u64,
+) -> (Start, Option<ProviderHealth>) {
     let mut earliest: Option<u64> = None;
     let mut first_serving = None;
     for (i, p) in cfg.providers.iter().enumerate() {
@@ -37,7 +48,7 @@ pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now:
         }
         first_serving.get_or_insert(i);
         let Ok(h) = health::read(store, p) else {
-            return Start::Provider(first_serving.unwrap_or(i));
+            return (Start::Provider(first_serving.unwrap_or(i)), None);
         };
         let at = h.available_at(&cfg.health, now);
         let usable = at <= now
@@ -49,18 +60,19 @@ pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now:
                 }
             };
         if usable {
-            return Start::Provider(i);
+            return (Start::Provider(i), Some(h));
         }
         let at = at.max(now.saturating_add(1));
         earliest = Some(earliest.map_or(at, |e| e.min(at)));
     }
-    match (earliest, first_serving) {
+    let start = match (earliest, first_serving) {
         (Some(at), _) => Start::Exhausted {
             retry_after_secs: retry_after_secs(at - now),
         },
         (None, Some(i)) => Start::Provider(i),
         (None, None) => Start::NotServed,
-    }
+    };
+    (start, None)
 }
 
 #[cfg(test)]

@@ -172,7 +172,9 @@ impl Context for ListenerContext {
 impl HttpContext for ListenerContext {
     fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_request_headers");
-        let flow = self.role.on_request_headers(&mut SdkHost::default(), end_of_stream);
+        let flow = self
+            .role
+            .on_request_headers(&mut SdkHost::default(), end_of_stream);
         if flow == Flow::Pause && watching_held() {
             let now = sdk_host::now_ms();
             HELD.with(|h| h.borrow_mut().hold(self.id, now));
@@ -185,7 +187,10 @@ impl HttpContext for ListenerContext {
         if watching_held() {
             HELD.with(|h| h.borrow_mut().body_arrived(self.id));
         }
-        action(self.role.on_request_body(&mut SdkHost::default(), size, end_of_stream))
+        action(
+            self.role
+                .on_request_body(&mut SdkHost::default(), size, end_of_stream),
+        )
     }
 
     fn on_http_request_trailers(&mut self, _num: usize) -> Action {
@@ -198,7 +203,10 @@ impl HttpContext for ListenerContext {
 
     fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_response_headers");
-        action(self.role.on_response_headers(&mut SdkHost::default(), end_of_stream))
+        action(
+            self.role
+                .on_response_headers(&mut SdkHost::default(), end_of_stream),
+        )
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
@@ -237,7 +245,10 @@ impl HttpContext for UpstreamContext {
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("upstream on_http_request_body");
-        action(self.0.on_request_body(&mut SdkHost::default(), size, end_of_stream))
+        action(
+            self.0
+                .on_request_body(&mut SdkHost::default(), size, end_of_stream),
+        )
     }
 
     fn on_http_response_headers(&mut self, _num: usize, _end_of_stream: bool) -> Action {
@@ -247,7 +258,10 @@ impl HttpContext for UpstreamContext {
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("upstream on_http_response_body");
-        action(self.0.on_response_body(&mut SdkHost::default(), size, end_of_stream))
+        action(
+            self.0
+                .on_response_body(&mut SdkHost::default(), size, end_of_stream),
+        )
     }
 
     fn on_log(&mut self) {

@@ -6,6 +6,7 @@ use super::hostcalls;
 use super::prof::span;
 use crate::host::tally::{Sink, Tally, ROW};
 use crate::host::{Body, Host, Map};
+use crate::pool::keypool::Tickets;
 use crate::store::{SharedStore, StoreError};
 use core::cell::RefCell;
 use hashbrown::HashMap;
@@ -57,6 +58,8 @@ thread_local! {
     static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
     /// Metrics and usage totals of this worker since the last tick.
     static TALLY: RefCell<Tally> = RefCell::new(Tally::default());
+    /// This worker's blocks of round-robin tickets.
+    static TICKETS: RefCell<Tickets> = RefCell::new(Tickets::default());
 }
 
 /// The tick: this worker's metrics and totals go to Envoy.
@@ -192,5 +195,9 @@ impl Host for SdkHost {
 
     fn store(&self) -> &dyn SharedStore {
         &HostStore
+    }
+
+    fn ticket(&mut self, provider: &str) -> Result<u64, StoreError> {
+        TICKETS.with(|t| t.borrow_mut().take(&HostStore, provider))
     }
 }

@@ -44,6 +44,13 @@ pub struct FakeHost {
     pub counters: HashMap<String, u64>,
     pub gauges: HashMap<String, u64>,
     pub store: Rc<FakeStore>,
+    /// Host calls made through this host, shared data excluded (see `FakeStore::calls`); metrics
+    /// and usage rows are not counted: the adapter defers them to the tick.
+    pub calls: core::cell::Cell<u32>,
+    /// Usage rows waiting for the tick.
+    pub rows: crate::host::tally::Tally,
+    /// The worker's round-robin ticket blocks (shared by the streams of one worker).
+    pub tickets: Rc<core::cell::RefCell<crate::pool::keypool::Tickets>>,
 }
 
 impl FakeHost {
@@ -62,7 +69,28 @@ impl FakeHost {
             counters: HashMap::new(),
             gauges: HashMap::new(),
             store,
+            calls: core::cell::Cell::new(0),
+            rows: crate::host::tally::Tally::default(),
+            tickets: Rc::default(),
         }
+    }
+
+    /// The tick: usage rows go to shared data.
+    pub fn tick(&mut self) {
+        struct Store<'a>(&'a FakeStore);
+        impl crate::host::tally::Sink for Store<'_> {
+            fn increment(&mut self, _: &str, _: u64) {}
+            fn record(&mut self, _: &str, _: u64) {}
+            fn store(&self) -> &dyn SharedStore {
+                self.0
+            }
+        }
+        let store = self.store.clone();
+        self.rows.flush(&mut Store(&store));
+    }
+
+    fn call(&self) {
+        self.calls.set(self.calls.get() + 1);
     }
 
     /// A request as a client sends it: method, path, and more headers.
@@ -82,6 +110,7 @@ impl FakeHost {
     pub fn attempt_of(listener: &FakeHost) -> Self {
         let mut h = FakeHost::new(listener.store.clone());
         h.now = listener.now;
+        h.tickets = listener.tickets.clone();
         h.parent_filter_state = listener.filter_state.clone();
         if let Some(m) = listener.maps.get(&Map::RequestHeaders) {
             h.maps.insert(Map::RequestHeaders, m.clone());
@@ -135,10 +164,12 @@ impl FakeHost {
 
 impl Host for FakeHost {
     fn now_ms(&self) -> u64 {
+        self.call();
         self.now
     }
 
     fn header(&self, map: Map, name: &str) -> Option<Vec<u8>> {
+        self.call();
         self.maps
             .get(&map)?
             .iter()
@@ -147,10 +178,12 @@ impl Host for FakeHost {
     }
 
     fn headers(&self, map: Map) -> Vec<(String, Vec<u8>)> {
+        self.call();
         self.maps.get(&map).cloned().unwrap_or_default()
     }
 
     fn set_header(&mut self, map: Map, name: &str, value: &str) -> bool {
+        self.call();
         if !self.writable(map) {
             return false;
         }
@@ -161,6 +194,7 @@ impl Host for FakeHost {
     }
 
     fn remove_header(&mut self, map: Map, name: &str) -> bool {
+        self.call();
         if !self.writable(map) {
             return false;
         }
@@ -171,6 +205,7 @@ impl Host for FakeHost {
     }
 
     fn set_headers(&mut self, map: Map, headers: &[(String, Vec<u8>)]) -> bool {
+        self.call();
         if !self.writable(map) {
             return false;
         }
@@ -180,11 +215,13 @@ impl Host for FakeHost {
     }
 
     fn body(&self, which: Body, size: usize) -> Vec<u8> {
+        self.call();
         let b = self.bodies.get(&which).map(Vec::as_slice).unwrap_or(&[]);
         b.get(..size.min(b.len())).unwrap_or(&[]).to_vec()
     }
 
     fn set_body(&mut self, which: Body, size: usize, data: &[u8]) -> bool {
+        self.call();
         let b = self.bodies.entry(which).or_default();
         let keep = b.split_off(size.min(b.len()));
         *b = data.to_vec();
@@ -193,6 +230,7 @@ impl Host for FakeHost {
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.call();
         if let [name] = path {
             if let Some(v) = self
                 .filter_state
@@ -207,15 +245,18 @@ impl Host for FakeHost {
     }
 
     fn set_filter_state(&mut self, name: &str, value: &[u8]) -> bool {
+        self.call();
         self.filter_state.insert(name.to_string(), value.to_vec());
         true
     }
 
     fn clear_route_cache(&mut self) {
+        self.call();
         self.route_cache_cleared += 1;
     }
 
     fn respond(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> bool {
+        self.call();
         if self.reply.is_some() {
             return false;
         }
@@ -238,8 +279,15 @@ impl Host for FakeHost {
         self.gauges.insert(name.to_string(), value);
     }
 
+    /// Deferred as the adapter defers it; [`FakeHost::tick`] writes them.
     fn add_to_row(&mut self, key: &str, row: [u64; crate::host::tally::ROW]) {
-        let _ = crate::store::add_u64s(self.store.as_ref(), key, row);
+        self.rows.add_row(key, row);
+    }
+
+    fn ticket(&mut self, provider: &str) -> Result<u64, crate::store::StoreError> {
+        self.tickets
+            .borrow_mut()
+            .take(self.store.as_ref(), provider)
     }
 
     fn store(&self) -> &dyn SharedStore {

@@ -13,7 +13,7 @@
 pub mod fake;
 pub mod tally;
 
-use crate::store::SharedStore;
+use crate::store::{SharedStore, StoreError};
 
 /// The header maps a role reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,6 +72,12 @@ pub trait Host {
 
     /// Envoy's shared data: one store per `vm_id`, across workers and both roles.
     fn store(&self) -> &dyn SharedStore;
+
+    /// The next round-robin ticket of `provider`'s key rotation. The adapter hands them out from
+    /// per-worker blocks (`pool::keypool::Tickets`); by default, one at a time from shared data.
+    fn ticket(&mut self, provider: &str) -> Result<u64, StoreError> {
+        crate::pool::keypool::ticket(self.store(), provider)
+    }
 }
 
 /// Edits to a header map read whole, applied with one [`Host::set_headers`].
@@ -119,7 +125,8 @@ impl Edits {
             return;
         }
         self.headers.retain(|(k, _)| k != name);
-        self.headers.push((name.to_string(), value.as_bytes().to_vec()));
+        self.headers
+            .push((name.to_string(), value.as_bytes().to_vec()));
         self.changed = true;
     }
 

@@ -138,7 +138,11 @@ mod tests {
         t.count("zero", 0);
         t.gauge("g", 1);
         t.gauge("g", 7);
-        let mut r = Recorder { store: &store, incs: vec![], gauges: vec![] };
+        let mut r = Recorder {
+            store: &store,
+            incs: vec![],
+            gauges: vec![],
+        };
         t.flush(&mut r);
         assert_eq!(r.incs, vec![("a".to_string(), 6)]);
         assert_eq!(r.gauges, vec![("g".to_string(), 7)]);
@@ -147,7 +151,10 @@ mod tests {
         assert!(t.is_empty());
         t.flush(&mut r);
         assert_eq!(r.incs.len(), 1, "nothing twice");
-        assert_eq!(decode_u64s::<ROW>(store.get("u:c:x").unwrap().0.as_deref())[0], 3);
+        assert_eq!(
+            decode_u64s::<ROW>(store.get("u:c:x").unwrap().0.as_deref())[0],
+            3
+        );
     }
 
     #[test]
@@ -156,11 +163,18 @@ mod tests {
         let mut t = Tally::default();
         t.add_row("k", [1, 1, 1, 1, 1, 1]);
         store.broken.set(true);
-        let mut r = Recorder { store: &store, incs: vec![], gauges: vec![] };
+        let mut r = Recorder {
+            store: &store,
+            incs: vec![],
+            gauges: vec![],
+        };
         assert_eq!(t.flush(&mut r).1, 1);
         store.broken.set(false);
         t.add_row("k", [1, 0, 0, 0, 0, 0]);
         t.flush(&mut r);
-        assert_eq!(decode_u64s::<ROW>(store.get("k").unwrap().0.as_deref()), [2, 1, 1, 1, 1, 1]);
+        assert_eq!(
+            decode_u64s::<ROW>(store.get("k").unwrap().0.as_deref()),
+            [2, 1, 1, 1, 1, 1]
+        );
     }
 }

@@ -18,13 +18,51 @@ pub fn counter_key(provider: &str) -> String {
     format!("tollgate:rr:{provider}")
 }
 
-/// `sticky` is the consumer's name or session id when the provider rotates stickily.
-pub fn choose<S: SharedStore + ?Sized>(
-    store: &S,
+/// Round-robin tickets taken from the shared counter in blocks of this many: one CAS per block
+/// instead of per attempt. Rotation is then global across workers within a few attempts.
+pub const TICKET_BLOCK: u64 = 4;
+
+/// A worker's blocks of round-robin tickets, by provider.
+#[derive(Debug, Default)]
+pub struct Tickets {
+    blocks: hashbrown::HashMap<String, (u64, u64)>,
+}
+
+impl Tickets {
+    /// The next ticket for `provider`: from this worker's block, or a new block from the counter.
+    pub fn take<S: SharedStore + ?Sized>(
+        &mut self,
+        store: &S,
+        provider: &str,
+    ) -> Result<u64, StoreError> {
+        if let Some((next, end)) = self.blocks.get_mut(provider) {
+            if *next < *end {
+                *next += 1;
+                return Ok(*next - 1);
+            }
+        }
+        let ([end], _) = add_u64s(store, &counter_key(provider), [TICKET_BLOCK])?;
+        let first = end.wrapping_sub(TICKET_BLOCK);
+        self.blocks
+            .insert(provider.to_string(), (first.wrapping_add(1), end));
+        Ok(first)
+    }
+}
+
+/// One ticket straight from the shared counter (no block): exact global rotation.
+pub fn ticket<S: SharedStore + ?Sized>(store: &S, provider: &str) -> Result<u64, StoreError> {
+    let ([t], _) = add_u64s(store, &counter_key(provider), [1])?;
+    Ok(t.wrapping_sub(1))
+}
+
+/// `sticky` is the consumer's name or session id when the provider rotates stickily; `ticket`
+/// gives the next round-robin ticket when the rotation needs one.
+pub fn choose(
     provider: &Provider,
     health: &ProviderHealth,
     sticky: Option<&str>,
     now_ms: u64,
+    ticket: impl FnOnce() -> Result<u64, StoreError>,
 ) -> Result<Choice, StoreError> {
     let n = provider.keys.len();
     if n == 0 {
@@ -47,8 +85,7 @@ pub fn choose<S: SharedStore + ?Sized>(
             (0..n).map(|o| (start + o) % n).find(|&i| healthy(i))
         }
         Rotation::RoundRobin | Rotation::Weighted => {
-            let ([ticket], _) = add_u64s(store, &counter_key(&provider.name), [1])?;
-            let ticket = ticket.wrapping_sub(1);
+            let ticket = ticket()?;
             // Rotate over the healthy keys only, so that a cooling key's share is spread evenly
             // over the others instead of all falling on its neighbour.
             let order: Vec<usize> =
@@ -89,7 +126,42 @@ mod tests {
 
     fn pick(s: &FakeStore, p: &Provider, sticky: Option<&str>, now: u64) -> Choice {
         let h = read(s, p).unwrap();
-        choose(s, p, &h, sticky, now).unwrap()
+        choose(p, &h, sticky, now, || ticket(s, &p.name)).unwrap()
+    }
+
+    #[test]
+    fn tickets_come_in_blocks_and_blocks_never_overlap() {
+        let s = FakeStore::new();
+        let (mut a, mut b) = (Tickets::default(), Tickets::default());
+        let mut seen: Vec<u64> = Vec::new();
+        for _ in 0..3 * TICKET_BLOCK {
+            seen.push(a.take(&s, "p").unwrap());
+            seen.push(b.take(&s, "p").unwrap());
+        }
+        let first_a: Vec<u64> = seen
+            .iter()
+            .step_by(2)
+            .take(TICKET_BLOCK as usize)
+            .copied()
+            .collect();
+        assert_eq!(
+            first_a,
+            (0..TICKET_BLOCK).collect::<Vec<_>>(),
+            "a worker's block is consecutive"
+        );
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(
+            seen,
+            (0..6 * TICKET_BLOCK).collect::<Vec<_>>(),
+            "every ticket once"
+        );
+        // One counter write per block.
+        assert_eq!(read_counter(&s), 6 * TICKET_BLOCK);
+    }
+
+    fn read_counter(s: &FakeStore) -> u64 {
+        crate::store::decode_u64s::<1>(s.get(&counter_key("p")).unwrap().0.as_deref())[0]
     }
 
     #[test]

@@ -302,7 +302,8 @@ impl Listener {
         } else {
             "other".into()
         };
-        let start = match route::start(host.store(), &self.cfg, &model, now) {
+        let (start, start_health) = route::start_reading(host.store(), &self.cfg, &model, now);
+        let start = match start {
             Start::Provider(i) => i,
             Start::NotServed => {
                 let msg = format!("The model '{model}' is not served by this gateway.");
@@ -411,8 +412,15 @@ impl Listener {
             model,
             rewritten: rewritten.is_some(),
             consumer: self.consumer.clone(),
+            start: start_health.and_then(|h| {
+                let p = self.cfg.providers.get(start)?;
+                Some((start, h.encode(p)))
+            }),
+            at_ms: Some(self.started_ms),
         };
         host.set_filter_state(plan::FILTER_STATE, &plan.encode());
+        // For Envoy's rate limit filter (fleet-wide budgets): its descriptor is the consumer.
+        host.set_filter_state(CONSUMER, self.consumer.as_bytes());
         self.decided = true;
         Flow::Continue
     }
@@ -551,7 +559,10 @@ impl Listener {
         // carries every change (rate-limit headers, content type and length).
         let mut map = Edits::of(host.headers(Map::ResponseHeaders));
         self.status = map.get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        self.provider = map.get(headers::HDR_PROVIDER).unwrap_or_default().to_string();
+        self.provider = map
+            .get(headers::HDR_PROVIDER)
+            .unwrap_or_default()
+            .to_string();
         self.key_id = map.get(headers::HDR_KEY_ID).unwrap_or_default().to_string();
         if self.status == 429
             && self.provider.is_empty()
@@ -569,7 +580,10 @@ impl Listener {
                 map.set("retry-after", &secs.to_string());
             }
         }
-        let content_type = map.get("content-type").unwrap_or_default().to_ascii_lowercase();
+        let content_type = map
+            .get("content-type")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let sse = content_type.contains("text/event-stream");
         let translation = self
             .answering_provider()
@@ -608,7 +622,9 @@ impl Listener {
             map.remove("content-length");
         }
         // The budgets as admission saw them: resets are counted from the request's arrival.
-        for (k, v) in limit_headers::rate_limit_headers(self.client, &self.standings, self.started_ms) {
+        for (k, v) in
+            limit_headers::rate_limit_headers(self.client, &self.standings, self.started_ms)
+        {
             map.set(&k, &v);
         }
         map.apply(host, Map::ResponseHeaders);
@@ -830,7 +846,9 @@ impl Listener {
                 output: usage.output,
                 cost_micro_usd: cost,
             };
-            if let Err(e) = quota::settle(host.store(), &self.reservations, &actual, self.started_ms) {
+            if let Err(e) =
+                quota::settle(host.store(), &self.reservations, &actual, self.started_ms)
+            {
                 log::warn!("quota settlement failed: {e:?}");
             }
         }
@@ -861,7 +879,11 @@ impl Listener {
         // For Envoy's global rate limit filter: `hits_addend` on stream done charges these.
         host.set_filter_state(
             "tollgate_total_tokens",
-            usage.input.saturating_add(usage.output).to_string().as_bytes(),
+            usage
+                .input
+                .saturating_add(usage.output)
+                .to_string()
+                .as_bytes(),
         );
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
@@ -882,7 +904,13 @@ impl Listener {
     /// logfmt: `consumer=team-a model=gpt-4o provider=openai key=oa-1 in=24 out=8 usage=exact`.
     /// Fields not known (a refused request was never charged) read `-`.
     fn write_record<H: Host>(&self, host: &mut H, charged: Option<(Usage, bool)>) {
-        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { logfmt(s) };
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                logfmt(s)
+            }
+        };
         let (input, output, usage) = match charged {
             Some((u, estimated)) => (
                 u.input.to_string(),
@@ -894,7 +922,11 @@ impl Listener {
         let record = format!(
             "consumer={} model={} provider={} key={} in={input} out={output} usage={usage}",
             dash(&self.consumer),
-            if self.info.is_some() { dash(self.model()) } else { "-".into() },
+            if self.info.is_some() {
+                dash(self.model())
+            } else {
+                "-".into()
+            },
             dash(&self.provider),
             dash(&self.key_id),
         );
@@ -945,11 +977,12 @@ impl Listener {
 
 /// Filter-state name of the access-log record (`wasm.tollgate`).
 pub const RECORD: &str = "tollgate";
+/// Filter-state name of the consumer, for Envoy's rate limit filter (`wasm.tollgate_consumer`).
+pub const CONSUMER: &str = "tollgate_consumer";
 
 /// A logfmt value: as is when it has no space, quote, `=` or control character, else quoted.
 fn logfmt(s: &str) -> String {
-    if s
-        .chars()
+    if s.chars()
         .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '=')
     {
         return s.to_string();

@@ -23,6 +23,13 @@ pub struct Plan {
     pub rewritten: bool,
     /// Who is calling: sticky rotation falls back to it.
     pub consumer: String,
+    /// The provider the request starts on, and its health as the listener read it (shared-data
+    /// encoding): the first attempt chooses its key from it instead of reading it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<(usize, Vec<u8>)>,
+    /// When the request arrived (ms): the first attempt's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
 }
 
 impl Plan {
@@ -47,6 +54,8 @@ mod tests {
             model: "gpt-4o \"mini\"\n".into(),
             rewritten: true,
             consumer: "team-a".into(),
+            start: Some((1, vec![0, 255])),
+            at_ms: Some(17),
         };
         assert_eq!(Plan::decode(&p.encode()), Some(p));
         assert_eq!(Plan::decode(b"garbage"), None);

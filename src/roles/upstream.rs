@@ -20,7 +20,7 @@ use crate::failover::health::{self, CooldownReason, Outcome};
 use crate::failover::retry_signal;
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::translate::{self, TranslateError};
-use crate::host::{find_str, Body, Host, Map};
+use crate::host::{find, Body, Edits, Host, Map};
 use crate::limit::headers as limit_headers;
 use crate::pool::credentials;
 use crate::pool::keypool::{self, Choice};
@@ -44,6 +44,8 @@ pub struct Upstream {
     /// An error answer: buffered to take the key out if the provider quoted it.
     scrub: bool,
     finished: bool,
+    /// The provider had no failures on record when the attempt began.
+    healthy: bool,
 }
 
 impl Upstream {
@@ -60,6 +62,7 @@ impl Upstream {
             status: 0,
             scrub: false,
             finished: false,
+            healthy: false,
         }
     }
 
@@ -107,29 +110,27 @@ impl Upstream {
     }
 
     pub fn on_request_headers<H: Host>(&mut self, host: &mut H) -> Flow {
-        let hdrs = host.headers(Map::RequestHeaders);
-        let current_path = find_str(&hdrs, ":path").unwrap_or_default();
-        let current_authority = find_str(&hdrs, ":authority").unwrap_or_default();
+        // One read of the map and one write carry the whole attempt's headers.
+        let mut map = Edits::of(host.headers(Map::RequestHeaders));
+        let current_path = map.get(":path").unwrap_or_default().to_string();
+        let current_authority = map.get(":authority").unwrap_or_default().to_string();
+        let planned = host
+            .property(&[plan::FILTER_STATE])
+            .and_then(|b| Plan::decode(&b));
+        // The listener role took the client's credentials out: one found here was set by an
+        // earlier attempt of this request, in this same header map. This is a retry.
+        let retry = planned.is_some()
+            && headers::CREDENTIAL_HEADERS
+                .iter()
+                .any(|h| find(map.headers(), h).is_some());
         // Every attempt starts again from the request as the client sent it: the header map Envoy
         // hands to this attempt is the one the previous attempt rewrote.
-        self.plan = match host
-            .property(&[plan::FILTER_STATE])
-            .and_then(|b| Plan::decode(&b))
-        {
-            Some(p) => p,
+        self.plan = planned.unwrap_or_else(|| Plan {
             // No listener role in front (a direct caller of the cluster): the headers as they are.
-            None => Plan {
-                path: current_path.to_string(),
-                authority: current_authority.to_string(),
-                ..Plan::default()
-            },
-        };
-        if !self.plan.authority.is_empty() && current_authority != self.plan.authority {
-            host.set_header(Map::RequestHeaders, ":authority", &self.plan.authority);
-        }
-        if current_path != self.plan.path {
-            host.set_header(Map::RequestHeaders, ":path", &self.plan.path);
-        }
+            path: current_path.clone(),
+            authority: current_authority.clone(),
+            ..Plan::default()
+        });
         self.api = ApiKind::from_path(&self.plan.path);
         self.client = ClientApi::from_path(&self.plan.path);
         let pi = match self.pick_provider(host) {
@@ -170,24 +171,42 @@ impl Upstream {
             Ok(x) => x,
             Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
         };
-        let now = host.now_ms();
-        // The circuit was consulted by the listener role when it chose where the request starts
-        // (and took the half-open probe slot there); a retry that Envoy moved here goes ahead.
-        let health = health::read(host.store(), p)
-            .unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
+        // The first attempt goes out milliseconds after the listener read the clock.
+        let now = match self.plan.at_ms {
+            Some(t) if !retry => t,
+            _ => host.now_ms(),
+        };
+        // The first attempt, on the provider the listener chose, takes the health the listener
+        // read microseconds ago; a retry reads it afresh. (The circuit was consulted by the
+        // listener when it chose where the request starts; a retry Envoy moved here goes ahead.)
+        let snapshot = self
+            .plan
+            .start
+            .as_ref()
+            .filter(|(start, _)| *start == pi && !retry)
+            .map(|(_, bytes)| health::ProviderHealth::decode(Some(bytes), p));
+        let health = match snapshot {
+            Some(h) => h,
+            None => health::read(host.store(), p)
+                .unwrap_or_else(|_| health::ProviderHealth::decode(None, p)),
+        };
+        self.healthy = health.failures == 0;
         let sticky = cfg
             .sticky_header
             .as_deref()
-            .and_then(|h| find_str(&hdrs, h))
-            .or(Some(self.plan.consumer.as_str()).filter(|c| !c.is_empty()));
-        let choice = keypool::choose(host.store(), p, &health, sticky, now).unwrap_or_else(|e| {
-            // The rotation counter failed: still serve, from the first healthy key.
-            log::warn!("key rotation counter unavailable: {e:?}");
-            (0..p.keys.len())
-                .find(|&i| health.key_available(i, now))
-                .map(Choice::Key)
-                .unwrap_or(Choice::Exhausted { retry_at_ms: now })
-        });
+            .and_then(|h| map.get(h))
+            .map(str::to_string)
+            .or(Some(self.plan.consumer.clone()).filter(|c| !c.is_empty()));
+        let name = p.name.clone();
+        let choice = keypool::choose(p, &health, sticky.as_deref(), now, || host.ticket(&name))
+            .unwrap_or_else(|e| {
+                // The rotation counter failed: still serve, from the first healthy key.
+                log::warn!("key rotation counter unavailable: {e:?}");
+                (0..p.keys.len())
+                    .find(|&i| health.key_available(i, now))
+                    .map(Choice::Key)
+                    .unwrap_or(Choice::Exhausted { retry_at_ms: now })
+            });
         let ki = match choice {
             Choice::Key(i) => i,
             Choice::Exhausted { retry_at_ms } => {
@@ -217,30 +236,28 @@ impl Upstream {
             );
         };
         let auth = credentials::auth_headers(p, &key.secret);
-        // Credentials of another provider's kind (a previous attempt's, in this same header map)
-        // and tollgate's routing header go; the listener role already took out the client's. Only
-        // headers present are removed: each removal is a host call.
-        for (name, _) in &hdrs {
-            let stale = headers::CREDENTIAL_HEADERS.contains(&name.as_str())
-                && !auth.iter().any(|(a, _)| a == name);
-            if stale || name.starts_with(headers::INTERNAL_PREFIX) {
-                host.remove_header(Map::RequestHeaders, name);
-            }
-        }
+        // Credentials of another provider's kind (a previous attempt's) and tollgate's routing
+        // header go; the listener role already took out the client's.
+        map.remove_where(|name| {
+            name.starts_with(headers::INTERNAL_PREFIX)
+                || (headers::CREDENTIAL_HEADERS.contains(&name)
+                    && !auth.iter().any(|(a, _)| *a == name))
+        });
         for (name, value) in &auth {
-            host.set_header(Map::RequestHeaders, name, value);
+            map.set(name, value);
         }
-        if let Some(h) = &p.host {
-            host.set_header(Map::RequestHeaders, ":authority", h);
+        match &p.host {
+            Some(h) => map.set(":authority", h),
+            None if !self.plan.authority.is_empty() => map.set(":authority", &self.plan.authority),
+            None => {}
         }
-        if path != self.plan.path {
-            host.set_header(Map::RequestHeaders, ":path", &path);
-        }
+        map.set(":path", &path);
         if drop_length {
-            host.remove_header(Map::RequestHeaders, "content-length");
+            map.remove("content-length");
         }
+        map.apply(host, Map::RequestHeaders);
         host.count(&format!("tollgate.provider.{}.attempts", p.name), 1);
-        if attempt_number(host) > 1 {
+        if retry {
             // A retry that landed here: a failover onto this provider (or another key of it).
             host.count(&format!("tollgate.provider.{}.retried_attempts", p.name), 1);
         }
@@ -321,18 +338,10 @@ impl Upstream {
     }
 
     pub fn on_response_headers<H: Host>(&mut self, host: &mut H) -> Flow {
-        // The status is all a successful answer needs: one value read instead of the whole map
-        // (the retry signals of a 429 need the rest).
-        self.status = host
-            .header(Map::ResponseHeaders, ":status")
-            .and_then(|v| core::str::from_utf8(&v).ok()?.parse().ok())
-            .unwrap_or(0);
-        let headers = if self.status == 429 {
-            host.headers(Map::ResponseHeaders)
-        } else {
-            Vec::new()
-        };
-        self.record_outcome(host, &headers);
+        // One read of the map (status, and a 429's reset signals) and one write.
+        let mut map = Edits::of(host.headers(Map::ResponseHeaders));
+        self.status = map.get(":status").and_then(|v| v.parse().ok()).unwrap_or(0);
+        self.record_outcome(host, map.headers());
         let Some(p) = self.provider() else {
             return Flow::Continue;
         };
@@ -343,8 +352,8 @@ impl Upstream {
                 .map(|k| k.id.clone())
                 .unwrap_or_default(),
         );
-        host.set_header(Map::ResponseHeaders, headers::HDR_PROVIDER, &pname);
-        host.set_header(Map::ResponseHeaders, headers::HDR_KEY_ID, &kid);
+        map.set(headers::HDR_PROVIDER, &pname);
+        map.set(headers::HDR_KEY_ID, &kid);
         host.count(
             &format!(
                 "tollgate.provider.{}.responses_{}xx",
@@ -355,8 +364,9 @@ impl Upstream {
         );
         if self.status >= 400 && self.key.is_some() {
             self.scrub = true;
-            host.remove_header(Map::ResponseHeaders, "content-length");
+            map.remove("content-length");
         }
+        map.apply(host, Map::ResponseHeaders);
         Flow::Continue
     }
 
@@ -391,7 +401,12 @@ impl Upstream {
     fn record_outcome<H: Host>(&self, host: &mut H, headers: &[(String, Vec<u8>)]) {
         let Some(p) = self.provider() else { return };
         let cfg = &self.cfg;
-        let now = host.now_ms();
+        // The clock is read only when the answer changes the provider's health.
+        let now = if matches!(self.status, 200..=399) {
+            0
+        } else {
+            host.now_ms()
+        };
         let key_id = self
             .key
             .and_then(|k| p.keys.get(k))
@@ -463,6 +478,9 @@ impl Upstream {
                 }
                 host.count(&format!("tollgate.provider.{}.failures", p.name), 1);
             }
+            // A success resets the provider's failure count; when the attempt found it at zero
+            // there is nothing to reset (a failure recorded meanwhile is reset by the next one).
+            _ if self.healthy => {}
             _ => {
                 let _ = health::record(host.store(), p, &cfg.health, Outcome::Success, now);
             }
@@ -496,12 +514,4 @@ impl Upstream {
             );
         }
     }
-}
-
-/// This attempt's number (1 for the first), from Envoy; 0 when unknown.
-fn attempt_number<H: Host>(host: &H) -> u64 {
-    host.property(&["upstream", "request_attempt_count"])
-        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0)
 }

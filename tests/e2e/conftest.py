@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import ENVOY, MOCK_BIN, WASM, Envoy, free_port, gateway_config, request  # noqa: E402
+from harness import ENVOY, MOCK_BIN, TICK_WAIT, WASM, Envoy, free_port, gateway_config, request  # noqa: E402
 from mock_client import start_mock  # noqa: E402
 
 # Known secret values: the secrets test searches everything a client or operator sees for them.
@@ -31,7 +32,9 @@ STATUS = {"path": STATUS_PATH, "admin_key_env": "STATUS_ADMIN_KEY"}
 
 
 def status_as(gw, key: str | None):
-    """GET the status endpoint presenting `key` as a Bearer token (None: no credential)."""
+    """GET the status endpoint presenting `key` as a Bearer token (None: no credential). Usage
+    totals reach shared data on each worker's tick: wait for it first."""
+    time.sleep(TICK_WAIT)
     return request(gw.port, "GET", STATUS_PATH, headers={"authorization": f"Bearer {key}"} if key else None)
 
 
