@@ -289,12 +289,13 @@ class Envoy:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def admin(self, path: str) -> str:
+        if path.startswith("/stats"):
+            # tollgate's metrics reach Envoy on each worker's tick (every 200 ms), not per request.
+            time.sleep(TICK_WAIT)
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
             return r.read().decode()
 
     def stats(self) -> dict[str, int]:
-        # tollgate's metrics reach Envoy on each worker's tick (every 200 ms), not per request.
-        time.sleep(TICK_WAIT)
         out = {}
         for line in self.admin("/stats").splitlines():
             name, _, value = line.partition(": ")

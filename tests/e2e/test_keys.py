@@ -109,7 +109,10 @@ def test_weighted_rotation(gateway, mocks):
     for _ in range(40):
         assert chat(gw.port).status == 200
     by_key = collections.Counter(r["key"] for r in mocks["openai"].requests())
-    assert by_key[KEYS["OPENAI_KEY_1"]] == 30 and by_key[KEYS["OPENAI_KEY_2"]] == 10, by_key
+    # Each worker takes round-robin tickets in blocks of 4 (src/pool/keypool.rs): over 40 requests
+    # on 2 workers the 3:1 split holds but for the blocks left part-used, at most 3 tickets each.
+    assert sum(by_key.values()) == 40 and abs(by_key[KEYS["OPENAI_KEY_1"]] - 30) <= 6, by_key
+    assert by_key[KEYS["OPENAI_KEY_1"]] > 2 * by_key[KEYS["OPENAI_KEY_2"]], by_key
 
 
 def _refused(plugin: dict, env: dict | None = None) -> str:
