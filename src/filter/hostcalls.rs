@@ -64,7 +64,7 @@ extern "C" {
 }
 
 pub fn replace_header(map: MapType, name: &str, value: &str) -> bool {
-    let _p = super::prof::span("host proxy_replace_header_map_value");
+    let _p = crate::host::prof::span("host proxy_replace_header_map_value");
     // SAFETY: pointers and lengths come from live str slices.
     OK == unsafe {
         proxy_replace_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len())
@@ -72,7 +72,7 @@ pub fn replace_header(map: MapType, name: &str, value: &str) -> bool {
 }
 
 pub fn remove_header(map: MapType, name: &str) -> bool {
-    let _p = super::prof::span("host proxy_remove_header_map_value");
+    let _p = crate::host::prof::span("host proxy_remove_header_map_value");
     // SAFETY: as above.
     OK == unsafe { proxy_remove_header_map_value(map, name.as_ptr(), name.len()) }
 }
@@ -80,7 +80,7 @@ pub fn remove_header(map: MapType, name: &str) -> bool {
 /// Replaces a whole header map.
 pub fn set_header_pairs(map: MapType, headers: &[(String, Vec<u8>)]) -> bool {
     let data = encode_pairs(headers.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
-    let _p = super::prof::span("host proxy_set_header_map_pairs");
+    let _p = crate::host::prof::span("host proxy_set_header_map_pairs");
     // SAFETY: pointer and length come from a live Vec.
     OK == unsafe { proxy_set_header_map_pairs(map, data.as_ptr(), data.len()) }
 }
@@ -105,13 +105,13 @@ fn encode_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -
 }
 
 pub fn set_buffer(kind: BufferType, start: usize, size: usize, data: &[u8]) -> bool {
-    let _p = super::prof::span("host proxy_set_buffer_bytes");
+    let _p = crate::host::prof::span("host proxy_set_buffer_bytes");
     // SAFETY: as above.
     OK == unsafe { proxy_set_buffer_bytes(kind, start, size, data.as_ptr(), data.len()) }
 }
 
 pub fn set_property(name: &str, value: &[u8]) -> bool {
-    let _p = super::prof::span("host proxy_set_property");
+    let _p = crate::host::prof::span("host proxy_set_property");
     // SAFETY: as above (a one-segment path needs no separators).
     OK == unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) }
 }
@@ -119,7 +119,7 @@ pub fn set_property(name: &str, value: &[u8]) -> bool {
 pub fn send_local_response(code: u16, headers: &[(&str, &str)], body: &[u8]) -> bool {
     let h = encode_pairs(headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
     let details = b"tollgate";
-    let _p = super::prof::span("host proxy_send_local_response");
+    let _p = crate::host::prof::span("host proxy_send_local_response");
     // SAFETY: as above.
     OK == unsafe {
         proxy_send_local_response(
@@ -139,7 +139,7 @@ pub fn send_local_response(code: u16, headers: &[(&str, &str)], body: &[u8]) -> 
 pub fn call_foreign_function(name: &str) -> bool {
     let mut out: *mut u8 = core::ptr::null_mut();
     let mut len: usize = 0;
-    let _p = super::prof::span("host proxy_call_foreign_function");
+    let _p = crate::host::prof::span("host proxy_call_foreign_function");
     // SAFETY: as above; out-pointers point at locals.
     let status = unsafe {
         proxy_call_foreign_function(

@@ -3,7 +3,8 @@
 //! No decision lives here. Which role a plugin plays comes from its `root_id`.
 
 mod hostcalls;
-mod prof;
+use crate::host::prof;
+
 mod sdk_host;
 
 use crate::api::errors::{error_body, ClientApi, ErrorKind};

@@ -3,7 +3,7 @@
 //! profiling builds, nothing otherwise).
 
 use super::hostcalls;
-use super::prof::span;
+use crate::host::prof::span;
 use crate::host::tally::{Sink, Tally, ROW};
 use crate::host::{Body, Host, Map};
 use crate::pool::keypool::Tickets;

@@ -11,6 +11,7 @@
 
 #[cfg(test)]
 pub mod fake;
+pub mod prof;
 pub mod tally;
 
 use crate::store::{SharedStore, StoreError};
@@ -80,18 +81,24 @@ pub trait Host {
     }
 }
 
-/// Edits to a header map read whole, applied with one [`Host::set_headers`].
+/// Edits to a header map read whole, applied when the callback is done: each as its own call when
+/// they are few, the whole map in one [`Host::set_headers`] when they are many. (Measured on
+/// Envoy 1.40's V8: a whole-map write costs ~7.7 µs, a single replace or remove ~1.2 µs.)
 #[derive(Debug, Clone, Default)]
 pub struct Edits {
     headers: Vec<(String, Vec<u8>)>,
-    changed: bool,
+    /// (name, Some(value) to set | None to remove), in order.
+    ops: Vec<(String, Option<String>)>,
 }
+
+/// From this many edits on, one whole-map write is cheaper than one call each.
+const WHOLE_MAP_FROM: usize = 6;
 
 impl Edits {
     pub fn of(headers: Vec<(String, Vec<u8>)>) -> Self {
         Edits {
             headers,
-            changed: false,
+            ops: Vec::new(),
         }
     }
 
@@ -107,14 +114,22 @@ impl Edits {
     pub fn remove(&mut self, name: &str) {
         let before = self.headers.len();
         self.headers.retain(|(k, _)| k != name);
-        self.changed |= self.headers.len() != before;
+        if self.headers.len() != before {
+            self.ops.push((name.to_string(), None));
+        }
     }
 
     /// Removes every header `pred` picks by name.
     pub fn remove_where(&mut self, pred: impl Fn(&str) -> bool) {
-        let before = self.headers.len();
-        self.headers.retain(|(k, _)| !pred(k));
-        self.changed |= self.headers.len() != before;
+        let mut gone: Vec<String> = Vec::new();
+        self.headers.retain(|(k, _)| {
+            let drop = pred(k);
+            if drop && !gone.contains(k) {
+                gone.push(k.clone());
+            }
+            !drop
+        });
+        self.ops.extend(gone.into_iter().map(|k| (k, None)));
     }
 
     /// Sets `name` to `value`, replacing every value it had.
@@ -127,20 +142,27 @@ impl Edits {
         self.headers.retain(|(k, _)| k != name);
         self.headers
             .push((name.to_string(), value.as_bytes().to_vec()));
-        self.changed = true;
+        self.ops.push((name.to_string(), Some(value.to_string())));
     }
 
     pub fn changed(&self) -> bool {
-        self.changed
+        !self.ops.is_empty()
     }
 
-    /// Writes the map back if anything changed: one host call, or none.
+    /// Writes the edits: none, one call each, or the whole map in one call.
     pub fn apply<H: Host + ?Sized>(&mut self, host: &mut H, map: Map) -> bool {
-        if !self.changed {
-            return true;
+        let ops = core::mem::take(&mut self.ops);
+        if ops.len() >= WHOLE_MAP_FROM {
+            return host.set_headers(map, &self.headers);
         }
-        self.changed = false;
-        host.set_headers(map, &self.headers)
+        let mut ok = true;
+        for (name, value) in &ops {
+            ok &= match value {
+                Some(v) => host.set_header(map, name, v),
+                None => host.remove_header(map, name),
+            };
+        }
+        ok
     }
 }
 

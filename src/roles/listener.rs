@@ -21,6 +21,7 @@ use crate::count::usage::{self, usage_from_json, ApiKind, StreamUsage, Usage};
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::route::{self, Start};
 use crate::failover::translate::{self, ChatToMessagesStream, MessagesToChatStream};
+use crate::host::prof::span;
 use crate::host::{find, find_str, Body, Edits, Host, Map};
 use crate::limit::admission::{self, Verdict};
 use crate::limit::consumer;
@@ -275,11 +276,13 @@ impl Listener {
         // The time the request arrived: milliseconds before its body, and no clock read.
         let now = self.started_ms;
         let needs_body = !matches!(self.api, ApiKind::Other);
+        let inspect = span("listener inspect");
         let info = match (body, needs_body) {
             (Some(b), _) => request::inspect(self.api, b),
             (None, true) => request::inspect(self.api, &[]),
             (None, false) => Ok(RequestInfo::default()),
         };
+        drop(inspect);
         match info {
             Ok(i) => self.info = Some(i),
             Err(e) => {
@@ -302,7 +305,9 @@ impl Listener {
         } else {
             "other".into()
         };
+        let routing = span("listener route");
         let (start, start_health) = route::start_reading(host.store(), &self.cfg, &model, now);
+        drop(routing);
         let start = match start {
             Start::Provider(i) => i,
             Start::NotServed => {
@@ -370,7 +375,10 @@ impl Listener {
             );
         }
         let mut rewritten: Option<Vec<u8>> = None;
-        if let Some(flow) = self.admit(host, now, body, &mut rewritten) {
+        let admitting = span("listener admit");
+        let admitted = self.admit(host, now, body, &mut rewritten);
+        drop(admitting);
+        if let Some(flow) = admitted {
             return flow;
         }
         let wants_stream_usage = self.api == ApiKind::ChatCompletions
@@ -406,6 +414,7 @@ impl Listener {
         if steered.is_some() {
             host.clear_route_cache();
         }
+        let planning = span("listener plan");
         let plan = Plan {
             path: self.path.clone(),
             authority: self.authority.clone(),
@@ -419,6 +428,7 @@ impl Listener {
             at_ms: Some(self.started_ms),
         };
         host.set_filter_state(plan::FILTER_STATE, &plan.encode());
+        drop(planning);
         // For Envoy's rate limit filter (fleet-wide budgets): its descriptor is the consumer.
         host.set_filter_state(CONSUMER, self.consumer.as_bytes());
         self.decided = true;
@@ -813,6 +823,7 @@ impl Listener {
         if self.charged || !self.admitted {
             return;
         }
+        let _p = span("listener charge");
         self.charged = true;
         let ok = (200..300).contains(&self.status);
         let (usage, estimated) = self.final_usage(ok, torn_down);

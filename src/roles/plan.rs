@@ -25,20 +25,20 @@ pub struct Plan {
     pub consumer: String,
     /// The provider the request starts on, and its health as the listener read it (shared-data
     /// encoding): the first attempt chooses its key from it instead of reading it again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<(usize, Vec<u8>)>,
     /// When the request arrived (ms): the first attempt's clock.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_ms: Option<u64>,
 }
 
 impl Plan {
+    /// postcard: a few hundred nanoseconds where JSON took microseconds. Filter state is read only
+    /// by tollgate itself, so the form need not be readable.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        postcard::to_allocvec(self).unwrap_or_default()
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Plan> {
-        serde_json::from_slice(bytes).ok()
+        postcard::from_bytes(bytes).ok()
     }
 }
 

@@ -192,7 +192,6 @@ fn a_request_through_admission_attempt_answer_and_charge() {
         None,
         "client key removed"
     );
-    assert_eq!(lh.header_writes, 1, "one write of the request headers");
     lh.request_headers_sent = true;
     let plan = Plan::decode(lh.filter_state.get(plan::FILTER_STATE).unwrap()).unwrap();
     assert_eq!(
@@ -831,12 +830,14 @@ fn an_unpriced_model_is_never_free_on_a_cost_budget() {
 
 /// What a non-streamed request costs in host calls, both roles and shared data included (metrics
 /// and usage totals go at the tick, not per request). Issue #15 asks for at most 20; this design
-/// makes 21 (listener 11: headers read and write, clock, body, plan, consumer for the rate limit
-/// service, answer's headers read and write, body, access-log record, total tokens for the rate
-/// limit service; upstream 5: plan, headers read and write, answer's headers read and write;
-/// shared data 5: health, quota admission and settlement (one entry for all limits)).
+/// makes 22, two of them because a single header write (~1.2 µs) is cheaper than a whole-map write
+/// (~7.7 µs): listener 11 (headers read, the client's key removed, clock, body, plan, consumer for
+/// the rate limit service, answer's headers read, rate-limit headers in one write, body,
+/// access-log record, total tokens for the rate limit service); upstream 6 (plan, headers read,
+/// key set, answer's status read, provider and key id set); shared data 5 (health, quota
+/// admission and settlement: one entry for all limits).
 #[test]
-fn a_non_streamed_request_costs_21_host_calls() {
+fn a_non_streamed_request_costs_22_host_calls() {
     let cfg = Rc::new(
         parse(
             br#"{"consumers":{"list":[{"name":"team-a","key_env":"K","limits":[
@@ -876,6 +877,6 @@ fn a_non_streamed_request_costs_21_host_calls() {
         calls.push((lh.calls.get(), uh.calls.get(), store.calls.get()));
     }
     // The first request of a worker also takes a block of round-robin tickets (one CAS).
-    assert_eq!(calls[0], (11, 5, 7), "listener, upstream, shared data");
-    assert!(calls[1..].iter().all(|&c| c == (11, 5, 5)), "{calls:?}");
+    assert_eq!(calls[0], (11, 6, 7), "listener, upstream, shared data");
+    assert!(calls[1..].iter().all(|&c| c == (11, 6, 5)), "{calls:?}");
 }

@@ -20,6 +20,7 @@ use crate::failover::health::{self, CooldownReason, Outcome};
 use crate::failover::retry_signal;
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::translate::{self, TranslateError};
+use crate::host::prof::span;
 use crate::host::{find, Body, Edits, Host, Map};
 use crate::limit::headers as limit_headers;
 use crate::pool::credentials;
@@ -114,9 +115,10 @@ impl Upstream {
         let mut map = Edits::of(host.headers(Map::RequestHeaders));
         let current_path = map.get(":path").unwrap_or_default().to_string();
         let current_authority = map.get(":authority").unwrap_or_default().to_string();
-        let planned = host
-            .property(&[plan::FILTER_STATE])
-            .and_then(|b| Plan::decode(&b));
+        let planned = host.property(&[plan::FILTER_STATE]);
+        let decoding = span("upstream plan decode");
+        let planned = planned.and_then(|b| Plan::decode(&b));
+        drop(decoding);
         // The listener role took the client's credentials out: one found here was set by an
         // earlier attempt of this request, in this same header map. This is a retry.
         let retry = planned.is_some()
@@ -179,6 +181,7 @@ impl Upstream {
         // The first attempt, on the provider the listener chose, takes the health the listener
         // read microseconds ago; a retry reads it afresh. (The circuit was consulted by the
         // listener when it chose where the request starts; a retry Envoy moved here goes ahead.)
+        let choosing = span("upstream key choice");
         let snapshot = self
             .plan
             .start
@@ -225,6 +228,7 @@ impl Upstream {
                 );
             }
         };
+        drop(choosing);
         self.key = Some(ki);
         let Some(key) = p.keys.get(ki) else {
             return self.local(
@@ -338,9 +342,17 @@ impl Upstream {
     }
 
     pub fn on_response_headers<H: Host>(&mut self, host: &mut H) -> Flow {
-        // One read of the map (status, and a 429's reset signals) and one write.
-        let mut map = Edits::of(host.headers(Map::ResponseHeaders));
-        self.status = map.get(":status").and_then(|v| v.parse().ok()).unwrap_or(0);
+        // The status is all most answers need: one value read (~1.8 µs) instead of the whole map
+        // (~5.5 µs); a 429's reset signals need the rest.
+        self.status = host
+            .header(Map::ResponseHeaders, ":status")
+            .and_then(|v| core::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0);
+        let mut map = Edits::of(if self.status == 429 {
+            host.headers(Map::ResponseHeaders)
+        } else {
+            Vec::new()
+        });
         self.record_outcome(host, map.headers());
         let Some(p) = self.provider() else {
             return Flow::Continue;
