@@ -826,7 +826,9 @@ impl Listener {
         let _p = span("listener charge");
         self.charged = true;
         let ok = (200..300).contains(&self.status);
+        let reading = span("listener usage read");
         let (usage, estimated) = self.final_usage(ok, torn_down);
+        drop(reading);
         let consumer = metric_segment(&self.consumer);
         let row = [
             1,
@@ -845,6 +847,7 @@ impl Listener {
                 row,
             );
         }
+        let settling = span("listener settle");
         if !self.reservations.is_empty() {
             let cost = self
                 .cfg
@@ -863,6 +866,8 @@ impl Listener {
                 log::warn!("quota settlement failed: {e:?}");
             }
         }
+        drop(settling);
+        let _metrics = span("listener metrics and record");
         // Metrics: per consumer x model, per provider key, and by outcome.
         let cm = format!("tollgate.consumer.{consumer}.model.{}", self.model_label);
         host.count(&format!("{cm}.requests"), 1);
