@@ -726,7 +726,10 @@ fn an_error_body_quoting_the_key_is_scrubbed() {
         "openai",
         1,
         401,
-        &[("content-type", "application/json")],
+        &[
+            ("content-type", "application/json"),
+            ("content-length", "63"),
+        ],
         br#"{"error":{"message":"Incorrect API key provided: sk-openai-one."}}"#,
         &cfg,
     );
@@ -734,6 +737,11 @@ fn an_error_body_quoting_the_key_is_scrubbed() {
     assert!(
         !body.contains("sk-openai-one") && body.contains("[key oa-1]"),
         "{body}"
+    );
+    assert_eq!(
+        uh.get(Map::ResponseHeaders, "content-length"),
+        None,
+        "the scrubbed body has another length"
     );
 }
 

@@ -374,11 +374,12 @@ impl Upstream {
             ),
             1,
         );
-        if self.status >= 400 && self.key.is_some() {
-            self.scrub = true;
-            map.remove("content-length");
-        }
         map.apply(host, Map::ResponseHeaders);
+        if self.status >= 400 && self.key.is_some() {
+            // The body may change length once scrubbed. (The map was not read: remove by name.)
+            self.scrub = true;
+            host.remove_header(Map::ResponseHeaders, "content-length");
+        }
         Flow::Continue
     }
 

@@ -95,12 +95,20 @@ class Gateways:
             endpoints = [{"provider": p["name"], "port": self.mocks["openai" if p["type"] != "anthropic" else "anthropic"].port,
                           "priority": i} for i, p in enumerate(plugin["providers"])]
         access_log = self.tmp / f"access{len(self.started)}.log"
-        cfg = gateway_config(plugin, endpoints, listener_port=free_port(), admin_port=free_port(),
-                             access_log=str(access_log), env_keys=sorted(KEYS), **kw)
-        e = Envoy(cfg, env={**KEYS, **(env or {})}, concurrency=concurrency, log_level=log_level)
-        e.access_log_path = access_log
-        self.started.append(e)
-        return e.start()
+        for attempt in range(3):
+            cfg = gateway_config(plugin, endpoints, listener_port=free_port(), admin_port=free_port(),
+                                 access_log=str(access_log), env_keys=sorted(KEYS), **kw)
+            e = Envoy(cfg, env={**KEYS, **(env or {})}, concurrency=concurrency, log_level=log_level)
+            e.access_log_path = access_log
+            self.started.append(e)
+            try:
+                return e.start()
+            except RuntimeError as err:
+                # free_port() cannot reserve a port: another process may take it before Envoy
+                # binds it. Only that is retried, with new ports.
+                if "Address already in use" not in str(err) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         for e in self.started:
