@@ -35,17 +35,30 @@ $(VENV)/.installed: tests/requirements.txt
 .PHONY: venv
 venv: $(VENV)/.installed
 
+# The features rustc emits for wasm32-wasip1: with `-all`, wasm-opt may use others, and Envoy then
+# refuses to load the module.
+WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
+
 .PHONY: build
 build: toolchain
 	cargo build --release --target $(TARGET) -p tollgate
+	@$(MAKE) --no-print-directory optimize
+
+# wasm-opt -O3 on the module cargo built, in place, once per build (the stamp is newer than the
+# module it optimized): ~15% smaller, no slower. Without binaryen the module stays as cargo built it.
+.PHONY: optimize
+optimize:
+	@command -v wasm-opt >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -qq binaryen || (apt-get update -qq && apt-get install -y -qq binaryen)) >/dev/null 2>&1; } || true
+	@if ! command -v wasm-opt >/dev/null 2>&1; then echo "wasm-opt not found: $(WASM) left as cargo built it"; \
+	elif [ ! -f $(WASM).optimized ] || [ $(WASM) -nt $(WASM).optimized ]; then \
+	  wasm-opt $(WASM_OPT_FEATURES) -O3 $(WASM) -o $(WASM).tmp && mv $(WASM).tmp $(WASM) && touch $(WASM).optimized && \
+	  echo "wasm-opt -O3: $$(stat -c %s $(WASM)) bytes"; fi
 
 .PHONY: mock
 mock:
 	cargo build --release -p mock-provider
 
-# The features rustc emits for wasm32-wasip1: with `-all`, wasm-opt may use others, and Envoy then
-# refuses to load the module.
-WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
 
 .PHONY: size
 size: toolchain
