@@ -18,6 +18,7 @@ use std::marker::PhantomData;
 
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize as Derive;
+use serde_json::value::RawValue;
 
 use crate::api::splice;
 use crate::count::estimate;
@@ -108,7 +109,27 @@ impl StreamUsage {
         self.take(ev).is_some_and(|chunk| chunk.usage_only(ev.data))
     }
 
-    fn take(&mut self, ev: &SseEvent<'_>) -> Option<Chunk> {
+    /// For a stream whose usage tollgate asked for and the client did not: [`Self::on_event`], and
+    /// what the client gets of the event, from one parse: nothing for the usage-only chunk, the
+    /// event without its `"usage":null` (as [`without_null_usage`] cuts it), or the event as is.
+    pub fn on_event_for_client(&mut self, ev: &SseEvent<'_>) -> ClientEvent {
+        let Some(chunk) = self.take(ev) else {
+            return ClientEvent::AsIs;
+        };
+        if chunk.usage_only(ev.data) {
+            return ClientEvent::Drop;
+        }
+        match chunk.usage.filter(|u| u.get() == "null") {
+            // The data of an event split across chunks is not borrowed from `raw`: then the
+            // member is found again in `raw`.
+            Some(null) => cut_member(ev.raw, null.get())
+                .or_else(|| without_null_usage(ev.raw))
+                .map_or(ClientEvent::AsIs, ClientEvent::Edited),
+            None => ClientEvent::AsIs,
+        }
+    }
+
+    fn take<'a>(&mut self, ev: &SseEvent<'a>) -> Option<Chunk<'a>> {
         if ev.data.is_empty() || ev.data == "[DONE]" {
             return None;
         }
@@ -165,6 +186,19 @@ impl StreamUsage {
     }
 }
 
+/// A member's value as written, `null` included (a plain `Option` would read `null` as absent).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// What a client gets of one event ([`StreamUsage::on_event_for_client`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    AsIs,
+    Drop,
+    Edited(Vec<u8>),
+}
+
 /// Rules out ordinary chunks (which carry `"usage":null` when usage was asked for) without
 /// parsing: only the usage chunk has an empty `choices` array.
 fn may_be_usage_only(data: &str) -> bool {
@@ -192,7 +226,16 @@ pub fn without_null_usage(event_raw: &[u8]) -> Option<Vec<u8>> {
     let data = data_line(event_raw)?;
     let payload = raw.get(data.clone())?;
     let [usage] = splice::members(payload, ["usage"]).ok()?.values;
-    let value = splice::span(payload, usage.filter(|u| u.get() == "null")?.get())?;
+    cut_member(event_raw, usage.filter(|u| u.get() == "null")?.get())
+}
+
+/// `event_raw` without the top-level member whose value is `value` (a slice of the event's one
+/// `data:` line, as serde_json borrowed it), every other byte kept.
+fn cut_member(event_raw: &[u8], value: &str) -> Option<Vec<u8>> {
+    let raw = std::str::from_utf8(event_raw).ok()?;
+    let data = data_line(event_raw)?;
+    let payload = raw.get(data.clone())?;
+    let value = splice::span(payload, value)?;
     // Back from the value over `:` and the key to the `,` or `{` before the member: the key, which
     // reads "usage", holds neither, even escaped (`\u0075`).
     let before = payload.get(..value.start)?;
@@ -403,13 +446,16 @@ impl UsageObject {
     }
 }
 
-/// One streamed JSON event of any supported API; every member is optional.
+/// One streamed JSON event of any supported API; every member is optional. `usage` is kept as
+/// written: most chunks of a forced-usage stream carry `"usage":null`, which is then cut out of
+/// the event by its place in the text, from this same parse.
 #[derive(Derive)]
-struct Chunk {
+struct Chunk<'a> {
     #[serde(rename = "type")]
     kind: Option<Kind>,
     choices: Option<Items<Choice>>,
-    usage: Option<UsageObject>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    usage: Option<&'a RawValue>,
     /// Anthropic message_start's `message.usage`.
     message: Option<WithUsage>,
     /// Responses API lifecycle events' `response.usage`.
@@ -425,9 +471,15 @@ struct WithUsage {
     usage: Option<UsageObject>,
 }
 
-impl Chunk {
+impl Chunk<'_> {
+    /// The usage object, when there is one (not `null`).
+    fn usage_object(&self) -> Option<UsageObject> {
+        let raw = self.usage.filter(|u| u.get() != "null")?;
+        serde_json::from_str::<UsageObject>(raw.get()).ok()
+    }
+
     fn usage_counts(&self) -> Option<Counts> {
-        self.usage.as_ref().map(UsageObject::counts)
+        self.usage_object().as_ref().map(UsageObject::counts)
     }
 
     fn message_usage(&self) -> Option<Counts> {
@@ -456,7 +508,7 @@ impl Chunk {
     /// An empty `choices` array and a usage member that is not `null`.
     fn usage_only(&self, data: &str) -> bool {
         self.choices.as_ref().is_some_and(|c| c.count == 0)
-            && self.usage.is_some()
+            && self.usage.is_some_and(|u| u.get() != "null")
             && may_be_usage_only(data)
     }
 }
@@ -1050,5 +1102,49 @@ mod tests {
         assert!(StreamUsage::is_usage_only_chunk(&data(
             " {\n\"usage\" : { \"completion_tokens\":2 } ,\t\"choices\":[ ] }\r\n"
         )));
+    }
+
+    #[test]
+    fn one_parse_gives_what_the_client_gets_as_the_two_calls_did() {
+        let stream = include_bytes!("../../tests/fixtures/openai_stream.sse");
+        for split in [stream.len(), 300, 64, 7, 1usize] {
+            let (mut one, mut two) = (StreamUsage::new(), StreamUsage::new());
+            let (mut a, mut b) = (SseParser::new(1 << 20), SseParser::new(1 << 20));
+            let (mut out_one, mut out_two) = (Vec::new(), Vec::new());
+            for chunk in stream.chunks(split) {
+                a.feed(chunk, |ev| match one.on_event_for_client(&ev) {
+                    ClientEvent::AsIs => out_one.extend_from_slice(ev.raw),
+                    ClientEvent::Drop => {}
+                    ClientEvent::Edited(e) => out_one.extend_from_slice(&e),
+                });
+                b.feed(chunk, |ev| {
+                    if !two.on_event_is_usage_only(&ev) {
+                        match without_null_usage(ev.raw) {
+                            Some(e) => out_two.extend_from_slice(&e),
+                            None => out_two.extend_from_slice(ev.raw),
+                        }
+                    }
+                });
+            }
+            let at = out_one.iter().zip(&out_two).position(|(a, b)| a != b);
+            assert!(
+                out_one == out_two,
+                "split {split}: outputs differ at {at:?}: {:?} / {:?}",
+                String::from_utf8_lossy(
+                    &out_one[at.unwrap_or(0).saturating_sub(40)
+                        ..(at.unwrap_or(0) + 40).min(out_one.len())]
+                ),
+                String::from_utf8_lossy(
+                    &out_two[at.unwrap_or(0).saturating_sub(40)
+                        ..(at.unwrap_or(0) + 40).min(out_two.len())]
+                )
+            );
+            assert!(
+                !String::from_utf8_lossy(&out_one).contains("usage"),
+                "split {split}"
+            );
+            assert_eq!(one.usage(), two.usage());
+            assert_eq!(one.text_chars(), two.text_chars());
+        }
     }
 }

@@ -17,7 +17,7 @@ use crate::config::{Config, Consumers, Provider};
 use crate::count::estimate;
 use crate::count::metric_segment;
 use crate::count::sse::{SseEvent, SseParser};
-use crate::count::usage::{self, usage_from_json, ApiKind, StreamUsage, Usage};
+use crate::count::usage::{usage_from_json, ApiKind, ClientEvent, StreamUsage, Usage};
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::route::{self, Start};
 use crate::failover::translate::{self, ChatToMessagesStream, MessagesToChatStream};
@@ -1024,15 +1024,12 @@ pub const CLIENT_GONE: &str = "tollgate_client_gone";
 fn edit_event(edit: &mut StreamEdit, su: &mut StreamUsage, ev: &SseEvent<'_>, out: &mut Vec<u8>) {
     match edit {
         StreamEdit::None => su.on_event(ev),
-        StreamEdit::StripUsage => {
-            if su.on_event_is_usage_only(ev) {
-                return;
-            }
-            match usage::without_null_usage(ev.raw) {
-                Some(stripped) => out.extend_from_slice(&stripped),
-                None => out.extend_from_slice(ev.raw),
-            }
-        }
+        // One parse counts the event and tells what the client gets of it.
+        StreamEdit::StripUsage => match su.on_event_for_client(ev) {
+            ClientEvent::AsIs => out.extend_from_slice(ev.raw),
+            ClientEvent::Drop => {}
+            ClientEvent::Edited(stripped) => out.extend_from_slice(&stripped),
+        },
         StreamEdit::ToChat(t) => {
             su.on_event(ev);
             t.on_event(ev, out);
