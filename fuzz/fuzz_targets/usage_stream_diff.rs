@@ -41,7 +41,12 @@ fuzz_target!(|data: &[u8]| {
 
     let mut stripped = Vec::new();
     for ev in &whole {
+        // A member repeated in one object (`"usage"` twice) is garbage no provider sends: serde
+        // refuses such an event, and once the last `"usage":null` is cut it may read it. Only
+        // "no panic" is checked there.
+        let repeated = ev.data.matches("\"usage\"").count() > 1;
         match without_null_usage(&ev.raw) {
+            Some(_) if repeated => stripped.push(ev.clone()),
             Some(raw) => {
                 assert!(raw.len() < ev.raw.len());
                 assert_eq!(without_null_usage(&raw), None, "stripped twice: {ev:?}");
