@@ -9,7 +9,9 @@
 //! - `count`: tokens out of JSON and SSE answers, and estimates when a provider gives none;
 //! - `limit`: consumers' budgets, admission and settlement in shared data;
 //! - `failover`: key cooldowns and provider circuits, and rewriting a request for another provider;
-//! - `store`: the shared-data seam (Envoy's CAS store, and a fake that behaves like it).
+//! - `store`: the shared-data seam (Envoy's CAS store, and a fake that behaves like it);
+//! - `host`: everything a role asks of Envoy, as one trait, with a fake host for tests;
+//! - `roles`: the listener-level and upstream roles' decisions, written against `host::Host`.
 
 pub mod api;
 pub mod config;
@@ -21,6 +23,6 @@ pub mod pool;
 pub mod roles;
 pub mod store;
 
-/// The Envoy glue. Only built for Wasm: it binds the proxy-wasm host ABI directly.
+/// The Envoy glue: the proxy-wasm SDK's contexts adapted to the roles. Only built for Wasm.
 #[cfg(target_arch = "wasm32")]
 mod filter;
