@@ -92,6 +92,9 @@ pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
 pub struct StreamUsage {
     counts: Counts,
     text: Text,
+    /// Chunks of a forced-usage stream passed without parsing (see `on_event_for_client`): about
+    /// one generated token each, for the estimate if the stream never reports usage.
+    unparsed_chunks: u64,
 }
 
 impl StreamUsage {
@@ -112,7 +115,24 @@ impl StreamUsage {
     /// For a stream whose usage tollgate asked for and the client did not: [`Self::on_event`], and
     /// what the client gets of the event, from one parse: nothing for the usage-only chunk, the
     /// event without its `"usage":null` (as [`without_null_usage`] cuts it), or the event as is.
+    ///
+    /// Most chunks of such a stream are not parsed at all: one that does not name `usage`, or
+    /// whose only usage is a `"usage":null` as the object's last member (OpenAI's layout), cannot
+    /// carry usage, and is passed as is or with that member cut. Their text is then not counted:
+    /// should the stream end without usage (cut short), each counts as one token, as OpenAI streams
+    /// about one token a chunk.
     pub fn on_event_for_client(&mut self, ev: &SseEvent<'_>) -> ClientEvent {
+        if !ev.data.is_empty() && ev.data != "[DONE]" {
+            let data = ev.data.as_bytes();
+            if memchr::memmem::find(data, b"\"usage\"").is_none() {
+                self.unparsed_chunks += 1;
+                return ClientEvent::AsIs;
+            }
+            if let Some(cut) = trailing_null_usage(ev) {
+                self.unparsed_chunks += 1;
+                return ClientEvent::Edited(cut);
+            }
+        }
         let Some(chunk) = self.take(ev) else {
             return ClientEvent::AsIs;
         };
@@ -175,7 +195,7 @@ impl StreamUsage {
     /// [`estimate::text_tokens`] summed over the same deltas: better than
     /// [`estimate::chars_to_tokens`] for non-English text.
     pub fn estimated_output_tokens(&self) -> u64 {
-        self.text.tokens
+        self.text.tokens.saturating_add(self.unparsed_chunks)
     }
 
     /// True when this event is an OpenAI chat chunk that carries usage and no choices (`"choices":[]`)
@@ -184,6 +204,38 @@ impl StreamUsage {
         may_be_usage_only(ev.data)
             && serde_json::from_str::<Chunk>(ev.data).is_ok_and(|c| c.usage_only(ev.data))
     }
+}
+
+/// The event without its `"usage":null`, when that is the last member of the event's JSON object
+/// (or the last but OpenAI's `"obfuscation"` string of letters and digits): then it is certainly a
+/// member of the outermost object, which the final `}` closes, and the event carries no usage.
+/// None for any other layout (the caller parses the event).
+fn trailing_null_usage(ev: &SseEvent<'_>) -> Option<Vec<u8>> {
+    const MEMBER: &str = ",\"usage\":null";
+    let data = ev.data.trim_end_matches(JSON_WS);
+    let body = data.strip_suffix('}')?;
+    let at = match body.strip_suffix(MEMBER) {
+        Some(before) => before.len(),
+        None => {
+            let (before, value) = body.rsplit_once(",\"obfuscation\":\"")?;
+            let value = value.strip_suffix('"')?;
+            if !value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return None;
+            }
+            before.strip_suffix(MEMBER)?.len()
+        }
+    };
+    // Where the data sits in the event's bytes (the parser borrows it from them when the event
+    // is one line; otherwise the caller's parse handles it).
+    let raw = std::str::from_utf8(ev.raw).ok()?;
+    let start = splice::span(raw, ev.data)?.start + at;
+    let mut out = Vec::with_capacity(ev.raw.len());
+    out.extend_from_slice(ev.raw.get(..start)?);
+    out.extend_from_slice(ev.raw.get(start + MEMBER.len()..)?);
+    Some(out)
 }
 
 /// A member's value as written, `null` included (a plain `Option` would read `null` as absent).
@@ -1144,7 +1196,41 @@ mod tests {
                 "split {split}"
             );
             assert_eq!(one.usage(), two.usage());
-            assert_eq!(one.text_chars(), two.text_chars());
+            // Chunks passed unparsed count one token each for an estimate: the fixture's 9
+            // completion tokens came in 11 chunks (role, 9 deltas, finish).
+            let estimate = one.estimated_output_tokens();
+            assert!(
+                (9..=13).contains(&estimate),
+                "split {split}: estimate {estimate}"
+            );
         }
+    }
+
+    #[test]
+    fn only_a_last_top_level_null_usage_is_cut_without_parsing() {
+        let ev = |raw: &'static str| SseEvent {
+            event: "",
+            data: raw.strip_prefix("data: ").unwrap().trim_end(),
+            raw: raw.as_bytes(),
+        };
+        let cut = |raw: &'static str| {
+            trailing_null_usage(&ev(raw)).map(|b| String::from_utf8(b).unwrap())
+        };
+        assert_eq!(
+            cut("data: {\"choices\":[],\"usage\":null}\n\n").as_deref(),
+            Some("data: {\"choices\":[]}\n\n")
+        );
+        assert_eq!(
+            cut("data: {\"c\":1,\"usage\":null,\"obfuscation\":\"Zk3\"}\n\n").as_deref(),
+            Some("data: {\"c\":1,\"obfuscation\":\"Zk3\"}\n\n")
+        );
+        // Nested, or not the last member, or inside a string: left to the parse.
+        assert_eq!(cut("data: {\"a\":{\"b\":1,\"usage\":null}}\n\n"), None);
+        assert_eq!(cut("data: {\"usage\":null,\"c\":1}\n\n"), None);
+        assert_eq!(cut("data: {\"s\":\"x,\\\"usage\\\":null}\"}\n\n"), None);
+        assert_eq!(
+            cut("data: {\"c\":1,\"usage\":null,\"obfuscation\":\"a\\\"b\"}\n\n"),
+            None
+        );
     }
 }
