@@ -8,7 +8,7 @@ mod common;
 
 use common::{parse_sse, Event, Params};
 use libfuzzer_sys::fuzz_target;
-use tollgate::count::usage::{without_null_usage, StreamUsage};
+use tollgate::count::usage::{without_null_usage, ClientEvent, StreamUsage};
 
 fn totals(events: &[Event]) -> impl PartialEq + std::fmt::Debug {
     let mut s = StreamUsage::new();
@@ -66,4 +66,25 @@ fuzz_target!(|data: &[u8]| {
     }
     // Every usage-only answer stays, and so do the totals.
     assert_eq!(t, totals(&stripped), "usage differs once null usage is stripped");
+
+    // What a client of a forced-usage stream gets, from one call per event (most events not
+    // parsed): the same usage as the parse of every event, and the same bytes as dropping the
+    // usage-only chunk and cutting the null usage, wherever the cut is certain.
+    let mut one = StreamUsage::new();
+    let mut reference = StreamUsage::new();
+    for ev in &whole {
+        let ev = ev.as_sse();
+        let only = reference.on_event_is_usage_only(&ev);
+        match one.on_event_for_client(&ev) {
+            ClientEvent::Drop => assert!(only, "dropped an event that is not the usage chunk: {:?}", ev.data),
+            ClientEvent::AsIs => assert!(!only, "kept the usage chunk: {:?}", ev.data),
+            ClientEvent::Edited(raw) => {
+                assert!(!only);
+                if ev.data.matches("\"usage\"").count() == 1 {
+                    assert_eq!(Some(raw), without_null_usage(ev.raw), "cut differs: {:?}", ev.data);
+                }
+            }
+        }
+    }
+    assert_eq!(one.usage(), reference.usage(), "usage differs when most events are not parsed");
 });

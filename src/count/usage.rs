@@ -122,15 +122,22 @@ impl StreamUsage {
     /// should the stream end without usage (cut short), each counts as one token, as OpenAI streams
     /// about one token a chunk.
     pub fn on_event_for_client(&mut self, ev: &SseEvent<'_>) -> ClientEvent {
-        if !ev.data.is_empty() && ev.data != "[DONE]" {
-            let data = ev.data.as_bytes();
-            if memchr::memmem::find(data, b"\"usage\"").is_none() {
-                self.unparsed_chunks += 1;
-                return ClientEvent::AsIs;
-            }
-            if let Some(cut) = trailing_null_usage(ev) {
-                self.unparsed_chunks += 1;
-                return ClientEvent::Edited(cut);
+        // A key can only be spelt otherwise with a `\u` escape: with none, the literal count of
+        // `"usage"` is the count of usage keys.
+        let data = ev.data.as_bytes();
+        if !data.is_empty() && ev.data != "[DONE]" && memchr::memmem::find(data, b"\\u").is_none() {
+            match memchr::memmem::find_iter(data, b"\"usage\"").count() {
+                0 => {
+                    self.unparsed_chunks += 1;
+                    return ClientEvent::AsIs;
+                }
+                1 => {
+                    if let Some(cut) = trailing_null_usage(ev) {
+                        self.unparsed_chunks += 1;
+                        return ClientEvent::Edited(cut);
+                    }
+                }
+                _ => {}
             }
         }
         let Some(chunk) = self.take(ev) else {
