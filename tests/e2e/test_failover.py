@@ -80,7 +80,9 @@ def test_dead_key_leaves_the_rotation(gateway, mocks):
         assert chat(gw.port).status == 200
     seen = keys_seen(a)
     assert seen.count(KEYS["OPENAI_KEY_2"]) == 1, seen
-    assert seen.count(KEYS["OPENAI_KEY_1"]) >= 4 and seen.count(KEYS["OPENAI_KEY_3"]) >= 4
+    # The other two keys share the rest; each worker takes round-robin tickets in blocks of 4
+    # (src/pool/keypool.rs), so over 9 requests on 2 workers the split is even within a block.
+    assert seen.count(KEYS["OPENAI_KEY_1"]) >= 3 and seen.count(KEYS["OPENAI_KEY_3"]) >= 3, seen
     st = status(gw)
     assert [k["state"] for k in st["providers"]["openai"]["keys"]] == ["healthy", "disabled", "healthy"]
     log = gw.wait_log("key openai/oa-2 refused by the provider with 401")
