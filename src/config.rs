@@ -108,6 +108,9 @@ pub struct Key {
     pub secret: String,
     pub source: KeySecret,
     pub weight: u32,
+    /// Out of the rotation, but kept in the configuration: its cooldowns and counters stay, and
+    /// enabling it again needs no other change.
+    pub disabled: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -304,6 +307,7 @@ struct RawKey {
     value: Option<String>,
     inline: Option<bool>,
     weight: Option<u32>,
+    disabled: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -789,6 +793,7 @@ fn key(path: &str, rk: RawKey, before: &[Key], env: &Env, warnings: &mut Vec<Str
         secret,
         source,
         weight,
+        disabled: rk.disabled.unwrap_or(false),
     })
 }
 
@@ -1040,6 +1045,7 @@ impl Provider {
                 secret: "s".into(),
                 source: KeySecret::Inline,
                 weight: *w,
+                disabled: false,
             })
             .collect();
         Provider {
@@ -1193,7 +1199,7 @@ mod tests {
         let cases: &[(&str, &str, String)] = &[
             (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models".into()),
-            ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, weight".into()),
+            ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, weight, disabled".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
@@ -1553,6 +1559,7 @@ mod tests {
                 secret: String::new(),
                 source: KeySecret::Inline,
                 weight: *w,
+                disabled: false,
             })
             .collect();
         let s = smooth_weighted_schedule(&keys);

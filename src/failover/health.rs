@@ -56,7 +56,13 @@ pub struct ProviderHealth {
     pub probes_since_ms: u64,
     /// Per key of the provider, in config order: (cooldown until, reason).
     pub keys: Vec<(u64, CooldownReason)>,
+    /// Per key, in config order: disabled in the configuration (not stored: the config says it).
+    pub disabled: Vec<bool>,
 }
+
+/// When every key of a provider is disabled in the configuration there is no moment it is back:
+/// clients are told to retry after this long, when a configuration change may have enabled one.
+const ALL_DISABLED_RETRY_MS: u64 = 60_000;
 
 pub fn entry_key(provider: &str) -> String {
     format!("tollgate:h:{provider}")
@@ -96,6 +102,7 @@ impl ProviderHealth {
             })
             .collect();
         ProviderHealth {
+            disabled: provider.keys.iter().map(|k| k.disabled).collect(),
             failures,
             open_until_ms,
             probes_used,
@@ -122,10 +129,16 @@ impl ProviderHealth {
     }
 
     pub fn key_available(&self, idx: usize, now_ms: u64) -> bool {
-        self.keys
-            .get(idx)
-            .map(|(until, _)| *until <= now_ms)
-            .unwrap_or(false)
+        !self.key_disabled(idx)
+            && self
+                .keys
+                .get(idx)
+                .map(|(until, _)| *until <= now_ms)
+                .unwrap_or(false)
+    }
+
+    pub fn key_disabled(&self, idx: usize) -> bool {
+        self.disabled.get(idx).copied().unwrap_or(false)
     }
 
     /// The state of the key at `idx` now: healthy, or cooling until when and why.
@@ -138,11 +151,16 @@ impl ProviderHealth {
 
     /// When the first key of the provider is usable again (now if one is usable now).
     pub fn earliest_key_ms(&self, now_ms: u64) -> u64 {
+        if self.keys.is_empty() {
+            return now_ms;
+        }
         self.keys
             .iter()
-            .map(|(u, _)| (*u).max(now_ms))
+            .enumerate()
+            .filter(|(i, _)| !self.key_disabled(*i))
+            .map(|(_, (u, _))| (*u).max(now_ms))
             .min()
-            .unwrap_or(now_ms)
+            .unwrap_or(now_ms.saturating_add(ALL_DISABLED_RETRY_MS))
     }
 
     pub fn circuit(&self, cfg: &Health, now_ms: u64) -> Circuit {
@@ -303,6 +321,33 @@ mod tests {
         circuit_open_ms: 10_000,
         half_open_probes: 1,
     };
+
+    #[test]
+    fn a_disabled_key_is_unavailable_and_keeps_its_cooldown_for_when_it_returns() {
+        let s = FakeStore::new();
+        let mut p = provider(&["a", "b"]);
+        cool_key(&s, &p, 1, 5_000, CooldownReason::RateLimited).unwrap();
+        p.keys[0].disabled = true;
+        let h = read(&s, &p).unwrap();
+        assert!(!h.key_available(0, 1_000), "disabled");
+        assert_eq!(h.earliest_key_ms(1_000), 5_000, "only enabled keys count");
+        // Writing the entry while `a` is disabled keeps its slot, and `b` keeps its cooldown.
+        cool_key(&s, &p, 0, 2_000, CooldownReason::RateLimited).unwrap();
+        p.keys[0].disabled = false;
+        let h = read(&s, &p).unwrap();
+        assert_eq!(
+            h.keys,
+            vec![
+                (2_000, CooldownReason::RateLimited),
+                (5_000, CooldownReason::RateLimited)
+            ]
+        );
+        assert!(h.key_available(0, 2_000));
+        p.keys[1].disabled = true;
+        p.keys[0].disabled = true;
+        let h = read(&s, &p).unwrap();
+        assert_eq!(h.earliest_key_ms(1_000), 1_000 + ALL_DISABLED_RETRY_MS);
+    }
 
     #[test]
     fn cooldowns_are_kept_by_key_id_and_only_extended() {

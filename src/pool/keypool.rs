@@ -130,6 +130,19 @@ mod tests {
     }
 
     #[test]
+    fn disabled_keys_take_no_traffic_in_any_rotation() {
+        for rotation in [Rotation::RoundRobin, Rotation::Weighted, Rotation::Sticky] {
+            let s = FakeStore::new();
+            let mut p = provider(&[1, 3, 1], rotation);
+            p.keys[1].disabled = true;
+            for i in 0..20 {
+                let c = pick(&s, &p, Some(&format!("user-{i}")), 0);
+                assert!(matches!(c, Choice::Key(0 | 2)), "{rotation:?}: {c:?}");
+            }
+        }
+    }
+
+    #[test]
     fn tickets_come_in_blocks_and_blocks_never_overlap() {
         let s = FakeStore::new();
         let (mut a, mut b) = (Tickets::default(), Tickets::default());

@@ -96,7 +96,13 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
             .enumerate()
             .map(|(i, k)| {
                 let (reason, until) = h.key_state(i, now);
-                json!({"id": k.id, "state": reason.as_str(), "cooldown_until_ms": until,
+                // A key disabled in the configuration still shows the cooldown it keeps.
+                let state = if k.disabled {
+                    "disabled_in_config"
+                } else {
+                    reason.as_str()
+                };
+                json!({"id": k.id, "state": state, "cooldown_until_ms": until,
                        "usage": usage(store, &format!("tollgate:u:k:{}:{}", p.name, k.id))})
             })
             .collect();
