@@ -422,3 +422,68 @@ def raw_request(port: int, method: str, path: bytes, headers: list[tuple[bytes, 
             payload = rest[n + 2:]
         payload = body_out
     return Response(int(lines[0].split(" ")[1]), hdrs, payload)
+
+
+def set_plugin(cfg: dict, plugin: dict) -> None:
+    """Puts `plugin` (tollgate's JSON configuration) into both roles of a gateway_config dict:
+    the listener's HTTP filter and every cluster's upstream filter."""
+    value = json.dumps(plugin)
+    for listener in cfg["static_resources"].get("listeners", []):
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"][0]["typed_config"]["http_filters"]:
+                if f["name"] == "tollgate":
+                    f["typed_config"]["config"]["configuration"]["value"] = value
+    for cluster in cfg["static_resources"].get("clusters", []):
+        opts = cluster.get("typed_extension_protocol_options", {}).get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {})
+        for f in opts.get("http_filters", []):
+            if f["name"] == "tollgate.upstream":
+                f["typed_config"]["config"]["configuration"]["value"] = value
+
+
+class FileConfigGateway(Envoy):
+    """An Envoy whose listeners and clusters come from files it watches (LDS and CDS from
+    `path_config_source`), as an operator changes a running gateway without a restart.
+
+    `cfg` is a gateway_config dict; change it (e.g. with set_plugin) and call `write()`: both files
+    are replaced by an atomic rename, which is what Envoy's file watch picks up. `applied()` waits
+    until Envoy has taken both."""
+
+    def __init__(self, cfg: dict, env: dict[str, str] | None = None, **kw):
+        self.cfg = cfg
+        self.files = Path(tempfile.mkdtemp(prefix="tollgate-xds-"))
+        self.lds, self.cds = self.files / "lds.json", self.files / "cds.json"
+        boot = {k: v for k, v in cfg.items() if k != "static_resources"}
+        boot["node"] = {"id": "tollgate-test", "cluster": "tollgate-test"}
+        boot["dynamic_resources"] = {
+            "lds_config": {"path_config_source": {"path": str(self.lds)}, "resource_api_version": "V3"},
+            "cds_config": {"path_config_source": {"path": str(self.cds)}, "resource_api_version": "V3"},
+        }
+        self.writes = 0
+        self.write()
+        super().__init__(boot, env=env, **kw)
+        self.port = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+
+    def write(self) -> None:
+        res = self.cfg["static_resources"]
+        for path, kind, items in ((self.cds, "cluster.v3.Cluster", res.get("clusters", [])),
+                                  (self.lds, "listener.v3.Listener", res.get("listeners", []))):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"resources": [
+                {"@type": f"type.googleapis.com/envoy.config.{kind}", **item} for item in items]}))
+            os.replace(tmp, path)
+        self.writes += 1
+
+    def applied(self, timeout: float = 10) -> None:
+        """Waits until Envoy has accepted the latest write of both files (raises if it refused one)."""
+        deadline = time.time() + timeout
+        while True:
+            s = self.stats()
+            lds, cds = s.get("listener_manager.lds.update_success", 0), s.get("cluster_manager.cds.update_success", 0)
+            rejected = s.get("listener_manager.lds.update_rejected", 0) + s.get("cluster_manager.cds.update_rejected", 0)
+            if rejected:
+                raise RuntimeError("Envoy rejected a configuration file:\n" + self.log()[-3000:])
+            if lds >= self.writes and cds >= self.writes:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"configuration not applied: lds {lds}, cds {cds}, writes {self.writes}")
+            time.sleep(0.1)

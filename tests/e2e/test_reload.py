@@ -86,3 +86,44 @@ def test_counts_quota_and_cooldowns_survive_a_listener_config_change_under_traff
         assert "panicked" not in gw.log()
     finally:
         gw.stop()
+
+
+def test_a_key_disabled_and_enabled_in_the_files_changes_the_rotation_without_a_restart(mocks, tmp_path):
+    from harness import FileConfigGateway, set_plugin
+    plugin = {"providers": [openai_provider(n=2)], "status": STATUS}
+    cfg = gateway_config(plugin, [{"provider": "openai", "port": mocks["openai"].port, "priority": 0}],
+                         listener_port=free_port(), admin_port=free_port(),
+                         access_log=str(tmp_path / "access.log"), env_keys=sorted(KEYS))
+    gw = FileConfigGateway(cfg, env=KEYS)
+    gw.start()
+    try:
+        def served_by(n: int) -> set[str]:
+            before = len(mocks["openai"].requests())
+            for _ in range(n):
+                assert chat(gw.port).status == 200
+            return {r["key"] for r in mocks["openai"].requests()[before:]}
+
+        assert served_by(8) == {KEYS["OPENAI_KEY_1"], KEYS["OPENAI_KEY_2"]}
+        mocks["openai"].script({"key": KEYS["OPENAI_KEY_2"], "status": 429, "headers": {"retry-after": "600"}, "times": 1})
+        served_by(4)
+        plugin["providers"][0]["keys"][0]["disabled"] = True
+        set_plugin(cfg, plugin)
+        gw.write()
+        gw.applied()
+        # oa-1 disabled, oa-2 cooling: nothing is left, and the answer says when to come back.
+        r = chat(gw.port)
+        assert r.status == 429 and int(r.headers["retry-after"]) > 60, r
+        st = status(gw)["providers"]["openai"]["keys"]
+        assert [k["state"] for k in st] == ["disabled_in_config", "rate_limited"], st
+
+        plugin["providers"][0]["keys"][0]["disabled"] = False
+        plugin["providers"][0]["keys"].append({"id": "oa-3", "env": "OPENAI_KEY_3"})
+        set_plugin(cfg, plugin)
+        gw.write()
+        gw.applied()
+        # oa-2 keeps its cooldown across the change; oa-1 is back and the new oa-3 takes traffic.
+        assert served_by(8) == {KEYS["OPENAI_KEY_1"], KEYS["OPENAI_KEY_3"]}
+        assert status(gw)["providers"]["openai"]["keys"][1]["state"] == "rate_limited"
+        assert "panicked" not in gw.log()
+    finally:
+        gw.stop()
