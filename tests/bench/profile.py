@@ -54,8 +54,9 @@ def main() -> int:
     for role in bench.ROLES:
         print(f"  {role:10s} " + " ".join(f"{fig[k][role]:13.2f}" for k in fig))
     if "event" in fig:
-        print(f"  ('event': the spaced streams' difference over their {profile['events']['events-long']} - "
-              f"{profile['events']['events-short']} events)")
+        print(f"  ('event': the spaced streams' ({profile['events']['events-short']} and "
+              f"{profile['events']['events-long']} events) difference in calls over their difference in "
+              "response-body callbacks, about one per event)")
     else:
         print(f"  (per event not counted: {profile['skipped']})")
     return 0
