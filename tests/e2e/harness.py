@@ -127,6 +127,19 @@ def write_secret(secrets_dir: str | Path, name: str, value: str) -> None:
             "name": name, "generic_secret": {"secret": {"filename": str(key.resolve())}}}]}))
 
 
+def sds_from_env(plugin: dict, env: dict[str, str], secrets_dir: str | Path) -> dict:
+    """`plugin` with every `env` key turned into an `sds` key (secret name: the variable's name in
+    lower case, `_` as `-`) whose secret, written to `secrets_dir`, is the variable's value."""
+    out = json.loads(json.dumps(plugin))
+    for p in out["providers"]:
+        for k in p["keys"]:
+            if "env" in k:
+                var = k.pop("env")
+                k["sds"] = var.lower().replace("_", "-")
+                write_secret(secrets_dir, k["sds"], env[var])
+    return out
+
+
 def credential_filters(secrets: dict[str, str], secrets_dir: str | Path) -> list[dict]:
     """The upstream filters that put an `sds` key's secret on an attempt, after tollgate.upstream:
     a composite filter that matches `x-tollgate-credential` (the secret's name) and runs a
