@@ -485,8 +485,9 @@ impl Upstream {
                         self.status,
                         cfg.health.auth_failure_cooldown_ms / 1000
                     );
-                    // The request headers cannot be read any more (the SDK traps on the attempt),
-                    // so whether Envoy injected a credential at all is not known here.
+                    // Whether Envoy injected a credential at all is not known here: reading the
+                    // request headers from a cluster-level response callback made the SDK trap the
+                    // VM (Envoy 1.40).
                     if let Some(KeySecret::Sds(secret)) = p.keys.get(k).map(|k| &k.source) {
                         log::warn!(
                             "tollgate: key {}/{} takes its secret from Envoy's SDS secret '{}': \
