@@ -14,6 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: help
 help:
 	@echo "make run        build and start the demo gateway on localhost:10000 (Ctrl-C stops it)"
+	@echo "make run-rotation  the same with keys, listener and clusters from files changed without a restart (envoy/rotation/)"
 	@echo "make test       clippy (wasm target), unit tests, end-to-end tests against a real Envoy (shipped configs validated there)"
 	@echo "make build      build $(WASM)"
 	@echo "make size       size-tuned build after wasm-opt"
@@ -96,6 +97,11 @@ test: toolchain tools lint unit e2e
 .PHONY: run
 run: build mock venv
 	$(PY) envoy/run_demo.py
+
+# The same mocks behind envoy/rotation/: keys, listener and clusters from files Envoy watches.
+.PHONY: run-rotation
+run-rotation: build mock venv
+	$(PY) envoy/run_demo.py envoy/rotation/envoy.yaml
 
 # The module `make bench` compares tollgate against in the same rounds (A/B): built from this commit's
 # sources (git archive) into $(BENCH_PREV_DIR), with its own target dir so that it never touches

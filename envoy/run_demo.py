@@ -2,6 +2,8 @@
 
 Starts the two mock providers (OpenAI-shaped on 127.0.0.1:18001, Anthropic-shaped on :18002) and a
 real Envoy (from .venv) with envoy/demo.yaml and demo keys, then prints what to try.
+`make run-rotation` (this script with envoy/rotation/envoy.yaml) starts the gateway whose keys,
+listener and clusters come from files, changed without a restart.
 """
 from __future__ import annotations
 
@@ -51,6 +53,24 @@ Prometheus metrics:          curl -s localhost:9901/stats/prometheus | grep toll
 Ctrl-C stops everything.
 """
 
+ROTATION = "envoy/rotation/envoy.yaml"
+
+TRY_ROTATION = """
+tollgate gateway with keys that change without a restart: http://localhost:10000   (Envoy admin: :9901)
+Its listener, clusters and keys are files in envoy/rotation/ (README, "Rotating keys without a restart").
+
+  curl -s -D- -o /dev/null localhost:10000/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}' | grep x-tollgate-key
+
+Replace key oa-1's secret (the mock records the key each request carried):
+
+  printf %s sk-demo-rotation-openai-1-v2 > envoy/rotation/keys/.new && mv envoy/rotation/keys/.new envoy/rotation/keys/openai-1
+  curl -s localhost:18001/_mock/requests | python3 -c 'import json,sys; print([r["key"] for r in json.load(sys.stdin)["requests"]][-4:])'
+
+Key health (each key's source and secret name): curl -s localhost:10000/tollgate/status -H 'Authorization: Bearer tg-demo-admin'
+Ctrl-C stops everything.
+"""
+
 
 def wait_http(url: str, timeout: float = 30) -> None:
     deadline = time.time() + timeout
@@ -82,11 +102,12 @@ def main() -> int:
     for port, name in ((18001, "openai"), (18002, "anthropic")):
         procs.append(subprocess.Popen([str(MOCK), "--port", str(port), "--name", name], stdout=subprocess.DEVNULL))
         wait_http(f"http://127.0.0.1:{port}/_mock/health")
+    config = sys.argv[1] if len(sys.argv) > 1 else "envoy/demo.yaml"
     procs.append(subprocess.Popen(
-        [str(ENVOY), "-c", "envoy/demo.yaml", "--concurrency", "2", "--disable-hot-restart", "-l", "warning"],
+        [str(ENVOY), "-c", config, "--concurrency", "2", "--disable-hot-restart", "-l", "warning"],
         cwd=ROOT, env={**os.environ, **DEMO_ENV}))
     wait_http("http://127.0.0.1:9901/ready")
-    print(TRY, flush=True)
+    print(TRY_ROTATION if config == ROTATION else TRY, flush=True)
     while all(p.poll() is None for p in procs):
         time.sleep(0.5)
     print("a demo process exited; stopping", file=sys.stderr)

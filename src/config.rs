@@ -18,7 +18,8 @@
 //!
 //! Secrets are resolved here, once, at configure time: key values from environment variables that
 //! Envoy passes in `vm_config.environment_variables.host_env_keys`, consumer and admin keys as
-//! SHA-256 digests.
+//! SHA-256 digests. An `sds` key is only the name of a secret that Envoy keeps and injects itself:
+//! its value never enters the VM.
 
 use crate::limit::consumer_key::{self, KeyDigest};
 use crate::limit::quota::{Limit, Metric, Price};
@@ -100,11 +101,16 @@ pub enum FailureMode {
 pub enum KeySecret {
     Env(String),
     Inline,
+    /// The SDS secret Envoy keeps for this key (its name): Envoy writes the credential itself
+    /// (`credential_injector`, selected by the `x-tollgate-credential` header), so the secret never
+    /// enters the VM and rotates with Envoy's own secret machinery.
+    Sds(String),
 }
 
 #[derive(Debug, Clone)]
 pub struct Key {
     pub id: String,
+    /// The key itself; empty for an `sds` key, whose secret only Envoy holds.
     pub secret: String,
     pub source: KeySecret,
     pub weight: u32,
@@ -238,6 +244,14 @@ impl Config {
         out
     }
 
+    /// Whether any key's secret is one Envoy keeps (`sds`).
+    pub fn has_sds_keys(&self) -> bool {
+        self.providers
+            .iter()
+            .flat_map(|p| &p.keys)
+            .any(|k| matches!(k.source, KeySecret::Sds(_)))
+    }
+
     /// Models named anywhere in the config: the only model names used in shared-data keys and
     /// metric names, so that clients cannot grow either without bound.
     pub fn is_known_model(&self, model: &str) -> bool {
@@ -306,6 +320,7 @@ struct RawKey {
     env: Option<String>,
     value: Option<String>,
     inline: Option<bool>,
+    sds: Option<String>,
     weight: Option<u32>,
     disabled: Option<bool>,
 }
@@ -543,6 +558,15 @@ fn valid_name(s: &str) -> bool {
 
 const NAME_RULE: &str = "must be 1-64 characters of letters, digits, '-' or '_'";
 
+/// An SDS secret's name travels in a request header that Envoy's matcher compares exactly, and
+/// names from Kubernetes or Istio look like `kubernetes://ns/name`: any visible ASCII.
+fn valid_secret_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+const SECRET_NAME_RULE: &str =
+    "must be the name of an Envoy secret: 1-253 visible ASCII characters, no spaces";
+
 /// The value of the environment variable `var` named by the field at `path`, trimmed.
 fn env_secret(path: &str, var: &str, env: &Env) -> Res<String> {
     match env(var) {
@@ -751,33 +775,57 @@ fn key(path: &str, rk: RawKey, before: &[Key], env: &Env, warnings: &mut Vec<Str
     if before.iter().any(|q| q.id == id) {
         return Err(err(at(path, "id"), format!("duplicate key id '{id}'")));
     }
-    let (secret, source) = match (rk.env, rk.value) {
-        (Some(_), Some(_)) => return Err(err(path, "give either `env` or `value`, not both")),
-        (None, None) => {
-            return Err(err(
-                path,
-                "`env` (the environment variable holding the key) is required",
-            ))
-        }
-        (Some(var), None) => (
+    let given: Vec<&str> = [
+        ("env", rk.env.is_some()),
+        ("value", rk.value.is_some()),
+        ("sds", rk.sds.is_some()),
+    ]
+    .iter()
+    .filter(|(_, some)| *some)
+    .map(|(f, _)| *f)
+    .collect();
+    if given.len() > 1 {
+        return Err(err(
+            path,
+            format!(
+                "give one of `env`, `value` or `sds`, not {}",
+                given
+                    .iter()
+                    .map(|f| format!("`{f}`"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        ));
+    }
+    let (secret, source) = if let Some(var) = rk.env {
+        (
             env_secret(&at(path, "env"), &var, env)?,
             KeySecret::Env(var),
-        ),
-        (None, Some(v)) => {
-            if !rk.inline.unwrap_or(false) {
-                return Err(err(
-                    at(path, "value"),
-                    "inline secrets must be marked `\"inline\": true`; prefer `env`",
-                ));
-            }
-            if v.trim().is_empty() {
-                return Err(err(at(path, "value"), "is empty"));
-            }
-            warnings.push(format!(
-                "{path}: key '{id}' is inline in the configuration; it will show in /config_dump. Use `env` instead",
+        )
+    } else if let Some(v) = rk.value {
+        if !rk.inline.unwrap_or(false) {
+            return Err(err(
+                at(path, "value"),
+                "inline secrets must be marked `\"inline\": true`; prefer `env` or `sds`",
             ));
-            (v.trim().to_string(), KeySecret::Inline)
         }
+        if v.trim().is_empty() {
+            return Err(err(at(path, "value"), "is empty"));
+        }
+        warnings.push(format!(
+            "{path}: key '{id}' is inline in the configuration; it will show in /config_dump. Use `env` or `sds` instead",
+        ));
+        (v.trim().to_string(), KeySecret::Inline)
+    } else if let Some(name) = rk.sds {
+        if !valid_secret_name(&name) {
+            return Err(err(at(path, "sds"), SECRET_NAME_RULE));
+        }
+        (String::new(), KeySecret::Sds(name))
+    } else {
+        return Err(err(
+            path,
+            "the key's secret is required: `env` (an environment variable), `sds` (a secret Envoy keeps) or an inline `value`",
+        ));
     };
     if secret.bytes().any(|b| b < 0x21 || b == 0x7f) {
         return Err(err(
@@ -1128,7 +1176,7 @@ mod tests {
             ),
             (
                 r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","value":"sk-x"}]}]}"#,
-                "providers[0].keys[0].value: inline secrets must be marked `\"inline\": true`; prefer `env`",
+                "providers[0].keys[0].value: inline secrets must be marked `\"inline\": true`; prefer `env` or `sds`",
             ),
             (
                 r#"{"providers":[{"name":"oa","type":"azure_openai","keys":[{"id":"k1","env":"K1"}]}]}"#,
@@ -1145,6 +1193,26 @@ mod tests {
             (
                 r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K1","weight":0}]}]}"#,
                 "providers[0].keys[0].weight: must be between 1 and 1000",
+            ),
+            (
+                r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K1","sds":"oa-k1"}]}]}"#,
+                "providers[0].keys[0]: give one of `env`, `value` or `sds`, not `env` and `sds`",
+            ),
+            (
+                r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K1","value":"v","sds":"s"}]}]}"#,
+                "providers[0].keys[0]: give one of `env`, `value` or `sds`, not `env` and `value` and `sds`",
+            ),
+            (
+                r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","weight":2}]}]}"#,
+                "providers[0].keys[0]: the key's secret is required: `env` (an environment variable), `sds` (a secret Envoy keeps) or an inline `value`",
+            ),
+            (
+                r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","sds":"oa key"}]}]}"#,
+                "providers[0].keys[0].sds: must be the name of an Envoy secret: 1-253 visible ASCII characters, no spaces",
+            ),
+            (
+                r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","sds":""}]}]}"#,
+                "providers[0].keys[0].sds: must be the name of an Envoy secret: 1-253 visible ASCII characters, no spaces",
             ),
             (
                 r#"{"consumers":{"list":[{"name":"a","key_sha256":"zz"}]},"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K1"}]}]}"#,
@@ -1199,7 +1267,7 @@ mod tests {
         let cases: &[(&str, &str, String)] = &[
             (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models".into()),
-            ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, weight, disabled".into()),
+            ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
@@ -1523,6 +1591,20 @@ mod tests {
         assert_eq!(c.providers[0].keys[0].source, KeySecret::Inline);
         assert_eq!(c.warnings.len(), 1);
         assert!(!c.warnings[0].contains("sk-inline"));
+    }
+
+    #[test]
+    fn sds_keys_name_a_secret_and_hold_none() {
+        let c = parse_str(r#"{"providers":[{"name":"an","type":"anthropic","keys":[{"id":"k1","sds":"kubernetes://llm/anthropic-1"},{"id":"k2","env":"K1","disabled":true}]}]}"#)
+            .unwrap();
+        let k = &c.providers[0].keys;
+        assert_eq!(
+            k[0].source,
+            KeySecret::Sds("kubernetes://llm/anthropic-1".into())
+        );
+        assert_eq!(k[0].secret, "");
+        assert_eq!((k[1].secret.as_str(), k[1].disabled), ("sk-one", true));
+        assert!(c.warnings.is_empty());
     }
 
     #[test]

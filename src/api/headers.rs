@@ -14,3 +14,7 @@ pub const HDR_ROUTE: &str = "x-tollgate-route";
 /// Internal headers: a client's copies are removed before anything reads them, and none reaches
 /// a provider.
 pub const INTERNAL_PREFIX: &str = "x-tollgate-";
+/// Set by the upstream role for a key whose secret Envoy keeps (`sds`): the secret's name, which
+/// the cluster's `composite` filter matches to run the `credential_injector` holding that secret.
+/// Envoy's `header_mutation` removes it before the attempt leaves.
+pub const HDR_CREDENTIAL: &str = "x-tollgate-credential";

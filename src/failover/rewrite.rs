@@ -144,10 +144,16 @@ mod tests {
             "/openai/v1/chat/completions"
         );
         assert_eq!(
-            auth_headers(p(2), "s")[1],
-            ("anthropic-version", "2023-06-01".to_string())
+            auth_headers(p(2), &p(2).keys[0]),
+            vec![
+                ("x-api-key", "sk-secret".to_string()),
+                ("anthropic-version", "2023-06-01".to_string())
+            ]
         );
-        assert_eq!(auth_headers(p(1), "s"), vec![("api-key", "s".to_string())]);
+        assert_eq!(
+            auth_headers(p(1), &p(1).keys[0]),
+            vec![("api-key", "sk-secret".to_string())]
+        );
         assert!(translation(ApiKind::Embeddings, ProviderType::Anthropic).is_err());
     }
 }

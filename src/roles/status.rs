@@ -6,7 +6,7 @@
 
 use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
-use crate::config::{Config, Consumers, ANONYMOUS};
+use crate::config::{Config, Consumers, KeySecret, ANONYMOUS};
 use crate::failover::health;
 use crate::host::Host;
 use crate::limit::consumer;
@@ -102,7 +102,14 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
                 } else {
                     reason.as_str()
                 };
+                // Where the secret comes from, by name only (the variable, or Envoy's secret).
+                let (source, name) = match &k.source {
+                    KeySecret::Env(var) => ("env", Some(var.as_str())),
+                    KeySecret::Inline => ("inline", None),
+                    KeySecret::Sds(secret) => ("sds", Some(secret.as_str())),
+                };
                 json!({"id": k.id, "state": state, "cooldown_until_ms": until,
+                       "source": source, "secret_name": name,
                        "usage": usage(store, &format!("tollgate:u:k:{}:{}", p.name, k.id))})
             })
             .collect();

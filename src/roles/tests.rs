@@ -888,3 +888,95 @@ fn a_non_streamed_request_costs_22_host_calls() {
     assert_eq!(calls[0], (11, 6, 7), "listener, upstream, shared data");
     assert!(calls[1..].iter().all(|&c| c == (11, 6, 5)), "{calls:?}");
 }
+
+fn sds_config() -> Rc<Config> {
+    let json = r#"{"consumers":{"list":[{"name":"team-a","key_env":"TEAM_A"}]},
+        "providers":[{"name":"openai","type":"openai","rotation":"sticky",
+                      "keys":[{"id":"oa-1","sds":"openai-1"},{"id":"oa-2","sds":"openai-2"}]}]}"#;
+    let env = |name: &str| (name == "TEAM_A").then(|| TEAM_A_KEY.to_string());
+    Rc::new(parse(json.as_bytes(), &env).unwrap())
+}
+
+#[test]
+fn an_sds_key_is_named_for_envoy_and_its_retry_is_told_by_the_attempt_count() {
+    let cfg = sds_config();
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(TEAM_A_KEY))],
+        CHAT,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    // Envoy has no secret for the sticky key: nothing is injected, and the provider refuses the
+    // attempt, quoting nothing it was not sent.
+    let (_, mut first) = attempt(
+        &lh,
+        "openai",
+        1,
+        401,
+        &[("content-type", "application/json")],
+        br#"{"error":{"message":"You didn't provide an API key."}}"#,
+        &cfg,
+    );
+    let first_key = first.get(Map::RequestHeaders, "x-tollgate-credential");
+    assert!(
+        first_key.is_some() && first.get(Map::RequestHeaders, "authorization").is_none(),
+        "the secret is named for Envoy, never written by tollgate: {:?}",
+        first.maps[&Map::RequestHeaders]
+    );
+    // Envoy's header_mutation took the internal header out before the attempt left.
+    first
+        .maps
+        .get_mut(&Map::RequestHeaders)
+        .unwrap()
+        .retain(|(k, _)| k != "x-tollgate-credential");
+    // The map holds no credential, yet the second attempt is a retry: it reads the key's health
+    // afresh and leaves the refused key, which stickiness alone would choose again.
+    let mut second = FakeHost::next_attempt(&lh, &first);
+    on_endpoint(&mut second, "openai");
+    second.attributes.insert(
+        vec!["upstream".into(), "request_attempt_count".into()],
+        2u64.to_le_bytes().to_vec(),
+    );
+    let mut u = Upstream::new(cfg.clone());
+    assert_eq!(u.on_request_headers(&mut second), Flow::Continue);
+    assert_eq!(
+        second.counter("tollgate.provider.openai.retried_attempts"),
+        1
+    );
+    let second_key = second.get(Map::RequestHeaders, "x-tollgate-credential");
+    assert!(
+        second_key.is_some() && second_key != first_key,
+        "{first_key:?} then {second_key:?}"
+    );
+}
+
+#[test]
+fn an_error_body_quoting_an_sds_key_is_redacted_by_its_shape() {
+    let cfg = sds_config();
+    let store = Rc::new(FakeStore::new());
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(TEAM_A_KEY))],
+        CHAT,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let (_, uh) = attempt(
+        &lh,
+        "openai",
+        1,
+        401,
+        &[("content-type", "application/json")],
+        br#"{"error":{"message":"Incorrect API key provided: sk-proj-Zq81xW0b2Lm4. You can find your API key at https://platform.openai.com/account/api-keys."}}"#,
+        &cfg,
+    );
+    let body = String::from_utf8(uh.bodies[&Body::Response].clone()).unwrap();
+    assert_eq!(
+        body,
+        r#"{"error":{"message":"Incorrect API key provided: [redacted]. You can find your API key at https://platform.openai.com/account/api-keys."}}"#
+    );
+}

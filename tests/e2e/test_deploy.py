@@ -120,11 +120,12 @@ def env_names_in_plugin_config(cfg: dict) -> set[str]:
     return names
 
 
-def envoy_validate(config: dict, env: dict[str, str], tmp_path: Path) -> tuple[int, str]:
+def envoy_validate(config: dict, env: dict[str, str], tmp_path: Path, cwd: Path | None = None) -> tuple[int, str]:
     path = tmp_path / f"validate-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(config))
     r = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "-l", "warning"],
-                       env={"PATH": os.environ.get("PATH", ""), **env}, capture_output=True, text=True, timeout=120)
+                       env={"PATH": os.environ.get("PATH", ""), **env}, capture_output=True, text=True, timeout=120,
+                       cwd=cwd)
     return r.returncode, r.stdout + r.stderr
 
 
@@ -473,6 +474,106 @@ def test_shipped_envoy_config_decides_before_the_first_attempt_and_passes_envoy_
     replace_filenames(cfg, str(WASM))
     rc, out = envoy_validate(cfg, host_env(cfg), tmp_path)
     assert rc == 0 and "OK" in out, out[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- rotation example
+
+ROTATION = "envoy/rotation"
+GENERIC = "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic"
+# The header Envoy must write for each provider type, and the prefix before the key.
+INJECTED = {"openai": ("authorization", "Bearer "), "openai_compatible": ("authorization", "Bearer "),
+            "azure_openai": ("api-key", ""), "anthropic": ("x-api-key", "")}
+
+
+def rotation_static(base: Path = ROOT) -> dict:
+    """The rotation example's bootstrap with its LDS and CDS files' resources as static resources:
+    `envoy --mode validate` does not read dynamic resources, so this is what it can check."""
+    boot = yaml.safe_load((base / ROTATION / "envoy.yaml").read_text())
+    dyn = boot.pop("dynamic_resources")
+    read = lambda key: [{k: v for k, v in r.items() if k != "@type"}  # noqa: E731
+                        for r in yaml.safe_load((base / dyn[key]["path_config_source"]["path"]).read_text())["resources"]]
+    boot["static_resources"] = {"listeners": read("lds_config"), "clusters": read("cds_config")}
+    return boot
+
+
+def credential_entries(cluster: dict) -> dict[str, tuple[str, str, str]]:
+    """secret name -> (header, prefix, SDS file) of a cluster's composite entries."""
+    out = {}
+    for f in cluster["typed_extension_protocol_options"][HPO]["http_filters"]:
+        if f["name"] != "envoy.filters.http.composite":
+            continue
+        tree = f["typed_config"]["xds_matcher"]["matcher_tree"]
+        assert tree["input"]["typed_config"]["header_name"] == "x-tollgate-credential"
+        for name, m in tree["exact_match_map"]["map"].items():
+            inj = m["action"]["typed_config"]["typed_config"]["typed_config"]
+            assert inj["overwrite"] is True and inj["allow_request_without_credential"] is True
+            g = inj["credential"]["typed_config"]
+            assert g["@type"] == GENERIC and g["credential"]["name"] == name
+            out[name] = (g["header"], g.get("header_value_prefix", ""), g["credential"]["sds_config"]["path_config_source"]["path"])
+    return out
+
+
+def test_rotation_example_passes_envoy_validate_and_gives_every_sds_key_its_credential(tmp_path):
+    cfg = rotation_static()
+    assert_roles_decide_first_and_reload(cfg)
+    plugin = json.loads(wasm_configs(cfg)[0]["configuration"]["value"])
+    want = {k["sds"]: INJECTED[p["type"]] for p in plugin["providers"] for k in p["keys"]}
+    assert want and all("sds" in k for p in plugin["providers"] for k in p["keys"]), "every key of the example is an sds key"
+    for cluster in cfg["static_resources"]["clusters"]:
+        names = [f["name"] for f in cluster["typed_extension_protocol_options"][HPO]["http_filters"]]
+        assert names == ["tollgate.upstream", "envoy.filters.http.composite", "envoy.filters.http.header_mutation",
+                         "envoy.filters.http.upstream_codec"], names
+        entries = credential_entries(cluster)
+        assert {n: e[:2] for n, e in entries.items()} == want, cluster["name"]
+        for name, (_, _, sds) in entries.items():
+            (res,) = yaml.safe_load((ROOT / sds).read_text())["resources"]
+            assert res["name"] == name and set(res["generic_secret"]["secret"]) == {"filename"}, sds
+            assert (ROOT / res["generic_secret"]["secret"]["filename"]).is_file()
+    replace_filenames(cfg, str(WASM))
+    rc, out = envoy_validate(cfg, host_env(cfg), tmp_path, cwd=ROOT)
+    assert rc == 0 and "OK" in out, out[-3000:]
+
+
+def test_rotation_example_serves_and_takes_a_replaced_key_file(mocks, tmp_path):
+    """The example as shipped (its relative paths, from a copy of the tree), on free ports: a key file
+    replaced by a rename is what the provider sees next."""
+    from harness import Envoy, chat  # noqa: PLC0415
+    shutil.copytree(ROOT / ROTATION, tmp_path / ROTATION)
+    (tmp_path / "target").symlink_to(ROOT / "target")
+    ports = {10000: free_port(), 9901: free_port(), 18001: mocks["openai"].port, 18002: mocks["anthropic"].port}
+    for rel in ("envoy.yaml", "lds.yaml", "cds.yaml"):
+        # (through JSON: YAML aliases are one shared object, and each port is changed once)
+        doc = json.loads(json.dumps(yaml.safe_load((tmp_path / ROTATION / rel).read_text())))
+        walk(doc, lambda d: d.update(port_value=ports[d["port_value"]]) if "port_value" in d else None)
+        (tmp_path / ROTATION / rel).write_text(json.dumps(doc))
+    boot = yaml.safe_load((tmp_path / ROTATION / "envoy.yaml").read_text())
+    gw = Envoy(boot, env={"TOLLGATE_ADMIN_KEY": "tg-test-admin"}, cwd=tmp_path)
+    gw.port = ports[10000]
+    gw.start()
+    try:
+        deadline = time.time() + 10
+        while gw.stat("listener_manager.lds.update_success") < 1 and time.time() < deadline:
+            time.sleep(0.1)
+        assert chat(gw.port).status == 200
+        assert mocks["openai"].requests()[-1]["key"] in {"sk-demo-rotation-openai-1", "sk-demo-rotation-openai-2"}
+        # OpenAI refuses once: the retry goes to Anthropic, with its own header.
+        mocks["openai"].script({"status": 429, "headers": {"retry-after": "1"}, "times": 1})
+        r = chat(gw.port)
+        assert r.status == 200 and r.headers["x-tollgate-provider"] == "anthropic", r
+        assert mocks["anthropic"].requests()[-1]["headers"]["x-api-key"] == "sk-ant-demo-rotation-1"
+        key = tmp_path / ROTATION / "keys" / "openai-1"
+        new = key.with_name(".openai-1.new")
+        new.write_text("sk-demo-rotation-openai-1-NEW\n")
+        os.replace(new, key)
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            assert chat(gw.port).status == 200
+            if mocks["openai"].requests()[-1]["key"] == "sk-demo-rotation-openai-1-NEW":
+                break
+        assert mocks["openai"].requests()[-1]["key"] == "sk-demo-rotation-openai-1-NEW"
+        assert not any(q["key"] == "sk-demo-rotation-openai-1" for q in mocks["openai"].requests()[-2:])
+    finally:
+        gw.stop()
 
 
 # ---------------------------------------------------------------------------------------------- images

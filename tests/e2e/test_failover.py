@@ -7,7 +7,9 @@ import time
 import openai
 
 from conftest import KEYS, STATUS, anthropic_provider, openai_provider, status
-from harness import chat, request, sse_data
+import pytest
+
+from harness import chat, request, sds_from_env, sse_data
 
 
 
@@ -219,22 +221,31 @@ def test_each_attempt_starts_from_the_clients_request(gateway, mocks):
 
 # ---------------------------------------------------------------- issue #14
 
-def test_provider_never_sees_client_tollgate_headers_nor_the_trusted_consumer_header(gateway, mocks):
+@pytest.mark.parametrize("source", ["env", "sds"])
+def test_provider_never_sees_client_tollgate_headers_nor_the_trusted_consumer_header(gateway, mocks, tmp_path, source):
     """`x-tollgate-*` headers are the gateway's own and the trusted consumer header is an internal
     identity: whatever a client sends under those names reaches no provider, on the first attempt nor
-    on the retry (here after a failover to the other provider)."""
+    on the retry (here after a failover to the other provider). With keys whose secret Envoy keeps
+    (`sds`), tollgate's own `x-tollgate-credential` selects the secret and is removed by Envoy before
+    the attempt leaves; a client's copy chooses nothing."""
     p = {"consumers": {"trusted_header": "x-team", "list": [{"name": "team-a"}, {"name": "team-b"}]},
          "providers": [openai_provider(), anthropic_provider()]}
-    gw = gateway(p)
+    kw = {}
+    if source == "sds":
+        p = sds_from_env(p, KEYS, tmp_path / "sds")
+        kw["secrets_dir"] = tmp_path / "sds"
+    gw = gateway(p, **kw)
     a, b = mocks["openai"], mocks["anthropic"]
     a.script({"status": 429, "headers": {"retry-after": "30"}, "times": 1})  # the retry goes to anthropic
     spoofed = {"x-team": "team-a", "x-tollgate-consumer": "team-b", "x-tollgate-route": "openai",
                "x-tollgate-provider": "openai", "x-tollgate-key-id": "oa-1", "x-tollgate-rid": "1",
-               "x-tollgate-anything": "yes"}
+               "x-tollgate-credential": "openai-key-2", "x-tollgate-anything": "yes"}
     r = chat(gw.port, key=None, headers=spoofed)
     assert r.status == 200, r
     seen = a.requests() + b.requests()
     assert len(a.requests()) == 1 and len(b.requests()) == 1, [(q["path"], q["key"]) for q in seen]
+    assert a.requests()[0]["key"] in {KEYS[f"OPENAI_KEY_{i}"] for i in (1, 2, 3)}
+    assert b.requests()[0]["key"] == KEYS["ANTHROPIC_KEY_1"]
     for i, q in enumerate(seen):
         leaked = {k: v for k, v in q["headers"].items() if k.startswith("x-tollgate-") or k == "x-team"}
         assert leaked == {}, f"attempt {i + 1} ({q['path']}) received {leaked}"

@@ -136,7 +136,7 @@ def test_bad_config_is_refused_with_a_message_naming_the_field():
     assert ("tollgate: invalid configuration: rotaton: unknown field, expected one of: consumers, providers,"
             in log)
     log = _refused({"providers": [openai_provider() | {"keys": [{"id": "a", "env": "OPENAI_KEY_1", "wieght": 2}]}]})
-    assert "tollgate: invalid configuration: providers[0].keys[0].wieght: unknown field, expected one of: id, env, value, inline, weight" in log
+    assert "tollgate: invalid configuration: providers[0].keys[0].wieght: unknown field, expected one of: id, env, value, inline, sds, weight" in log
     # Never a secret in the log, even when refusing.
     assert not any(v in log for v in KEYS.values())
 

@@ -5,6 +5,9 @@ produces successes (JSON, SSE, Anthropic Messages), 401, 400, 413, 429 (quota), 
 failover, and a 5xx. Then every value of conftest.KEYS is searched for in what that produced; each
 place is its own test, so a leak names where it is. The only place a provider key may appear is the
 request the mock provider received (checked, so the search is known to be able to find one).
+
+Every test runs twice: with the provider keys in environment variables (`env`), and as secrets
+Envoy keeps and injects itself (`sds`, the same values in key files that SDS resources name).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import time
 import pytest
 
 from conftest import KEYS, STATUS, STATUS_PATH, anthropic_provider, openai_provider
-from harness import ROOT, Envoy, chat, free_port, gateway_config, request
+from harness import ROOT, Envoy, chat, free_port, gateway_config, request, sds_from_env
 
 TEAM_A, TEAM_B = KEYS["TEAM_A_KEY"], KEYS["TEAM_B_KEY"]
 # What clients present: consumer keys and the status endpoint's admin key.
@@ -84,15 +87,18 @@ EXPECTED = {"ok_json": 200, "ok_sse": 200, "ok_messages": 200, "401_unknown": 40
             "failover_json": 200, "failover_sse": 200, "status": 200, "5xx": 500}
 
 
-@pytest.fixture(scope="module")
-def run(mocks, tmp_path_factory):
+@pytest.fixture(scope="module", params=["env", "sds"])
+def run(request, mocks, tmp_path_factory):
     for m in mocks.values():
         m.reset()
     tmp = tmp_path_factory.mktemp("secrets")
     endpoints = [{"provider": "openai", "port": mocks["openai"].port, "priority": 0},
                  {"provider": "anthropic", "port": mocks["anthropic"].port, "priority": 1}]
-    cfg = gateway_config(plugin(), endpoints, listener_port=free_port(), admin_port=free_port(),
-                         access_log=str(tmp / "access.log"), env_keys=sorted(KEYS))
+    sds = request.param == "sds"
+    p = sds_from_env(plugin(), KEYS, tmp / "sds") if sds else plugin()
+    cfg = gateway_config(p, endpoints, listener_port=free_port(), admin_port=free_port(),
+                         access_log=str(tmp / "access.log"), env_keys=sorted(KEYS),
+                         secrets_dir=tmp / "sds" if sds else None)
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["access_log"].append({
         "name": "envoy.access_loggers.file",
@@ -105,6 +111,10 @@ def run(mocks, tmp_path_factory):
     gw.start()
     try:
         responses = traffic(gw.port, mocks)
+        if sds:
+            # What tollgate shows of an sds key: its source and the secret's name.
+            keys = json.loads(dict(responses)["status"].body)["providers"]["openai"]["keys"]
+            assert [(k["source"], k["secret_name"]) for k in keys] == [("sds", f"openai-key-{i}") for i in (1, 2, 3)]
         art = {"responses": responses, "mock": {n: m.requests() for n, m in mocks.items()}}
         art["access_log"] = "\n".join(gw.access_log(at_least=len(responses)))
         time.sleep(0.3)
@@ -206,7 +216,7 @@ def test_pool_keys_in_access_logs_only_where_an_operator_asks_for_credential_hea
     no shipped config prints credential headers."""
     lines = header_log_lines(run, rejected_auth=False)
     assert any(leaks(l) for l in lines), "expected: the documented limitation holds (else update the README)"
-    for f in (ROOT / "envoy").glob("*.yaml"):
+    for f in (ROOT / "envoy").glob("**/*.yaml"):
         text = f.read_text().upper()
         for h in ("%REQ(AUTHORIZATION)", "%REQ(X-API-KEY)", "%REQ(API-KEY)", "%REQUEST_HEADERS"):
             assert h not in text, f"{f.name} logs {h}"
@@ -221,16 +231,49 @@ def test_refused_client_credentials_are_not_readable_by_an_access_log(run):
     assert found == [], "\n".join(found[:10])
 
 
-def test_provider_error_echoing_the_key_is_not_passed_to_the_client(gateway, mocks):
+OPENAI_ECHO = "Incorrect API key provided: {key}. You can find your API key at https://platform.openai.com/account/api-keys."
+
+
+@pytest.mark.parametrize("source,key,message,shown", [
+    ("env", KEYS["OPENAI_KEY_1"], OPENAI_ECHO, "[key oa-1]"),
+    # The VM never holds an sds key: it is recognised by its shape (src/pool/credentials.rs).
+    ("sds", KEYS["OPENAI_KEY_1"], OPENAI_ECHO, "[redacted]"),
+    ("sds", "9f2c4e7a1b3d5f60718293a4b5c6d7e8", "The api-key {key} is not valid for this resource.", "[redacted]"),
+], ids=["env", "sds-prefixed", "sds-after-key-word"])
+def test_provider_error_echoing_the_key_is_not_passed_to_the_client(gateway, mocks, tmp_path, source, key, message, shown):
     """Some providers quote the key they were sent in a 401 body. Without retries that body is the
     client's answer: it must not carry the pool key."""
-    gw = gateway({"providers": [openai_provider(n=1)]}, num_retries=0)
-    key = KEYS["OPENAI_KEY_1"]
+    p = {"providers": [openai_provider(n=1)]}
+    kw = {}
+    if source == "sds":
+        p = sds_from_env(p, {"OPENAI_KEY_1": key}, tmp_path / "sds")
+        kw["secrets_dir"] = tmp_path / "sds"
+    gw = gateway(p, num_retries=0, **kw)
     mocks["openai"].script({"status": 401, "body": json.dumps({"error": {
-        "message": f"Incorrect API key provided: {key}. You can find your API key at https://platform.openai.com.",
+        "message": message.format(key=key),
         "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})})
     r = chat(gw.port)
     assert r.status == 401, r
     assert mocks["openai"].requests()[0]["key"] == key
-    found = leaks(json.dumps(r.headers)) + leaks(r.body.decode(errors="replace"))
+    found = leaks(json.dumps(r.headers), {"key": key}) + leaks(r.body.decode(errors="replace"), {"key": key})
     assert found == [], "\n".join(found)
+    assert r.json()["error"]["message"] == message.format(key=shown), r.json()
+
+
+def test_an_sds_resource_holding_the_key_itself_shows_it_in_envoys_debug_log(gateway, mocks, tmp_path):
+    """Why the shipped arrangement keeps each key in a file of its own that the SDS resource names:
+    at debug level Envoy logs every resource a file subscription loads ("Filesystem config update
+    accepted for <path>: <resource>"), and a `generic_secret` written inline in it is printed whole.
+    That record is the only place it shows: the injected header itself is never logged."""
+    p = sds_from_env({"providers": [openai_provider(n=1)]}, KEYS, tmp_path / "sds")
+    key = KEYS["OPENAI_KEY_1"]
+    sds_file = tmp_path / "sds" / "openai-key-1.json"
+    resource = json.loads(sds_file.read_text())
+    resource["resources"][0]["generic_secret"]["secret"] = {"inline_string": key}
+    sds_file.write_text(json.dumps(resource))
+    gw = gateway(p, secrets_dir=tmp_path / "sds", log_level="debug")
+    assert chat(gw.port).status == 200
+    assert mocks["openai"].requests()[0]["key"] == key
+    records = log_records(gw.wait_log("tollgate: charged"))
+    shown = [r for r in records if key in r]
+    assert shown and all("Filesystem config update accepted for " + str(sds_file) in r for r in shown), shown
