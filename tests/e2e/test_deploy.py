@@ -16,7 +16,11 @@
   with each other, and the Envoy configuration each control plane would generate from them (the patches
   applied to a listener and clusters of the shape it generates) passes
   `envoy --mode validate` with the built module (validate mode loads the module and runs its
-  configuration check, so the plugin configurations and the environment they need are checked too).
+  configuration check, so the plugin configurations are checked too), reading the pod's mounted files
+  (module, Secret of provider keys, ConfigMap of SDS documents) laid out as the kubelet lays them out;
+- on both, provider keys are secrets Envoy keeps, rotated by changing the Secret alone: the secret names
+  agree from tollgate's configuration through each provider cluster's composite filter and the SDS
+  documents to the Secret, and nothing is read from the environment (which only a restart changes).
 """
 from __future__ import annotations
 
@@ -78,10 +82,13 @@ def closed(schema):
     return schema
 
 
-def crd_errors(schema_file: str, doc: dict) -> list[str]:
-    schema = closed(json.loads((SCHEMAS / schema_file).read_text()))
-    v = jsonschema.Draft7Validator(schema)
+def schema_errors(schema: dict, doc) -> list[str]:
+    v = jsonschema.Draft7Validator(closed(schema))
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(doc)]
+
+
+def crd_errors(schema_file: str, doc: dict) -> list[str]:
+    return schema_errors(json.loads((SCHEMAS / schema_file).read_text()), doc)
 
 
 def compose_errors(doc: dict) -> list[str]:
@@ -117,6 +124,7 @@ def replace_filenames(node, new: str):
 def env_names_in_plugin_config(cfg: dict) -> set[str]:
     names = {k["env"] for p in cfg.get("providers", []) for k in p.get("keys", []) if "env" in k}
     names |= {c["key_env"] for c in cfg.get("consumers", {}).get("list", []) if "key_env" in c}
+    names |= {cfg["status"]["admin_key_env"]} if "admin_key_env" in cfg.get("status", {}) else set()
     return names
 
 
@@ -339,6 +347,193 @@ def demo_traffic_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# ---------------------------------------------------------------------------------------------- provider keys Envoy keeps
+
+# The request header tollgate.upstream sets to the secret name of the key it chose (src/api/headers.rs).
+CREDENTIAL_HEADER = "x-tollgate-credential"
+COMPOSITE = "envoy.filters.http.composite"
+HEADER_MUTATION = "envoy.filters.http.header_mutation"
+UPSTREAM_CODEC = "envoy.filters.http.upstream_codec"
+# The header Envoy's generic credential writes for each provider type, and the prefix before the raw key.
+INJECTED = {"openai": ("authorization", "Bearer "), "openai_compatible": ("authorization", "Bearer "),
+            "azure_openai": ("api-key", None), "anthropic": ("x-api-key", None)}
+# Istio's bootstrap (istio-agent's envoy_bootstrap.json) and Envoy Gateway's (--service-node,
+# --service-cluster) set a node id and cluster; Envoy's file-based SDS refuses to start without them.
+NODE = {"id": "gateway-pod", "cluster": "gateway"}
+SDS_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def sds_keys(plugin: dict) -> dict[str, list[str]]:
+    """provider -> the secret names of its keys; every provider key of a shipped manifest is an `sds` key."""
+    out = {}
+    for p in plugin["providers"]:
+        assert all(set(k) & {"env", "value", "sds"} == {"sds"} for k in p["keys"]), p["keys"]
+        out[p["name"]] = [k["sds"] for k in p["keys"]]
+    return out
+
+
+def credential_entries(http_filters: list[dict]) -> dict[str, dict]:
+    """secret name -> the generic credential a provider cluster's composite filter injects for it, after
+    checking the upstream filters around it: tollgate.upstream names the secret, the composite injects
+    it, header_mutation removes the name, upstream_codec last."""
+    assert [f["name"] for f in http_filters] == ["tollgate.upstream", COMPOSITE, HEADER_MUTATION, UPSTREAM_CODEC]
+    composite, mutation = http_filters[1]["typed_config"], http_filters[2]["typed_config"]
+    assert mutation["@type"].endswith("filters.http.header_mutation.v3.HeaderMutation")
+    assert mutation["mutations"] == {"request_mutations": [{"remove": CREDENTIAL_HEADER}]}
+    assert composite["@type"].endswith("common.matching.v3.ExtensionWithMatcher")
+    assert composite["extension_config"]["typed_config"]["@type"].endswith("filters.http.composite.v3.Composite")
+    # Exact names only, and no on_no_match: a name the composite does not list gets no credential.
+    assert set(composite["xds_matcher"]) == {"matcher_tree"}
+    tree = composite["xds_matcher"]["matcher_tree"]
+    assert set(tree) == {"input", "exact_match_map"}
+    assert tree["input"]["typed_config"]["@type"].endswith("type.matcher.v3.HttpRequestHeaderMatchInput")
+    assert tree["input"]["typed_config"]["header_name"] == CREDENTIAL_HEADER
+    out = {}
+    for name, entry in tree["exact_match_map"]["map"].items():
+        action = entry["action"]
+        assert action["name"] == name and action["typed_config"]["@type"].endswith("composite.v3.ExecuteFilterAction")
+        injector = action["typed_config"]["typed_config"]
+        assert injector["name"] == "envoy.filters.http.credential_injector"
+        cfg = injector["typed_config"]
+        # overwrite: whatever auth header the attempt carries is replaced. allow_request_without_credential:
+        # a secret Envoy could not load sends the attempt without a key, and the provider's 401 is retried
+        # with another key; a 401 from Envoy's own upstream filter would be final.
+        assert cfg["overwrite"] is True and cfg["allow_request_without_credential"] is True
+        assert cfg["credential"]["name"] == "envoy.http.injected_credentials.generic"
+        generic = cfg["credential"]["typed_config"]
+        assert generic["@type"].endswith("injected_credentials.generic.v3.Generic")
+        assert generic["credential"]["name"] == name
+        out[name] = generic
+    return out
+
+
+def assert_keys_wired(plugin: dict, filters_by_provider: dict[str, list[dict]], secret: dict, sds_docs: dict,
+                      mounts: dict[str, str]) -> None:
+    """The secret names agree from tollgate's configuration to the Secret: each provider cluster's composite
+    lists exactly that provider's keys and injects them in that provider's header, each from the SDS
+    document of that name (mounted ConfigMap), which names the Secret's file of that name, in a directory
+    Envoy watches (mounted Secret)."""
+    names = sds_keys(plugin)
+    types = {p["name"]: p["type"] for p in plugin["providers"]}
+    assert set(filters_by_provider) == set(names)
+    for provider, filters in filters_by_provider.items():
+        entries = credential_entries(filters)
+        assert sorted(entries) == sorted(names[provider]), provider
+        header, prefix = INJECTED[types[provider]]
+        for name, generic in entries.items():
+            assert (generic["header"], generic.get("header_value_prefix")) == (header, prefix), name
+            assert generic["credential"]["sds_config"] == {
+                "path_config_source": {"path": f"{mounts['sds']}/{name}.json",
+                                       "watched_directory": {"path": mounts["keys"]}},
+                "resource_api_version": "V3"}, name
+    every = [n for ns in names.values() for n in ns]
+    assert len(every) == len(set(every)), every
+    assert set(secret["stringData"]) == set(every)
+    assert set(sds_docs["data"]) == {f"{n}.json" for n in every}
+    for n in every:
+        assert json.loads(sds_docs["data"][f"{n}.json"]) == {"resources": [{
+            "@type": SDS_SECRET_TYPE, "name": n, "generic_secret": {"secret": {"filename": f"{mounts['keys']}/{n}"}}}]}
+    assert secret["metadata"]["namespace"] == sds_docs["metadata"]["namespace"]
+
+
+def pod_mounts(volumes: list[dict], mounts: list[dict], secret: dict, sds_docs: dict) -> dict[str, str]:
+    """`keys`, `sds`, `module` -> where the proxy container mounts the Secret, the ConfigMap and the
+    tollgate image. The Secret and the ConfigMap are mounted whole, without `items` (a key added later
+    appears without changing the pod) and without subPath (the kubelet never updates a subPath mount)."""
+    by_name = {v["name"]: v for v in volumes}
+    assert sorted(by_name) == sorted(m["name"] for m in mounts)
+    out = {}
+    for m in mounts:
+        assert m.get("readOnly") is True and not {"subPath", "subPathExpr"} & set(m), m
+        v = by_name[m["name"]]
+        if "secret" in v:
+            assert v["secret"] == {"secretName": secret["metadata"]["name"]}, v
+            out["keys"] = m["mountPath"]
+        elif "configMap" in v:
+            assert v["configMap"] == {"name": sds_docs["metadata"]["name"]}, v
+            out["sds"] = m["mountPath"]
+        else:
+            assert re.fullmatch(r"[\w.-]+(/[\w.-]+)+(:[\w.-]+|@sha256:[0-9a-f]{64})", v["image"]["reference"])
+            out["module"] = m["mountPath"]
+    assert sorted(out) == ["keys", "module", "sds"], out
+    return out
+
+
+def image_reference(volumes: list[dict]) -> str:
+    (ref,) = [v["image"]["reference"] for v in volumes if "image" in v]
+    return ref
+
+
+def assert_nothing_from_env(plugin: dict, wasm_cfgs: list[dict], container: dict) -> None:
+    """Nothing tollgate needs comes from environment variables, which change only when the pod restarts:
+    consumers are digests, provider keys are files Envoy watches."""
+    assert env_names_in_plugin_config(plugin) == set()
+    assert all("key_sha256" in c for c in plugin["consumers"]["list"])
+    assert all("environment_variables" not in c["vm_config"] for c in wasm_cfgs)
+    assert not {"env", "envFrom"} & set(container), container
+
+
+def kubelet_volume(path: Path, files: dict[str, str]) -> None:
+    """A Secret or ConfigMap volume laid out as the kubelet does: the files in a timestamped directory,
+    `..data` a link to it (swapped atomically on an update), and each file a link through `..data`."""
+    ts = path / "..2026_01_01_00_00_00.000000001"
+    ts.mkdir(parents=True)
+    for name, content in files.items():
+        (ts / name).write_text(content)
+    (path / "..data").symlink_to(ts.name)
+    for name in files:
+        (path / name).symlink_to(f"..data/{name}")
+
+
+def in_pod(cfg: dict, root: Path, mounts: dict[str, str], secret: dict, sds_docs: dict) -> dict:
+    """The pod's mounted files under `root` (the Secret and ConfigMap as the kubelet lays them out, the
+    image volume's plugin.wasm the built module), and `cfg` with every path under a mount moved there."""
+    def rebase(text: str) -> str:
+        for m in mounts.values():
+            text = text.replace(f'"{m}/', f'"{root}{m}/').replace(f'"{m}"', f'"{root}{m}"')
+        return text
+
+    kubelet_volume(root / mounts["keys"].lstrip("/"), secret["stringData"])
+    kubelet_volume(root / mounts["sds"].lstrip("/"), {k: rebase(v) for k, v in sds_docs["data"].items()})
+    module = root / mounts["module"].lstrip("/")
+    module.mkdir(parents=True)
+    (module / "plugin.wasm").symlink_to(WASM)
+    out = json.loads(rebase(json.dumps(cfg)))
+    assert out != cfg
+    return out
+
+
+def assert_pod_config_passes_envoy_validate(cfg: dict, root: Path, mounts: dict[str, str], tmp_path: Path) -> None:
+    """`envoy --mode validate` on the configuration a control plane would generate, as the pod reads it; and
+    the two things file-based SDS needs from the platform, each shown to be necessary."""
+    rc, out = envoy_validate(cfg, {}, tmp_path)
+    assert rc == 0 and "OK" in out, out[-3000:]
+    # Validate mode reads the SDS documents but not the files they name: those are read when the cluster
+    # initializes, which for a cluster of DNS names (api.openai.com) comes after validation ends. So: each
+    # document names a file of the Secret as mounted.
+    sds_dir = root / mounts["sds"].lstrip("/")
+    docs = sorted(sds_dir.glob("*.json"))
+    assert docs
+    for doc in docs:
+        (res,) = json.loads(doc.read_text())["resources"]
+        assert Path(res["generic_secret"]["secret"]["filename"]).is_file(), doc
+    bad = copy.deepcopy(cfg)
+    del bad["node"]
+    rc, out = envoy_validate(bad, {}, tmp_path)
+    assert rc != 0 and "node 'id' and 'cluster' are required" in out, out[-3000:]
+    # An SDS document must exist before a cluster names it: Envoy refuses the cluster (at run time, it
+    # rejects the cluster update and keeps the previous cluster).
+    doc = docs[0]
+    target = doc.resolve()
+    doc.unlink()
+    try:
+        rc, out = envoy_validate(cfg, {}, tmp_path)
+        assert rc != 0 and f"'{doc}' does not exist" in out, out[-3000:]
+    finally:
+        doc.symlink_to(f"..data/{doc.name}")
+        assert doc.resolve() == target
 
 
 # ---------------------------------------------------------------------------------------------- compose
@@ -729,9 +924,19 @@ def test_grafana_dashboard_is_provisioned_and_covers_every_metric_family():
 def istio_docs():
     ef = load("deploy/istio/envoyfilter.yaml")
     secret = load("deploy/istio/secret.yaml")
+    sds_docs = load("deploy/istio/sds.yaml")
     patch = load("deploy/istio/gateway-patch.yaml")
     routing = load_all("deploy/istio/routing.yaml")
-    return ef, secret, patch, routing
+    return ef, secret, sds_docs, patch, routing
+
+
+def envoyproxy_schema(*path: str) -> dict:
+    """A part of the EnvoyProxy spec schema; pod.volumes and container.volumeMounts are Kubernetes' own
+    Volume and VolumeMount schemas, which the CRD embeds."""
+    node = json.loads((SCHEMAS / "envoy-gateway/envoyproxy-v1alpha1.json").read_text())["properties"]["spec"]
+    for p in ("provider", "kubernetes", "envoyDeployment", *path):
+        node = node["properties"][p]
+    return node
 
 
 def istio_patches(ef: dict) -> tuple[dict, list[dict]]:
@@ -761,10 +966,19 @@ def test_istio_manifests_match_the_crd_schemas():
     # Why the listener role is not a WasmPlugin: nothing in WasmPlugin carries allow_on_headers_stop_iteration.
     wasmplugin = (SCHEMAS / "istio/wasmplugin-v1alpha1.json").read_text().lower()
     assert "stop_iteration" not in wasmplugin and "stopiteration" not in wasmplugin
+    # The gateway patch's volumes and mounts against Kubernetes' Volume and VolumeMount schemas.
+    _, _, _, patch, _ = istio_docs()
+    pod = patch["spec"]["template"]["spec"]
+    volumes, mounts = envoyproxy_schema("pod", "volumes"), envoyproxy_schema("container", "volumeMounts")
+    assert schema_errors(volumes, pod["volumes"]) == []
+    assert all(schema_errors(mounts, c["volumeMounts"]) == [] for c in pod["containers"])
+    bad = copy.deepcopy(pod["volumes"])
+    next(v for v in bad if "secret" in v)["secret"] = {"name": "tollgate-provider-keys"}  # a ConfigMap's field
+    assert any("'name' was unexpected" in e for e in schema_errors(volumes, bad))
 
 
 def test_istio_listener_and_upstream_roles_agree():
-    ef, secret, patch, routing = istio_docs()
+    ef, secret, sds_docs, patch, routing = istio_docs()
     assert_roles_decide_first_and_reload(ef)
     listener, patches = istio_patches(ef)
     # Before the router of the gateway's HTTP connection managers.
@@ -774,26 +988,31 @@ def test_istio_listener_and_upstream_roles_agree():
     (lc,) = wasm_configs(listener["patch"]["value"])
     assert listener["patch"]["value"]["name"] == lc["root_id"] == "tollgate.listener"
     plugin = json.loads(lc["configuration"]["value"])
-    opts = [p["patch"]["value"]["typed_extension_protocol_options"] for p in patches]
-    assert all(o == opts[0] for o in opts)
-    filters = opts[0][HPO]["http_filters"]
-    assert [f["name"] for f in filters] == ["tollgate.upstream", "envoy.filters.http.upstream_codec"]
-    (up,) = wasm_configs(filters)
+    # MERGE replaces the cluster's HttpProtocolOptions whole: each patch carries all of it, the same for
+    # every provider but for its keys.
+    opts = {p["patch"]["value"]["metadata"]["filter_metadata"]["tollgate"]["provider"]:
+            p["patch"]["value"]["typed_extension_protocol_options"][HPO] for p in patches}
+    assert len(opts) == len(patches)
+    assert all(set(o) == {"@type", "explicit_http_config", "http_filters"} for o in opts.values())
+    ups = [c for o in opts.values() for c in wasm_configs(o["http_filters"])]
+    assert len(ups) == len(opts) and all(c == ups[0] for c in ups)
+    up = ups[0]
     assert up["root_id"] == "tollgate.upstream"
     # An explicit vm_id, shared by both roles (assert_roles_decide_first_and_reload): WasmPlugins on the
     # same gateway get an empty one from istiod and would otherwise share tollgate's data space.
     assert up["vm_config"]["vm_id"]
-    assert set(up["vm_config"]["environment_variables"]["host_env_keys"]) \
-        == set(secret["stringData"]) == env_names_in_plugin_config(plugin)
-    # The module file comes from the image volume of the gateway patch, for both roles.
+    # Provider keys: tollgate's `sds` names -> each provider cluster's composite -> SDS documents (the
+    # ConfigMap mounted by the gateway patch) -> the Secret's files (mounted beside it), in the gateway's
+    # namespace.
     pod = patch["spec"]["template"]["spec"]
     (proxy,) = pod["containers"]
-    assert proxy["name"] == "istio-proxy" and proxy["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
-    (mount,) = proxy["volumeMounts"]
-    (vol,) = pod["volumes"]
-    assert vol["name"] == mount["name"]
-    assert {c["vm_config"]["code"]["local"]["filename"] for c in (lc, up)} == {f"{mount['mountPath']}/plugin.wasm"}
-    assert re.fullmatch(r"[\w.-]+(/[\w.-]+)+(:[\w.-]+|@sha256:[0-9a-f]{64})", vol["image"]["reference"])
+    assert proxy["name"] == "istio-proxy"
+    mounts = pod_mounts(pod["volumes"], proxy["volumeMounts"], secret, sds_docs)
+    assert_keys_wired(plugin, {p: o["http_filters"] for p, o in opts.items()}, secret, sds_docs, mounts)
+    assert secret["metadata"]["namespace"] == ef["metadata"]["namespace"]
+    assert_nothing_from_env(plugin, [lc, *ups], proxy)
+    # The module file comes from the image volume of the gateway patch, for both roles.
+    assert {c["vm_config"]["code"]["local"]["filename"] for c in (lc, up)} == {f"{mounts['module']}/plugin.wasm"}
     # Each patched cluster is a provider host of the ServiceEntry, with TLS and SNI set by a DestinationRule
     # (the patch replaces HttpProtocolOptions, auto_sni included).
     (se,) = by_kind(routing, "ServiceEntry")
@@ -816,22 +1035,23 @@ def test_istio_listener_and_upstream_roles_agree():
 
 
 def test_envoy_config_istio_would_generate_passes_envoy_validate(tmp_path):
-    ef, *_ = istio_docs()
+    ef, secret, sds_docs, patch, _ = istio_docs()
     listener, patches = istio_patches(ef)
     # INSERT_BEFORE the router of an HTTP connection manager as istiod generates it for the Gateway.
     http_filter = copy.deepcopy(listener["patch"]["value"])
-    replace_filenames(http_filter, str(WASM))
     clusters = []
     for p in patches:
         c = p["match"]["cluster"]
         cluster = tls_cluster(f"outbound|{c['portNumber']}||{c['service']}", c["service"])
         cluster.update(copy.deepcopy(p["patch"]["value"]))  # MERGE: these fields were not set by Istio
-        replace_filenames(cluster, str(WASM))
         clusters.append(cluster)
     cfg = listener_bootstrap(http_filter, clusters, clusters[-1]["name"])
+    cfg["node"] = NODE
     assert_roles_decide_first_and_reload(cfg)
-    rc, out = envoy_validate(cfg, host_env(cfg), tmp_path)
-    assert rc == 0 and "OK" in out, out[-3000:]
+    pod = patch["spec"]["template"]["spec"]
+    mounts = pod_mounts(pod["volumes"], pod["containers"][0]["volumeMounts"], secret, sds_docs)
+    root = tmp_path / "pod"
+    assert_pod_config_passes_envoy_validate(in_pod(cfg, root, mounts, secret, sds_docs), root, mounts, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- envoy gateway
@@ -841,7 +1061,14 @@ def eg_docs():
     assert epp["kind"] == "EnvoyPatchPolicy"
     proxy_docs = load_all("deploy/envoy-gateway/envoyproxy.yaml")
     routing = load_all("deploy/envoy-gateway/routing.yaml")
-    return epp, by_kind(proxy_docs, "Secret")[0], by_kind(proxy_docs, "EnvoyProxy")[0], routing
+    (secret,), (sds_docs,), (proxy,) = (by_kind(proxy_docs, k) for k in ("Secret", "ConfigMap", "EnvoyProxy"))
+    return epp, secret, sds_docs, proxy, routing
+
+
+def eg_pod(proxy: dict) -> tuple[dict, dict]:
+    """The Envoy container's and the pod's settings of an EnvoyProxy."""
+    d = proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]
+    return d["container"], d["pod"]
 
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -866,8 +1093,21 @@ def test_envoy_gateway_patch_policy_matches_the_crd_schema():
     assert set(wasm) == {"name", "rootID", "code", "config", "env", "failOpen"}
 
 
+def test_envoy_gateway_envoyproxy_matches_the_crd_schema():
+    *_, proxy, _ = eg_docs()
+    assert crd_errors("envoy-gateway/envoyproxy-v1alpha1.json", proxy) == []
+    bad = copy.deepcopy(proxy)
+    _, pod = eg_pod(bad)
+    next(v for v in pod["volumes"] if "secret" in v)["secret"] = {"name": "tollgate-provider-keys"}  # a ConfigMap's field
+    assert any("'name' was unexpected" in e for e in crd_errors("envoy-gateway/envoyproxy-v1alpha1.json", bad))
+    bad = copy.deepcopy(proxy)
+    container, _ = eg_pod(bad)
+    container["volumeMount"] = container.pop("volumeMounts")
+    assert any("'volumeMount' was unexpected" in e for e in crd_errors("envoy-gateway/envoyproxy-v1alpha1.json", bad))
+
+
 def test_envoy_gateway_listener_and_upstream_roles_agree():
-    epp, secret, proxy, routing = eg_docs()
+    epp, secret, sds_docs, proxy, routing = eg_docs()
     assert_roles_decide_first_and_reload(epp)
     (gw,) = by_kind(routing, "Gateway")
     assert epp["spec"]["targetRef"] == {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gw["metadata"]["name"]}
@@ -902,24 +1142,29 @@ def test_envoy_gateway_listener_and_upstream_roles_agree():
         assert jp["type"] == CLUSTER_TYPE and jp["operation"]["op"] == "add"
         patched.setdefault(jp["name"], {})[jp["operation"]["path"]] = jp["operation"]["value"]
     assert set(patched) == set(rule_host)
-    container = proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]
-    (mount,) = container["volumeMounts"]
+    container, pod = eg_pod(proxy)
+    mounts = pod_mounts(pod["volumes"], container["volumeMounts"], secret, sds_docs)
+    filters_by_provider, ups = {}, []
     for name, ops in patched.items():
         provider = ops["/metadata"]["filter_metadata"]["tollgate"]["provider"]
         assert hosts[provider] == rule_host[name]
-        (up,) = wasm_configs(ops["/typed_extension_protocol_options"])
+        opts = ops["/typed_extension_protocol_options"]
+        assert set(opts) == {HPO}
+        (up,) = wasm_configs(opts)
         assert up["root_id"] == "tollgate.upstream" and up["vm_config"]["vm_id"]
-        assert up["vm_config"]["code"]["local"]["filename"] == f"{mount['mountPath']}/plugin.wasm"
-    # Keys: Secret -> Envoy container env -> host_env_keys -> the configuration's variables.
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    assert set(env) == set(lc["vm_config"]["environment_variables"]["host_env_keys"]) == set(secret["stringData"]) \
-        == env_names_in_plugin_config(plugin)
-    assert all(ref == {"name": secret["metadata"]["name"], "key": k} for k, ref in env.items())
-    # The module: the same tollgate image as on Istio, mounted for both roles.
-    (vol,) = proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["pod"]["volumes"]
-    assert vol["name"] == mount["name"]
-    istio_pod = load("deploy/istio/gateway-patch.yaml")["spec"]["template"]["spec"]
-    assert vol["image"]["reference"] == istio_pod["volumes"][0]["image"]["reference"]
+        assert up["vm_config"]["code"]["local"]["filename"] == f"{mounts['module']}/plugin.wasm"
+        filters_by_provider[provider] = opts[HPO]["http_filters"]
+        ups.append(up)
+    # Provider keys: tollgate's `sds` names -> each rule cluster's composite -> SDS documents (the ConfigMap
+    # mounted by the EnvoyProxy) -> the Secret's files (mounted beside it).
+    assert_keys_wired(plugin, filters_by_provider, secret, sds_docs, mounts)
+    assert_nothing_from_env(plugin, [lc, *ups], container)
+    # The same keys, SDS documents and module image as on Istio, mounted at the same paths.
+    _, istio_secret, istio_sds, istio_patch, _ = istio_docs()
+    istio_pod = istio_patch["spec"]["template"]["spec"]
+    assert set(secret["stringData"]) == set(istio_secret["stringData"]) and sds_docs["data"] == istio_sds["data"]
+    assert mounts == pod_mounts(istio_pod["volumes"], istio_pod["containers"][0]["volumeMounts"], istio_secret, istio_sds)
+    assert image_reference(pod["volumes"]) == image_reference(istio_pod["volumes"])
     # The first rule is the steering rule for the second provider.
     steer = route["spec"]["rules"][0]["matches"][0]["headers"][0]
     assert steer["name"] == "x-tollgate-route" and hosts[steer["value"]] == rule_host[f"httproute/{ns}/llm/rule/0"]
@@ -955,10 +1200,13 @@ def test_envoy_config_envoy_gateway_would_generate_passes_envoy_validate(tmp_pat
     assert [f["name"] for f in http_filters] == ["tollgate.listener", ROUTER["name"]]
     walk(lst, lambda d: d.update(cluster=next(iter(clusters))) if d.get("cluster") == "" else None)
     cfg = bootstrap(lst, list(clusters.values()))
-    replace_filenames(cfg, str(WASM))
+    cfg["node"] = NODE
     assert_roles_decide_first_and_reload(cfg)
-    rc, out = envoy_validate(cfg, host_env(cfg), tmp_path)
-    assert rc == 0 and "OK" in out, out[-3000:]
+    _, secret, sds_docs, proxy, _ = eg_docs()
+    container, pod = eg_pod(proxy)
+    mounts = pod_mounts(pod["volumes"], container["volumeMounts"], secret, sds_docs)
+    root = tmp_path / "pod"
+    assert_pod_config_passes_envoy_validate(in_pod(cfg, root, mounts, secret, sds_docs), root, mounts, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- live
