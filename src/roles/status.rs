@@ -99,10 +99,13 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
                 // A key disabled in the configuration still shows the cooldown it keeps.
                 let state = if k.disabled {
                     "disabled_in_config"
+                } else if h.key_revoked(i) {
+                    "disabled_in_probation"
                 } else {
                     reason.as_str()
                 };
                 json!({"id": k.id, "state": state, "cooldown_until_ms": until,
+                       "probation_requests_left": h.probation_left(i),
                        "usage": usage(store, &format!("tollgate:u:k:{}:{}", p.name, k.id))})
             })
             .collect();
