@@ -20,7 +20,7 @@
 //! with bounded loads, Mirrokni, Thorup and Zadimoghaddam, 2018). So in any window of that many
 //! consecutive picks of one worker, a key takes at most `ceil(LOAD_FACTOR × its share × window)`.
 //! The window grows with the keys so that traffic spread evenly over many prefixes, whose counts
-//! wander around the fair share, stays far from the bound (3.5 standard deviations with 3 keys):
+//! wander around the fair share, stays far from the bound (7 standard deviations with 3 keys):
 //! only prefixes that really carry more than their share move.
 //!
 //! The Weyl placement and the rendezvous score are a few lines of arithmetic over library hashes
@@ -50,8 +50,11 @@ pub fn counter_key(provider: &str) -> String {
 pub const TICKET_BLOCK: u64 = 4;
 
 /// Bounded load of prompt affinity: a key may take up to this many times its fair share of a
-/// worker's recent picks (as numerator, denominator: 1.25).
-pub const LOAD_FACTOR: (u64, u64) = (5, 4);
+/// worker's recent picks (as numerator, denominator: 1.5). Looser than the 1.25 usual for caches
+/// of many small items: a gateway may see only a few dozen prefixes, which rendezvous hashing
+/// splits unevenly by chance (14, 9 and 7 of 30 in the end-to-end test), and a tighter bound would
+/// keep moving such a key's prefixes back and forth.
+pub const LOAD_FACTOR: (u64, u64) = (3, 2);
 /// The recent picks are the worker's last this many per healthy key of the provider ...
 pub const LOAD_WINDOW_PER_KEY: usize = 128;
 /// ... and at most this many.
@@ -730,14 +733,15 @@ mod tests {
         assert!((230..=370).contains(&on_new), "{on_new}");
     }
 
-    /// In every window of consecutive picks, a key takes at most ceil(1.25 × share × window).
+    /// In every window of consecutive picks, a key takes at most ceil(1.5 × share × window).
     fn assert_bounded(seq: &[usize], weights: &[u64]) {
         let total: u64 = weights.iter().sum();
+        let (num, den) = LOAD_FACTOR;
         let window = load_window(weights.len());
         assert!(seq.len() > 2 * window, "long enough to slide");
         for win in seq.windows(window) {
             for (k, &w) in weights.iter().enumerate() {
-                let bound = (5 * w * window as u64).div_ceil(4 * total);
+                let bound = (num * w * window as u64).div_ceil(den * total);
                 let n = win.iter().filter(|&&x| x == k).count() as u64;
                 assert!(n <= bound, "key {k}: {n} > {bound} of {window}");
             }
@@ -771,9 +775,9 @@ mod tests {
         }
         assert_bounded(&seq, &[1, 1, 1]);
         let on_home = seq.iter().filter(|&&k| k == hot_home).count();
-        // The hot prefix's key is full (5/12 of the traffic) and the prefixes that share it
-        // overflow with it; the other keys' prefixes stay home.
-        assert!((2400..=2600).contains(&on_home), "{on_home}");
+        // The hot prefix's key is full (half the traffic) and the prefixes that share it overflow
+        // with it; the other keys' prefixes stay home.
+        assert!((2900..=3100).contains(&on_home), "{on_home}");
         assert!(others > 1500 && strays == 0, "{strays} of {others} moved");
 
         // One prefix alone: its key up to the bound, then the next in its order, and so on.
@@ -782,7 +786,7 @@ mod tests {
             .map(|_| affine(&s, &mut w, &p, xs[1], 0))
             .collect();
         assert_bounded(&seq, &[1, 1, 1]);
-        assert!(seq[..160].iter().all(|&k| k == seq[0]), "first its own key");
+        assert!(seq[..192].iter().all(|&k| k == seq[0]), "first its own key");
         // Weighted keys: the bounds follow the weights.
         let mut heavy = named(&["a", "b", "c"]);
         heavy.keys[0].weight = 2;
