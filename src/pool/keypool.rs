@@ -233,18 +233,22 @@ pub fn choose(
                 spread(ticket, &weights)
             } else {
                 // Rotate over the healthy keys only, so that a cooling key's share is spread evenly
-                // over the others instead of all falling on its neighbour.
-                let order: Vec<usize> =
-                    if provider.rotation == Rotation::Weighted && !provider.schedule.is_empty() {
-                        provider
-                            .schedule
-                            .iter()
-                            .copied()
-                            .filter(|&i| healthy(i))
-                            .collect()
-                    } else {
-                        (0..n).filter(|&i| healthy(i)).collect()
-                    };
+                // over the others instead of all falling on its neighbour. (Prompt affinity without
+                // a prompt to hash rotates by its keys' weights too.)
+                let weighted = matches!(
+                    provider.rotation,
+                    Rotation::Weighted | Rotation::PromptAffinity
+                );
+                let order: Vec<usize> = if weighted && !provider.schedule.is_empty() {
+                    provider
+                        .schedule
+                        .iter()
+                        .copied()
+                        .filter(|&i| healthy(i))
+                        .collect()
+                } else {
+                    (0..n).filter(|&i| healthy(i)).collect()
+                };
                 let len = order.len() as u64;
                 (len > 0)
                     .then(|| usize::try_from(ticket % len).ok())
@@ -808,5 +812,13 @@ mod tests {
         assert_eq!(r.picks.len(), 4);
         r.push(7, 1);
         assert_eq!((r.count(0), r.count(7), r.counts.len()), (0, 1, 1));
+    }
+
+    #[test]
+    fn prompt_affinity_without_a_prompt_rotates_by_weight() {
+        let s = FakeStore::new();
+        let mut w = Tickets::default();
+        let p = provider(&[3, 1], Rotation::PromptAffinity);
+        assert_eq!(counts(&s, &mut w, &p, 400), vec![300, 100]);
     }
 }
