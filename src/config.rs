@@ -84,6 +84,9 @@ pub enum Rotation {
     RoundRobin,
     Weighted,
     Sticky,
+    /// Requests that share their leading prompt go to the same healthy key (weighted rendezvous
+    /// hashing with a bounded load: `pool::keypool`), so a provider's prompt cache keeps working.
+    PromptAffinity,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -119,6 +122,24 @@ pub struct Key {
     pub disabled: bool,
 }
 
+/// A key that enters a provider's pool (a new id, or back from `disabled`) is on probation: it takes
+/// `share_percent` % of a full key's share until it has answered `requests` requests without
+/// 401/403/429. `requests: 0` turns probation off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probation {
+    pub requests: u32,
+    pub share_percent: u32,
+}
+
+impl Default for Probation {
+    fn default() -> Self {
+        Probation {
+            requests: 20,
+            share_percent: 10,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Provider {
     pub name: String,
@@ -133,6 +154,8 @@ pub struct Provider {
     pub models: HashMap<String, String>,
     /// The weighted-rotation schedule: key indices, interleaved (smooth weighted round robin).
     pub schedule: Vec<usize>,
+    /// `probation` (the provider's own, field by field over the top level's).
+    pub probation: Probation,
 }
 
 impl Provider {
@@ -265,6 +288,13 @@ impl Config {
             }
     }
 
+    /// Whether a provider rotates by prompt affinity (the listener then hashes leading prompts).
+    pub fn prompt_affinity(&self) -> bool {
+        self.providers
+            .iter()
+            .any(|p| p.rotation == Rotation::PromptAffinity)
+    }
+
     /// The model's price, else `default_price`.
     pub fn price_for(&self, model: &str) -> Option<&Price> {
         self.prices.get(model).or(self.default_price.as_ref())
@@ -296,6 +326,7 @@ struct RawConfig {
     failure_mode: Option<Choice<FailureMode>>,
     sticky_header: Option<String>,
     status: Option<Object<RawStatus>>,
+    probation: Option<Object<RawProbation>>,
 }
 
 #[derive(Deserialize)]
@@ -311,6 +342,14 @@ struct RawProvider {
     rotation: Option<Choice<Rotation>>,
     keys: Option<Vec<Object<RawKey>>>,
     models: Option<BTreeMap<String, String>>,
+    probation: Option<Object<RawProbation>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProbation {
+    requests: Option<u32>,
+    share_percent: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -415,6 +454,7 @@ impl Named for Rotation {
         ("round_robin", Rotation::RoundRobin),
         ("weighted", Rotation::Weighted),
         ("sticky", Rotation::Sticky),
+        ("prompt_affinity", Rotation::PromptAffinity),
     ];
 }
 
@@ -616,15 +656,13 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
     if raw_providers.is_empty() {
         return Err(err("providers", "at least one provider is required"));
     }
+    let top_probation = probation("probation", raw.probation, Probation::default())?;
     let mut providers: Vec<Provider> = Vec::with_capacity(raw_providers.len());
-    for (i, Object(rp)) in raw_providers.into_iter().enumerate() {
-        let p = provider(
-            &format!("providers[{i}]"),
-            rp,
-            &providers,
-            env,
-            &mut warnings,
-        )?;
+    for (i, Object(mut rp)) in raw_providers.into_iter().enumerate() {
+        let path = format!("providers[{i}]");
+        let own_probation = rp.probation.take();
+        let mut p = provider(&path, rp, &providers, env, &mut warnings)?;
+        p.probation = probation(&at(&path, "probation"), own_probation, top_probation)?;
         providers.push(p);
     }
 
@@ -763,7 +801,24 @@ fn provider(
         keys,
         models,
         schedule,
+        probation: Probation::default(),
     })
+}
+
+/// A `probation` section at `path`, its missing fields taken from `base`.
+fn probation(path: &str, raw: Option<Object<RawProbation>>, base: Probation) -> Res<Probation> {
+    let raw = raw.map(|Object(r)| r).unwrap_or_default();
+    let out = Probation {
+        requests: raw.requests.unwrap_or(base.requests),
+        share_percent: raw.share_percent.unwrap_or(base.share_percent),
+    };
+    if out.requests > 1_000_000 {
+        return Err(err(at(path, "requests"), "must be at most 1000000"));
+    }
+    if !(1..=100).contains(&out.share_percent) {
+        return Err(err(at(path, "share_percent"), "must be between 1 and 100"));
+    }
+    Ok(out)
 }
 
 fn key(path: &str, rk: RawKey, before: &[Key], env: &Env, warnings: &mut Vec<String>) -> Res<Key> {
@@ -1107,6 +1162,7 @@ impl Provider {
             schedule: smooth_weighted_schedule(&keys),
             keys,
             models: HashMap::new(),
+            probation: Probation::default(),
         }
     }
 }
@@ -1265,8 +1321,8 @@ mod tests {
     fn unknown_fields_are_refused_with_their_path_and_the_accepted_names() {
         const LIMIT: &str = "expected one of: metric, amount, window";
         let cases: &[(&str, &str, String)] = &[
-            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status".into()),
-            ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models".into()),
+            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation".into()),
+            ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models, probation".into()),
             ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
@@ -1293,7 +1349,7 @@ mod tests {
             ("", r#","keys":["k1"]"#, "providers[0].keys[0]: expected an object"),
             ("", r#","name":5"#, "providers[0].name: expected a string"),
             ("", r#","type":"gemini""#, "providers[0].type: expected one of: openai, azure_openai, anthropic, openai_compatible"),
-            ("", r#","rotation":"random""#, "providers[0].rotation: expected one of: round_robin, weighted, sticky"),
+            ("", r#","rotation":"random""#, "providers[0].rotation: expected one of: round_robin, weighted, sticky, prompt_affinity"),
             ("", r#","models":{"a":1}"#, "providers[0].models.a: expected a string"),
             ("", r#","models":["a"]"#, "providers[0].models: expected an object"),
             (r#""failure_mode":true,"#, "", "failure_mode: expected one of: open, closed"),
@@ -1646,6 +1702,73 @@ mod tests {
             .collect();
         let s = smooth_weighted_schedule(&keys);
         assert_eq!(s, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn probation_defaults_top_level_and_per_provider_override_field_by_field() {
+        let parsed =
+            |top: &str, extra: &str| parse_str(&cfg(top, extra)).map(|c| c.providers[0].probation);
+        assert_eq!(parsed("", ""), Ok(Probation::default()));
+        assert_eq!(
+            (
+                Probation::default().requests,
+                Probation::default().share_percent
+            ),
+            (20, 10)
+        );
+        let top = r#""probation":{"requests":5,"share_percent":25},"#;
+        assert_eq!(
+            parsed(top, ""),
+            Ok(Probation {
+                requests: 5,
+                share_percent: 25
+            })
+        );
+        assert_eq!(
+            parsed(top, r#","probation":{"requests":0}"#),
+            Ok(Probation {
+                requests: 0,
+                share_percent: 25
+            }),
+            "the provider's own field wins, the other comes from the top level"
+        );
+        let cases = [
+            (
+                r#""probation":{"share_percent":0},"#,
+                "",
+                "probation.share_percent: must be between 1 and 100",
+            ),
+            (
+                "",
+                r#","probation":{"share_percent":101}"#,
+                "providers[0].probation.share_percent: must be between 1 and 100",
+            ),
+            (
+                "",
+                r#","probation":{"requests":1000001}"#,
+                "providers[0].probation.requests: must be at most 1000000",
+            ),
+            (
+                "",
+                r#","probation":{"requests":-1}"#,
+                "providers[0].probation.requests: expected a non-negative integer",
+            ),
+            (
+                r#""probation":{"request":3},"#,
+                "",
+                "probation.request: unknown field, expected one of: requests, share_percent",
+            ),
+        ];
+        for (top, extra, want) in cases {
+            assert_eq!(refused(top, extra), want, "{top} {extra}");
+        }
+        assert_eq!(
+            parse_str(&cfg("", r#","rotation":"prompt_affinity""#))
+                .unwrap()
+                .providers[0]
+                .rotation,
+            Rotation::PromptAffinity
+        );
     }
 
     #[test]

@@ -38,6 +38,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(p.schedule.len() as u64, total, "provider {}", p.name);
         assert!(p.schedule.iter().all(|&i| i < p.keys.len()), "provider {}: schedule out of range", p.name);
         assert!(p.keys.iter().all(|k| !k.secret.is_empty() && (1..=1000).contains(&k.weight)));
+        // Probation shares weigh keys by share_percent of 100 (pool/keypool.rs).
+        assert!((1..=100).contains(&p.probation.share_percent) && p.probation.requests <= 1_000_000);
         assert_eq!(cfg.provider(&p.name).map(|(_, q)| q.name.as_str()), Some(p.name.as_str()));
         names.extend(p.models.keys().map(String::as_str));
     }

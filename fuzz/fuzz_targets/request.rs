@@ -7,7 +7,7 @@ mod common;
 
 use common::Params;
 use libfuzzer_sys::fuzz_target;
-use tollgate::api::request::{inspect, with_include_usage, with_max_tokens, with_model};
+use tollgate::api::request::{inspect, inspect_with, with_include_usage, with_max_tokens, with_model};
 use tollgate::count::usage::ApiKind;
 
 use serde_json::{Map, Value};
@@ -55,6 +55,13 @@ fuzz_target!(|data: &[u8]| {
                 info.prompt_tokens_estimate = loose.prompt_tokens_estimate;
             }
             assert_eq!(info, loose, "{kind:?} and Other read the body differently");
+            // The leading-prompt hash (prompt affinity) changes nothing else of the reading.
+            let Ok(mut hashed) = inspect_with(kind, data, true) else {
+                panic!("{kind:?}: asking for the prefix hash refused the body");
+            };
+            hashed.prefix = None;
+            hashed.prompt_tokens_estimate = info.prompt_tokens_estimate;
+            assert_eq!(hashed, info);
         }
     }
 

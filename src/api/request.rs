@@ -30,6 +30,9 @@ pub struct RequestInfo {
     /// [`text_tokens`] over all message/system/prompt/input text (strings and text parts, tool
     /// definitions' JSON too), + ~4 per message.
     pub prompt_tokens_estimate: u64,
+    /// The hash of the leading prompt ([`inspect_with`] with `prefix`): requests that share it
+    /// start alike, and a provider's prompt cache serves them best from one key.
+    pub prefix: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -139,6 +142,11 @@ impl Expect {
 /// Checks and reads a request body for `api`. For `ApiKind::Other` only the JSON object is
 /// required and fields of unexpected types are ignored.
 pub fn inspect(api: ApiKind, body: &[u8]) -> Result<RequestInfo, RequestError> {
+    inspect_with(api, body, false)
+}
+
+/// [`inspect`], and with `prefix` the hash of the leading prompt too ([`RequestInfo::prefix`]).
+pub fn inspect_with(api: ApiKind, body: &[u8], prefix: bool) -> Result<RequestInfo, RequestError> {
     use Expect::*;
     let text = std::str::from_utf8(body).map_err(|_| RequestError::InvalidUtf8)?;
     if text.trim_matches(JSON_WS).is_empty() {
@@ -220,13 +228,62 @@ pub fn inspect(api: ApiKind, body: &[u8]) -> Result<RequestInfo, RequestError> {
         estimate = estimate.saturating_add(json_tokens(v));
     }
 
+    let prefix = match api {
+        _ if !prefix => None,
+        ApiKind::ChatCompletions => leading_prompt(&[], messages),
+        ApiKind::Messages => leading_prompt(&[("system", system)], messages),
+        ApiKind::Responses => leading_prompt(&[("instructions", instructions)], input),
+        _ => None,
+    };
+
     Ok(RequestInfo {
         model,
         stream,
         include_usage,
         max_tokens,
         prompt_tokens_estimate: estimate,
+        prefix,
     })
+}
+
+/// The hash (XXH3) of what a conversation starts with: the `fixed` members (a system prompt,
+/// instructions) and the `turns` up to and including the first user turn (so the system and
+/// developer messages and the first user message; a string is one user turn). Each part is hashed
+/// as the client wrote it, so one application's requests hash alike. None when there is nothing.
+fn leading_prompt(fixed: &[(&str, Option<&RawValue>)], turns: Option<&RawValue>) -> Option<u64> {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    let mut any = false;
+    let mut part = |name: &str, v: &RawValue| {
+        h.update(name.as_bytes());
+        h.update(&[0]);
+        h.update(v.get().as_bytes());
+        h.update(&[0]);
+        any = true;
+    };
+    for (name, v) in fixed {
+        if let Some(v) = v {
+            part(name, v);
+        }
+    }
+    if let Some(turns) = turns {
+        match serde_json::from_str::<Vec<&RawValue>>(turns.get()) {
+            Ok(items) => {
+                for item in items {
+                    part("turn", item);
+                    let role = members(item.get(), ["role"]).ok().and_then(|m| {
+                        let [role] = m.values;
+                        role
+                    });
+                    if role.is_some_and(|r| r.get() == r#""user""#) {
+                        break;
+                    }
+                }
+            }
+            // A string prompt.
+            Err(_) => part("turn", turns),
+        }
+    }
+    any.then(|| h.digest())
 }
 
 const JSON_WS: [char; 4] = [' ', '\t', '\n', '\r'];
@@ -519,6 +576,7 @@ mod tests {
                 include_usage: true,
                 max_tokens: Some(256),
                 prompt_tokens_estimate: want,
+                prefix: None,
             }
         );
         assert!(
@@ -540,7 +598,8 @@ mod tests {
                 stream: false,
                 include_usage: false,
                 max_tokens: None,
-                prompt_tokens_estimate: 8
+                prompt_tokens_estimate: 8,
+                prefix: None,
             }
         );
         let msgs = json!([{"role": "user", "content": "hi"}]);
@@ -604,6 +663,7 @@ mod tests {
                 include_usage: false,
                 max_tokens: Some(1024),
                 prompt_tokens_estimate: want,
+                prefix: None,
             }
         );
         assert_eq!(
@@ -865,7 +925,8 @@ mod tests {
                 stream: true,
                 include_usage: false,
                 max_tokens: None,
-                prompt_tokens_estimate: 0
+                prompt_tokens_estimate: 0,
+                prefix: None,
             }
         );
     }
@@ -1054,5 +1115,90 @@ mod tests {
             assert_eq!(with_model(bad, "m"), None);
             assert_eq!(with_max_tokens(bad, 1), None);
         }
+    }
+
+    fn prefix(api: ApiKind, body: Value) -> Option<u64> {
+        inspect_with(api, body.to_string().as_bytes(), true)
+            .unwrap()
+            .prefix
+    }
+
+    #[test]
+    fn the_leading_prompt_is_the_system_and_first_user_turn() {
+        let chat = |system: &str, first: &str, later: &str| {
+            json!({"model": "m", "messages": [
+                {"role": "system", "content": system},
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": first},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": later}]})
+        };
+        let base = prefix(ChatCompletions, chat("S", "Q", "one"));
+        assert!(base.is_some());
+        assert_eq!(
+            base,
+            prefix(ChatCompletions, chat("S", "Q", "two")),
+            "later turns"
+        );
+        assert_ne!(
+            base,
+            prefix(ChatCompletions, chat("S2", "Q", "one")),
+            "system"
+        );
+        assert_ne!(
+            base,
+            prefix(ChatCompletions, chat("S", "Q2", "one")),
+            "first user turn"
+        );
+        // What is hashed: each part's name and its JSON text as the client wrote it.
+        let text = r#"{"messages":[{"role":"system","content":"S"},{"role":"user","content":"Q"},{"role":"user","content":"R"}]}"#;
+        let want = xxhash_rust::xxh3::xxh3_64(
+            b"turn\0{\"role\":\"system\",\"content\":\"S\"}\0turn\0{\"role\":\"user\",\"content\":\"Q\"}\0",
+        );
+        assert_eq!(
+            inspect_with(ChatCompletions, text.as_bytes(), true)
+                .unwrap()
+                .prefix,
+            Some(want)
+        );
+        assert_eq!(
+            inspect(ChatCompletions, text.as_bytes()).unwrap().prefix,
+            None,
+            "not asked"
+        );
+
+        // Anthropic: `system` and the first message.
+        let messages = |system: &str, later: &str| {
+            json!({"model": "m", "max_tokens": 5, "system": system, "messages": [
+                {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+                {"role": "user", "content": later}]})
+        };
+        let m = prefix(Messages, messages("S", "x"));
+        assert_eq!(m, prefix(Messages, messages("S", "y")));
+        assert_ne!(m, prefix(Messages, messages("T", "x")));
+        // Responses: instructions and the input up to its first user item (a string is one).
+        let responses = |input: Value| json!({"model": "m", "instructions": "I", "input": input});
+        assert_eq!(
+            prefix(
+                Responses,
+                responses(
+                    json!([{"role": "user", "content": "Q"}, {"role": "user", "content": "x"}])
+                )
+            ),
+            prefix(
+                Responses,
+                responses(
+                    json!([{"role": "user", "content": "Q"}, {"role": "user", "content": "y"}])
+                )
+            )
+        );
+        assert_ne!(
+            prefix(Responses, responses(json!("Q"))),
+            prefix(Responses, responses(json!("R")))
+        );
+        assert_eq!(
+            prefix(Embeddings, json!({"model": "m", "input": "x"})),
+            None
+        );
     }
 }

@@ -2,11 +2,20 @@
 //! provider: the provider's circuit breaker plus a cooldown per key.
 //!
 //! One entry per provider (not per key) so that choosing a key costs one shared-data read. Keys are
-//! matched by a hash of their id, so reordering keys in the config keeps their cooldowns, and a
-//! removed key's slot is dropped on the next write.
+//! matched by a hash of their id, so reordering keys in the config keeps their cooldowns.
+//!
+//! Probation lives here too: per key slot, the requests it has left on probation and what the last
+//! configuration applied said of it (disabled, or not named at all). [`reconcile`], run whenever a
+//! configuration is applied, decides from that whether a key enters the pool, the same way in every
+//! worker and both roles. A writer keeps the slots its configuration does not name (another
+//! configuration's during a change, or keys removed), so that a worker still on the previous
+//! configuration never erases a new key's probation; `reconcile` bounds how many removed ones stay.
+//!
+//! The entry's layout changed with probation: its key is `tollgate:h2:<provider>`, so an entry in the
+//! old layout (`tollgate:h:`) is never misread.
 
 use crate::config::{Health, Provider};
-use crate::store::{decode_u64s, encode_u64s, update, SharedStore, StoreError};
+use crate::store::{decode_u64s, encode_u64s, update, update_if, SharedStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u64)]
@@ -46,7 +55,20 @@ pub enum Circuit {
 }
 
 const HEADER_FIELDS: usize = 4; // failures, open_until_ms, probes_used, probes_since_ms
-const KEY_FIELDS: usize = 3; // id hash, until_ms, reason
+const KEY_FIELDS: usize = 5; // id hash, until_ms, reason, probation left, flags
+
+type Slot = [u64; KEY_FIELDS];
+
+/// Slot flags. The key was disabled in the configuration last applied.
+const WAS_DISABLED: u64 = 1;
+/// Refused with 401/402/403 while on probation: out of the rotation until it enters the pool again.
+const REVOKED: u64 = 2;
+/// Not named by the configuration last applied.
+const REMOVED: u64 = 4;
+
+/// Slots of removed keys kept (newest first): a removed key that comes back within this many
+/// removals is recognised as returning, an older one as new; both start probation.
+const MAX_REMOVED: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderHealth {
@@ -56,8 +78,14 @@ pub struct ProviderHealth {
     pub probes_since_ms: u64,
     /// Per key of the provider, in config order: (cooldown until, reason).
     pub keys: Vec<(u64, CooldownReason)>,
+    /// Per key, in config order: requests left on probation (0: a full member of the pool).
+    pub probation: Vec<u64>,
+    /// Per key, in config order: the slot's flags.
+    flags: Vec<u64>,
     /// Per key, in config order: disabled in the configuration (not stored: the config says it).
     pub disabled: Vec<bool>,
+    /// Slots of keys this configuration does not name, written back as they were.
+    others: Vec<Slot>,
 }
 
 /// When every key of a provider is disabled in the configuration there is no moment it is back:
@@ -65,7 +93,7 @@ pub struct ProviderHealth {
 const ALL_DISABLED_RETRY_MS: u64 = 60_000;
 
 pub fn entry_key(provider: &str) -> String {
-    format!("tollgate:h:{provider}")
+    format!("tollgate:h2:{provider}")
 }
 
 /// FNV-1a: stable across builds and workers, which `std`'s hasher is not promised to be.
@@ -78,29 +106,48 @@ pub fn fnv1a(s: &[u8]) -> u64 {
     h
 }
 
+/// The entry's header and slots.
+fn split(bytes: &[u8]) -> ([u64; HEADER_FIELDS], Vec<Slot>) {
+    let header = decode_u64s::<HEADER_FIELDS>(Some(bytes));
+    let slots = bytes
+        .get(HEADER_FIELDS * 8..)
+        .unwrap_or(&[])
+        .chunks_exact(KEY_FIELDS * 8)
+        .map(|c| decode_u64s::<KEY_FIELDS>(Some(c)))
+        .collect();
+    (header, slots)
+}
+
+fn join(header: &[u64; HEADER_FIELDS], slots: &[Slot]) -> Vec<u8> {
+    let mut v = encode_u64s(header);
+    for s in slots {
+        v.extend(encode_u64s(s));
+    }
+    v
+}
+
 impl ProviderHealth {
     pub fn decode(bytes: Option<&[u8]>, provider: &Provider) -> Self {
-        let b = bytes.unwrap_or(&[]);
-        let [failures, open_until_ms, probes_used, probes_since_ms] =
-            decode_u64s::<HEADER_FIELDS>(Some(b));
-        let slots: Vec<[u64; KEY_FIELDS]> = b
-            .get(HEADER_FIELDS * 8..)
-            .unwrap_or(&[])
-            .chunks_exact(KEY_FIELDS * 8)
-            .map(|c| decode_u64s::<KEY_FIELDS>(Some(c)))
-            .collect();
-        let keys = provider
-            .keys
-            .iter()
-            .map(|k| {
-                let h = fnv1a(k.id.as_bytes());
-                slots
-                    .iter()
-                    .find(|s| s[0] == h)
-                    .map(|s| (s[1], CooldownReason::from_u64(s[2])))
-                    .unwrap_or((0, CooldownReason::None))
-            })
-            .collect();
+        let (header, mut others) = split(bytes.unwrap_or(&[]));
+        let [failures, open_until_ms, probes_used, probes_since_ms] = header;
+        let n = provider.keys.len();
+        let (mut keys, mut probation, mut flags) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for k in &provider.keys {
+            let h = fnv1a(k.id.as_bytes());
+            let slot = others
+                .iter()
+                .position(|s| s[0] == h)
+                .map(|i| others.remove(i))
+                .unwrap_or([h, 0, 0, 0, 0]);
+            let [_, until, reason, left, f] = slot;
+            keys.push((until, CooldownReason::from_u64(reason)));
+            probation.push(left);
+            flags.push(f);
+        }
         ProviderHealth {
             disabled: provider.keys.iter().map(|k| k.disabled).collect(),
             failures,
@@ -108,24 +155,31 @@ impl ProviderHealth {
             probes_used,
             probes_since_ms,
             keys,
+            probation,
+            flags,
+            others,
         }
     }
 
     pub fn encode(&self, provider: &Provider) -> Vec<u8> {
-        let mut v = encode_u64s(&[
+        let header = [
             self.failures,
             self.open_until_ms,
             self.probes_used,
             self.probes_since_ms,
-        ]);
-        for (k, (until, reason)) in provider.keys.iter().zip(&self.keys) {
-            v.extend(encode_u64s(&[
+        ];
+        let mut slots: Vec<Slot> = Vec::with_capacity(provider.keys.len() + self.others.len());
+        for (i, (k, (until, reason))) in provider.keys.iter().zip(&self.keys).enumerate() {
+            slots.push([
                 fnv1a(k.id.as_bytes()),
                 *until,
                 *reason as u64,
-            ]));
+                self.probation_left(i),
+                self.flags.get(i).copied().unwrap_or(0),
+            ]);
         }
-        v
+        slots.extend_from_slice(&self.others);
+        join(&header, &slots)
     }
 
     pub fn key_available(&self, idx: usize, now_ms: u64) -> bool {
@@ -137,8 +191,20 @@ impl ProviderHealth {
                 .unwrap_or(false)
     }
 
+    /// Out of the rotation whatever its cooldown: disabled in the configuration, or refused while
+    /// on probation.
     pub fn key_disabled(&self, idx: usize) -> bool {
-        self.disabled.get(idx).copied().unwrap_or(false)
+        self.disabled.get(idx).copied().unwrap_or(false) || self.key_revoked(idx)
+    }
+
+    /// Refused with 401/402/403 while on probation, and not back in the pool since.
+    pub fn key_revoked(&self, idx: usize) -> bool {
+        self.flags.get(idx).is_some_and(|f| f & REVOKED != 0)
+    }
+
+    /// Requests the key has left on probation (0: it takes its full share).
+    pub fn probation_left(&self, idx: usize) -> u64 {
+        self.probation.get(idx).copied().unwrap_or(0)
     }
 
     /// The state of the key at `idx` now: healthy, or cooling until when and why.
@@ -222,7 +288,166 @@ pub fn cool_key<S: SharedStore + ?Sized>(
                 *slot = (until_ms, reason);
             }
         }
+        // A rate-limited key on probation starts its count over.
+        if let Some(left) = h.probation.get_mut(idx) {
+            if *left > 0 && reason == CooldownReason::RateLimited {
+                *left = u64::from(provider.probation.requests);
+            }
+        }
     })
+}
+
+/// What a 401/402/403 did to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// On probation: out of the rotation until it enters the pool again through a configuration
+    /// change (see [`reconcile`]).
+    Revoked,
+    /// A full member of the pool: cooling down until the given time, as a dead or unpaid key.
+    Cooling,
+}
+
+/// A key refused by the provider (401/402/403). Whether it was on probation is read from the
+/// entry, not from the attempt's older snapshot.
+pub fn refuse<S: SharedStore + ?Sized>(
+    store: &S,
+    provider: &Provider,
+    idx: usize,
+    until_ms: u64,
+) -> Result<Refusal, StoreError> {
+    modify(store, provider, |h| {
+        if h.probation_left(idx) > 0 {
+            if let (Some(f), Some(left)) = (h.flags.get_mut(idx), h.probation.get_mut(idx)) {
+                *f |= REVOKED;
+                *left = 0;
+            }
+            return Refusal::Revoked;
+        }
+        if let Some(slot) = h.keys.get_mut(idx) {
+            if until_ms > slot.0 {
+                *slot = (until_ms, CooldownReason::Disabled);
+            }
+        }
+        Refusal::Cooling
+    })
+}
+
+/// A key on probation answered (2xx): one request fewer to go. Returns the requests it has left
+/// (0: it takes its full share from now on), or None (and writes nothing) when it was not on
+/// probation any more.
+pub fn probation_answered<S: SharedStore + ?Sized>(
+    store: &S,
+    provider: &Provider,
+    idx: usize,
+) -> Result<Option<u64>, StoreError> {
+    update_if(store, &entry_key(&provider.name), |cur| {
+        let mut h = ProviderHealth::decode(cur, provider);
+        match h.probation.get_mut(idx) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                let left = *left;
+                (Some(h.encode(provider)), Some(left))
+            }
+            _ => (None, None),
+        }
+    })
+    .map(|(left, _)| left)
+}
+
+/// Applies a configuration's key pool to the provider's entry; returns the ids of the keys that
+/// entered the pool (and start probation, unless `probation.requests` is 0).
+///
+/// A pool without an entry is born without probation (the first start). Otherwise a key enters when
+/// the entry has no slot for its id, or its slot was disabled (or not named) when a configuration
+/// was last applied, and it is enabled now. Idempotent: every VM applies the same configuration,
+/// and only the first write changes anything.
+pub fn reconcile<S: SharedStore + ?Sized>(
+    store: &S,
+    provider: &Provider,
+) -> Result<Vec<String>, StoreError> {
+    let requests = u64::from(provider.probation.requests);
+    update_if(store, &entry_key(&provider.name), |cur| {
+        let flags_of = |disabled: bool| if disabled { WAS_DISABLED } else { 0 };
+        let Some(bytes) = cur else {
+            let slots: Vec<Slot> = provider
+                .keys
+                .iter()
+                .map(|k| [fnv1a(k.id.as_bytes()), 0, 0, 0, flags_of(k.disabled)])
+                .collect();
+            return (Some(join(&[0; HEADER_FIELDS], &slots)), Vec::new());
+        };
+        let (header, mut rest) = split(bytes);
+        let mut entered = Vec::new();
+        let mut changed = false;
+        let mut slots: Vec<Slot> = Vec::with_capacity(provider.keys.len() + rest.len());
+        for k in &provider.keys {
+            let h = fnv1a(k.id.as_bytes());
+            let found = rest.iter().position(|s| s[0] == h).map(|i| rest.remove(i));
+            let next = match found {
+                None if k.disabled => [h, 0, 0, 0, WAS_DISABLED],
+                None => {
+                    entered.push(k.id.clone());
+                    [h, 0, 0, requests, 0]
+                }
+                Some([_, until, reason, _, flags])
+                    if !k.disabled && flags & (WAS_DISABLED | REMOVED) != 0 =>
+                {
+                    // Back in the pool: a revocation ends here; a cooldown it kept stays.
+                    entered.push(k.id.clone());
+                    [h, until, reason, requests, 0]
+                }
+                // A shorter (or no) probation in the new configuration applies at once.
+                Some([_, until, reason, left, flags]) => [
+                    h,
+                    until,
+                    reason,
+                    left.min(requests),
+                    (flags & !(WAS_DISABLED | REMOVED)) | flags_of(k.disabled),
+                ],
+            };
+            changed |= found != Some(next);
+            slots.push(next);
+        }
+        // The rest are keys this configuration does not name: remembered as removed, the most
+        // recently removed first (they follow the keys of the configuration that named them).
+        for (i, mut s) in rest.into_iter().enumerate() {
+            if i >= MAX_REMOVED {
+                changed = true;
+                continue;
+            }
+            changed |= s[4] & REMOVED == 0;
+            s[4] |= REMOVED;
+            slots.push(s);
+        }
+        (changed.then(|| join(&header, &slots)), entered)
+    })
+    .map(|(entered, _)| entered)
+}
+
+/// [`reconcile`] for every provider of a configuration (when it is applied): a log line per key that
+/// entered a pool, naming it by id. Errors are logged, not fatal: the pool then works without the
+/// change's probation.
+pub fn apply_config<S: SharedStore + ?Sized>(store: &S, providers: &[Provider]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for p in providers {
+        match reconcile(store, p) {
+            Ok(entered) => lines.extend(entered.into_iter().map(|id| {
+                if p.probation.requests == 0 {
+                    format!("key {}/{id} entered the pool", p.name)
+                } else {
+                    format!(
+                        "key {}/{id} entered the pool on probation: {}% of a full share until it has answered {} requests",
+                        p.name, p.probation.share_percent, p.probation.requests
+                    )
+                }
+            })),
+            Err(e) => lines.push(format!(
+                "provider {}: key pool not reconciled with shared data ({e:?}): keys that entered it take their full share at once",
+                p.name
+            )),
+        }
+    }
+    lines
 }
 
 /// Whether an attempt may go to this provider now. In half-open state only `half_open_probes`
@@ -412,6 +637,238 @@ mod tests {
         // The probe never reports; after another open period a new probe may go.
         assert!(!try_acquire(&s, &p, &CFG, 25_000).unwrap());
         assert!(try_acquire(&s, &p, &CFG, 30_003).unwrap());
+    }
+
+    /// A provider with keys `ids`, probation of `requests` at 10 %.
+    fn on_probation(ids: &[&str], requests: u32) -> Provider {
+        let mut p = provider(ids);
+        p.probation = crate::config::Probation {
+            requests,
+            share_percent: 10,
+        };
+        p
+    }
+
+    fn left(s: &FakeStore, p: &Provider) -> Vec<u64> {
+        read(s, p).unwrap().probation
+    }
+
+    #[test]
+    fn a_pool_is_born_without_probation_and_a_key_added_later_starts_it() {
+        let s = FakeStore::new();
+        let a = on_probation(&["a", "b"], 20);
+        assert_eq!(reconcile(&s, &a).unwrap(), Vec::<String>::new());
+        assert_eq!(left(&s, &a), vec![0, 0], "first start: no probation");
+        let b = on_probation(&["a", "b", "c"], 20);
+        assert_eq!(reconcile(&s, &b).unwrap(), vec!["c".to_string()]);
+        assert_eq!(left(&s, &b), vec![0, 0, 20]);
+        // Every other VM applies the same configuration: nothing more is written.
+        let bytes = s.get(&entry_key("p")).unwrap();
+        for _ in 0..3 {
+            assert!(reconcile(&s, &b).unwrap().is_empty());
+        }
+        assert_eq!(
+            s.get(&entry_key("p")).unwrap(),
+            bytes,
+            "not even the CAS moved"
+        );
+        // Probation off: a key still enters, at its full share.
+        let off = on_probation(&["a", "b", "c", "d"], 0);
+        assert_eq!(reconcile(&s, &off).unwrap(), vec!["d".to_string()]);
+        assert_eq!(left(&s, &off), vec![0, 0, 0, 0], "and c's probation ends");
+    }
+
+    #[test]
+    fn a_key_back_from_disabled_or_removed_starts_probation_and_keeps_its_cooldown() {
+        let s = FakeStore::new();
+        let mut p = on_probation(&["a", "b"], 5);
+        reconcile(&s, &p).unwrap();
+        cool_key(&s, &p, 1, 9_000, CooldownReason::RateLimited).unwrap();
+        p.keys[1].disabled = true;
+        assert!(reconcile(&s, &p).unwrap().is_empty());
+        assert!(reconcile(&s, &p).unwrap().is_empty());
+        p.keys[1].disabled = false;
+        assert_eq!(reconcile(&s, &p).unwrap(), vec!["b".to_string()]);
+        let h = read(&s, &p).unwrap();
+        assert_eq!(h.probation, vec![0, 5]);
+        assert_eq!(h.keys[1], (9_000, CooldownReason::RateLimited));
+        assert!(reconcile(&s, &p).unwrap().is_empty(), "once");
+
+        // Removed, then named again: probation again.
+        let without = on_probation(&["a"], 5);
+        assert!(reconcile(&s, &without).unwrap().is_empty());
+        assert_eq!(reconcile(&s, &p).unwrap(), vec!["b".to_string()]);
+        // A key that is new but disabled enters when it is enabled.
+        let mut q = on_probation(&["a", "b", "c"], 5);
+        q.keys[2].disabled = true;
+        assert!(reconcile(&s, &q).unwrap().is_empty());
+        q.keys[2].disabled = false;
+        assert_eq!(reconcile(&s, &q).unwrap(), vec!["c".to_string()]);
+    }
+
+    #[test]
+    fn concurrent_reconciles_agree_and_only_one_announces_the_key() {
+        /// A store where, just before the first write, another VM reconciles the same config.
+        struct Racing<'a> {
+            inner: &'a FakeStore,
+            other: &'a Provider,
+            raced: core::cell::Cell<bool>,
+            announced: core::cell::RefCell<Vec<String>>,
+        }
+        impl SharedStore for Racing<'_> {
+            fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+                self.inner.get(key)
+            }
+            fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+                if !self.raced.replace(true) {
+                    let won = reconcile(self.inner, self.other).unwrap();
+                    self.announced.borrow_mut().extend(won);
+                }
+                self.inner.set(key, value, cas)
+            }
+        }
+        for first_start in [true, false] {
+            let s = FakeStore::new();
+            let a = on_probation(&["a", "b"], 20);
+            if !first_start {
+                reconcile(&s, &a).unwrap();
+            }
+            let b = on_probation(&["a", "b", "c"], 20);
+            let racing = Racing {
+                inner: &s,
+                other: &b,
+                raced: core::cell::Cell::new(false),
+                announced: Default::default(),
+            };
+            let mine = reconcile(&racing, &b).unwrap();
+            let mut all = racing.announced.take();
+            all.extend(mine);
+            let want: Vec<String> = if first_start {
+                vec![]
+            } else {
+                vec!["c".into()]
+            };
+            assert_eq!(all, want, "first start: {first_start}");
+            assert_eq!(
+                left(&s, &b),
+                if first_start {
+                    vec![0, 0, 0]
+                } else {
+                    vec![0, 0, 20]
+                }
+            );
+        }
+        // And under injected CAS conflicts.
+        let s = FakeStore::new();
+        reconcile(&s, &on_probation(&["a"], 3)).unwrap();
+        s.inject_conflicts.set(5);
+        let p = on_probation(&["a", "b"], 3);
+        assert_eq!(reconcile(&s, &p).unwrap(), vec!["b".to_string()]);
+        assert_eq!(left(&s, &p), vec![0, 3]);
+    }
+
+    #[test]
+    fn a_worker_on_the_previous_configuration_keeps_the_new_keys_probation() {
+        let s = FakeStore::new();
+        let old = on_probation(&["a", "b"], 4);
+        reconcile(&s, &old).unwrap();
+        let new = on_probation(&["c", "a", "b"], 4);
+        reconcile(&s, &new).unwrap();
+        // A worker still on `old` cools `b` and records a failure: c's slot survives.
+        cool_key(&s, &old, 1, 7_000, CooldownReason::RateLimited).unwrap();
+        record(&s, &old, &CFG, Outcome::ProviderFailure, 1).unwrap();
+        let h = read(&s, &new).unwrap();
+        assert_eq!(h.probation, vec![4, 0, 0]);
+        assert_eq!(h.keys[2], (7_000, CooldownReason::RateLimited));
+        assert_eq!(h.failures, 1);
+    }
+
+    #[test]
+    fn removed_keys_are_remembered_up_to_a_bound() {
+        let s = FakeStore::new();
+        let ids: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+        for pair in ids.chunks(2) {
+            let refs: Vec<&str> = pair.iter().map(String::as_str).collect();
+            let p = on_probation(&refs, 3);
+            reconcile(&s, &p).unwrap();
+            cool_key(&s, &p, 0, 5_000, CooldownReason::RateLimited).unwrap();
+        }
+        let (bytes, _) = s.get(&entry_key("p")).unwrap();
+        let (_, slots) = split(&bytes.unwrap());
+        assert_eq!(slots.len(), 2 + MAX_REMOVED);
+        // The most recently removed are the ones kept: k96 returns with its cooldown, k0 comes
+        // back as new. Both start probation.
+        let back = on_probation(&["k98", "k99", "k96", "k0"], 3);
+        assert_eq!(
+            reconcile(&s, &back).unwrap(),
+            vec!["k96".to_string(), "k0".to_string()]
+        );
+        let h = read(&s, &back).unwrap();
+        assert_eq!(h.keys[2], (5_000, CooldownReason::RateLimited));
+        assert_eq!(h.keys[3], (0, CooldownReason::None));
+    }
+
+    #[test]
+    fn probation_counts_down_on_answers_and_starts_over_on_429() {
+        let s = FakeStore::new();
+        reconcile(&s, &on_probation(&["a"], 3)).unwrap();
+        let p = on_probation(&["a", "b"], 3);
+        reconcile(&s, &p).unwrap();
+        assert_eq!(probation_answered(&s, &p, 1).unwrap(), Some(2));
+        assert_eq!(probation_answered(&s, &p, 1).unwrap(), Some(1));
+        cool_key(&s, &p, 1, 100, CooldownReason::RateLimited).unwrap();
+        assert_eq!(left(&s, &p), vec![0, 3], "a 429 starts the count over");
+        for want in [2, 1, 0] {
+            assert_eq!(probation_answered(&s, &p, 1).unwrap(), Some(want));
+        }
+        let calls = s.calls.get();
+        assert_eq!(probation_answered(&s, &p, 1).unwrap(), None);
+        assert_eq!(probation_answered(&s, &p, 0).unwrap(), None);
+        assert_eq!(s.calls.get() - calls, 2, "a read each, no write");
+        cool_key(&s, &p, 1, 200, CooldownReason::RateLimited).unwrap();
+        assert_eq!(left(&s, &p), vec![0, 0], "a full member stays one");
+    }
+
+    #[test]
+    fn a_refusal_on_probation_disables_the_key_until_it_enters_again() {
+        let s = FakeStore::new();
+        reconcile(&s, &on_probation(&["a"], 3)).unwrap();
+        let mut p = on_probation(&["a", "b"], 3);
+        reconcile(&s, &p).unwrap();
+        assert_eq!(refuse(&s, &p, 1, 5_000).unwrap(), Refusal::Revoked);
+        let h = read(&s, &p).unwrap();
+        assert!(h.key_revoked(1) && !h.key_available(1, u64::MAX));
+        assert_eq!(h.keys[1], (0, CooldownReason::None), "no cooldown: revoked");
+        assert_eq!(h.earliest_key_ms(10), 10, "only `a` counts");
+        assert!(
+            reconcile(&s, &p).unwrap().is_empty(),
+            "the same config: still out"
+        );
+        assert!(read(&s, &p).unwrap().key_revoked(1));
+        // A full member refused cools down instead.
+        assert_eq!(refuse(&s, &p, 0, 5_000).unwrap(), Refusal::Cooling);
+        assert_eq!(
+            read(&s, &p).unwrap().keys[0],
+            (5_000, CooldownReason::Disabled)
+        );
+        // Disabled and enabled again: back on probation.
+        p.keys[1].disabled = true;
+        reconcile(&s, &p).unwrap();
+        p.keys[1].disabled = false;
+        assert_eq!(reconcile(&s, &p).unwrap(), vec!["b".to_string()]);
+        let h = read(&s, &p).unwrap();
+        assert!(!h.key_revoked(1) && h.key_available(1, 0));
+        assert_eq!(h.probation, vec![0, 3]);
+    }
+
+    #[test]
+    fn the_old_layout_is_never_read() {
+        let s = FakeStore::new();
+        let p = provider(&["a"]);
+        // An entry of the previous layout (3 fields a key) under the previous name.
+        let old = encode_u64s(&[0, 0, 0, 0, fnv1a(b"a"), u64::MAX, 1]);
+        s.set("tollgate:h:p", &old, None).unwrap();
+        assert!(read(&s, &p).unwrap().key_available(0, 0));
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod sdk_host;
 
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::config::{self, Config};
+use crate::failover::health;
 use crate::host::Host;
 use crate::roles::held::{self, Held};
 use crate::roles::listener::Listener;
@@ -87,6 +88,11 @@ impl RootContext for Root {
                     cfg.providers.len(),
                     cfg.providers.iter().map(|p| p.keys.len()).sum::<usize>()
                 );
+                // Keys that entered a pool go on probation, decided alike in every VM.
+                let host = SdkHost::default();
+                for line in health::apply_config(host.store(), &cfg.providers) {
+                    log::info!("{line}");
+                }
                 self.config = Some(Rc::new(cfg));
                 // Flushes this worker's metrics and usage totals, and watches held requests.
                 let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(TICK_MS));

@@ -58,7 +58,7 @@ thread_local! {
     static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
     /// Metrics and usage totals of this worker since the last tick.
     static TALLY: RefCell<Tally> = RefCell::new(Tally::default());
-    /// This worker's blocks of round-robin tickets.
+    /// This worker's key-rotation state: round-robin ticket blocks, recent affinity picks.
     static TICKETS: RefCell<Tickets> = RefCell::new(Tickets::default());
 }
 
@@ -197,7 +197,7 @@ impl Host for SdkHost {
         &HostStore
     }
 
-    fn ticket(&mut self, provider: &str) -> Result<u64, StoreError> {
-        TICKETS.with(|t| t.borrow_mut().take(&HostStore, provider))
+    fn with_rotation(&mut self, f: &mut dyn FnMut(&mut Tickets, &dyn SharedStore)) {
+        TICKETS.with(|t| f(&mut t.borrow_mut(), &HostStore));
     }
 }

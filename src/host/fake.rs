@@ -284,10 +284,11 @@ impl Host for FakeHost {
         self.rows.add_row(key, row);
     }
 
-    fn ticket(&mut self, provider: &str) -> Result<u64, crate::store::StoreError> {
-        self.tickets
-            .borrow_mut()
-            .take(self.store.as_ref(), provider)
+    fn with_rotation(
+        &mut self,
+        f: &mut dyn FnMut(&mut crate::pool::keypool::Tickets, &dyn SharedStore),
+    ) {
+        f(&mut self.tickets.borrow_mut(), self.store.as_ref());
     }
 
     fn store(&self) -> &dyn SharedStore {

@@ -14,7 +14,8 @@ pub mod fake;
 pub mod prof;
 pub mod tally;
 
-use crate::store::{SharedStore, StoreError};
+use crate::pool::keypool::Tickets;
+use crate::store::SharedStore;
 
 /// The header maps a role reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,11 +75,9 @@ pub trait Host {
     /// Envoy's shared data: one store per `vm_id`, across workers and both roles.
     fn store(&self) -> &dyn SharedStore;
 
-    /// The next round-robin ticket of `provider`'s key rotation. The adapter hands them out from
-    /// per-worker blocks (`pool::keypool::Tickets`); by default, one at a time from shared data.
-    fn ticket(&mut self, provider: &str) -> Result<u64, StoreError> {
-        crate::pool::keypool::ticket(self.store(), provider)
-    }
+    /// Runs `f` with this worker's key-rotation state (`pool::keypool::Tickets`: blocks of
+    /// round-robin tickets, recent prompt-affinity picks) and the shared data they come from.
+    fn with_rotation(&mut self, f: &mut dyn FnMut(&mut Tickets, &dyn SharedStore));
 }
 
 /// Edits to a header map read whole, applied when the callback is done: each as its own call when

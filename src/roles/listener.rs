@@ -278,7 +278,7 @@ impl Listener {
         let needs_body = !matches!(self.api, ApiKind::Other);
         let inspect = span("listener inspect");
         let info = match (body, needs_body) {
-            (Some(b), _) => request::inspect(self.api, b),
+            (Some(b), _) => request::inspect_with(self.api, b, self.cfg.prompt_affinity()),
             (None, true) => request::inspect(self.api, &[]),
             (None, false) => Ok(RequestInfo::default()),
         };
@@ -426,6 +426,7 @@ impl Listener {
                 Some((start, h.encode(p)))
             }),
             at_ms: Some(self.started_ms),
+            prefix: self.info.as_ref().and_then(|i| i.prefix),
         };
         host.set_filter_state(plan::FILTER_STATE, &plan.encode());
         drop(planning);

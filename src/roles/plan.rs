@@ -28,6 +28,9 @@ pub struct Plan {
     pub start: Option<(usize, Vec<u8>)>,
     /// When the request arrived (ms): the first attempt's clock.
     pub at_ms: Option<u64>,
+    /// The hash of the request's leading prompt, for `prompt_affinity` rotation (None when no
+    /// provider rotates so, or the request has no prompt to hash).
+    pub prefix: Option<u64>,
 }
 
 impl Plan {
@@ -56,6 +59,7 @@ mod tests {
             consumer: "team-a".into(),
             start: Some((1, vec![0, 255])),
             at_ms: Some(17),
+            prefix: Some(u64::MAX),
         };
         assert_eq!(Plan::decode(&p.encode()), Some(p));
         assert_eq!(Plan::decode(b"garbage"), None);

@@ -99,6 +99,8 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
                 // A key disabled in the configuration still shows the cooldown it keeps.
                 let state = if k.disabled {
                     "disabled_in_config"
+                } else if h.key_revoked(i) {
+                    "disabled_in_probation"
                 } else {
                     reason.as_str()
                 };
@@ -110,6 +112,7 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
                 };
                 json!({"id": k.id, "state": state, "cooldown_until_ms": until,
                        "source": source, "secret_name": name,
+                       "probation_requests_left": h.probation_left(i),
                        "usage": usage(store, &format!("tollgate:u:k:{}:{}", p.name, k.id))})
             })
             .collect();

@@ -980,3 +980,251 @@ fn an_error_body_quoting_an_sds_key_is_redacted_by_its_shape() {
         r#"{"error":{"message":"Incorrect API key provided: [redacted]. You can find your API key at https://platform.openai.com/account/api-keys."}}"#
     );
 }
+
+/// A gateway of one OpenAI provider with keys `k1..` (secrets `sk-1..`) and `extra` provider
+/// fields; everyone anonymous; the status endpoint at `/st` for the key `admin`.
+fn pool_config(keys: usize, extra: &str) -> Rc<Config> {
+    let keys: Vec<String> = (1..=keys)
+        .map(|i| format!(r#"{{"id":"k{i}","env":"S{i}"}}"#))
+        .collect();
+    let json = format!(
+        r#"{{"providers":[{{"name":"openai","type":"openai","keys":[{}] {extra}}}],
+            "status":{{"path":"/st","admin_key_env":"ADMIN"}}}}"#,
+        keys.join(",")
+    );
+    Rc::new(
+        parse(json.as_bytes(), &|name| {
+            Some(match name.strip_prefix('S') {
+                Some(i) => format!("sk-{i}"),
+                None => name.to_lowercase(),
+            })
+        })
+        .unwrap(),
+    )
+}
+
+/// One request through the listener and its first attempt, answered with the status `answer`
+/// gives for the key's secret the provider saw; returns that secret, and the listener's and the
+/// attempt's hosts.
+fn one_request(
+    store: &Rc<FakeStore>,
+    tickets: &Rc<core::cell::RefCell<crate::pool::keypool::Tickets>>,
+    cfg: &Rc<Config>,
+    body: &[u8],
+    answer: &dyn Fn(&str) -> u16,
+) -> (String, FakeHost, FakeHost) {
+    let mut lh = client(store, "/v1/chat/completions", &[], body);
+    lh.tickets = tickets.clone();
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let uh = answered_attempt(&lh, None, cfg, answer);
+    let key = secret_seen(&uh);
+    (key, lh, uh)
+}
+
+/// An attempt of the request `lh` carried (after `previous`, for a retry), answered by `answer`.
+fn answered_attempt(
+    lh: &FakeHost,
+    previous: Option<&FakeHost>,
+    cfg: &Rc<Config>,
+    answer: &dyn Fn(&str) -> u16,
+) -> FakeHost {
+    let mut u = Upstream::new(cfg.clone());
+    let mut h = match previous {
+        Some(p) => FakeHost::next_attempt(lh, p),
+        None => FakeHost::attempt_of(lh),
+    };
+    on_endpoint(&mut h, "openai");
+    assert_eq!(u.on_request_headers(&mut h), Flow::Continue);
+    let len = h.bodies.get(&Body::Request).map_or(0, Vec::len);
+    assert_eq!(u.on_request_body(&mut h, len, true), Flow::Continue);
+    let status = answer(&secret_seen(&h));
+    let body = if status == 200 {
+        fixture("openai_chat.json")
+    } else {
+        b"{}".to_vec()
+    };
+    h.set_response(status, &[("content-type", "application/json")], &body);
+    u.on_response_headers(&mut h);
+    u.on_response_body(&mut h, body.len(), true);
+    h
+}
+
+fn secret_seen(h: &FakeHost) -> String {
+    h.get(Map::RequestHeaders, "authorization")
+        .unwrap_or_default()
+        .trim_start_matches("Bearer ")
+        .to_string()
+}
+
+fn ok(_: &str) -> u16 {
+    200
+}
+
+fn status_json(store: &Rc<FakeStore>, cfg: &Rc<Config>) -> Value {
+    let mut h = client(store, "/st", &[("authorization", b"Bearer admin")], b"");
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(l.on_request_headers(&mut h, true), Flow::Stop);
+    h.reply.unwrap().json()
+}
+
+/// `cfg`'s pool applied after a configuration without its last key: that key enters on probation.
+fn last_key_enters(store: &FakeStore, cfg: &Config) {
+    let mut before = cfg.providers[0].clone();
+    before.keys.pop();
+    crate::failover::health::reconcile(store, &before).unwrap();
+    let entered = crate::failover::health::apply_config(store, &cfg.providers);
+    assert_eq!(entered.len(), 1, "{entered:?}");
+    assert!(
+        entered[0].contains("k3") && !entered[0].contains("sk-3"),
+        "by id: {entered:?}"
+    );
+}
+
+#[test]
+fn a_key_on_probation_passes_after_its_answers_with_one_write_each() {
+    let cfg = pool_config(3, r#","probation":{"requests":3,"share_percent":100}"#);
+    let store = Rc::new(FakeStore::new());
+    let tickets = Rc::default();
+    last_key_enters(&store, &cfg);
+    let st = status_json(&store, &cfg);
+    assert_eq!(
+        st["providers"]["openai"]["keys"][2]["probation_requests_left"],
+        3
+    );
+    assert_eq!(
+        st["providers"]["openai"]["keys"][0]["probation_requests_left"],
+        0
+    );
+    let mut calls = (Vec::new(), Vec::new());
+    for _ in 0..12 {
+        let before = store.calls.get();
+        let (key, _, _) = one_request(&store, &tickets, &cfg, CHAT, &ok);
+        // The listener's shared-data calls are the same for every request; what differs is the
+        // attempt's write for a key on probation.
+        let n = store.calls.get() - before;
+        if key == "sk-3" {
+            calls.0.push(n);
+        } else {
+            calls.1.push(n);
+        }
+    }
+    let h = crate::failover::health::read(store.as_ref(), &cfg.providers[0]).unwrap();
+    assert_eq!(h.probation_left(2), 0, "passed");
+    assert!(calls.0.len() >= 4, "{calls:?}");
+    // While on probation: two more (a read and a write of its health) than another key's, and
+    // two more again when the worker takes a new block of round-robin tickets, as any may.
+    let usual = *calls.1.iter().min().unwrap();
+    let block = 2;
+    assert!(
+        calls.1.iter().all(|&n| n == usual || n == usual + block),
+        "{calls:?}"
+    );
+    assert!(
+        calls.0[..3]
+            .iter()
+            .all(|&n| n == usual + 2 || n == usual + 2 + block),
+        "{calls:?}"
+    );
+    assert!(
+        calls.0[3..]
+            .iter()
+            .all(|&n| n == usual || n == usual + block),
+        "{calls:?}"
+    );
+    let st = status_json(&store, &cfg);
+    assert_eq!(
+        st["providers"]["openai"]["keys"][2]["probation_requests_left"],
+        0
+    );
+}
+
+#[test]
+fn a_key_refused_during_probation_is_out_until_it_enters_again() {
+    let cfg = pool_config(3, r#","probation":{"requests":5,"share_percent":100}"#);
+    let store = Rc::new(FakeStore::new());
+    let tickets = Rc::default();
+    last_key_enters(&store, &cfg);
+    let refuse_k3 = |key: &str| if key == "sk-3" { 401 } else { 200 };
+    let mut refused = 0;
+    for _ in 0..30 {
+        let (key, lh, uh) = one_request(&store, &tickets, &cfg, CHAT, &refuse_k3);
+        if key == "sk-3" {
+            refused += 1;
+            assert_eq!(uh.counter("tollgate.provider.openai.key.k3.disabled"), 1);
+            // Envoy retries the 401: the next attempt takes another key.
+            let retry = answered_attempt(&lh, Some(&uh), &cfg, &refuse_k3);
+            assert_ne!(secret_seen(&retry), "sk-3");
+        }
+    }
+    assert_eq!(refused, 1, "k3 is never chosen again after its 401");
+    let h = crate::failover::health::read(store.as_ref(), &cfg.providers[0]).unwrap();
+    assert!(h.key_revoked(2));
+    let st = status_json(&store, &cfg);
+    assert_eq!(
+        st["providers"]["openai"]["keys"][2]["state"],
+        "disabled_in_probation"
+    );
+    // Disabled and enabled again in the configuration: back, on probation again.
+    let mut off = (*cfg).clone();
+    off.providers[0].keys[2].disabled = true;
+    assert!(crate::failover::health::apply_config(store.as_ref(), &off.providers).is_empty());
+    assert_eq!(
+        crate::failover::health::apply_config(store.as_ref(), &cfg.providers).len(),
+        1
+    );
+    let back = (0..30)
+        .filter(|_| one_request(&store, &tickets, &cfg, CHAT, &ok).0 == "sk-3")
+        .count();
+    assert!(back > 0);
+}
+
+#[test]
+fn requests_sharing_their_leading_prompt_share_a_key() {
+    let cfg = pool_config(3, r#","rotation":"prompt_affinity""#);
+    let store = Rc::new(FakeStore::new());
+    let tickets = Rc::default();
+    let chat = |system: &str, later: &str| {
+        serde_json::to_vec(&serde_json::json!({"model": "gpt-4o-mini", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "Summarise the attached report."},
+            {"role": "assistant", "content": "Here it is."},
+            {"role": "user", "content": later}]}))
+        .unwrap()
+    };
+    let mut keys_of_prefix = Vec::new();
+    for p in 0..12 {
+        let mut keys: Vec<String> = (0..4)
+            .map(|turn| {
+                let body = chat(
+                    &format!("You are assistant {p}."),
+                    &format!("follow-up {turn}"),
+                );
+                one_request(&store, &tickets, &cfg, &body, &ok).0
+            })
+            .collect();
+        keys.dedup();
+        assert_eq!(keys.len(), 1, "prefix {p}: {keys:?}");
+        keys_of_prefix.extend(keys);
+    }
+    keys_of_prefix.sort();
+    keys_of_prefix.dedup();
+    assert!(
+        keys_of_prefix.len() >= 2,
+        "prefixes spread over keys: {keys_of_prefix:?}"
+    );
+    // The plan carries the hash; without prompt affinity anywhere, nothing is hashed.
+    let (_, lh, _) = one_request(&store, &tickets, &cfg, CHAT, &ok);
+    assert!(Plan::decode(&lh.filter_state[plan::FILTER_STATE])
+        .unwrap()
+        .prefix
+        .is_some());
+    let plain = pool_config(3, "");
+    let (_, lh, _) = one_request(&store, &tickets, &plain, CHAT, &ok);
+    assert_eq!(
+        Plan::decode(&lh.filter_state[plan::FILTER_STATE])
+            .unwrap()
+            .prefix,
+        None
+    );
+}

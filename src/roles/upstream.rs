@@ -25,6 +25,7 @@ use crate::host::{find, Body, Edits, Host, Map};
 use crate::limit::headers as limit_headers;
 use crate::pool::credentials;
 use crate::pool::keypool::{self, Choice};
+use crate::store::StoreError;
 use std::rc::Rc;
 
 /// The attempt number Envoy gives this attempt (1, 2, ...; 8 bytes little-endian), 0 if unknown.
@@ -55,6 +56,8 @@ pub struct Upstream {
     finished: bool,
     /// The provider had no failures on record when the attempt began.
     healthy: bool,
+    /// The key was on probation when it was chosen: a 2xx answer counts towards its full share.
+    probation: bool,
 }
 
 impl Upstream {
@@ -72,6 +75,7 @@ impl Upstream {
             scrub: false,
             finished: false,
             healthy: false,
+            probation: false,
         }
     }
 
@@ -211,16 +215,22 @@ impl Upstream {
             .and_then(|h| map.get(h))
             .map(str::to_string)
             .or(Some(self.plan.consumer.clone()).filter(|c| !c.is_empty()));
-        let name = p.name.clone();
-        let choice = keypool::choose(p, &health, sticky.as_deref(), now, || host.ticket(&name))
-            .unwrap_or_else(|e| {
-                // The rotation counter failed: still serve, from the first healthy key.
-                log::warn!("key rotation counter unavailable: {e:?}");
-                (0..p.keys.len())
-                    .find(|&i| health.key_available(i, now))
-                    .map(Choice::Key)
-                    .unwrap_or(Choice::Exhausted { retry_at_ms: now })
-            });
+        let ask = keypool::Ask {
+            sticky: sticky.as_deref(),
+            prefix: self.plan.prefix,
+        };
+        let mut chosen = Err(StoreError::Host);
+        host.with_rotation(&mut |worker, store| {
+            chosen = keypool::choose(p, &health, ask, now, worker, store);
+        });
+        let choice = chosen.unwrap_or_else(|e| {
+            // The rotation counter failed: still serve, from the first healthy key.
+            log::warn!("key rotation counter unavailable: {e:?}");
+            (0..p.keys.len())
+                .find(|&i| health.key_available(i, now))
+                .map(Choice::Key)
+                .unwrap_or(Choice::Exhausted { retry_at_ms: now })
+        });
         let ki = match choice {
             Choice::Key(i) => i,
             Choice::Exhausted { retry_at_ms } => {
@@ -241,6 +251,7 @@ impl Upstream {
         };
         drop(choosing);
         self.key = Some(ki);
+        self.probation = health.probation_left(ki) > 0;
         let Some(key) = p.keys.get(ki) else {
             return self.local(
                 host,
@@ -477,7 +488,20 @@ impl Upstream {
             401..=403 => {
                 if let Some(k) = self.key {
                     let until = now.saturating_add(cfg.health.auth_failure_cooldown_ms);
-                    let _ = health::cool_key(host.store(), p, k, until, CooldownReason::Disabled);
+                    host.count(
+                        &format!("tollgate.provider.{}.key.{}.disabled", p.name, key_id),
+                        1,
+                    );
+                    if let Ok(health::Refusal::Revoked) = health::refuse(host.store(), p, k, until)
+                    {
+                        log::warn!(
+                            "tollgate: key {}/{} refused by the provider with {} during probation: disabled until it enters the pool again (a configuration that disables and re-enables it, or names it anew)",
+                            p.name,
+                            key_id,
+                            self.status
+                        );
+                        return;
+                    }
                     log::warn!(
                         "tollgate: key {}/{} refused by the provider with {}: disabled for {} s",
                         p.name,
@@ -500,10 +524,6 @@ impl Upstream {
                             secret
                         );
                     }
-                    host.count(
-                        &format!("tollgate.provider.{}.key.{}.disabled", p.name, key_id),
-                        1,
-                    );
                     host.gauge(
                         &format!(
                             "tollgate.provider.{}.key.{}.cooldown_until_s",
@@ -520,6 +540,22 @@ impl Upstream {
                     host.count(&format!("tollgate.provider.{}.circuit_opened", p.name), 1);
                 }
                 host.count(&format!("tollgate.provider.{}.failures", p.name), 1);
+            }
+            // A key on probation that answered counts towards its full share (one write, for
+            // such keys only).
+            200..=299 if self.probation => {
+                if let Some(k) = self.key {
+                    if let Ok(Some(0)) = health::probation_answered(host.store(), p, k) {
+                        log::info!(
+                            "tollgate: key {}/{} passed probation: it takes its full share",
+                            p.name,
+                            key_id
+                        );
+                    }
+                }
+                if !self.healthy {
+                    let _ = health::record(host.store(), p, &cfg.health, Outcome::Success, now);
+                }
             }
             // A success resets the provider's failure count; when the attempt found it at zero
             // there is nothing to reset (a failure recorded meanwhile is reset by the next one).
