@@ -105,6 +105,13 @@ pub(crate) fn span(whole: &str, part: &str) -> Option<Range<usize>> {
     (whole.get(range.clone())? == part).then_some(range)
 }
 
+/// [`span`] for bytes: where `part` lies in `whole`, by address (None when it lies elsewhere).
+pub(crate) fn span_bytes(whole: &[u8], part: &[u8]) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
+}
+
 /// Edits to a text: byte ranges replaced (an empty range inserts).
 #[derive(Debug, Default)]
 pub(crate) struct Splice {

@@ -6,38 +6,46 @@
 //! attempt starts again from the request as the client sent it: Envoy hands every attempt the same
 //! header map, which the previous attempt rewrote (`:path`, `:authority`).
 
+use crate::limit::quota::Standing;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// Filter-state name (`wasm.tollgate_plan`).
 pub const FILTER_STATE: &str = "tollgate_plan";
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Plan {
+/// Borrowed from the listener's state when written and from the filter-state bytes when read: no
+/// string is copied either way.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan<'a> {
     /// The client's `:path` and `:authority`.
-    pub path: String,
-    pub authority: String,
+    pub path: &'a str,
+    pub authority: &'a str,
     /// The model the client asked for ("" when the request has none).
-    pub model: String,
+    pub model: &'a str,
     /// The listener changed the body (lowered max_tokens, asked for stream usage): the client's
     /// content-length no longer holds.
     pub rewritten: bool,
     /// Who is calling: sticky rotation falls back to it.
-    pub consumer: String,
+    pub consumer: &'a str,
     /// The provider the request starts on, and its health as the listener read it (shared-data
     /// encoding): the first attempt chooses its key from it instead of reading it again.
-    pub start: Option<(usize, Vec<u8>)>,
+    pub start: Option<(usize, &'a [u8])>,
     /// When the request arrived (ms): the first attempt's clock.
     pub at_ms: Option<u64>,
+    /// The consumer's budgets as admission saw them: the attempt writes their rate-limit headers
+    /// with the ones it writes anyway, so that the listener need not write the answer's headers
+    /// again.
+    pub standings: Cow<'a, [Standing]>,
 }
 
-impl Plan {
+impl<'a> Plan<'a> {
     /// postcard: a few hundred nanoseconds where JSON took microseconds. Filter state is read only
     /// by tollgate itself, so the form need not be readable.
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Option<Plan> {
+    pub fn decode(bytes: &'a [u8]) -> Option<Plan<'a>> {
         postcard::from_bytes(bytes).ok()
     }
 }
@@ -45,19 +53,32 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limit::quota::{Limit, Metric};
 
     #[test]
     fn round_trips() {
-        let p = Plan {
-            path: "/v1/chat/completions?x=1".into(),
-            authority: "gw".into(),
-            model: "gpt-4o \"mini\"\n".into(),
-            rewritten: true,
-            consumer: "team-a".into(),
-            start: Some((1, vec![0, 255])),
-            at_ms: Some(17),
+        let standing = Standing {
+            limit: Limit {
+                metric: Metric::TotalTokens,
+                amount: 1000,
+                window_ms: 60_000,
+            },
+            remaining: 400,
+            reset_ms: 36_000,
+            used_fraction: 0.6,
         };
-        assert_eq!(Plan::decode(&p.encode()), Some(p));
+        let p = Plan {
+            path: "/v1/chat/completions?x=1",
+            authority: "gw",
+            model: "gpt-4o \"mini\"\n",
+            rewritten: true,
+            consumer: "team-a",
+            start: Some((1, &[0, 255])),
+            at_ms: Some(17),
+            standings: Cow::Owned(vec![standing]),
+        };
+        let bytes = p.encode();
+        assert_eq!(Plan::decode(&bytes), Some(p));
         assert_eq!(Plan::decode(b"garbage"), None);
     }
 }
