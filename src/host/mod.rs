@@ -16,6 +16,7 @@ pub mod tally;
 
 use crate::store::{SharedStore, StoreError};
 use core::ops::Range;
+use std::borrow::Cow;
 
 /// The header maps a role reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -204,19 +205,20 @@ fn index_pairs(buf: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
 
 /// Edits to a header map read whole, applied when the callback is done: each as its own call when
 /// they are few, the whole map in one [`Host::set_headers`] when they are many. (Measured on
-/// Envoy 1.40's V8: a whole-map write costs ~7.7 µs, a single replace or remove ~1.2 µs.)
+/// Envoy 1.40's V8: a whole-map write costs ~7.7 µs, a single replace or remove ~1.2 µs.) Names and
+/// values are borrowed where the caller has them for long enough.
 #[derive(Debug, Clone, Default)]
-pub struct Edits {
+pub struct Edits<'a> {
     base: Headers,
     /// (name, Some(value) to set | None to remove), in order: each replaces every value the name
     /// had before.
-    ops: Vec<(String, Option<String>)>,
+    ops: Vec<(Cow<'a, str>, Option<Cow<'a, str>>)>,
 }
 
 /// From this many edits on, one whole-map write is cheaper than one call each.
 const WHOLE_MAP_FROM: usize = 6;
 
-impl Edits {
+impl<'a> Edits<'a> {
     pub fn of(base: Headers) -> Self {
         Edits {
             base,
@@ -230,18 +232,18 @@ impl Edits {
     }
 
     /// The last edit of `name`, if any.
-    fn edit(&self, name: &str) -> Option<&Option<String>> {
+    fn edit(&self, name: &str) -> Option<Option<&str>> {
         self.ops
             .iter()
             .rev()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
+            .map(|(_, v)| v.as_deref())
     }
 
     /// The first value of `name` as text, edits applied.
     pub fn get(&self, name: &str) -> Option<&str> {
         match self.edit(name) {
-            Some(v) => v.as_deref(),
+            Some(v) => v,
             None => self.base.get_str(name),
         }
     }
@@ -255,9 +257,10 @@ impl Edits {
     }
 
     /// Removes every value of `name`.
-    pub fn remove(&mut self, name: &str) {
-        if self.has(name) {
-            self.ops.push((name.to_string(), None));
+    pub fn remove(&mut self, name: impl Into<Cow<'a, str>>) {
+        let name = name.into();
+        if self.has(&name) {
+            self.ops.push((name, None));
         }
     }
 
@@ -265,25 +268,26 @@ impl Edits {
     pub fn remove_where(&mut self, pred: impl Fn(&str) -> bool) {
         let mut gone: Vec<String> = Vec::new();
         let names = self.base.iter().map(|(k, _)| k);
-        for k in names.chain(self.ops.iter().map(|(k, _)| k.as_str())) {
+        for k in names.chain(self.ops.iter().map(|(k, _)| k.as_ref())) {
             if pred(k) && !gone.iter().any(|g| g == k) && self.has(k) {
                 gone.push(k.to_string());
             }
         }
-        self.ops.extend(gone.into_iter().map(|k| (k, None)));
+        self.ops.extend(gone.into_iter().map(|k| (Cow::Owned(k), None)));
     }
 
     /// Sets `name` to `value`, replacing every value it had.
-    pub fn set(&mut self, name: &str, value: &str) {
-        let unchanged = match self.edit(name) {
-            Some(v) => v.as_deref() == Some(value),
+    pub fn set(&mut self, name: impl Into<Cow<'a, str>>, value: impl Into<Cow<'a, str>>) {
+        let (name, value) = (name.into(), value.into());
+        let unchanged = match self.edit(&name) {
+            Some(v) => v == Some(value.as_ref()),
             None => {
                 let mut values = self.base.raw().filter(|(k, _)| *k == name.as_bytes());
                 values.next().map(|(_, v)| v) == Some(value.as_bytes()) && values.next().is_none()
             }
         };
         if !unchanged {
-            self.ops.push((name.to_string(), Some(value.to_string())));
+            self.ops.push((name, Some(value)));
         }
     }
 

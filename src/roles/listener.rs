@@ -29,7 +29,7 @@ use crate::limit::admission::{self, Verdict};
 use crate::limit::consumer;
 use crate::limit::headers as limit_headers;
 use crate::limit::quota::{self, Demand, Metric, Reservation, Standing};
-use std::borrow::Cow;
+use core::fmt::Write;
 use std::rc::Rc;
 
 /// The largest non-streaming response body kept to read its `usage`; past it the count is estimated.
@@ -60,10 +60,13 @@ pub struct Listener {
     /// The request went on (or was answered): nothing more to decide on the request path.
     decided: bool,
     /// The request headers, read once and edited until the request goes on (one write).
-    request_headers: Edits,
+    request_headers: Edits<'static>,
     admitted: bool,
     reservations: Vec<Reservation>,
     standings: Vec<Standing>,
+    /// Their rate-limit headers, in the client API's dialect (resets counted from the request's
+    /// arrival).
+    rate_limits: Vec<(&'static str, String)>,
     /// tollgate forced `stream_options.include_usage` for this request.
     forced_stream_usage: bool,
     started_ms: u64,
@@ -104,6 +107,7 @@ impl Listener {
             admitted: false,
             reservations: Vec::new(),
             standings: Vec::new(),
+            rate_limits: Vec::new(),
             forced_stream_usage: false,
             started_ms: 0,
             status: 0,
@@ -404,7 +408,7 @@ impl Listener {
         let steered = self.cfg.providers.get(start).filter(|_| start > 0);
         if let Some(p) = steered {
             // The routes match on this header to pick a cluster whose priorities start there.
-            self.request_headers.set(headers::HDR_ROUTE, &p.name);
+            self.request_headers.set(headers::HDR_ROUTE, p.name.clone());
             host.count(&format!("tollgate.provider.{}.steered_requests", p.name), 1);
         }
         if rewritten.is_some() {
@@ -428,7 +432,11 @@ impl Listener {
             consumer: &self.consumer,
             start: health.as_ref().map(|(i, h)| (*i, h.as_slice())),
             at_ms: Some(self.started_ms),
-            standings: Cow::Borrowed(&self.standings),
+            rate_limits: self
+                .rate_limits
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect(),
         };
         host.set_filter_state(plan::FILTER_STATE, &plan.encode());
         drop(planning);
@@ -498,6 +506,8 @@ impl Listener {
                 }
                 self.reservations = reservations;
                 self.standings = standings;
+                self.rate_limits =
+                    limit_headers::rate_limit_headers(self.client, &self.standings, now);
                 self.admitted = true;
                 self.publish_use(host);
                 None
@@ -510,8 +520,9 @@ impl Listener {
             } => {
                 self.standings = standings;
                 self.publish_use(host);
-                let mut headers =
+                self.rate_limits =
                     limit_headers::rate_limit_headers(self.client, &self.standings, now);
+                let mut headers = self.rate_limits.clone();
                 headers.push(("retry-after", retry_after_secs.to_string()));
                 // OpenAI names the exhausted limit in `error.type`.
                 let kind = if limit.metric == Metric::Requests {
@@ -588,7 +599,7 @@ impl Listener {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .unwrap_or(1)
                     .max(1);
-                map.set("retry-after", &secs.to_string());
+                map.set("retry-after", secs.to_string());
             }
         }
         let content_type = map
@@ -633,10 +644,9 @@ impl Listener {
             map.remove("content-length");
         }
         // The budgets as admission saw them: resets are counted from the request's arrival.
-        for (k, v) in
-            limit_headers::rate_limit_headers(self.client, &self.standings, self.started_ms)
-        {
-            map.set(k, &v);
+        // Already there when the attempt wrote them (Edits leave a value as it is).
+        for (k, v) in &self.rate_limits {
+            map.set(*k, v.as_str());
         }
         map.apply(host, Map::ResponseHeaders);
         if end_of_stream {
@@ -933,32 +943,28 @@ impl Listener {
     /// logfmt: `consumer=team-a model=gpt-4o provider=openai key=oa-1 in=24 out=8 usage=exact`.
     /// Fields not known (a refused request was never charged) read `-`.
     fn write_record<H: Host>(&self, host: &mut H, charged: Option<(Usage, bool)>) {
-        let dash = |s: &str| {
-            if s.is_empty() {
-                "-".to_string()
-            } else {
-                logfmt(s)
+        let mut record = String::with_capacity(128);
+        let model = if self.info.is_some() { self.model() } else { "" };
+        for (key, value) in [
+            ("consumer=", self.consumer.as_str()),
+            (" model=", model),
+            (" provider=", &self.provider),
+            (" key=", &self.key_id),
+        ] {
+            record.push_str(key);
+            push_logfmt(&mut record, value);
+        }
+        match charged {
+            Some((u, estimated)) => {
+                let usage = if estimated { "estimated" } else { "exact" };
+                let _ = write!(
+                    record,
+                    " in={} out={} usage={usage}",
+                    u.input, u.output
+                );
             }
-        };
-        let (input, output, usage) = match charged {
-            Some((u, estimated)) => (
-                u.input.to_string(),
-                u.output.to_string(),
-                if estimated { "estimated" } else { "exact" },
-            ),
-            None => ("-".into(), "-".into(), "-"),
-        };
-        let record = format!(
-            "consumer={} model={} provider={} key={} in={input} out={output} usage={usage}",
-            dash(&self.consumer),
-            if self.info.is_some() {
-                dash(self.model())
-            } else {
-                "-".into()
-            },
-            dash(&self.provider),
-            dash(&self.key_id),
-        );
+            None => record.push_str(" in=- out=- usage=-"),
+        }
         host.set_filter_state(RECORD, record.as_bytes());
     }
 
@@ -1009,14 +1015,20 @@ pub const RECORD: &str = "tollgate";
 /// Filter-state name of the consumer, for Envoy's rate limit filter (`wasm.tollgate_consumer`).
 pub const CONSUMER: &str = "tollgate_consumer";
 
-/// A logfmt value: as is when it has no space, quote, `=` or control character, else quoted.
-fn logfmt(s: &str) -> String {
-    if s.chars()
-        .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '=')
-    {
-        return s.to_string();
+/// A logfmt value: `-` when empty, as is when it has no space, quote, `=` or control character,
+/// else quoted.
+fn push_logfmt(out: &mut String, s: &str) {
+    if s.is_empty() {
+        return out.push('-');
     }
-    let mut out = String::with_capacity(s.len() + 2);
+    // Ids are printable ASCII: no need to look at them char by char.
+    let plain = |b: u8| b.is_ascii_graphic() && b != b'"' && b != b'=';
+    if s.bytes().all(plain)
+        || s.chars()
+            .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '=')
+    {
+        return out.push_str(s);
+    }
     out.push('"');
     for c in s.chars() {
         match c {
@@ -1027,7 +1039,6 @@ fn logfmt(s: &str) -> String {
         }
     }
     out.push('"');
-    out
 }
 
 /// Filter state the listener role writes when its client went away before the answer completed.

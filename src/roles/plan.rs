@@ -6,9 +6,7 @@
 //! attempt starts again from the request as the client sent it: Envoy hands every attempt the same
 //! header map, which the previous attempt rewrote (`:path`, `:authority`).
 
-use crate::limit::quota::Standing;
 use serde::{Deserialize, Serialize};
-use std::borrow::Cow;
 
 /// Filter-state name (`wasm.tollgate_plan`).
 pub const FILTER_STATE: &str = "tollgate_plan";
@@ -32,10 +30,10 @@ pub struct Plan<'a> {
     pub start: Option<(usize, &'a [u8])>,
     /// When the request arrived (ms): the first attempt's clock.
     pub at_ms: Option<u64>,
-    /// The consumer's budgets as admission saw them: the attempt writes their rate-limit headers
-    /// with the ones it writes anyway, so that the listener need not write the answer's headers
-    /// again.
-    pub standings: Cow<'a, [Standing]>,
+    /// The rate-limit headers of the consumer's budgets as admission saw them: the attempt writes
+    /// them with the headers it writes anyway, so that the listener need not write the answer's
+    /// headers again.
+    pub rate_limits: Vec<(&'a str, &'a str)>,
 }
 
 impl<'a> Plan<'a> {
@@ -53,20 +51,9 @@ impl<'a> Plan<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limit::quota::{Limit, Metric};
 
     #[test]
     fn round_trips() {
-        let standing = Standing {
-            limit: Limit {
-                metric: Metric::TotalTokens,
-                amount: 1000,
-                window_ms: 60_000,
-            },
-            remaining: 400,
-            reset_ms: 36_000,
-            used_fraction: 0.6,
-        };
         let p = Plan {
             path: "/v1/chat/completions?x=1",
             authority: "gw",
@@ -75,7 +62,7 @@ mod tests {
             consumer: "team-a",
             start: Some((1, &[0, 255])),
             at_ms: Some(17),
-            standings: Cow::Owned(vec![standing]),
+            rate_limits: vec![("x-ratelimit-limit-tokens", "1000")],
         };
         let bytes = p.encode();
         assert_eq!(Plan::decode(&bytes), Some(p));

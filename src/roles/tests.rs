@@ -553,6 +553,57 @@ fn refusals_answer_in_the_client_api_shape_before_any_attempt() {
     assert_eq!(r.status, 413);
 }
 
+/// The consumer's rate-limit headers reach the client in place of the provider's own: written by
+/// the attempt with provider and key id (one write), left alone by the listener; on an answer no
+/// attempt wrote (Envoy's own), by the listener.
+#[test]
+fn rate_limit_headers_come_with_the_attempts_write_or_the_listeners() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let key = [("x-api-key", TEAM_A_KEY.as_bytes())];
+    let mut lh = client(&store, "/v1/chat/completions", &key, CHAT);
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let completion = fixture("openai_chat.json");
+    let provider_own = [
+        ("content-type", "application/json"),
+        ("x-ratelimit-limit-requests", "5000"),
+        ("x-ratelimit-remaining-requests", "4999"),
+    ];
+    let (_, uh) = attempt(&lh, "openai", 1, 200, &provider_own, &completion, &cfg);
+    assert_eq!(uh.header_writes, 1, "one write for all the attempt adds");
+    for (name, value) in [
+        ("x-ratelimit-limit-requests", "100"),
+        ("x-ratelimit-remaining-requests", "99"),
+        ("x-ratelimit-limit-tokens", "100000"),
+        ("x-tollgate-key-id", "oa-1"),
+    ] {
+        assert_eq!(uh.get(Map::ResponseHeaders, name).as_deref(), Some(value));
+    }
+    let before = lh.calls.get();
+    answer(&mut l, &mut lh, &uh, &[&completion]);
+    // The answer's headers read, its body read, the record and the total tokens.
+    assert_eq!(lh.calls.get() - before, 4, "the listener writes no header");
+    assert_eq!(
+        lh.get(Map::ResponseHeaders, "x-ratelimit-remaining-requests")
+            .as_deref(),
+        Some("99")
+    );
+
+    // Envoy's own answer (a timeout): no attempt wrote anything.
+    let mut lh = client(&store, "/v1/chat/completions", &key, CHAT);
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    lh.set_response(504, &[("content-type", "text/plain")], b"upstream request timeout");
+    assert_eq!(l.on_response_headers(&mut lh, false), Flow::Continue);
+    assert_eq!(
+        lh.get(Map::ResponseHeaders, "x-ratelimit-remaining-requests")
+            .as_deref(),
+        Some("98")
+    );
+    assert_eq!(lh.header_writes, 1);
+}
+
 #[test]
 fn a_token_limit_refusal_says_tokens_and_a_request_limit_says_requests() {
     // team-b has 50 tokens a minute: the first request runs the bucket into debt, the next waits.

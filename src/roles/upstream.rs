@@ -12,6 +12,7 @@ use super::plan::{self, Plan};
 use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::api::headers;
+use crate::api::splice;
 use crate::api::request;
 use crate::config::{Config, Provider};
 use crate::count::usage::ApiKind;
@@ -23,7 +24,7 @@ use crate::host::prof::span;
 use crate::host::tally::Attempt;
 use crate::host::{Body, Edits, Headers, Host, Map};
 use crate::limit::headers as limit_headers;
-use crate::limit::quota::Standing;
+use core::ops::Range;
 use crate::pool::credentials;
 use crate::pool::keypool::{self, Choice};
 use std::rc::Rc;
@@ -34,10 +35,10 @@ const METADATA_KEY: &str = "provider";
 
 pub struct Upstream {
     cfg: Rc<Config>,
-    /// The consumer's budgets as the listener's admission saw them (empty without a listener role in
-    /// front), and when the request arrived: the answer's rate-limit headers.
-    standings: Vec<Standing>,
-    at_ms: u64,
+    /// The plan as read (empty without a listener role in front), and where in it the rate-limit
+    /// headers the answer gets are.
+    plan: Vec<u8>,
+    rate_limits: Vec<(Range<usize>, Range<usize>)>,
     api: ApiKind,
     client: ClientApi,
     provider: Option<usize>,
@@ -57,8 +58,8 @@ impl Upstream {
     pub fn new(cfg: Rc<Config>) -> Self {
         Upstream {
             cfg,
-            standings: Vec::new(),
-            at_ms: 0,
+            plan: Vec::new(),
+            rate_limits: Vec::new(),
             api: ApiKind::Other,
             client: ClientApi::OpenAi,
             provider: None,
@@ -118,10 +119,17 @@ impl Upstream {
     pub fn on_request_headers<H: Host>(&mut self, host: &mut H) -> Flow {
         // One read of the map and one write carry the whole attempt's headers.
         let mut map = Edits::of(host.headers(Map::RequestHeaders));
-        let planned = host.property(&[plan::FILTER_STATE]);
+        self.plan = host.property(&[plan::FILTER_STATE]).unwrap_or_default();
         let decoding = span("upstream plan decode");
-        let planned = planned.as_deref().and_then(Plan::decode);
+        let planned = Plan::decode(&self.plan);
         drop(decoding);
+        // Kept as places in the plan's bytes: the answer's headers borrow them from there.
+        let at = |s: &str| splice::span_bytes(&self.plan, s.as_bytes());
+        self.rate_limits = planned
+            .iter()
+            .flat_map(|p| &p.rate_limits)
+            .filter_map(|(k, v)| Some((at(k)?, at(v)?)))
+            .collect();
         // The listener role took the client's credentials out: one found here was set by an
         // earlier attempt of this request, in this same header map. This is a retry.
         let retry = planned.is_some() && headers::CREDENTIAL_HEADERS.iter().any(|h| map.has(h));
@@ -143,8 +151,6 @@ impl Upstream {
                 }
             }
         };
-        self.at_ms = plan.at_ms.unwrap_or(0);
-        self.standings = plan.standings.to_vec();
         self.api = ApiKind::from_path(plan.path);
         self.client = ClientApi::from_path(plan.path);
         let pi = match self.pick_provider(host) {
@@ -251,7 +257,7 @@ impl Upstream {
                     && !auth.iter().any(|(a, _)| *a == name))
         });
         for (name, value) in &auth {
-            map.set(name, value);
+            map.set(*name, value.as_str());
         }
         match &p.host {
             Some(h) => map.set(":authority", h),
@@ -364,8 +370,14 @@ impl Upstream {
         map.set(headers::HDR_PROVIDER, &pname);
         map.set(headers::HDR_KEY_ID, &kid);
         // As the listener role would write them (it leaves values already right alone).
-        for (k, v) in limit_headers::rate_limit_headers(self.client, &self.standings, self.at_ms) {
-            map.set(k, &v);
+        for (k, v) in &self.rate_limits {
+            let text = |r: &Range<usize>| {
+                self.plan
+                    .get(r.clone())
+                    .and_then(|b| core::str::from_utf8(b).ok())
+                    .unwrap_or_default()
+            };
+            map.set(text(k), text(v));
         }
         host.attempt(&pname, Attempt::Answered(self.status));
         if self.status >= 400 && self.key.is_some() {
