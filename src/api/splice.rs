@@ -45,6 +45,19 @@ pub(crate) fn members<'a, const N: usize>(
     Ok(Object { text, values, len })
 }
 
+/// [`members`]' values, from a document given as bytes: the strings skipped on the way are not
+/// checked for UTF-8 (only keys and the values returned are), which spares a pass over the whole
+/// document when only a small member is wanted.
+pub(crate) fn member_values<'a, const N: usize>(
+    json: &'a [u8],
+    names: [&'static str; N],
+) -> Result<[Option<&'a RawValue>; N], serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let (values, _) = de.deserialize_map(MembersVisitor { names })?;
+    de.end()?;
+    Ok(values)
+}
+
 const JSON_WS: [char; 4] = [' ', '\t', '\n', '\r'];
 
 struct MembersVisitor<const N: usize> {

@@ -84,9 +84,8 @@ impl ApiKind {
 /// Accepts OpenAI and Anthropic field names; a usage object with neither an input nor an output
 /// count is treated as absent.
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
-    // Only `usage` is read: the completion around it is checked, not copied.
-    let text = std::str::from_utf8(body).ok()?;
-    let [usage] = splice::members(text, ["usage"]).ok()?.values;
+    // Only `usage` is read: the completion around it is checked as JSON, not copied.
+    let [usage] = splice::member_values(body, ["usage"]).ok()?;
     let usage: Option<UsageObject> = serde_json::from_str(usage?.get()).ok()?;
     usage?.counts().usage()
 }
@@ -1106,6 +1105,12 @@ mod tests {
         ] {
             assert_eq!(usage_from_json(body), None, "{}", String::from_utf8_lossy(body));
         }
+        // Bytes that are not UTF-8 in a member that is skipped do not hide the usage; in the
+        // usage itself, they do.
+        let body = b"{\"choices\":[{\"text\":\"\xff\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}";
+        assert_eq!(usage_from_json(body), Some(u(3, 1, 0, 0, 0)));
+        let body = b"{\"usage\":{\"prompt_tokens\":3,\"x\":\"\xff\"}}";
+        assert_eq!(usage_from_json(body), None);
     }
 
     #[test]

@@ -267,13 +267,23 @@ impl<'a> Edits<'a> {
     /// Removes every header `pred` picks by name.
     pub fn remove_where(&mut self, pred: impl Fn(&str) -> bool) {
         let mut gone: Vec<String> = Vec::new();
-        let names = self.base.iter().map(|(k, _)| k);
-        for k in names.chain(self.ops.iter().map(|(k, _)| k.as_ref())) {
-            if pred(k) && !gone.iter().any(|g| g == k) && self.has(k) {
+        // Names read and not edited since, then names whose last edit set them.
+        let read = self
+            .base
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| self.edit(k).is_none());
+        let set = self.ops.iter().enumerate().filter_map(|(i, (k, v))| {
+            let last = !self.ops.iter().skip(i + 1).any(|(n, _)| n == k);
+            (last && v.is_some()).then_some(k.as_ref())
+        });
+        for k in read.chain(set) {
+            if pred(k) && !gone.iter().any(|g| g == k) {
                 gone.push(k.to_string());
             }
         }
-        self.ops.extend(gone.into_iter().map(|k| (Cow::Owned(k), None)));
+        self.ops
+            .extend(gone.into_iter().map(|k| (Cow::Owned(k), None)));
     }
 
     /// Sets `name` to `value`, replacing every value it had.

@@ -944,7 +944,11 @@ impl Listener {
     /// Fields not known (a refused request was never charged) read `-`.
     fn write_record<H: Host>(&self, host: &mut H, charged: Option<(Usage, bool)>) {
         let mut record = String::with_capacity(128);
-        let model = if self.info.is_some() { self.model() } else { "" };
+        let model = if self.info.is_some() {
+            self.model()
+        } else {
+            ""
+        };
         for (key, value) in [
             ("consumer=", self.consumer.as_str()),
             (" model=", model),
@@ -957,11 +961,7 @@ impl Listener {
         match charged {
             Some((u, estimated)) => {
                 let usage = if estimated { "estimated" } else { "exact" };
-                let _ = write!(
-                    record,
-                    " in={} out={} usage={usage}",
-                    u.input, u.output
-                );
+                let _ = write!(record, " in={} out={} usage={usage}", u.input, u.output);
             }
             None => record.push_str(" in=- out=- usage=-"),
         }

@@ -40,7 +40,7 @@ impl<'a> Plan<'a> {
     /// postcard: a few hundred nanoseconds where JSON took microseconds. Filter state is read only
     /// by tollgate itself, so the form need not be readable.
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).unwrap_or_default()
+        postcard::to_extend(self, Vec::with_capacity(256)).unwrap_or_default()
     }
 
     pub fn decode(bytes: &'a [u8]) -> Option<Plan<'a>> {

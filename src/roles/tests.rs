@@ -594,7 +594,11 @@ fn rate_limit_headers_come_with_the_attempts_write_or_the_listeners() {
     let mut lh = client(&store, "/v1/chat/completions", &key, CHAT);
     let mut l = Listener::new(cfg.clone());
     assert_eq!(send(&mut l, &mut lh), Flow::Continue);
-    lh.set_response(504, &[("content-type", "text/plain")], b"upstream request timeout");
+    lh.set_response(
+        504,
+        &[("content-type", "text/plain")],
+        b"upstream request timeout",
+    );
     assert_eq!(l.on_response_headers(&mut lh, false), Flow::Continue);
     assert_eq!(
         lh.get(Map::ResponseHeaders, "x-ratelimit-remaining-requests")

@@ -12,8 +12,8 @@ use super::plan::{self, Plan};
 use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::api::headers;
-use crate::api::splice;
 use crate::api::request;
+use crate::api::splice;
 use crate::config::{Config, Provider};
 use crate::count::usage::ApiKind;
 use crate::failover::health::{self, CooldownReason, Outcome};
@@ -24,9 +24,9 @@ use crate::host::prof::span;
 use crate::host::tally::Attempt;
 use crate::host::{Body, Edits, Headers, Host, Map};
 use crate::limit::headers as limit_headers;
-use core::ops::Range;
 use crate::pool::credentials;
 use crate::pool::keypool::{self, Choice};
+use core::ops::Range;
 use std::rc::Rc;
 
 /// Metadata namespace and key on an endpoint (or cluster) naming its tollgate provider.
@@ -357,18 +357,13 @@ impl Upstream {
         let mut map = Edits::of(host.headers(Map::ResponseHeaders));
         self.status = map.get(":status").and_then(|v| v.parse().ok()).unwrap_or(0);
         self.record_outcome(host, map.base());
-        let Some(p) = self.provider() else {
+        let cfg = self.cfg.clone();
+        let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) else {
             return Flow::Continue;
         };
-        let (pname, kid) = (
-            p.name.clone(),
-            self.key
-                .and_then(|k| p.keys.get(k))
-                .map(|k| k.id.clone())
-                .unwrap_or_default(),
-        );
-        map.set(headers::HDR_PROVIDER, &pname);
-        map.set(headers::HDR_KEY_ID, &kid);
+        let key_id = self.key.and_then(|k| p.keys.get(k)).map(|k| k.id.as_str());
+        map.set(headers::HDR_PROVIDER, p.name.as_str());
+        map.set(headers::HDR_KEY_ID, key_id.unwrap_or_default());
         // As the listener role would write them (it leaves values already right alone).
         for (k, v) in &self.rate_limits {
             let text = |r: &Range<usize>| {
@@ -379,7 +374,7 @@ impl Upstream {
             };
             map.set(text(k), text(v));
         }
-        host.attempt(&pname, Attempt::Answered(self.status));
+        host.attempt(&p.name, Attempt::Answered(self.status));
         if self.status >= 400 && self.key.is_some() {
             // The body may change length once scrubbed.
             self.scrub = true;
