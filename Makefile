@@ -36,9 +36,9 @@ $(VENV)/.installed: tests/requirements.txt
 .PHONY: venv
 venv: $(VENV)/.installed
 
-# The features rustc emits for wasm32-wasip1: with `-all`, wasm-opt may use others, and Envoy then
-# refuses to load the module.
-WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
+# The features rustc emits for wasm32-wasip1 (SIMD from .cargo/config.toml): with `-all`, wasm-opt may
+# use others, and Envoy then refuses to load the module.
+WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals --enable-simd
 
 .PHONY: build
 build: toolchain

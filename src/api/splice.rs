@@ -45,6 +45,19 @@ pub(crate) fn members<'a, const N: usize>(
     Ok(Object { text, values, len })
 }
 
+/// [`members`]' values, from a document given as bytes: the strings skipped on the way are not
+/// checked for UTF-8 (only keys and the values returned are), which spares a pass over the whole
+/// document when only a small member is wanted.
+pub(crate) fn member_values<'a, const N: usize>(
+    json: &'a [u8],
+    names: [&'static str; N],
+) -> Result<[Option<&'a RawValue>; N], serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let (values, _) = de.deserialize_map(MembersVisitor { names })?;
+    de.end()?;
+    Ok(values)
+}
+
 const JSON_WS: [char; 4] = [' ', '\t', '\n', '\r'];
 
 struct MembersVisitor<const N: usize> {
@@ -103,6 +116,13 @@ pub(crate) fn span(whole: &str, part: &str) -> Option<Range<usize>> {
     let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
     let range = start..start.checked_add(part.len())?;
     (whole.get(range.clone())? == part).then_some(range)
+}
+
+/// [`span`] for bytes: where `part` lies in `whole`, by address (None when it lies elsewhere).
+pub(crate) fn span_bytes(whole: &[u8], part: &[u8]) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
 }
 
 /// Edits to a text: byte ranges replaced (an empty range inserts).

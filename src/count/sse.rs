@@ -21,6 +21,31 @@ pub struct SseEvent<'a> {
     pub raw: &'a [u8],
 }
 
+/// One complete event before its fields are read as text ([`SseParser::feed_raw`]): a caller that
+/// passes most events on as they came can decide from the bytes, and validate UTF-8 only for the
+/// events it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawEvent<'a> {
+    /// The `event:` field's bytes, empty when absent.
+    pub event: &'a [u8],
+    /// The `data:` lines joined with '\n', empty when absent.
+    pub data: &'a [u8],
+    /// The event's bytes exactly as received, blank-line terminator included.
+    pub raw: &'a [u8],
+}
+
+impl RawEvent<'_> {
+    /// The event with its fields as text (invalid UTF-8 replaced by U+FFFD, which allocates).
+    pub fn with_text<R>(&self, f: impl FnOnce(&SseEvent<'_>) -> R) -> R {
+        let (event, data) = (utf8(self.event), utf8(self.data));
+        f(&SseEvent {
+            event: &event,
+            data: &data,
+            raw: self.raw,
+        })
+    }
+}
+
 /// Whether the parser is in the middle of discarding an event that outgrew its cap
 /// ([`SseParser::overflow`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,11 +135,18 @@ impl SseParser {
     /// Feeds one body chunk; calls `on_event` once per complete event (terminated by a blank line).
     /// An event can be split across chunks at ANY byte, including inside a CRLF pair.
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
+        self.feed_dyn(chunk, &mut |ev: RawEvent<'_>| {
+            ev.with_text(|ev| on_event(*ev))
+        });
+    }
+
+    /// [`Self::feed`], the events' fields left as bytes.
+    pub fn feed_raw(&mut self, chunk: &[u8], mut on_event: impl FnMut(RawEvent<'_>)) {
         self.feed_dyn(chunk, &mut on_event);
     }
 
     /// One copy of the parser whatever the callback (module size).
-    fn feed_dyn(&mut self, chunk: &[u8], on_event: &mut dyn FnMut(SseEvent<'_>)) {
+    fn feed_dyn(&mut self, chunk: &[u8], on_event: &mut dyn FnMut(RawEvent<'_>)) {
         let mut rest = chunk;
         // An event left unfinished by the previous chunk is completed in `buf` one line at a time,
         // so that only its own bytes are copied; the rest of the chunk is parsed in place.
@@ -155,10 +187,15 @@ impl SseParser {
     /// its bytes are not lost (see the type's doc). The parser is then ready for a new stream;
     /// [`Self::dropped_events`] keeps counting.
     pub fn finish(&mut self, mut on_event: impl FnMut(SseEvent<'_>)) {
+        self.finish_dyn(&mut |ev: RawEvent<'_>| ev.with_text(|ev| on_event(*ev)));
+    }
+
+    /// [`Self::finish`], the events' fields left as bytes.
+    pub fn finish_raw(&mut self, mut on_event: impl FnMut(RawEvent<'_>)) {
         self.finish_dyn(&mut on_event);
     }
 
-    fn finish_dyn(&mut self, on_event: &mut dyn FnMut(SseEvent<'_>)) {
+    fn finish_dyn(&mut self, on_event: &mut dyn FnMut(RawEvent<'_>)) {
         let (src, l) = (&self.buf, &mut self.lines);
         l.scan(src, true, on_event);
         if l.overflow == Overflow::None {
@@ -227,7 +264,7 @@ impl SseParser {
 impl Lines {
     /// Processes every complete line in `src`. A CR at the very end of `src` may be the first half
     /// of a CRLF, so it is left for the next chunk unless `at_eof`.
-    fn scan(&mut self, src: &[u8], at_eof: bool, on_event: &mut dyn FnMut(SseEvent<'_>)) {
+    fn scan(&mut self, src: &[u8], at_eof: bool, on_event: &mut dyn FnMut(RawEvent<'_>)) {
         loop {
             let Some(i) = src.get(self.scan..).and_then(find_eol) else {
                 self.scan = src.len();
@@ -256,7 +293,7 @@ impl Lines {
     }
 
     /// Closes the block that runs from `event_start` to `end` (just past its blank line).
-    fn end_block(&mut self, src: &[u8], end: usize, on_event: &mut dyn FnMut(SseEvent<'_>)) {
+    fn end_block(&mut self, src: &[u8], end: usize, on_event: &mut dyn FnMut(RawEvent<'_>)) {
         let size = end.saturating_sub(self.event_start);
         if self.overflow == Overflow::Dropped {
             self.overflow = Overflow::None;
@@ -270,12 +307,7 @@ impl Lines {
                 Data::Line(a, b) => (span(self.event), span(Some((a, b)))),
                 Data::Joined => (span(self.event), self.joined.as_slice()),
             };
-            let (event, data) = (utf8(event), utf8(data));
-            on_event(SseEvent {
-                event: &event,
-                data: &data,
-                raw,
-            });
+            on_event(RawEvent { event, data, raw });
         }
         self.event_start = end;
         self.reset_fields();
@@ -373,31 +405,9 @@ fn utf8(bytes: &[u8]) -> Cow<'_, str> {
     }
 }
 
-/// Index of the first '\n' or '\r'. Eight bytes at a time: Wasm has no SIMD here, and a byte loop
-/// was most of the parser's time.
-#[inline(never)]
+/// Index of the first '\n' or '\r' (memchr: 16 bytes at a time with Wasm SIMD).
 fn find_eol(s: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = ONES << 7;
-    let mut words = s.chunks_exact(8);
-    let mut at = 0;
-    for word in &mut words {
-        let x = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
-        // Any byte below 0x0E? Rare in text, so the exact test below seldom runs.
-        if x.wrapping_sub(ONES * 0x0E) & !x & HIGH != 0 {
-            let (lf, cr) = (x ^ (ONES * 0x0A), x ^ (ONES * 0x0D));
-            // Zero-byte test: exact for the lowest matching byte, which is the one wanted.
-            let hits = (lf.wrapping_sub(ONES) & !lf | cr.wrapping_sub(ONES) & !cr) & HIGH;
-            if hits != 0 {
-                return Some(at + (hits.trailing_zeros() / 8) as usize);
-            }
-        }
-        at += 8;
-    }
-    let tail = words.remainder();
-    tail.iter()
-        .position(|&b| b == b'\n' || b == b'\r')
-        .map(|i| at + i)
+    memchr::memchr2(b'\n', b'\r', s)
 }
 
 #[cfg(test)]

@@ -15,6 +15,10 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::LazyLock;
+
+use memchr::memmem;
 
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize as Derive;
@@ -22,7 +26,7 @@ use serde_json::value::RawValue;
 
 use crate::api::splice;
 use crate::count::estimate;
-use crate::count::sse::SseEvent;
+use crate::count::sse::{RawEvent, SseEvent};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -80,9 +84,8 @@ impl ApiKind {
 /// Accepts OpenAI and Anthropic field names; a usage object with neither an input nor an output
 /// count is treated as absent.
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
-    // Only `usage` is read: the completion around it is checked, not copied.
-    let text = std::str::from_utf8(body).ok()?;
-    let [usage] = splice::members(text, ["usage"]).ok()?.values;
+    // Only `usage` is read: the completion around it is checked as JSON, not copied.
+    let [usage] = splice::member_values(body, ["usage"]).ok()?;
     let usage: Option<UsageObject> = serde_json::from_str(usage?.get()).ok()?;
     usage?.counts().usage()
 }
@@ -122,11 +125,27 @@ impl StreamUsage {
     /// should the stream end without usage (cut short), each counts as one token, as OpenAI streams
     /// about one token a chunk.
     pub fn on_event_for_client(&mut self, ev: &SseEvent<'_>) -> ClientEvent {
+        self.on_raw_event_for_client(&RawEvent {
+            event: ev.event.as_bytes(),
+            data: ev.data.as_bytes(),
+            raw: ev.raw,
+        })
+    }
+
+    /// [`Self::on_event_for_client`] from the parser's bytes: the events passed without parsing are
+    /// not validated as UTF-8 either.
+    pub fn on_raw_event_for_client(&mut self, ev: &RawEvent<'_>) -> ClientEvent {
+        self.on_scanned_event_for_client(ev, Keys::of(ev.data))
+    }
+
+    /// [`Self::on_raw_event_for_client`], with what [`Keys::of`] finds in the event's data found
+    /// beforehand (by a [`ChunkKeys`] of the chunk that holds it).
+    pub fn on_scanned_event_for_client(&mut self, ev: &RawEvent<'_>, keys: Keys) -> ClientEvent {
+        let data = ev.data;
         // A key can only be spelt otherwise with a `\u` escape: with none, the literal count of
         // `"usage"` is the count of usage keys.
-        let data = ev.data.as_bytes();
-        if !data.is_empty() && ev.data != "[DONE]" && memchr::memmem::find(data, b"\\u").is_none() {
-            match memchr::memmem::find_iter(data, b"\"usage\"").count() {
+        if !data.is_empty() && data != b"[DONE]" && !keys.escaped {
+            match keys.usage {
                 0 => {
                     self.unparsed_chunks += 1;
                     return ClientEvent::AsIs;
@@ -134,12 +153,16 @@ impl StreamUsage {
                 1 => {
                     if let Some(cut) = trailing_null_usage(ev) {
                         self.unparsed_chunks += 1;
-                        return ClientEvent::Edited(cut);
+                        return ClientEvent::Cut(cut);
                     }
                 }
                 _ => {}
             }
         }
+        ev.with_text(|ev| self.parse_for_client(ev))
+    }
+
+    fn parse_for_client(&mut self, ev: &SseEvent<'_>) -> ClientEvent {
         let Some(chunk) = self.take(ev) else {
             return ClientEvent::AsIs;
         };
@@ -149,9 +172,9 @@ impl StreamUsage {
         match chunk.usage.filter(|u| u.get() == "null") {
             // The data of an event split across chunks is not borrowed from `raw`: then the
             // member is found again in `raw`.
-            Some(null) => cut_member(ev.raw, null.get())
-                .or_else(|| without_null_usage(ev.raw))
-                .map_or(ClientEvent::AsIs, ClientEvent::Edited),
+            Some(null) => member_cut(ev.raw, null.get())
+                .or_else(|| null_usage_cut(ev.raw))
+                .map_or(ClientEvent::AsIs, ClientEvent::Cut),
             None => ClientEvent::AsIs,
         }
     }
@@ -213,36 +236,107 @@ impl StreamUsage {
     }
 }
 
-/// The event without its `"usage":null`, when that is the last member of the event's JSON object
-/// (or the last but OpenAI's `"obfuscation"` string of letters and digits): then it is certainly a
-/// member of the outermost object, which the final `}` closes, and the event carries no usage.
-/// None for any other layout (the caller parses the event).
-fn trailing_null_usage(ev: &SseEvent<'_>) -> Option<Vec<u8>> {
-    const MEMBER: &str = ",\"usage\":null";
-    let data = ev.data.trim_end_matches(JSON_WS);
-    let body = data.strip_suffix('}')?;
+/// Where the event's `"usage":null` lies in its bytes, when that is the last member of the event's
+/// JSON object (or the last but OpenAI's `"obfuscation"` string of letters and digits): then it is
+/// certainly a member of the outermost object, which the final `}` closes, and the event carries no
+/// usage. None for any other layout (the caller parses the event).
+fn trailing_null_usage(ev: &RawEvent<'_>) -> Option<Range<usize>> {
+    const MEMBER: &[u8] = b",\"usage\":null";
+    const OBFUSCATION: &[u8] = b",\"obfuscation\":\"";
+    let data = ev.data.trim_ascii_end();
+    let body = data.strip_suffix(b"}")?;
     let at = match body.strip_suffix(MEMBER) {
         Some(before) => before.len(),
         None => {
-            let (before, value) = body.rsplit_once(",\"obfuscation\":\"")?;
-            let value = value.strip_suffix('"')?;
+            let from = memchr::memmem::rfind(body, OBFUSCATION)?;
+            let value = body.get(from + OBFUSCATION.len()..)?.strip_suffix(b"\"")?;
             if !value
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
                 return None;
             }
-            before.strip_suffix(MEMBER)?.len()
+            body.get(..from)?.strip_suffix(MEMBER)?.len()
         }
     };
     // Where the data sits in the event's bytes (the parser borrows it from them when the event
-    // is one line; otherwise the caller's parse handles it).
-    let raw = std::str::from_utf8(ev.raw).ok()?;
-    let start = splice::span(raw, ev.data)?.start + at;
-    let mut out = Vec::with_capacity(ev.raw.len());
-    out.extend_from_slice(ev.raw.get(..start)?);
-    out.extend_from_slice(ev.raw.get(start + MEMBER.len()..)?);
-    Some(out)
+    // is one line; otherwise the caller's parse handles it). What the client gets stays UTF-8
+    // exactly when the event was.
+    std::str::from_utf8(ev.raw).ok()?;
+    let start = splice::span_bytes(ev.raw, ev.data)?.start + at;
+    Some(start..start + MEMBER.len())
+}
+
+/// What the client view of a forced-usage stream looks for in an event's data before parsing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keys {
+    /// A `\u` escape, which could spell a key otherwise.
+    pub escaped: bool,
+    /// `"usage"` found: 0, 1, or 2 for more.
+    pub usage: u8,
+}
+
+impl Keys {
+    pub fn of(data: &[u8]) -> Self {
+        let mut usage = USAGE_KEY.find_iter(data);
+        Keys {
+            escaped: has_unicode_escape(data),
+            usage: match (usage.next(), usage.next()) {
+                (None, _) => 0,
+                (Some(_), None) => 1,
+                _ => 2,
+            },
+        }
+    }
+}
+
+/// [`Keys`] for every event of a chunk from two searches of the whole chunk, instead of two per
+/// event (a stream of 200 events in one chunk spent half its time in them).
+#[derive(Debug)]
+pub struct ChunkKeys<'a> {
+    chunk: &'a [u8],
+    /// Where `"usage"` and `\u` start in the chunk, in order.
+    usage: Vec<usize>,
+    escapes: Vec<usize>,
+}
+
+impl<'a> ChunkKeys<'a> {
+    pub fn of(chunk: &'a [u8]) -> Self {
+        ChunkKeys {
+            chunk,
+            usage: USAGE_KEY.find_iter(chunk).collect(),
+            escapes: UNICODE_ESCAPE.find_iter(chunk).collect(),
+        }
+    }
+
+    /// [`Keys::of`] `data`: looked up when it lies in the chunk, searched otherwise. Neither needle
+    /// can straddle the edge of an event's data (a `:` or a space before it, a line end after),
+    /// so the chunk's matches inside `data` are exactly the ones a search of `data` finds.
+    pub fn of_data(&self, data: &[u8]) -> Keys {
+        let Some(r) = splice::span_bytes(self.chunk, data) else {
+            return Keys::of(data);
+        };
+        let within = |at: &[usize]| {
+            at.partition_point(|&p| p < r.end) - at.partition_point(|&p| p < r.start)
+        };
+        Keys {
+            escaped: within(&self.escapes) > 0,
+            usage: within(&self.usage).min(2) as u8,
+        }
+    }
+}
+
+/// `"usage"` as a key, and the escape that could spell it otherwise (searchers built once).
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static UNICODE_ESCAPE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\\u"));
+
+/// Whether `data` holds a `\u` escape: most events hold no backslash at all.
+fn has_unicode_escape(data: &[u8]) -> bool {
+    memchr::memchr(b'\\', data)
+        .and_then(|at| data.get(at..))
+        .is_some_and(|rest| UNICODE_ESCAPE.find(rest).is_some())
 }
 
 /// A member's value as written, `null` included (a plain `Option` would read `null` as absent).
@@ -255,7 +349,22 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 pub enum ClientEvent {
     AsIs,
     Drop,
-    Edited(Vec<u8>),
+    /// The event's bytes without this range of them (its `"usage":null` member).
+    Cut(Range<usize>),
+}
+
+impl ClientEvent {
+    /// Appends what the client gets of the event whose bytes are `raw`.
+    pub fn write(&self, raw: &[u8], out: &mut Vec<u8>) {
+        match self {
+            ClientEvent::AsIs => out.extend_from_slice(raw),
+            ClientEvent::Drop => {}
+            ClientEvent::Cut(r) => {
+                out.extend_from_slice(raw.get(..r.start).unwrap_or_default());
+                out.extend_from_slice(raw.get(r.end..).unwrap_or_default());
+            }
+        }
+    }
 }
 
 /// Rules out ordinary chunks (which carry `"usage":null` when usage was asked for) without
@@ -277,6 +386,14 @@ fn may_be_usage_only(data: &str) -> bool {
 /// tollgate asks for `stream_options.include_usage` when a client streams chat completions
 /// without it; the provider then adds `"usage":null` to every chunk, which the client did not ask for.
 pub fn without_null_usage(event_raw: &[u8]) -> Option<Vec<u8>> {
+    let cut = null_usage_cut(event_raw)?;
+    let mut out = Vec::with_capacity(event_raw.len());
+    ClientEvent::Cut(cut).write(event_raw, &mut out);
+    Some(out)
+}
+
+/// Where [`without_null_usage`] cuts.
+fn null_usage_cut(event_raw: &[u8]) -> Option<Range<usize>> {
     let raw = std::str::from_utf8(event_raw).ok()?;
     // Most events of most streams: no null usage at all, and no parse.
     if !raw.contains("null") || !raw.contains("\"usage\"") {
@@ -285,12 +402,12 @@ pub fn without_null_usage(event_raw: &[u8]) -> Option<Vec<u8>> {
     let data = data_line(event_raw)?;
     let payload = raw.get(data.clone())?;
     let [usage] = splice::members(payload, ["usage"]).ok()?.values;
-    cut_member(event_raw, usage.filter(|u| u.get() == "null")?.get())
+    member_cut(event_raw, usage.filter(|u| u.get() == "null")?.get())
 }
 
-/// `event_raw` without the top-level member whose value is `value` (a slice of the event's one
-/// `data:` line, as serde_json borrowed it), every other byte kept.
-fn cut_member(event_raw: &[u8], value: &str) -> Option<Vec<u8>> {
+/// Where the top-level member whose value is `value` (a slice of the event's one `data:` line, as
+/// serde_json borrowed it) lies in `event_raw`.
+fn member_cut(event_raw: &[u8], value: &str) -> Option<Range<usize>> {
     let raw = std::str::from_utf8(event_raw).ok()?;
     let data = data_line(event_raw)?;
     let payload = raw.get(data.clone())?;
@@ -310,11 +427,7 @@ fn cut_member(event_raw: &[u8], value: &str) -> Option<Vec<u8>> {
             None => sep + 1..value.end,
         }
     };
-    let (cut_start, cut_end) = (data.start + member.start, data.start + member.end);
-    let mut out = Vec::with_capacity(event_raw.len());
-    out.extend_from_slice(event_raw.get(..cut_start)?);
-    out.extend_from_slice(event_raw.get(cut_end..)?);
-    Some(out)
+    Some(data.start + member.start..data.start + member.end)
 }
 
 const JSON_WS: [char; 4] = [' ', '\t', '\n', '\r'];
@@ -992,6 +1105,12 @@ mod tests {
         ] {
             assert_eq!(usage_from_json(body), None, "{}", String::from_utf8_lossy(body));
         }
+        // Bytes that are not UTF-8 in a member that is skipped do not hide the usage; in the
+        // usage itself, they do.
+        let body = b"{\"choices\":[{\"text\":\"\xff\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}";
+        assert_eq!(usage_from_json(body), Some(u(3, 1, 0, 0, 0)));
+        let body = b"{\"usage\":{\"prompt_tokens\":3,\"x\":\"\xff\"}}";
+        assert_eq!(usage_from_json(body), None);
     }
 
     #[test]
@@ -1171,10 +1290,8 @@ mod tests {
             let (mut a, mut b) = (SseParser::new(1 << 20), SseParser::new(1 << 20));
             let (mut out_one, mut out_two) = (Vec::new(), Vec::new());
             for chunk in stream.chunks(split) {
-                a.feed(chunk, |ev| match one.on_event_for_client(&ev) {
-                    ClientEvent::AsIs => out_one.extend_from_slice(ev.raw),
-                    ClientEvent::Drop => {}
-                    ClientEvent::Edited(e) => out_one.extend_from_slice(&e),
+                a.feed(chunk, |ev| {
+                    one.on_event_for_client(&ev).write(ev.raw, &mut out_one)
                 });
                 b.feed(chunk, |ev| {
                     if !two.on_event_is_usage_only(&ev) {
@@ -1213,15 +1330,44 @@ mod tests {
         }
     }
 
+    /// A chunk searched once tells of each event's data what a search of that data tells, also for
+    /// needles at the very edges of the data and events that are not in the chunk.
+    #[test]
+    fn chunk_keys_agree_with_each_events_own_search() {
+        let mut stream = include_bytes!("../../tests/fixtures/openai_stream.sse").to_vec();
+        stream.extend_from_slice(
+            b"data: \"usage\"\n\ndata: {\"usage\":1,\"usage\":2}\n\ndata:\\u0075\n\n\
+              data: x\\\n\ndata: \\u\"usage\"\\u\r\n\r\nevent: e\ndata: a\ndata: \"usage\"\n\n",
+        );
+        let keys = ChunkKeys::of(&stream);
+        let mut p = SseParser::new(1 << 20);
+        let mut seen = Vec::new();
+        p.feed_raw(&stream, |ev| {
+            seen.push((keys.of_data(ev.data), Keys::of(ev.data)))
+        });
+        assert!(seen.len() > 10);
+        for (i, (from_chunk, own)) in seen.iter().enumerate() {
+            assert_eq!(from_chunk, own, "event {i}");
+        }
+        let kinds: Vec<(bool, u8)> = seen.iter().map(|(k, _)| (k.escaped, k.usage)).collect();
+        for k in [(false, 0), (false, 1), (false, 2), (true, 0), (true, 1)] {
+            assert!(kinds.contains(&k), "{k:?} in {kinds:?}");
+        }
+    }
+
     #[test]
     fn only_a_last_top_level_null_usage_is_cut_without_parsing() {
-        let ev = |raw: &'static str| SseEvent {
-            event: "",
-            data: raw.strip_prefix("data: ").unwrap().trim_end(),
+        let ev = |raw: &'static str| RawEvent {
+            event: b"",
+            data: raw.strip_prefix("data: ").unwrap().trim_end().as_bytes(),
             raw: raw.as_bytes(),
         };
         let cut = |raw: &'static str| {
-            trailing_null_usage(&ev(raw)).map(|b| String::from_utf8(b).unwrap())
+            trailing_null_usage(&ev(raw)).map(|r| {
+                let mut out = Vec::new();
+                ClientEvent::Cut(r).write(raw.as_bytes(), &mut out);
+                String::from_utf8(out).unwrap()
+            })
         };
         assert_eq!(
             cut("data: {\"choices\":[],\"usage\":null}\n\n").as_deref(),

@@ -9,9 +9,11 @@
 //! - local replies: refused when the stream was already answered or is gone;
 //! - foreign functions: `clear_route_cache` answers `NotFound` where there is no route cache.
 //!
-//! Reads go through the SDK (`get_map_value_bytes`, `get_map_bytes`, `get_buffer`, ...), which
-//! return bytes and expect only the statuses Envoy gives for them.
+//! Reads go through the SDK (`get_map_value_bytes`, `get_buffer`, ...), which return bytes and expect
+//! only the statuses Envoy gives for them; but a whole header map is read here, kept in the bytes the
+//! host wrote (the SDK's getter makes a String and a Vec of every name and value).
 
+use crate::host::{encode_pairs, Headers};
 use proxy_wasm::types::{BufferType, MapType};
 
 /// The raw status every import returns; only Ok (0) is success here.
@@ -29,6 +31,7 @@ extern "C" {
     ) -> Raw;
     fn proxy_remove_header_map_value(map: MapType, key: *const u8, key_len: usize) -> Raw;
     fn proxy_set_header_map_pairs(map: MapType, data: *const u8, data_len: usize) -> Raw;
+    fn proxy_get_header_map_pairs(map: MapType, out: *mut *mut u8, out_len: *mut usize) -> Raw;
     fn proxy_set_buffer_bytes(
         buffer: BufferType,
         start: usize,
@@ -78,30 +81,32 @@ pub fn remove_header(map: MapType, name: &str) -> bool {
 }
 
 /// Replaces a whole header map.
-pub fn set_header_pairs(map: MapType, headers: &[(String, Vec<u8>)]) -> bool {
-    let data = encode_pairs(headers.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
+pub fn set_header_pairs(map: MapType, headers: &[(&[u8], &[u8])]) -> bool {
+    let data = encode_pairs(headers.iter().copied());
     let _p = crate::host::prof::span("host proxy_set_header_map_pairs");
     // SAFETY: pointer and length come from a live Vec.
     OK == unsafe { proxy_set_header_map_pairs(map, data.as_ptr(), data.len()) }
 }
 
-/// The ABI's map encoding: u32 count, (u32 key len, u32 value len) per pair, then each key and
-/// value followed by a NUL.
-fn encode_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
-    let n = pairs.clone().count();
-    let mut h = Vec::with_capacity(4 + n * 40);
-    h.extend_from_slice(&(n as u32).to_le_bytes());
-    for (k, v) in pairs.clone() {
-        h.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        h.extend_from_slice(&(v.len() as u32).to_le_bytes());
+/// A whole header map, as the host encodes it ([`Headers::decode`] indexes it in place; the SDK's
+/// getter would copy each name and value into a String and a Vec of its own).
+pub fn get_header_pairs(map: MapType) -> Headers {
+    let mut out: *mut u8 = core::ptr::null_mut();
+    let mut len: usize = 0;
+    let _p = crate::host::prof::span("host proxy_get_header_map_pairs");
+    // SAFETY: out-pointers point at locals.
+    let status = unsafe { proxy_get_header_map_pairs(map, &mut out, &mut len) };
+    if out.is_null() {
+        return Headers::default();
     }
-    for (k, v) in pairs {
-        h.extend_from_slice(k);
-        h.push(0);
-        h.extend_from_slice(v);
-        h.push(0);
+    // SAFETY: the host allocated `len` bytes through the SDK's proxy_on_memory_allocate (a
+    // Vec<u8> of that capacity) and hands them over.
+    let buf = unsafe { Vec::from_raw_parts(out, len, len) };
+    if status == OK {
+        Headers::decode(buf)
+    } else {
+        Headers::default()
     }
-    h
 }
 
 pub fn set_buffer(kind: BufferType, start: usize, size: usize, data: &[u8]) -> bool {

@@ -4,8 +4,8 @@
 
 use super::hostcalls;
 use crate::host::prof::span;
-use crate::host::tally::{Sink, Tally, ROW};
-use crate::host::{Body, Host, Map};
+use crate::host::tally::{Attempt, Charge, LimitUse, Sink, Tally, ROW};
+use crate::host::{Body, Headers, Host, Map};
 use crate::pool::keypool::Tickets;
 use crate::store::{SharedStore, StoreError};
 use core::cell::RefCell;
@@ -135,9 +135,8 @@ impl Host for SdkHost {
         sdk::get_map_value_bytes(map_type(map), name).ok().flatten()
     }
 
-    fn headers(&self, map: Map) -> Vec<(String, Vec<u8>)> {
-        let _p = span("host proxy_get_header_map_pairs");
-        sdk::get_map_bytes(map_type(map)).unwrap_or_default()
+    fn headers(&self, map: Map) -> Headers {
+        hostcalls::get_header_pairs(map_type(map))
     }
 
     fn set_header(&mut self, map: Map, name: &str, value: &str) -> bool {
@@ -148,7 +147,7 @@ impl Host for SdkHost {
         hostcalls::remove_header(map_type(map), name)
     }
 
-    fn set_headers(&mut self, map: Map, headers: &[(String, Vec<u8>)]) -> bool {
+    fn set_headers(&mut self, map: Map, headers: &[(&[u8], &[u8])]) -> bool {
         hostcalls::set_header_pairs(map_type(map), headers)
     }
 
@@ -191,6 +190,18 @@ impl Host for SdkHost {
 
     fn add_to_row(&mut self, key: &str, row: [u64; ROW]) {
         TALLY.with(|t| t.borrow_mut().add_row(key, row));
+    }
+
+    fn charge(&mut self, c: &Charge<'_>, row: [u64; ROW]) {
+        TALLY.with(|t| t.borrow_mut().charge(c, row));
+    }
+
+    fn limit_use(&mut self, consumer: &str, uses: &[LimitUse]) {
+        TALLY.with(|t| t.borrow_mut().limit_use(consumer, uses));
+    }
+
+    fn attempt(&mut self, provider: &str, what: Attempt) {
+        TALLY.with(|t| t.borrow_mut().attempt(provider, what));
     }
 
     fn store(&self) -> &dyn SharedStore {

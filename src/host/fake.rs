@@ -2,7 +2,7 @@
 //! request went on, a stream answers locally once, shared data follows Envoy's CAS rules
 //! ([`FakeStore`]), and a cluster-level stream reads the filter state its listener-level stream wrote.
 
-use super::{Body, Host, Map};
+use super::{Body, Headers, Host, Map};
 use crate::store::{FakeStore, SharedStore};
 use hashbrown::HashMap;
 use std::rc::Rc;
@@ -177,9 +177,10 @@ impl Host for FakeHost {
             .map(|(_, v)| v.clone())
     }
 
-    fn headers(&self, map: Map) -> Vec<(String, Vec<u8>)> {
+    fn headers(&self, map: Map) -> Headers {
         self.call();
-        self.maps.get(&map).cloned().unwrap_or_default()
+        let pairs = self.maps.get(&map).map(Vec::as_slice).unwrap_or_default();
+        Headers::of(pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())))
     }
 
     fn set_header(&mut self, map: Map, name: &str, value: &str) -> bool {
@@ -204,12 +205,15 @@ impl Host for FakeHost {
         true
     }
 
-    fn set_headers(&mut self, map: Map, headers: &[(String, Vec<u8>)]) -> bool {
+    fn set_headers(&mut self, map: Map, headers: &[(&[u8], &[u8])]) -> bool {
         self.call();
         if !self.writable(map) {
             return false;
         }
-        self.maps.insert(map, headers.to_vec());
+        let pairs = headers
+            .iter()
+            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+        self.maps.insert(map, pairs.collect());
         self.header_writes += 1;
         true
     }

@@ -12,7 +12,7 @@ pub fn rate_limit_headers(
     api: ClientApi,
     standings: &[Standing],
     now_ms: u64,
-) -> Vec<(String, String)> {
+) -> Vec<(&'static str, String)> {
     let pick = |metrics: &[Metric]| {
         standings
             .iter()
@@ -24,52 +24,75 @@ pub fn rate_limit_headers(
             })
     };
     let mut out = Vec::new();
-    let mut push = |family: &str, s: &Standing| match api {
-        ClientApi::OpenAi => {
-            out.push((
-                format!("x-ratelimit-limit-{family}"),
-                s.limit.amount.to_string(),
-            ));
-            out.push((
-                format!("x-ratelimit-remaining-{family}"),
-                s.remaining.to_string(),
-            ));
-            out.push((
-                format!("x-ratelimit-reset-{family}"),
-                format_go_duration(s.reset_ms),
-            ));
-        }
-        ClientApi::Anthropic => {
-            out.push((
-                format!("anthropic-ratelimit-{family}-limit"),
-                s.limit.amount.to_string(),
-            ));
-            out.push((
-                format!("anthropic-ratelimit-{family}-remaining"),
-                s.remaining.to_string(),
-            ));
-            out.push((
-                format!("anthropic-ratelimit-{family}-reset"),
-                format_rfc3339(now_ms.saturating_add(s.reset_ms)),
-            ));
-        }
+    // The names of each family's limit, remaining and reset headers.
+    let mut push = |names: [&'static str; 3], s: &Standing| {
+        let [limit, remaining, reset] = names;
+        out.push((limit, s.limit.amount.to_string()));
+        out.push((remaining, s.remaining.to_string()));
+        out.push((
+            reset,
+            match api {
+                ClientApi::OpenAi => format_go_duration(s.reset_ms),
+                ClientApi::Anthropic => format_rfc3339(now_ms.saturating_add(s.reset_ms)),
+            },
+        ));
+    };
+    let (requests, tokens) = match api {
+        ClientApi::OpenAi => (
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+        ClientApi::Anthropic => (
+            [
+                "anthropic-ratelimit-requests-limit",
+                "anthropic-ratelimit-requests-remaining",
+                "anthropic-ratelimit-requests-reset",
+            ],
+            [
+                "anthropic-ratelimit-tokens-limit",
+                "anthropic-ratelimit-tokens-remaining",
+                "anthropic-ratelimit-tokens-reset",
+            ],
+        ),
     };
     if let Some(s) = pick(&[Metric::Requests]) {
-        push("requests", s);
+        push(requests, s);
     }
     if let Some(s) = pick(&[
         Metric::TotalTokens,
         Metric::InputTokens,
         Metric::OutputTokens,
     ]) {
-        push("tokens", s);
+        push(tokens, s);
     }
     if api == ClientApi::Anthropic {
         if let Some(s) = pick(&[Metric::InputTokens]) {
-            push("input-tokens", s);
+            push(
+                [
+                    "anthropic-ratelimit-input-tokens-limit",
+                    "anthropic-ratelimit-input-tokens-remaining",
+                    "anthropic-ratelimit-input-tokens-reset",
+                ],
+                s,
+            );
         }
         if let Some(s) = pick(&[Metric::OutputTokens]) {
-            push("output-tokens", s);
+            push(
+                [
+                    "anthropic-ratelimit-output-tokens-limit",
+                    "anthropic-ratelimit-output-tokens-remaining",
+                    "anthropic-ratelimit-output-tokens-reset",
+                ],
+                s,
+            );
         }
     }
     out
@@ -103,18 +126,17 @@ mod tests {
             st(Metric::InputTokens, 500, 100, 48_000),
         ];
         let h = rate_limit_headers(ClientApi::OpenAi, &s, 0);
-        assert_eq!(h[0], ("x-ratelimit-limit-requests".into(), "10".into()));
-        assert_eq!(h[2], ("x-ratelimit-reset-requests".into(), "6s".into()));
-        assert_eq!(h[4], ("x-ratelimit-remaining-tokens".into(), "100".into()));
+        assert_eq!(h[0], ("x-ratelimit-limit-requests", "10".into()));
+        assert_eq!(h[2], ("x-ratelimit-reset-requests", "6s".into()));
+        assert_eq!(h[4], ("x-ratelimit-remaining-tokens", "100".into()));
         let a = rate_limit_headers(ClientApi::Anthropic, &s, 0);
+        assert!(a.contains(&("anthropic-ratelimit-input-tokens-remaining", "100".into())));
         assert!(a.contains(&(
-            "anthropic-ratelimit-input-tokens-remaining".into(),
-            "100".into()
-        )));
-        assert!(a.contains(&(
-            "anthropic-ratelimit-requests-reset".into(),
+            "anthropic-ratelimit-requests-reset",
             "1970-01-01T00:00:06Z".into()
         )));
+        assert!(!a.iter().any(|(k, _)| k.contains("output-tokens")));
+        assert_eq!(a.len(), 9, "requests, tokens, input tokens");
     }
 
     #[test]

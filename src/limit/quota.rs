@@ -51,6 +51,7 @@
 //! any demand up to it is admitted.
 
 use crate::store::{encode_u64s, update, update_if, SharedStore, StoreError};
+use serde::{Deserialize, Serialize};
 
 /// First word of every entry this module writes.
 const MAGIC: u64 = u64::from_le_bytes(*b"tgquota1");
@@ -61,7 +62,7 @@ const IDLE_US: u64 = 3_600 * 1_000_000;
 /// consumer, so only the leftovers of many config changes within the hour are ever dropped.
 const MAX_RECORDS: usize = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Metric {
     Requests,
     InputTokens,
@@ -82,7 +83,7 @@ impl Metric {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limit {
     pub metric: Metric,
     pub amount: u64,
@@ -157,7 +158,7 @@ impl Demand {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Standing {
     pub limit: Limit,
     /// Units that are certainly admitted right now.

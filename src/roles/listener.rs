@@ -13,20 +13,23 @@ use super::{status, Flow};
 use crate::api::errors::{error_body, error_body_typed, ClientApi, ErrorKind};
 use crate::api::headers;
 use crate::api::request::{self, RequestInfo};
+use crate::api::splice;
 use crate::config::{Config, Consumers, Provider};
 use crate::count::estimate;
 use crate::count::metric_segment;
-use crate::count::sse::{SseEvent, SseParser};
-use crate::count::usage::{usage_from_json, ApiKind, ClientEvent, StreamUsage, Usage};
+use crate::count::sse::{RawEvent, SseEvent, SseParser};
+use crate::count::usage::{usage_from_json, ApiKind, ChunkKeys, ClientEvent, StreamUsage, Usage};
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::route::{self, Start};
 use crate::failover::translate::{self, ChatToMessagesStream, MessagesToChatStream};
 use crate::host::prof::span;
-use crate::host::{find, find_str, Body, Edits, Host, Map};
+use crate::host::tally::{Charge, LimitUse};
+use crate::host::{Body, Edits, Headers, Host, Map};
 use crate::limit::admission::{self, Verdict};
 use crate::limit::consumer;
 use crate::limit::headers as limit_headers;
 use crate::limit::quota::{self, Demand, Metric, Reservation, Standing};
+use core::fmt::Write;
 use std::rc::Rc;
 
 /// The largest non-streaming response body kept to read its `usage`; past it the count is estimated.
@@ -57,10 +60,13 @@ pub struct Listener {
     /// The request went on (or was answered): nothing more to decide on the request path.
     decided: bool,
     /// The request headers, read once and edited until the request goes on (one write).
-    request_headers: Edits,
+    request_headers: Edits<'static>,
     admitted: bool,
     reservations: Vec<Reservation>,
     standings: Vec<Standing>,
+    /// Their rate-limit headers, in the client API's dialect (resets counted from the request's
+    /// arrival).
+    rate_limits: Vec<(&'static str, String)>,
     /// tollgate forced `stream_options.include_usage` for this request.
     forced_stream_usage: bool,
     started_ms: u64,
@@ -101,6 +107,7 @@ impl Listener {
             admitted: false,
             reservations: Vec::new(),
             standings: Vec::new(),
+            rate_limits: Vec::new(),
             forced_stream_usage: false,
             started_ms: 0,
             status: 0,
@@ -135,7 +142,7 @@ impl Listener {
         message: &str,
         code: Option<&str>,
         openai_type: Option<&str>,
-        extra: &[(String, String)],
+        extra: &[(&str, String)],
     ) -> Flow {
         self.decided = true;
         // Not even a refusal's access-log line shows the client's credential.
@@ -143,7 +150,7 @@ impl Listener {
         self.write_record(host, None);
         let body = error_body_typed(self.client, kind, message, code, None, openai_type);
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
-        headers.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        headers.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
         host.respond(kind.status(), &headers, &body);
         let outcome = match kind {
             ErrorKind::Authentication => "rejected_auth",
@@ -175,10 +182,8 @@ impl Listener {
         // One read of the whole map serves every header this role looks at, and one write (when
         // the request goes on) carries every change to it.
         let hdrs = host.headers(Map::RequestHeaders);
-        self.path = find_str(&hdrs, ":path").unwrap_or_default().to_string();
-        self.authority = find_str(&hdrs, ":authority")
-            .unwrap_or_default()
-            .to_string();
+        self.path = hdrs.get_str(":path").unwrap_or_default().to_string();
+        self.authority = hdrs.get_str(":authority").unwrap_or_default().to_string();
         self.api = ApiKind::from_path(&self.path);
         self.client = ClientApi::from_path(&self.path);
         if let Some(st) = &self.cfg.status {
@@ -403,7 +408,7 @@ impl Listener {
         let steered = self.cfg.providers.get(start).filter(|_| start > 0);
         if let Some(p) = steered {
             // The routes match on this header to pick a cluster whose priorities start there.
-            self.request_headers.set(headers::HDR_ROUTE, &p.name);
+            self.request_headers.set(headers::HDR_ROUTE, p.name.clone());
             host.count(&format!("tollgate.provider.{}.steered_requests", p.name), 1);
         }
         if rewritten.is_some() {
@@ -415,18 +420,24 @@ impl Listener {
             host.clear_route_cache();
         }
         let planning = span("listener plan");
+        let health = start_health.and_then(|h| {
+            let p = self.cfg.providers.get(start)?;
+            Some((start, h.encode(p)))
+        });
         let plan = Plan {
-            path: self.path.clone(),
-            authority: self.authority.clone(),
-            model,
+            path: &self.path,
+            authority: &self.authority,
+            model: &model,
             rewritten: rewritten.is_some(),
-            consumer: self.consumer.clone(),
-            start: start_health.and_then(|h| {
-                let p = self.cfg.providers.get(start)?;
-                Some((start, h.encode(p)))
-            }),
+            consumer: &self.consumer,
+            start: health.as_ref().map(|(i, h)| (*i, h.as_slice())),
             at_ms: Some(self.started_ms),
             prefix: self.info.as_ref().and_then(|i| i.prefix),
+            rate_limits: self
+                .rate_limits
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect(),
         };
         host.set_filter_state(plan::FILTER_STATE, &plan.encode());
         drop(planning);
@@ -496,6 +507,8 @@ impl Listener {
                 }
                 self.reservations = reservations;
                 self.standings = standings;
+                self.rate_limits =
+                    limit_headers::rate_limit_headers(self.client, &self.standings, now);
                 self.admitted = true;
                 self.publish_use(host);
                 None
@@ -508,9 +521,10 @@ impl Listener {
             } => {
                 self.standings = standings;
                 self.publish_use(host);
-                let mut headers =
+                self.rate_limits =
                     limit_headers::rate_limit_headers(self.client, &self.standings, now);
-                headers.push(("retry-after".into(), retry_after_secs.to_string()));
+                let mut headers = self.rate_limits.clone();
+                headers.push(("retry-after", retry_after_secs.to_string()));
                 // OpenAI names the exhausted limit in `error.type`.
                 let kind = if limit.metric == Metric::Requests {
                     "requests"
@@ -547,15 +561,16 @@ impl Listener {
 
     /// Gauges of each limit's use, in per mille, for alerting at 80%.
     fn publish_use<H: Host>(&self, host: &mut H) {
-        for s in &self.standings {
-            let name = format!(
-                "tollgate.consumer.{}.limit.{}_{}s.used_permille",
-                metric_segment(&self.consumer),
-                s.limit.metric.as_str(),
-                s.limit.window_ms / 1000
-            );
-            host.gauge(&name, (s.used_fraction.clamp(0.0, 10.0) * 1000.0) as u64);
-        }
+        let uses: Vec<LimitUse> = self
+            .standings
+            .iter()
+            .map(|s| LimitUse {
+                metric: s.limit.metric.as_str(),
+                window_s: s.limit.window_ms / 1000,
+                permille: (s.used_fraction.clamp(0.0, 10.0) * 1000.0) as u64,
+            })
+            .collect();
+        host.limit_use(&self.consumer, &uses);
     }
 
     fn answering_provider(&self) -> Option<&Provider> {
@@ -575,20 +590,17 @@ impl Listener {
             .unwrap_or_default()
             .to_string();
         self.key_id = map.get(headers::HDR_KEY_ID).unwrap_or_default().to_string();
-        if self.status == 429
-            && self.provider.is_empty()
-            && find(map.headers(), "x-envoy-ratelimited").is_some()
-        {
+        if self.status == 429 && self.provider.is_empty() && map.has("x-envoy-ratelimited") {
             // Envoy's global rate limit filter refused it (fleet-wide budget): give the client the
             // same signals as tollgate's own 429.
             host.count("tollgate.outcome.rejected_global.requests", 1);
-            if find(map.headers(), "retry-after").is_none() {
+            if !map.has("retry-after") {
                 let secs = map
                     .get("x-ratelimit-reset")
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .unwrap_or(1)
                     .max(1);
-                map.set("retry-after", &secs.to_string());
+                map.set("retry-after", secs.to_string());
             }
         }
         let content_type = map
@@ -633,10 +645,9 @@ impl Listener {
             map.remove("content-length");
         }
         // The budgets as admission saw them: resets are counted from the request's arrival.
-        for (k, v) in
-            limit_headers::rate_limit_headers(self.client, &self.standings, self.started_ms)
-        {
-            map.set(&k, &v);
+        // Already there when the attempt wrote them (Edits leave a value as it is).
+        for (k, v) in &self.rate_limits {
+            map.set(*k, v.as_str());
         }
         map.apply(host, Map::ResponseHeaders);
         if end_of_stream {
@@ -761,15 +772,33 @@ impl Listener {
         // Reused from chunk to chunk: the stream path allocates nothing per chunk of its own.
         let mut out = core::mem::take(&mut self.out);
         out.clear();
-        let edit = &mut self.edit;
-        let mut on = |ev: SseEvent<'_>| edit_event(edit, su, &ev, &mut out);
-        sse.feed(chunk, &mut on);
-        if end {
-            sse.finish(&mut on);
-            match edit {
-                StreamEdit::ToChat(t) => t.finish(&mut out),
-                StreamEdit::ToMessages(t) => t.finish(&mut out),
-                _ => {}
+        // While the client gets the chunk's own bytes unchanged, only how many: nothing is copied
+        // (most chunks of a stripped stream pass as they came).
+        let mut same = None;
+        match &mut self.edit {
+            StreamEdit::StripUsage => {
+                same = Some(0);
+                let keys = ChunkKeys::of(chunk);
+                let mut on = |ev: RawEvent<'_>| {
+                    let seen = su.on_scanned_event_for_client(&ev, keys.of_data(ev.data));
+                    strip_event(seen, &ev, chunk, &mut same, &mut out)
+                };
+                sse.feed_raw(chunk, &mut on);
+                if end {
+                    sse.finish_raw(&mut on);
+                }
+            }
+            edit => {
+                let mut on = |ev: SseEvent<'_>| edit_event(edit, su, &ev, &mut out);
+                sse.feed(chunk, &mut on);
+                if end {
+                    sse.finish(&mut on);
+                    match edit {
+                        StreamEdit::ToChat(t) => t.finish(&mut out),
+                        StreamEdit::ToMessages(t) => t.finish(&mut out),
+                        _ => {}
+                    }
+                }
             }
         }
         if sse.dropped_events() > dropped_before && matches!(self.edit, StreamEdit::StripUsage) {
@@ -798,8 +827,17 @@ impl Listener {
                     self.withheld.drain(..keep_from);
                 }
             }
-            if out != chunk {
-                host.set_body(Body::Response, size, &out);
+            match same {
+                Some(n) if n == chunk.len() => {}
+                Some(n) => {
+                    // Only the unfinished event at the end is held back.
+                    out.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                    host.set_body(Body::Response, size, &out);
+                }
+                None if out != chunk => {
+                    host.set_body(Body::Response, size, &out);
+                }
+                None => {}
             }
         }
         self.out = out;
@@ -830,7 +868,6 @@ impl Listener {
         let reading = span("listener usage read");
         let (usage, estimated) = self.final_usage(ok, torn_down);
         drop(reading);
-        let consumer = metric_segment(&self.consumer);
         let row = [
             1,
             usage.input,
@@ -839,15 +876,6 @@ impl Listener {
             usage.cache_write,
             u64::from(estimated),
         ];
-        let served_by_key = !self.provider.is_empty() && !self.key_id.is_empty();
-        host.add_to_row(&format!("tollgate:u:c:{}", self.consumer), row);
-        host.add_to_row(&format!("tollgate:u:m:{}", self.model_label), row);
-        if served_by_key {
-            host.add_to_row(
-                &format!("tollgate:u:k:{}:{}", self.provider, self.key_id),
-                row,
-            );
-        }
         let settling = span("listener settle");
         if !self.reservations.is_empty() {
             let cost = self
@@ -869,21 +897,6 @@ impl Listener {
         }
         drop(settling);
         let _metrics = span("listener metrics and record");
-        // Metrics: per consumer x model, per provider key, and by outcome.
-        let cm = format!("tollgate.consumer.{consumer}.model.{}", self.model_label);
-        host.count(&format!("{cm}.requests"), 1);
-        host.count(&format!("{cm}.tokens_in"), usage.input);
-        host.count(&format!("{cm}.tokens_out"), usage.output);
-        host.count(&format!("{cm}.tokens_cached"), usage.cache_read);
-        if estimated {
-            host.count(&format!("{cm}.estimated_requests"), 1);
-        }
-        if served_by_key {
-            let pk = format!("tollgate.provider.{}.key.{}", self.provider, self.key_id);
-            host.count(&format!("{pk}.requests"), 1);
-            host.count(&format!("{pk}.tokens_in"), usage.input);
-            host.count(&format!("{pk}.tokens_out"), usage.output);
-        }
         let outcome = match (ok, torn_down) {
             (_, true) => "incomplete",
             (true, _) => "ok",
@@ -891,7 +904,17 @@ impl Listener {
             (false, _) if self.status >= 500 => "upstream_5xx",
             (false, _) => "upstream_4xx",
         };
-        host.count(&format!("tollgate.outcome.{outcome}.requests"), 1);
+        // Per consumer x model, per provider key, by outcome, and the usage totals.
+        host.charge(
+            &Charge {
+                consumer: &self.consumer,
+                model: &self.model_label,
+                provider: &self.provider,
+                key_id: &self.key_id,
+                outcome,
+            },
+            row,
+        );
         self.write_record(host, Some((usage, estimated)));
         // For Envoy's global rate limit filter: `hits_addend` on stream done charges these.
         host.set_filter_state(
@@ -921,32 +944,28 @@ impl Listener {
     /// logfmt: `consumer=team-a model=gpt-4o provider=openai key=oa-1 in=24 out=8 usage=exact`.
     /// Fields not known (a refused request was never charged) read `-`.
     fn write_record<H: Host>(&self, host: &mut H, charged: Option<(Usage, bool)>) {
-        let dash = |s: &str| {
-            if s.is_empty() {
-                "-".to_string()
-            } else {
-                logfmt(s)
+        let mut record = String::with_capacity(128);
+        let model = if self.info.is_some() {
+            self.model()
+        } else {
+            ""
+        };
+        for (key, value) in [
+            ("consumer=", self.consumer.as_str()),
+            (" model=", model),
+            (" provider=", &self.provider),
+            (" key=", &self.key_id),
+        ] {
+            record.push_str(key);
+            push_logfmt(&mut record, value);
+        }
+        match charged {
+            Some((u, estimated)) => {
+                let usage = if estimated { "estimated" } else { "exact" };
+                let _ = write!(record, " in={} out={} usage={usage}", u.input, u.output);
             }
-        };
-        let (input, output, usage) = match charged {
-            Some((u, estimated)) => (
-                u.input.to_string(),
-                u.output.to_string(),
-                if estimated { "estimated" } else { "exact" },
-            ),
-            None => ("-".into(), "-".into(), "-"),
-        };
-        let record = format!(
-            "consumer={} model={} provider={} key={} in={input} out={output} usage={usage}",
-            dash(&self.consumer),
-            if self.info.is_some() {
-                dash(self.model())
-            } else {
-                "-".into()
-            },
-            dash(&self.provider),
-            dash(&self.key_id),
-        );
+            None => record.push_str(" in=- out=- usage=-"),
+        }
         host.set_filter_state(RECORD, record.as_bytes());
     }
 
@@ -997,14 +1016,20 @@ pub const RECORD: &str = "tollgate";
 /// Filter-state name of the consumer, for Envoy's rate limit filter (`wasm.tollgate_consumer`).
 pub const CONSUMER: &str = "tollgate_consumer";
 
-/// A logfmt value: as is when it has no space, quote, `=` or control character, else quoted.
-fn logfmt(s: &str) -> String {
-    if s.chars()
-        .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '=')
-    {
-        return s.to_string();
+/// A logfmt value: `-` when empty, as is when it has no space, quote, `=` or control character,
+/// else quoted.
+fn push_logfmt(out: &mut String, s: &str) {
+    if s.is_empty() {
+        return out.push('-');
     }
-    let mut out = String::with_capacity(s.len() + 2);
+    // Ids are printable ASCII: no need to look at them char by char.
+    let plain = |b: u8| b.is_ascii_graphic() && b != b'"' && b != b'=';
+    if s.bytes().all(plain)
+        || s.chars()
+            .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '=')
+    {
+        return out.push_str(s);
+    }
     out.push('"');
     for c in s.chars() {
         match c {
@@ -1015,22 +1040,38 @@ fn logfmt(s: &str) -> String {
         }
     }
     out.push('"');
-    out
 }
 
 /// Filter state the listener role writes when its client went away before the answer completed.
 pub const CLIENT_GONE: &str = "tollgate_client_gone";
 
-/// One complete event of a stream being edited: counted, then written for the client.
+/// What the client gets of one complete event of a stream whose usage tollgate asked for, written to
+/// `out`; while the client gets the chunk's own bytes unchanged (`same`: how many so far), nothing
+/// is copied.
+fn strip_event(
+    seen: ClientEvent,
+    ev: &RawEvent<'_>,
+    chunk: &[u8],
+    same: &mut Option<usize>,
+    out: &mut Vec<u8>,
+) {
+    if let Some(n) = *same {
+        if seen == ClientEvent::AsIs
+            && splice::span_bytes(chunk, ev.raw).is_some_and(|r| r.start == n)
+        {
+            *same = Some(n + ev.raw.len());
+            return;
+        }
+        out.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        *same = None;
+    }
+    seen.write(ev.raw, out);
+}
+
+/// One complete event of a stream being translated: counted, then written for the client.
 fn edit_event(edit: &mut StreamEdit, su: &mut StreamUsage, ev: &SseEvent<'_>, out: &mut Vec<u8>) {
     match edit {
-        StreamEdit::None => su.on_event(ev),
-        // One parse counts the event and tells what the client gets of it.
-        StreamEdit::StripUsage => match su.on_event_for_client(ev) {
-            ClientEvent::AsIs => out.extend_from_slice(ev.raw),
-            ClientEvent::Drop => {}
-            ClientEvent::Edited(stripped) => out.extend_from_slice(&stripped),
-        },
+        StreamEdit::None | StreamEdit::StripUsage => su.on_event(ev),
         StreamEdit::ToChat(t) => {
             su.on_event(ev);
             t.on_event(ev, out);
@@ -1044,11 +1085,11 @@ fn edit_event(edit: &mut StreamEdit, su: &mut StreamUsage, ev: &SseEvent<'_>, ou
 
 /// A credential header's value for identification. Several values of one credential header are
 /// ambiguous, and one that is not UTF-8 is no credential: neither is given.
-fn credential<'a>(hdrs: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
-    let mut values = hdrs.iter().filter(|(k, _)| k == name);
-    let first = values.next()?;
+fn credential<'a>(hdrs: &'a Headers, name: &str) -> Option<&'a str> {
+    let mut values = hdrs.raw().filter(|(k, _)| *k == name.as_bytes());
+    let (_, first) = values.next()?;
     if values.next().is_some() && headers::CREDENTIAL_HEADERS.contains(&name) {
         return Some("\u{0}repeated");
     }
-    core::str::from_utf8(&first.1).ok()
+    core::str::from_utf8(first).ok()
 }

@@ -11,36 +11,42 @@ use serde::{Deserialize, Serialize};
 /// Filter-state name (`wasm.tollgate_plan`).
 pub const FILTER_STATE: &str = "tollgate_plan";
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Plan {
+/// Borrowed from the listener's state when written and from the filter-state bytes when read: no
+/// string is copied either way.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan<'a> {
     /// The client's `:path` and `:authority`.
-    pub path: String,
-    pub authority: String,
+    pub path: &'a str,
+    pub authority: &'a str,
     /// The model the client asked for ("" when the request has none).
-    pub model: String,
+    pub model: &'a str,
     /// The listener changed the body (lowered max_tokens, asked for stream usage): the client's
     /// content-length no longer holds.
     pub rewritten: bool,
     /// Who is calling: sticky rotation falls back to it.
-    pub consumer: String,
+    pub consumer: &'a str,
     /// The provider the request starts on, and its health as the listener read it (shared-data
     /// encoding): the first attempt chooses its key from it instead of reading it again.
-    pub start: Option<(usize, Vec<u8>)>,
+    pub start: Option<(usize, &'a [u8])>,
     /// When the request arrived (ms): the first attempt's clock.
     pub at_ms: Option<u64>,
     /// The hash of the request's leading prompt, for `prompt_affinity` rotation (None when no
     /// provider rotates so, or the request has no prompt to hash).
     pub prefix: Option<u64>,
+    /// The rate-limit headers of the consumer's budgets as admission saw them: the attempt writes
+    /// them with the headers it writes anyway, so that the listener need not write the answer's
+    /// headers again.
+    pub rate_limits: Vec<(&'a str, &'a str)>,
 }
 
-impl Plan {
+impl<'a> Plan<'a> {
     /// postcard: a few hundred nanoseconds where JSON took microseconds. Filter state is read only
     /// by tollgate itself, so the form need not be readable.
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).unwrap_or_default()
+        postcard::to_extend(self, Vec::with_capacity(256)).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Option<Plan> {
+    pub fn decode(bytes: &'a [u8]) -> Option<Plan<'a>> {
         postcard::from_bytes(bytes).ok()
     }
 }
@@ -52,16 +58,18 @@ mod tests {
     #[test]
     fn round_trips() {
         let p = Plan {
-            path: "/v1/chat/completions?x=1".into(),
-            authority: "gw".into(),
-            model: "gpt-4o \"mini\"\n".into(),
+            path: "/v1/chat/completions?x=1",
+            authority: "gw",
+            model: "gpt-4o \"mini\"\n",
             rewritten: true,
-            consumer: "team-a".into(),
-            start: Some((1, vec![0, 255])),
+            consumer: "team-a",
+            start: Some((1, &[0, 255])),
             at_ms: Some(17),
             prefix: Some(u64::MAX),
+            rate_limits: vec![("x-ratelimit-limit-tokens", "1000")],
         };
-        assert_eq!(Plan::decode(&p.encode()), Some(p));
+        let bytes = p.encode();
+        assert_eq!(Plan::decode(&bytes), Some(p));
         assert_eq!(Plan::decode(b"garbage"), None);
     }
 }

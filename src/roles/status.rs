@@ -8,7 +8,7 @@ use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::config::{Config, Consumers, KeySecret, ANONYMOUS};
 use crate::failover::health;
-use crate::host::Host;
+use crate::host::{Headers, Host};
 use crate::limit::consumer;
 use crate::limit::consumer_key;
 use crate::limit::quota::{self, Limit, Metric};
@@ -130,10 +130,9 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
     json!({"now_ms": now, "consumers": consumers, "models": models, "providers": providers})
 }
 
-pub fn serve<H: Host>(host: &mut H, cfg: &Config, hdrs: &[(String, Vec<u8>)]) -> Flow {
+pub fn serve<H: Host>(host: &mut H, cfg: &Config, hdrs: &Headers) -> Flow {
     let now = host.now_ms();
-    let lookup =
-        |name: &str| crate::host::find(hdrs, name).and_then(|v| core::str::from_utf8(v).ok());
+    let lookup = |name: &str| hdrs.get_str(name);
     let admin = cfg
         .status
         .as_ref()

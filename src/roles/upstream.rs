@@ -13,19 +13,21 @@ use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::api::headers;
 use crate::api::request;
+use crate::api::splice;
 use crate::config::{Config, KeySecret, Provider};
-use crate::count::metric_segment;
 use crate::count::usage::ApiKind;
 use crate::failover::health::{self, CooldownReason, Outcome};
 use crate::failover::retry_signal;
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::translate::{self, TranslateError};
 use crate::host::prof::span;
-use crate::host::{find, Body, Edits, Host, Map};
+use crate::host::tally::Attempt;
+use crate::host::{Body, Edits, Headers, Host, Map};
 use crate::limit::headers as limit_headers;
 use crate::pool::credentials;
 use crate::pool::keypool::{self, Choice};
 use crate::store::StoreError;
+use core::ops::Range;
 use std::rc::Rc;
 
 /// The attempt number Envoy gives this attempt (1, 2, ...; 8 bytes little-endian), 0 if unknown.
@@ -42,7 +44,10 @@ const METADATA_KEY: &str = "provider";
 
 pub struct Upstream {
     cfg: Rc<Config>,
-    plan: Plan,
+    /// The plan as read (empty without a listener role in front), and where in it the rate-limit
+    /// headers the answer gets are.
+    plan: Vec<u8>,
+    rate_limits: Vec<(Range<usize>, Range<usize>)>,
     api: ApiKind,
     client: ClientApi,
     provider: Option<usize>,
@@ -64,7 +69,8 @@ impl Upstream {
     pub fn new(cfg: Rc<Config>) -> Self {
         Upstream {
             cfg,
-            plan: Plan::default(),
+            plan: Vec::new(),
+            rate_limits: Vec::new(),
             api: ApiKind::Other,
             client: ClientApi::OpenAi,
             provider: None,
@@ -125,31 +131,44 @@ impl Upstream {
     pub fn on_request_headers<H: Host>(&mut self, host: &mut H) -> Flow {
         // One read of the map and one write carry the whole attempt's headers.
         let mut map = Edits::of(host.headers(Map::RequestHeaders));
-        let current_path = map.get(":path").unwrap_or_default().to_string();
-        let current_authority = map.get(":authority").unwrap_or_default().to_string();
-        let planned = host.property(&[plan::FILTER_STATE]);
+        self.plan = host.property(&[plan::FILTER_STATE]).unwrap_or_default();
         let decoding = span("upstream plan decode");
-        let planned = planned.and_then(|b| Plan::decode(&b));
+        let planned = Plan::decode(&self.plan);
         drop(decoding);
+        // Kept as places in the plan's bytes: the answer's headers borrow them from there.
+        let at = |s: &str| splice::span_bytes(&self.plan, s.as_bytes());
+        self.rate_limits = planned
+            .iter()
+            .flat_map(|p| &p.rate_limits)
+            .filter_map(|(k, v)| Some((at(k)?, at(v)?)))
+            .collect();
         // The listener role took the client's credentials out: one found here was set by an
         // earlier attempt of this request (by tollgate, or by Envoy for an `sds` key), in this same
         // header map. This is a retry. Envoy injects nothing for a secret it does not have: with
         // `sds` keys configured, the attempt count tells (one property read).
         let retry = planned.is_some()
-            && (headers::CREDENTIAL_HEADERS
-                .iter()
-                .any(|h| find(map.headers(), h).is_some())
+            && (headers::CREDENTIAL_HEADERS.iter().any(|h| map.has(h))
                 || (self.cfg.has_sds_keys() && attempt_number(host) > 1));
         // Every attempt starts again from the request as the client sent it: the header map Envoy
         // hands to this attempt is the one the previous attempt rewrote.
-        self.plan = planned.unwrap_or_else(|| Plan {
-            // No listener role in front (a direct caller of the cluster): the headers as they are.
-            path: current_path.clone(),
-            authority: current_authority.clone(),
-            ..Plan::default()
-        });
-        self.api = ApiKind::from_path(&self.plan.path);
-        self.client = ClientApi::from_path(&self.plan.path);
+        let current: (String, String);
+        let plan = match planned {
+            Some(plan) => plan,
+            None => {
+                // No listener role in front (a direct caller of the cluster): the headers as they are.
+                current = (
+                    map.get(":path").unwrap_or_default().to_string(),
+                    map.get(":authority").unwrap_or_default().to_string(),
+                );
+                Plan {
+                    path: &current.0,
+                    authority: &current.1,
+                    ..Plan::default()
+                }
+            }
+        };
+        self.api = ApiKind::from_path(plan.path);
+        self.client = ClientApi::from_path(plan.path);
         let pi = match self.pick_provider(host) {
             Ok(i) => i,
             Err(msg) => {
@@ -178,18 +197,13 @@ impl Upstream {
             Ok(t) => t,
             Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
         };
-        let (path, drop_length) = match rewrite::attempt_plan(
-            p,
-            self.api,
-            &self.plan.path,
-            Some(self.plan.model.as_str()),
-            self.plan.rewritten,
-        ) {
-            Ok(x) => x,
-            Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
-        };
+        let (path, drop_length) =
+            match rewrite::attempt_plan(p, self.api, plan.path, Some(plan.model), plan.rewritten) {
+                Ok(x) => x,
+                Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
+            };
         // The first attempt goes out milliseconds after the listener read the clock.
-        let now = match self.plan.at_ms {
+        let now = match plan.at_ms {
             Some(t) if !retry => t,
             _ => host.now_ms(),
         };
@@ -197,10 +211,8 @@ impl Upstream {
         // read microseconds ago; a retry reads it afresh. (The circuit was consulted by the
         // listener when it chose where the request starts; a retry Envoy moved here goes ahead.)
         let choosing = span("upstream key choice");
-        let snapshot = self
-            .plan
+        let snapshot = plan
             .start
-            .as_ref()
             .filter(|(start, _)| *start == pi && !retry)
             .map(|(_, bytes)| health::ProviderHealth::decode(Some(bytes), p));
         let health = match snapshot {
@@ -213,11 +225,10 @@ impl Upstream {
             .sticky_header
             .as_deref()
             .and_then(|h| map.get(h))
-            .map(str::to_string)
-            .or(Some(self.plan.consumer.clone()).filter(|c| !c.is_empty()));
+            .or(Some(plan.consumer).filter(|c| !c.is_empty()));
         let ask = keypool::Ask {
-            sticky: sticky.as_deref(),
-            prefix: self.plan.prefix,
+            sticky,
+            prefix: plan.prefix,
         };
         let mut chosen = Err(StoreError::Host);
         host.with_rotation(&mut |worker, store| {
@@ -270,11 +281,11 @@ impl Upstream {
                     && !auth.iter().any(|(a, _)| *a == name))
         });
         for (name, value) in &auth {
-            map.set(name, value);
+            map.set(*name, value.as_str());
         }
         match &p.host {
             Some(h) => map.set(":authority", h),
-            None if !self.plan.authority.is_empty() => map.set(":authority", &self.plan.authority),
+            None if !plan.authority.is_empty() => map.set(":authority", plan.authority),
             None => {}
         }
         map.set(":path", &path);
@@ -282,10 +293,10 @@ impl Upstream {
             map.remove("content-length");
         }
         map.apply(host, Map::RequestHeaders);
-        host.count(&format!("tollgate.provider.{}.attempts", p.name), 1);
+        host.attempt(&p.name, Attempt::Sent);
         if retry {
             // A retry that landed here: a failover onto this provider (or another key of it).
-            host.count(&format!("tollgate.provider.{}.retried_attempts", p.name), 1);
+            host.attempt(&p.name, Attempt::Retried);
         }
         self.sent = true;
         Flow::Continue
@@ -364,44 +375,36 @@ impl Upstream {
     }
 
     pub fn on_response_headers<H: Host>(&mut self, host: &mut H) -> Flow {
-        // The status is all most answers need: one value read (~1.8 µs) instead of the whole map
-        // (~5.5 µs); a 429's reset signals need the rest.
-        self.status = host
-            .header(Map::ResponseHeaders, ":status")
-            .and_then(|v| core::str::from_utf8(&v).ok()?.parse().ok())
-            .unwrap_or(0);
-        let mut map = Edits::of(if self.status == 429 {
-            host.headers(Map::ResponseHeaders)
-        } else {
-            Vec::new()
-        });
-        self.record_outcome(host, map.headers());
-        let Some(p) = self.provider() else {
+        // One read of the map (its status, a 429's reset signals) and one write for all this role
+        // adds: provider, key id, and the consumer's rate-limit headers, which the listener role
+        // would otherwise write in a second whole-map write of its own.
+        let mut map = Edits::of(host.headers(Map::ResponseHeaders));
+        self.status = map.get(":status").and_then(|v| v.parse().ok()).unwrap_or(0);
+        self.record_outcome(host, map.base());
+        let cfg = self.cfg.clone();
+        let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) else {
             return Flow::Continue;
         };
-        let (pname, kid) = (
-            p.name.clone(),
-            self.key
-                .and_then(|k| p.keys.get(k))
-                .map(|k| k.id.clone())
-                .unwrap_or_default(),
-        );
-        map.set(headers::HDR_PROVIDER, &pname);
-        map.set(headers::HDR_KEY_ID, &kid);
-        host.count(
-            &format!(
-                "tollgate.provider.{}.responses_{}xx",
-                metric_segment(&pname),
-                self.status / 100
-            ),
-            1,
-        );
-        map.apply(host, Map::ResponseHeaders);
-        if self.status >= 400 && self.key.is_some() {
-            // The body may change length once scrubbed. (The map was not read: remove by name.)
-            self.scrub = true;
-            host.remove_header(Map::ResponseHeaders, "content-length");
+        let key_id = self.key.and_then(|k| p.keys.get(k)).map(|k| k.id.as_str());
+        map.set(headers::HDR_PROVIDER, p.name.as_str());
+        map.set(headers::HDR_KEY_ID, key_id.unwrap_or_default());
+        // As the listener role would write them (it leaves values already right alone).
+        for (k, v) in &self.rate_limits {
+            let text = |r: &Range<usize>| {
+                self.plan
+                    .get(r.clone())
+                    .and_then(|b| core::str::from_utf8(b).ok())
+                    .unwrap_or_default()
+            };
+            map.set(text(k), text(v));
         }
+        host.attempt(&p.name, Attempt::Answered(self.status));
+        if self.status >= 400 && self.key.is_some() {
+            // The body may change length once scrubbed.
+            self.scrub = true;
+            map.remove("content-length");
+        }
+        map.apply(host, Map::ResponseHeaders);
         Flow::Continue
     }
 
@@ -437,7 +440,7 @@ impl Upstream {
 
     /// What the answer says of the key and the provider: a 429 cools the key for as long as the
     /// provider asked, 401-403 disable it, 5xx count against the provider's circuit.
-    fn record_outcome<H: Host>(&self, host: &mut H, headers: &[(String, Vec<u8>)]) {
+    fn record_outcome<H: Host>(&self, host: &mut H, headers: &Headers) {
         let Some(p) = self.provider() else { return };
         let cfg = &self.cfg;
         // The clock is read only when the answer changes the provider's health.
@@ -456,7 +459,7 @@ impl Upstream {
                 let wait = retry_signal::cooldown_ms(
                     headers
                         .iter()
-                        .filter_map(|(k, v)| core::str::from_utf8(v).ok().map(|v| (k.as_str(), v))),
+                        .filter_map(|(k, v)| core::str::from_utf8(v).ok().map(|v| (k, v))),
                     now,
                 )
                 .unwrap_or(cfg.health.default_cooldown_ms);
