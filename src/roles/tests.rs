@@ -310,25 +310,7 @@ fn a_stream_without_asked_usage_has_it_asked_for_then_withheld_and_stripped() {
 /// rewritten. Only the chunk with the usage chunk, and one that ends inside an event, are.
 #[test]
 fn a_stripped_streams_chunks_without_usage_are_not_rewritten() {
-    let cfg = config("");
-    let store = Rc::new(FakeStore::new());
-    let mut lh = client(
-        &store,
-        "/v1/chat/completions",
-        &[("x-api-key", TEAM_A_KEY.as_bytes())],
-        CHAT_STREAM,
-    );
-    let mut l = Listener::new(cfg.clone());
-    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
-    let (_, uh) = attempt(
-        &lh,
-        "openai",
-        1,
-        200,
-        &[("content-type", "text/event-stream")],
-        b"",
-        &cfg,
-    );
+    let (mut l, mut lh, uh) = stream_answered(CHAT_STREAM, "openai", 1);
     lh.maps
         .insert(Map::ResponseHeaders, uh.maps[&Map::ResponseHeaders].clone());
     assert_eq!(l.on_response_headers(&mut lh, false), Flow::Continue);
@@ -367,11 +349,11 @@ fn a_stripped_streams_chunks_without_usage_are_not_rewritten() {
     assert_eq!(logged(&lh, "out").as_deref(), Some("3"));
 }
 
-#[test]
-fn an_anthropic_stream_is_translated_for_an_openai_client_and_counted_natively() {
+/// A streamed chat request from team-a sent on, and the attempt on `provider` answered with a
+/// stream's headers: the listener, its host, and the attempt's host.
+fn stream_answered(body: &[u8], provider: &str, attempt_no: u64) -> (Listener, FakeHost, FakeHost) {
     let cfg = config("");
     let store = Rc::new(FakeStore::new());
-    let body = br#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Say hello"}]}"#;
     let mut lh = client(
         &store,
         "/v1/chat/completions",
@@ -382,13 +364,20 @@ fn an_anthropic_stream_is_translated_for_an_openai_client_and_counted_natively()
     assert_eq!(send(&mut l, &mut lh), Flow::Continue);
     let (_, uh) = attempt(
         &lh,
-        "anthropic",
-        2,
+        provider,
+        attempt_no,
         200,
         &[("content-type", "text/event-stream")],
         b"",
         &cfg,
     );
+    (l, lh, uh)
+}
+
+#[test]
+fn an_anthropic_stream_is_translated_for_an_openai_client_and_counted_natively() {
+    let body = br#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Say hello"}]}"#;
+    let (mut l, mut lh, uh) = stream_answered(body, "anthropic", 2);
     assert_eq!(
         uh.get(Map::RequestHeaders, ":path").as_deref(),
         Some("/v1/messages")
