@@ -3,6 +3,12 @@
 //! Calibrated against tiktoken's cl100k_base and o200k_base: English prose and code land within
 //! about ±25% of both. Scripts that BPE vocabularies compress poorly are counted per character or
 //! per short run, between what cl100k (more tokens) and o200k (fewer) produce.
+//!
+//! [`text_tokens`] runs over every prompt's text, so it has an ASCII fast path: ASCII characters are
+//! classed by a table lookup per byte (not decoded and looked up in Unicode's tables), and the ASCII
+//! characters that continue a run are taken in a tight loop. On the 16 KiB chat body of
+//! `make profile` this halved the estimate's time in V8. Tests hold it to the character-by-character
+//! estimate for every character and for generated texts.
 
 use std::fmt;
 
@@ -50,41 +56,142 @@ fn run_tokens(class: Class, len: u64, has_newline: bool) -> u64 {
     }
 }
 
+/// What the estimate needs to know of one character.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Char {
+    class: Class,
+    upper: bool,
+    lower: bool,
+    newline: bool,
+}
+
+impl Char {
+    fn of(c: char) -> Char {
+        Char {
+            class: classify(c),
+            upper: c.is_uppercase(),
+            lower: c.is_lowercase(),
+            newline: c == '\n',
+        }
+    }
+}
+
+/// [`Char::of`] for each ASCII byte, None for the bytes that start or continue a longer character
+/// (a test checks it against [`Char::of`]).
+const BYTES: [Option<Char>; 256] = {
+    let mut table = [None; 256];
+    let mut b = 0u8;
+    while b.is_ascii() {
+        let class = match b {
+            b'a'..=b'z' | b'A'..=b'Z' => Class::Latin,
+            b'0'..=b'9' => Class::Digit,
+            // char::is_whitespace's ASCII members (u8::is_ascii_whitespace lacks \x0B).
+            b' ' | b'\t'..=b'\r' => Class::Space,
+            _ => Class::Punct,
+        };
+        table[b as usize] = Some(Char {
+            class,
+            upper: b.is_ascii_uppercase(),
+            lower: b.is_ascii_lowercase(),
+            newline: b == b'\n',
+        });
+        b += 1;
+    }
+    table
+};
+
+/// Runs of characters of one class, counted as they end.
+#[derive(Default)]
+struct Runs {
+    total: u64,
+    /// The current run: its class, length and whether it holds a newline.
+    run: Option<(Class, u64, bool)>,
+    /// The last character was lowercase.
+    prev_lower: bool,
+}
+
+impl Runs {
+    fn push(&mut self, ch: Char) {
+        let joins = match self.run {
+            // A lower→upper change starts a new token in camelCase identifiers.
+            Some((Class::Latin, ..)) if ch.class == Class::Latin => !(self.prev_lower && ch.upper),
+            Some((cur, ..)) => {
+                cur == ch.class && !matches!(ch.class, Class::Ideograph | Class::Emoji)
+            }
+            None => false,
+        };
+        match (&mut self.run, joins) {
+            (Some((_, len, newline)), true) => {
+                *len += 1;
+                *newline |= ch.newline;
+            }
+            _ => {
+                self.end_run();
+                self.run = Some((ch.class, 1, ch.newline));
+            }
+        }
+        self.prev_lower = ch.lower;
+    }
+
+    /// [`Runs::push`] for each of the ASCII characters from `at` on that join the current run, in
+    /// a tighter loop; returns where they end.
+    fn extend_ascii(&mut self, bytes: &[u8], mut at: usize) -> usize {
+        let Some((class, len, newline)) = &mut self.run else {
+            return at;
+        };
+        let from = at;
+        let (mut lower, mut nl) = (self.prev_lower, false);
+        while let Some(ch) = bytes.get(at).and_then(|&b| BYTES[usize::from(b)]) {
+            // The joining rule of `push` for classes that ASCII characters have.
+            if ch.class != *class || (lower && ch.upper) {
+                break;
+            }
+            lower = ch.lower;
+            nl |= ch.newline;
+            at += 1;
+        }
+        *len += (at - from) as u64;
+        *newline |= nl;
+        self.prev_lower = lower;
+        at
+    }
+
+    fn end_run(&mut self) {
+        if let Some((class, len, newline)) = self.run.take() {
+            self.total += run_tokens(class, len, newline);
+        }
+    }
+}
+
 /// Estimated tokens for a piece of text: roughly chars/4 for English, but count CJK and other
 /// non-Latin chars as ~1 token each, digits/punctuation runs sensibly. Never 0 for non-empty text.
 pub fn text_tokens(text: &str) -> u64 {
-    let mut total = 0u64;
-    let mut run: Option<(Class, u64, bool)> = None;
-    let mut prev_lower = false;
-    for c in text.chars() {
-        let class = classify(c);
-        let joins = match run {
-            // A lower→upper change starts a new token in camelCase identifiers.
-            Some((Class::Latin, ..)) if class == Class::Latin => !(prev_lower && c.is_uppercase()),
-            Some((cur, ..)) => cur == class && !matches!(class, Class::Ideograph | Class::Emoji),
-            None => false,
-        };
-        match (&mut run, joins) {
-            (Some((_, len, newline)), true) => {
-                *len += 1;
-                *newline |= c == '\n';
+    let mut runs = Runs::default();
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    while let Some(&b) = bytes.get(at) {
+        let ch = match BYTES[usize::from(b)] {
+            Some(ch) => {
+                at += 1;
+                ch
             }
-            _ => {
-                if let Some((cls, len, nl)) = run {
-                    total += run_tokens(cls, len, nl);
+            // `at` is always at a character's start.
+            None => match text.get(at..).and_then(|rest| rest.chars().next()) {
+                Some(c) => {
+                    at += c.len_utf8();
+                    Char::of(c)
                 }
-                run = Some((class, 1, c == '\n'));
-            }
-        }
-        prev_lower = c.is_lowercase();
+                None => break,
+            },
+        };
+        runs.push(ch);
+        at = runs.extend_ascii(bytes, at);
     }
-    if let Some((cls, len, nl)) = run {
-        total += run_tokens(cls, len, nl);
-    }
-    if total == 0 && !text.is_empty() {
+    runs.end_run();
+    if runs.total == 0 && !text.is_empty() {
         1
     } else {
-        total
+        runs.total
     }
 }
 
@@ -294,5 +401,178 @@ mod tests {
         assert_eq!(text_tokens("a b"), 2);
         assert_eq!(text_tokens("!!!!!!"), 2);
         assert_eq!(text_tokens("你好"), 2);
+    }
+
+    /// The estimator as it was before its ASCII fast path: one character at a time, each classed
+    /// by [`classify`]. Every estimate must stay what this gives.
+    fn text_tokens_by_char(text: &str) -> u64 {
+        let mut total = 0u64;
+        let mut run: Option<(Class, u64, bool)> = None;
+        let mut prev_lower = false;
+        for c in text.chars() {
+            let class = classify(c);
+            let joins = match run {
+                Some((Class::Latin, ..)) if class == Class::Latin => {
+                    !(prev_lower && c.is_uppercase())
+                }
+                Some((cur, ..)) => {
+                    cur == class && !matches!(class, Class::Ideograph | Class::Emoji)
+                }
+                None => false,
+            };
+            match (&mut run, joins) {
+                (Some((_, len, newline)), true) => {
+                    *len += 1;
+                    *newline |= c == '\n';
+                }
+                _ => {
+                    if let Some((cls, len, nl)) = run {
+                        total += run_tokens(cls, len, nl);
+                    }
+                    run = Some((class, 1, c == '\n'));
+                }
+            }
+            prev_lower = c.is_lowercase();
+        }
+        if let Some((cls, len, nl)) = run {
+            total += run_tokens(cls, len, nl);
+        }
+        if total == 0 && !text.is_empty() {
+            1
+        } else {
+            total
+        }
+    }
+
+    #[test]
+    fn the_byte_table_is_the_char_classes() {
+        for b in 0..=u8::MAX {
+            let want = b.is_ascii().then(|| Char::of(char::from(b)));
+            assert_eq!(BYTES[usize::from(b)], want, "byte {b:#04x}");
+        }
+    }
+
+    /// Every character, at the start and the end, repeated, and after and before each ASCII class
+    /// (lowercase, uppercase, digit, punctuation, space, newline) and a non-ASCII letter.
+    #[test]
+    fn fast_path_agrees_with_the_char_path_for_every_character() {
+        let mut text = String::new();
+        for c in (0..=char::MAX as u32).filter_map(char::from_u32) {
+            text.clear();
+            for part in ["", "a", "", "A", "b1", "! ", "\n", "xé", ""] {
+                text.push_str(part);
+                text.push(c);
+            }
+            assert_eq!(text_tokens(&text), text_tokens_by_char(&text), "{text:?}");
+        }
+    }
+
+    /// Random texts mixing camelCase, digits, punctuation, whitespace and non-ASCII of every class.
+    #[test]
+    fn fast_path_agrees_with_the_char_path_on_generated_texts() {
+        const PIECES: &[&str] = &[
+            "a",
+            "z",
+            "A",
+            "Z",
+            "the",
+            "Hello",
+            "camelCase",
+            "XMLHttpRequest",
+            "internationalization",
+            "0",
+            "7",
+            "123",
+            "4567890",
+            ".",
+            "!!",
+            "...",
+            "->",
+            "{\"k\":1}",
+            "_",
+            "'",
+            "`",
+            " ",
+            "  ",
+            "\t",
+            "\n",
+            "\r\n",
+            "\u{b}",
+            "\u{c}",
+            "\u{1f}",
+            "\u{7f}",
+            "\0",
+            "é",
+            "É",
+            "ß",
+            "Ǆ",
+            "ǅ",
+            "ǆ",
+            "ª",
+            "µ",
+            "ŉ",
+            "ȿ",
+            "\u{a0}",
+            "\u{2003}",
+            "\u{3000}",
+            "\u{85}",
+            "\u{2028}",
+            "—",
+            "…",
+            "«",
+            "€",
+            "\u{301}",
+            "\u{200d}",
+            "\u{fe0f}",
+            "αβγ",
+            "Ωμέγα",
+            "Москва",
+            "שלום",
+            "مرحبا",
+            "٣",
+            "٤٥",
+            "ऄ",
+            "你好",
+            "東京",
+            "カタカナ",
+            "한국어",
+            "Ａｂｃ",
+            "１２",
+            "𝔘𝔫𝔦",
+            "😀",
+            "🎉🚀",
+            "👍🏽",
+            "👨\u{200d}👩",
+            "🇫🇷",
+            "\u{1f000}",
+            "\u{10ffff}",
+            "\u{e000}",
+        ];
+        // xorshift64*: reproducible, no dependency.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        let mut text = String::new();
+        for _ in 0..50_000 {
+            text.clear();
+            for _ in 0..next() % 24 {
+                let piece = PIECES[(next() % PIECES.len() as u64) as usize];
+                text.push_str(piece);
+            }
+            assert_eq!(text_tokens(&text), text_tokens_by_char(&text), "{text:?}");
+        }
+        // Long runs cross every grouping (8 letters, 3 digits or punctuation marks).
+        for n in 0..40 {
+            for unit in [
+                "a", "A", "aB", "1", "-", " ", "\n", " \n", "é", "β", "你", "😀",
+            ] {
+                let text = unit.repeat(n);
+                assert_eq!(text_tokens(&text), text_tokens_by_char(&text), "{text:?}");
+            }
+        }
     }
 }
