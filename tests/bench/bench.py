@@ -671,7 +671,7 @@ def rss_phase(p: Proxy, marks: list[int], seconds: float) -> list[tuple[int, int
 # The Wasm features rustc's wasm32-wasip1 target emits. `wasm-opt -all` would let binaryen use any
 # feature it knows, and Envoy 1.40 then refuses the module ("Failed to load Wasm bytecode").
 WASM_OPT_FEATURES = ["--enable-bulk-memory", "--enable-sign-ext", "--enable-nontrapping-float-to-int",
-                     "--enable-mutable-globals"]
+                     "--enable-mutable-globals", "--enable-simd"]
 
 
 def sizes() -> dict[str, object]:
