@@ -106,7 +106,7 @@ run-rotation: build mock venv
 # The module `make bench` compares tollgate against in the same rounds (A/B): built from this commit's
 # sources (git archive) into $(BENCH_PREV_DIR), with its own target dir so that it never touches
 # tollgate's build. Any commit or ref: `make bench BENCH_PREVIOUS=<rev>`.
-BENCH_PREVIOUS  ?= ecc9695
+BENCH_PREVIOUS  ?= 601e406
 BENCH_PREV_DIR  := target/bench-previous
 BENCH_PREV_WASM := $(BENCH_PREV_DIR)/tollgate.wasm
 
