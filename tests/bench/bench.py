@@ -291,7 +291,7 @@ def proxy_configs(upstream_port: int, previous: Path | None = None) -> dict[str,
 
     out = {"tollgate": make(), "bare": make(), "empty": make(), "unmetered": make(unmetered_plugin())}
     if previous:
-        out["previous"] = make(previous_plugin(PLUGIN))
+        out["previous"] = make(previous_plugin(PLUGIN, Path(previous)))
     code = {"empty": EMPTY_WASM, "previous": previous}
     for name, cfg in out.items():
         for filters in wasm_filter_lists(cfg):
@@ -304,11 +304,13 @@ def proxy_configs(upstream_port: int, previous: Path | None = None) -> dict[str,
     return out
 
 
-def previous_plugin(plugin: dict) -> dict:
-    """tollgate's configuration in the schema of the previous module (ecc9695, before serde), which
-    refuses unknown fields: the status endpoint was a top-level `status_path` string, and there was no
-    `default_price`. Anything else the old module refuses shows at load time (the variant is then
-    skipped, with Envoy's reason)."""
+def previous_plugin(plugin: dict, module: Path) -> dict:
+    """tollgate's configuration in the schema of the previous module. Modules from before the serde
+    configuration (e.g. ecc9695) refuse unknown fields and had a top-level `status_path` string and no
+    `default_price`; they are told apart by the field name `admin_key_env`, which every module since
+    carries. Anything else the old module refuses shows at load time."""
+    if b"admin_key_env" in module.read_bytes():
+        return copy.deepcopy(plugin)
     old = copy.deepcopy(plugin)
     status = old.pop("status", None)
     if isinstance(status, dict) and "path" in status:
@@ -1026,8 +1028,8 @@ def previous_section(run) -> list[str]:
         return []
     out = ["## Previous module against tollgate (A/B)", "",
            f"The previous module (`{a.previous_label}`: `{shown(a.previous)}`) loaded exactly where tollgate's two "
-           "filters are, with tollgate's configuration in its schema (`status_path` for `status.path`, no "
-           "`default_price`), in the same cells and rounds as bare and tollgate, the order rotating per round. "
+           "filters are, with tollgate's configuration in its schema (for modules before the serde configuration: "
+           "`status_path` for `status.path`, no `default_price`), in the same cells and rounds as bare and tollgate, the order rotating per round. "
            "*tollgate − previous* is tollgate's CPU per request minus the previous module's in the same round, "
            "and *rps tollgate/previous* their ratio in the same round (medians over the rounds): negative CPU "
            "and a ratio above 1 mean tollgate got cheaper.", ""]
