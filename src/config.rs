@@ -226,6 +226,9 @@ pub struct Config {
     pub status: Option<StatusConfig>,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
     pub warnings: Vec<String>,
+    /// Derived from `providers` once, at parse: both are asked on every request.
+    sds_keys: bool,
+    prompt_affinity: bool,
 }
 
 pub const ANONYMOUS: &str = "anonymous";
@@ -269,10 +272,7 @@ impl Config {
 
     /// Whether any key's secret is one Envoy keeps (`sds`).
     pub fn has_sds_keys(&self) -> bool {
-        self.providers
-            .iter()
-            .flat_map(|p| &p.keys)
-            .any(|k| matches!(k.source, KeySecret::Sds(_)))
+        self.sds_keys
     }
 
     /// Models named anywhere in the config: the only model names used in shared-data keys and
@@ -290,9 +290,7 @@ impl Config {
 
     /// Whether a provider rotates by prompt affinity (the listener then hashes leading prompts).
     pub fn prompt_affinity(&self) -> bool {
-        self.providers
-            .iter()
-            .any(|p| p.rotation == Rotation::PromptAffinity)
+        self.prompt_affinity
     }
 
     /// The model's price, else `default_price`.
@@ -699,7 +697,16 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
     }
     let status = raw.status.map(|Object(s)| status(s, env)).transpose()?;
 
+    let sds_keys = providers
+        .iter()
+        .flat_map(|p| &p.keys)
+        .any(|k| matches!(k.source, KeySecret::Sds(_)));
+    let prompt_affinity = providers
+        .iter()
+        .any(|p| p.rotation == Rotation::PromptAffinity);
     Ok(Config {
+        sds_keys,
+        prompt_affinity,
         consumers,
         providers,
         health,
