@@ -1,0 +1,192 @@
+//! Admission: the listener role's decision before any attempt exists, as a walk over small steps.
+//!
+//! Each step is one policy in its own file, with its own tests against the fake host. A step reads
+//! what earlier steps decided from [`Admission`], adds its own decision to it, and either lets the
+//! request go on or stops it ([`Stop`]). The walk ([`walk`]) is the one place that says in which
+//! order they run:
+//!
+//! 1. [`model`]: the model the client named, and the name it goes by in metrics;
+//! 2. [`route`]: the provider the request starts on (the first that serves the model and can take
+//!    it now), and whether the request can be sent there as the client wrote it;
+//! 3. [`quota`]: the consumer's budgets, reserved against the request's estimate.
+//!
+//! The consumer ([`consumer`]) is known earlier, from the request headers alone, and is an input
+//! of the walk. A step that is not configured returns at once: no host call, no shared-data read.
+//! A step that takes something a later step's refusal must give back (a reservation, a slot) says
+//! so in [`release`], which the walk calls when it stops.
+
+pub mod consumer;
+pub mod model;
+pub mod quota;
+pub mod route;
+
+use crate::api::errors::{ClientApi, ErrorKind};
+use crate::api::request::RequestInfo;
+use crate::config::Config;
+use crate::count::usage::ApiKind;
+use crate::failover::health::ProviderHealth;
+use crate::host::Host;
+use crate::limit::quota::{Reservation, Standing};
+
+/// What every step may read of the request: fixed before the walk starts.
+pub struct Incoming<'a> {
+    pub cfg: &'a Config,
+    pub api: ApiKind,
+    pub client: ClientApi,
+    /// The request's arrival (ms): every step judges by the same instant.
+    pub now: u64,
+    /// The body as the client sent it; None when the request has none.
+    pub body: Option<&'a [u8]>,
+}
+
+/// What the steps decided so far. The listener keeps it for the answer and the charge.
+#[derive(Debug, Default)]
+pub struct Admission {
+    pub consumer: String,
+    pub info: RequestInfo,
+    /// The model the client named ("" when none).
+    pub model: String,
+    /// The model as metrics and shared-data keys name it: a configured model, "other" or "none".
+    pub model_label: String,
+    /// The provider the request starts on (config order), and its health as read when choosing it:
+    /// the first attempt chooses its key from that reading instead of reading it again.
+    pub start: usize,
+    pub start_health: Option<ProviderHealth>,
+    /// The body as it goes on, when a step changed it.
+    pub rewritten: Option<Vec<u8>>,
+    /// Admitted against the consumer's budgets: the answer is charged.
+    pub metered: bool,
+    pub reservations: Vec<Reservation>,
+    pub standings: Vec<Standing>,
+    /// The standings as rate-limit headers in the client API's dialect.
+    pub rate_limits: Vec<(&'static str, String)>,
+}
+
+impl Admission {
+    /// The body as it stands: as a step rewrote it, else as the client sent it.
+    pub fn body<'a>(&'a self, incoming: &Incoming<'a>) -> Option<&'a [u8]> {
+        self.rewritten.as_deref().or(incoming.body)
+    }
+}
+
+/// Why the walk ended before the request could go on. (Answering from a cache and holding a
+/// request until there is capacity are stops too: they come here as variants of their own.)
+#[derive(Debug)]
+pub enum Stop {
+    /// Answered with an error in the client API's shape.
+    Refuse(Refusal),
+}
+
+/// A local error answer, counted by outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// OpenAI's `error.code`.
+    pub code: Option<&'static str>,
+    /// OpenAI's `error.type` where it is not the kind's own (a 429 names the exhausted limit).
+    pub openai_type: Option<&'static str>,
+    pub headers: Vec<(&'static str, String)>,
+    /// The `tollgate.outcome.<outcome>.requests` counter it adds to.
+    pub outcome: &'static str,
+}
+
+impl Refusal {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let outcome = match kind {
+            ErrorKind::Authentication => "rejected_auth",
+            ErrorKind::RateLimit => "rejected_quota",
+            ErrorKind::RequestTooLarge | ErrorKind::InvalidRequest => "rejected_invalid",
+            _ => "rejected_other",
+        };
+        Refusal {
+            kind,
+            message: message.into(),
+            code: None,
+            openai_type: None,
+            headers: Vec::new(),
+            outcome,
+        }
+    }
+
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn openai_type(mut self, kind: &'static str) -> Self {
+        self.openai_type = Some(kind);
+        self
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn outcome(mut self, outcome: &'static str) -> Self {
+        self.outcome = outcome;
+        self
+    }
+}
+
+impl From<Refusal> for Stop {
+    fn from(r: Refusal) -> Self {
+        Stop::Refuse(r)
+    }
+}
+
+/// Every step, in order. `adm.consumer` and `adm.info` are filled in before (from the headers and
+/// the body).
+pub fn walk<H: Host>(
+    host: &mut H,
+    incoming: &Incoming<'_>,
+    adm: &mut Admission,
+) -> Result<(), Stop> {
+    let walked = (|| {
+        model::check(incoming, adm)?;
+        route::check(host, incoming, adm)?;
+        quota::check(host, incoming, adm)?;
+        Ok(())
+    })();
+    if walked.is_err() {
+        release(host, adm);
+    }
+    walked
+}
+
+/// Gives back what steps took for a request that will not go on. The quota step runs last, so
+/// nothing it reserved is ever given back here: today there is nothing to release.
+fn release<H: Host>(_host: &mut H, _adm: &mut Admission) {}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A configuration and an incoming request for the steps' own tests.
+    use super::*;
+    use crate::config::parse;
+
+    pub fn config(json: &str) -> Config {
+        parse(json.as_bytes(), &|_| Some("sk-secret".to_string())).unwrap()
+    }
+
+    pub fn incoming<'a>(cfg: &'a Config, body: &'a [u8]) -> Incoming<'a> {
+        Incoming {
+            cfg,
+            api: ApiKind::ChatCompletions,
+            client: ClientApi::OpenAi,
+            now: 1_000_000,
+            body: Some(body),
+        }
+    }
+
+    /// An admission whose model and prompt were read from `body` as the listener reads them.
+    pub fn admission(consumer: &str, body: &[u8]) -> Admission {
+        let info = crate::api::request::inspect(ApiKind::ChatCompletions, body).unwrap_or_default();
+        Admission {
+            consumer: consumer.to_string(),
+            model: info.model.clone().unwrap_or_default(),
+            info,
+            ..Admission::default()
+        }
+    }
+}

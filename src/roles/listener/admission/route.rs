@@ -1,0 +1,154 @@
+//! Where the request starts: the first provider, in failover order, that serves its model and can
+//! take it now ([`crate::failover::route`]); and whether the request can be sent there as the client
+//! wrote it (a request that would need translating, but cannot be, is refused here with the field
+//! named, before any attempt leaves).
+
+use super::{Admission, Incoming, Refusal, Stop};
+use crate::api::errors::ErrorKind;
+use crate::failover::rewrite::{self, Translation};
+use crate::failover::route::{self, Start};
+use crate::failover::translate;
+use crate::host::prof::span;
+use crate::host::Host;
+
+pub fn check<H: Host>(
+    host: &mut H,
+    incoming: &Incoming<'_>,
+    adm: &mut Admission,
+) -> Result<(), Stop> {
+    let routing = span("listener route");
+    let (start, health) =
+        route::start_reading(host.store(), incoming.cfg, &adm.model, incoming.now);
+    drop(routing);
+    match start {
+        Start::Provider(i) => {
+            adm.start = i;
+            adm.start_health = health;
+        }
+        Start::NotServed => {
+            let msg = format!("The model '{}' is not served by this gateway.", adm.model);
+            return Err(Refusal::new(ErrorKind::InvalidRequest, msg)
+                .code("model_not_found")
+                .into());
+        }
+        Start::Exhausted { retry_after_secs } => {
+            let msg = format!(
+                "Every provider key that can serve this request is cooling down after provider rate limits or failures. Please try again in {retry_after_secs}s."
+            );
+            return Err(Refusal::new(ErrorKind::RateLimit, msg)
+                .code("provider_keys_exhausted")
+                .header("retry-after", retry_after_secs.to_string())
+                .outcome("exhausted")
+                .into());
+        }
+    }
+    if let Some(body) = incoming.body {
+        translatable(incoming, adm, body)?;
+    }
+    Ok(())
+}
+
+fn translatable(incoming: &Incoming<'_>, adm: &Admission, body: &[u8]) -> Result<(), Refusal> {
+    let Some(p) = incoming.cfg.providers.get(adm.start) else {
+        return Ok(());
+    };
+    let model = p.map_model(&adm.model).unwrap_or("");
+    let result = match rewrite::translation(incoming.api, p.kind) {
+        Ok(Translation::ChatToMessages) => {
+            translate::chat_request_to_messages(body, model, incoming.cfg.default_max_tokens)
+                .map(|_| ())
+        }
+        Ok(Translation::MessagesToChat) => {
+            translate::messages_request_to_chat(body, model).map(|_| ())
+        }
+        Ok(Translation::None) => Ok(()),
+        Err(msg) => {
+            return Err(Refusal::new(ErrorKind::InvalidRequest, msg).code("unsupported_api"))
+        }
+    };
+    result.map_err(|e| {
+        Refusal::new(ErrorKind::InvalidRequest, e.to_string()).code("untranslatable_request")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{admission, config, incoming};
+    use super::*;
+    use crate::failover::health::{cool_key, CooldownReason};
+    use crate::host::fake::FakeHost;
+    use crate::store::FakeStore;
+    use std::rc::Rc;
+
+    const CFG: &str = r#"{"providers":[
+        {"name":"oa","type":"openai","keys":[{"id":"k","env":"K"}],"models":{"gpt-4o":"gpt-4o"}},
+        {"name":"an","type":"anthropic","keys":[{"id":"a","env":"K"}],"models":{"gpt-4o":"claude","claude":"claude"}}]}"#;
+    const GPT: &[u8] = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}]}"#;
+
+    fn walk_route(
+        h: &mut FakeHost,
+        cfg: &crate::config::Config,
+        body: &[u8],
+    ) -> (Result<(), Stop>, Admission) {
+        let mut adm = admission("c", body);
+        adm.model = adm.info.model.clone().unwrap_or_default();
+        let r = check(h, &incoming(cfg, body), &mut adm);
+        (r, adm)
+    }
+
+    #[test]
+    fn starts_on_the_first_provider_that_can_take_it() {
+        let cfg = config(CFG);
+        let store = Rc::new(FakeStore::new());
+        let mut h = FakeHost::new(store.clone());
+        let (r, adm) = walk_route(&mut h, &cfg, GPT);
+        assert!(r.is_ok());
+        assert_eq!(adm.start, 0);
+        assert!(
+            adm.start_health.is_some(),
+            "the attempt reuses this reading"
+        );
+        cool_key(
+            &*store,
+            &cfg.providers[0],
+            0,
+            2_000_000,
+            CooldownReason::RateLimited,
+        )
+        .unwrap();
+        let (r, adm) = walk_route(&mut h, &cfg, GPT);
+        assert!(r.is_ok());
+        assert_eq!(adm.start, 1, "steered past the cooling provider");
+    }
+
+    #[test]
+    fn an_unserved_model_and_an_exhausted_pool_are_refused_with_their_reasons() {
+        let cfg = config(CFG);
+        let store = Rc::new(FakeStore::new());
+        let mut h = FakeHost::new(store.clone());
+        let body = br#"{"model":"nobody","messages":[{"role":"user","content":"x"}]}"#;
+        let Err(Stop::Refuse(r)) = walk_route(&mut h, &cfg, body).0 else {
+            panic!("not refused")
+        };
+        assert_eq!(
+            (r.kind, r.code),
+            (ErrorKind::InvalidRequest, Some("model_not_found"))
+        );
+        for p in 0..2 {
+            cool_key(
+                &*store,
+                &cfg.providers[p],
+                0,
+                1_030_000,
+                CooldownReason::RateLimited,
+            )
+            .unwrap();
+        }
+        let Err(Stop::Refuse(r)) = walk_route(&mut h, &cfg, GPT).0 else {
+            panic!("not refused")
+        };
+        assert_eq!(r.kind, ErrorKind::RateLimit);
+        assert_eq!(r.outcome, "exhausted");
+        assert_eq!(r.headers, vec![("retry-after", "30".to_string())]);
+    }
+}
