@@ -1,5 +1,5 @@
 """`make bench`: what tollgate costs, measured against bare Envoy and an empty module in the same run,
-judged against issue #15's goals.
+judged against its cost goals.
 
 Envoys of the same binary, one worker each: a `direct_response` upstream (buffer filter before its
 router, so the proxies in front keep their upstream connections) and the proxies under test, all
@@ -9,14 +9,14 @@ built by tests/e2e/harness.gateway_config:
 - tollgate: tollgate's full pipeline, the consumer's budget kept locally (tollgate's own limits);
 - empty: an empty proxy-wasm module (tests/bench/empty-filter) where tollgate's two filters are, same
   vm_config apart from the code: the floor any proxy-wasm filter pays on Envoy's V8, against which
-  issue #15 judges tollgate in every cell;
+  the cost goals judge tollgate in every cell;
 - unmetered: tollgate without the consumer's limits, against which both budgets are costed;
-- previous (`--previous PATH`, issue #14): tollgate's variant with another module file, the one
+- previous (`--previous PATH`): tollgate's variant with another module file, the one
   `make bench` builds from BENCH_PREVIOUS, its configuration adapted to that module's schema
   (previous_plugin): what changed since then, A/B in the same rounds and cells as tollgate;
 - fleet: tollgate without local limits + Envoy's global `ratelimit` filter as envoy/fleet.yaml has it
   (check before the request, hits_addend charge on stream done), talking gRPC to tests/rls-server
-  with its counters in a loopback redis-server: the fleet-wide budget (issue #9).
+  with its counters in a loopback redis-server: the fleet-wide budget.
 
 wrk loads them in interleaved rounds; the figures are per-round ratios and differences, never
 single absolute numbers (2 cores shared by everything). Cells: 1/16/64 connections, streaming (200
@@ -103,7 +103,7 @@ BODY = compact(CHAT)
 # No stream_options: tollgate must add include_usage upstream and strip the usage chunk again.
 STREAM_BODY = compact({**CHAT, "stream": True})
 
-# Issue #15's long-conversation case: a chat that has gone on for a while, many turns of ordinary
+# The cost goals' long-conversation case: a chat that has gone on for a while, many turns of ordinary
 # prose, 16 KiB of compact JSON like the small body.
 BIG_BYTES = 16 * 1024
 TURNS = (
@@ -760,7 +760,7 @@ def build_empty() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Host calls per request (issue #15; `make profile` prints the same): the module built with the
+# Host calls per request (`make profile` prints the same): the module built with the
 # `profile` feature (src/host/prof.rs) counts every host call and callback inside the VM and logs the
 # averages per request every 1,000 requests, from the listener's on_log.
 
@@ -1022,7 +1022,7 @@ def shown(path: Path) -> str:
 
 
 def previous_section(run) -> list[str]:
-    """previous against tollgate (issue #14): nothing unless `--previous` was given."""
+    """previous against tollgate: nothing unless `--previous` was given."""
     a = run.a
     if not a.previous:
         return []
@@ -1064,7 +1064,7 @@ def fleet_section(run) -> list[str]:
     out = ["## Budgets: what a local and a fleet-wide budget cost per request", "",
            "The same consumer, with no budget (*unmetered*: tollgate without limits), with its budget kept "
            "locally (*local*: the tollgate proxy, a `requests` and a `total_tokens` limit in Envoy shared data) "
-           "and kept fleet-wide (*fleet*, issue #9, `deploy/fleet/README.md`): tollgate without local limits "
+           "and kept fleet-wide (*fleet*, `deploy/fleet/README.md`): tollgate without local limits "
            "plus Envoy's `envoy.filters.http.ratelimit` exactly as `envoy/fleet.yaml` has it (filter, "
            "per-route descriptors and `rls` cluster read from that file): a check before every request "
            "(`hits_addend` 0, on the request path) and a charge of `wasm.tollgate_total_tokens` when the "
@@ -1153,7 +1153,7 @@ def commit_of() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue #15's goals (its "Goals" list; BENCHMARKS.md judges them, no test does)
+# The cost goals (BENCHMARKS.md judges them, no test does)
 
 GOAL_RPS = 0.85  # tollgate's rps over the empty module's, same rounds, every cell
 GOAL_CPU = {False: 40, True: 80}  # µs above the empty module: per non-streamed request, per 200-event stream
@@ -1220,8 +1220,8 @@ def issue15_goals(run) -> list[tuple[str, dict[Cell, tuple[str, bool | None, boo
 def goals_section(run) -> list[str]:
     goals = issue15_goals(run)
     cols = list(run.plan)
-    out = ["## Goals (issue #15)", "",
-           "One row per goal of issue #15, judged in each cell it applies to (`·`: does not apply); the last "
+    out = ["## Cost goals", "",
+           "One row per cost goal, judged in each cell it applies to (`·`: does not apply); the last "
            "column says whether every cell met it. Figures are medians over the rounds of tollgate against the "
            "empty module in the same round (see *Floor*), and the profiling module's host calls (see *Host calls*).", "",
            "| goal | " + " | ".join(short_of(c) for c in cols) + " | every cell |",
@@ -1248,7 +1248,7 @@ def goals_section(run) -> list[str]:
             "- Host calls are counted once per kind of request and shown in every cell of that kind: the count does "
             "not depend on the connection count. Per SSE event: from two streams whose events arrive one by one (see "
             "*Host calls*), not from the benchmark's streams, which arrive at once.",
-            "- Issue #15's last goal (nothing given up: admission exact and global, totals exact to the token, every "
+            "- The last cost goal (nothing given up: admission exact and global, totals exact to the token, every "
             "metric, header and access-log value) is `make soak`'s and the e2e suite's, not measured here.", ""]
     return out
 
@@ -1441,7 +1441,7 @@ def read_report(path: Path) -> dict | str:
 
 
 def committed_in(path: Path) -> str:
-    """For a report that does not name its commit (those before issue #15's): the commit that last
+    """For a report that does not name its commit (the earliest ones): the commit that last
     changed the file, if it has not changed since."""
     if sh("git", "-C", str(ROOT), "status", "--porcelain", "--", str(path)):
         return "not recorded (the file has uncommitted changes)"
@@ -1517,7 +1517,7 @@ def report(run) -> str:
     ran = [n for n in VARIANTS if any(n in names for names in run.plan.values())]
     head = ["# Benchmarks", "",
             "What tollgate costs, measured against bare Envoy and an empty proxy-wasm module (the floor any "
-            "Wasm filter pays) in the same run, judged against issue #15's goals, with its host calls per request, "
+            "Wasm filter pays) in the same run, judged against its cost goals, with its host calls per request, "
             "a 16 KiB request body, the cost of local and fleet-wide budgets and the previous run's figures for "
             "comparison. Written by `make bench` (`tests/bench/bench.py`); rerun it to replace these figures.", "",
             f"- date: {run.started:%Y-%m-%d %H:%M} UTC, run took {run.elapsed / 60:.1f} min",
@@ -1610,7 +1610,7 @@ def report(run) -> str:
               f"CPU/req x{m['cpu']:.2f} ({m['cpu_add']:+.0f} µs)" + (f"  bytes/s {m['bps']:.3f}" if stream else ""))
     perf += [""] + tables
 
-    # Issue #7's goals that still say something, kept for information below #15's.
+    # Earlier goals that still say something, kept for information below the cost goals.
     goals = []
     ns = [(c.conns, m) for c, m in summary if not c.stream and not c.big]
     st = [(c.conns, m) for c, m in summary if c.stream]
@@ -1665,7 +1665,7 @@ def report(run) -> str:
     module.append("")
 
     goal_lines = goals_section(run) + [
-        "### Other figures: issue #7's goals, kept for information (not issue #15's goals)", "",
+        "### Other figures: earlier goals, kept for information (not the cost goals)", "",
         "| goal | measured | |", "|---|---|---|"]
     goals.append(("every request answered 200 by every proxy", f"errors: {err_text}", not any(errs.values()), False))
     goal_lines += [f"| {g} | {v} | {yes(ok, invalid)} |" for g, v, ok, invalid in goals] + [""]

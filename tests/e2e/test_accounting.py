@@ -174,7 +174,7 @@ def test_anthropic_sdk_stream(gateway, mocks):
     assert u["output_tokens"] == 3 and u["input_tokens"] == final.usage.input_tokens
 
 
-# ---------------------------------------------------------------- issue #14
+# ---------------------------------------------------------------- defects found by trying it as a new user
 
 def logged_tokens(line: str) -> tuple[int, int]:
     return int(re.search(r" in=(\d+)", line).group(1)), int(re.search(r" out=(\d+)", line).group(1))

@@ -219,7 +219,7 @@ def test_each_attempt_starts_from_the_clients_request(gateway, mocks):
     assert b.requests()[-1]["path"] == "/v1/messages"
 
 
-# ---------------------------------------------------------------- issue #14
+# ---------------------------------------------------------------- defects found by trying it as a new user
 
 @pytest.mark.parametrize("source", ["env", "sds"])
 def test_provider_never_sees_client_tollgate_headers_nor_the_trusted_consumer_header(gateway, mocks, tmp_path, source):

@@ -617,7 +617,7 @@ def test_debug_lines_follow_envoys_log_level_changed_at_runtime(gateway):
         "the debug level set at runtime never reached the module"
 
 
-# ---------------------------------------------------------------- issue #14
+# ---------------------------------------------------------------- defects found by trying it as a new user
 # These gateways have no status endpoint: the checks read what the client, the mock and Envoy's log saw.
 
 TRAP = re.compile(r"panicked|Function: \S+ failed|wasm trap|Uncaught \w*Error|VM (?:crashed|failed)")

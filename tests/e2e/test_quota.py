@@ -162,7 +162,7 @@ def test_model_limit_is_narrower_than_the_consumer_limit(gateway, mocks):
     assert chat(gw.port, key=TEAM_A, model="gpt-4o-mini").status == 200
 
 
-# ---------------------------------------------------------------- issue #14
+# ---------------------------------------------------------------- defects found by trying it as a new user
 
 COST_LIMIT = [{"metric": "cost_usd", "amount": 0.01, "window": "1h"}]
 PRICED = {"gpt-4o-mini": {"input": 10.0, "output": 30.0}}

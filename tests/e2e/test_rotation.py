@@ -1,4 +1,4 @@
-"""Issue #16: keys change under steady traffic, by changing files only, with secrets Envoy keeps.
+"""Keys change under steady traffic, by changing files only, with secrets Envoy keeps.
 
 One real Envoy whose listeners and clusters come from files (FileConfigGateway) and whose provider
 keys are `sds` keys: Envoy injects each key's secret (composite + credential_injector per secret,
@@ -23,7 +23,7 @@ from harness import (Envoy, FileConfigGateway, chat, free_port, gateway_config, 
 
 A_OLD, A_NEW = "sk-rot-a-OLD-51c7e0", "sk-rot-a-NEW-9d24b8"
 SECRET = {"b": "sk-rot-b-3f8a61", "c": "sk-rot-c-7be215", "d": "sk-rot-d-c40d9f", "e": "sk-rot-e-28e6b3"}
-# A change must reach the provider within this many seconds (issue #16).
+# A change must reach the provider within this many seconds.
 WITHIN_S = 5
 # An attempt that had already chosen a key when a change was applied still reaches the provider: the
 # mock answers at once, so such attempts end well within this.
