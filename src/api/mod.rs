@@ -1,4 +1,5 @@
 //! The client APIs' shapes: what a request asks for, and errors in the client's own dialect.
+pub mod envoy_reply;
 pub mod errors;
 pub mod headers;
 pub mod request;

@@ -597,6 +597,43 @@ fn rate_limit_headers_come_with_the_attempts_write_or_the_listeners() {
     assert_eq!(lh.header_writes, 1);
 }
 
+/// Envoy refuses a body over its buffer limit while the listener still holds it (before tollgate saw
+/// it whole), with a plain-text 413 that passes through the listener's response callbacks: the client
+/// gets its API's 413, and the refusal is counted once, as tollgate's own would be.
+#[test]
+fn envoys_413_for_a_body_over_its_buffer_limit_reaches_the_client_in_its_shape() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let key = [("x-api-key", TEAM_A_KEY.as_bytes())];
+    for (path, shape) in [
+        ("/v1/chat/completions", "/error/code"),
+        ("/v1/messages", "/error/type"),
+    ] {
+        let mut lh = client(&store, path, &key, CHAT);
+        let mut l = Listener::new(cfg.clone());
+        assert_eq!(l.on_request_headers(&mut lh, false), Flow::Pause);
+        assert_eq!(l.on_request_body(&mut lh, CHAT.len(), false), Flow::Pause);
+        let mut envoy = FakeHost::new(store.clone());
+        envoy.set_response(413, &[("content-type", "text/plain")], b"Payload Too Large");
+        let before = lh.counter("tollgate.outcome.rejected_invalid.requests");
+        let body = answer(&mut l, &mut lh, &envoy, &[b"Payload Too Large"]);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v.pointer(shape).unwrap(),
+            "request_too_large",
+            "{path}: {v}"
+        );
+        assert_eq!(
+            lh.get(Map::ResponseHeaders, "content-type").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(
+            lh.counter("tollgate.outcome.rejected_invalid.requests") - before,
+            1
+        );
+    }
+}
+
 #[test]
 fn a_token_limit_refusal_says_tokens_and_a_request_limit_says_requests() {
     // team-b has 50 tokens a minute: the first request runs the bucket into debt, the next waits.

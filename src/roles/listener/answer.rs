@@ -4,6 +4,7 @@
 //! and, on the way, the provider's own usage read for the charge ([`super::charge`]).
 
 use super::{Flow, Listener};
+use crate::api::envoy_reply;
 use crate::api::errors::{error_body, ErrorKind};
 use crate::api::headers;
 use crate::api::splice;
@@ -114,13 +115,13 @@ impl Listener {
             .answering_provider()
             .and_then(|p| rewrite::translation(self.api, p.kind).ok())
             .unwrap_or(Translation::None);
-        if self.ans.status >= 500
+        if envoy_reply::reshapes(self.ans.status)
             && self.ans.provider.is_empty()
             && content_type.starts_with("text/plain")
             && !end_of_stream
         {
-            // Envoy's own answer (upstream timeout, no healthy upstream, reset): in the client's
-            // error shape like every other error.
+            // Envoy's own answer (body over its buffer limit, upstream timeout, no healthy upstream,
+            // reset): in the client's error shape like every other error.
             self.ans.envoy_error = Some(Vec::new());
             map.set("content-type", "application/json");
             map.remove("content-length");
@@ -171,19 +172,12 @@ impl Listener {
                 return Flow::Pause;
             }
             let detail = String::from_utf8_lossy(text).trim().to_string();
-            let kind = if self.ans.status == 503 {
-                ErrorKind::Overloaded
-            } else {
-                ErrorKind::BadGateway
-            };
-            let body = error_body(
-                self.client,
-                kind,
-                &format!("The gateway could not get an answer from the provider: {detail}."),
-                None,
-                None,
-            );
+            let body = envoy_reply::client_body(self.client, self.ans.status, &detail);
             host.set_body(Body::Response, size, &body);
+            if !self.decided {
+                // Refused by Envoy before tollgate decided: a body over Envoy's buffer limit.
+                host.count("tollgate.outcome.rejected_invalid.requests", 1);
+            }
             self.ans.response_complete = true;
             self.charge(host, false);
             return Flow::Continue;
