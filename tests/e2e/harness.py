@@ -37,6 +37,11 @@ ACCESS_LOG_FORMAT = (
 )
 
 
+# Envoy's buffer limits in the shipped configurations (envoy/demo.yaml): the listener's per-request
+# buffer while tollgate holds a body, and the router's retry buffer, twice tollgate's default
+# max_request_bytes (4 MiB), so that tollgate, not Envoy, judges a body's size.
+BUFFER_LIMIT = 8 << 20
+
 # tollgate flushes each worker's metrics and usage totals every 200 ms (src/host/tally.rs): a test
 # that reads them right after its requests waits this long first.
 TICK_WAIT = 0.3
@@ -222,6 +227,7 @@ def gateway_config(
     per_try_timeout: str = "30s",
     upstream_filter: bool = True,
     secrets_dir: str | Path | None = None,
+    buffer_limit: int | None = BUFFER_LIMIT,
 ) -> dict:
     """endpoints: [{"provider": name, "port": p, "priority": n}], priority = failover order.
 
@@ -232,6 +238,9 @@ def gateway_config(
     secrets_dir: every cluster gets the credential filters for the plugin's `sds` keys, their
     secrets read from files in that directory (write them with write_secret first: Envoy refuses a
     cluster whose SDS file does not exist).
+
+    buffer_limit: the listener's per_connection_buffer_limit_bytes and the virtual host's
+    request_body_buffer_limit, as the shipped configurations set them; None leaves Envoy's defaults.
     """
     order = sorted({e.get("priority", 0) for e in endpoints})
 
@@ -293,6 +302,7 @@ def gateway_config(
                 {
                     "name": "gw",
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
+                    **({"per_connection_buffer_limit_bytes": buffer_limit} if buffer_limit else {}),
                     "filter_chains": [
                         {
                             "filters": [
@@ -316,6 +326,7 @@ def gateway_config(
                                         "route_config": {
                                             "virtual_hosts": [
                                                 {"name": "all", "domains": ["*"],
+                                                 **({"request_body_buffer_limit": buffer_limit} if buffer_limit else {}),
                                                  "routes": [{"match": m, "route": route_action(c)} for m, c in routes]}
                                             ]
                                         },

@@ -12,6 +12,9 @@
 - the Grafana provisioning and dashboard; every panel's PromQL names metrics, labels and label values
   that a real Envoy running tollgate exports after tests/demo_traffic.py, and (with a local Prometheus)
   every panel shows non-zero data;
+- every shipped configuration lets Envoy buffer a body of tollgate's max_request_bytes: the listener's
+  buffer (while the listener role holds the body) and the router's retry buffer (replayed to the next key
+  or provider); on Istio and Envoy Gateway, shown necessary against what the control plane sets by default;
 - the Istio and Envoy Gateway manifests against their CRD schemas (tests/schemas/README.md), consistent
   with each other, and the Envoy configuration each control plane would generate from them (the patches
   applied to a listener and clusters of the shape it generates) passes
@@ -185,6 +188,36 @@ def assert_roles_decide_first_and_reload(node) -> None:
     assert len({c["vm_config"].get("vm_id", "") for c in every}) == 1
     assert len({json.dumps(c["vm_config"]["code"], sort_keys=True) for c in every}) == 1
     assert len({json.dumps(json.loads(c["configuration"]["value"]), sort_keys=True) for c in every}) == 1
+
+
+ENVOY_DEFAULT_BUFFER = 1 << 20  # a listener's per_connection_buffer_limit_bytes when unset
+
+
+def http_connection_managers(listener: dict) -> list[dict]:
+    chains = listener.get("filter_chains", []) + ([listener["default_filter_chain"]] if "default_filter_chain" in listener else [])
+    return [f["typed_config"] for c in chains for f in c["filters"] if f["name"] == HCM]
+
+
+def assert_buffers_take_max_request(cfg: dict) -> None:
+    """Envoy's buffers take every body tollgate admits: the listener's (what Envoy buffers while the
+    listener role holds a body) and, for every route, the router's retry buffer (the route's or virtual
+    host's request_body_buffer_limit, else the listener's), each over tollgate's max_request_bytes.
+    Otherwise Envoy refuses a long prompt with 413 before tollgate reads it, or a 429 is not retried."""
+    max_request = json.loads(wasm_configs(cfg)[0]["configuration"]["value"]).get("max_request_bytes", 4 << 20)
+    checked = 0
+    for listener in cfg["static_resources"]["listeners"]:
+        hcms = [h for h in http_connection_managers(listener) if "tollgate.listener" in roles(h["http_filters"])]
+        if not hcms:
+            continue
+        own = listener.get("per_connection_buffer_limit_bytes", ENVOY_DEFAULT_BUFFER)
+        assert own > max_request, f"{listener['name']}: per_connection_buffer_limit_bytes {own} <= {max_request}"
+        for h in hcms:
+            for vh in h["route_config"]["virtual_hosts"]:
+                for r in vh["routes"]:
+                    retry = r.get("request_body_buffer_limit", vh.get("request_body_buffer_limit", own))
+                    assert retry > max_request, f"{vh['name']} {r['match']}: retry buffer {retry} <= {max_request}"
+                    checked += 1
+    assert checked, "no route behind tollgate's listener role"
 
 
 def host_env(node) -> dict[str, str]:
@@ -666,6 +699,7 @@ SHIPPED_ENVOY_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "envoy"
 def test_shipped_envoy_config_decides_before_the_first_attempt_and_passes_envoy_validate(rel, tmp_path):
     cfg = load(rel)
     assert_roles_decide_first_and_reload(cfg)
+    assert_buffers_take_max_request(cfg)
     replace_filenames(cfg, str(WASM))
     rc, out = envoy_validate(cfg, host_env(cfg), tmp_path)
     assert rc == 0 and "OK" in out, out[-3000:]
@@ -688,6 +722,7 @@ def rotation_static(base: Path = ROOT) -> dict:
 def test_rotation_example_passes_envoy_validate_and_gives_every_sds_key_its_credential(tmp_path):
     cfg = rotation_static()
     assert_roles_decide_first_and_reload(cfg)
+    assert_buffers_take_max_request(cfg)
     plugin = json.loads(wasm_configs(cfg)[0]["configuration"]["value"])
     want = {k["sds"]: INJECTED[p["type"]] for p in plugin["providers"] for k in p["keys"]}
     assert want and all("sds" in k for p in plugin["providers"] for k in p["keys"]), "every key of the example is an sds key"
@@ -919,8 +954,19 @@ def istio_patches(ef: dict) -> tuple[dict, list[dict]]:
     patches = ef["spec"]["configPatches"]
     (listener,) = [p for p in patches if p["applyTo"] == "HTTP_FILTER"]
     clusters = [p for p in patches if p["applyTo"] == "CLUSTER"]
-    assert len(clusters) + 1 == len(patches)
+    assert len(clusters) + 1 + len(istio_buffer_patches(ef)) == len(patches)
     return listener, clusters
+
+
+def istio_buffer_patches(ef: dict) -> dict[str, dict]:
+    """applyTo (LISTENER, VIRTUAL_HOST) -> what the patch MERGEs into every one of the gateway's."""
+    out = {}
+    for p in ef["spec"]["configPatches"]:
+        if p["applyTo"] in ("LISTENER", "VIRTUAL_HOST"):
+            assert p["match"] == {"context": "GATEWAY"} and p["patch"]["operation"] == "MERGE", p
+            assert p["applyTo"] not in out
+            out[p["applyTo"]] = p["patch"]["value"]
+    return out
 
 
 def test_istio_manifests_match_the_crd_schemas():
@@ -1023,6 +1069,17 @@ def test_envoy_config_istio_would_generate_passes_envoy_validate(tmp_path):
     cfg = listener_bootstrap(http_filter, clusters, clusters[-1]["name"])
     cfg["node"] = NODE
     assert_roles_decide_first_and_reload(cfg)
+    # Istio sets no buffer limit on a gateway's listener (Envoy's default is 1 MiB): without the
+    # patches a prompt over 1 MiB never reaches tollgate.
+    with pytest.raises(AssertionError, match="per_connection_buffer_limit_bytes"):
+        assert_buffers_take_max_request(cfg)
+    buffers = istio_buffer_patches(ef)
+    (lst,) = cfg["static_resources"]["listeners"]
+    lst.update(buffers["LISTENER"])
+    for h in http_connection_managers(lst):
+        for vh in h["route_config"]["virtual_hosts"]:
+            vh.update(buffers["VIRTUAL_HOST"])
+    assert_buffers_take_max_request(cfg)
     pod = patch["spec"]["template"]["spec"]
     mounts = pod_mounts(pod["volumes"], pod["containers"][0]["volumeMounts"], secret, sds_docs)
     root = tmp_path / "pod"
@@ -1079,6 +1136,38 @@ def test_envoy_gateway_envoyproxy_matches_the_crd_schema():
     container, _ = eg_pod(bad)
     container["volumeMount"] = container.pop("volumeMounts")
     assert any("'volumeMount' was unexpected" in e for e in crd_errors("envoy-gateway/envoyproxy-v1alpha1.json", bad))
+
+
+def quantity_bytes(q) -> int:
+    """A Kubernetes quantity as Envoy Gateway reads a bufferLimit (resource.Quantity.AsInt64)."""
+    m = re.fullmatch(r"(\d+)([KMGTPE]i|[kMGTPE])?", str(q))
+    assert m, q
+    unit = m.group(2) or ""
+    base, power = (1024, "KMGTPE".index(unit[0]) + 1) if unit.endswith("i") else (1000, "kMGTPE".index(unit) + 1 if unit else 0)
+    return int(m.group(1)) * base ** power
+
+
+def eg_buffer_limit(routing: list) -> int:
+    """The listener buffer limit the ClientTrafficPolicy gives the Gateway's listeners."""
+    (gw,) = by_kind(routing, "Gateway")
+    (ctp,) = by_kind(routing, "ClientTrafficPolicy")
+    assert ctp["metadata"]["namespace"] == gw["metadata"]["namespace"]
+    assert ctp["spec"]["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gw["metadata"]["name"]}]
+    return quantity_bytes(ctp["spec"]["connection"]["bufferLimit"])
+
+
+def test_envoy_gateway_client_traffic_policy_matches_the_crd_schema():
+    *_, routing = eg_docs()
+    (ctp,) = by_kind(routing, "ClientTrafficPolicy")
+    schema = "envoy-gateway/clienttrafficpolicy-v1alpha1.json"
+    assert crd_errors(schema, ctp) == []
+    assert eg_buffer_limit(routing) == 8 << 20
+    bad = copy.deepcopy(ctp)
+    bad["spec"]["connection"]["bufferLimits"] = bad["spec"]["connection"].pop("bufferLimit")
+    assert any("bufferLimits" in e for e in crd_errors(schema, bad))
+    bad = copy.deepcopy(ctp)
+    bad["spec"]["connection"]["bufferLimit"] = "8MiB"
+    assert any("8MiB" in e for e in crd_errors(schema, bad))
 
 
 def test_envoy_gateway_listener_and_upstream_roles_agree():
@@ -1157,6 +1246,8 @@ def test_envoy_config_envoy_gateway_would_generate_passes_envoy_validate(tmp_pat
         if jp["type"] == LISTENER_TYPE:
             lst = listeners.setdefault(jp["name"], {
                 "name": jp["name"], "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10080}},
+                # Envoy Gateway's default buffer limit for a listener (internal/xds/translator/listener.go).
+                "per_connection_buffer_limit_bytes": 32768,
                 "default_filter_chain": {"filters": [{"name": HCM, "typed_config": hcm([copy.deepcopy(ROUTER)], "")}]}})
             pointers = json_path_pointers(lst, op["jsonPath"])
             assert len(pointers) == 1, pointers
@@ -1177,7 +1268,12 @@ def test_envoy_config_envoy_gateway_would_generate_passes_envoy_validate(tmp_pat
     cfg = bootstrap(lst, list(clusters.values()))
     cfg["node"] = NODE
     assert_roles_decide_first_and_reload(cfg)
-    _, secret, sds_docs, proxy, _ = eg_docs()
+    # Without the ClientTrafficPolicy a prompt over 32 KiB never reaches tollgate.
+    with pytest.raises(AssertionError, match="per_connection_buffer_limit_bytes 32768"):
+        assert_buffers_take_max_request(cfg)
+    _, secret, sds_docs, proxy, routing = eg_docs()
+    lst["per_connection_buffer_limit_bytes"] = eg_buffer_limit(routing)
+    assert_buffers_take_max_request(cfg)
     container, pod = eg_pod(proxy)
     mounts = pod_mounts(pod["volumes"], container["volumeMounts"], secret, sds_docs)
     root = tmp_path / "pod"
