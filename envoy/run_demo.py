@@ -41,12 +41,25 @@ Try it (consumer key of team-a: tg-demo-team-a):
   -> {"id":"chatcmpl-mock-1","object":"chat.completion",...,"content":"Hello from openai.",...}
      with headers x-tollgate-provider: openai, x-tollgate-key-id: oa-1, x-ratelimit-remaining-requests: 59
 
-Or with the OpenAI SDK:
+Each SDK reaches its own provider: GPT models are OpenAI's, Claude models Anthropic's.
 
   from openai import OpenAI
   client = OpenAI(base_url="http://localhost:10000/v1", api_key="tg-demo-team-a")
   print(client.chat.completions.create(model="gpt-4o-mini",
         messages=[{"role": "user", "content": "Say hello"}]).choices[0].message.content)
+  -> Hello from openai.
+
+  from anthropic import Anthropic
+  client = Anthropic(base_url="http://localhost:10000", api_key="tg-demo-team-a")
+  print(client.messages.create(model="claude-haiku-4-5", max_tokens=100,
+        messages=[{"role": "user", "content": "Say hello"}]).content[0].text)
+  -> Hello from anthropic.
+
+Failover: the OpenAI mock refuses its next request (429), and gpt-4o-mini is answered by Anthropic
+(as claude-haiku-4-5) in OpenAI's shape, with x-tollgate-provider: anthropic; the refused key cools down 30 s.
+
+  curl -s localhost:18001/_mock/script -d '{"rules":[{"status":429,"headers":{"retry-after":"30"},"times":1}]}'
+  then the curl above again -> "content":"Hello from anthropic."
 
 Usage totals and key health: curl -s localhost:10000/tollgate/status -H 'Authorization: Bearer tg-demo-admin'
 Prometheus metrics:          curl -s localhost:9901/stats/prometheus | grep tollgate

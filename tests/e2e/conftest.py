@@ -9,7 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import ENVOY, MOCK_BIN, TICK_WAIT, WASM, Envoy, free_port, gateway_config, request  # noqa: E402
+from harness import (ENVOY, MOCK_BIN, TICK_WAIT, WASM, Envoy, free_port, gateway_config, request,  # noqa: E402
+                     shipped_config)
 from mock_client import start_mock  # noqa: E402
 
 # Known secret values: the secrets test searches everything a client or operator sees for them.
@@ -128,3 +129,14 @@ def module_gateway(mocks, tmp_path_factory):
     g = Gateways(mocks, tmp_path_factory.mktemp("gateways"))
     yield g.start
     g.stop()
+
+
+@pytest.fixture(scope="module")
+def shipped_demo(mocks):
+    """envoy/demo.yaml (what `make run` starts) as shipped, on free ports, in front of the mocks; one per
+    test module (its key cooldowns and quota windows carry over from test to test)."""
+    ports = {10000: free_port(), 9901: free_port(), 18001: mocks["openai"].port, 18002: mocks["anthropic"].port}
+    gw = Envoy(shipped_config("envoy/demo.yaml", ports), env=KEYS)
+    gw.start()
+    yield gw
+    gw.stop()

@@ -367,6 +367,30 @@ def gateway_config(
     }
 
 
+def shipped_config(rel: str, ports: dict[int, int]) -> dict:
+    """A shipped Envoy configuration (e.g. envoy/demo.yaml) as it is, but for its loopback ports, moved
+    (`ports`: shipped port -> port here; 10000 the listener, 9901 admin, 18001 and 18002 the mocks), and
+    its module path, made absolute: tests run it beside a running demo."""
+    import yaml  # noqa: PLC0415  (the offline checks' dependency; only this helper needs it here)
+
+    # Through JSON: a YAML alias is one object shared by every place that names it, moved once.
+    doc = json.loads(json.dumps(yaml.safe_load((ROOT / rel).read_text())))
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("port_value") in ports:
+                node["port_value"] = ports[node["port_value"]]
+            if str(node.get("filename", "")).endswith(".wasm"):
+                node["filename"] = str(WASM)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(doc)
+    return doc
+
+
 def stop_process(proc: subprocess.Popen, grace: float = 5) -> None:
     """SIGTERM, then SIGKILL if the process is still there after `grace` seconds."""
     if proc.poll() is None:

@@ -705,6 +705,52 @@ def test_shipped_envoy_config_decides_before_the_first_attempt_and_passes_envoy_
     assert rc == 0 and "OK" in out, out[-3000:]
 
 
+def test_demo_serves_each_model_family_from_its_provider_and_fails_over(shipped_demo, mocks):
+    """envoy/demo.yaml as `make run` starts it, with both SDKs: a Claude model reaches the Anthropic mock and
+    a GPT model the OpenAI mock, each in its own API; a GPT model that OpenAI refuses falls over to
+    Anthropic as the Claude model mapped to it; a model neither serves is refused in the client's shape."""
+    import anthropic  # noqa: PLC0415
+    import openai  # noqa: PLC0415
+
+    oa = openai.OpenAI(base_url=f"{shipped_demo.base_url}/v1", api_key="tg-demo-team-a", max_retries=0)
+    an = anthropic.Anthropic(base_url=shipped_demo.base_url, api_key="tg-demo-team-a", max_retries=0)
+    hello = [{"role": "user", "content": "Say hello"}]
+
+    raw = an.messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=50, messages=hello)
+    assert raw.headers["x-tollgate-provider"] == "anthropic"
+    assert raw.parse().content[0].text == "Hello from anthropic."
+    (sent,) = mocks["anthropic"].requests()
+    assert sent["path"] == "/v1/messages" and json.loads(sent["body"])["model"] == "claude-haiku-4-5"
+    assert sent["key"] == KEYS["ANTHROPIC_KEY_1"]
+    assert mocks["openai"].requests() == []
+    # The OpenAI SDK naming a Claude model reaches Anthropic too, translated both ways.
+    raw = oa.chat.completions.with_raw_response.create(model="claude-sonnet-4-5", messages=hello)
+    assert raw.headers["x-tollgate-provider"] == "anthropic"
+    assert raw.parse().choices[0].message.content == "Hello from anthropic."
+    assert json.loads(mocks["anthropic"].requests()[-1]["body"])["model"] == "claude-sonnet-4-5"
+    assert mocks["openai"].requests() == []
+
+    raw = oa.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=hello)
+    assert raw.headers["x-tollgate-provider"] == "openai"
+    assert raw.parse().choices[0].message.content == "Hello from openai."
+    (sent,) = mocks["openai"].requests()
+    assert sent["path"] == "/v1/chat/completions" and json.loads(sent["body"])["model"] == "gpt-4o-mini"
+    assert len(mocks["anthropic"].requests()) == 2
+
+    # Failover: OpenAI refuses once, the retry goes to Anthropic as claude-haiku-4-5.
+    mocks["openai"].script({"status": 429, "headers": {"retry-after": "1"}, "times": 1})
+    raw = oa.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=hello)
+    assert raw.headers["x-tollgate-provider"] == "anthropic"
+    assert raw.parse().model == "gpt-4o-mini"
+    assert [r["status"] for r in mocks["openai"].requests()] == [200, 429]
+    assert json.loads(mocks["anthropic"].requests()[-1]["body"])["model"] == "claude-haiku-4-5"
+
+    with pytest.raises(anthropic.BadRequestError) as e:
+        an.messages.create(model="gemini-2.5-pro", max_tokens=50, messages=hello)
+    assert e.value.body["error"]["message"] == "The model 'gemini-2.5-pro' is not served by this gateway."
+    assert len(mocks["anthropic"].requests()) == 3 and len(mocks["openai"].requests()) == 2
+
+
 # ---------------------------------------------------------------------------------------------- rotation example
 
 ROTATION = "envoy/rotation"
