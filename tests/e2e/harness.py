@@ -367,6 +367,17 @@ def gateway_config(
     }
 
 
+def walk(node, fn) -> None:
+    """Depth-first over dicts and lists, calling fn on every dict."""
+    if isinstance(node, dict):
+        fn(node)
+        for v in node.values():
+            walk(v, fn)
+    elif isinstance(node, list):
+        for v in node:
+            walk(v, fn)
+
+
 def shipped_config(rel: str, ports: dict[int, int]) -> dict:
     """A shipped Envoy configuration (e.g. envoy/demo.yaml) as it is, but for its loopback ports, moved
     (`ports`: shipped port -> port here; 10000 the listener, 9901 admin, 18001 and 18002 the mocks), and
@@ -376,18 +387,12 @@ def shipped_config(rel: str, ports: dict[int, int]) -> dict:
     # Through JSON: a YAML alias is one object shared by every place that names it, moved once.
     doc = json.loads(json.dumps(yaml.safe_load((ROOT / rel).read_text())))
 
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("port_value") in ports:
-                node["port_value"] = ports[node["port_value"]]
-            if str(node.get("filename", "")).endswith(".wasm"):
-                node["filename"] = str(WASM)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-    walk(doc)
+    def move(d: dict) -> None:
+        if d.get("port_value") in ports:
+            d["port_value"] = ports[d["port_value"]]
+        if str(d.get("filename", "")).endswith(".wasm"):
+            d["filename"] = str(WASM)
+    walk(doc, move)
     return doc
 
 

@@ -46,7 +46,7 @@ import pytest
 import yaml
 
 from conftest import KEYS
-from harness import ENVOY, MOCK_BIN, WASM, free_port
+from harness import ENVOY, MOCK_BIN, WASM, free_port, walk
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "tests" / "schemas"
@@ -98,17 +98,6 @@ def compose_errors(doc: dict) -> list[str]:
     schema = json.loads((files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json").read_text())
     v = jsonschema.Draft202012Validator(schema)
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(doc)]
-
-
-def walk(node, fn):
-    """Depth-first over dicts and lists, calling fn on every dict."""
-    if isinstance(node, dict):
-        fn(node)
-        for v in node.values():
-            walk(v, fn)
-    elif isinstance(node, list):
-        for v in node:
-            walk(v, fn)
 
 
 def wasm_configs(node) -> list[dict]:
