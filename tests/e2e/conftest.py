@@ -1,6 +1,7 @@
 """Fixtures: the Rust mock providers (one per test session) and real Envoy gateways per test."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import (ENVOY, MOCK_BIN, TICK_WAIT, WASM, Envoy, free_port, gateway_config, request,  # noqa: E402
-                     shipped_config)
+                     set_plugin, shipped_config)
 from mock_client import start_mock  # noqa: E402
 
 # Known secret values: the secrets test searches everything a client or operator sees for them.
@@ -131,12 +132,17 @@ def module_gateway(mocks, tmp_path_factory):
     g.stop()
 
 
-@pytest.fixture(scope="module")
-def shipped_demo(mocks):
-    """envoy/demo.yaml (what `make run` starts) as shipped, on free ports, in front of the mocks; one per
-    test module (its key cooldowns and quota windows carry over from test to test)."""
+
+def start_shipped_demo(mocks, edit=None) -> Envoy:
+    """envoy/demo.yaml (what `make run` starts) as shipped, on free ports, in front of the mocks;
+    `edit(plugin)`, if given, changes tollgate's configuration (both roles) first."""
     ports = {10000: free_port(), 9901: free_port(), 18001: mocks["openai"].port, 18002: mocks["anthropic"].port}
-    gw = Envoy(shipped_config("envoy/demo.yaml", ports), env=KEYS)
-    gw.start()
-    yield gw
-    gw.stop()
+    cfg = shipped_config("envoy/demo.yaml", ports)
+    if edit:
+        (listener,) = cfg["static_resources"]["listeners"]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        (tollgate,) = [f for f in hcm["http_filters"] if f["name"] == "tollgate"]
+        plugin = json.loads(tollgate["typed_config"]["config"]["configuration"]["value"])
+        edit(plugin)
+        set_plugin(cfg, plugin)
+    return Envoy(cfg, env=KEYS).start()

@@ -45,7 +45,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import KEYS
+from conftest import KEYS, start_shipped_demo
 from harness import ENVOY, MOCK_BIN, WASM, free_port, walk
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -692,6 +692,13 @@ def test_shipped_envoy_config_decides_before_the_first_attempt_and_passes_envoy_
     replace_filenames(cfg, str(WASM))
     rc, out = envoy_validate(cfg, host_env(cfg), tmp_path)
     assert rc == 0 and "OK" in out, out[-3000:]
+
+
+@pytest.fixture
+def shipped_demo(mocks):
+    gw = start_shipped_demo(mocks)
+    yield gw
+    gw.stop()
 
 
 def test_demo_serves_each_model_family_from_its_provider_and_fails_over(shipped_demo, mocks):
