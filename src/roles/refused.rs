@@ -2,11 +2,12 @@
 //! tollgate's own answer in the client's error shape (fail closed), and the refusal is logged and
 //! counted as `tollgate.write.<place>.refused`.
 //!
-//! Envoy refuses a header write once the map went on or is gone (`BadArgument`), a body write where
-//! the callback has no buffer (`NotFound`), a filter-state write where the stream has no stream
-//! info. Most of tollgate's writes only shape what the client sees, and a refused one leaves the
-//! answer as it was; these carry a secret's protection or the accounting, and going on without one
-//! of them would fail open.
+//! Envoy 1.40 refuses a header write once the map went on, or in a callback of the other direction
+//! (`BadArgument`), and a body write where the callback has no body buffer (`BadArgument`); its
+//! source refuses a filter-state write where the stream has no stream info (`NotFound`). Most of
+//! tollgate's writes only shape what the client sees, and a refused one leaves the answer as it
+//! was; these carry a secret's protection or the accounting, and going on without one of them would
+//! fail open.
 
 use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
@@ -105,8 +106,10 @@ fn count<H: Host + ?Sized>(host: &mut H, what: Refused) {
 
 /// Stops the request: the refusal logged and counted, the client answered 500 (502 for a scrub)
 /// in its API's shape. Once the response headers went to the client, Envoy cannot answer anew: it
-/// resets the stream instead, and the caller's [`Flow::Stop`] keeps the buffered body from going
-/// on; either way the client gets none of what the write should have changed.
+/// resets the stream instead (the client has the status line and none of the body), and the
+/// caller's [`Flow::Stop`] keeps the buffered body from going on. A local answer from the
+/// cluster-level role is final: Envoy neither retries it nor hands it to that role's response
+/// callbacks.
 pub fn fail_closed<H: Host + ?Sized>(host: &mut H, client: ClientApi, what: Refused) -> Flow {
     let kind = what.kind();
     log::error!(
