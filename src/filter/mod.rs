@@ -13,6 +13,7 @@ use crate::failover::health;
 use crate::host::Host;
 use crate::roles::held::{self, Held};
 use crate::roles::listener::Listener;
+use crate::roles::refused::Refused;
 use crate::roles::upstream::Upstream;
 use crate::roles::Flow;
 use core::cell::RefCell;
@@ -123,6 +124,11 @@ impl RootContext for Root {
                     log::info!("{line}");
                 }
                 self.config = Some(Rc::new(cfg));
+                // Refused writes are rare: their counters exist from the start, so that an alert
+                // on their increase sees the first one.
+                for what in Refused::ALL {
+                    sdk_host::define_counter(&what.metric());
+                }
                 // Flushes this worker's metrics and usage totals, and watches held requests.
                 let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
                 true

@@ -103,6 +103,12 @@ impl Sink for Flusher {
     }
 }
 
+/// Defines a counter now, at zero: Prometheus sees the first increase of a counter it already
+/// scrapes, where the first sample of a new one would read as its start.
+pub fn define_counter(name: &str) {
+    let _ = metric_id(MetricType::Counter, name);
+}
+
 fn metric_id(kind: MetricType, name: &str) -> Option<u32> {
     METRICS.with(|m| {
         if let Some(id) = m.borrow().get(name) {

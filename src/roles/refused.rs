@@ -46,6 +46,23 @@ pub enum Refused {
 }
 
 impl Refused {
+    pub const ALL: [Refused; 9] = [
+        Refused::Credential,
+        Refused::AttemptBody,
+        Refused::Scrub,
+        Refused::ClientCredential,
+        Refused::Plan,
+        Refused::Consumer,
+        Refused::Budget,
+        Refused::AnswerHeaders,
+        Refused::TotalTokens,
+    ];
+
+    /// The counter: `tollgate.write.<place>.refused` (Envoy's stats tag `write` names the place).
+    pub fn metric(self) -> String {
+        format!("tollgate.write.{}.refused", self.place())
+    }
+
     /// The metric segment (`tollgate.write.<place>.refused`).
     pub fn place(self) -> &'static str {
         match self {
@@ -101,7 +118,7 @@ pub fn record<H: Host + ?Sized>(host: &mut H, what: Refused) {
 }
 
 fn count<H: Host + ?Sized>(host: &mut H, what: Refused) {
-    host.count(&format!("tollgate.write.{}.refused", what.place()), 1);
+    host.count(&what.metric(), 1);
 }
 
 /// Stops the request: the refusal logged and counted, the client answered 500 (502 for a scrub)
@@ -125,4 +142,24 @@ pub fn fail_closed<H: Host + ?Sized>(host: &mut H, client: ClientApi, what: Refu
         &body,
     );
     Flow::Stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_place_is_its_own_metric_segment() {
+        let mut places: Vec<&str> = Refused::ALL.iter().map(|r| r.place()).collect();
+        assert!(places
+            .iter()
+            .all(|p| p.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+        places.sort_unstable();
+        places.dedup();
+        assert_eq!(places.len(), Refused::ALL.len());
+        assert_eq!(
+            Refused::Credential.metric(),
+            "tollgate.write.credential.refused"
+        );
+    }
 }
