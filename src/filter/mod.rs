@@ -13,6 +13,7 @@ use crate::failover::health;
 use crate::host::Host;
 use crate::roles::held::{self, Held};
 use crate::roles::listener::Listener;
+use crate::roles::refused::Refused;
 use crate::roles::upstream::Upstream;
 use crate::roles::Flow;
 use core::cell::RefCell;
@@ -25,6 +26,10 @@ use std::time::Duration;
 /// How often a worker flushes its metrics and usage totals (both roles tick: whichever comes
 /// first flushes the worker's tally).
 const TICK_MS: u64 = 200;
+
+/// How many times a plugin's end tries to flush rows the store refused (another worker's CAS won)
+/// before it gives them up.
+const FLUSH_TRIES_AT_DONE: u32 = 8;
 
 thread_local! {
     /// Requests this VM's listener contexts hold (one VM runs on one worker thread).
@@ -56,7 +61,32 @@ struct Root {
     config: Option<Rc<Config>>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// The plugin ends: its configuration was replaced, its listener drained, or Envoy stops.
+    /// Every stream of the plugin holds it, so its last streams have been charged by now (a request
+    /// in flight at a reload ends on the plugin it began on); but their charges wait in this
+    /// worker's tally for a tick, and when the VM ends with the plugin (its code or `vm_config`
+    /// changed) no tick comes. They go now.
+    ///
+    /// Teardown is not held for rows the store refuses (`false` here holds the VM until
+    /// `proxy_done`, and while Envoy stops no tick may come to call it): they are tried again at
+    /// once, a few times, since a CAS conflict lasts only as long as another worker's write.
+    fn on_done(&mut self) -> bool {
+        follow_log_level();
+        let mut kept = 0;
+        for _ in 0..FLUSH_TRIES_AT_DONE {
+            kept = sdk_host::flush();
+            if kept == 0 {
+                break;
+            }
+        }
+        if kept > 0 {
+            log::error!("{kept} usage total(s) could not be written to shared data as the plugin ended: they are lost");
+        }
+        log::debug!("{:?} plugin done: this worker's tally flushed", self.role);
+        true
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -94,6 +124,11 @@ impl RootContext for Root {
                     log::info!("{line}");
                 }
                 self.config = Some(Rc::new(cfg));
+                // Refused writes are rare: their counters exist from the start, so that an alert
+                // on their increase sees the first one.
+                for what in Refused::ALL {
+                    sdk_host::define_counter(&what.metric());
+                }
                 // Flushes this worker's metrics and usage totals, and watches held requests.
                 let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
                 true

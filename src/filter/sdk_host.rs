@@ -62,11 +62,12 @@ thread_local! {
     static TICKETS: RefCell<Tickets> = RefCell::new(Tickets::default());
 }
 
-/// The tick: this worker's metrics and totals go to Envoy.
-pub fn flush() {
+/// The tick: this worker's metrics and totals go to Envoy. Returns how many usage rows the store
+/// refused (contention, failure): they wait for the next flush.
+pub fn flush() -> u32 {
     let pending = TALLY.with(|t| core::mem::take(&mut *t.borrow_mut()));
     if pending.is_empty() {
-        return;
+        return 0;
     }
     let mut pending = pending;
     let (conflicts, kept) = pending.flush(&mut Flusher);
@@ -79,6 +80,7 @@ pub fn flush() {
         t.count("tollgate.shared_data.cas_conflicts", u64::from(conflicts));
         t.count("tollgate.shared_data.failures", u64::from(kept));
     });
+    kept
 }
 
 struct Flusher;
@@ -99,6 +101,12 @@ impl Sink for Flusher {
     fn store(&self) -> &dyn SharedStore {
         &HostStore
     }
+}
+
+/// Defines a counter now, at zero: Prometheus sees the first increase of a counter it already
+/// scrapes, where the first sample of a new one would read as its start.
+pub fn define_counter(name: &str) {
+    let _ = metric_id(MetricType::Counter, name);
 }
 
 fn metric_id(kind: MetricType, name: &str) -> Option<u32> {

@@ -1,6 +1,8 @@
 //! A host that behaves like Envoy where the roles can tell: request headers refuse writes once the
 //! request went on, a stream answers locally once, shared data follows Envoy's CAS rules
 //! ([`FakeStore`]), and a cluster-level stream reads the filter state its listener-level stream wrote.
+//! A test can make it refuse any write ([`FakeHost::refuse`]), as Envoy refuses one whose map or
+//! buffer is gone.
 
 use super::{Body, Headers, Host, Map};
 use crate::store::{FakeStore, SharedStore};
@@ -24,6 +26,17 @@ impl Reply {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// A write a test can make the fake refuse.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Write {
+    /// Any write to a header map: a value replaced or removed, or the whole map.
+    Map(Map),
+    Body(Body),
+    /// A filter-state value, by name.
+    FilterState(String),
+    Respond,
 }
 
 pub struct FakeHost {
@@ -51,6 +64,10 @@ pub struct FakeHost {
     pub rows: crate::host::tally::Tally,
     /// The worker's round-robin ticket blocks (shared by the streams of one worker).
     pub tickets: Rc<core::cell::RefCell<crate::pool::keypool::Tickets>>,
+    /// Writes to refuse: the target and which call to it (counted from the host's start), 0 for
+    /// every call.
+    refusals: Vec<(Write, u32)>,
+    writes: HashMap<Write, u32>,
 }
 
 impl FakeHost {
@@ -72,7 +89,27 @@ impl FakeHost {
             calls: core::cell::Cell::new(0),
             rows: crate::host::tally::Tally::default(),
             tickets: Rc::default(),
+            refusals: Vec::new(),
+            writes: HashMap::new(),
         }
+    }
+
+    /// Refuses the `nth` write to `target` from now on (1: the next one), or every one (0), as
+    /// Envoy refuses a write (the write changes nothing and reports failure).
+    pub fn refuse(&mut self, target: Write, nth: u32) {
+        let done = self.writes.get(&target).copied().unwrap_or(0);
+        let at = if nth == 0 { 0 } else { done + nth };
+        self.refusals.push((target, at));
+    }
+
+    /// Counts a write to `target`; true when it is to be refused.
+    fn refused(&mut self, target: Write) -> bool {
+        let n = self.writes.entry(target.clone()).or_default();
+        *n += 1;
+        let n = *n;
+        self.refusals
+            .iter()
+            .any(|(t, at)| *t == target && (*at == 0 || *at == n))
     }
 
     /// The tick: usage rows go to shared data.
@@ -185,7 +222,7 @@ impl Host for FakeHost {
 
     fn set_header(&mut self, map: Map, name: &str, value: &str) -> bool {
         self.call();
-        if !self.writable(map) {
+        if !self.writable(map) || self.refused(Write::Map(map)) {
             return false;
         }
         let m = self.maps.entry(map).or_default();
@@ -196,7 +233,7 @@ impl Host for FakeHost {
 
     fn remove_header(&mut self, map: Map, name: &str) -> bool {
         self.call();
-        if !self.writable(map) {
+        if !self.writable(map) || self.refused(Write::Map(map)) {
             return false;
         }
         if let Some(m) = self.maps.get_mut(&map) {
@@ -207,7 +244,7 @@ impl Host for FakeHost {
 
     fn set_headers(&mut self, map: Map, headers: &[(&[u8], &[u8])]) -> bool {
         self.call();
-        if !self.writable(map) {
+        if !self.writable(map) || self.refused(Write::Map(map)) {
             return false;
         }
         let pairs = headers
@@ -226,6 +263,9 @@ impl Host for FakeHost {
 
     fn set_body(&mut self, which: Body, size: usize, data: &[u8]) -> bool {
         self.call();
+        if self.refused(Write::Body(which)) {
+            return false;
+        }
         let b = self.bodies.entry(which).or_default();
         let keep = b.split_off(size.min(b.len()));
         *b = data.to_vec();
@@ -250,6 +290,9 @@ impl Host for FakeHost {
 
     fn set_filter_state(&mut self, name: &str, value: &[u8]) -> bool {
         self.call();
+        if self.refused(Write::FilterState(name.to_string())) {
+            return false;
+        }
         self.filter_state.insert(name.to_string(), value.to_vec());
         true
     }
@@ -261,7 +304,7 @@ impl Host for FakeHost {
 
     fn respond(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> bool {
         self.call();
-        if self.reply.is_some() {
+        if self.reply.is_some() || self.refused(Write::Respond) {
             return false;
         }
         self.reply = Some(Reply {

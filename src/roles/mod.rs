@@ -12,6 +12,7 @@
 pub mod held;
 pub mod listener;
 pub mod plan;
+pub mod refused;
 pub mod status;
 pub mod upstream;
 

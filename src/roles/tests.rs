@@ -1367,3 +1367,293 @@ fn requests_sharing_their_leading_prompt_share_a_key() {
         None
     );
 }
+
+/// Writes a request must not go on without (`super::refused`), each refused in turn as Envoy
+/// refuses one: the client's answer, the refusal counted, and what did not happen.
+mod refused_writes {
+    use super::*;
+    use crate::failover::health;
+    use crate::host::fake::Write;
+
+    const MESSAGES: &[u8] =
+        br#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"Say hello"}]}"#;
+    const ERROR_QUOTING_KEY: &[u8] =
+        br#"{"error":{"message":"Incorrect API key provided: sk-openai-one."}}"#;
+
+    /// Both dialects: path, body, and whether the client speaks Anthropic's.
+    const CLIENTS: [(&str, &[u8], bool); 2] = [
+        ("/v1/chat/completions", CHAT, false),
+        ("/v1/messages", MESSAGES, true),
+    ];
+
+    /// The local answer to a write refused at `place`, in the client's error shape, and the
+    /// refusal counted once.
+    fn stopped(h: &FakeHost, place: &str, status: u16, anthropic: bool) -> String {
+        let r = h.reply.clone().expect("answered locally");
+        assert_eq!(r.status, status);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let v = r.json();
+        if anthropic {
+            assert_eq!(v["type"], "error", "{v}");
+            assert_eq!(v["error"]["type"], "api_error", "{v}");
+        } else {
+            assert_eq!(v["error"]["type"], "server_error", "{v}");
+        }
+        assert_eq!(h.counter(&format!("tollgate.write.{place}.refused")), 1);
+        String::from_utf8(r.body).unwrap()
+    }
+
+    fn admitted(store: &Rc<FakeStore>, cfg: &Rc<Config>, path: &str, body: &[u8]) -> FakeHost {
+        let mut lh = client(store, path, &[("x-api-key", TEAM_A_KEY.as_bytes())], body);
+        assert_eq!(
+            send(&mut Listener::new(cfg.clone()), &mut lh),
+            Flow::Continue
+        );
+        lh
+    }
+
+    fn attempt_on(lh: &FakeHost, provider: &str) -> FakeHost {
+        let mut uh = FakeHost::attempt_of(lh);
+        on_endpoint(&mut uh, provider);
+        uh
+    }
+
+    /// The stream's local answer as the response its filters see; returns its body's length.
+    fn own_reply_as_answer(h: &mut FakeHost) -> usize {
+        let reply = h.reply.clone().unwrap();
+        h.set_response(
+            reply.status,
+            &[("content-type", "application/json")],
+            &reply.body,
+        );
+        reply.body.len()
+    }
+
+    /// No key of any provider cooling, and no failure on record.
+    fn no_key_held_against(store: &FakeStore, cfg: &Config, now: u64) {
+        for p in &cfg.providers {
+            let h = health::read(store, p).unwrap();
+            assert_eq!(h.failures, 0, "{}", p.name);
+            assert!((0..p.keys.len()).all(|k| h.key_available(k, now)));
+        }
+    }
+
+    #[test]
+    fn a_refused_credential_stops_the_attempt_and_holds_nothing_against_the_key() {
+        let cfg = config("");
+        // An OpenAI client's attempt makes one header write (its key); an Anthropic client's,
+        // moved to OpenAI, two (its key, then its path): the second is refused.
+        for ((path, body, anthropic), nth) in CLIENTS.into_iter().zip([1, 2]) {
+            let store = Rc::new(FakeStore::new());
+            let lh = admitted(&store, &cfg, path, body);
+            let mut uh = attempt_on(&lh, "openai");
+            uh.refuse(Write::Map(Map::RequestHeaders), nth);
+            let mut u = Upstream::new(cfg.clone());
+            assert_eq!(u.on_request_headers(&mut uh), Flow::Stop);
+            stopped(&uh, "credential", 500, anthropic);
+            assert_eq!(
+                uh.counter("tollgate.provider.openai.attempts"),
+                0,
+                "no attempt left"
+            );
+            // Envoy does not retry an upstream filter's own answer, nor hand it to the filter; if
+            // it did, nothing of it would be held against the key or the provider.
+            let len = own_reply_as_answer(&mut uh);
+            u.on_response_headers(&mut uh);
+            u.on_response_body(&mut uh, len, true);
+            u.on_done(&mut uh);
+            assert_eq!(uh.counter("tollgate.provider.openai.failures"), 0);
+            no_key_held_against(&store, &cfg, uh.now);
+        }
+    }
+
+    #[test]
+    fn a_refused_rewrite_for_the_provider_stops_the_attempt() {
+        let cfg = config("");
+        let store = Rc::new(FakeStore::new());
+        let lh = admitted(&store, &cfg, "/v1/chat/completions", CHAT);
+        // Moved to Anthropic: the body is translated and its model mapped.
+        let mut uh = attempt_on(&lh, "anthropic");
+        uh.refuse(Write::Body(Body::Request), 1);
+        let mut u = Upstream::new(cfg.clone());
+        assert_eq!(u.on_request_headers(&mut uh), Flow::Continue);
+        assert_eq!(u.on_request_body(&mut uh, CHAT.len(), true), Flow::Stop);
+        stopped(&uh, "attempt_body", 500, false);
+        assert_eq!(
+            uh.bodies[&Body::Request],
+            CHAT,
+            "the client's body, not sent"
+        );
+    }
+
+    #[test]
+    fn an_error_quoting_the_key_whose_scrub_is_refused_never_reaches_the_client() {
+        let cfg = config("");
+        for (path, body, anthropic) in CLIENTS {
+            let store = Rc::new(FakeStore::new());
+            let lh = admitted(&store, &cfg, path, body);
+            let mut uh = attempt_on(&lh, "openai");
+            let mut u = Upstream::new(cfg.clone());
+            assert_eq!(u.on_request_headers(&mut uh), Flow::Continue);
+            let len = uh.bodies[&Body::Request].len();
+            assert_eq!(u.on_request_body(&mut uh, len, true), Flow::Continue);
+            uh.set_response(
+                401,
+                &[("content-type", "application/json")],
+                ERROR_QUOTING_KEY,
+            );
+            assert_eq!(u.on_response_headers(&mut uh), Flow::Continue);
+            uh.refuse(Write::Body(Body::Response), 1);
+            assert_eq!(
+                u.on_response_body(&mut uh, ERROR_QUOTING_KEY.len(), true),
+                Flow::Stop,
+                "the buffered body does not go on"
+            );
+            let answer = stopped(&uh, "scrub", 502, anthropic);
+            assert!(!answer.contains("sk-openai-one"), "{answer}");
+        }
+    }
+
+    #[test]
+    fn a_refused_answer_header_write_stops_an_error_that_needs_scrubbing_and_only_counts_on_a_success(
+    ) {
+        let cfg = config("");
+        let store = Rc::new(FakeStore::new());
+        let lh = admitted(&store, &cfg, "/v1/chat/completions", CHAT);
+        let attempt = |status: u16, body: &[u8]| {
+            let mut uh = attempt_on(&lh, "openai");
+            let mut u = Upstream::new(cfg.clone());
+            assert_eq!(u.on_request_headers(&mut uh), Flow::Continue);
+            uh.set_response(
+                status,
+                &[
+                    ("content-type", "application/json"),
+                    ("content-length", &body.len().to_string()),
+                ],
+                body,
+            );
+            uh.refuse(Write::Map(Map::ResponseHeaders), 0);
+            let flow = u.on_response_headers(&mut uh);
+            (flow, u.on_response_body(&mut uh, body.len(), true), uh)
+        };
+        // The error's content-length could not go: its scrubbed body could not be passed on.
+        let (flow, _, uh) = attempt(401, ERROR_QUOTING_KEY);
+        assert_eq!(flow, Flow::Stop);
+        let answer = stopped(&uh, "scrub", 502, false);
+        assert!(!answer.contains("sk-openai-one"), "{answer}");
+        // A success goes on without tollgate's headers (the usage is still charged to the
+        // consumer): counted.
+        let completion = fixture("openai_chat.json");
+        let (flow, body_flow, uh) = attempt(200, &completion);
+        assert_eq!((flow, body_flow), (Flow::Continue, Flow::Continue));
+        assert!(uh.reply.is_none());
+        assert_eq!(uh.counter("tollgate.write.answer_headers.refused"), 1);
+    }
+
+    #[test]
+    fn a_refused_removal_of_the_clients_credential_stops_the_request() {
+        let cfg = config("");
+        for (path, body, anthropic) in CLIENTS {
+            let store = Rc::new(FakeStore::new());
+            let mut lh = client(&store, path, &[("x-api-key", TEAM_A_KEY.as_bytes())], body);
+            lh.refuse(Write::Map(Map::RequestHeaders), 0);
+            let mut l = Listener::new(cfg.clone());
+            assert_eq!(send(&mut l, &mut lh), Flow::Stop);
+            let answer = stopped(&lh, "client_credential", 500, anthropic);
+            assert!(!answer.contains(TEAM_A_KEY));
+            assert!(
+                !lh.filter_state.contains_key(plan::FILTER_STATE),
+                "no plan: nothing for an attempt to carry"
+            );
+            // Envoy runs a local reply through every encoder filter, the one that sent it too:
+            // charged once, as a request no provider answered.
+            let len = own_reply_as_answer(&mut lh);
+            assert_eq!(l.on_response_headers(&mut lh, false), Flow::Continue);
+            l.on_response_body(&mut lh, len, true);
+            l.on_log(&mut lh);
+            lh.tick();
+            let (row, _) =
+                crate::store::SharedStore::get(store.as_ref(), "tollgate:u:c:team-a").unwrap();
+            let usage = crate::store::decode_u64s::<{ crate::host::tally::ROW }>(row.as_deref());
+            assert_eq!(usage[..3], [1, 0, 0]);
+        }
+    }
+
+    #[test]
+    fn a_refused_plan_or_consumer_for_the_attempts_stops_the_request() {
+        let cfg = config("");
+        for (state, place) in [
+            (plan::FILTER_STATE, "plan"),
+            (super::super::listener::CONSUMER, "consumer"),
+        ] {
+            for (path, body, anthropic) in CLIENTS {
+                let store = Rc::new(FakeStore::new());
+                let mut lh = client(&store, path, &[("x-api-key", TEAM_A_KEY.as_bytes())], body);
+                lh.refuse(Write::FilterState(state.to_string()), 1);
+                assert_eq!(send(&mut Listener::new(cfg.clone()), &mut lh), Flow::Stop);
+                stopped(&lh, place, 500, anthropic);
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_lowering_of_max_tokens_stops_the_request_and_a_refused_usage_request_does_not() {
+        let cfg = config(r#","lower_max_tokens":true"#);
+        let store = Rc::new(FakeStore::new());
+        let greedy =
+            br#"{"model":"gpt-4o-mini","max_tokens":10000000,"messages":[{"role":"user","content":"x"}]}"#;
+        let mut lh = client(
+            &store,
+            "/v1/chat/completions",
+            &[("x-api-key", TEAM_A_KEY.as_bytes())],
+            greedy,
+        );
+        lh.refuse(Write::Body(Body::Request), 1);
+        assert_eq!(send(&mut Listener::new(cfg.clone()), &mut lh), Flow::Stop);
+        stopped(&lh, "budget", 500, false);
+        // Asking a stream for its usage is no promise to anyone: refused, the usage is estimated.
+        let store = Rc::new(FakeStore::new());
+        let mut lh = client(
+            &store,
+            "/v1/chat/completions",
+            &[("x-api-key", TEAM_A_KEY.as_bytes())],
+            CHAT_STREAM,
+        );
+        lh.refuse(Write::Body(Body::Request), 1);
+        assert_eq!(send(&mut Listener::new(cfg), &mut lh), Flow::Continue);
+        assert_eq!(lh.counter("tollgate.write.budget.refused"), 0);
+        let plan = Plan::decode(&lh.filter_state[plan::FILTER_STATE])
+            .unwrap()
+            .rewritten;
+        assert!(!plan);
+    }
+
+    #[test]
+    fn a_refused_token_total_for_envoys_rate_limit_filter_is_counted_and_the_usage_still_charged() {
+        let cfg = config("");
+        let store = Rc::new(FakeStore::new());
+        let mut lh = client(
+            &store,
+            "/v1/chat/completions",
+            &[("x-api-key", TEAM_A_KEY.as_bytes())],
+            CHAT,
+        );
+        let mut l = Listener::new(cfg.clone());
+        assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+        let completion = fixture("openai_chat.json");
+        let (_, uh) = attempt(
+            &lh,
+            "openai",
+            1,
+            200,
+            &[("content-type", "application/json")],
+            &completion,
+            &cfg,
+        );
+        lh.refuse(Write::FilterState("tollgate_total_tokens".into()), 1);
+        answer(&mut l, &mut lh, &uh, &[&completion]);
+        assert_eq!(lh.counter("tollgate.write.total_tokens.refused"), 1);
+        assert!(lh.reply.is_none());
+        assert!(logged(&lh, "in").is_some_and(|v| v != "-"), "charged");
+    }
+}

@@ -9,6 +9,7 @@
 
 use super::listener::CLIENT_GONE;
 use super::plan::{self, Plan};
+use super::refused::{self, Refused};
 use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::api::headers;
@@ -292,7 +293,11 @@ impl Upstream {
         if drop_length {
             map.remove("content-length");
         }
-        map.apply(host, Map::RequestHeaders);
+        if !map.apply(host, Map::RequestHeaders) {
+            // The attempt never leaves: nothing it did is held against the key or the provider.
+            (self.key, self.provider) = (None, None);
+            return refused::fail_closed(host, self.client, Refused::Credential);
+        }
         host.attempt(&p.name, Attempt::Sent);
         if retry {
             // A retry that landed here: a failover onto this provider (or another key of it).
@@ -362,8 +367,8 @@ impl Upstream {
         };
         match new_body {
             Ok(b) => {
-                if b.as_slice() != body {
-                    host.set_body(Body::Request, body.len(), &b);
+                if b.as_slice() != body && !host.set_body(Body::Request, body.len(), &b) {
+                    return refused::fail_closed(host, self.client, Refused::AttemptBody);
                 }
                 Flow::Continue
             }
@@ -404,7 +409,15 @@ impl Upstream {
             self.scrub = true;
             map.remove("content-length");
         }
-        map.apply(host, Map::ResponseHeaders);
+        if !map.apply(host, Map::ResponseHeaders) {
+            if self.scrub {
+                // The body may quote the key, and could not be given another length: it does not
+                // go on.
+                self.scrub = false;
+                return refused::fail_closed(host, self.client, Refused::Scrub);
+            }
+            refused::record(host, Refused::AnswerHeaders);
+        }
         Flow::Continue
     }
 
@@ -432,8 +445,8 @@ impl Upstream {
             None => body.clone(),
         };
         let clean = credentials::redact_key_shaped(&exact);
-        if clean != body {
-            host.set_body(Body::Response, size, &clean);
+        if clean != body && !host.set_body(Body::Response, size, &clean) {
+            return refused::fail_closed(host, self.client, Refused::Scrub);
         }
         Flow::Continue
     }

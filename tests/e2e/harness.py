@@ -29,6 +29,7 @@ STATS_TAGS = [
     {"tag_name": "provider", "regex": r"^wasmcustom\.tollgate\.provider\.((.+?)\.)"},
     {"tag_name": "key_id", "regex": r"^wasmcustom\.tollgate\.provider\.[^.]+\.key\.((.+?)\.)"},
     {"tag_name": "outcome", "regex": r"^wasmcustom\.tollgate\.outcome\.((.+?)\.)"},
+    {"tag_name": "write", "regex": r"^wasmcustom\.tollgate\.write\.((.+?)\.)"},
 ]
 
 ACCESS_LOG_FORMAT = (

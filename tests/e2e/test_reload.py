@@ -1,10 +1,13 @@
-"""Configuration changes while traffic flows: what survives a new listener config (same vm_id)."""
+"""Configuration changes while traffic flows: what survives a new listener config (same vm_id), and a
+new VM."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import KEYS, STATUS, openai_provider, status
@@ -124,6 +127,101 @@ def test_a_key_disabled_and_enabled_in_the_files_changes_the_rotation_without_a_
         # oa-2 keeps its cooldown across the change; oa-1 is back and the new oa-3 takes traffic.
         assert served_by(8) == {KEYS["OPENAI_KEY_1"], KEYS["OPENAI_KEY_3"]}
         assert status(gw)["providers"]["openai"]["keys"][1]["state"] == "rate_limited"
+        assert "panicked" not in gw.log()
+    finally:
+        gw.stop()
+
+
+def ecds_envoy(plugin: dict, mocks, tmp_path) -> tuple[Envoy, Callable[[int], None]]:
+    """A gateway whose listener role comes from a file by ECDS (as Istio's WasmPlugin delivers a
+    module), and a function that writes generation `n` of it: its `vm_config` differs from every
+    other generation's, so each new one starts a new VM, and the VM of the one before ends when the
+    last stream that began on it ends (ECDS swaps the filter without draining the listener)."""
+    cfg = gateway_config(plugin, [{"provider": "openai", "port": mocks["openai"].port, "priority": 0}],
+                         listener_port=free_port(), admin_port=free_port(),
+                         access_log=str(tmp_path / "access.log"), env_keys=sorted(KEYS))
+    cfg["node"] = {"id": "tollgate-test", "cluster": "tollgate-test"}
+    filters = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    listener_role = filters[0]["typed_config"]
+    path = tmp_path / "ecds.json"
+
+    def write(generation: int) -> None:
+        role = json.loads(json.dumps(listener_role))
+        role["config"]["vm_config"]["configuration"] = {
+            "@type": "type.googleapis.com/google.protobuf.StringValue", "value": f"generation {generation}"}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"resources": [{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig", "name": "tollgate", "typed_config": role}]}))
+        os.replace(tmp, path)
+
+    write(0)
+    filters[0] = {"name": "tollgate", "config_discovery": {
+        "config_source": {"path_config_source": {"path": str(path)}, "resource_api_version": "V3"},
+        "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]}}
+    e = Envoy(cfg, env=KEYS)
+    e.access_log_path = tmp_path / "access.log"
+    return e, write
+
+
+def test_totals_stay_exact_through_reloads_that_replace_the_vm_under_traffic(mocks, tmp_path):
+    """Each worker tallies usage for a tick before writing it to shared data. A VM that ends with
+    its plugin (a new module or vm_config) must write what it tallied as it ends: the charges of
+    the last requests it served, in flight when the reload came or finished just before."""
+    plugin = {"consumers": {"list": [{"name": "team-a", "key_env": "TEAM_A_KEY"}, {"name": "team-b", "key_env": "TEAM_B_KEY"}]},
+              "providers": [openai_provider()], "status": STATUS}
+    gw, write = ecds_envoy(plugin, mocks, tmp_path)
+    gw.start()
+    try:
+        vms_before = gw.stat("wasm.envoy.wasm.runtime.v8.created")
+        stop = threading.Event()
+        failures: list[str] = []
+        served: list[int] = []
+
+        def client(n: int) -> None:
+            i = n
+            while not stop.is_set():
+                key = KEYS["TEAM_A_KEY"] if i % 3 else KEYS["TEAM_B_KEY"]
+                # Streams (some asking for usage, some not) and JSON, prompts of several lengths.
+                extra = {"stream_options": {"include_usage": True}} if i % 4 == 0 else {}
+                r = chat(gw.port, key=key, stream=i % 2 == 0, content="word " * (i % 9 + 1), extra=extra)
+                if r.status != 200:
+                    failures.append(f"{r.status} {r.body[:200]!r}")
+                served.append(r.status)
+                i += 4
+
+        reloads = 4
+        with ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(client, n) for n in range(4)]
+            for generation in range(1, reloads + 1):
+                time.sleep(0.7)
+                write(generation)
+                deadline = time.time() + 10
+                while gw.stat("extension_config_discovery.http_filter.tollgate.config_reload") <= generation:
+                    assert time.time() < deadline, "the new filter configuration was not applied"
+                    time.sleep(0.05)
+            time.sleep(0.7)
+            stop.set()
+            for c in clients:
+                c.result()
+        assert not failures, failures[:5]
+        # Every reload started new VMs (one per worker), and the old ones ended.
+        assert gw.stat("wasm.envoy.wasm.runtime.v8.created") >= vms_before + reloads * 2
+
+        truth = {"requests": 0, "input": 0, "output": 0}
+        for r in mocks["openai"].requests():
+            assert r["usage"], r
+            truth["requests"] += 1
+            truth["input"] += r["usage"]["input"]
+            truth["output"] += r["usage"]["output"]
+        assert truth["requests"] == len(served) > 100
+        st = status(gw)
+        a, b = st["consumers"]["team-a"]["usage"], st["consumers"]["team-b"]["usage"]
+        assert (a["requests"] + b["requests"], a["input_tokens"] + b["input_tokens"], a["output_tokens"] + b["output_tokens"]) == \
+            (truth["requests"], truth["input"], truth["output"])
+        assert a["estimated_requests"] + b["estimated_requests"] == 0
+        keys = st["providers"]["openai"]["keys"]
+        assert sum(k["usage"]["requests"] for k in keys) == truth["requests"]
+        assert sum(k["usage"]["output_tokens"] for k in keys) == truth["output"]
         assert "panicked" not in gw.log()
     finally:
         gw.stop()

@@ -9,6 +9,7 @@ use crate::host::prof::span;
 use crate::host::tally::Charge;
 use crate::host::Host;
 use crate::limit::quota::{self, Demand};
+use crate::roles::refused::{self, Refused};
 use core::fmt::Write;
 
 impl Listener {
@@ -75,14 +76,10 @@ impl Listener {
         );
         self.write_record(host, Some((usage, estimated)));
         // For Envoy's global rate limit filter: `hits_addend` on stream done charges these.
-        host.set_filter_state(
-            "tollgate_total_tokens",
-            usage
-                .input
-                .saturating_add(usage.output)
-                .to_string()
-                .as_bytes(),
-        );
+        let total = usage.input.saturating_add(usage.output).to_string();
+        if !host.set_filter_state("tollgate_total_tokens", total.as_bytes()) {
+            refused::record(host, Refused::TotalTokens);
+        }
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
                 "tollgate: charged consumer={} model={} provider={} key={} in={} out={} estimated={} ms={}",

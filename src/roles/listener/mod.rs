@@ -13,6 +13,7 @@ mod answer;
 mod charge;
 
 use super::plan::{self, Plan};
+use super::refused::{self, Refused};
 use super::{status, Flow};
 use crate::api::errors::{error_body_typed, ClientApi, ErrorKind};
 use crate::api::headers;
@@ -221,6 +222,7 @@ impl Listener {
     /// The request was admitted: the body and headers as the steps left them, and the plan for
     /// every attempt.
     fn go_on<H: Host>(&mut self, host: &mut H, incoming: &Incoming<'_>) -> Flow {
+        let lowered = self.adm.rewritten.is_some();
         let wants_stream_usage = self.api == ApiKind::ChatCompletions
             && self.adm.info.stream
             && !self.adm.info.include_usage;
@@ -234,6 +236,9 @@ impl Listener {
         if let Some(b) = &self.adm.rewritten {
             let size = incoming.body.map_or(0, <[u8]>::len);
             if !host.set_body(Body::Request, size, b) {
+                if lowered {
+                    return refused::fail_closed(host, self.client, Refused::Budget);
+                }
                 self.forced_stream_usage = false;
                 self.adm.rewritten = None;
             }
@@ -249,7 +254,9 @@ impl Listener {
             // The body changed length: the client's content-length no longer holds.
             self.request_headers.remove("content-length");
         }
-        self.request_headers.apply(host, Map::RequestHeaders);
+        if !self.request_headers.apply(host, Map::RequestHeaders) {
+            return refused::fail_closed(host, self.client, Refused::ClientCredential);
+        }
         if steered.is_some() {
             host.clear_route_cache();
         }
@@ -274,10 +281,14 @@ impl Listener {
                 .map(|(k, v)| (*k, v.as_str()))
                 .collect(),
         };
-        host.set_filter_state(plan::FILTER_STATE, &plan.encode());
+        if !host.set_filter_state(plan::FILTER_STATE, &plan.encode()) {
+            return refused::fail_closed(host, self.client, Refused::Plan);
+        }
         drop(planning);
         // For Envoy's rate limit filter (fleet-wide budgets): its descriptor is the consumer.
-        host.set_filter_state(CONSUMER, self.adm.consumer.as_bytes());
+        if !host.set_filter_state(CONSUMER, self.adm.consumer.as_bytes()) {
+            return refused::fail_closed(host, self.client, Refused::Consumer);
+        }
         self.decided = true;
         Flow::Continue
     }
