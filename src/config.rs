@@ -32,6 +32,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 
+mod access;
+mod aliases;
+pub use access::{Listed, Patterns};
+
 /// A configuration error: `path: reason`, e.g. `providers[0].keys[2].env: OPENAI_KEY_3 is not set`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -178,6 +182,8 @@ pub struct Consumer {
     pub key_digest: Option<[u8; 32]>,
     pub limits: Vec<Limit>,
     pub model_limits: HashMap<String, Vec<Limit>>,
+    /// The models and aliases this consumer may name (`models`); None: every one.
+    pub models: Option<Patterns>,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +230,9 @@ pub struct Config {
     pub failure_mode: FailureMode,
     pub sticky_header: Option<String>,
     pub status: Option<StatusConfig>,
+    pub aliases: aliases::Aliases,
+    /// Model allow-lists, the gateway's model list, the paths passed through.
+    pub access: access::Access,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
     pub warnings: Vec<String>,
     /// Derived from `providers` once, at parse: both are asked on every request.
@@ -325,6 +334,8 @@ struct RawConfig {
     sticky_header: Option<String>,
     status: Option<Object<RawStatus>>,
     probation: Option<Object<RawProbation>>,
+    aliases: Option<BTreeMap<String, serde_json::Value>>,
+    passthrough_paths: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -377,6 +388,7 @@ struct RawConsumer {
     key_env: Option<String>,
     limits: Option<Vec<Object<RawLimit>>>,
     model_limits: Option<BTreeMap<String, Option<Vec<Object<RawLimit>>>>>,
+    models: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -704,6 +716,14 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
     let prompt_affinity = providers
         .iter()
         .any(|p| p.rotation == Rotation::PromptAffinity);
+    let aliases = aliases::validate(raw.aliases, &providers, &prices)?;
+    let access = access::validate(
+        raw.passthrough_paths,
+        &consumers,
+        &providers,
+        &aliases,
+        &prices,
+    )?;
     Ok(Config {
         sds_keys,
         prompt_affinity,
@@ -720,6 +740,8 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         failure_mode: raw.failure_mode.map(|Choice(m)| m).unwrap_or_default(),
         sticky_header: raw.sticky_header.map(|h| h.to_ascii_lowercase()),
         status,
+        aliases,
+        access,
         warnings,
     })
 }
@@ -940,6 +962,7 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
             ));
         }
         let own = limits(&at(&path, "limits"), c.limits)?;
+        let models = access::model_list(&at(&path, "models"), c.models)?;
         let mut model_limits = HashMap::new();
         for (model, ls) in c.model_limits.unwrap_or_default() {
             let ls = limits(&format!("{path}.model_limits.{model}"), ls)?;
@@ -950,6 +973,7 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
             key_digest,
             limits: own,
             model_limits,
+            models,
         });
     }
     match rc.trusted_header {
@@ -1328,14 +1352,14 @@ mod tests {
     fn unknown_fields_are_refused_with_their_path_and_the_accepted_names() {
         const LIMIT: &str = "expected one of: metric, amount, window";
         let cases: &[(&str, &str, String)] = &[
-            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation".into()),
+            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models, probation".into()),
             ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
             (r#""consumers":{"header":"x"},"#, "", "consumers.header: unknown field, expected one of: trusted_header, list".into()),
-            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits".into()),
+            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits, models".into()),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","limits":[{"metrc":"requests"}]}]},"#, "", format!("consumers.list[0].limits[0].metrc: unknown field, {LIMIT}")),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","model_limits":{"gpt-4o":[{"metric":"requests","amount":1,"window":"1m"},{"windw":"1m"}]}}]},"#, "", format!("consumers.list[0].model_limits.gpt-4o[1].windw: unknown field, {LIMIT}")),
         ];

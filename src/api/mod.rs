@@ -2,5 +2,6 @@
 pub mod envoy_reply;
 pub mod errors;
 pub mod headers;
+pub mod models;
 pub mod request;
 pub(crate) mod splice;

@@ -2,7 +2,7 @@
 //! deployment in it), whether its body is translated between OpenAI chat completions and Anthropic
 //! messages, and whether the client's content-length still holds.
 
-use crate::config::{Provider, ProviderType};
+use crate::config::{Config, Provider, ProviderType};
 use crate::count::usage::ApiKind;
 
 /// How an attempt's body must change for the provider Envoy picked.
@@ -17,6 +17,9 @@ pub enum Translation {
 
 pub fn translation(api: ApiKind, provider: ProviderType) -> Result<Translation, String> {
     match (api, provider.speaks_anthropic()) {
+        // A path passed through (`passthrough_paths`) goes as the client wrote it, to a provider
+        // that speaks the client's API.
+        (ApiKind::Other, _) => Ok(Translation::None),
         (ApiKind::ChatCompletions, true) => Ok(Translation::ChatToMessages),
         (ApiKind::Messages, false) => Ok(Translation::MessagesToChat),
         (ApiKind::Messages, true) | (_, false) => Ok(Translation::None),
@@ -57,18 +60,31 @@ pub fn upstream_path(provider: &Provider, api: ApiKind, path: &str, model: Optio
     format!("{base}{endpoint}")
 }
 
-/// The headers of one attempt that depend on the model: the path (Azure names the deployment in
-/// it), and whether the client's content-length must go because the body will be rewritten.
-/// Err when the provider does not serve the model.
+/// One attempt's headers that depend on the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptPlan {
+    /// The path (Azure names the deployment in it).
+    pub path: String,
+    /// The provider is called with another model name than the client's (a `models` map, an alias).
+    pub remodel: bool,
+    /// The body the provider gets is not the client's: its content-length must go.
+    pub rewrites_body: bool,
+}
+
+/// [`AttemptPlan`] for provider `pi` (configuration order). Err when it does not serve the model.
 pub fn attempt_plan(
-    provider: &Provider,
+    cfg: &Config,
+    pi: usize,
     api: ApiKind,
     path: &str,
     client_model: Option<&str>,
     body_rewritten: bool,
-) -> Result<(String, bool), String> {
+) -> Result<AttemptPlan, String> {
+    let Some(provider) = cfg.providers.get(pi) else {
+        return Err("provider index out of range".into());
+    };
     let provider_model = match client_model.filter(|m| !m.is_empty()) {
-        Some(m) => Some(provider.map_model(m).ok_or_else(|| {
+        Some(m) => Some(cfg.map_model(pi, m).ok_or_else(|| {
             format!(
                 "The model '{m}' is not served by provider '{}'.",
                 provider.name
@@ -76,15 +92,17 @@ pub fn attempt_plan(
         })?),
         None => None,
     };
+    let remodel = provider_model.is_some_and(|pm| Some(pm) != client_model);
     let rewrites_body = body_rewritten
-        || provider_model.is_some_and(|pm| Some(pm) != client_model)
+        || remodel
         || translation(api, provider.kind)
             .map(|t| t != Translation::None)
             .unwrap_or(false);
-    Ok((
-        upstream_path(provider, api, path, provider_model),
+    Ok(AttemptPlan {
+        path: upstream_path(provider, api, path, provider_model),
+        remodel,
         rewrites_body,
-    ))
+    })
 }
 
 #[cfg(test)]
@@ -155,5 +173,53 @@ mod tests {
             vec![("api-key", "sk-secret".to_string())]
         );
         assert!(translation(ApiKind::Embeddings, ProviderType::Anthropic).is_err());
+        assert_eq!(
+            translation(ApiKind::Other, ProviderType::Anthropic),
+            Ok(Translation::None)
+        );
+    }
+
+    #[test]
+    fn an_alias_names_the_model_and_the_azure_deployment_per_provider() {
+        let c = cfg(
+            r#"{"aliases":{"fast":"gpt-4o-mini","smart":{"az":"gpt4o-prod","an":"claude-sonnet-4-5"}},"providers":[
+            {"name":"oa","type":"openai","keys":[{"id":"k1","env":"K"}]},
+            {"name":"az","type":"azure_openai","api_version":"2024-10-21","keys":[{"id":"k1","env":"K"}]},
+            {"name":"an","type":"anthropic","keys":[{"id":"k1","env":"K"}],"models":{"gpt-4o-mini":"claude-haiku-4-5","claude-sonnet-4-5":"claude-sonnet-4-5"}}]}"#,
+        );
+        let plan = |pi, model| {
+            attempt_plan(
+                &c,
+                pi,
+                ApiKind::ChatCompletions,
+                "/v1/chat/completions",
+                Some(model),
+                false,
+            )
+        };
+        let p = plan(0, "fast").unwrap();
+        assert_eq!(
+            (p.path.as_str(), p.remodel, p.rewrites_body),
+            ("/v1/chat/completions", true, true)
+        );
+        let p = plan(1, "fast").unwrap();
+        assert_eq!(
+            p.path,
+            "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+        );
+        let p = plan(1, "smart").unwrap();
+        assert_eq!(
+            p.path,
+            "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+        );
+        assert!(p.remodel);
+        assert_eq!(
+            plan(0, "smart").unwrap_err(),
+            "The model 'smart' is not served by provider 'oa'."
+        );
+        let p = plan(0, "gpt-4o").unwrap();
+        assert!(!p.remodel && !p.rewrites_body, "a model passed as it is");
+        let p = plan(2, "claude-sonnet-4-5").unwrap();
+        assert!(!p.remodel && p.rewrites_body, "translated, not renamed");
     }
 }

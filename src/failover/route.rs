@@ -18,11 +18,10 @@ pub enum Start {
     NotServed,
 }
 
-/// Whether `provider` serves `model` ("" = no model named: any provider).
+/// Whether `provider` serves `model` ("" = no model named: any provider). An alias is served by
+/// the providers it names a model for.
 fn serves(cfg: &Config, provider: usize, model: &str) -> bool {
-    cfg.providers
-        .get(provider)
-        .is_some_and(|p| model.is_empty() || p.map_model(model).is_some())
+    provider < cfg.providers.len() && (model.is_empty() || cfg.map_model(provider, model).is_some())
 }
 
 /// The first provider that serves `model`, whose circuit lets it through (taking a half-open probe
@@ -40,10 +39,34 @@ pub fn start_reading<S: SharedStore + ?Sized>(
     model: &str,
     now: u64,
 ) -> (Start, Option<ProviderHealth>) {
+    start_where(store, cfg, now, |i| serves(cfg, i, model))
+}
+
+/// [`start_reading`] for a request passed through as it is (`passthrough_paths`): no model is
+/// mapped and nothing is translated, so only a provider that speaks the client's API serves it.
+pub fn start_speaking<S: SharedStore + ?Sized>(
+    store: &S,
+    cfg: &Config,
+    anthropic: bool,
+    now: u64,
+) -> (Start, Option<ProviderHealth>) {
+    start_where(store, cfg, now, |i| {
+        cfg.providers
+            .get(i)
+            .is_some_and(|p| p.kind.speaks_anthropic() == anthropic)
+    })
+}
+
+fn start_where<S: SharedStore + ?Sized>(
+    store: &S,
+    cfg: &Config,
+    now: u64,
+    serves: impl Fn(usize) -> bool,
+) -> (Start, Option<ProviderHealth>) {
     let mut earliest: Option<u64> = None;
     let mut first_serving = None;
     for (i, p) in cfg.providers.iter().enumerate() {
-        if !serves(cfg, i, model) {
+        if !serves(i) {
             continue;
         }
         first_serving.get_or_insert(i);
@@ -149,6 +172,38 @@ mod tests {
             start(&s, &c, "", 10_002),
             Start::Provider(1),
             "one probe only"
+        );
+    }
+
+    #[test]
+    fn an_alias_starts_on_the_first_provider_it_names_and_a_passthrough_on_the_clients_api() {
+        let s = FakeStore::new();
+        let c = cfg(r#","aliases":{"deep":{"b":"claude"},"fast":"gpt-4o"}"#);
+        assert_eq!(start(&s, &c, "deep", 0), Start::Provider(1));
+        assert_eq!(start(&s, &c, "fast", 0), Start::Provider(0));
+        cool_key(&s, &c.providers[0], 0, 5_000, CooldownReason::RateLimited).unwrap();
+        cool_key(&s, &c.providers[0], 1, 5_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "fast", 0),
+            Start::Provider(1),
+            "b serves it too"
+        );
+        assert_eq!(
+            start_speaking(&s, &c, false, 0).0,
+            Start::Exhausted {
+                retry_after_secs: 5
+            },
+            "an OpenAI path is never passed to the Anthropic provider"
+        );
+        assert_eq!(start_speaking(&s, &c, true, 0).0, Start::Provider(1));
+        let only_openai = parse(
+            br#"{"providers":[{"name":"a","type":"openai","keys":[{"id":"a1","env":"K"}]}]}"#,
+            &|_| Some("secret".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            start_speaking(&s, &only_openai, true, 0).0,
+            Start::NotServed
         );
     }
 

@@ -19,8 +19,12 @@ pub const ROW: usize = 6;
 #[derive(Debug, Clone, Copy, Hash)]
 pub struct Charge<'a> {
     pub consumer: &'a str,
-    /// Already a metric segment (`other` for a model outside the config).
+    /// Already a metric segment (`other` for a model outside the config): what the client asked
+    /// for, an alias by its own name.
     pub model: &'a str,
+    /// The model the provider was called with, as a metric segment; empty when no provider served
+    /// the request.
+    pub served: &'a str,
     /// Empty when no provider key served the request.
     pub provider: &'a str,
     pub key_id: &'a str,
@@ -53,6 +57,16 @@ impl Charge<'_> {
             add(&format!("{pk}.tokens_in"), Add::Count(input));
             add(&format!("{pk}.tokens_out"), Add::Count(output));
         }
+        if !self.provider.is_empty() && !self.served.is_empty() {
+            // Which model served what was asked for (an alias, or a model a provider renames).
+            let ms = format!(
+                "tollgate.provider.{}.model.{}.served.{}",
+                self.provider, self.model, self.served
+            );
+            add(&format!("{ms}.requests"), Add::Count(requests));
+            add(&format!("{ms}.tokens_in"), Add::Count(input));
+            add(&format!("{ms}.tokens_out"), Add::Count(output));
+        }
         add(
             &format!("tollgate.outcome.{}.requests", self.outcome),
             Add::Count(requests),
@@ -72,6 +86,7 @@ pub enum Add {
 struct ChargeKey {
     consumer: String,
     model: String,
+    served: String,
     provider: String,
     key_id: String,
     outcome: &'static str,
@@ -82,6 +97,7 @@ impl ChargeKey {
         ChargeKey {
             consumer: c.consumer.to_string(),
             model: c.model.to_string(),
+            served: c.served.to_string(),
             provider: c.provider.to_string(),
             key_id: c.key_id.to_string(),
             outcome: c.outcome,
@@ -92,6 +108,7 @@ impl ChargeKey {
         Charge {
             consumer: &self.consumer,
             model: &self.model,
+            served: &self.served,
             provider: &self.provider,
             key_id: &self.key_id,
             outcome: self.outcome,
@@ -105,6 +122,7 @@ impl Equivalent<ChargeKey> for Charge<'_> {
     fn equivalent(&self, k: &ChargeKey) -> bool {
         self.consumer == k.consumer
             && self.model == k.model
+            && self.served == k.served
             && self.provider == k.provider
             && self.key_id == k.key_id
             && self.outcome == k.outcome
@@ -416,7 +434,8 @@ mod tests {
         let mut t = Tally::default();
         let served = Charge {
             consumer: "team-a",
-            model: "gpt-4o",
+            model: "fast",
+            served: "gpt-4o",
             provider: "openai",
             key_id: "oa-1",
             outcome: "ok",
@@ -425,6 +444,7 @@ mod tests {
         t.charge(&served, [1, 20, 7, 0, 0, 1]);
         let refused = Charge {
             provider: "",
+            served: "",
             key_id: "",
             outcome: "upstream_429",
             ..served
@@ -471,8 +491,21 @@ mod tests {
         let got: HashMap<String, u64> = r.incs.into_iter().collect();
         assert_eq!(got, expected);
         assert_eq!(
-            got["tollgate.consumer.team-a.model.gpt-4o.tokens_in"], 33,
+            got["tollgate.consumer.team-a.model.fast.tokens_in"], 33,
             "summed over requests"
+        );
+        assert_eq!(
+            got["tollgate.provider.openai.model.fast.served.gpt-4o.tokens_in"], 30,
+            "what the provider that served it was asked for, and what it served"
+        );
+        assert_eq!(
+            got["tollgate.provider.openai.model.fast.served.gpt-4o.requests"],
+            2
+        );
+        assert!(
+            !got.keys()
+                .any(|k| k.contains(".served.") && !k.contains("openai")),
+            "a request no provider served names no served model"
         );
         assert_eq!(got["tollgate.outcome.ok.requests"], 2);
         assert_eq!(

@@ -11,6 +11,8 @@ use crate::store::{SharedStore, StoreError};
 pub struct Ask<'a> {
     pub consumer: &'a str,
     pub model: &'a str,
+    /// The name `prices` prices it by: the model, or for an alias the model it stands for.
+    pub priced_as: &'a str,
     pub prompt_tokens: u64,
     /// The client's max_tokens (or equivalent), if it gave one.
     pub max_tokens: Option<u64>,
@@ -43,7 +45,7 @@ pub fn limits(cfg: &Config, consumer: &str, model: &str) -> Limits {
 
 pub fn demand(cfg: &Config, ask: &Ask<'_>, output: u64) -> Demand {
     let cost = cfg
-        .price_for(ask.model)
+        .price_for(ask.priced_as)
         .map(|p| quota::cost_micro_usd(p, ask.prompt_tokens, 0, output))
         .unwrap_or(0);
     Demand {
@@ -65,7 +67,7 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
         };
     }
     let wanted = ask.max_tokens.unwrap_or(cfg.default_max_tokens);
-    let price = cfg.price_for(ask.model);
+    let price = cfg.price_for(ask.priced_as);
     // The lowering reads the same budgets the admission checks: one read, one write.
     let admitted = quota::admit_with(store, &limits, now, |budgets| {
         // Ask for no more output than the budget still allows, rather than be refused (or, for a
@@ -156,6 +158,7 @@ mod tests {
         Ask {
             consumer: "team-a",
             model: "gpt-4o",
+            priced_as: "gpt-4o",
             prompt_tokens: prompt,
             max_tokens: max,
         }
@@ -224,6 +227,7 @@ mod tests {
         let a = Ask {
             consumer: "anonymous",
             model: "",
+            priced_as: "",
             prompt_tokens: 0,
             max_tokens: None,
         };

@@ -18,6 +18,8 @@ pub mod upstream;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_models;
 
 /// What a callback tells Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

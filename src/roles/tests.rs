@@ -47,18 +47,23 @@ const CHAT: &[u8] = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","conte
 const CHAT_STREAM: &[u8] =
     br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
 
-fn client(store: &Rc<FakeStore>, path: &str, headers: &[(&str, &[u8])], body: &[u8]) -> FakeHost {
+pub(super) fn client(
+    store: &Rc<FakeStore>,
+    path: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+) -> FakeHost {
     let mut h = FakeHost::new(store.clone()).with_request("POST", path, headers);
     h.bodies.insert(Body::Request, body.to_vec());
     h
 }
 
-fn bearer(key: &str) -> Vec<u8> {
+pub(super) fn bearer(key: &str) -> Vec<u8> {
     format!("Bearer {key}").into_bytes()
 }
 
 /// The request path of the listener role as Envoy drives it: headers (held), then the body.
-fn send(l: &mut Listener, h: &mut FakeHost) -> Flow {
+pub(super) fn send(l: &mut Listener, h: &mut FakeHost) -> Flow {
     let body_len = h.bodies.get(&Body::Request).map_or(0, Vec::len);
     let mut flow = l.on_request_headers(h, body_len == 0);
     if flow == Flow::Pause {
@@ -88,7 +93,7 @@ fn on_endpoint(h: &mut FakeHost, provider: &str) {
 
 /// One upstream attempt on `provider`, answered with `status`, `headers` and `body`; returns the
 /// attempt's host (what the provider saw) after the answer went through the role.
-fn attempt(
+pub(super) fn attempt(
     lh: &FakeHost,
     provider: &str,
     attempt_no: u64,
@@ -116,7 +121,12 @@ fn attempt(
 
 /// The answer as the listener role passes it to the client, fed in `chunks`; returns the bytes the
 /// client gets.
-fn answer(l: &mut Listener, lh: &mut FakeHost, upstream: &FakeHost, chunks: &[&[u8]]) -> Vec<u8> {
+pub(super) fn answer(
+    l: &mut Listener,
+    lh: &mut FakeHost,
+    upstream: &FakeHost,
+    chunks: &[&[u8]],
+) -> Vec<u8> {
     lh.maps.insert(
         Map::ResponseHeaders,
         upstream
@@ -147,7 +157,7 @@ fn answer(l: &mut Listener, lh: &mut FakeHost, upstream: &FakeHost, chunks: &[&[
 }
 
 /// A field of the access-log record (`wasm.tollgate`, logfmt).
-fn logged(h: &FakeHost, field: &str) -> Option<String> {
+pub(super) fn logged(h: &FakeHost, field: &str) -> Option<String> {
     let record = h.state(super::listener::RECORD)?;
     record
         .split(' ')
@@ -155,7 +165,7 @@ fn logged(h: &FakeHost, field: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-fn fixture(name: &str) -> Vec<u8> {
+pub(super) fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(format!(
         "{}/tests/fixtures/{name}",
         env!("CARGO_MANIFEST_DIR")
@@ -163,7 +173,7 @@ fn fixture(name: &str) -> Vec<u8> {
     .unwrap()
 }
 
-fn json(b: &[u8]) -> Value {
+pub(super) fn json(b: &[u8]) -> Value {
     serde_json::from_slice(b).unwrap()
 }
 

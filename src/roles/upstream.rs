@@ -54,6 +54,8 @@ pub struct Upstream {
     provider: Option<usize>,
     key: Option<usize>,
     translation: Translation,
+    /// The body must be read to rewrite it (translated, or another model name).
+    rewrites: bool,
     /// The attempt's headers went on towards the provider.
     sent: bool,
     status: u16,
@@ -77,6 +79,7 @@ impl Upstream {
             provider: None,
             key: None,
             translation: Translation::None,
+            rewrites: false,
             sent: false,
             status: 0,
             scrub: false,
@@ -153,6 +156,7 @@ impl Upstream {
         // Every attempt starts again from the request as the client sent it: the header map Envoy
         // hands to this attempt is the one the previous attempt rewrote.
         let current: (String, String);
+        let direct = planned.is_none();
         let plan = match planned {
             Some(plan) => plan,
             None => {
@@ -198,11 +202,21 @@ impl Upstream {
             Ok(t) => t,
             Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
         };
-        let (path, drop_length) =
-            match rewrite::attempt_plan(p, self.api, plan.path, Some(plan.model), plan.rewritten) {
-                Ok(x) => x,
-                Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
-            };
+        let attempt = match rewrite::attempt_plan(
+            &cfg,
+            pi,
+            self.api,
+            plan.path,
+            Some(plan.model),
+            plan.rewritten,
+        ) {
+            Ok(x) => x,
+            Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
+        };
+        // Without a plan (a direct caller of the cluster) the model is known only from the body.
+        self.rewrites = self.translation != Translation::None
+            || attempt.remodel
+            || (direct && (!p.models.is_empty() || !cfg.aliases.is_empty()));
         // The first attempt goes out milliseconds after the listener read the clock.
         let now = match plan.at_ms {
             Some(t) if !retry => t,
@@ -289,8 +303,8 @@ impl Upstream {
             None if !plan.authority.is_empty() => map.set(":authority", plan.authority),
             None => {}
         }
-        map.set(":path", &path);
-        if drop_length {
+        map.set(":path", &attempt.path);
+        if attempt.rewrites_body {
             map.remove("content-length");
         }
         if !map.apply(host, Map::RequestHeaders) {
@@ -307,10 +321,6 @@ impl Upstream {
         Flow::Continue
     }
 
-    fn needs_body(&self, p: &Provider) -> bool {
-        self.translation != Translation::None || !p.models.is_empty()
-    }
-
     pub fn on_request_body<H: Host>(
         &mut self,
         host: &mut H,
@@ -318,27 +328,27 @@ impl Upstream {
         end_of_stream: bool,
     ) -> Flow {
         let cfg = self.cfg.clone();
-        let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) else {
+        let Some((pi, p)) = self.provider.and_then(|i| Some((i, cfg.providers.get(i)?))) else {
             return Flow::Continue;
         };
-        if !self.needs_body(p) {
+        if !self.rewrites {
             return Flow::Continue;
         }
         if !end_of_stream {
             return Flow::Pause;
         }
         let body = host.body(Body::Request, size);
-        self.rewrite(host, p, &body)
+        self.rewrite(host, pi, p, &body)
     }
 
     /// Rewrites the buffered request body for the provider (its model name, its API).
-    fn rewrite<H: Host>(&mut self, host: &mut H, p: &Provider, body: &[u8]) -> Flow {
+    fn rewrite<H: Host>(&mut self, host: &mut H, pi: usize, p: &Provider, body: &[u8]) -> Flow {
         let client_model = match request::inspect(self.api, body) {
             Ok(i) => i.model.unwrap_or_default(),
             // The listener role validated it already; a direct caller of the cluster gets the same 400.
             Err(e) => return self.local(host, ErrorKind::InvalidRequest, 400, &e.to_string(), &[]),
         };
-        let provider_model = match p.map_model(&client_model) {
+        let provider_model = match self.cfg.map_model(pi, &client_model) {
             Some(m) => m.to_string(),
             None => {
                 let msg = format!(

@@ -111,6 +111,10 @@ impl Listener {
             .unwrap_or_default()
             .to_ascii_lowercase();
         let sse = content_type.contains("text/event-stream");
+        if self.adm.passthrough && !content_type.contains("json") {
+            // A file or audio passed through: no usage to read in it, so nothing is kept.
+            self.ans.json_overflow = true;
+        }
         let translation = self
             .answering_provider()
             .and_then(|p| rewrite::translation(self.api, p.kind).ok())

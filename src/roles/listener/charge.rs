@@ -3,8 +3,8 @@
 //! record. The provider's own usage when it gave one; otherwise an estimate, flagged as such.
 
 use super::Listener;
-use crate::count::estimate;
 use crate::count::usage::{usage_from_json, Usage};
+use crate::count::{estimate, metric_segment};
 use crate::host::prof::span;
 use crate::host::tally::Charge;
 use crate::host::Host;
@@ -33,10 +33,14 @@ impl Listener {
             u64::from(estimated),
         ];
         let settling = span("listener settle");
+        let answered_by = self.answered_by();
         if !self.adm.reservations.is_empty() {
+            let priced_as = self
+                .cfg
+                .priced_as(answered_by.unwrap_or(self.adm.start), &self.adm.model);
             let cost = self
                 .cfg
-                .price_for(self.adm.model.as_str())
+                .price_for(priced_as)
                 .map(|p| quota::cost_micro_usd(p, usage.input, usage.cache_read, usage.output))
                 .unwrap_or(0);
             let actual = Demand {
@@ -63,11 +67,21 @@ impl Listener {
             (false, _) if self.ans.status >= 500 => "upstream_5xx",
             (false, _) => "upstream_4xx",
         };
-        // Per consumer x model, per provider key, by outcome, and the usage totals.
+        // Per consumer x model, per provider key, by outcome, the model that served it, and the
+        // usage totals.
+        let served = self.served_model(answered_by);
+        let served_label = if served.is_empty() {
+            String::new()
+        } else if self.cfg.access.names_model(served) || self.cfg.is_known_model(served) {
+            metric_segment(served)
+        } else {
+            "other".to_string()
+        };
         host.charge(
             &Charge {
                 consumer: &self.adm.consumer,
                 model: &self.adm.model_label,
+                served: &served_label,
                 provider: &self.ans.provider,
                 key_id: &self.ans.key_id,
                 outcome,
@@ -95,15 +109,36 @@ impl Listener {
         }
     }
 
+    /// The provider that answered (configuration order), as the attempt named it.
+    fn answered_by(&self) -> Option<usize> {
+        if self.ans.provider.is_empty() {
+            return None;
+        }
+        self.cfg.provider(&self.ans.provider).map(|(i, _)| i)
+    }
+
+    /// The model the provider that answered was called with: for an alias, or a model its `models`
+    /// map renames, not the one the client named. Empty when no provider answered.
+    fn served_model(&self, answered_by: Option<usize>) -> &str {
+        match answered_by {
+            Some(_) if self.adm.passthrough => &self.adm.model,
+            Some(i) => self.cfg.map_model(i, &self.adm.model).unwrap_or_default(),
+            None => "",
+        }
+    }
+
     /// The access-log record, one filter-state value (`%FILTER_STATE(wasm.tollgate:PLAIN)%`), in
-    /// logfmt: `consumer=team-a model=gpt-4o provider=openai key=oa-1 in=24 out=8 usage=exact`.
+    /// logfmt: `consumer=team-a model=fast served=gpt-4o-mini provider=openai key=oa-1 in=24 out=8
+    /// usage=exact` (`model` as the client named it, `served` as the provider was called).
     /// Fields not known (a refused request was never charged) read `-`.
     pub(super) fn write_record<H: Host>(&self, host: &mut H, charged: Option<(Usage, bool)>) {
         let mut record = String::with_capacity(128);
         let model = self.adm.model.as_str();
+        let served = self.served_model(self.answered_by());
         for (key, value) in [
             ("consumer=", self.adm.consumer.as_str()),
             (" model=", model),
+            (" served=", served),
             (" provider=", &self.ans.provider),
             (" key=", &self.ans.key_id),
         ] {
@@ -124,6 +159,15 @@ impl Listener {
     /// otherwise an estimate from the request and whatever text was received. Errors from the
     /// provider are not billed: they charge the request only.
     fn final_usage(&mut self, ok: bool, torn_down: bool) -> (Usage, bool) {
+        if self.adm.passthrough {
+            // Counted as one request: tokens only where the provider's own answer reports them.
+            let reported = match self.ans.sse.as_ref() {
+                Some(_) => self.ans.stream_usage.usage(),
+                None if ok && !self.ans.json_overflow => usage_from_json(&self.ans.json),
+                None => None,
+            };
+            return (reported.unwrap_or_default(), false);
+        }
         if let Some(sse) = self.ans.sse.as_mut() {
             if !self.ans.response_complete {
                 let su = &mut self.ans.stream_usage;

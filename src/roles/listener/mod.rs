@@ -11,6 +11,7 @@
 pub mod admission;
 mod answer;
 mod charge;
+mod models;
 
 use super::plan::{self, Plan};
 use super::refused::{self, Refused};
@@ -22,6 +23,7 @@ use crate::config::{Config, Consumers};
 use crate::count::usage::ApiKind;
 use crate::host::prof::span;
 use crate::host::{Body, Edits, Host, Map};
+use admission::path::PathUse;
 use admission::{Admission, Incoming, Refusal, Stop};
 use answer::Answer;
 use std::rc::Rc;
@@ -115,6 +117,12 @@ impl Listener {
                 return status::serve(host, &self.cfg, &hdrs);
             }
         }
+        let method = hdrs.get_str(":method").unwrap_or_default();
+        let path_use = admission::path::classify(&self.cfg, method, &self.path, self.api);
+        if matches!(path_use, PathUse::Models(_)) && hdrs.get_str("anthropic-version").is_some() {
+            // The Anthropic SDK asks for the same path as OpenAI's, and gets its own shape.
+            self.client = ClientApi::Anthropic;
+        }
         let identified = admission::consumer::identify(&self.cfg, &hdrs);
         // Credentials and tollgate's internal headers leave the request, by name and whatever
         // their bytes: neither a provider nor an access-log line sees them.
@@ -138,6 +146,12 @@ impl Listener {
         match identified {
             Ok(c) => self.adm.consumer = c,
             Err(r) => return self.reject(host, &r),
+        }
+        match path_use {
+            PathUse::Counted => {}
+            PathUse::Passthrough => self.adm.passthrough = true,
+            PathUse::Models(id) => return self.list_models(host, id.as_deref()),
+            PathUse::Refused(r) => return self.reject(host, &r),
         }
         if let Some(len) = self
             .request_headers
@@ -198,6 +212,8 @@ impl Listener {
         drop(inspect);
         match info {
             Ok(i) => self.adm.info = i,
+            // A body passed through need not be JSON (audio, files): it goes as it is.
+            Err(_) if self.adm.passthrough => {}
             Err(e) => {
                 let r =
                     Refusal::new(ErrorKind::InvalidRequest, e.to_string()).code("invalid_request");
@@ -268,7 +284,12 @@ impl Listener {
         let plan = Plan {
             path: &self.path,
             authority: &self.authority,
-            model: &self.adm.model,
+            // A request passed through is sent as it is: no model of it is mapped.
+            model: if self.adm.passthrough {
+                ""
+            } else {
+                &self.adm.model
+            },
             rewritten: self.adm.rewritten.is_some(),
             consumer: &self.adm.consumer,
             start: health.as_ref().map(|(i, h)| (*i, h.as_slice())),

@@ -6,17 +6,21 @@
 //! order they run:
 //!
 //! 1. [`model`]: the model the client named, and the name it goes by in metrics;
-//! 2. [`route`]: the provider the request starts on (the first that serves the model and can take
+//! 2. [`allow`]: whether the consumer may use that model;
+//! 3. [`route`]: the provider the request starts on (the first that serves the model and can take
 //!    it now), and whether the request can be sent there as the client wrote it;
-//! 3. [`quota`]: the consumer's budgets, reserved against the request's estimate.
+//! 4. [`quota`]: the consumer's budgets, reserved against the request's estimate.
 //!
-//! The consumer ([`consumer`]) is known earlier, from the request headers alone, and is an input
-//! of the walk. A step that is not configured returns at once: no host call, no shared-data read.
+//! The consumer ([`consumer`]) and what the path is for ([`path`]: an API tollgate counts, the
+//! gateway's own model list, a path passed through, or one refused) are known earlier, from the
+//! request headers alone, and are inputs of the walk. A step that is not configured returns at once: no host call, no shared-data read.
 //! A step that takes something a later step's refusal must give back (a reservation, a slot) says
 //! so in [`release`], which the walk calls when it stops.
 
+pub mod allow;
 pub mod consumer;
 pub mod model;
+pub mod path;
 pub mod quota;
 pub mod route;
 
@@ -52,6 +56,9 @@ pub struct Admission {
     /// the first attempt chooses its key from that reading instead of reading it again.
     pub start: usize,
     pub start_health: Option<ProviderHealth>,
+    /// A path passed through as it is (`passthrough_paths`): counted as one request, routed by the
+    /// client's API alone (no model mapped, nothing translated).
+    pub passthrough: bool,
     /// The body as it goes on, when a step changed it.
     pub rewritten: Option<Vec<u8>>,
     /// Admitted against the consumer's budgets: the answer is charged.
@@ -145,6 +152,7 @@ pub fn walk<H: Host>(
 ) -> Result<(), Stop> {
     let walked = (|| {
         model::check(incoming, adm)?;
+        allow::check(incoming, adm)?;
         route::check(host, incoming, adm)?;
         quota::check(host, incoming, adm)?;
         Ok(())

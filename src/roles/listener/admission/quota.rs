@@ -20,9 +20,11 @@ pub fn check<H: Host>(
     adm: &mut Admission,
 ) -> Result<(), Stop> {
     let cfg = incoming.cfg;
+    // An alias is priced as the model it stands for on the provider the request starts on.
+    let priced_as = cfg.priced_as(adm.start, &adm.model);
     if !adm.model.is_empty()
         && cfg.has_cost_limit(&adm.consumer, &adm.model)
-        && cfg.price_for(&adm.model).is_none()
+        && cfg.price_for(priced_as).is_none()
     {
         let msg = format!(
             "The model '{}' has no price configured, and consumer '{}' has a cost budget: ask the gateway's operator to add it to 'prices' (or set 'default_price').",
@@ -33,11 +35,18 @@ pub fn check<H: Host>(
             .into());
     }
     let _admitting = span("listener admit");
+    // A request passed through is counted as one request: no tokens are reserved for it.
+    let (prompt_tokens, max_tokens) = if adm.passthrough {
+        (0, Some(0))
+    } else {
+        (adm.info.prompt_tokens_estimate, adm.info.max_tokens)
+    };
     let ask = admission::Ask {
         consumer: &adm.consumer,
         model: &adm.model,
-        prompt_tokens: adm.info.prompt_tokens_estimate,
-        max_tokens: adm.info.max_tokens,
+        priced_as,
+        prompt_tokens,
+        max_tokens,
     };
     let now = incoming.now;
     match admission::admit(host.store(), cfg, &ask, now) {
@@ -154,5 +163,39 @@ mod tests {
         );
         assert!(r.headers.iter().any(|(k, _)| *k == "retry-after"));
         assert!(!adm.metered);
+    }
+
+    #[test]
+    fn an_alias_is_priced_as_the_model_it_stands_for_on_the_provider_it_starts_on() {
+        let cfg = config(
+            r#"{"aliases":{"fast":"gpt-4o-mini","smart":{"oa":"gpt-4o","an":"claude-sonnet-4-5"}},
+                "consumers":{"list":[{"name":"c","key_env":"K","limits":[{"metric":"cost_usd","amount":1,"window":"1d"}]}]},
+                "prices":{"gpt-4o-mini":{"input":0.15,"output":0.6},"claude-sonnet-4-5":{"input":3,"output":15}},
+                "providers":[{"name":"oa","type":"openai","keys":[{"id":"k","env":"K"}]},
+                             {"name":"an","type":"anthropic","keys":[{"id":"k","env":"K"}]}]}"#,
+        );
+        let mut h = FakeHost::new(Rc::new(FakeStore::new()));
+        let ask = |h: &mut FakeHost, model: &str, start: usize| {
+            let body =
+                format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+            let mut adm = admission("c", body.as_bytes());
+            adm.start = start;
+            check(h, &incoming(&cfg, body.as_bytes()), &mut adm).map(|_| adm.reservations.len())
+        };
+        assert_eq!(
+            ask(&mut h, "fast", 0).ok(),
+            Some(1),
+            "priced as gpt-4o-mini"
+        );
+        assert_eq!(ask(&mut h, "fast", 1).ok(), Some(1), "on either provider");
+        assert_eq!(
+            ask(&mut h, "smart", 1).ok(),
+            Some(1),
+            "as claude-sonnet-4-5 there"
+        );
+        let Err(Stop::Refuse(r)) = ask(&mut h, "smart", 0) else {
+            panic!("gpt-4o has no price")
+        };
+        assert_eq!(r.code, Some("model_not_priced"));
     }
 }

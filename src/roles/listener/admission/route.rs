@@ -4,7 +4,7 @@
 //! named, before any attempt leaves).
 
 use super::{Admission, Incoming, Refusal, Stop};
-use crate::api::errors::ErrorKind;
+use crate::api::errors::{ClientApi, ErrorKind};
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::route::{self, Start};
 use crate::failover::translate;
@@ -17,13 +17,23 @@ pub fn check<H: Host>(
     adm: &mut Admission,
 ) -> Result<(), Stop> {
     let routing = span("listener route");
-    let (start, health) =
-        route::start_reading(host.store(), incoming.cfg, &adm.model, incoming.now);
+    let (start, health) = if adm.passthrough {
+        let anthropic = incoming.client == ClientApi::Anthropic;
+        route::start_speaking(host.store(), incoming.cfg, anthropic, incoming.now)
+    } else {
+        route::start_reading(host.store(), incoming.cfg, &adm.model, incoming.now)
+    };
     drop(routing);
     match start {
         Start::Provider(i) => {
             adm.start = i;
             adm.start_health = health;
+        }
+        Start::NotServed if adm.passthrough => {
+            let msg = "No provider of this gateway speaks this client's API: the request cannot be passed through.";
+            return Err(Refusal::new(ErrorKind::NotFound, msg)
+                .outcome("rejected_path")
+                .into());
         }
         Start::NotServed => {
             let msg = format!("The model '{}' is not served by this gateway.", adm.model);
@@ -42,7 +52,7 @@ pub fn check<H: Host>(
                 .into());
         }
     }
-    if let Some(body) = incoming.body {
+    if let (Some(body), false) = (incoming.body, adm.passthrough) {
         translatable(incoming, adm, body)?;
     }
     Ok(())
@@ -52,7 +62,7 @@ fn translatable(incoming: &Incoming<'_>, adm: &Admission, body: &[u8]) -> Result
     let Some(p) = incoming.cfg.providers.get(adm.start) else {
         return Ok(());
     };
-    let model = p.map_model(&adm.model).unwrap_or("");
+    let model = incoming.cfg.map_model(adm.start, &adm.model).unwrap_or("");
     let result = match rewrite::translation(incoming.api, p.kind) {
         Ok(Translation::ChatToMessages) => {
             translate::chat_request_to_messages(body, model, incoming.cfg.default_max_tokens)
