@@ -24,7 +24,10 @@ MOCK_BIN = ROOT / "target" / "release" / "mock-provider"
 
 STATS_TAGS = [
     {"tag_name": "consumer", "regex": r"^wasmcustom\.tollgate\.consumer\.((.+?)\.)(model|limit)\."},
-    {"tag_name": "model", "regex": r"^wasmcustom\.tollgate\.consumer\.[^.]+\.model\.((.+?)\.)"},
+    # The model asked for (an alias by its own name), per consumer and per provider that served it.
+    {"tag_name": "model", "regex": r"^wasmcustom\.tollgate\.(?:consumer|provider)\.[^.]+\.model\.((.+?)\.)"},
+    # The model the provider was called with for it.
+    {"tag_name": "served_model", "regex": r"^wasmcustom\.tollgate\.provider\.[^.]+\.model\.[^.]+\.served\.((.+?)\.)"},
     {"tag_name": "limit", "regex": r"^wasmcustom\.tollgate\.consumer\.[^.]+\.limit\.((.+?)\.)"},
     {"tag_name": "provider", "regex": r"^wasmcustom\.tollgate\.provider\.((.+?)\.)"},
     {"tag_name": "key_id", "regex": r"^wasmcustom\.tollgate\.provider\.[^.]+\.key\.((.+?)\.)"},

@@ -821,7 +821,7 @@ def test_a_listener_config_without_allow_on_headers_stop_iteration_fails_loudly_
     """The listener role holds request headers while it reads the body; without
     `allow_on_headers_stop_iteration: true` Envoy never hands it the body. A user who upgrades the
     module but not the config must get an error and a log line naming the setting, not a hang."""
-    plugin = {"providers": [openai_provider()]}
+    plugin = {"providers": [openai_provider()], "passthrough_paths": ["/v1/files"]}
     endpoints = [{"provider": "openai", "port": mocks["openai"].port, "priority": 0}]
     cfg = gateway_config(plugin, endpoints, listener_port=free_port(), admin_port=free_port(),
                          access_log=str(tmp_path / "access.log"), env_keys=sorted(KEYS))
@@ -847,8 +847,9 @@ def test_a_listener_config_without_allow_on_headers_stop_iteration_fails_loudly_
         assert took < 15, f"answered after {took:.1f}s"
         e.wait_log("allow_on_headers_stop_iteration: true", timeout=5)
         assert mocks["openai"].requests() == [], "the provider was never called"
-        # A request without a body is not held: it reaches the provider (the mock has no /v1/models).
-        r = request(e.port, "GET", "/v1/models", headers={"authorization": "Bearer x"})
+        # A request without a body is not held: it reaches the provider (a path passed through,
+        # which the mock does not serve).
+        r = request(e.port, "GET", "/v1/files", headers={"authorization": "Bearer x"})
         assert r.status == 404 and b"Invalid URL" in r.body, r
     finally:
         e.stop()

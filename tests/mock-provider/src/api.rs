@@ -17,6 +17,8 @@ pub enum Endpoint {
     Chat,
     Messages,
     Embeddings,
+    /// Anthropic's `/v1/messages/count_tokens`: `{"input_tokens": n}`.
+    CountTokens,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +103,8 @@ fn route(req: &Request) -> Result<Target, (Flavor, String)> {
         (Flavor::OpenAi, Endpoint::Chat)
     } else if path.ends_with("/messages") {
         (Flavor::Anthropic, Endpoint::Messages)
+    } else if path.ends_with("/messages/count_tokens") {
+        (Flavor::Anthropic, Endpoint::CountTokens)
     } else if path.ends_with("/embeddings") {
         (Flavor::OpenAi, Endpoint::Embeddings)
     } else {
@@ -308,6 +312,9 @@ fn answer_unscripted(target: &Target, req: &Request, rule: &Rule, status: u16, c
             .unwrap_or_else(|| default.to_string()),
     };
     let events = match (target.endpoint, stream) {
+        (Endpoint::CountTokens, _) => {
+            return json_reply(200, &json!({"input_tokens": computed_input}), None, ctx)
+        }
         (Endpoint::Embeddings, _) => {
             return embeddings(&body, &model("text-embedding-mock"), &a, target, ctx)
         }
@@ -761,6 +768,12 @@ mod tests {
         assert_eq!(r("/v1/chat/completions").unwrap().flavor, Flavor::OpenAi);
         assert_eq!(r("/v1/messages").unwrap().endpoint, Endpoint::Messages);
         assert_eq!(r("/v1/embeddings").unwrap().endpoint, Endpoint::Embeddings);
+        assert_eq!(
+            r("/v1/messages/count_tokens").unwrap().endpoint,
+            Endpoint::CountTokens
+        );
+        let counted = full_json(&run("/v1/messages/count_tokens", CHAT, None));
+        assert_eq!(counted, json!({"input_tokens": (CHAT.len() / 10) as u64}));
         let az = r("/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21").unwrap();
         assert_eq!(
             (az.flavor, az.deployment.as_deref()),
