@@ -74,6 +74,7 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
         .prices
         .keys()
         .chain(cfg.providers.iter().flat_map(|p| p.models.keys()))
+        .chain(cfg.aliases.names())
         .map(String::as_str)
         .chain(["other", "none"])
         .collect();

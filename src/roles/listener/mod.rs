@@ -117,8 +117,7 @@ impl Listener {
                 return status::serve(host, &self.cfg, &hdrs);
             }
         }
-        let method = hdrs.get_str(":method").unwrap_or_default();
-        let path_use = admission::path::classify(&self.cfg, method, &self.path, self.api);
+        let path_use = admission::path::classify(&self.cfg, &hdrs, &self.path, self.api);
         if matches!(path_use, PathUse::Models(_)) && hdrs.get_str("anthropic-version").is_some() {
             // The Anthropic SDK asks for the same path as OpenAI's, and gets its own shape.
             self.client = ClientApi::Anthropic;

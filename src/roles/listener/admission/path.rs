@@ -13,6 +13,7 @@ use crate::api::errors::ErrorKind;
 use crate::api::models::percent_decoded;
 use crate::config::Config;
 use crate::count::usage::ApiKind;
+use crate::host::Headers;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum PathUse {
@@ -28,10 +29,12 @@ pub enum PathUse {
 
 const MODELS: &str = "/v1/models";
 
-pub fn classify(cfg: &Config, method: &str, path: &str, api: ApiKind) -> PathUse {
+/// `hdrs` are the request headers (only read for a path tollgate does not count).
+pub fn classify(cfg: &Config, hdrs: &Headers, path: &str, api: ApiKind) -> PathUse {
     if api != ApiKind::Other {
         return PathUse::Counted;
     }
+    let method = hdrs.get_str(":method").unwrap_or_default();
     let bare = path.split(['?', '#']).next().unwrap_or_default();
     if method == "GET" {
         if let Some(rest) = bare.strip_prefix(MODELS) {
@@ -67,7 +70,7 @@ mod tests {
                 "providers":[{"name":"oa","type":"openai","keys":[{"id":"k","env":"K"}]}]}"#,
         );
         let use_of =
-            |method: &str, path: &str| classify(&cfg, method, path, ApiKind::from_path(path));
+            |method: &str, path: &str| classify(&cfg, &get(method), path, ApiKind::from_path(path));
         for p in [
             "/v1/chat/completions",
             "/v1/messages",
@@ -110,6 +113,10 @@ mod tests {
         }
     }
 
+    fn get(method: &str) -> Headers {
+        Headers::of([(&b":method"[..], method.as_bytes())].into_iter())
+    }
+
     fn refused(u: PathUse) -> bool {
         matches!(u, PathUse::Refused(_))
     }
@@ -120,7 +127,8 @@ mod tests {
             r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k","env":"K"}]}]}"#,
         );
         let path = "/v1/images/generations?api_key=sk-x";
-        let PathUse::Refused(r) = classify(&cfg, "POST", path, ApiKind::from_path(path)) else {
+        let PathUse::Refused(r) = classify(&cfg, &get("POST"), path, ApiKind::from_path(path))
+        else {
             panic!("not refused")
         };
         assert_eq!(
