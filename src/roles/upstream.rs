@@ -213,10 +213,13 @@ impl Upstream {
             Ok(x) => x,
             Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
         };
-        // Without a plan (a direct caller of the cluster) the model is known only from the body.
+        // Without a plan (a direct caller of the cluster) the model is known only from the body. A
+        // path tollgate does not count goes as it is.
         self.rewrites = self.translation != Translation::None
             || attempt.remodel
-            || (direct && (!p.models.is_empty() || !cfg.aliases.is_empty()));
+            || (direct
+                && self.api != ApiKind::Other
+                && (!p.models.is_empty() || !cfg.aliases.is_empty()));
         // The first attempt goes out milliseconds after the listener read the clock.
         let now = match plan.at_ms {
             Some(t) if !retry => t,
