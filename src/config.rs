@@ -21,6 +21,10 @@
 //! SHA-256 digests. An `sds` key is only the name of a secret that Envoy keeps and injects itself:
 //! its value never enters the VM.
 
+mod models;
+
+pub use models::{Models, Window};
+
 use crate::limit::consumer_key::{self, KeyDigest};
 use crate::limit::quota::{Limit, Metric, Price};
 use core::fmt;
@@ -178,6 +182,8 @@ pub struct Consumer {
     pub key_digest: Option<[u8; 32]>,
     pub limits: Vec<Limit>,
     pub model_limits: HashMap<String, Vec<Limit>>,
+    /// Trim this consumer's conversations that outgrow a model's window ([`models`]).
+    pub trim_oldest: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +230,8 @@ pub struct Config {
     pub failure_mode: FailureMode,
     pub sticky_header: Option<String>,
     pub status: Option<StatusConfig>,
+    /// Context windows by model ([`models`]).
+    pub models: Models,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
     pub warnings: Vec<String>,
     /// Derived from `providers` once, at parse: both are asked on every request.
@@ -279,6 +287,7 @@ impl Config {
     /// metric names, so that clients cannot grow either without bound.
     pub fn is_known_model(&self, model: &str) -> bool {
         self.prices.contains_key(model)
+            || self.models.contains(model)
             || self.providers.iter().any(|p| p.models.contains_key(model))
             || match &self.consumers {
                 Consumers::Anonymous => false,
@@ -325,6 +334,7 @@ struct RawConfig {
     sticky_header: Option<String>,
     status: Option<Object<RawStatus>>,
     probation: Option<Object<RawProbation>>,
+    models: Option<models::RawModels>,
 }
 
 #[derive(Deserialize)]
@@ -377,6 +387,7 @@ struct RawConsumer {
     key_env: Option<String>,
     limits: Option<Vec<Object<RawLimit>>>,
     model_limits: Option<BTreeMap<String, Option<Vec<Object<RawLimit>>>>>,
+    trim_oldest: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -696,6 +707,14 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         return Err(err("default_max_tokens", "must be positive"));
     }
     let status = raw.status.map(|Object(s)| status(s, env)).transpose()?;
+    let lower_max_tokens = raw.lower_max_tokens.unwrap_or(false);
+    let models = models::models(
+        raw.models,
+        &consumers,
+        default_max_tokens,
+        lower_max_tokens,
+        &mut warnings,
+    )?;
 
     let sds_keys = providers
         .iter()
@@ -714,12 +733,13 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         prices,
         default_price,
         default_max_tokens,
-        lower_max_tokens: raw.lower_max_tokens.unwrap_or(false),
+        lower_max_tokens,
         max_request_bytes,
         max_sse_event_bytes: usize::try_from(max_sse_event_bytes).unwrap_or(usize::MAX),
         failure_mode: raw.failure_mode.map(|Choice(m)| m).unwrap_or_default(),
         sticky_header: raw.sticky_header.map(|h| h.to_ascii_lowercase()),
         status,
+        models,
         warnings,
     })
 }
@@ -950,6 +970,7 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
             key_digest,
             limits: own,
             model_limits,
+            trim_oldest: c.trim_oldest.unwrap_or(false),
         });
     }
     match rc.trusted_header {
@@ -1328,14 +1349,14 @@ mod tests {
     fn unknown_fields_are_refused_with_their_path_and_the_accepted_names() {
         const LIMIT: &str = "expected one of: metric, amount, window";
         let cases: &[(&str, &str, String)] = &[
-            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation".into()),
+            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, models".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models, probation".into()),
             ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
             (r#""consumers":{"header":"x"},"#, "", "consumers.header: unknown field, expected one of: trusted_header, list".into()),
-            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits".into()),
+            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits, trim_oldest".into()),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","limits":[{"metrc":"requests"}]}]},"#, "", format!("consumers.list[0].limits[0].metrc: unknown field, {LIMIT}")),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","model_limits":{"gpt-4o":[{"metric":"requests","amount":1,"window":"1m"},{"windw":"1m"}]}}]},"#, "", format!("consumers.list[0].model_limits.gpt-4o[1].windw: unknown field, {LIMIT}")),
         ];

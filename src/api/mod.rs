@@ -4,3 +4,4 @@ pub mod errors;
 pub mod headers;
 pub mod request;
 pub(crate) mod splice;
+pub mod trim;

@@ -8,7 +8,10 @@
 //! 1. [`model`]: the model the client named, and the name it goes by in metrics;
 //! 2. [`route`]: the provider the request starts on (the first that serves the model and can take
 //!    it now), and whether the request can be sent there as the client wrote it;
-//! 3. [`quota`]: the consumer's budgets, reserved against the request's estimate.
+//! 3. [`context`]: the model's context window: the request refused, or fitted to it where the
+//!    configuration allows (`max_tokens` lowered, the oldest turns dropped);
+//! 4. [`quota`]: the consumer's budgets, reserved against the request's estimate (as the steps
+//!    before left it: a trimmed prompt, a lowered `max_tokens`).
 //!
 //! The consumer ([`consumer`]) is known earlier, from the request headers alone, and is an input
 //! of the walk. A step that is not configured returns at once: no host call, no shared-data read.
@@ -16,6 +19,7 @@
 //! so in [`release`], which the walk calls when it stops.
 
 pub mod consumer;
+pub mod context;
 pub mod model;
 pub mod quota;
 pub mod route;
@@ -54,6 +58,8 @@ pub struct Admission {
     pub start_health: Option<ProviderHealth>,
     /// The body as it goes on, when a step changed it.
     pub rewritten: Option<Vec<u8>>,
+    /// Messages the context step dropped (the answer says how many).
+    pub trimmed_messages: usize,
     /// Admitted against the consumer's budgets: the answer is charged.
     pub metered: bool,
     pub reservations: Vec<Reservation>,
@@ -84,6 +90,8 @@ pub struct Refusal {
     pub message: String,
     /// OpenAI's `error.code`.
     pub code: Option<&'static str>,
+    /// OpenAI's `error.param`: the field at fault.
+    pub param: Option<&'static str>,
     /// OpenAI's `error.type` where it is not the kind's own (a 429 names the exhausted limit).
     pub openai_type: Option<&'static str>,
     pub headers: Vec<(&'static str, String)>,
@@ -103,6 +111,7 @@ impl Refusal {
             kind,
             message: message.into(),
             code: None,
+            param: None,
             openai_type: None,
             headers: Vec::new(),
             outcome,
@@ -111,6 +120,11 @@ impl Refusal {
 
     pub fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
+        self
+    }
+
+    pub fn param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
         self
     }
 
@@ -146,6 +160,7 @@ pub fn walk<H: Host>(
     let walked = (|| {
         model::check(incoming, adm)?;
         route::check(host, incoming, adm)?;
+        context::check(host, incoming, adm)?;
         quota::check(host, incoming, adm)?;
         Ok(())
     })();
