@@ -477,6 +477,68 @@ mod tests {
         assert!((kept.len() - 1).is_multiple_of(4));
     }
 
+    /// The whole walk: the context step, then the quota step on the body and estimate it left.
+    fn walked(budget: u64, body: &[u8]) -> (Result<(), Stop>, Admission) {
+        let cfg = config(&format!(
+            r#"{{"consumers":{{"list":[{{"name":"c","key_env":"K","limits":[{{"metric":"total_tokens","amount":{budget},"window":"1m"}}]}}]}},
+                "providers":[{{"name":"oa","type":"openai","keys":[{{"id":"k","env":"K"}}]}}],
+                "models":{{"small":{{"context_window":1000,"trim_oldest":true}}}},"lower_max_tokens":true}}"#
+        ));
+        let mut h = FakeHost::new(Rc::new(FakeStore::new()));
+        let mut adm = admission("c", body);
+        let r = super::super::walk(&mut h, &incoming(&cfg, body), &mut adm);
+        (r, adm)
+    }
+
+    fn max_tokens_sent(adm: &Admission) -> Value {
+        serde_json::from_slice::<Value>(adm.rewritten.as_deref().unwrap()).unwrap()["max_tokens"]
+            .clone()
+    }
+
+    #[test]
+    fn the_quota_step_lowers_further_from_what_this_step_left_and_the_smaller_wins() {
+        let b = body("small", 500, Some(800));
+        // The window leaves 400 for the answer; a budget of 10,000 would allow more: 400 stays.
+        let (r, adm) = walked(10_000, &b);
+        assert!(r.is_ok());
+        assert_eq!(
+            (adm.info.max_tokens, max_tokens_sent(&adm)),
+            (Some(400), json!(400))
+        );
+        assert_eq!(adm.reservations[0].reserved, 500 + 400);
+        // A budget of 700 allows 200: the quota step lowers the body the context step wrote.
+        let (r, adm) = walked(700, &b);
+        assert!(r.is_ok());
+        assert_eq!(max_tokens_sent(&adm), json!(200));
+        assert_eq!(adm.reservations[0].reserved, 700);
+    }
+
+    #[test]
+    fn the_quota_step_reserves_the_trimmed_prompt() {
+        let mut b = conversation(30);
+        b["model"] = json!("small");
+        let b = b.to_string();
+        let sent = inspect(ApiKind::ChatCompletions, b.as_bytes())
+            .unwrap()
+            .prompt_tokens_estimate;
+        let (r, adm) = walked(1_000, b.as_bytes());
+        assert!(
+            r.is_ok(),
+            "the whole conversation ({sent}) is over the budget, the trimmed one is not"
+        );
+        assert!(adm.info.prompt_tokens_estimate + 100 < 1_000 && sent > 1_000);
+        assert_eq!(
+            adm.reservations[0].reserved,
+            adm.info.prompt_tokens_estimate + 100
+        );
+        let kept = serde_json::from_slice::<Value>(adm.rewritten.as_deref().unwrap()).unwrap();
+        assert_eq!(kept["max_tokens"], 100);
+        assert_eq!(
+            kept["messages"].as_array().unwrap().len(),
+            62 - adm.trimmed_messages
+        );
+    }
+
     #[test]
     fn big_numbers_do_not_overflow() {
         assert!(!fits(u64::MAX, u64::MAX, 1000));
