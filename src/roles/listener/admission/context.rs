@@ -54,10 +54,11 @@ pub fn check<H: Host>(
         }
     }
     let trimming = dialect.filter(|_| window.trim_oldest || cfg.models.trims_for(&adm.consumer));
+    let fits_without = |dropped: u64| fits(sent.saturating_sub(dropped), output, limit);
     let trimmed = match (trimming, adm.body(incoming)) {
-        (Some(dialect), Some(body)) => trim::trim_oldest(dialect, body, request::message_tokens, {
-            |dropped| fits(sent.saturating_sub(dropped), output, limit)
-        }),
+        (Some(dialect), Some(body)) => {
+            trim::trim_oldest(dialect, body, request::message_tokens, fits_without)
+        }
         _ => None,
     };
     let prompt = sent.saturating_sub(trimmed.as_ref().map_or(0, |t| t.tokens));
@@ -537,6 +538,95 @@ mod tests {
             kept["messages"].as_array().unwrap().len(),
             62 - adm.trimmed_messages
         );
+    }
+
+    /// What the step costs, natively: `cargo test --release --lib context_step_timing -- --ignored
+    /// --nocapture`. A model without a window, a window the request fits, and a 100-message
+    /// conversation trimmed (with the request's inspection beside it for scale).
+    #[test]
+    #[ignore]
+    fn context_step_timing() {
+        use std::time::Instant;
+        let cfg = cfg("");
+        let mut b = conversation(50);
+        b["messages"][0]["content"] = json!(words_text(100));
+        let body = b.to_string();
+        let time = |label: &str, model: &str, api_body: &str| {
+            let mut body: Value = serde_json::from_str(api_body).unwrap();
+            body["model"] = json!(model);
+            let body = body.to_string();
+            let info = inspect(ApiKind::ChatCompletions, body.as_bytes()).unwrap();
+            let mut h = FakeHost::new(Rc::new(FakeStore::new()));
+            let inc = incoming(&cfg, body.as_bytes());
+            let runs = 2_000u32;
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let start = Instant::now();
+                for _ in 0..runs {
+                    let mut adm = Admission {
+                        consumer: "c".into(),
+                        model: model.into(),
+                        info: info.clone(),
+                        ..Admission::default()
+                    };
+                    let _ = std::hint::black_box(check(&mut h, &inc, &mut adm));
+                }
+                best = best.min(start.elapsed().as_secs_f64() * 1e6 / f64::from(runs));
+            }
+            let start = Instant::now();
+            for _ in 0..runs {
+                std::hint::black_box(inspect(ApiKind::ChatCompletions, body.as_bytes()).unwrap());
+            }
+            let inspecting = start.elapsed().as_secs_f64() * 1e6 / f64::from(runs);
+            println!(
+                "{label}: {best:.2} µs per request (body {} bytes, estimate {}; inspecting it: {inspecting:.2} µs)",
+                body.len(),
+                info.prompt_tokens_estimate
+            );
+        };
+        time("no window", "other", &body);
+        let short =
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}).to_string();
+        time("fits", "small", &short);
+        time("trimmed, 102 messages", "trimmed", &body);
+    }
+
+    /// Trimmed requests (`CHECKS`, default 1) and inspections of the same 102-message body
+    /// (`INSPECTIONS`, default 0), for instruction counts that do not depend on the machine's load:
+    /// run the test binary under `valgrind --tool=callgrind` with two values of one and take the
+    /// difference.
+    #[test]
+    #[ignore]
+    fn trimmed_requests_for_counting() {
+        let runs = |var: &str, default: usize| {
+            std::env::var(var)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let cfg = cfg("");
+        let mut b = conversation(50);
+        b["messages"][0]["content"] = json!(words_text(100));
+        let body = b.to_string();
+        let info = inspect(ApiKind::ChatCompletions, body.as_bytes()).unwrap();
+        for _ in 0..runs("INSPECTIONS", 0) {
+            std::hint::black_box(inspect(ApiKind::ChatCompletions, body.as_bytes()).unwrap());
+        }
+        let mut h = FakeHost::new(Rc::new(FakeStore::new()));
+        for _ in 0..runs("CHECKS", 1) {
+            let mut adm = Admission {
+                consumer: "c".into(),
+                model: "trimmed".into(),
+                info: info.clone(),
+                ..Admission::default()
+            };
+            assert!(check(&mut h, &incoming(&cfg, body.as_bytes()), &mut adm).is_ok());
+            assert!(adm.trimmed_messages > 0);
+        }
+    }
+
+    fn words_text(n: usize) -> String {
+        "word ".repeat(n)
     }
 
     #[test]
