@@ -21,6 +21,10 @@
 //! SHA-256 digests. An `sds` key is only the name of a secret that Envoy keeps and injects itself:
 //! its value never enters the VM.
 
+mod models;
+
+pub use models::{Models, Window};
+
 use crate::limit::consumer_key::{self, KeyDigest};
 use crate::limit::quota::{Limit, Metric, Price};
 use core::fmt;
@@ -184,6 +188,8 @@ pub struct Consumer {
     pub model_limits: HashMap<String, Vec<Limit>>,
     /// The models and aliases this consumer may name (`models`); None: every one.
     pub models: Option<Patterns>,
+    /// Trim this consumer's conversations that outgrow a model's window ([`models`]).
+    pub trim_oldest: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -233,6 +239,8 @@ pub struct Config {
     pub aliases: aliases::Aliases,
     /// Model allow-lists, the gateway's model list, the paths passed through.
     pub access: access::Access,
+    /// Context windows by model ([`models`]).
+    pub models: Models,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
     pub warnings: Vec<String>,
     /// Derived from `providers` once, at parse: both are asked on every request.
@@ -288,6 +296,7 @@ impl Config {
     /// metric names, so that clients cannot grow either without bound.
     pub fn is_known_model(&self, model: &str) -> bool {
         self.prices.contains_key(model)
+            || self.models.contains(model)
             || self.providers.iter().any(|p| p.models.contains_key(model))
             || match &self.consumers {
                 Consumers::Anonymous => false,
@@ -336,6 +345,7 @@ struct RawConfig {
     probation: Option<Object<RawProbation>>,
     aliases: Option<BTreeMap<String, serde_json::Value>>,
     passthrough_paths: Option<Vec<String>>,
+    models: Option<models::RawModels>,
 }
 
 #[derive(Deserialize)]
@@ -389,6 +399,7 @@ struct RawConsumer {
     limits: Option<Vec<Object<RawLimit>>>,
     model_limits: Option<BTreeMap<String, Option<Vec<Object<RawLimit>>>>>,
     models: Option<Vec<String>>,
+    trim_oldest: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -708,6 +719,14 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         return Err(err("default_max_tokens", "must be positive"));
     }
     let status = raw.status.map(|Object(s)| status(s, env)).transpose()?;
+    let lower_max_tokens = raw.lower_max_tokens.unwrap_or(false);
+    let models = models::models(
+        raw.models,
+        &consumers,
+        default_max_tokens,
+        lower_max_tokens,
+        &mut warnings,
+    )?;
 
     let sds_keys = providers
         .iter()
@@ -734,7 +753,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         prices,
         default_price,
         default_max_tokens,
-        lower_max_tokens: raw.lower_max_tokens.unwrap_or(false),
+        lower_max_tokens,
         max_request_bytes,
         max_sse_event_bytes: usize::try_from(max_sse_event_bytes).unwrap_or(usize::MAX),
         failure_mode: raw.failure_mode.map(|Choice(m)| m).unwrap_or_default(),
@@ -742,6 +761,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         status,
         aliases,
         access,
+        models,
         warnings,
     })
 }
@@ -974,6 +994,7 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
             limits: own,
             model_limits,
             models,
+            trim_oldest: c.trim_oldest.unwrap_or(false),
         });
     }
     match rc.trusted_header {
@@ -1352,14 +1373,14 @@ mod tests {
     fn unknown_fields_are_refused_with_their_path_and_the_accepted_names() {
         const LIMIT: &str = "expected one of: metric, amount, window";
         let cases: &[(&str, &str, String)] = &[
-            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths".into()),
+            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models, probation".into()),
             ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
             (r#""consumers":{"header":"x"},"#, "", "consumers.header: unknown field, expected one of: trusted_header, list".into()),
-            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits, models".into()),
+            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits, models, trim_oldest".into()),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","limits":[{"metrc":"requests"}]}]},"#, "", format!("consumers.list[0].limits[0].metrc: unknown field, {LIMIT}")),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","model_limits":{"gpt-4o":[{"metric":"requests","amount":1,"window":"1m"},{"windw":"1m"}]}}]},"#, "", format!("consumers.list[0].model_limits.gpt-4o[1].windw: unknown field, {LIMIT}")),
         ];

@@ -1,13 +1,14 @@
-//! request::inspect for every ApiKind, and the three body rewrites, whose results are read back
-//! with inspect(Other) to check that the rewrite did what it says, and with serde_json to check
-//! that nothing else changed.
+//! request::inspect for every ApiKind, and the body rewrites (the three one-member ones and
+//! dropping the oldest turns), whose results are read back with inspect(Other) to check that the
+//! rewrite did what it says, and with serde_json to check that nothing else changed.
 #![no_main]
 
 mod common;
 
 use common::Params;
 use libfuzzer_sys::fuzz_target;
-use tollgate::api::request::{inspect, inspect_with, with_include_usage, with_max_tokens, with_model};
+use tollgate::api::request::{inspect, inspect_with, message_tokens, with_include_usage, with_max_tokens, with_model};
+use tollgate::api::trim::{trim_oldest, Dialect};
 use tollgate::count::usage::ApiKind;
 
 use serde_json::{Map, Value};
@@ -94,5 +95,20 @@ fuzz_target!(|data: &[u8]| {
         let info = inspect(ApiKind::Other, &out);
         assert!(!readable || info.as_ref().is_ok_and(|i| i.max_tokens == Some(n)), "with_max_tokens({n}): {info:?}");
         same_rest(&out, data, &["max_tokens", "max_completion_tokens", "max_output_tokens"]);
+    }
+    // Dropping the oldest turns: a JSON object again, as many messages fewer as it says, the
+    // estimate lower by what it says, nothing else changed.
+    let need = p.number();
+    for dialect in [Dialect::Chat, Dialect::Messages] {
+        let Some(t) = trim_oldest(dialect, data, message_tokens, |d| d >= need) else { continue };
+        let count = |body: &[u8]| rest(body, &[]).and_then(|o| o.get("messages").and_then(Value::as_array).map(Vec::len));
+        if let (Some(before), Some(after)) = (count(data), count(&t.body)) {
+            assert_eq!(after + t.messages, before, "{dialect:?}: dropped {} of {before}", t.messages);
+        }
+        assert!(t.messages > 0);
+        if let (Ok(before), Ok(after)) = (inspect(ApiKind::Other, data), inspect(ApiKind::Other, &t.body)) {
+            assert_eq!(after.prompt_tokens_estimate + t.tokens, before.prompt_tokens_estimate, "{dialect:?}");
+        }
+        same_rest(&t.body, data, &["messages"]);
     }
 });

@@ -8,6 +8,9 @@ pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-ke
 /// Response headers telling the client which provider and key id served it (ids, never secrets).
 pub const HDR_PROVIDER: &str = "x-tollgate-provider";
 pub const HDR_KEY_ID: &str = "x-tollgate-key-id";
+/// Response header: how many of the oldest messages the gateway dropped to fit the model's context
+/// window (`trim_oldest`); absent when none.
+pub const HDR_TRIMMED: &str = "x-tollgate-trimmed-messages";
 /// Set by the listener role when a request must start on a provider other than the first: the
 /// Envoy routes match on it to pick a cluster whose priorities start at that provider.
 pub const HDR_ROUTE: &str = "x-tollgate-route";

@@ -5,3 +5,4 @@ pub mod headers;
 pub mod models;
 pub mod request;
 pub(crate) mod splice;
+pub mod trim;

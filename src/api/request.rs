@@ -246,6 +246,14 @@ pub fn inspect_with(api: ApiKind, body: &[u8], prefix: bool) -> Result<RequestIn
     })
 }
 
+/// One message's share of [`RequestInfo::prompt_tokens_estimate`], as [`inspect`] counts it: its
+/// text and its framing. Dropping the message takes exactly this off the estimate.
+pub fn message_tokens(message: &RawValue) -> u64 {
+    parse::<Content>(message)
+        .map_or(0, |c| c.tokens)
+        .saturating_add(MESSAGE_OVERHEAD)
+}
+
 /// The hash (XXH3) of what a conversation starts with: the `fixed` members (a system prompt,
 /// instructions) and the `turns` up to and including the first user turn (so the system and
 /// developer messages and the first user message; a string is one user turn). Each part is hashed

@@ -1667,3 +1667,78 @@ mod refused_writes {
         assert!(logged(&lh, "in").is_some_and(|v| v != "-"), "charged");
     }
 }
+
+#[test]
+fn a_trimmed_conversation_is_what_every_attempt_translates_and_the_answer_says_how_many_went() {
+    let cfg = config(r#","models":{"gpt-4o-mini":{"context_window":600,"trim_oldest":true}}"#);
+    let store = Rc::new(FakeStore::new());
+    let mut messages = vec![serde_json::json!({"role": "system", "content": "Be terse."})];
+    for i in 0..12 {
+        messages.push(serde_json::json!({"role": "user", "content": format!("question {i} {}", "word ".repeat(30))}));
+        messages.push(serde_json::json!({"role": "assistant", "content": format!("answer {i} {}", "word ".repeat(30))}));
+    }
+    messages.extend([
+        serde_json::json!({"role": "user", "content": "weather in Paris?"}),
+        serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]}),
+        serde_json::json!({"role": "tool", "tool_call_id": "call_1", "content": "18C"}),
+    ]);
+    let body = serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 50, "messages": messages})
+        .to_string();
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(TEAM_A_KEY))],
+        body.as_bytes(),
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    let sent = json(&lh.bodies[&Body::Request]);
+    let kept = sent["messages"].as_array().unwrap();
+    let dropped = messages.len() - kept.len();
+    assert!(dropped >= 2 && dropped.is_multiple_of(2), "{dropped}");
+    assert_eq!(kept[0]["content"], "Be terse.");
+    assert_eq!(kept[1]["role"], "user");
+    assert_eq!(kept[kept.len() - 3..], messages[messages.len() - 3..]);
+    assert!(
+        Plan::decode(lh.filter_state.get(plan::FILTER_STATE).unwrap())
+            .unwrap()
+            .rewritten
+    );
+
+    // The first attempt is refused; the second, on Anthropic, translates the trimmed body.
+    let (_, first) = attempt(&lh, "openai", 1, 429, &[("retry-after", "30")], b"{}", &cfg);
+    assert_eq!(
+        json(&first.bodies[&Body::Request])["messages"],
+        sent["messages"]
+    );
+    let message = fixture("anthropic_message.json");
+    let (_, uh) = attempt(
+        &lh,
+        "anthropic",
+        2,
+        200,
+        &[("content-type", "application/json")],
+        &message,
+        &cfg,
+    );
+    let translated = json(&uh.bodies[&Body::Request]);
+    let turns = translated["messages"].as_array().unwrap();
+    assert_eq!(translated["system"], "Be terse.", "{translated}");
+    assert_eq!(turns.len(), kept.len() - 1);
+    assert_eq!(turns[0]["role"], "user");
+    assert_eq!(turns[turns.len() - 2]["content"][0]["type"], "tool_use");
+    assert_eq!(
+        turns[turns.len() - 1]["content"][0]["tool_use_id"],
+        "call_1"
+    );
+
+    answer(&mut l, &mut lh, &uh, &[&message]);
+    assert_eq!(
+        lh.get(Map::ResponseHeaders, "x-tollgate-trimmed-messages"),
+        Some(dropped.to_string())
+    );
+    assert_eq!(
+        lh.counter("tollgate.context.trimmed_messages"),
+        dropped as u64
+    );
+}

@@ -228,7 +228,7 @@ def test_tool_calls(mock):
     assert data[-2]["delta"]["stop_reason"] == "tool_use"
 
     # Once the tool result is in, a normal answer.
-    done = {**ask, "messages": ask["messages"] + [{"role": "tool", "tool_call_id": "x", "content": "sunny"}]}
+    done = {**ask, "messages": ask["messages"] + [choice["message"], {"role": "tool", "tool_call_id": choice["message"]["tool_calls"][0]["id"], "content": "sunny"}]}
     assert json.loads(call(mock, "/v1/chat/completions", done)[2])["choices"][0]["finish_reason"] == "stop"
 
 

@@ -156,6 +156,9 @@ impl Listener {
         for (k, v) in &self.adm.rate_limits {
             map.set(*k, v.as_str());
         }
+        if self.adm.trimmed_messages > 0 {
+            map.set(headers::HDR_TRIMMED, self.adm.trimmed_messages.to_string());
+        }
         map.apply(host, Map::ResponseHeaders);
         if end_of_stream {
             self.ans.response_complete = true;

@@ -81,7 +81,14 @@ impl Listener {
         // Not even a refusal's access-log line shows the client's credential.
         self.request_headers.apply(host, Map::RequestHeaders);
         self.write_record(host, None);
-        let body = error_body_typed(self.client, r.kind, &r.message, r.code, None, r.openai_type);
+        let body = error_body_typed(
+            self.client,
+            r.kind,
+            &r.message,
+            r.code,
+            r.param,
+            r.openai_type,
+        );
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
         headers.extend(r.headers.iter().map(|(k, v)| (*k, v.as_str())));
         host.respond(r.kind.status(), &headers, &body);

@@ -276,6 +276,9 @@ fn answer_unscripted(target: &Target, req: &Request, rule: &Rule, status: u16, c
             ctx,
         );
     };
+    if let Some(refused) = crate::validate::conversation(target.endpoint, &body) {
+        return error(target.flavor, 400, Some(&refused), ctx);
+    }
     let ov = rule.usage.clone().unwrap_or_default();
     let computed_input = (req.body.len() / 10).max(1) as u64;
     let tool = wants_tool(&body);
@@ -1121,7 +1124,7 @@ mod tests {
         assert_eq!(ev[ev.len() - 2].1["delta"]["stop_reason"], "tool_use");
 
         // After the tool result comes back, a plain answer.
-        let after = r#"{"tools":[{"name":"get_weather"}],"messages":[{"role":"user","content":"weather?"},{"role":"tool","content":"sunny"}]}"#;
+        let after = r#"{"tools":[{"name":"get_weather"}],"messages":[{"role":"user","content":"weather?"},{"role":"assistant","content":null,"tool_calls":[{"id":"x","type":"function","function":{"name":"get_weather","arguments":"{}"}}]},{"role":"tool","tool_call_id":"x","content":"sunny"}]}"#;
         assert_eq!(
             full_json(&run("/v1/chat/completions", after, None))["choices"][0]["finish_reason"],
             "stop"

@@ -9,6 +9,7 @@
 mod api;
 mod http;
 mod state;
+mod validate;
 
 use serde_json::{json, Map, Value};
 use std::io::{self, BufReader, Read, Write};

@@ -9,16 +9,20 @@
 //! 2. [`allow`]: whether the consumer may use that model;
 //! 3. [`route`]: the provider the request starts on (the first that serves the model and can take
 //!    it now), and whether the request can be sent there as the client wrote it;
-//! 4. [`quota`]: the consumer's budgets, reserved against the request's estimate.
+//! 4. [`context`]: the model's context window: the request refused, or fitted to it where the
+//!    configuration allows (`max_tokens` lowered, the oldest turns dropped);
+//! 5. [`quota`]: the consumer's budgets, reserved against the request's estimate (as the steps
+//!    before left it: a trimmed prompt, a lowered `max_tokens`).
 //!
 //! The consumer ([`consumer`]) and what the path is for ([`path`]: an API tollgate counts, the
 //! gateway's own model list, a path passed through, or one refused) are known earlier, from the
-//! request headers alone, and are inputs of the walk. A step that is not configured returns at once: no host call, no shared-data read.
-//! A step that takes something a later step's refusal must give back (a reservation, a slot) says
+//! request headers alone, and are inputs of the walk. A step that is not configured returns at
+//! once: no host call, no shared-data read. A step that takes something a later step's refusal must give back (a reservation, a slot) says
 //! so in [`release`], which the walk calls when it stops.
 
 pub mod allow;
 pub mod consumer;
+pub mod context;
 pub mod model;
 pub mod path;
 pub mod quota;
@@ -61,6 +65,8 @@ pub struct Admission {
     pub passthrough: bool,
     /// The body as it goes on, when a step changed it.
     pub rewritten: Option<Vec<u8>>,
+    /// Messages the context step dropped (the answer says how many).
+    pub trimmed_messages: usize,
     /// Admitted against the consumer's budgets: the answer is charged.
     pub metered: bool,
     pub reservations: Vec<Reservation>,
@@ -91,6 +97,8 @@ pub struct Refusal {
     pub message: String,
     /// OpenAI's `error.code`.
     pub code: Option<&'static str>,
+    /// OpenAI's `error.param`: the field at fault.
+    pub param: Option<&'static str>,
     /// OpenAI's `error.type` where it is not the kind's own (a 429 names the exhausted limit).
     pub openai_type: Option<&'static str>,
     pub headers: Vec<(&'static str, String)>,
@@ -110,6 +118,7 @@ impl Refusal {
             kind,
             message: message.into(),
             code: None,
+            param: None,
             openai_type: None,
             headers: Vec::new(),
             outcome,
@@ -118,6 +127,11 @@ impl Refusal {
 
     pub fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
+        self
+    }
+
+    pub fn param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
         self
     }
 
@@ -154,6 +168,7 @@ pub fn walk<H: Host>(
         model::check(incoming, adm)?;
         allow::check(incoming, adm)?;
         route::check(host, incoming, adm)?;
+        context::check(host, incoming, adm)?;
         quota::check(host, incoming, adm)?;
         Ok(())
     })();
