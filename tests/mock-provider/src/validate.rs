@@ -20,7 +20,7 @@ pub fn conversation(endpoint: Endpoint, body: &Map<String, Value>) -> Option<Str
     let messages = body.get("messages")?.as_array()?;
     match endpoint {
         Endpoint::Chat => chat(messages),
-        Endpoint::Messages => anthropic(messages),
+        Endpoint::Messages | Endpoint::CountTokens => anthropic(messages),
         Endpoint::Embeddings => None,
     }
 }
