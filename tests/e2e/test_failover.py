@@ -296,3 +296,48 @@ def test_model_no_provider_lists_gets_400_naming_the_model(gateway, mocks):
     err = r.json()["error"]
     assert "gpt-9-ultra" in err["message"], err
     assert mocks["openai"].requests() == [] and mocks["anthropic"].requests() == []
+
+
+# ---------------------------------------------------------------- one key's failures, the provider's circuit
+
+MIX_ROUNDS, MIX_REQUESTS, MIX_CLIENTS = 5, 120, 32
+
+
+def test_a_healthy_key_serves_the_whole_mix_while_its_neighbours_fail(gateway, mocks):
+    """Three keys of one provider: oa-2 answers 429 with `retry-after-ms: 300` (40 times), oa-3 answers
+    503 (10 times), oa-1 is fine. 120 requests, JSON and streams, from 32 threads through the official
+    SDK: every one is served (by oa-1 when the others fail), round after round, and afterwards the
+    status endpoint shows oa-1 healthy and the circuit closed. A provider's circuit must not shut out a
+    key that answers because its neighbours failed while it was answering."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gw = gateway({"providers": [openai_provider()], "status": STATUS},
+                 endpoints=[{"provider": "openai", "port": mocks["openai"].port}])
+    mock = mocks["openai"]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+    msgs = [{"role": "user", "content": "Say hello"}]
+
+    def one(i: int):
+        try:
+            if i % 2:
+                chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=msgs, stream=True))
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                text = client.chat.completions.create(model="gpt-4o-mini", messages=msgs).choices[0].message.content
+            return 200 if text == "Hello from openai." else f"200 with {text!r}"
+        except openai.APIStatusError as e:
+            return (e.status_code, e.response.headers.get("retry-after"), e.response.text[:200])
+
+    for rnd in range(MIX_ROUNDS):
+        mock.reset()
+        mock.script({"key": KEYS["OPENAI_KEY_2"], "status": 429, "headers": {"retry-after-ms": "300"}, "times": 40},
+                    {"key": KEYS["OPENAI_KEY_3"], "status": 503, "times": 10},
+                    {"delay_ms": 50})
+        with ThreadPoolExecutor(MIX_CLIENTS) as pool:
+            got = list(pool.map(one, range(MIX_REQUESTS)))
+        refused = [g for g in got if g != 200]
+        assert not refused, f"round {rnd + 1}: {len(refused)} of {MIX_REQUESTS} not served: {refused[:5]}"
+        served = [r for r in mock.requests() if r["status"] == 200]
+        assert len(served) == MIX_REQUESTS, f"round {rnd + 1}"
+        st = status(gw)["providers"]["openai"]
+        assert st["circuit"] == "closed" and st["keys"][0]["state"] == "healthy", st
