@@ -207,6 +207,9 @@ pub enum Consumers {
 pub struct Health {
     pub default_cooldown_ms: u64,
     pub auth_failure_cooldown_ms: u64,
+    /// How long one key rests after a 5xx (or an attempt that got no answer) that names no
+    /// Retry-After; 0: it does not.
+    pub server_error_cooldown_ms: u64,
     pub circuit_failures: u32,
     pub circuit_open_ms: u64,
     pub half_open_probes: u32,
@@ -424,6 +427,7 @@ struct RawPrice {
 struct RawHealth {
     default_cooldown_s: Option<u64>,
     auth_failure_cooldown_s: Option<u64>,
+    server_error_cooldown_s: Option<u64>,
     circuit_failures: Option<u32>,
     circuit_open_s: Option<u64>,
     half_open_probes: Option<u32>,
@@ -1035,6 +1039,7 @@ fn health(h: RawHealth) -> Res<Health> {
     let health = Health {
         default_cooldown_ms: ms(h.default_cooldown_s, 30),
         auth_failure_cooldown_ms: ms(h.auth_failure_cooldown_s, 3600),
+        server_error_cooldown_ms: ms(h.server_error_cooldown_s, 1),
         circuit_failures: h.circuit_failures.unwrap_or(5),
         circuit_open_ms: ms(h.circuit_open_s, 30),
         half_open_probes: h.half_open_probes.unwrap_or(1),
@@ -1376,7 +1381,7 @@ mod tests {
             (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models, probation".into()),
             ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled".into()),
-            (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
+            (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, server_error_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
             (r#""consumers":{"header":"x"},"#, "", "consumers.header: unknown field, expected one of: trusted_header, list".into()),
@@ -1407,6 +1412,8 @@ mod tests {
             (r#""failure_mode":true,"#, "", "failure_mode: expected one of: open, closed"),
             (r#""health":[],"#, "", "health: expected an object"),
             (r#""health":{"circuit_failures":4294967296},"#, "", "health.circuit_failures: is too large"),
+            (r#""health":{"server_error_cooldown_s":-1},"#, "", "health.server_error_cooldown_s: expected a non-negative integer"),
+            (r#""health":{"server_error_cooldown_s":0.5},"#, "", "health.server_error_cooldown_s: expected a non-negative integer"),
             (r#""max_request_bytes":1e6,"#, "", "max_request_bytes: expected a non-negative integer"),
             (r#""prices":{"m":{"input":"1","output":2}},"#, "", "prices.m.input: expected a number"),
             (r#""default_limits":[{"metric":"requests","amount":"5","window":"1m"}],"#, "", "default_limits[0].amount: expected a number"),
@@ -1473,8 +1480,12 @@ mod tests {
         .unwrap();
         assert!(matches!(c.consumers, Consumers::Anonymous));
         assert_eq!(
-            (c.health.circuit_failures, c.health.default_cooldown_ms),
-            (5, 30_000)
+            (
+                c.health.circuit_failures,
+                c.health.default_cooldown_ms,
+                c.health.server_error_cooldown_ms
+            ),
+            (5, 30_000, 1_000)
         );
         assert_eq!(
             (c.max_request_bytes, c.lower_max_tokens, c.failure_mode),
@@ -1501,7 +1512,7 @@ mod tests {
         let c = parse_str(
             r#"{"consumers":{"trusted_header":"X-Team","list":[{"name":"a","limits":[{"metric":"requests","amount":3,"window":"1m"}],"model_limits":{"m":[{"metric":"output_tokens","amount":7,"window":"1h"}]}}]},
                 "providers":[{"name":"az","type":"azure_openai","host":"h:8443","base_path":"/x/","api_version":"v1","rotation":"weighted","keys":[{"id":"k1","env":"K1","weight":3},{"id":"k2","value":" sk-in ","inline":true}],"models":{"m":"deploy"}}],
-                "health":{"default_cooldown_s":1,"auth_failure_cooldown_s":2,"circuit_failures":3,"circuit_open_s":4,"half_open_probes":5},
+                "health":{"default_cooldown_s":1,"auth_failure_cooldown_s":2,"server_error_cooldown_s":6,"circuit_failures":3,"circuit_open_s":4,"half_open_probes":5},
                 "default_limits":[{"metric":"total_tokens","amount":9,"window":"day"}],"prices":{"m":{"input":1,"output":2.5}},
                 "default_max_tokens":10,"lower_max_tokens":true,"max_request_bytes":11,"max_sse_event_bytes":2048,"failure_mode":"closed","sticky_header":"X-S","status":{"path":"/st","admin_key_env":"TEAM_A"},
                 "default_price":{"input":3,"output":4,"cached_input":0.5}}"#,
@@ -1555,11 +1566,12 @@ mod tests {
             (
                 h.default_cooldown_ms,
                 h.auth_failure_cooldown_ms,
+                h.server_error_cooldown_ms,
                 h.circuit_failures,
                 h.circuit_open_ms,
                 h.half_open_probes
             ),
-            (1000, 2000, 3, 4000, 5)
+            (1000, 2000, 6000, 3, 4000, 5)
         );
         assert_eq!(
             c.default_limits,

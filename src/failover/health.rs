@@ -11,8 +11,18 @@
 //! configuration's during a change, or keys removed), so that a worker still on the previous
 //! configuration never erases a new key's probation; `reconcile` bounds how many removed ones stay.
 //!
-//! The entry's layout changed with probation: its key is `tollgate:h2:<provider>`, so an entry in the
-//! old layout (`tollgate:h:`) is never misread.
+//! The circuit counts failures in the order the attempts saw them, not the order they report: each
+//! attempt keeps what it saw of the circuit when it began ([`Seen`]). A failure extends the run of
+//! failures to one past what its attempt saw, so failures of attempts that ran side by side count as
+//! one step, and a run of `circuit_failures` needs attempts that each began after the previous failure
+//! was on record (a provider that fails whatever is sent to it). A success ends the run its attempt saw
+//! (a success whose attempt saw none writes nothing: the common path), and a failure of an attempt that
+//! began before that reset does not count. One key's 5xx also rests that key briefly, so its
+//! neighbours take its traffic while the provider's circuit stays closed.
+//!
+//! The entry's layout changed with probation and again with that order: its key is
+//! `tollgate:h3:<provider>`, so an entry in an older layout (`tollgate:h:`, `tollgate:h2:`) is never
+//! misread.
 
 use crate::config::{Health, Provider};
 use crate::store::{decode_u64s, encode_u64s, update, update_if, SharedStore, StoreError};
@@ -25,6 +35,8 @@ pub enum CooldownReason {
     RateLimited = 1,
     /// 401/402/403: the key is dead or unpaid.
     Disabled = 2,
+    /// 5xx or no answer: back after the provider's Retry-After, else `server_error_cooldown_s`.
+    ServerError = 3,
 }
 
 impl CooldownReason {
@@ -32,6 +44,7 @@ impl CooldownReason {
         match v {
             1 => CooldownReason::RateLimited,
             2 => CooldownReason::Disabled,
+            3 => CooldownReason::ServerError,
             _ => CooldownReason::None,
         }
     }
@@ -40,6 +53,7 @@ impl CooldownReason {
             CooldownReason::None => "healthy",
             CooldownReason::RateLimited => "rate_limited",
             CooldownReason::Disabled => "disabled",
+            CooldownReason::ServerError => "server_error",
         }
     }
 }
@@ -54,7 +68,7 @@ pub enum Circuit {
     HalfOpen,
 }
 
-const HEADER_FIELDS: usize = 4; // failures, open_until_ms, probes_used, probes_since_ms
+const HEADER_FIELDS: usize = 5; // failures, open_until_ms, probes_used, probes_since_ms, epoch
 const KEY_FIELDS: usize = 5; // id hash, until_ms, reason, probation left, flags
 
 type Slot = [u64; KEY_FIELDS];
@@ -70,9 +84,56 @@ const REMOVED: u64 = 4;
 /// removals is recognised as returning, an older one as new; both start probation.
 const MAX_REMOVED: usize = 16;
 
+/// What an attempt saw of its provider's circuit when it began: judged against it when the attempt
+/// reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub failures: u64,
+    pub epoch: u64,
+}
+
+/// What keeps a provider from taking a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocker {
+    /// Every usable key cools down after the provider's 429s.
+    RateLimited,
+    /// Every usable key rests after a 5xx or an attempt that got no answer.
+    ServerErrors,
+    /// The provider's circuit is open (or half-open with its probes taken).
+    CircuitOpen,
+    /// Every usable key was refused by the provider (401/402/403).
+    KeysRefused,
+    /// Every key is disabled in the configuration (or refused on probation).
+    KeysDisabled,
+}
+
+impl Blocker {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blocker::RateLimited => "rate_limited",
+            Blocker::ServerErrors => "server_errors",
+            Blocker::CircuitOpen => "circuit_open",
+            Blocker::KeysRefused => "keys_refused",
+            Blocker::KeysDisabled => "keys_disabled",
+        }
+    }
+}
+
+/// Until when a provider cannot take a request, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocked {
+    pub until_ms: u64,
+    pub by: Blocker,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderHealth {
+    /// The current run of failures (see the module's doc), `circuit_failures` or more while the
+    /// circuit is open or half-open.
     pub failures: u64,
+    /// Bumped by every success that ends a run: failures of attempts that saw an older epoch began
+    /// before it and do not count.
+    pub epoch: u64,
     pub open_until_ms: u64,
     pub probes_used: u64,
     pub probes_since_ms: u64,
@@ -93,7 +154,7 @@ pub struct ProviderHealth {
 const ALL_DISABLED_RETRY_MS: u64 = 60_000;
 
 pub fn entry_key(provider: &str) -> String {
-    format!("tollgate:h2:{provider}")
+    format!("tollgate:h3:{provider}")
 }
 
 /// FNV-1a: stable across builds and workers, which `std`'s hasher is not promised to be.
@@ -129,7 +190,7 @@ fn join(header: &[u64; HEADER_FIELDS], slots: &[Slot]) -> Vec<u8> {
 impl ProviderHealth {
     pub fn decode(bytes: Option<&[u8]>, provider: &Provider) -> Self {
         let (header, mut others) = split(bytes.unwrap_or(&[]));
-        let [failures, open_until_ms, probes_used, probes_since_ms] = header;
+        let [failures, open_until_ms, probes_used, probes_since_ms, epoch] = header;
         let n = provider.keys.len();
         let (mut keys, mut probation, mut flags) = (
             Vec::with_capacity(n),
@@ -151,6 +212,7 @@ impl ProviderHealth {
         ProviderHealth {
             disabled: provider.keys.iter().map(|k| k.disabled).collect(),
             failures,
+            epoch,
             open_until_ms,
             probes_used,
             probes_since_ms,
@@ -167,6 +229,7 @@ impl ProviderHealth {
             self.open_until_ms,
             self.probes_used,
             self.probes_since_ms,
+            self.epoch,
         ];
         let mut slots: Vec<Slot> = Vec::with_capacity(provider.keys.len() + self.others.len());
         for (i, (k, (until, reason))) in provider.keys.iter().zip(&self.keys).enumerate() {
@@ -217,16 +280,58 @@ impl ProviderHealth {
 
     /// When the first key of the provider is usable again (now if one is usable now).
     pub fn earliest_key_ms(&self, now_ms: u64) -> u64 {
+        self.earliest_key(now_ms).until_ms
+    }
+
+    /// When the first key of the provider is usable again, and what holds the keys back until then
+    /// (meaningless when that is now).
+    fn earliest_key(&self, now_ms: u64) -> Blocked {
         if self.keys.is_empty() {
-            return now_ms;
+            return Blocked {
+                until_ms: now_ms,
+                by: Blocker::KeysDisabled,
+            };
         }
         self.keys
             .iter()
             .enumerate()
             .filter(|(i, _)| !self.key_disabled(*i))
-            .map(|(_, (u, _))| (*u).max(now_ms))
-            .min()
-            .unwrap_or(now_ms.saturating_add(ALL_DISABLED_RETRY_MS))
+            .map(|(_, (until, reason))| Blocked {
+                until_ms: (*until).max(now_ms),
+                by: match reason {
+                    CooldownReason::RateLimited | CooldownReason::None => Blocker::RateLimited,
+                    CooldownReason::ServerError => Blocker::ServerErrors,
+                    CooldownReason::Disabled => Blocker::KeysRefused,
+                },
+            })
+            .min_by_key(|b| b.until_ms)
+            .unwrap_or(Blocked {
+                until_ms: now_ms.saturating_add(ALL_DISABLED_RETRY_MS),
+                by: Blocker::KeysDisabled,
+            })
+    }
+
+    /// What this attempt sees of the circuit as it begins.
+    pub fn seen(&self) -> Seen {
+        Seen {
+            failures: self.failures,
+            epoch: self.epoch,
+        }
+    }
+
+    /// What keeps the provider from taking a request now, and until when: the later of its keys'
+    /// earliest return and its open circuit. None when it can take one now (a half-open circuit
+    /// included: whether a probe slot is left is [`try_acquire`]'s).
+    pub fn blocked(&self, cfg: &Health, now_ms: u64) -> Option<Blocked> {
+        let keys = self.earliest_key(now_ms);
+        match self.circuit(cfg, now_ms) {
+            Circuit::Open { until_ms } if until_ms >= keys.until_ms => Some(Blocked {
+                until_ms,
+                by: Blocker::CircuitOpen,
+            }),
+            _ if keys.until_ms > now_ms => Some(keys),
+            _ => None,
+        }
     }
 
     pub fn circuit(&self, cfg: &Health, now_ms: u64) -> Circuit {
@@ -481,47 +586,76 @@ pub fn try_acquire<S: SharedStore + ?Sized>(
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Success,
-    /// 5xx or a timeout: counts against the provider, not the key.
-    ProviderFailure,
-}
-
-/// Records an attempt's outcome on the provider's circuit. Returns the circuit afterwards.
-pub fn record<S: SharedStore + ?Sized>(
+/// An attempt that began having seen `seen` failed (5xx, or no answer): the run of failures grows to
+/// one past what the attempt saw, unless a success ended that run since it began; `rest` puts the
+/// attempt's key on a server-error cooldown (key index, until) in the same write. Returns true when
+/// this failure opened the circuit (or reopened it: a failed half-open probe).
+pub fn failed<S: SharedStore + ?Sized>(
     store: &S,
     provider: &Provider,
     cfg: &Health,
-    outcome: Outcome,
+    seen: Seen,
     now_ms: u64,
-) -> Result<Circuit, StoreError> {
-    let cheap = read(store, provider)?;
-    if outcome == Outcome::Success && cheap.failures == 0 {
-        return Ok(Circuit::Closed); // the common case writes nothing
-    }
+    rest: Option<(usize, u64)>,
+) -> Result<bool, StoreError> {
     modify(store, provider, |h| {
-        match outcome {
-            Outcome::Success => {
-                h.failures = 0;
-                h.open_until_ms = 0;
-                h.probes_used = 0;
-            }
-            Outcome::ProviderFailure => {
-                let was = h.circuit(cfg, now_ms);
-                h.failures = h.failures.saturating_add(1);
-                let tripped = was == Circuit::HalfOpen
-                    || (was == Circuit::Closed && h.failures >= u64::from(cfg.circuit_failures));
-                if tripped {
-                    h.failures = h.failures.max(u64::from(cfg.circuit_failures));
-                    h.open_until_ms = now_ms.saturating_add(cfg.circuit_open_ms);
-                    h.probes_used = 0;
-                    h.probes_since_ms = 0;
+        if let Some((idx, until_ms)) = rest {
+            if let Some(slot) = h.keys.get_mut(idx) {
+                if until_ms > slot.0 {
+                    *slot = (until_ms, CooldownReason::ServerError);
                 }
             }
         }
-        h.circuit(cfg, now_ms)
+        if h.epoch != seen.epoch {
+            return false; // began before the last reset
+        }
+        let threshold = u64::from(cfg.circuit_failures);
+        let was = h.circuit(cfg, now_ms);
+        h.failures = h.failures.max(seen.failures.saturating_add(1));
+        let tripped = match was {
+            Circuit::Closed => h.failures >= threshold,
+            // Only an attempt that began on a tripped circuit (a probe) reopens it.
+            Circuit::HalfOpen => seen.failures >= threshold,
+            Circuit::Open { .. } => false,
+        };
+        if tripped {
+            h.open_until_ms = now_ms.saturating_add(cfg.circuit_open_ms);
+            h.probes_used = 0;
+            h.probes_since_ms = 0;
+        }
+        tripped
     })
+}
+
+/// An attempt that began having seen `seen` was answered (anything but a 5xx, 429 or 401-403): the
+/// failures it saw, and those of attempts that ran beside it, are over; failures of attempts that
+/// began after it stay. The circuit closes when fewer than `circuit_failures` remain. Nothing to do
+/// (no host call) when the attempt saw no failure, and no write when a success ended that run
+/// already. Returns whether it wrote.
+pub fn answered<S: SharedStore + ?Sized>(
+    store: &S,
+    provider: &Provider,
+    cfg: &Health,
+    seen: Seen,
+) -> Result<bool, StoreError> {
+    if seen.failures == 0 {
+        return Ok(false); // the common case: no host call at all
+    }
+    update_if(store, &entry_key(&provider.name), |cur| {
+        let mut h = ProviderHealth::decode(cur, provider);
+        if h.epoch != seen.epoch {
+            return (None, false);
+        }
+        h.failures = h.failures.saturating_sub(seen.failures.saturating_add(1));
+        h.epoch = h.epoch.wrapping_add(1);
+        if h.failures < u64::from(cfg.circuit_failures) {
+            h.open_until_ms = 0;
+            h.probes_used = 0;
+            h.probes_since_ms = 0;
+        }
+        (Some(h.encode(provider)), true)
+    })
+    .map(|(wrote, _)| wrote)
 }
 
 #[cfg(test)]
@@ -542,10 +676,26 @@ mod tests {
     const CFG: Health = Health {
         default_cooldown_ms: 30_000,
         auth_failure_cooldown_ms: 3_600_000,
+        server_error_cooldown_ms: 1_000,
         circuit_failures: 3,
         circuit_open_ms: 10_000,
         half_open_probes: 1,
     };
+
+    /// What an attempt beginning now sees.
+    fn begin(s: &FakeStore, p: &Provider) -> Seen {
+        read(s, p).unwrap().seen()
+    }
+
+    /// An attempt that began after every failure so far was on record failed at `t`.
+    fn fail(s: &FakeStore, p: &Provider, t: u64) -> bool {
+        let seen = begin(s, p);
+        failed(s, p, &CFG, seen, t, None).unwrap()
+    }
+
+    fn circuit(s: &FakeStore, p: &Provider, t: u64) -> Circuit {
+        read(s, p).unwrap().circuit(&CFG, t)
+    }
 
     #[test]
     fn a_disabled_key_is_unavailable_and_keeps_its_cooldown_for_when_it_returns() {
@@ -599,25 +749,21 @@ mod tests {
         let s = FakeStore::new();
         let p = provider(&["a"]);
         for i in 0..2 {
-            assert_eq!(
-                record(&s, &p, &CFG, Outcome::ProviderFailure, 100 + i).unwrap(),
-                Circuit::Closed
-            );
+            assert!(!fail(&s, &p, 100 + i));
+            assert_eq!(circuit(&s, &p, 100 + i), Circuit::Closed);
         }
-        assert_eq!(
-            record(&s, &p, &CFG, Outcome::ProviderFailure, 200).unwrap(),
-            Circuit::Open { until_ms: 10_200 }
-        );
+        assert!(fail(&s, &p, 200), "the third in a row opens it");
+        assert_eq!(circuit(&s, &p, 200), Circuit::Open { until_ms: 10_200 });
         assert!(!try_acquire(&s, &p, &CFG, 10_199).unwrap());
+        let probe = begin(&s, &p);
         assert!(
             try_acquire(&s, &p, &CFG, 10_200).unwrap(),
             "one probe in half-open"
         );
         assert!(!try_acquire(&s, &p, &CFG, 10_201).unwrap(), "only one");
-        assert_eq!(
-            record(&s, &p, &CFG, Outcome::Success, 10_300).unwrap(),
-            Circuit::Closed
-        );
+        assert!(answered(&s, &p, &CFG, probe).unwrap());
+        assert_eq!(circuit(&s, &p, 10_300), Circuit::Closed);
+        assert_eq!(read(&s, &p).unwrap().failures, 0);
         assert!(try_acquire(&s, &p, &CFG, 10_301).unwrap());
     }
 
@@ -626,13 +772,20 @@ mod tests {
         let s = FakeStore::new();
         let p = provider(&["a"]);
         for t in 0..3 {
-            record(&s, &p, &CFG, Outcome::ProviderFailure, t).unwrap();
+            fail(&s, &p, t);
         }
+        let old = Seen {
+            failures: 1,
+            epoch: 0,
+        };
         assert!(try_acquire(&s, &p, &CFG, 10_002).unwrap());
-        assert_eq!(
-            record(&s, &p, &CFG, Outcome::ProviderFailure, 10_003).unwrap(),
-            Circuit::Open { until_ms: 20_003 }
+        assert!(
+            !failed(&s, &p, &CFG, old, 10_003, None).unwrap(),
+            "an attempt that began before the circuit opened is no probe"
         );
+        assert_eq!(circuit(&s, &p, 10_003), Circuit::HalfOpen);
+        assert!(fail(&s, &p, 10_003), "the probe failed");
+        assert_eq!(circuit(&s, &p, 10_003), Circuit::Open { until_ms: 20_003 });
         assert!(try_acquire(&s, &p, &CFG, 20_003).unwrap());
         // The probe never reports; after another open period a new probe may go.
         assert!(!try_acquire(&s, &p, &CFG, 25_000).unwrap());
@@ -776,7 +929,7 @@ mod tests {
         reconcile(&s, &new).unwrap();
         // A worker still on `old` cools `b` and records a failure: c's slot survives.
         cool_key(&s, &old, 1, 7_000, CooldownReason::RateLimited).unwrap();
-        record(&s, &old, &CFG, Outcome::ProviderFailure, 1).unwrap();
+        fail(&s, &old, 1);
         let h = read(&s, &new).unwrap();
         assert_eq!(h.probation, vec![4, 0, 0]);
         assert_eq!(h.keys[2], (7_000, CooldownReason::RateLimited));
@@ -862,20 +1015,125 @@ mod tests {
     }
 
     #[test]
-    fn the_old_layout_is_never_read() {
+    fn the_old_layouts_are_never_read() {
         let s = FakeStore::new();
         let p = provider(&["a"]);
-        // An entry of the previous layout (3 fields a key) under the previous name.
+        // Entries of the previous layouts under their names: 3 fields a key, then a 4-field header
+        // without the epoch (here with an open circuit).
         let old = encode_u64s(&[0, 0, 0, 0, fnv1a(b"a"), u64::MAX, 1]);
         s.set("tollgate:h:p", &old, None).unwrap();
-        assert!(read(&s, &p).unwrap().key_available(0, 0));
+        let h2 = encode_u64s(&[9, u64::MAX, 0, 0, fnv1a(b"a"), u64::MAX, 1, 0, 0]);
+        s.set("tollgate:h2:p", &h2, None).unwrap();
+        let h = read(&s, &p).unwrap();
+        assert!(h.key_available(0, 0) && h.circuit(&CFG, 0) == Circuit::Closed);
     }
 
     #[test]
     fn success_on_healthy_provider_writes_nothing() {
         let s = FakeStore::new();
         let p = provider(&["a"]);
-        record(&s, &p, &CFG, Outcome::Success, 1).unwrap();
+        assert!(!answered(&s, &p, &CFG, Seen::default()).unwrap());
+        assert_eq!(s.calls.get(), 0, "not even a read");
         assert!(s.is_empty());
+        // A success whose attempt saw failures that a success ended since reads, and writes nothing.
+        fail(&s, &p, 1);
+        let seen = begin(&s, &p);
+        assert!(answered(&s, &p, &CFG, seen).unwrap());
+        let calls = s.calls.get();
+        assert!(!answered(&s, &p, &CFG, seen).unwrap());
+        assert_eq!(s.calls.get() - calls, 1, "one read, no write");
+    }
+
+    #[test]
+    fn failures_of_attempts_side_by_side_are_one_step() {
+        // One key failing while its neighbours answer: the attempts in flight together all saw a
+        // clean circuit, so however many of them fail, the run is one long.
+        let s = FakeStore::new();
+        let p = provider(&["a", "b", "c"]);
+        let burst = begin(&s, &p);
+        for t in 0..10 {
+            assert!(!failed(&s, &p, &CFG, burst, 100 + t, Some((2, 1_100 + t))).unwrap());
+        }
+        let h = read(&s, &p).unwrap();
+        assert_eq!((h.failures, h.circuit(&CFG, 200)), (1, Circuit::Closed));
+        assert_eq!(h.key_state(2, 200), (CooldownReason::ServerError, 1_109));
+        assert!(h.key_available(0, 200) && h.blocked(&CFG, 200).is_none());
+        // An attempt that began after them saw the run, and its success ends it.
+        let next = begin(&s, &p);
+        assert!(answered(&s, &p, &CFG, next).unwrap());
+        assert_eq!(read(&s, &p).unwrap().failures, 0);
+    }
+
+    #[test]
+    fn a_success_ends_the_failures_that_began_before_it_not_those_after() {
+        let s = FakeStore::new();
+        let p = provider(&["a", "b"]);
+        fail(&s, &p, 1);
+        let success = begin(&s, &p); // saw one failure
+        let in_flight = begin(&s, &p);
+        fail(&s, &p, 2); // began beside the success: the same step
+        fail(&s, &p, 3); // began after that failure was on record: after the success began
+        assert_eq!(read(&s, &p).unwrap().failures, 3);
+        assert!(answered(&s, &p, &CFG, success).unwrap());
+        let h = read(&s, &p).unwrap();
+        assert_eq!((h.failures, h.epoch), (1, 1), "the one after it stays");
+        // A failure of an attempt that began before that reset does not count.
+        assert!(!failed(&s, &p, &CFG, in_flight, 4, None).unwrap());
+        assert_eq!(read(&s, &p).unwrap().failures, 1);
+        // Nor does a success of such an attempt end anything.
+        assert!(!answered(&s, &p, &CFG, in_flight).unwrap());
+        assert_eq!(read(&s, &p).unwrap().failures, 1);
+    }
+
+    #[test]
+    fn a_success_from_before_the_circuit_opened_closes_it_only_when_no_failure_came_after_it() {
+        let s = FakeStore::new();
+        let p = provider(&["a"]);
+        fail(&s, &p, 1);
+        let early = begin(&s, &p); // saw 1
+        fail(&s, &p, 2);
+        let late = begin(&s, &p); // saw 2
+        assert!(fail(&s, &p, 3));
+        assert!(answered(&s, &p, &CFG, early).unwrap());
+        let h = read(&s, &p).unwrap();
+        assert_eq!((h.failures, h.circuit(&CFG, 4)), (1, Circuit::Closed));
+        assert!(
+            !answered(&s, &p, &CFG, late).unwrap(),
+            "a reset came since it began"
+        );
+        assert_eq!(read(&s, &p).unwrap().failures, 1);
+    }
+
+    #[test]
+    fn what_blocks_a_provider_and_until_when() {
+        let s = FakeStore::new();
+        let mut p = provider(&["a", "b"]);
+        let blocked = |s: &FakeStore, p: &Provider, t| read(s, p).unwrap().blocked(&CFG, t);
+        assert_eq!(blocked(&s, &p, 0), None);
+        cool_key(&s, &p, 0, 5_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(blocked(&s, &p, 0), None, "b is free");
+        failed(&s, &p, &CFG, Seen::default(), 0, Some((1, 800))).unwrap();
+        let by = |until_ms, by| Some(Blocked { until_ms, by });
+        assert_eq!(blocked(&s, &p, 0), by(800, Blocker::ServerErrors));
+        assert_eq!(blocked(&s, &p, 900), None, "b is back");
+        refuse(&s, &p, 1, 9_000).unwrap();
+        assert_eq!(blocked(&s, &p, 900), by(5_000, Blocker::RateLimited));
+        assert_eq!(blocked(&s, &p, 6_000), None, "a is back");
+        refuse(&s, &p, 0, 12_000).unwrap();
+        assert_eq!(blocked(&s, &p, 6_000), by(9_000, Blocker::KeysRefused));
+        // An open circuit blocks until it half-opens, unless the keys are back later still.
+        fail(&s, &p, 10_000);
+        fail(&s, &p, 10_000);
+        assert_eq!(blocked(&s, &p, 10_000), by(20_000, Blocker::CircuitOpen));
+        assert_eq!(blocked(&s, &p, 20_000), None, "half-open");
+        cool_key(&s, &p, 0, 40_000, CooldownReason::RateLimited).unwrap();
+        refuse(&s, &p, 1, 40_000).unwrap();
+        assert_eq!(blocked(&s, &p, 15_000), by(40_000, Blocker::RateLimited));
+        p.keys[0].disabled = true;
+        p.keys[1].disabled = true;
+        assert_eq!(
+            blocked(&s, &p, 50_000),
+            by(50_000 + ALL_DISABLED_RETRY_MS, Blocker::KeysDisabled)
+        );
     }
 }

@@ -113,6 +113,20 @@ pub fn cooldown_ms<'a>(
         .map(|ms| ms.min(MAX_COOLDOWN_MS))
 }
 
+/// The wait an answer asks for in `retry-after-ms` or `retry-after` only, as [`cooldown_ms`] reads
+/// them. For a 5xx: the rate-limit reset headers some providers send on every answer say when a
+/// budget refills, not when the provider is back.
+pub fn retry_after_ms<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    now_ms: u64,
+) -> Option<u64> {
+    let asks = headers.filter(|(k, _)| {
+        let k = k.trim();
+        k.eq_ignore_ascii_case("retry-after-ms") || k.eq_ignore_ascii_case("retry-after")
+    });
+    cooldown_ms(asks, now_ms)
+}
+
 /// OpenAI's Go-style durations: "6m0s", "1.5s", "20ms", "1h2m3.5s", "0s" (also "0", "us", "ns").
 /// No days, no signs, no inner spaces. Rounded up to whole ms, capped at [`MAX_COOLDOWN_MS`].
 pub fn parse_go_duration_ms(s: &str) -> Option<u64> {
@@ -659,6 +673,23 @@ mod tests {
         assert_eq!(cd(&garbled, T0), Some(9000));
         assert_eq!(cd(&[("content-type", "application/json")], T0), None);
         assert_eq!(cd(&[], T0), None);
+    }
+
+    #[test]
+    fn a_server_errors_wait_is_its_retry_after_only() {
+        let ra = |h: &[(&'static str, &'static str)]| retry_after_ms(h.iter().copied(), T0);
+        let resets = [
+            ("x-ratelimit-reset-requests", "7s"),
+            ("anthropic-ratelimit-requests-reset", "2024-08-01T12:00:39Z"),
+        ];
+        assert_eq!(ra(&resets), None, "budget resets are no outage's end");
+        let with = [resets[0], resets[1], (" Retry-After", "5")];
+        assert_eq!(ra(&with), Some(5000));
+        assert_eq!(
+            ra(&[("retry-after-ms", "300"), ("retry-after", "5")]),
+            Some(300)
+        );
+        assert_eq!(ra(&[("retry-after", "soon")]), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! retry priorities carry the later attempts down the same order.
 
 use crate::config::Config;
-use crate::failover::health::{self, Circuit, ProviderHealth};
+use crate::failover::health::{self, Blocked, Blocker, Circuit, ProviderHealth};
 use crate::limit::headers::retry_after_secs;
 use crate::store::SharedStore;
 
@@ -11,9 +11,9 @@ use crate::store::SharedStore;
 pub enum Start {
     /// Start on this provider (index in config order); > 0 means steering.
     Provider(usize),
-    /// Providers serve the model, but none can take it now: every key cooling down or every
-    /// circuit open.
-    Exhausted { retry_after_secs: u64 },
+    /// Providers serve the model, but none can take it now: what blocks the one that can soonest,
+    /// and when it can.
+    Exhausted { retry_after_secs: u64, by: Blocker },
     /// No provider lists the model.
     NotServed,
 }
@@ -63,7 +63,7 @@ fn start_where<S: SharedStore + ?Sized>(
     now: u64,
     serves: impl Fn(usize) -> bool,
 ) -> (Start, Option<ProviderHealth>) {
-    let mut earliest: Option<u64> = None;
+    let mut earliest: Option<Blocked> = None;
     let mut first_serving = None;
     for (i, p) in cfg.providers.iter().enumerate() {
         if !serves(i) {
@@ -73,24 +73,26 @@ fn start_where<S: SharedStore + ?Sized>(
         let Ok(h) = health::read(store, p) else {
             return (Start::Provider(first_serving.unwrap_or(i)), None);
         };
-        let at = h.available_at(&cfg.health, now);
-        let usable = at <= now
-            && match h.circuit(&cfg.health, now) {
-                Circuit::Closed => true,
-                Circuit::Open { .. } => false,
-                Circuit::HalfOpen => {
-                    health::try_acquire(store, p, &cfg.health, now).unwrap_or(true)
-                }
-            };
-        if usable {
+        let blocked = h.blocked(&cfg.health, now).or_else(|| {
+            let probe_taken = h.circuit(&cfg.health, now) == Circuit::HalfOpen
+                && !health::try_acquire(store, p, &cfg.health, now).unwrap_or(true);
+            probe_taken.then_some(Blocked {
+                until_ms: now,
+                by: Blocker::CircuitOpen,
+            })
+        });
+        let Some(mut b) = blocked else {
             return (Start::Provider(i), Some(h));
+        };
+        b.until_ms = b.until_ms.max(now.saturating_add(1));
+        if earliest.is_none_or(|e| b.until_ms < e.until_ms) {
+            earliest = Some(b);
         }
-        let at = at.max(now.saturating_add(1));
-        earliest = Some(earliest.map_or(at, |e| e.min(at)));
     }
     let start = match (earliest, first_serving) {
-        (Some(at), _) => Start::Exhausted {
-            retry_after_secs: retry_after_secs(at - now),
+        (Some(b), _) => Start::Exhausted {
+            retry_after_secs: retry_after_secs(b.until_ms - now),
+            by: b.by,
         },
         (None, Some(i)) => Start::Provider(i),
         (None, None) => Start::NotServed,
@@ -98,11 +100,33 @@ fn start_where<S: SharedStore + ?Sized>(
     (start, None)
 }
 
+/// When a provider that serves `model` can take it, and what blocks it until then: the earliest
+/// among them; None when one can now (or shared data cannot tell). Reads every serving provider's
+/// entry: for answers that are already refusals.
+pub fn recovery<S: SharedStore + ?Sized>(
+    store: &S,
+    cfg: &Config,
+    model: &str,
+    now: u64,
+) -> Option<Blocked> {
+    let mut earliest: Option<Blocked> = None;
+    for (i, p) in cfg.providers.iter().enumerate() {
+        if !serves(cfg, i, model) {
+            continue;
+        }
+        let b = health::read(store, p).ok()?.blocked(&cfg.health, now)?;
+        if earliest.is_none_or(|e| b.until_ms < e.until_ms) {
+            earliest = Some(b);
+        }
+    }
+    earliest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::parse;
-    use crate::failover::health::{cool_key, record, CooldownReason, Outcome};
+    use crate::failover::health::{cool_key, failed, CooldownReason};
     use crate::store::FakeStore;
 
     fn cfg(extra: &str) -> Config {
@@ -130,7 +154,8 @@ mod tests {
         assert_eq!(
             start(&s, &c, "gpt-4o-mini", 0),
             Start::Exhausted {
-                retry_after_secs: 5
+                retry_after_secs: 5,
+                by: Blocker::RateLimited
             },
             "b does not serve it"
         );
@@ -138,7 +163,8 @@ mod tests {
         assert_eq!(
             start(&s, &c, "", 1_000),
             Start::Exhausted {
-                retry_after_secs: 4
+                retry_after_secs: 4,
+                by: Blocker::RateLimited
             }
         );
         assert_eq!(start(&s, &c, "", 5_000), Start::Provider(0));
@@ -154,7 +180,8 @@ mod tests {
         assert_eq!(
             start(&s, &c, "claude-only", 0),
             Start::Exhausted {
-                retry_after_secs: 7
+                retry_after_secs: 7,
+                by: Blocker::RateLimited
             }
         );
     }
@@ -163,15 +190,68 @@ mod tests {
     fn an_open_circuit_is_skipped_and_half_open_lets_one_probe_through() {
         let s = FakeStore::new();
         let c = cfg("");
-        for t in 0..2 {
-            record(&s, &c.providers[0], &c.health, Outcome::ProviderFailure, t).unwrap();
-        }
+        fail_twice(&s, &c, 0);
         assert_eq!(start(&s, &c, "", 100), Start::Provider(1));
         assert_eq!(start(&s, &c, "", 10_001), Start::Provider(0), "the probe");
         assert_eq!(
             start(&s, &c, "", 10_002),
             Start::Provider(1),
             "one probe only"
+        );
+        assert_eq!(
+            start(&s, &c, "gpt-4o-mini", 10_002),
+            Start::Exhausted {
+                retry_after_secs: 1,
+                by: Blocker::CircuitOpen
+            },
+            "the probe is out: back in a second"
+        );
+    }
+
+    /// Two failures in a row on provider `i` at 0 (each attempt began after the previous one
+    /// failed): its circuit opens until 10 000.
+    fn fail_twice(s: &FakeStore, c: &Config, i: usize) {
+        for _ in 0..2 {
+            let seen = health::read(s, &c.providers[i]).unwrap().seen();
+            failed(s, &c.providers[i], &c.health, seen, 0, None).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_what_blocks_the_provider_that_is_back_soonest() {
+        let s = FakeStore::new();
+        let c = cfg("");
+        // a: an open circuit until 10 s; b: its key rests after a 5xx until 3 s.
+        fail_twice(&s, &c, 0);
+        let seen = health::read(&s, &c.providers[1]).unwrap().seen();
+        failed(&s, &c.providers[1], &c.health, seen, 0, Some((0, 3_000))).unwrap();
+        let exhausted = |secs, by| Start::Exhausted {
+            retry_after_secs: secs,
+            by,
+        };
+        assert_eq!(
+            start(&s, &c, "gpt-4o", 1_000),
+            exhausted(2, Blocker::ServerErrors)
+        );
+        assert_eq!(
+            start(&s, &c, "gpt-4o-mini", 1_000),
+            exhausted(9, Blocker::CircuitOpen),
+            "only a serves it"
+        );
+        assert_eq!(
+            recovery(&s, &c, "gpt-4o", 1_000),
+            Some(Blocked {
+                until_ms: 3_000,
+                by: Blocker::ServerErrors
+            })
+        );
+        assert_eq!(recovery(&s, &c, "gpt-4o", 3_000), None, "b is back");
+        // A key cooling after a 429 blocks longer than the circuit: the keys are what to wait for.
+        cool_key(&s, &c.providers[0], 0, 20_000, CooldownReason::RateLimited).unwrap();
+        cool_key(&s, &c.providers[0], 1, 25_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "gpt-4o-mini", 1_000),
+            exhausted(19, Blocker::RateLimited)
         );
     }
 
@@ -191,7 +271,8 @@ mod tests {
         assert_eq!(
             start_speaking(&s, &c, false, 0).0,
             Start::Exhausted {
-                retry_after_secs: 5
+                retry_after_secs: 5,
+                by: Blocker::RateLimited
             },
             "an OpenAI path is never passed to the Anthropic provider"
         );

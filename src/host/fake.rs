@@ -159,12 +159,20 @@ impl FakeHost {
     }
 
     /// The next attempt of the same request: Envoy hands it the header map the previous attempt
-    /// rewrote, and the body as the listener-level filters left it.
+    /// rewrote, the body as the listener-level filters left it, and the request's filter state with
+    /// what the previous attempt wrote into it.
     pub fn next_attempt(listener: &FakeHost, previous: &FakeHost) -> Self {
         let mut h = FakeHost::attempt_of(listener);
         if let Some(m) = previous.maps.get(&Map::RequestHeaders) {
             h.maps.insert(Map::RequestHeaders, m.clone());
         }
+        h.parent_filter_state.extend(
+            previous
+                .parent_filter_state
+                .iter()
+                .chain(&previous.filter_state)
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         h
     }
 

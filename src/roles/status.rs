@@ -122,10 +122,15 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
             health::Circuit::Open { .. } => "open",
             health::Circuit::HalfOpen => "half_open",
         };
+        // What a request for this provider would be told now: the same reading admission makes.
+        let blocked = h.blocked(&cfg.health, now);
         providers.insert(
             p.name.clone(),
             json!({"type": p.kind.as_str(), "circuit": circuit,
-                   "consecutive_failures": h.failures, "keys": keys}),
+                   "consecutive_failures": h.failures,
+                   "blocked_by": blocked.map(|b| b.by.as_str()),
+                   "blocked_until_ms": blocked.map_or(0, |b| b.until_ms),
+                   "keys": keys}),
         );
     }
     json!({"now_ms": now, "consumers": consumers, "models": models, "providers": providers})

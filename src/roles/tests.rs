@@ -1742,3 +1742,305 @@ fn a_trimmed_conversation_is_what_every_attempt_translates_and_the_answer_says_h
         dropped as u64
     );
 }
+
+/// `gpt-4o` is served by openai only (see [`config`]): a retry Envoy moves to anthropic.
+const GPT_4O: &[u8] = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}]}"#;
+
+/// The request's second attempt, on anthropic, after `first`: its flow and host.
+fn onto_anthropic(lh: &FakeHost, first: &FakeHost, cfg: &Rc<Config>) -> (Flow, FakeHost) {
+    let mut h = FakeHost::next_attempt(lh, first);
+    on_endpoint(&mut h, "anthropic");
+    let mut u = Upstream::new(cfg.clone());
+    (u.on_request_headers(&mut h), h)
+}
+
+#[test]
+fn a_retry_onto_a_provider_without_the_model_is_answered_with_what_the_last_attempt_meant() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let gpt_4o = |store: &Rc<FakeStore>| {
+        let mut lh = client(
+            store,
+            "/v1/chat/completions",
+            &[("x-api-key", TEAM_A_KEY.as_bytes())],
+            GPT_4O,
+        );
+        let mut l = Listener::new(cfg.clone());
+        assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+        lh
+    };
+    let lh = gpt_4o(&store);
+    let (_, first) = attempt(&lh, "openai", 1, 429, &[("retry-after", "30")], b"{}", &cfg);
+    let (flow, second) = onto_anthropic(&lh, &first, &cfg);
+    assert_eq!(flow, Flow::Stop, "anthropic is not called");
+    let r = second.reply.clone().unwrap();
+    assert_eq!(
+        (r.status, r.header("retry-after")),
+        (429, Some("1")),
+        "oa-2 can take it now"
+    );
+    assert_eq!(r.header("x-tollgate-exhausted"), Some("true"));
+    let e = &r.json()["error"];
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("requests"), Some("provider_keys_exhausted"))
+    );
+    assert!(
+        e["message"].as_str().unwrap().starts_with(
+            "The model 'gpt-4o' is not served by provider 'anthropic', next in the failover order, after an attempt that was rate limited (429)."
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        second.get(Map::RequestHeaders, "x-api-key"),
+        None,
+        "no anthropic key was set"
+    );
+    assert_eq!(second.counter("tollgate.provider.anthropic.attempts"), 0);
+    assert_eq!(
+        second.counter("tollgate.provider.anthropic.not_served_attempts"),
+        1
+    );
+    // Once oa-2 is throttled too, the client is told when the first of them is back.
+    let lh = gpt_4o(&store);
+    let (_, first) = attempt(&lh, "openai", 1, 429, &[("retry-after", "20")], b"{}", &cfg);
+    let (_, second) = onto_anthropic(&lh, &first, &cfg);
+    assert_eq!(second.reply.unwrap().header("retry-after"), Some("20"));
+
+    // After a 503 (which rests oa-1 for a second): a 503 of the same class, in the client's shape.
+    let store = Rc::new(FakeStore::new());
+    let lh = gpt_4o(&store);
+    let (_, first) = attempt(&lh, "openai", 1, 503, &[], b"{}", &cfg);
+    let h = crate::failover::health::read(store.as_ref(), &cfg.providers[0]).unwrap();
+    assert_eq!(
+        h.key_state(0, lh.now),
+        (
+            crate::failover::health::CooldownReason::ServerError,
+            lh.now + 1_000
+        )
+    );
+    let (_, second) = onto_anthropic(&lh, &first, &cfg);
+    let r = second.reply.unwrap();
+    assert_eq!((r.status, r.header("retry-after")), (503, Some("1")));
+    assert_eq!(r.json()["error"]["code"], "provider_unavailable");
+}
+
+#[test]
+fn an_alias_is_not_served_where_its_table_names_no_model() {
+    let cfg = config(r#","aliases":{"smart":{"openai":"gpt-4o"},"fast":"gpt-4o-mini"}"#);
+    let store = Rc::new(FakeStore::new());
+    for (alias, served) in [("smart", false), ("fast", true)] {
+        let body = format!(r#"{{"model":"{alias}","messages":[{{"role":"user","content":"x"}}]}}"#);
+        let mut lh = client(
+            &store,
+            "/v1/chat/completions",
+            &[("x-api-key", TEAM_A_KEY.as_bytes())],
+            body.as_bytes(),
+        );
+        let mut l = Listener::new(cfg.clone());
+        assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+        let (_, first) = attempt(&lh, "openai", 1, 503, &[], b"{}", &cfg);
+        let (flow, second) = onto_anthropic(&lh, &first, &cfg);
+        assert_eq!(flow == Flow::Continue, served, "{alias}");
+        assert_eq!(second.reply.is_none(), served, "{alias}");
+    }
+}
+
+#[test]
+fn a_direct_caller_without_a_listener_still_gets_400_for_a_model_the_provider_lacks() {
+    let cfg = config("");
+    let store = Rc::new(FakeStore::new());
+    let mut h = client(&store, "/v1/chat/completions", &[], GPT_4O);
+    on_endpoint(&mut h, "anthropic");
+    let mut u = Upstream::new(cfg.clone());
+    assert_eq!(u.on_request_headers(&mut h), Flow::Continue);
+    assert_eq!(u.on_request_body(&mut h, GPT_4O.len(), true), Flow::Stop);
+    let r = h.reply.unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error"]["message"],
+        "The model 'gpt-4o' is not served by provider 'anthropic'."
+    );
+}
+
+/// An attempt begun (key chosen, health read) for the request `lh` carried, not answered yet.
+fn begun(lh: &FakeHost, cfg: &Rc<Config>) -> (Upstream, FakeHost) {
+    let mut u = Upstream::new(cfg.clone());
+    let mut h = FakeHost::attempt_of(lh);
+    on_endpoint(&mut h, "openai");
+    assert_eq!(u.on_request_headers(&mut h), Flow::Continue);
+    (u, h)
+}
+
+/// The begun attempt answered: 503 for `sk-3`, 429 (`retry-after-ms: 300`) for `sk-2`, 200 else.
+fn finish(u: &mut Upstream, h: &mut FakeHost) -> u16 {
+    let status = match secret_seen(h).as_str() {
+        "sk-3" => 503,
+        "sk-2" => 429,
+        _ => 200,
+    };
+    let headers: &[(&str, &str)] = if status == 429 {
+        &[("retry-after-ms", "300")]
+    } else {
+        &[]
+    };
+    h.set_response(status, headers, b"{}");
+    u.on_response_headers(h);
+    u.on_response_body(h, 2, true);
+    status
+}
+
+#[test]
+fn a_key_failing_beside_healthy_ones_rests_and_the_circuit_stays_closed() {
+    // One worker, three keys: sk-1 answers, sk-2 is throttled, sk-3 fails. Requests in flight
+    // together all began on a clean circuit; their answers come back failures first, as a fast
+    // 503 beats a completion.
+    let cfg = pool_config(3, "");
+    let store = Rc::new(FakeStore::new());
+    let tickets: Rc<core::cell::RefCell<crate::pool::keypool::Tickets>> = Rc::default();
+    for round in 0..3 {
+        let mut in_flight = Vec::new();
+        for _ in 0..12 {
+            let mut lh = client(&store, "/v1/chat/completions", &[], CHAT);
+            lh.tickets = tickets.clone();
+            lh.now += round * 2_000;
+            let mut l = Listener::new(cfg.clone());
+            assert_eq!(
+                send(&mut l, &mut lh),
+                Flow::Continue,
+                "round {round}: admitted"
+            );
+            in_flight.push(begun(&lh, &cfg));
+        }
+        in_flight.sort_by_key(|(_, h)| core::cmp::Reverse(secret_seen(h)));
+        let answers: Vec<u16> = in_flight.iter_mut().map(|(u, h)| finish(u, h)).collect();
+        assert_eq!(
+            answers.iter().filter(|&&s| s == 503).count(),
+            4,
+            "{answers:?}"
+        );
+        let h = crate::failover::health::read(store.as_ref(), &cfg.providers[0]).unwrap();
+        let now = FakeHost::new(store.clone()).now + round * 2_000;
+        assert_eq!(
+            h.circuit(&cfg.health, now),
+            crate::failover::health::Circuit::Closed
+        );
+        // The 503s of attempts in flight together are one step; sk-1's answers end the runs their
+        // attempts saw.
+        assert!(h.failures <= 1, "round {round}: {}", h.failures);
+        assert!(h.key_available(0, now) && h.blocked(&cfg.health, now).is_none());
+        assert_eq!(
+            h.key_state(2, now).0,
+            crate::failover::health::CooldownReason::ServerError
+        );
+        let st = status_json(&store, &cfg)["providers"]["openai"].clone();
+        assert_eq!(
+            (st["circuit"].as_str(), st["blocked_by"].as_str()),
+            (Some("closed"), None)
+        );
+        assert_eq!(st["keys"][2]["state"], "server_error");
+    }
+}
+
+#[test]
+fn a_success_whose_attempt_saw_no_failure_touches_no_shared_data() {
+    let cfg = pool_config(1, "");
+    let store = Rc::new(FakeStore::new());
+    let lh = client(&store, "/v1/chat/completions", &[], CHAT);
+    let (mut u, mut h) = begun(&lh, &cfg);
+    store.calls.set(0);
+    finish(&mut u, &mut h);
+    assert_eq!(store.calls.get(), 0);
+}
+
+#[test]
+fn an_exhausted_request_is_told_what_blocks_it_and_until_when() {
+    use crate::failover::health::{self, CooldownReason};
+    let cfg = pool_config(2, "");
+    let p = &cfg.providers[0];
+    let refusal = |store: &Rc<FakeStore>| {
+        let mut lh = client(store, "/v1/chat/completions", &[], CHAT);
+        let mut l = Listener::new(cfg.clone());
+        assert_eq!(send(&mut l, &mut lh), Flow::Stop);
+        let r = lh.reply.unwrap();
+        let e = r.json()["error"].clone();
+        (
+            r.status,
+            r.header("retry-after").map(str::to_string),
+            e["type"].clone(),
+            e["code"].clone(),
+        )
+    };
+    let now = FakeHost::new(Rc::new(FakeStore::new())).now;
+    // Both keys throttled by the provider: a 429 naming the first key back.
+    let store = Rc::new(FakeStore::new());
+    health::cool_key(
+        store.as_ref(),
+        p,
+        0,
+        now + 12_000,
+        CooldownReason::RateLimited,
+    )
+    .unwrap();
+    health::cool_key(
+        store.as_ref(),
+        p,
+        1,
+        now + 7_000,
+        CooldownReason::RateLimited,
+    )
+    .unwrap();
+    assert_eq!(
+        refusal(&store),
+        (
+            429,
+            Some("7".into()),
+            "requests".into(),
+            "provider_keys_exhausted".into()
+        )
+    );
+    // Both keys resting after 5xx: a 503, not the client's rate limit.
+    let store = Rc::new(FakeStore::new());
+    for k in 0..2 {
+        let seen = health::read(store.as_ref(), p).unwrap().seen();
+        health::failed(
+            store.as_ref(),
+            p,
+            &cfg.health,
+            seen,
+            now,
+            Some((k, now + 2_000)),
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        refusal(&store),
+        (
+            503,
+            Some("2".into()),
+            "server_error".into(),
+            "provider_unavailable".into()
+        )
+    );
+    // An open circuit (five failures in a row): a 503 saying so, until it half-opens.
+    let store = Rc::new(FakeStore::new());
+    for _ in 0..5 {
+        let seen = health::read(store.as_ref(), p).unwrap().seen();
+        health::failed(store.as_ref(), p, &cfg.health, seen, now - 10_000, None).unwrap();
+    }
+    assert_eq!(
+        refusal(&store),
+        (
+            503,
+            Some("20".into()),
+            "server_error".into(),
+            "provider_circuit_open".into()
+        )
+    );
+    let st = status_json(&store, &cfg)["providers"]["openai"].clone();
+    assert_eq!(
+        (st["circuit"].as_str(), st["blocked_by"].as_str()),
+        (Some("open"), Some("circuit_open"))
+    );
+    assert_eq!(st["blocked_until_ms"], now + 20_000);
+}

@@ -17,9 +17,11 @@ use crate::api::request;
 use crate::api::splice;
 use crate::config::{Config, KeySecret, Provider};
 use crate::count::usage::ApiKind;
-use crate::failover::health::{self, CooldownReason, Outcome};
+use crate::failover::health::{self, CooldownReason, Seen};
+use crate::failover::refusal::{self, Scope, Why};
 use crate::failover::retry_signal;
 use crate::failover::rewrite::{self, Translation};
+use crate::failover::route;
 use crate::failover::translate::{self, TranslateError};
 use crate::host::prof::span;
 use crate::host::tally::Attempt;
@@ -38,6 +40,13 @@ fn attempt_number<H: Host>(host: &H) -> u64 {
         .map(u64::from_le_bytes)
         .unwrap_or(0)
 }
+
+/// Filter state (`wasm.tollgate_last_attempt`) an attempt that failed leaves for the request's next
+/// attempt: its status (0: no answer). Written on failures only.
+pub const LAST_ATTEMPT: &str = "tollgate_last_attempt";
+
+/// On this role's own refusals: the attempt never reached a provider.
+const HDR_EXHAUSTED: &str = "x-tollgate-exhausted";
 
 /// Metadata namespace and key on an endpoint (or cluster) naming its tollgate provider.
 const METADATA_NS: &str = "tollgate";
@@ -62,8 +71,8 @@ pub struct Upstream {
     /// An error answer: buffered to take the key out if the provider quoted it.
     scrub: bool,
     finished: bool,
-    /// The provider had no failures on record when the attempt began.
-    healthy: bool,
+    /// What the attempt saw of its provider's circuit when it began.
+    seen: Seen,
     /// The key was on probation when it was chosen: a 2xx answer counts towards its full share.
     probation: bool,
 }
@@ -84,7 +93,7 @@ impl Upstream {
             status: 0,
             scrub: false,
             finished: false,
-            healthy: false,
+            seen: Seen::default(),
             probation: false,
         }
     }
@@ -108,6 +117,64 @@ impl Upstream {
         headers.extend_from_slice(extra);
         host.respond(status, &headers, &body);
         Flow::Stop
+    }
+
+    /// A refusal of this attempt in the client's shape. Final: Envoy does not retry an upstream
+    /// filter's local answer, so it says what the request's attempts came to.
+    fn refuse<H: Host>(
+        &self,
+        host: &mut H,
+        why: Why,
+        message: &str,
+        retry_after_secs: u64,
+    ) -> Flow {
+        let a = refusal::answer(self.client, why, message, retry_after_secs);
+        host.respond(
+            a.status,
+            &[
+                ("content-type", "application/json"),
+                ("retry-after", &a.retry_after),
+                (HDR_EXHAUSTED, "true"),
+            ],
+            &a.body,
+        );
+        Flow::Stop
+    }
+
+    /// Envoy's retry moved the request to a provider that does not serve its model: it is not
+    /// called. The client gets what the request's last real attempt meant (its 429, or its 5xx's
+    /// class; what blocks the providers that serve the model when that attempt left no word), and
+    /// `Retry-After` when one of them can take it again. This ends the request's attempts: a
+    /// provider after this one that serves the model is not tried (see the README's failover
+    /// section); the client's retry starts on it when it is the one available.
+    fn not_served<H: Host>(&self, host: &mut H, p: &Provider, model: &str) -> Flow {
+        let now = host.now_ms();
+        let recovery = route::recovery(host.store(), &self.cfg, model, now);
+        let last = host
+            .property(&[LAST_ATTEMPT])
+            .and_then(|v| core::str::from_utf8(&v).ok()?.parse::<u16>().ok());
+        let why = match (last, recovery) {
+            (Some(status), _) => Why::of_status(status),
+            (None, Some(b)) => b.by.into(),
+            (None, None) => Why::ServerErrors,
+        };
+        let until = recovery.map_or(now, |b| b.until_ms);
+        let secs = limit_headers::retry_after_secs(until.saturating_sub(now));
+        host.count(
+            &format!("tollgate.provider.{}.not_served_attempts", p.name),
+            1,
+        );
+        let after = match last {
+            Some(429) => "after an attempt that was rate limited (429)".to_string(),
+            Some(0) => "after an attempt that got no answer".to_string(),
+            Some(s) => format!("after an attempt answered {s}"),
+            None => "after an attempt that failed".to_string(),
+        };
+        let msg = format!(
+            "The model '{model}' is not served by provider '{}', next in the failover order, {after}.",
+            p.name
+        );
+        self.refuse(host, why, &msg, secs)
     }
 
     /// Which provider Envoy picked: the endpoint's `tollgate.provider` metadata, else the cluster's,
@@ -150,7 +217,8 @@ impl Upstream {
         // earlier attempt of this request (by tollgate, or by Envoy for an `sds` key), in this same
         // header map. This is a retry. Envoy injects nothing for a secret it does not have: with
         // `sds` keys configured, the attempt count tells (one property read).
-        let retry = planned.is_some()
+        let listener = planned.is_some();
+        let retry = listener
             && (headers::CREDENTIAL_HEADERS.iter().any(|h| map.has(h))
                 || (self.cfg.has_sds_keys() && attempt_number(host) > 1));
         // Every attempt starts again from the request as the client sent it: the header map Envoy
@@ -198,6 +266,9 @@ impl Upstream {
                 &[],
             );
         };
+        if listener && !plan.model.is_empty() && cfg.map_model(pi, plan.model).is_none() {
+            return self.not_served(host, p, plan.model);
+        }
         self.translation = match rewrite::translation(self.api, p.kind) {
             Ok(t) => t,
             Err(msg) => return self.local(host, ErrorKind::InvalidRequest, 400, &msg, &[]),
@@ -238,7 +309,7 @@ impl Upstream {
             None => health::read(host.store(), p)
                 .unwrap_or_else(|_| health::ProviderHealth::decode(None, p)),
         };
-        self.healthy = health.failures == 0;
+        self.seen = health.seen();
         let sticky = cfg
             .sticky_header
             .as_deref()
@@ -263,19 +334,16 @@ impl Upstream {
         let ki = match choice {
             Choice::Key(i) => i,
             Choice::Exhausted { retry_at_ms } => {
-                let secs =
-                    limit_headers::retry_after_secs(retry_at_ms.saturating_sub(now)).to_string();
                 host.count(
                     &format!("tollgate.provider.{}.exhausted_attempts", p.name),
                     1,
                 );
-                return self.local(
-                    host,
-                    ErrorKind::RateLimit,
-                    429,
-                    "Every key of this provider is cooling down.",
-                    &[("retry-after", &secs), ("x-tollgate-exhausted", "true")],
-                );
+                let why = health
+                    .blocked(&cfg.health, now)
+                    .map_or(Why::RateLimited, |b| b.by.into());
+                let msg = refusal::blocked_message(why, Scope::Provider(&p.name));
+                let secs = limit_headers::retry_after_secs(retry_at_ms.saturating_sub(now));
+                return self.refuse(host, why, &msg, secs);
             }
         };
         drop(choosing);
@@ -480,15 +548,16 @@ impl Upstream {
             .and_then(|k| p.keys.get(k))
             .map(|k| k.id.as_str())
             .unwrap_or("");
+        if matches!(self.status, 429 | 401..=403) {
+            host.set_filter_state(LAST_ATTEMPT, self.status.to_string().as_bytes());
+        }
+        let signals = headers
+            .iter()
+            .filter_map(|(k, v)| core::str::from_utf8(v).ok().map(|v| (k, v)));
         match self.status {
             429 => {
-                let wait = retry_signal::cooldown_ms(
-                    headers
-                        .iter()
-                        .filter_map(|(k, v)| core::str::from_utf8(v).ok().map(|v| (k, v))),
-                    now,
-                )
-                .unwrap_or(cfg.health.default_cooldown_ms);
+                let wait = retry_signal::cooldown_ms(signals, now)
+                    .unwrap_or(cfg.health.default_cooldown_ms);
                 if let Some(k) = self.key {
                     let until = now.saturating_add(wait);
                     if health::cool_key(host.store(), p, k, until, CooldownReason::RateLimited)
@@ -563,12 +632,11 @@ impl Upstream {
                 }
             }
             500..=599 => {
-                if let Ok(health::Circuit::Open { .. }) =
-                    health::record(host.store(), p, &cfg.health, Outcome::ProviderFailure, now)
-                {
-                    host.count(&format!("tollgate.provider.{}.circuit_opened", p.name), 1);
-                }
-                host.count(&format!("tollgate.provider.{}.failures", p.name), 1);
+                // One key's 5xx rests that key, as long as the provider asked or briefly: its
+                // neighbours take its traffic.
+                let wait = retry_signal::retry_after_ms(signals, now)
+                    .unwrap_or(cfg.health.server_error_cooldown_ms);
+                self.failed(host, p, now, wait);
             }
             // A key on probation that answered counts towards its full share (one write, for
             // such keys only).
@@ -582,17 +650,46 @@ impl Upstream {
                         );
                     }
                 }
-                if !self.healthy {
-                    let _ = health::record(host.store(), p, &cfg.health, Outcome::Success, now);
-                }
+                let _ = health::answered(host.store(), p, &cfg.health, self.seen);
             }
-            // A success resets the provider's failure count; when the attempt found it at zero
-            // there is nothing to reset (a failure recorded meanwhile is reset by the next one).
-            _ if self.healthy => {}
+            // An answer ends the run of failures the attempt saw; when it saw none there is
+            // nothing to end, and no host call (failures of attempts beside it are one step).
             _ => {
-                let _ = health::record(host.store(), p, &cfg.health, Outcome::Success, now);
+                let _ = health::answered(host.store(), p, &cfg.health, self.seen);
             }
         }
+    }
+
+    /// The attempt failed (a 5xx, or no answer): held against the provider's circuit in the order
+    /// the attempt saw it, its key rests for `wait` ms (none when 0), and the request's next attempt
+    /// is told.
+    fn failed<H: Host>(&self, host: &mut H, p: &Provider, now: u64, wait: u64) {
+        let cfg = &self.cfg;
+        let rest = self
+            .key
+            .filter(|_| wait > 0)
+            .map(|k| (k, now.saturating_add(wait)));
+        if let Ok(true) = health::failed(host.store(), p, &cfg.health, self.seen, now, rest) {
+            host.count(&format!("tollgate.provider.{}.circuit_opened", p.name), 1);
+            log::warn!(
+                "tollgate: provider {} failed {} times in a row: circuit open for {} s",
+                p.name,
+                cfg.health.circuit_failures,
+                cfg.health.circuit_open_ms / 1000
+            );
+        }
+        host.count(&format!("tollgate.provider.{}.failures", p.name), 1);
+        if let Some((k, until)) = rest {
+            let key_id = p.keys.get(k).map_or("", |k| k.id.as_str());
+            host.gauge(
+                &format!(
+                    "tollgate.provider.{}.key.{}.cooldown_until_s",
+                    p.name, key_id
+                ),
+                until / 1000,
+            );
+        }
+        host.set_filter_state(LAST_ATTEMPT, self.status.to_string().as_bytes());
     }
 
     /// The attempt ends. Envoy runs no `on_log` for cluster-level contexts, so this is where an
@@ -608,18 +705,12 @@ impl Upstream {
         }
         let cfg = self.cfg.clone();
         if let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) {
-            host.count(&format!("tollgate.provider.{}.failures", p.name), 1);
             host.count(
                 &format!("tollgate.provider.{}.timeouts_or_resets", p.name),
                 1,
             );
-            let _ = health::record(
-                host.store(),
-                p,
-                &cfg.health,
-                Outcome::ProviderFailure,
-                host.now_ms(),
-            );
+            let now = host.now_ms();
+            self.failed(host, p, now, cfg.health.server_error_cooldown_ms);
         }
     }
 }

@@ -202,8 +202,9 @@ def test_clients_that_give_up_do_not_open_the_providers_circuit(gateway, mocks):
 def test_each_attempt_starts_from_the_clients_request(gateway, mocks):
     """Envoy hands every attempt the header map the previous attempt rewrote: an OpenAI request that
     goes openai (503) -> anthropic (503) -> openai must still be answered in OpenAI's shape, and an
-    Anthropic request that fails over from openai to anthropic in Anthropic's."""
-    gw = gateway(two_providers(circuit_failures=50))
+    Anthropic request that fails over from openai to anthropic in Anthropic's. (Keys do not rest after
+    a 5xx here: the second request must reach anthropic's only key right after its 503.)"""
+    gw = gateway(two_providers(circuit_failures=50, server_error_cooldown_s=0))
     a, b = mocks["openai"], mocks["anthropic"]
     a.script({"status": 503, "times": 1})
     b.script({"status": 503, "times": 1})
@@ -308,7 +309,9 @@ def test_a_healthy_key_serves_the_whole_mix_while_its_neighbours_fail(gateway, m
     503 (10 times), oa-1 is fine. 120 requests, JSON and streams, from 32 threads through the official
     SDK: every one is served (by oa-1 when the others fail), round after round, and afterwards the
     status endpoint shows oa-1 healthy and the circuit closed. A provider's circuit must not shut out a
-    key that answers because its neighbours failed while it was answering."""
+    key that answers because its neighbours failed while it was answering. Completions take 50 ms, as
+    a provider's do, while its errors come back at once: many attempts are in flight together, and
+    their failures report before the successes that began beside them."""
     from concurrent.futures import ThreadPoolExecutor
 
     gw = gateway({"providers": [openai_provider()], "status": STATUS},
@@ -341,3 +344,54 @@ def test_a_healthy_key_serves_the_whole_mix_while_its_neighbours_fail(gateway, m
         assert len(served) == MIX_REQUESTS, f"round {rnd + 1}"
         st = status(gw)["providers"]["openai"]
         assert st["circuit"] == "closed" and st["keys"][0]["state"] == "healthy", st
+
+
+# ---------------------------------------------------------------- a retry onto a provider that lacks the model
+
+def not_serving_gpt_4o():
+    """openai (2 keys, any model), then anthropic, which serves gpt-4o-mini only."""
+    return {"providers": [openai_provider(n=2), anthropic_provider(models={"gpt-4o-mini": "claude-haiku-4-5"})],
+            "status": STATUS}
+
+
+def test_a_throttled_model_is_answered_429_and_the_provider_without_it_never_called(gateway, mocks):
+    """Both OpenAI keys answer 429 (retry-after 30). A gpt-4o request is moved by Envoy's retry to
+    anthropic, which does not serve gpt-4o: anthropic is not called, and the client gets what the
+    last real attempt meant, a 429 with Retry-After when a provider that serves the model can take it
+    again (at once the first time: the other OpenAI key; then 30 s)."""
+    gw = gateway(not_serving_gpt_4o())
+    a, b = mocks["openai"], mocks["anthropic"]
+    a.script({"status": 429, "headers": {"retry-after": "30"}})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+    msgs = [{"role": "user", "content": "hi"}]
+    waits = []
+    for _ in range(3):
+        with pytest.raises(openai.RateLimitError) as e:
+            client.chat.completions.create(model="gpt-4o", messages=msgs)
+        err = e.value.body if isinstance(e.value.body, dict) else {}
+        assert err.get("type") == "requests" and err.get("code") == "provider_keys_exhausted", e.value.body
+        waits.append(int(e.value.response.headers["retry-after"]))
+    assert waits[0] == 1, waits  # oa-2 had not been tried: it can take the request at once
+    assert all(28 <= w <= 30 for w in waits[1:]), waits
+    assert b.requests() == [], "the provider that does not serve gpt-4o is never called"
+    assert sorted(r["key"] for r in a.requests()) == [KEYS["OPENAI_KEY_1"], KEYS["OPENAI_KEY_2"]]
+    # A model anthropic serves still fails over to it.
+    r = client.chat.completions.create(model="gpt-4o-mini", messages=msgs)
+    assert r.choices[0].message.content == "Hello from anthropic."
+    assert [json.loads(x["body"])["model"] for x in b.requests()] == ["claude-haiku-4-5"]
+
+
+def test_a_failing_model_is_answered_in_its_5xx_class_and_the_provider_without_it_never_called(gateway, mocks):
+    """The same failover after a 503, in both dialects: a 503 in the client's own error shape, with
+    Retry-After, and anthropic never called."""
+    gw = gateway(not_serving_gpt_4o())
+    a, b = mocks["openai"], mocks["anthropic"]
+    a.script({"status": 503, "times": 2})
+    r = chat(gw.port, model="gpt-4o")
+    assert r.status == 503, r
+    assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "provider_unavailable", r
+    assert int(r.headers["retry-after"]) >= 1
+    msg = {"model": "gpt-4o", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    r = request(gw.port, "POST", "/v1/messages", msg, {"x-api-key": "x"})
+    assert r.status == 503 and r.json()["error"]["type"] == "overloaded_error", r
+    assert b.requests() == [] and len(a.requests()) == 2

@@ -5,6 +5,7 @@
 
 use super::{Admission, Incoming, Refusal, Stop};
 use crate::api::errors::{ClientApi, ErrorKind};
+use crate::failover::refusal::{self, Scope, Why};
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::route::{self, Start};
 use crate::failover::translate;
@@ -41,12 +42,19 @@ pub fn check<H: Host>(
                 .code("model_not_found")
                 .into());
         }
-        Start::Exhausted { retry_after_secs } => {
-            let msg = format!(
-                "Every provider key that can serve this request is cooling down after provider rate limits or failures. Please try again in {retry_after_secs}s."
+        Start::Exhausted {
+            retry_after_secs,
+            by,
+        } => {
+            // What blocks the provider that is back soonest, and when: a 429 for its keys' rate
+            // limits, a 503 when it fails or refuses the gateway's keys.
+            let why = Why::from(by);
+            let msg = refusal::with_retry(
+                &refusal::blocked_message(why, Scope::Request),
+                retry_after_secs,
             );
-            return Err(Refusal::new(ErrorKind::RateLimit, msg)
-                .code("provider_keys_exhausted")
+            return Err(Refusal::new(why.kind(), msg)
+                .code(why.code())
                 .header("retry-after", retry_after_secs.to_string())
                 .outcome("exhausted")
                 .into());
@@ -160,5 +168,55 @@ mod tests {
         assert_eq!(r.kind, ErrorKind::RateLimit);
         assert_eq!(r.outcome, "exhausted");
         assert_eq!(r.headers, vec![("retry-after", "30".to_string())]);
+    }
+
+    #[test]
+    fn failing_providers_are_refused_as_unavailable_naming_what_is_back_soonest() {
+        use crate::failover::health::{failed, read};
+        let cfg = config(CFG);
+        let store = Rc::new(FakeStore::new());
+        let mut h = FakeHost::new(store.clone());
+        let now = incoming(&cfg, GPT).now;
+        // oa fails five times in a row: its circuit is open for 30 s.
+        for _ in 0..5 {
+            let seen = read(&*store, &cfg.providers[0]).unwrap().seen();
+            failed(&*store, &cfg.providers[0], &cfg.health, seen, now, None).unwrap();
+        }
+        let refused = |h: &mut FakeHost| match walk_route(h, &cfg, GPT).0 {
+            Err(Stop::Refuse(r)) => (r.kind, r.code, r.headers),
+            Ok(()) => panic!("not refused"),
+        };
+        let rest = |until| {
+            let seen = read(&*store, &cfg.providers[1]).unwrap().seen();
+            failed(
+                &*store,
+                &cfg.providers[1],
+                &cfg.health,
+                seen,
+                now,
+                Some((0, until)),
+            )
+            .unwrap();
+        };
+        // an's only key rests 2 s after a 5xx: that is back first.
+        rest(now + 2_000);
+        assert_eq!(
+            refused(&mut h),
+            (
+                ErrorKind::Overloaded,
+                Some("provider_unavailable"),
+                vec![("retry-after", "2".to_string())]
+            )
+        );
+        // Resting past oa's open circuit: the circuit is what to wait for.
+        rest(now + 60_000);
+        assert_eq!(
+            refused(&mut h),
+            (
+                ErrorKind::Overloaded,
+                Some("provider_circuit_open"),
+                vec![("retry-after", "30".to_string())]
+            )
+        );
     }
 }
