@@ -395,3 +395,26 @@ def test_a_failing_model_is_answered_in_its_5xx_class_and_the_provider_without_i
     r = request(gw.port, "POST", "/v1/messages", msg, {"x-api-key": "x"})
     assert r.status == 503 and r.json()["error"]["type"] == "overloaded_error", r
     assert b.requests() == [] and len(a.requests()) == 2
+
+
+def test_a_provider_without_the_model_between_two_that_serve_it_ends_the_attempts(gateway, mocks):
+    """openai-a and openai-c serve gpt-4o, anthropic (between them) does not. Envoy does not retry an
+    upstream filter's local answer, so openai-a's 429 ends the request at anthropic: openai-c is not
+    tried in it. The answer's Retry-After says openai-c can take the request now, and the client's
+    retry starts there."""
+    plugin = {"providers": [openai_provider("openai-a", n=1),
+                            anthropic_provider(models={"gpt-4o-mini": "claude-haiku-4-5"}),
+                            {"name": "openai-c", "type": "openai", "keys": [{"id": "oc-1", "env": "OPENAI_KEY_3"}]}]}
+    gw = gateway(plugin)
+    a, b = mocks["openai"], mocks["anthropic"]
+    a.script({"key": KEYS["OPENAI_KEY_1"], "status": 429, "headers": {"retry-after": "30"}})
+    msgs = [{"role": "user", "content": "hi"}]
+    once = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.RateLimitError) as e:
+        once.chat.completions.create(model="gpt-4o", messages=msgs)
+    assert e.value.response.headers["retry-after"] == "1"
+    assert [r["key"] for r in a.requests()] == [KEYS["OPENAI_KEY_1"]] and b.requests() == []
+    r = once.chat.completions.with_raw_response.create(model="gpt-4o", messages=msgs)
+    assert r.headers["x-tollgate-provider"] == "openai-c", r.headers
+    assert [r["key"] for r in a.requests()] == [KEYS["OPENAI_KEY_1"], KEYS["OPENAI_KEY_3"]]
+    assert b.requests() == []
