@@ -345,16 +345,6 @@ impl ProviderHealth {
             Circuit::HalfOpen
         }
     }
-
-    /// When the provider can take traffic again: now, or the end of its open circuit or of its
-    /// keys' cooldowns, whichever is later.
-    pub fn available_at(&self, cfg: &Health, now_ms: u64) -> u64 {
-        let keys = self.earliest_key_ms(now_ms);
-        match self.circuit(cfg, now_ms) {
-            Circuit::Open { until_ms } => keys.max(until_ms),
-            _ => keys,
-        }
-    }
 }
 
 pub fn read<S: SharedStore + ?Sized>(
