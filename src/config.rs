@@ -21,8 +21,10 @@
 //! SHA-256 digests. An `sds` key is only the name of a secret that Envoy keeps and injects itself:
 //! its value never enters the VM.
 
+mod concurrency;
 mod models;
 
+pub use concurrency::InFlightLimits;
 pub use models::{Models, Window};
 
 use crate::limit::consumer_key::{self, KeyDigest};
@@ -128,6 +130,8 @@ pub struct Key {
     /// Out of the rotation, but kept in the configuration: its cooldowns and counters stay, and
     /// enabling it again needs no other change.
     pub disabled: bool,
+    /// The most requests in flight on this key at once (`None`: no limit).
+    pub max_in_flight: Option<u32>,
 }
 
 /// A key that enters a provider's pool (a new id, or back from `disabled`) is on probation: it takes
@@ -190,6 +194,8 @@ pub struct Consumer {
     pub models: Option<Patterns>,
     /// Trim this consumer's conversations that outgrow a model's window ([`models`]).
     pub trim_oldest: bool,
+    /// The most requests in flight at once (`None`: `default_max_in_flight`, or no limit).
+    pub max_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -244,6 +250,8 @@ pub struct Config {
     pub access: access::Access,
     /// Context windows by model ([`models`]).
     pub models: Models,
+    /// Limits on requests in flight, by consumer and by provider key.
+    pub in_flight: InFlightLimits,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
     pub warnings: Vec<String>,
     /// Derived from `providers` once, at parse: both are asked on every request.
@@ -349,6 +357,7 @@ struct RawConfig {
     aliases: Option<BTreeMap<String, serde_json::Value>>,
     passthrough_paths: Option<Vec<String>>,
     models: Option<models::RawModels>,
+    default_max_in_flight: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -384,6 +393,7 @@ struct RawKey {
     sds: Option<String>,
     weight: Option<u32>,
     disabled: Option<bool>,
+    max_in_flight: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +413,7 @@ struct RawConsumer {
     model_limits: Option<BTreeMap<String, Option<Vec<Object<RawLimit>>>>>,
     models: Option<Vec<String>>,
     trim_oldest: Option<bool>,
+    max_in_flight: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -731,6 +742,9 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         lower_max_tokens,
         &mut warnings,
     )?;
+    let default_max_in_flight =
+        concurrency::max_in_flight("default_max_in_flight", raw.default_max_in_flight)?;
+    let in_flight = concurrency::limits(default_max_in_flight, &consumers, &providers);
 
     let sds_keys = providers
         .iter()
@@ -766,6 +780,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         aliases,
         access,
         models,
+        in_flight,
         warnings,
     })
 }
@@ -950,6 +965,7 @@ fn key(path: &str, rk: RawKey, before: &[Key], env: &Env, warnings: &mut Vec<Str
         source,
         weight,
         disabled: rk.disabled.unwrap_or(false),
+        max_in_flight: concurrency::max_in_flight(&at(path, "max_in_flight"), rk.max_in_flight)?,
     })
 }
 
@@ -999,6 +1015,10 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
             model_limits,
             models,
             trim_oldest: c.trim_oldest.unwrap_or(false),
+            max_in_flight: concurrency::max_in_flight(
+                &at(&path, "max_in_flight"),
+                c.max_in_flight,
+            )?,
         });
     }
     match rc.trusted_header {
@@ -1206,6 +1226,7 @@ impl Provider {
                 source: KeySecret::Inline,
                 weight: *w,
                 disabled: false,
+                max_in_flight: None,
             })
             .collect();
         Provider {
@@ -1378,14 +1399,14 @@ mod tests {
     fn unknown_fields_are_refused_with_their_path_and_the_accepted_names() {
         const LIMIT: &str = "expected one of: metric, amount, window";
         let cases: &[(&str, &str, String)] = &[
-            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models".into()),
+            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models, default_max_in_flight".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models, probation".into()),
-            ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled".into()),
+            ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled, max_in_flight".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, server_error_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
             (r#""consumers":{"header":"x"},"#, "", "consumers.header: unknown field, expected one of: trusted_header, list".into()),
-            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits, models, trim_oldest".into()),
+            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits, models, trim_oldest, max_in_flight".into()),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","limits":[{"metrc":"requests"}]}]},"#, "", format!("consumers.list[0].limits[0].metrc: unknown field, {LIMIT}")),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","model_limits":{"gpt-4o":[{"metric":"requests","amount":1,"window":"1m"},{"windw":"1m"}]}}]},"#, "", format!("consumers.list[0].model_limits.gpt-4o[1].windw: unknown field, {LIMIT}")),
         ];
@@ -1762,6 +1783,7 @@ mod tests {
                 source: KeySecret::Inline,
                 weight: *w,
                 disabled: false,
+                max_in_flight: None,
             })
             .collect();
         let s = smooth_weighted_schedule(&keys);

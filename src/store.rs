@@ -43,14 +43,35 @@ where
 
 /// [`update`] where `f` may decide not to write (`None`): then the read was the whole operation,
 /// one host call instead of a read followed by a read-modify-write.
-pub fn update_if<S, T, F>(store: &S, key: &str, mut f: F) -> Result<(T, u32), StoreError>
+pub fn update_if<S, T, F>(store: &S, key: &str, f: F) -> Result<(T, u32), StoreError>
+where
+    S: SharedStore + ?Sized,
+    F: FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
+{
+    update_if_read(store, key, None, f)
+}
+
+/// A value and its CAS token, as [`SharedStore::get`] returned them.
+pub type Read = (Option<Vec<u8>>, Option<u32>);
+
+/// [`update_if`] whose first round starts from `read` (when the caller read the key already to
+/// decide something else): one host call fewer.
+pub fn update_if_read<S, T, F>(
+    store: &S,
+    key: &str,
+    mut read: Option<Read>,
+    mut f: F,
+) -> Result<(T, u32), StoreError>
 where
     S: SharedStore + ?Sized,
     F: FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
 {
     let mut conflicts = 0;
     for _ in 0..CAS_ATTEMPTS {
-        let (current, cas) = store.get(key)?;
+        let (current, cas) = match read.take() {
+            Some(r) => r,
+            None => store.get(key)?,
+        };
         let (next, out) = f(current.as_deref());
         let Some(next) = next else {
             return Ok((out, conflicts));

@@ -9,6 +9,8 @@
 //! - local replies: refused when the stream was already answered or is gone;
 //! - foreign functions: `clear_route_cache` answers `NotFound` where there is no route cache.
 //!
+//! And one WASI call, `random_get` ([`random_u64`]), whose std wrapper panics on failure.
+//!
 //! Reads go through the SDK (`get_map_value_bytes`, `get_buffer`, ...), which return bytes and expect
 //! only the statuses Envoy gives for them; but a whole header map is read here, kept in the bytes the
 //! host wrote (the SDK's getter makes a String and a Vec of every name and value).
@@ -162,4 +164,18 @@ pub fn call_foreign_function(name: &str) -> bool {
         drop(unsafe { Vec::from_raw_parts(out, len, len) });
     }
     status == OK
+}
+
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn random_get(buf: *mut u8, buf_len: usize) -> u16;
+}
+
+/// Random bytes from the host (WASI `random_get`, which Envoy's Wasm host provides). Called
+/// directly rather than through std, whose wrapper panics (traps the VM) when the host fails it.
+pub fn random_u64() -> Option<u64> {
+    let mut buf = [0u8; 8];
+    // SAFETY: pointer and length come from a live local array.
+    let errno = unsafe { random_get(buf.as_mut_ptr(), buf.len()) };
+    (errno == 0).then(|| u64::from_le_bytes(buf))
 }

@@ -146,6 +146,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        // Leases on requests in flight first: the gauges they show go out with this flush.
+        if let Some(cfg) = &self.config {
+            crate::roles::in_flight::tick(&mut SdkHost::default(), cfg);
+        }
         sdk_host::flush();
         if self.role != Role::Listener {
             return;

@@ -6,6 +6,7 @@ use super::hostcalls;
 use crate::host::prof::span;
 use crate::host::tally::{Attempt, Charge, LimitUse, Sink, Tally, ROW};
 use crate::host::{Body, Headers, Host, Map};
+use crate::limit::in_flight::Leases;
 use crate::pool::keypool::Tickets;
 use crate::store::{SharedStore, StoreError};
 use core::cell::RefCell;
@@ -60,6 +61,19 @@ thread_local! {
     static TALLY: RefCell<Tally> = RefCell::new(Tally::default());
     /// This worker's key-rotation state: round-robin ticket blocks, recent affinity picks.
     static TICKETS: RefCell<Tickets> = RefCell::new(Tickets::default());
+    /// This VM's leases on requests in flight, under an id made when the VM first needs it: a VM
+    /// that replaces this one (a reload, a new configuration) counts under an id of its own.
+    static LEASES: RefCell<Option<Leases>> = const { RefCell::new(None) };
+}
+
+/// A VM id for the leases: random from the host, else the clock's nanoseconds.
+fn vm_id() -> u64 {
+    hostcalls::random_u64().unwrap_or_else(|| {
+        sdk::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(1, |d| d.as_nanos() as u64)
+    })
 }
 
 /// The tick: this worker's metrics and totals go to Envoy. Returns how many usage rows the store
@@ -218,5 +232,12 @@ impl Host for SdkHost {
 
     fn with_rotation(&mut self, f: &mut dyn FnMut(&mut Tickets, &dyn SharedStore)) {
         TICKETS.with(|t| f(&mut t.borrow_mut(), &HostStore));
+    }
+
+    fn with_leases(&mut self, f: &mut dyn FnMut(&mut Leases, &dyn SharedStore)) {
+        LEASES.with(|l| {
+            let mut l = l.borrow_mut();
+            f(l.get_or_insert_with(|| Leases::new(vm_id())), &HostStore)
+        });
     }
 }

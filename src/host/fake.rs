@@ -68,6 +68,9 @@ pub struct FakeHost {
     /// every call.
     refusals: Vec<(Write, u32)>,
     writes: HashMap<Write, u32>,
+    /// The worker VM's leases on requests in flight (shared by the streams of one worker; another
+    /// worker is a host with leases of another VM id: [`FakeHost::on_worker`]).
+    pub leases: Rc<core::cell::RefCell<crate::limit::in_flight::Leases>>,
 }
 
 impl FakeHost {
@@ -91,7 +94,18 @@ impl FakeHost {
             tickets: Rc::default(),
             refusals: Vec::new(),
             writes: HashMap::new(),
+            leases: Rc::new(core::cell::RefCell::new(
+                crate::limit::in_flight::Leases::new(1),
+            )),
         }
+    }
+
+    /// A host of the worker VM `vm` (its own leases on requests in flight).
+    pub fn on_worker(mut self, vm: u64) -> Self {
+        self.leases = Rc::new(core::cell::RefCell::new(
+            crate::limit::in_flight::Leases::new(vm),
+        ));
+        self
     }
 
     /// Refuses the `nth` write to `target` from now on (1: the next one), or every one (0), as
@@ -148,6 +162,7 @@ impl FakeHost {
         let mut h = FakeHost::new(listener.store.clone());
         h.now = listener.now;
         h.tickets = listener.tickets.clone();
+        h.leases = listener.leases.clone();
         h.parent_filter_state = listener.filter_state.clone();
         if let Some(m) = listener.maps.get(&Map::RequestHeaders) {
             h.maps.insert(Map::RequestHeaders, m.clone());
@@ -348,5 +363,12 @@ impl Host for FakeHost {
 
     fn store(&self) -> &dyn SharedStore {
         self.store.as_ref()
+    }
+
+    fn with_leases(
+        &mut self,
+        f: &mut dyn FnMut(&mut crate::limit::in_flight::Leases, &dyn SharedStore),
+    ) {
+        f(&mut self.leases.borrow_mut(), self.store.as_ref());
     }
 }

@@ -14,6 +14,7 @@ pub mod fake;
 pub mod prof;
 pub mod tally;
 
+use crate::limit::in_flight::Leases;
 use crate::pool::keypool::Tickets;
 use crate::store::SharedStore;
 use core::ops::Range;
@@ -99,6 +100,10 @@ pub trait Host {
     /// Runs `f` with this worker's key-rotation state (`pool::keypool::Tickets`: blocks of
     /// round-robin tickets, recent prompt-affinity picks) and the shared data they come from.
     fn with_rotation(&mut self, f: &mut dyn FnMut(&mut Tickets, &dyn SharedStore));
+
+    /// Runs `f` with this VM's leases on requests in flight (`limit::in_flight::Leases`: its id
+    /// and its own counts) and the shared data they are kept in.
+    fn with_leases(&mut self, f: &mut dyn FnMut(&mut Leases, &dyn SharedStore));
 }
 
 /// A header map read whole: the bytes the host wrote it in (the proxy-wasm map encoding, see

@@ -1,7 +1,8 @@
 //! Consumers' budgets: quota windows in shared data, admission before a request goes upstream, and
-//! settlement when its usage is known.
+//! settlement when its usage is known; limits on requests in flight.
 pub mod admission;
 pub mod consumer;
 pub mod consumer_key;
 pub mod headers;
+pub mod in_flight;
 pub mod quota;

@@ -1,6 +1,6 @@
 //! Choosing a provider key for one upstream attempt: round robin, weighted, sticky or prompt
 //! affinity, global across Envoy workers (the rotation counter lives in shared data), skipping keys
-//! that are cooling down or disabled.
+//! that are cooling down or disabled, and keys at their limit of requests in flight.
 //!
 //! A key on probation (`failover::health`) weighs `share_percent` % of a full key in every rotation:
 //! - round robin and weighted: while a key is on probation, each ticket is placed by its golden-ratio
@@ -39,6 +39,9 @@ pub enum Choice {
     Exhausted {
         retry_at_ms: u64,
     },
+    /// Every key not cooling down is at its limit of requests in flight: one is free as soon as
+    /// one of its requests ends.
+    AtLimit,
 }
 
 pub fn counter_key(provider: &str) -> String {
@@ -160,6 +163,9 @@ pub struct Ask<'a> {
     pub sticky: Option<&'a str>,
     /// The hash of the request's leading prompt (`prompt_affinity`; None: round robin).
     pub prefix: Option<u64>,
+    /// Keys at their limit of requests in flight, by index (empty: none): skipped as a cooling
+    /// key is.
+    pub full: &'a [bool],
 }
 
 /// A key's weight in the choice: 100 per unit of its configured weight (which only `weighted` and
@@ -195,8 +201,12 @@ pub fn choose(
             retry_at_ms: now_ms,
         });
     }
-    let healthy = |i: usize| health.key_available(i, now_ms);
+    let free = |i: usize| !ask.full.get(i).copied().unwrap_or(false);
+    let healthy = |i: usize| health.key_available(i, now_ms) && free(i);
     if !(0..n).any(healthy) {
+        if (0..n).any(|i| health.key_available(i, now_ms)) {
+            return Ok(Choice::AtLimit);
+        }
         return Ok(Choice::Exhausted {
             retry_at_ms: health.earliest_key_ms(now_ms),
         });
@@ -221,7 +231,7 @@ pub fn choose(
         }
         (Rotation::PromptAffinity, Some(prefix)) => {
             let order = rendezvous(provider, health, prefix, now_ms);
-            bounded(&order, worker.recent(&provider.name))
+            bounded(&order, worker.recent(&provider.name), &free)
         }
         (Rotation::RoundRobin | Rotation::Weighted | Rotation::PromptAffinity, _) => {
             let ticket = worker.take(store, &provider.name)?;
@@ -322,8 +332,9 @@ fn rendezvous(
 }
 
 /// The first key of `order` still under its bound in the worker's recent picks, recorded there.
-/// The window counts the pick being made: `window - 1` picks are remembered.
-fn bounded(order: &[Ranked], recent: &mut Recent) -> Option<usize> {
+/// The window counts the pick being made: `window - 1` picks are remembered. A key at its limit of
+/// requests in flight (not `free`) is passed over, without changing the shares of the others.
+fn bounded(order: &[Ranked], recent: &mut Recent, free: &dyn Fn(usize) -> bool) -> Option<usize> {
     recent.among(order);
     let total: u64 = order.iter().map(|r| r.weight).sum();
     let (num, den) = LOAD_FACTOR;
@@ -335,7 +346,11 @@ fn bounded(order: &[Ranked], recent: &mut Recent) -> Option<usize> {
             .div_ceil(u128::from(den) * u128::from(total.max(1)));
         u128::from(recent.count(r.id_hash)) < bound
     };
-    let pick = order.iter().find(|r| under(r)).or(order.first())?;
+    let mut free_keys = order.iter().filter(|r| free(r.idx));
+    let pick = free_keys
+        .clone()
+        .find(|r| under(r))
+        .or_else(|| free_keys.next())?;
     recent.push(pick.id_hash, window - 1);
     Some(pick.idx)
 }
@@ -360,9 +375,61 @@ mod tests {
         let h = read(s, p).unwrap();
         let ask = Ask {
             sticky,
-            prefix: None,
+            ..Ask::default()
         };
         choose(p, &h, ask, now, w, s).unwrap()
+    }
+
+    #[test]
+    fn keys_at_their_limit_are_skipped_in_every_rotation_as_cooling_keys_are() {
+        let full = [true, false, true];
+        for rotation in [
+            Rotation::RoundRobin,
+            Rotation::Weighted,
+            Rotation::Sticky,
+            Rotation::PromptAffinity,
+        ] {
+            let s = FakeStore::new();
+            let mut w = Tickets::default();
+            let p = provider(&[1, 3, 1], rotation);
+            let h = read(&s, &p).unwrap();
+            for i in 0..20u64 {
+                let who = format!("c{i}");
+                let ask = Ask {
+                    sticky: Some(&who),
+                    prefix: (rotation == Rotation::PromptAffinity).then_some(i * 7919),
+                    full: &full,
+                };
+                assert_eq!(
+                    choose(&p, &h, ask, 0, &mut w, &s).unwrap(),
+                    Choice::Key(1),
+                    "{rotation:?}"
+                );
+            }
+            // Every key at its limit: a key frees as soon as a request ends.
+            let ask = Ask {
+                full: &[true, true, true],
+                ..Ask::default()
+            };
+            assert_eq!(choose(&p, &h, ask, 0, &mut w, &s).unwrap(), Choice::AtLimit);
+            // The only free key cooling down: the pool is waiting for the cooldown, not a place.
+            cool_key(&s, &p, 1, 5_000, CooldownReason::RateLimited).unwrap();
+            let h = read(&s, &p).unwrap();
+            let ask = Ask {
+                full: &full,
+                ..Ask::default()
+            };
+            assert_eq!(
+                choose(&p, &h, ask, 0, &mut w, &s).unwrap(),
+                Choice::AtLimit,
+                "keys 0 and 2 are only full"
+            );
+            let ask = Ask {
+                full: &[false, false, false],
+                ..Ask::default()
+            };
+            assert_ne!(choose(&p, &h, ask, 0, &mut w, &s).unwrap(), Choice::Key(1));
+        }
     }
 
     #[test]
@@ -618,8 +685,8 @@ mod tests {
 
     fn ask(prefix: u64) -> Ask<'static> {
         Ask {
-            sticky: None,
             prefix: Some(prefix),
+            ..Ask::default()
         }
     }
 

@@ -10,6 +10,7 @@
 //! `filter/` only adapts the proxy-wasm SDK's callbacks to these methods.
 
 pub mod held;
+pub mod in_flight;
 pub mod listener;
 pub mod plan;
 pub mod refused;

@@ -11,6 +11,7 @@ use crate::failover::health;
 use crate::host::{Headers, Host};
 use crate::limit::consumer;
 use crate::limit::consumer_key;
+use crate::limit::in_flight::{self, key_lane, Subject};
 use crate::limit::quota::{self, Limit, Metric};
 use crate::store::{decode_u64s, SharedStore};
 use serde_json::{json, Map, Value};
@@ -47,7 +48,16 @@ fn consumer_view(store: &dyn SharedStore, cfg: &Config, name: &str, now: u64) ->
                    "reset_ms": st.map(|s| s.reset_ms)})
         })
         .collect();
-    json!({"usage": usage(store, &format!("tollgate:u:c:{name}")), "limits": limits})
+    let mut view =
+        json!({"usage": usage(store, &format!("tollgate:u:c:{name}")), "limits": limits});
+    if let Some(max) = cfg.in_flight.consumer(name) {
+        let now_in_flight = in_flight::read(store, &Subject::Consumer(name.to_string()), now)
+            .map(|(t, _)| t.sum())
+            .ok();
+        view["in_flight"] = json!(now_in_flight);
+        view["max_in_flight"] = json!(max);
+    }
+    view
 }
 
 /// `cost_usd` for money limits (the config's name), the metric's own name otherwise.
@@ -89,8 +99,14 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
         );
     }
     let mut providers = Map::new();
-    for p in &cfg.providers {
+    for (pi, p) in cfg.providers.iter().enumerate() {
         let h = health::read(store, p).unwrap_or_else(|_| health::ProviderHealth::decode(None, p));
+        let in_flight = cfg
+            .in_flight
+            .provider(pi)
+            .then(|| in_flight::read(store, &Subject::Provider(p.name.clone()), now).ok())
+            .flatten()
+            .map(|(t, _)| t);
         let keys: Vec<Value> = p
             .keys
             .iter()
@@ -111,10 +127,15 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
                     KeySecret::Inline => ("inline", None),
                     KeySecret::Sds(secret) => ("sds", Some(secret.as_str())),
                 };
-                json!({"id": k.id, "state": state, "cooldown_until_ms": until,
+                let mut view = json!({"id": k.id, "state": state, "cooldown_until_ms": until,
                        "source": source, "secret_name": name,
                        "probation_requests_left": h.probation_left(i),
-                       "usage": usage(store, &format!("tollgate:u:k:{}:{}", p.name, k.id))})
+                       "usage": usage(store, &format!("tollgate:u:k:{}:{}", p.name, k.id))});
+                if let Some(max) = k.max_in_flight {
+                    view["in_flight"] = json!(in_flight.as_ref().map(|t| t.of(key_lane(&k.id))));
+                    view["max_in_flight"] = json!(max);
+                }
+                view
             })
             .collect();
         let circuit = match h.circuit(&cfg.health, now) {

@@ -12,7 +12,7 @@ use crate::store::FakeStore;
 use serde_json::Value;
 use std::rc::Rc;
 
-const TEAM_A_KEY: &str = "tg-team-a";
+pub(super) const TEAM_A_KEY: &str = "tg-team-a";
 
 fn config(extra: &str) -> Rc<Config> {
     let json = format!(
@@ -75,7 +75,7 @@ pub(super) fn send(l: &mut Listener, h: &mut FakeHost) -> Flow {
     flow
 }
 
-fn on_endpoint(h: &mut FakeHost, provider: &str) {
+pub(super) fn on_endpoint(h: &mut FakeHost, provider: &str) {
     h.attributes.insert(
         [
             "xds",

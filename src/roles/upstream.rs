@@ -27,6 +27,7 @@ use crate::host::prof::span;
 use crate::host::tally::Attempt;
 use crate::host::{Body, Edits, Headers, Host, Map};
 use crate::limit::headers as limit_headers;
+use crate::limit::in_flight::{self, key_lane, Subject, Take};
 use crate::pool::credentials;
 use crate::pool::keypool::{self, Choice};
 use crate::store::StoreError;
@@ -75,6 +76,9 @@ pub struct Upstream {
     seen: Seen,
     /// The key was on probation when it was chosen: a 2xx answer counts towards its full share.
     probation: bool,
+    /// The attempt holds a place among its key's requests in flight (the key's lane), given back
+    /// when the attempt ends.
+    place: Option<u64>,
 }
 
 impl Upstream {
@@ -95,6 +99,7 @@ impl Upstream {
             finished: false,
             seen: Seen::default(),
             probation: false,
+            place: None,
         }
     }
 
@@ -318,21 +323,27 @@ impl Upstream {
         let ask = keypool::Ask {
             sticky,
             prefix: plan.prefix,
+            ..keypool::Ask::default()
         };
-        let mut chosen = Err(StoreError::Host);
-        host.with_rotation(&mut |worker, store| {
-            chosen = keypool::choose(p, &health, ask, now, worker, store);
-        });
-        let choice = chosen.unwrap_or_else(|e| {
-            // The rotation counter failed: still serve, from the first healthy key.
-            log::warn!("key rotation counter unavailable: {e:?}");
-            (0..p.keys.len())
-                .find(|&i| health.key_available(i, now))
-                .map(Choice::Key)
-                .unwrap_or(Choice::Exhausted { retry_at_ms: now })
-        });
+        let limited = cfg.in_flight.provider(pi);
+        let (choice, place) = choose_key(host, p, &health, ask, now, limited);
+        self.place = place;
         let ki = match choice {
             Choice::Key(i) => i,
+            Choice::AtLimit => {
+                host.count(
+                    &format!("tollgate.provider.{}.at_limit_attempts", p.name),
+                    1,
+                );
+                // A 429 Envoy retries on the next priority; the last one reaches the client.
+                return self.local(
+                    host,
+                    ErrorKind::RateLimit,
+                    429,
+                    "Every key of this provider is at its limit of requests in flight; try again in a second.",
+                    &[("retry-after", "1"), ("x-tollgate-exhausted", "true")],
+                );
+            }
             Choice::Exhausted { retry_at_ms } => {
                 host.count(
                     &format!("tollgate.provider.{}.exhausted_attempts", p.name),
@@ -390,6 +401,20 @@ impl Upstream {
         }
         self.sent = true;
         Flow::Continue
+    }
+
+    /// Gives back the attempt's place among its key's requests in flight, once.
+    fn give_back_place<H: Host>(&mut self, host: &mut H) {
+        let Some(lane) = self.place.take() else {
+            return;
+        };
+        let Some(p) = self.provider() else { return };
+        let subject = Subject::Provider(p.name.clone());
+        let now = host.now_ms();
+        host.with_leases(&mut |leases, store| {
+            // A write the store refused is made on the tick.
+            let _ = leases.give_back(store, &subject, lane, now);
+        });
     }
 
     pub fn on_request_body<H: Host>(
@@ -695,11 +720,13 @@ impl Upstream {
     /// The attempt ends. Envoy runs no `on_log` for cluster-level contexts, so this is where an
     /// attempt that never got response headers (per-try timeout, reset) is held against its
     /// provider: once, and not when the client went away (that is not the provider's failure).
+    /// Its place among its key's requests in flight is given back here, however it ended.
     pub fn on_done<H: Host>(&mut self, host: &mut H) {
         if self.finished {
             return;
         }
         self.finished = true;
+        self.give_back_place(host);
         if self.status != 0 || !self.sent || host.property(&[CLIENT_GONE]).is_some() {
             return;
         }
@@ -713,4 +740,94 @@ impl Upstream {
             self.failed(host, p, now, cfg.health.server_error_cooldown_ms);
         }
     }
+}
+
+/// The key for this attempt. Where the provider has keys with a limit on requests in flight,
+/// one read of its counts tells which keys are full (skipped as cooling keys are), and a key
+/// with a limit is only chosen once the attempt has taken a place in it (returned with it); a key another worker
+/// filled meanwhile is skipped in turn. When the counts cannot be read or written, the key is
+/// chosen as if none were full: a limit is no reason to fail a request.
+fn choose_key<H: Host>(
+    host: &mut H,
+    p: &Provider,
+    health: &health::ProviderHealth,
+    ask: keypool::Ask<'_>,
+    now: u64,
+    limited: bool,
+) -> (Choice, Option<u64>) {
+    let subject = limited.then(|| Subject::Provider(p.name.clone()));
+    // Leases are stamped with the clock as it is, not with when the request arrived.
+    let lease_now = if limited { host.now_ms() } else { now };
+    let mut full: Vec<bool> = Vec::new();
+    let mut reading = None;
+    if let Some(subject) = &subject {
+        match in_flight::read(host.store(), subject, lease_now) {
+            Ok((totals, read)) => {
+                full = p
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        k.max_in_flight
+                            .is_some_and(|m| totals.of(key_lane(&k.id)) >= u64::from(m))
+                    })
+                    .collect();
+                reading = Some(read);
+            }
+            Err(e) => log::warn!("requests in flight unavailable: {e:?}"),
+        }
+    }
+    for _ in 0..=p.keys.len() {
+        let ask = keypool::Ask { full: &full, ..ask };
+        let mut chosen = Err(StoreError::Host);
+        host.with_rotation(&mut |worker, store| {
+            chosen = keypool::choose(p, health, ask, now, worker, store);
+        });
+        let choice = chosen.unwrap_or_else(|e| {
+            // The rotation counter failed: still serve, from the first healthy key.
+            log::warn!("key rotation counter unavailable: {e:?}");
+            let free = |i: usize| !full.get(i).copied().unwrap_or(false);
+            (0..p.keys.len())
+                .find(|&i| health.key_available(i, now) && free(i))
+                .map(Choice::Key)
+                .unwrap_or(Choice::Exhausted { retry_at_ms: now })
+        });
+        let (Choice::Key(i), Some(subject)) = (choice, &subject) else {
+            return (choice, None);
+        };
+        let Some((lane, limit)) = p
+            .keys
+            .get(i)
+            .and_then(|k| Some((key_lane(&k.id), k.max_in_flight?)))
+        else {
+            return (choice, None);
+        };
+        let mut read = reading.take();
+        let mut taken = Err(StoreError::Host);
+        host.with_leases(&mut |leases, store| {
+            taken = leases.take(
+                store,
+                subject,
+                lane,
+                u64::from(limit),
+                lease_now,
+                read.take(),
+            );
+        });
+        match taken {
+            Ok(Take::Taken) => return (choice, Some(lane)),
+            Ok(Take::Full { .. }) => {
+                if full.is_empty() {
+                    full = vec![false; p.keys.len()];
+                }
+                if let Some(f) = full.get_mut(i) {
+                    *f = true;
+                }
+            }
+            Err(e) => {
+                log::warn!("requests in flight unavailable: {e:?}");
+                return (choice, None);
+            }
+        }
+    }
+    (Choice::AtLimit, None)
 }

@@ -2,7 +2,7 @@
 //! the answer or at teardown, and written to the metrics, the usage totals and the access-log
 //! record. The provider's own usage when it gave one; otherwise an estimate, flagged as such.
 
-use super::Listener;
+use super::{admission, Listener};
 use crate::count::usage::{usage_from_json, Usage};
 use crate::count::{estimate, metric_segment};
 use crate::host::prof::span;
@@ -13,8 +13,11 @@ use crate::roles::refused::{self, Refused};
 use core::fmt::Write;
 
 impl Listener {
-    /// Charges the request exactly once: at the end of the response, or at teardown.
+    /// Charges the request exactly once: at the end of the response, or at teardown. The request
+    /// is over then, however it ended: its place among its consumer's requests in flight is given
+    /// back first (once, whether or not it is metered).
     pub(super) fn charge<H: Host>(&mut self, host: &mut H, torn_down: bool) {
+        admission::concurrency::give_back(host, &mut self.adm);
         if self.charged || !self.adm.metered {
             return;
         }

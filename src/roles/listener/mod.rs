@@ -329,6 +329,8 @@ impl Listener {
     /// upstream reset): the cluster-level role then knows the attempt's end is not the provider's
     /// failure.
     pub fn on_done<H: Host>(&mut self, host: &mut H) {
+        // Given back at the end of the answer or in `on_log` already, unless neither came.
+        admission::concurrency::give_back(host, &mut self.adm);
         if !self.ans.response_complete {
             host.set_filter_state(CLIENT_GONE, b"1");
         }

@@ -11,7 +11,8 @@
 //!    it now), and whether the request can be sent there as the client wrote it;
 //! 4. [`context`]: the model's context window: the request refused, or fitted to it where the
 //!    configuration allows (`max_tokens` lowered, the oldest turns dropped);
-//! 5. [`quota`]: the consumer's budgets, reserved against the request's estimate (as the steps
+//! 5. [`concurrency`]: a place among the consumer's requests in flight, held until the request ends;
+//! 6. [`quota`]: the consumer's budgets, reserved against the request's estimate (as the steps
 //!    before left it: a trimmed prompt, a lowered `max_tokens`).
 //!
 //! The consumer ([`consumer`]) and what the path is for ([`path`]: an API tollgate counts, the
@@ -21,6 +22,7 @@
 //! so in [`release`], which the walk calls when it stops.
 
 pub mod allow;
+pub mod concurrency;
 pub mod consumer;
 pub mod context;
 pub mod model;
@@ -34,6 +36,7 @@ use crate::config::Config;
 use crate::count::usage::ApiKind;
 use crate::failover::health::ProviderHealth;
 use crate::host::Host;
+use crate::limit::in_flight::Subject;
 use crate::limit::quota::{Reservation, Standing};
 
 /// What every step may read of the request: fixed before the walk starts.
@@ -73,6 +76,8 @@ pub struct Admission {
     pub standings: Vec<Standing>,
     /// The standings as rate-limit headers in the client API's dialect.
     pub rate_limits: Vec<(&'static str, String)>,
+    /// The place the request holds among its consumer's requests in flight, until it ends.
+    pub in_flight: Option<Subject>,
 }
 
 impl Admission {
@@ -104,6 +109,9 @@ pub struct Refusal {
     pub headers: Vec<(&'static str, String)>,
     /// The `tollgate.outcome.<outcome>.requests` counter it adds to.
     pub outcome: &'static str,
+    /// The same request could be admitted after this long (a place frees, a window refills):
+    /// a step that waits for capacity may hold it instead of refusing.
+    pub retry_in_ms: Option<u64>,
 }
 
 impl Refusal {
@@ -122,6 +130,7 @@ impl Refusal {
             openai_type: None,
             headers: Vec::new(),
             outcome,
+            retry_in_ms: None,
         }
     }
 
@@ -149,6 +158,11 @@ impl Refusal {
         self.outcome = outcome;
         self
     }
+
+    pub fn retry_in(mut self, ms: u64) -> Self {
+        self.retry_in_ms = Some(ms);
+        self
+    }
 }
 
 impl From<Refusal> for Stop {
@@ -169,6 +183,7 @@ pub fn walk<H: Host>(
         allow::check(incoming, adm)?;
         route::check(host, incoming, adm)?;
         context::check(host, incoming, adm)?;
+        concurrency::check(host, incoming, adm)?;
         quota::check(host, incoming, adm)?;
         Ok(())
     })();
@@ -179,8 +194,10 @@ pub fn walk<H: Host>(
 }
 
 /// Gives back what steps took for a request that will not go on. The quota step runs last, so
-/// nothing it reserved is ever given back here: today there is nothing to release.
-fn release<H: Host>(_host: &mut H, _adm: &mut Admission) {}
+/// nothing it reserved is ever given back here.
+fn release<H: Host>(host: &mut H, adm: &mut Admission) {
+    concurrency::give_back(host, adm);
+}
 
 #[cfg(test)]
 pub(crate) mod testing {
