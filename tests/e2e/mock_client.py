@@ -51,6 +51,12 @@ class MockProvider:
         """Every provider request received since the last reset, in arrival order."""
         return self._call("GET", "/_mock/requests")["requests"]
 
+    def concurrency(self) -> dict:
+        """Requests being answered at once, by key: {"in_flight": {key: n}, "max_in_flight": {key: n},
+        "total": n, "max_total": n}. A request counts from its arrival until its answer starts to go
+        out, it is reset, or the gateway hangs up; the highest counts restart at each reset()."""
+        return self._call("GET", "/_mock/concurrency")
+
     def wait_ready(self, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
         while True:

@@ -3,8 +3,9 @@
 //!
 //! Serves OpenAI (`/v1/chat/completions`, `/v1/embeddings`), Azure OpenAI
 //! (`/openai/deployments/{d}/chat/completions|embeddings?api-version=..`) and Anthropic (`/v1/messages`)
-//! with deterministic answers; `/_mock/script`, `/_mock/reset`, `/_mock/requests` and `/_mock/health`
-//! let tests script failures and inspect what arrived (see tests/e2e/mock_client.py).
+//! with deterministic answers; `/_mock/script`, `/_mock/reset`, `/_mock/requests`,
+//! `/_mock/concurrency` and `/_mock/health` let tests script failures and inspect what arrived, and
+//! how many requests were being answered at once (see tests/e2e/mock_client.py).
 
 mod api;
 mod http;
@@ -15,7 +16,7 @@ use serde_json::{json, Map, Value};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const USAGE: &str = "usage: mock-provider --port PORT [--host 127.0.0.1] [--name NAME] [--verbose]";
 
@@ -178,7 +179,9 @@ fn handle_conn(stream: TcpStream, shared: &Shared) {
             Err(http::Error::Io) => return,
             Err(http::Error::Bad(msg)) => return bad_request(&mut w, &mut reader, msg),
         }
-        match respond(shared, &req, &mut w) {
+        let wait = |d: Duration| waited(reader.get_ref(), d);
+        let conn = conn_fd(&w);
+        match respond(shared, &req, &mut w, conn, &wait) {
             Ok(true) => continue,
             Ok(false) => return close(&w, &mut reader),
             Err(_) => return,
@@ -211,8 +214,103 @@ fn close(w: &TcpStream, reader: &mut BufReader<TcpStream>) {
     let _ = io::copy(&mut reader.take(1 << 20), &mut io::sink());
 }
 
-/// Answers one request; `Ok(true)` when the connection may carry another one.
-fn respond<W: Write>(shared: &Shared, req: &http::Request, w: &mut W) -> io::Result<bool> {
+#[cfg(unix)]
+fn conn_fd(s: &TcpStream) -> i32 {
+    std::os::unix::io::AsRawFd::as_raw_fd(s)
+}
+
+#[cfg(not(unix))]
+fn conn_fd(_: &TcpStream) -> i32 {
+    -1
+}
+
+/// Waits `d` on a connection whose request was read: true when the time is up, false as soon as
+/// the peer hangs up (a gateway that gave up on the request: a timeout, its client gone).
+fn waited(stream: &TcpStream, d: Duration) -> bool {
+    let deadline = Instant::now() + d;
+    let mut probe = [0u8; 1];
+    let still_there = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break true;
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.peek(&mut probe) {
+            Ok(0) => break false,
+            // Bytes of a next request (pipelining): whether the peer leaves cannot be told.
+            Ok(_) => {
+                std::thread::sleep(left);
+                break true;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break false,
+        }
+    };
+    let _ = stream.set_read_timeout(None);
+    still_there
+}
+
+/// Whether the peer closed (or reset) the connection `fd`, without waiting and without taking
+/// anything from it.
+#[cfg(target_os = "linux")]
+fn peer_gone(fd: i32) -> bool {
+    extern "C" {
+        fn recv(fd: i32, buf: *mut u8, len: usize, flags: i32) -> isize;
+    }
+    const MSG_PEEK: i32 = 0x2;
+    const MSG_DONTWAIT: i32 = 0x40;
+    let mut probe = [0u8; 1];
+    // SAFETY: a one-byte buffer on the stack; `fd` is a connection another thread keeps open for
+    // as long as its request is registered (it counts itself out before closing).
+    let n = unsafe { recv(fd, probe.as_mut_ptr(), 1, MSG_PEEK | MSG_DONTWAIT) };
+    n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn peer_gone(_fd: i32) -> bool {
+    false
+}
+
+/// One request being answered, counted in `/_mock/concurrency` until its answer starts to go out
+/// (or the connection is gone): `leave` early, or on drop.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared, key: Option<&str>, conn: i32) -> Self {
+        let id = shared
+            .state()
+            .concurrency
+            .enter(key.unwrap_or("-"), conn, &peer_gone);
+        InFlight { shared, id }
+    }
+
+    fn leave(&mut self) {
+        self.shared.state().concurrency.leave(self.id);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// Answers one request; `Ok(true)` when the connection may carry another one. `wait` sleeps,
+/// and says false when the peer hung up meanwhile.
+fn respond<W: Write>(
+    shared: &Shared,
+    req: &http::Request,
+    w: &mut W,
+    conn: i32,
+    wait: &dyn Fn(Duration) -> bool,
+) -> io::Result<bool> {
     let keep = req.keep_alive();
     if req.path().starts_with("/_mock/") {
         let (status, ctype, body) = control(shared, req);
@@ -228,10 +326,15 @@ fn respond<W: Write>(shared: &Shared, req: &http::Request, w: &mut W) -> io::Res
         now_ms: time_ms,
     };
     let key = api::extract_key(req);
+    let mut in_flight = InFlight::enter(shared, key.as_deref(), conn);
+    let mut reset = false;
     let reply = match api::prepare(req, &ctx) {
         Err(reply) => reply,
         Ok(target) => {
-            let rule = shared.state().take_rule(key.as_deref(), &req.target);
+            let rule = shared
+                .state()
+                .take_rule(key.as_deref(), &req.target, &req.body);
+            reset = rule.as_ref().is_some_and(|r| r.reset);
             api::answer(&target, req, rule, &ctx)
         }
     };
@@ -268,11 +371,17 @@ fn respond<W: Write>(shared: &Shared, req: &http::Request, w: &mut W) -> io::Res
             reply.status
         );
     }
-    if reply.delay_ms > 0 {
-        std::thread::sleep(Duration::from_millis(reply.delay_ms));
+    if reply.delay_ms > 0 && !wait(Duration::from_millis(reply.delay_ms)) {
+        return Ok(false);
+    }
+    if reset {
+        // Counted out before the connection goes: the gateway learns of the end after this.
+        in_flight.leave();
+        return Ok(false);
     }
     match reply.body {
         api::Body::Full(body) => {
+            in_flight.leave();
             http::write_response(
                 w,
                 reply.status,
@@ -301,8 +410,12 @@ fn respond<W: Write>(shared: &Shared, req: &http::Request, w: &mut W) -> io::Res
                 if i > 0 && chunk_delay_ms > 0 {
                     std::thread::sleep(Duration::from_millis(chunk_delay_ms));
                 }
+                if i + 1 == events.len() {
+                    in_flight.leave();
+                }
                 http::write_chunk(w, event.as_bytes(), req.http10)?;
             }
+            in_flight.leave();
             if cut {
                 return Ok(false); // the caller closes without the terminating chunk
             }
@@ -325,14 +438,23 @@ fn control(shared: &Shared, req: &http::Request) -> (u16, &'static str, Vec<u8>)
             Ok(n) => reply(200, json!({"ok": true, "rules": n})),
             Err(e) => reply(400, json!({"error": e})),
         },
+        ("GET", "/_mock/concurrency") => {
+            let c = shared.state().concurrency.clone();
+            reply(
+                200,
+                serde_json::to_value(c).unwrap_or_else(|e| json!(e.to_string())),
+            )
+        }
         ("GET", "/_mock/requests") => {
             let log =
                 serde_json::to_value(&shared.state().log).unwrap_or_else(|e| json!(e.to_string()));
             reply(200, json!({"requests": log}))
         }
-        (_, "/_mock/health" | "/_mock/reset" | "/_mock/script" | "/_mock/requests") => {
-            reply(405, json!({"error": "method not allowed"}))
-        }
+        (
+            _,
+            "/_mock/health" | "/_mock/reset" | "/_mock/script" | "/_mock/requests"
+            | "/_mock/concurrency",
+        ) => reply(405, json!({"error": "method not allowed"})),
         _ => reply(404, json!({"error": "unknown control endpoint"})),
     }
 }
@@ -449,6 +571,71 @@ mod tests {
         r.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty(), "connection closed after Connection: close");
         assert_eq!(shared.state().log.len(), 2);
+    }
+
+    fn concurrency(addr: std::net::SocketAddr) -> Value {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /_mock/concurrency HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let (status, body) = read_response(&mut BufReader::new(s));
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn chat_request(key: &str, content: &str) -> String {
+        let body =
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{content}"}}]}}"#);
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn requests_being_answered_are_counted_per_key_until_answered_reset_or_abandoned() {
+        let (addr, shared) = start();
+        shared
+            .state()
+            .add_rules(
+                br#"{"rules":[{"body_contains":"slow","delay_ms":3000},
+                              {"body_contains":"reset","delay_ms":300,"reset":true},
+                              {"delay_ms":300}]}"#,
+            )
+            .unwrap();
+        let send = |key: &str, content: &str| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(chat_request(key, content).as_bytes()).unwrap();
+            s
+        };
+        let answered = [send("sk-1", "hi"), send("sk-1", "hi"), send("sk-2", "hi")];
+        let reset = send("sk-2", "please reset");
+        let abandoned = send("sk-1", "slow");
+        std::thread::sleep(Duration::from_millis(150));
+        let c = concurrency(addr);
+        assert_eq!(
+            (
+                c["in_flight"]["sk-1"].as_u64(),
+                c["in_flight"]["sk-2"].as_u64()
+            ),
+            (Some(3), Some(2))
+        );
+        // The gateway gives up on the slow one: counted out as soon as it hangs up.
+        drop(abandoned);
+        for s in answered {
+            let (status, _) = read_response(&mut BufReader::new(s));
+            assert_eq!(status, 200);
+        }
+        let mut rest = Vec::new();
+        let mut r = reset;
+        r.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "closed without an answer");
+        std::thread::sleep(Duration::from_millis(50));
+        let c = concurrency(addr);
+        assert_eq!(c["total"], 0, "{c}");
+        assert_eq!(
+            (c["max_in_flight"]["sk-1"].as_u64(), c["max_total"].as_u64()),
+            (Some(3), Some(5))
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 /// Token usage as the mock reports it (and logs it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -28,6 +29,8 @@ pub struct UsageOverride {
 pub struct Rule {
     pub key: Option<String>,
     pub path_contains: Option<String>,
+    /// Matches requests whose body contains this text (a marker a test puts in a prompt).
+    pub body_contains: Option<String>,
     pub times: Option<u64>,
     pub status: Option<u16>,
     #[serde(default)]
@@ -50,6 +53,9 @@ pub struct Rule {
     /// mock send bytes that are not UTF-8 (`"\u00ff"` becomes the byte 0xFF).
     #[serde(default)]
     pub latin1_headers: bool,
+    /// Close the connection without answering (after `delay_ms`): an upstream reset.
+    #[serde(default)]
+    pub reset: bool,
 }
 
 impl Rule {
@@ -90,12 +96,16 @@ impl Rule {
         Ok(())
     }
 
-    fn matches(&self, key: Option<&str>, target: &str) -> bool {
+    fn matches(&self, key: Option<&str>, target: &str, body: &[u8]) -> bool {
         self.key.as_deref().is_none_or(|k| key == Some(k))
             && self
                 .path_contains
                 .as_deref()
                 .is_none_or(|p| target.contains(p))
+            && self
+                .body_contains
+                .as_deref()
+                .is_none_or(|m| !m.is_empty() && body.windows(m.len()).any(|w| w == m.as_bytes()))
     }
 }
 
@@ -120,11 +130,76 @@ pub struct Entry {
     pub time_ms: u64,
 }
 
+/// Requests being answered right now, by key ("-" for none): counted from the moment a request is
+/// read until its answer starts to go out, or its connection is gone, so that a gateway's limit on
+/// requests in flight has an independent witness in the highest counts seen.
+///
+/// A gateway that gives up on a request (a timeout, its client gone) closes the connection, then
+/// may send another request at once: before counting a request in, every other whose peer has
+/// closed its connection is counted out, so that how fast the mock's threads notice never counts.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Concurrency {
+    pub in_flight: BTreeMap<String, u64>,
+    pub max_in_flight: BTreeMap<String, u64>,
+    pub total: u64,
+    pub max_total: u64,
+    /// The requests counted in: id, key, and the connection each came on.
+    #[serde(skip)]
+    open: Vec<(u64, String, i32)>,
+    #[serde(skip)]
+    next_id: u64,
+}
+
+impl Concurrency {
+    /// Counts a request on `key` in; `conn` is its connection, and `gone` tells whether the peer
+    /// closed a connection. Returns the id to count it out with.
+    pub fn enter(&mut self, key: &str, conn: i32, gone: &dyn Fn(i32) -> bool) -> u64 {
+        let closed: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, _, c)| gone(*c))
+            .map(|(id, _, _)| *id)
+            .collect();
+        for id in closed {
+            self.leave(id);
+        }
+        self.next_id += 1;
+        self.open.push((self.next_id, key.to_string(), conn));
+        let n = self.in_flight.entry(key.to_string()).or_default();
+        *n += 1;
+        let n = *n;
+        let max = self.max_in_flight.entry(key.to_string()).or_default();
+        *max = (*max).max(n);
+        self.total += 1;
+        self.max_total = self.max_total.max(self.total);
+        self.next_id
+    }
+
+    /// Counts a request out (once: an id already out is ignored).
+    pub fn leave(&mut self, id: u64) {
+        let Some(at) = self.open.iter().position(|(i, _, _)| *i == id) else {
+            return;
+        };
+        let (_, key, _) = self.open.swap_remove(at);
+        if let Some(n) = self.in_flight.get_mut(&key) {
+            *n = n.saturating_sub(1);
+        }
+        self.total = self.total.saturating_sub(1);
+    }
+
+    /// The highest counts start again from the requests in flight now.
+    fn restart(&mut self) {
+        self.max_in_flight = self.in_flight.clone();
+        self.max_total = self.total;
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct State {
     rules: Vec<(Rule, u64)>,
     pub log: Vec<Entry>,
     seq: u64,
+    pub concurrency: Concurrency,
 }
 
 impl State {
@@ -143,17 +218,23 @@ impl State {
     }
 
     /// First rule that matches and still has uses left; consumes one use.
-    pub fn take_rule(&mut self, key: Option<&str>, target: &str) -> Option<Rule> {
+    pub fn take_rule(&mut self, key: Option<&str>, target: &str, body: &[u8]) -> Option<Rule> {
         let (rule, used) = self
             .rules
             .iter_mut()
-            .find(|(r, used)| r.times.is_none_or(|t| *used < t) && r.matches(key, target))?;
+            .find(|(r, used)| r.times.is_none_or(|t| *used < t) && r.matches(key, target, body))?;
         *used = used.saturating_add(1);
         Some(rule.clone())
     }
 
+    /// Clears the rules and the log; requests still being answered keep counting.
     pub fn reset(&mut self) {
-        *self = State::default();
+        let mut concurrency = core::mem::take(&mut self.concurrency);
+        concurrency.restart();
+        *self = State {
+            concurrency,
+            ..State::default()
+        };
     }
 }
 
@@ -172,7 +253,9 @@ mod tests {
             )
             .unwrap();
         assert_eq!(n, 3);
-        let first = s.take_rule(Some("sk-a1"), "/v1/chat/completions").unwrap();
+        let first = s
+            .take_rule(Some("sk-a1"), "/v1/chat/completions", b"")
+            .unwrap();
         assert_eq!(first.status, Some(429));
         assert_eq!(
             first.header_pairs(),
@@ -180,19 +263,30 @@ mod tests {
         );
         // times=1 is used up: the same key falls through to the catch-all rule.
         assert_eq!(
-            s.take_rule(Some("sk-a1"), "/v1/chat/completions")
+            s.take_rule(Some("sk-a1"), "/v1/chat/completions", b"")
                 .unwrap()
                 .words,
             Some(2)
         );
-        assert_eq!(s.take_rule(None, "/v1/messages").unwrap().status, Some(529));
-        assert_eq!(s.take_rule(Some("sk-b"), "/x").unwrap().words, Some(2));
+        assert_eq!(
+            s.take_rule(None, "/v1/messages", b"").unwrap().status,
+            Some(529)
+        );
+        assert_eq!(s.take_rule(Some("sk-b"), "/x", b"").unwrap().words, Some(2));
         assert!(
-            s.take_rule(Some("sk-b"), "/x").is_none(),
+            s.take_rule(Some("sk-b"), "/x", b"").is_none(),
             "catch-all had times=2"
         );
         s.reset();
-        assert!(s.take_rule(Some("sk-a1"), "/v1/messages").is_none());
+        assert!(s.take_rule(Some("sk-a1"), "/v1/messages", b"").is_none());
+        s.add_rules(br#"{"rules":[{"body_contains":"please-reset","reset":true}]}"#)
+            .unwrap();
+        assert!(s.take_rule(None, "/x", b"hi").is_none());
+        assert!(
+            s.take_rule(None, "/x", b"{\"c\":\"please-reset\"}")
+                .unwrap()
+                .reset
+        );
         assert_eq!(s.next_seq(), 1);
     }
 
@@ -218,6 +312,34 @@ mod tests {
             .add_rules(r#"{"rules":[{"latin1_headers":true,"headers":{"x":"\u2603"}}]}"#.as_bytes())
             .unwrap_err()
             .contains("latin1_headers"));
-        assert!(s.take_rule(None, "/").is_none(), "nothing was added");
+        assert!(s.take_rule(None, "/", b"").is_none(), "nothing was added");
+    }
+
+    #[test]
+    fn concurrency_keeps_the_highest_counts_per_key_and_across_a_reset() {
+        let mut s = State::default();
+        let open = |_: i32| false;
+        let ids: Vec<u64> = ["a", "a", "b", "a"]
+            .iter()
+            .map(|k| s.concurrency.enter(k, 3, &open))
+            .collect();
+        s.concurrency.leave(ids[0]);
+        s.concurrency.leave(ids[0]);
+        let b2 = s.concurrency.enter("b", 3, &open);
+        let c = &s.concurrency;
+        assert_eq!((c.max_in_flight["a"], c.max_in_flight["b"]), (3, 2));
+        assert_eq!((c.in_flight["a"], c.total, c.max_total), (2, 4, 4));
+        s.reset();
+        let c = &s.concurrency;
+        assert_eq!((c.max_in_flight["a"], c.total, c.max_total), (2, 4, 4));
+        // Connection 7 was closed by its peer: its request is out before the next one counts.
+        let on_7 = s.concurrency.enter("a", 7, &open);
+        s.concurrency.enter("c", 8, &|conn| conn == 7);
+        assert_eq!((s.concurrency.in_flight["a"], s.concurrency.total), (2, 5));
+        s.concurrency.leave(on_7);
+        for id in [ids[1], ids[2], ids[3], b2] {
+            s.concurrency.leave(id);
+        }
+        assert_eq!(s.concurrency.total, 1, "c's");
     }
 }
