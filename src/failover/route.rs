@@ -2,9 +2,10 @@
 //! take it now. The listener role decides this from the body, before any attempt exists; Envoy's
 //! retry priorities carry the later attempts down the same order.
 
-use crate::config::Config;
+use crate::config::{Config, Provider};
 use crate::failover::health::{self, Blocked, Blocker, Circuit, ProviderHealth};
 use crate::limit::headers::retry_after_secs;
+use crate::limit::in_flight::{self, key_lane, Subject};
 use crate::store::SharedStore;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -14,6 +15,9 @@ pub enum Start {
     /// Providers serve the model, but none can take it now: what blocks the one that can soonest,
     /// and when it can.
     Exhausted { retry_after_secs: u64, by: Blocker },
+    /// As `Exhausted`, and a provider that could take it but for its keys' limits on requests in
+    /// flight: a key frees as soon as one of its requests ends.
+    AtLimit,
     /// No provider lists the model.
     NotServed,
 }
@@ -25,8 +29,8 @@ fn serves(cfg: &Config, provider: usize, model: &str) -> bool {
 }
 
 /// The first provider that serves `model`, whose circuit lets it through (taking a half-open probe
-/// slot) and that has a key not cooling down. When shared data cannot be read, the first provider
-/// that serves the model: no refusal on a guess.
+/// slot) and that has a key not cooling down and not at its limit of requests in flight. When
+/// shared data cannot be read, the first provider that serves the model: no refusal on a guess.
 pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now: u64) -> Start {
     start_reading(store, cfg, model, now).0
 }
@@ -65,6 +69,7 @@ fn start_where<S: SharedStore + ?Sized>(
 ) -> (Start, Option<ProviderHealth>) {
     let mut earliest: Option<Blocked> = None;
     let mut first_serving = None;
+    let mut at_limit = false;
     for (i, p) in cfg.providers.iter().enumerate() {
         if !serves(i) {
             continue;
@@ -73,7 +78,13 @@ fn start_where<S: SharedStore + ?Sized>(
         let Ok(h) = health::read(store, p) else {
             return (Start::Provider(first_serving.unwrap_or(i)), None);
         };
-        let blocked = h.blocked(&cfg.health, now).or_else(|| {
+        let blocked = h.blocked(&cfg.health, now);
+        // Before a half-open probe slot is taken: a provider whose keys are full takes none.
+        if blocked.is_none() && all_keys_full(store, cfg, i, p, &h, now) {
+            at_limit = true;
+            continue;
+        }
+        let blocked = blocked.or_else(|| {
             let probe_taken = h.circuit(&cfg.health, now) == Circuit::HalfOpen
                 && !health::try_acquire(store, p, &cfg.health, now).unwrap_or(true);
             probe_taken.then_some(Blocked {
@@ -90,6 +101,7 @@ fn start_where<S: SharedStore + ?Sized>(
         }
     }
     let start = match (earliest, first_serving) {
+        _ if at_limit => Start::AtLimit,
         (Some(b), _) => Start::Exhausted {
             retry_after_secs: retry_after_secs(b.until_ms - now),
             by: b.by,
@@ -120,6 +132,38 @@ pub fn recovery<S: SharedStore + ?Sized>(
         }
     }
     earliest
+}
+
+/// Whether every key of provider `i` not cooling down is at its limit of requests in flight. Read
+/// (one shared-data read) only when each of those keys has a limit: otherwise one of them can
+/// always take the request. Unreadable counts are no reason to refuse.
+fn all_keys_full<S: SharedStore + ?Sized>(
+    store: &S,
+    cfg: &Config,
+    i: usize,
+    p: &Provider,
+    h: &ProviderHealth,
+    now: u64,
+) -> bool {
+    if !cfg.in_flight.provider(i) {
+        return false;
+    }
+    let mut available = p
+        .keys
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| h.key_available(*k, now))
+        .map(|(_, k)| k);
+    if available.clone().any(|k| k.max_in_flight.is_none()) {
+        return false;
+    }
+    let Ok((totals, _)) = in_flight::read(store, &Subject::Provider(p.name.clone()), now) else {
+        return false;
+    };
+    available.all(|k| {
+        k.max_in_flight
+            .is_some_and(|m| totals.of(key_lane(&k.id)) >= u64::from(m))
+    })
 }
 
 #[cfg(test)]
@@ -168,6 +212,42 @@ mod tests {
             }
         );
         assert_eq!(start(&s, &c, "", 5_000), Start::Provider(0));
+    }
+
+    #[test]
+    fn a_provider_whose_free_keys_are_all_at_their_limit_is_passed_over() {
+        let json = r#"{"providers":[
+            {"name":"a","type":"openai","keys":[{"id":"a1","env":"K","max_in_flight":1},{"id":"a2","env":"K","max_in_flight":1}]},
+            {"name":"b","type":"openai","keys":[{"id":"b1","env":"K","max_in_flight":1},{"id":"b2","env":"K"}]}]}"#;
+        let c = parse(json.as_bytes(), &|_| Some("secret".into())).unwrap();
+        let s = FakeStore::new();
+        let mut leases = in_flight::Leases::new(9);
+        let (a, b) = (Subject::Provider("a".into()), Subject::Provider("b".into()));
+        let mut take = |subject: &Subject, id: &str, now: u64| {
+            leases
+                .take(&s, subject, key_lane(id), 1, now, None)
+                .unwrap()
+        };
+        take(&a, "a1", 0);
+        assert_eq!(start(&s, &c, "", 0), Start::Provider(0), "a2 is free");
+        cool_key(&s, &c.providers[0], 1, 2_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "", 1_000),
+            Start::Provider(1),
+            "a1 full, a2 cooling: on to b"
+        );
+        assert_eq!(start(&s, &c, "", 2_000), Start::Provider(0), "a2 is back");
+        take(&a, "a2", 2_000);
+        assert_eq!(start(&s, &c, "", 2_000), Start::Provider(1));
+        // b has a key without a limit: its counts are not read, and it takes the request.
+        take(&b, "b1", 2_000);
+        let calls = s.calls.get();
+        assert_eq!(start(&s, &c, "", 2_000), Start::Provider(1));
+        assert_eq!(s.calls.get() - calls, 3, "health a, counts a, health b");
+        cool_key(&s, &c.providers[1], 1, 9_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(start(&s, &c, "", 2_000), Start::AtLimit);
+        leases.give_back(&s, &a, key_lane("a1"), 2_000).unwrap();
+        assert_eq!(start(&s, &c, "", 2_000), Start::Provider(0));
     }
 
     #[test]

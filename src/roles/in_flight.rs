@@ -378,30 +378,57 @@ mod tests {
         assert_eq!((worker.calls.get(), store.calls.get()), calls);
     }
 
-    /// The cost of the limits, on top of the 20 host calls of a request without them
-    /// (`a_non_streamed_request_costs_20_host_calls`): the consumer's place is a read and a write
-    /// each way plus a clock read each way; the key's place the same, its first read shared with
-    /// the choice of the key.
     #[test]
-    fn a_request_with_both_limits_costs_8_shared_data_calls_more() {
+    fn a_key_limit_the_store_cannot_count_is_no_reason_to_fail_an_attempt() {
         let w1 = worker(1);
-        let cfg = config(r#","max_in_flight":3"#, r#","max_in_flight":2"#);
+        let cfg = config("", r#","max_in_flight":1"#);
         let store = Rc::new(FakeStore::new());
+        let (_, lh, _) = admitted(&store, &cfg, &w1);
+        store.broken.set(true);
+        let (mut u, mut uh, flow) = attempt_start(&lh, &cfg);
+        assert_eq!(flow, Flow::Continue);
+        uh.set_response(200, &[], b"{}");
+        u.on_response_headers(&mut uh);
+        assert!(!key_id(&uh).is_empty());
+        u.on_done(&mut uh);
+        store.broken.set(false);
+        assert_eq!((key(&store, "oa-1"), key(&store, "oa-2")), (0, 0));
+    }
+
+    /// The cost of the limits (a request without them: `a_non_streamed_request_costs_20_host_calls`):
+    /// the consumer's place is a read and a write each way plus a clock read each way; the key's
+    /// place the same, its first read shared with the choice of the key; and, since every key of
+    /// the provider has a limit, one read at admission (whether any of them is free).
+    #[test]
+    fn a_request_with_both_limits_costs_9_shared_data_calls_more() {
         let completion = fixture("openai_chat.json");
-        let mut seen = Vec::new();
-        for _ in 0..3 {
-            store.calls.set(0);
-            let (mut l, mut lh, _) = admitted(&store, &cfg, &w1);
-            let (mut u, mut uh) = attempt(&lh, "openai", 1, 200, &[], &completion, &cfg);
-            u.on_done(&mut uh);
-            answer(&mut l, &mut lh, &uh, &[&completion]);
-            seen.push(store.calls.get());
-        }
-        // Without limits: health 1, no quota; with them: + 4 (consumer) + 4 (key).
-        assert_eq!(seen[1..], [9, 9]);
+        let cost = |cfg: Rc<Config>| {
+            let w1 = worker(1);
+            let store = Rc::new(FakeStore::new());
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                store.calls.set(0);
+                let (mut l, mut lh, _) = admitted(&store, &cfg, &w1);
+                let (mut u, mut uh) = attempt(&lh, "openai", 1, 200, &[], &completion, &cfg);
+                u.on_done(&mut uh);
+                answer(&mut l, &mut lh, &uh, &[&completion]);
+                seen.push((lh.calls.get(), uh.calls.get(), store.calls.get()));
+            }
+            assert_eq!(
+                (team_a(&store), key(&store, "oa-1"), key(&store, "oa-2")),
+                (0, 0, 0)
+            );
+            // The first request of a worker also takes a block of round-robin tickets.
+            assert_eq!(seen[1], seen[2]);
+            seen[1]
+        };
+        let (l0, u0, s0) = cost(config("", ""));
+        let (l1, u1, s1) = cost(config(r#","max_in_flight":3"#, r#","max_in_flight":2"#));
+        // Listener, upstream (host calls besides shared data), shared data.
+        assert_eq!((l1 - l0, u1 - u0, s1 - s0), (2, 2, 9));
         assert_eq!(
-            (team_a(&store), key(&store, "oa-1"), key(&store, "oa-2")),
-            (0, 0, 0)
+            s0, 1,
+            "without limits (and without budgets): the provider's health"
         );
     }
 }

@@ -107,8 +107,8 @@ impl Upstream {
         self.provider.and_then(|i| self.cfg.providers.get(i))
     }
 
-    /// An answer from the attempt itself, in the client's shape. Envoy treats it as this attempt's
-    /// response, so a 429 here is retried by the route's retry policy on the next priority.
+    /// An answer from the attempt itself, in the client's shape. Envoy does not retry an upstream
+    /// filter's own answer: it is the request's.
     fn local<H: Host>(
         &self,
         host: &mut H,
@@ -335,7 +335,8 @@ impl Upstream {
                     &format!("tollgate.provider.{}.at_limit_attempts", p.name),
                     1,
                 );
-                // A 429 Envoy retries on the next priority; the last one reaches the client.
+                // Another worker filled the keys since the listener chose this provider (it passes
+                // over a provider whose keys are all full): this answer reaches the client.
                 return self.local(
                     host,
                     ErrorKind::RateLimit,

@@ -173,8 +173,8 @@ def wasm_filters(cfg: dict) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def held_gateway(module_gateway):
-    """Two keys of one request each; team-a may have 2 requests in flight."""
-    return module_gateway(plugin(consumer_limit=2, key_limit=1, keys=2), num_retries=2)
+    """Two keys of one request each; team-a may have 1 request in flight."""
+    return module_gateway(plugin(consumer_limit=1, key_limit=1, keys=2), num_retries=2)
 
 
 def slow(gw, n: int, hold: float = 1.5) -> list:
@@ -201,16 +201,17 @@ def test_a_key_at_its_limit_is_skipped_and_a_full_pool_answers_429(mocks, held_g
     assert len(served) == 6 and busy not in served, served
     assert gauge(gw, f"provider.openai.key.{'oa-1' if busy == KEYS['OPENAI_KEY_1'] else 'oa-2'}") == 1
 
-    # Both keys busy: the attempt answers 429 and Envoy's retries find no key either.
+    # Both keys busy: the listener sees it (one read) and answers before any attempt.
     held += slow(gw, 1)
     time.sleep(0.3)
     before = len(mock.requests())
     r = request(gw.port, "POST", "/v1/chat/completions", body(), team_b)
     assert (r.status, r.headers.get("retry-after")) == (429, "1"), r
     err = r.json()["error"]
-    assert (err["type"], err["code"]) == ("requests", "rate_limit_exceeded"), r
+    assert (err["type"], err["code"]) == ("requests", "provider_keys_at_limit"), r
     assert "limit of requests in flight" in err["message"]
     assert len(mock.requests()) == before, "no provider was called"
+    assert gw.stat("wasmcustom.tollgate.outcome.keys_at_limit.requests") == 1
     assert [f.result().status for f in held] == [200, 200]
     held_by = [r["key"] for r in mock.requests() if "hold-me" in r["body"]]
     assert sorted(held_by) == [KEYS["OPENAI_KEY_1"], KEYS["OPENAI_KEY_2"]], "one on each key"
@@ -220,9 +221,9 @@ def test_a_key_at_its_limit_is_skipped_and_a_full_pool_answers_429(mocks, held_g
 
 def test_a_consumer_over_its_limit_gets_429_in_both_sdks_and_the_provider_is_not_called(mocks, held_gateway):
     gw, mock = held_gateway, mocks["openai"]
-    mock.script({"body_contains": "hold-me", "delay_ms": 1500})
-    pool = ThreadPoolExecutor(2)
-    held = [pool.submit(request, gw.port, "POST", "/v1/chat/completions", body("hold-me"), TEAM_A) for _ in range(2)]
+    mock.script({"body_contains": "hold-me", "delay_ms": 3000})
+    pool = ThreadPoolExecutor(1)
+    held = [pool.submit(request, gw.port, "POST", "/v1/chat/completions", body("hold-me"), TEAM_A)]
     time.sleep(0.4)
     before = len(mock.requests())
     oa = openai.OpenAI(api_key=KEYS["TEAM_A_KEY"], base_url=f"{gw.base_url}/v1", max_retries=0)
@@ -230,18 +231,18 @@ def test_a_consumer_over_its_limit_gets_429_in_both_sdks_and_the_provider_is_not
         oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert e.value.response.headers["retry-after"] == "1"
     assert (e.value.code, e.value.type) == ("concurrency_limit_exceeded", "requests")
-    assert "team-a" in e.value.message and "2 requests in flight" in e.value.message
+    assert "team-a" in e.value.message and "in flight (1 of 1)" in e.value.message
     an = anthropic.Anthropic(api_key=KEYS["TEAM_A_KEY"], base_url=gw.base_url, max_retries=0)
     with pytest.raises(anthropic.RateLimitError) as e:
         an.messages.create(model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
     assert e.value.response.headers["retry-after"] == "1"
     assert e.value.body["error"]["type"] == "rate_limit_error"
     assert len(mock.requests()) == before, "no provider was called"
-    assert gauge(gw, "consumer.team-a") == 2
-    assert status(gw)["consumers"]["team-a"]["in_flight"] == 2
-    assert [f.result().status for f in held] == [200, 200]
+    assert gauge(gw, "consumer.team-a") == 1
+    assert status(gw)["consumers"]["team-a"]["in_flight"] == 1
+    assert [f.result().status for f in held] == [200]
     pool.shutdown()
-    # Both places are back: the next request goes through, and the counts show 0.
+    # The place is back: the next request goes through, and the counts show 0.
     assert oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]).choices
     time.sleep(0.3)
     assert status(gw)["consumers"]["team-a"]["in_flight"] == 0

@@ -39,7 +39,7 @@ pub fn check<H: Host>(
         }
         Ok(Take::Full { in_flight }) => {
             let msg = format!(
-                "Consumer '{}' has {in_flight} requests in flight, its limit of {limit}: try again when one of them has finished (in about a second).",
+                "Consumer '{}' has reached its limit on requests in flight ({in_flight} of {limit}): try again when one of them has finished (in about a second).",
                 adm.consumer
             );
             Err(Refusal::new(ErrorKind::RateLimit, msg)
@@ -128,7 +128,7 @@ mod tests {
             )
         );
         assert_eq!(r.headers, vec![("retry-after", "1".to_string())]);
-        assert!(r.message.contains("2 requests in flight"), "{}", r.message);
+        assert!(r.message.contains("in flight (2 of 2)"), "{}", r.message);
         assert!(c.in_flight.is_none(), "a refused request holds nothing");
         assert_eq!(in_flight(&store, "c"), 2);
 

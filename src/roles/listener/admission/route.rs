@@ -59,6 +59,15 @@ pub fn check<H: Host>(
                 .outcome("exhausted")
                 .into());
         }
+        Start::AtLimit => {
+            let msg = "Every provider key that can serve this request is at its limit of requests in flight. Please try again in 1s.";
+            return Err(Refusal::new(ErrorKind::RateLimit, msg)
+                .code("provider_keys_at_limit")
+                .header("retry-after", "1")
+                .outcome("keys_at_limit")
+                .retry_in(super::concurrency::RETRY_IN_MS)
+                .into());
+        }
     }
     if let (Some(body), false) = (incoming.body, adm.passthrough) {
         translatable(incoming, adm, body)?;
