@@ -218,6 +218,8 @@ pub struct Leases {
     vm: u64,
     held: HashMap<Subject, Held>,
     last_tick_ms: u64,
+    /// Places to give back on the next tick ([`Leases::give_back_on_tick`]).
+    later: Vec<(Subject, u64)>,
 }
 
 impl Leases {
@@ -227,12 +229,13 @@ impl Leases {
             vm: vm.max(1),
             held: HashMap::new(),
             last_tick_ms: 0,
+            later: Vec::new(),
         }
     }
 
     /// Whether the tick has nothing to do: no place held, nothing to write or to show.
     pub fn is_idle(&self) -> bool {
-        self.held.is_empty()
+        self.held.is_empty() && self.later.is_empty()
     }
 
     /// This VM's requests in flight in `subject`'s `lane`.
@@ -315,7 +318,14 @@ impl Leases {
         }
     }
 
-    /// The VM's tick: refreshes the heartbeat of its slots (every [`BEAT_MS`]), writes the ones a
+    /// Gives back a place on the VM's next tick rather than now: for a request whose end Envoy is
+    /// still tearing down, so that the place goes to another request only once the provider no
+    /// longer has this one.
+    pub fn give_back_on_tick(&mut self, subject: Subject, lane: u64) {
+        self.later.push((subject, lane));
+    }
+
+    /// The VM's tick: gives back the places left for it, refreshes the heartbeat of its slots (every [`BEAT_MS`]), writes the ones a
     /// failed write left behind, and reads the subjects whose counts changed or were not yet seen
     /// back at 0. Returns those readings, for the gauges. Whichever VM read last records last, so
     /// a gauge settles on the count as it is.
@@ -324,6 +334,10 @@ impl Leases {
             return Vec::new();
         }
         self.last_tick_ms = now;
+        for (subject, lane) in core::mem::take(&mut self.later) {
+            // A write the store refuses is left to the loop below (`unsynced`).
+            let _ = self.give_back(store, &subject, lane, now);
+        }
         let vm = self.vm;
         let mut seen = Vec::new();
         for (subject, held) in self.held.iter_mut() {
@@ -534,6 +548,25 @@ mod tests {
         let before = s.calls.get();
         assert!(a.tick(&s, 700).is_empty());
         assert_eq!(s.calls.get(), before, "idle: no call at all");
+    }
+
+    #[test]
+    fn a_place_left_for_the_tick_is_held_until_then_and_given_back_once() {
+        let s = FakeStore::new();
+        let t = team();
+        let mut a = Leases::new(1);
+        a.take(&s, &t, 0, 1, 0, None).unwrap();
+        a.give_back_on_tick(t.clone(), 0);
+        assert!(!a.is_idle());
+        assert_eq!(
+            a.take(&s, &t, 0, 1, 10, None),
+            Ok(Take::Full { in_flight: 1 })
+        );
+        a.tick(&s, 200);
+        assert_eq!(in_flight(&s, &t, 200).of(0), 0);
+        assert_eq!(a.take(&s, &t, 0, 1, 210, None), Ok(Take::Taken));
+        a.tick(&s, 400);
+        assert_eq!(in_flight(&s, &t, 400).of(0), 1, "given back once");
     }
 
     #[test]

@@ -168,10 +168,17 @@ mod tests {
         answer(&mut l1, &mut h1, &uh, &[&completion]);
         l1.on_done(&mut h1);
         assert_eq!(team_a(&store), 1);
-        // The second's client went away before any answer: teardown gives it back.
+        // The second's client went away before any answer: teardown leaves its place to worker
+        // 2's next tick (Envoy closes the attempt's connection after the teardown callbacks).
         l2.on_done(&mut h2);
         l2.on_log(&mut h2);
+        assert_eq!(team_a(&store), 1, "until the tick");
+        h2.now += 200;
+        tick(&mut h2, &cfg);
         assert_eq!(team_a(&store), 0);
+        h2.now += 200;
+        tick(&mut h2, &cfg);
+        assert_eq!(team_a(&store), 0, "once");
         let (_, _, f) = admitted(&store, &cfg, &w1);
         assert_eq!(f, Flow::Continue);
     }
@@ -229,6 +236,7 @@ mod tests {
         for (u, a) in [(&mut u1, &mut a1), (&mut u2, &mut a2)] {
             a.set_response(200, &[], b"{}");
             u.on_response_headers(a);
+            u.on_response_body(a, 2, true);
         }
         let mut ids = [key_id(&a1), key_id(&a2)];
         ids.sort();
@@ -239,7 +247,12 @@ mod tests {
         );
         assert_eq!((key(&store, "oa-1"), key(&store, "oa-2")), (1, 1));
 
-        let (_, lh3, _) = admitted(&store, &cfg, &w1);
+        // The listener sees both keys full and refuses at once; an attempt that comes anyway
+        // (another worker filled the keys since its admission) answers 429 itself.
+        let (_, lh3, f) = admitted(&store, &cfg, &w1);
+        let refused = lh3.reply.clone().unwrap();
+        assert_eq!((f, refused.status), (Flow::Stop, 429));
+        assert_eq!(refused.json()["error"]["code"], "provider_keys_at_limit");
         let (_, a3, f3) = attempt_start(&lh3, &cfg);
         assert_eq!(f3, Flow::Stop);
         let reply = a3.reply.clone().unwrap();
@@ -269,7 +282,13 @@ mod tests {
         u4.on_response_headers(&mut a4);
         assert_eq!(key_id(&a4), freed);
         u2.on_done(&mut a2);
+        // An attempt cut before its answer ended (reset, timeout, client gone): its place is held
+        // until the worker's next tick, when Envoy has closed its connection to the provider.
         u4.on_done(&mut a4);
+        assert_eq!(key(&store, &freed), 1);
+        let mut worker1 = FakeHost::attempt_of(&lh3);
+        worker1.now += 200;
+        tick(&mut worker1, &cfg);
         assert_eq!((key(&store, "oa-1"), key(&store, "oa-2")), (0, 0));
     }
 

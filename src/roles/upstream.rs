@@ -79,6 +79,8 @@ pub struct Upstream {
     /// The attempt holds a place among its key's requests in flight (the key's lane), given back
     /// when the attempt ends.
     place: Option<u64>,
+    /// The provider's answer came to its end.
+    answered: bool,
 }
 
 impl Upstream {
@@ -100,6 +102,7 @@ impl Upstream {
             seen: Seen::default(),
             probation: false,
             place: None,
+            answered: false,
         }
     }
 
@@ -404,13 +407,25 @@ impl Upstream {
         Flow::Continue
     }
 
-    /// Gives back the attempt's place among its key's requests in flight, once.
+    /// Gives back the attempt's place among its key's requests in flight, once. An attempt cut
+    /// before its answer ended (reset, timeout, client gone) gives it back on the VM's next tick:
+    /// Envoy may close its connection to the provider after the teardown callbacks, and until then
+    /// the provider still has it (as the listener's place, `admission::concurrency::give_back`).
     fn give_back_place<H: Host>(&mut self, host: &mut H) {
         let Some(lane) = self.place.take() else {
             return;
         };
         let Some(p) = self.provider() else { return };
         let subject = Subject::Provider(p.name.clone());
+        if !self.answered {
+            let mut subject = Some(subject);
+            host.with_leases(&mut |leases, _| {
+                if let Some(s) = subject.take() {
+                    leases.give_back_on_tick(s, lane);
+                }
+            });
+            return;
+        }
         let now = host.now_ms();
         host.with_leases(&mut |leases, store| {
             // A write the store refused is made on the tick.
@@ -534,6 +549,7 @@ impl Upstream {
         size: usize,
         end_of_stream: bool,
     ) -> Flow {
+        self.answered |= end_of_stream;
         if !self.scrub {
             return Flow::Continue;
         }

@@ -17,7 +17,7 @@ impl Listener {
     /// is over then, however it ended: its place among its consumer's requests in flight is given
     /// back first (once, whether or not it is metered).
     pub(super) fn charge<H: Host>(&mut self, host: &mut H, torn_down: bool) {
-        admission::concurrency::give_back(host, &mut self.adm);
+        admission::concurrency::give_back(host, &mut self.adm, !self.ans.response_complete);
         if self.charged || !self.adm.metered {
             return;
         }

@@ -330,7 +330,7 @@ impl Listener {
     /// failure.
     pub fn on_done<H: Host>(&mut self, host: &mut H) {
         // Given back at the end of the answer or in `on_log` already, unless neither came.
-        admission::concurrency::give_back(host, &mut self.adm);
+        admission::concurrency::give_back(host, &mut self.adm, !self.ans.response_complete);
         if !self.ans.response_complete {
             host.set_filter_state(CLIENT_GONE, b"1");
         }

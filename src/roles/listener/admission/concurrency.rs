@@ -66,10 +66,23 @@ pub fn check<H: Host>(
 }
 
 /// Gives back the request's place, if it holds one: at most once, whoever calls first.
-pub fn give_back<H: Host>(host: &mut H, adm: &mut Admission) {
+/// `torn_down`: the request ended before its answer did (the client went away). Envoy closes its
+/// attempt's connection to the provider only after the filters' teardown callbacks, and a request
+/// another worker admitted meanwhile would reach the provider while it still has this one (seen in
+/// `tests/e2e/test_concurrency.py`): such a place is given back on this VM's next tick.
+pub fn give_back<H: Host>(host: &mut H, adm: &mut Admission, torn_down: bool) {
     let Some(subject) = adm.in_flight.take() else {
         return;
     };
+    if torn_down {
+        let mut subject = Some(subject);
+        host.with_leases(&mut |leases, _| {
+            if let Some(s) = subject.take() {
+                leases.give_back_on_tick(s, CONSUMER_LANE);
+            }
+        });
+        return;
+    }
     let now = host.now_ms();
     host.with_leases(&mut |leases, store| {
         // A write the store refused is made on the tick.
@@ -132,12 +145,19 @@ mod tests {
         assert!(c.in_flight.is_none(), "a refused request holds nothing");
         assert_eq!(in_flight(&store, "c"), 2);
 
-        give_back(&mut w2, &mut b);
-        give_back(&mut w2, &mut b);
+        give_back(&mut w2, &mut b, false);
+        give_back(&mut w2, &mut b, false);
         assert_eq!(in_flight(&store, "c"), 1, "given back once");
         assert!(check(&mut w1, &incoming(&cfg, BODY), &mut c).is_ok());
-        give_back(&mut w1, &mut a);
-        give_back(&mut w1, &mut c);
+        give_back(&mut w1, &mut a, false);
+        give_back(&mut w1, &mut c, true);
+        assert_eq!(
+            in_flight(&store, "c"),
+            1,
+            "torn down: given back on the tick"
+        );
+        w1.now += 200;
+        crate::roles::in_flight::tick(&mut w1, &cfg);
         assert_eq!(in_flight(&store, "c"), 0);
     }
 
@@ -148,7 +168,7 @@ mod tests {
         let mut h = FakeHost::new(store.clone());
         let mut a = admission("free", BODY);
         assert!(check(&mut h, &incoming(&cfg, BODY), &mut a).is_ok());
-        give_back(&mut h, &mut a);
+        give_back(&mut h, &mut a, false);
         assert_eq!((h.calls.get(), store.calls.get()), (0, 0));
         assert!(store.is_empty());
     }

@@ -196,7 +196,7 @@ pub fn walk<H: Host>(
 /// Gives back what steps took for a request that will not go on. The quota step runs last, so
 /// nothing it reserved is ever given back here.
 fn release<H: Host>(host: &mut H, adm: &mut Admission) {
-    concurrency::give_back(host, adm);
+    concurrency::give_back(host, adm, false);
 }
 
 #[cfg(test)]
