@@ -160,6 +160,41 @@ def test_64_clients_never_exceed_the_limits_and_every_place_comes_back(mocks, tm
         gw.stop()
 
 
+def test_a_request_running_across_a_reload_that_replaces_the_vms_keeps_its_place_until_it_ends(mocks, tmp_path):
+    """The VM a reload replaces keeps serving its requests, and keeps ticking: its lease outlives
+    the 5 s a vanished VM's would, so the request keeps its place until it ends, then gives it back."""
+    mock = mocks["openai"]
+    mock.script({"body_contains": "hold-me", "delay_ms": 8000})
+    cfg = gateway_config(plugin(consumer_limit=1, key_limit=None), [{"provider": "openai", "port": mock.port, "priority": 0}],
+                         listener_port=free_port(), admin_port=free_port(), access_log=str(tmp_path / "access.log"),
+                         env_keys=sorted(KEYS))
+    gw = FileConfigGateway(cfg, env=KEYS)
+    gw.start()
+    try:
+        pool = ThreadPoolExecutor(1)
+        started = time.time()
+        held = pool.submit(request, gw.port, "POST", "/v1/chat/completions", body("hold-me"), TEAM_A)
+        time.sleep(0.5)
+        vms = gw.stat("wasm.envoy.wasm.runtime.v8.created")
+        for flt in wasm_filters(cfg):
+            flt["typed_config"]["config"]["vm_config"]["configuration"] = {
+                "@type": "type.googleapis.com/google.protobuf.StringValue", "value": "generation 2"}
+        gw.write()
+        gw.applied()
+        assert gw.stat("wasm.envoy.wasm.runtime.v8.created") > vms, "new VMs"
+        time.sleep(max(0.0, started + 6 - time.time()))
+        # Past the lease of a VM that would have stopped ticking: still counted, still full.
+        assert status(gw)["consumers"]["team-a"]["in_flight"] == 1
+        assert request(gw.port, "POST", "/v1/chat/completions", body(), TEAM_A).status == 429
+        assert held.result().status == 200
+        pool.shutdown()
+        time.sleep(0.3)
+        assert status(gw)["consumers"]["team-a"]["in_flight"] == 0
+        assert request(gw.port, "POST", "/v1/chat/completions", body(), TEAM_A).status == 200
+    finally:
+        gw.stop()
+
+
 def wasm_filters(cfg: dict) -> list[dict]:
     out = []
     for listener in cfg["static_resources"]["listeners"]:
