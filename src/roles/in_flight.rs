@@ -414,6 +414,49 @@ mod tests {
         assert_eq!((key(&store, "oa-1"), key(&store, "oa-2")), (0, 0));
     }
 
+    #[test]
+    fn an_attempt_whose_credential_write_is_refused_still_gives_its_key_place_back() {
+        let w1 = worker(1);
+        let cfg = config("", r#","max_in_flight":1"#);
+        let store = Rc::new(FakeStore::new());
+        let (_, lh, _) = admitted(&store, &cfg, &w1);
+        let mut u = Upstream::new(cfg.clone());
+        let mut uh = FakeHost::attempt_of(&lh);
+        on_endpoint(&mut uh, "openai");
+        uh.refuse(crate::host::fake::Write::Map(Map::RequestHeaders), 0);
+        assert_eq!(u.on_request_headers(&mut uh), Flow::Stop);
+        assert_eq!(key(&store, "oa-1") + key(&store, "oa-2"), 1);
+        u.on_done(&mut uh);
+        uh.now += 200;
+        tick(&mut uh, &cfg);
+        assert_eq!(key(&store, "oa-1") + key(&store, "oa-2"), 0);
+    }
+
+    #[test]
+    fn a_request_stopped_after_admission_gives_its_place_back() {
+        let cfg = config(r#","max_in_flight":1"#, "");
+        let store = Rc::new(FakeStore::new());
+        let mut lh = client(
+            &store,
+            "/v1/chat/completions",
+            &[("authorization", &bearer(TEAM_A_KEY))],
+            CHAT,
+        );
+        // Envoy refuses the plan's write: the request is answered 5xx and goes no further.
+        lh.refuse(
+            crate::host::fake::Write::FilterState(super::super::plan::FILTER_STATE.into()),
+            0,
+        );
+        let mut l = Listener::new(cfg.clone());
+        assert_eq!(send(&mut l, &mut lh), Flow::Stop);
+        assert_eq!(team_a(&store), 1);
+        l.on_log(&mut lh);
+        l.on_done(&mut lh);
+        lh.now += 200;
+        tick(&mut lh, &cfg);
+        assert_eq!(team_a(&store), 0);
+    }
+
     /// The cost of the limits (a request without them: `a_non_streamed_request_costs_20_host_calls`):
     /// the consumer's place is a read and a write each way plus a clock read each way; the key's
     /// place the same, its first read shared with the choice of the key; and, since every key of

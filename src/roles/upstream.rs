@@ -76,9 +76,10 @@ pub struct Upstream {
     seen: Seen,
     /// The key was on probation when it was chosen: a 2xx answer counts towards its full share.
     probation: bool,
-    /// The attempt holds a place among its key's requests in flight (the key's lane), given back
-    /// when the attempt ends.
-    place: Option<u64>,
+    /// The attempt holds a place among its key's requests in flight (its provider's entry and the
+    /// key's lane), given back when the attempt ends: kept whole, since the attempt may forget its
+    /// provider and key before it ends (a header write refused).
+    place: Option<(Subject, u64)>,
     /// The provider's answer came to its end.
     answered: bool,
 }
@@ -345,7 +346,7 @@ impl Upstream {
                     ErrorKind::RateLimit,
                     429,
                     "Every key of this provider is at its limit of requests in flight; try again in a second.",
-                    &[("retry-after", "1"), ("x-tollgate-exhausted", "true")],
+                    &[("retry-after", "1"), (HDR_EXHAUSTED, "true")],
                 );
             }
             Choice::Exhausted { retry_at_ms } => {
@@ -412,11 +413,9 @@ impl Upstream {
     /// Envoy may close its connection to the provider after the teardown callbacks, and until then
     /// the provider still has it (as the listener's place, `admission::concurrency::give_back`).
     fn give_back_place<H: Host>(&mut self, host: &mut H) {
-        let Some(lane) = self.place.take() else {
+        let Some((subject, lane)) = self.place.take() else {
             return;
         };
-        let Some(p) = self.provider() else { return };
-        let subject = Subject::Provider(p.name.clone());
         if !self.answered {
             let mut subject = Some(subject);
             host.with_leases(&mut |leases, _| {
@@ -771,7 +770,7 @@ fn choose_key<H: Host>(
     ask: keypool::Ask<'_>,
     now: u64,
     limited: bool,
-) -> (Choice, Option<u64>) {
+) -> (Choice, Option<(Subject, u64)>) {
     let subject = limited.then(|| Subject::Provider(p.name.clone()));
     // Leases are stamped with the clock as it is, not with when the request arrived.
     let lease_now = if limited { host.now_ms() } else { now };
@@ -831,7 +830,7 @@ fn choose_key<H: Host>(
             );
         });
         match taken {
-            Ok(Take::Taken) => return (choice, Some(lane)),
+            Ok(Take::Taken) => return (choice, Some((subject.clone(), lane))),
             Ok(Take::Full { .. }) => {
                 if full.is_empty() {
                     full = vec![false; p.keys.len()];

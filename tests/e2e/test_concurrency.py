@@ -32,9 +32,10 @@ def plugin(consumer_limit: int | None = CONSUMER_LIMIT, key_limit: int | None = 
     if key_limit is not None:
         for k in provider["keys"]:
             k["max_in_flight"] = key_limit
-    # The resets and timeouts the tests make must not open the provider's circuit.
+    # The resets and timeouts the tests make must neither rest the keys nor open the circuit.
     return {"consumers": {"list": [team_a, {"name": "team-b", "key_env": "TEAM_B_KEY"}]},
-            "providers": [provider], "status": STATUS, "health": {"circuit_failures": 100000}}
+            "providers": [provider], "status": STATUS,
+            "health": {"circuit_failures": 100000, "server_error_cooldown_s": 0}}
 
 
 def body(content: str = "hello", stream: bool = False) -> dict:

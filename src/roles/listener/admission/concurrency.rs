@@ -15,7 +15,7 @@ use crate::limit::in_flight::{Subject, Take, CONSUMER_LANE};
 use crate::store::StoreError;
 
 /// How soon a refused request may try again: places free as requests end, at any moment.
-pub const RETRY_IN_MS: u64 = 1_000;
+pub const RETRY_IN_MS: u32 = 1_000;
 
 pub fn check<H: Host>(
     host: &mut H,
@@ -131,7 +131,7 @@ mod tests {
             panic!("over the limit")
         };
         assert_eq!(
-            (r.kind, r.code, r.openai_type, r.outcome, r.retry_in_ms),
+            (r.kind, r.code, r.openai_type, r.outcome, r.retry_in_ms()),
             (
                 ErrorKind::RateLimit,
                 Some("concurrency_limit_exceeded"),

@@ -109,9 +109,9 @@ pub struct Refusal {
     pub headers: Vec<(&'static str, String)>,
     /// The `tollgate.outcome.<outcome>.requests` counter it adds to.
     pub outcome: &'static str,
-    /// The same request could be admitted after this long (a place frees, a window refills):
-    /// a step that waits for capacity may hold it instead of refusing.
-    pub retry_in_ms: Option<u64>,
+    /// See [`Refusal::retry_in_ms`]. (Kept in 4 bytes: a larger `Refusal` is one clippy's
+    /// `result_large_err` refuses.)
+    retry_in: Option<core::num::NonZeroU32>,
 }
 
 impl Refusal {
@@ -130,7 +130,7 @@ impl Refusal {
             openai_type: None,
             headers: Vec::new(),
             outcome,
-            retry_in_ms: None,
+            retry_in: None,
         }
     }
 
@@ -159,9 +159,15 @@ impl Refusal {
         self
     }
 
-    pub fn retry_in(mut self, ms: u64) -> Self {
-        self.retry_in_ms = Some(ms);
+    pub fn retry_in(mut self, ms: u32) -> Self {
+        self.retry_in = core::num::NonZeroU32::new(ms);
         self
+    }
+
+    /// The same request could be admitted after about this long (a place frees, a window
+    /// refills): a step that waits for capacity may hold it instead of refusing.
+    pub fn retry_in_ms(&self) -> Option<u32> {
+        self.retry_in.map(core::num::NonZeroU32::get)
     }
 }
 
