@@ -3,5 +3,6 @@
 pub mod admission;
 pub mod consumer;
 pub mod consumer_key;
+pub mod header_names;
 pub mod headers;
 pub mod quota;
