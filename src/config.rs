@@ -27,9 +27,9 @@ pub use models::{Models, Window};
 
 use crate::limit::consumer_key::{self, KeyDigest};
 use crate::limit::quota::{Limit, Metric, Price};
+use crate::maps::HashMap;
 use core::fmt;
 use core::marker::PhantomData;
-use hashbrown::HashMap;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{Deserializer, MapAccess, Unexpected, Visitor};
 use serde::Deserialize;
@@ -715,7 +715,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         Some(Object(rc)) => consumers(rc, env)?,
     };
 
-    let mut prices = HashMap::new();
+    let mut prices = HashMap::default();
     for (model, Object(rp)) in raw.prices.unwrap_or_default() {
         let p = price(&format!("prices.{model}"), rp)?;
         prices.insert(model, p);
@@ -765,9 +765,9 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         &prices,
     )?;
     let lookup = match &consumers {
-        Consumers::Anonymous => lookup::Lookup::build(&[], &providers, &prices)?,
+        Consumers::Anonymous => lookup::Lookup::build(&[], &providers, &prices, &mut warnings),
         Consumers::Keys(l) | Consumers::TrustedHeader { list: l, .. } => {
-            lookup::Lookup::build(l, &providers, &prices)?
+            lookup::Lookup::build(l, &providers, &prices, &mut warnings)
         }
     };
     Ok(Config {
@@ -985,7 +985,8 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
         !raw_list.is_empty(),
     )?;
     let mut list: Vec<Consumer> = Vec::with_capacity(raw_list.len());
-    let mut names: hashbrown::HashSet<String> = hashbrown::HashSet::with_capacity(raw_list.len());
+    let mut names: crate::maps::HashSet<String> =
+        crate::maps::HashSet::with_capacity_and_hasher(raw_list.len(), Default::default());
     for (i, Object(c)) in raw_list.into_iter().enumerate() {
         let path = format!("consumers.list[{i}]");
         let name = need(&path, "name", c.name)?;
@@ -1017,7 +1018,7 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
         }
         let own = limits(&at(&path, "limits"), c.limits)?;
         let models = access::model_list(&at(&path, "models"), c.models)?;
-        let mut model_limits = HashMap::new();
+        let mut model_limits = HashMap::default();
         for (model, ls) in c.model_limits.unwrap_or_default() {
             let ls = limits(&format!("{path}.model_limits.{model}"), ls)?;
             model_limits.insert(model, ls);
@@ -1253,7 +1254,7 @@ impl Provider {
             rotation,
             schedule: smooth_weighted_schedule(&keys),
             keys,
-            models: HashMap::new(),
+            models: HashMap::default(),
             probation: Probation::default(),
         }
     }
@@ -1848,17 +1849,25 @@ mod tests {
     }
 
     #[test]
-    fn two_consumers_with_one_key_are_refused() {
+    fn of_two_consumers_with_one_key_the_later_has_it_with_a_warning() {
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(
-            refused(
-                &format!(
-                    r#""consumers":{{"list":[{{"name":"a","key_sha256":"{abc}"}},{{"name":"b","key_env":"TEAM_A"}},{{"name":"c","key_sha256":"{}"}}]}},"#,
-                    abc.to_uppercase()
-                ),
-                ""
+        let c = parse_str(&cfg(
+            &format!(
+                r#""consumers":{{"list":[{{"name":"a","key_sha256":"{abc}"}},{{"name":"b","key_env":"TEAM_A"}},{{"name":"c","key_sha256":"{}"}}]}},"#,
+                abc.to_uppercase()
             ),
-            "consumers.list[2]: has the same key as consumers.list[0] ('a'): a key must name one consumer"
+            "",
+        ))
+        .unwrap();
+        let by_key = |k: &[u8]| {
+            c.consumer_by_key(&consumer_key::digest(k))
+                .map(|c| c.name.clone())
+        };
+        assert_eq!(by_key(b"abc").as_deref(), Some("c"));
+        assert_eq!(by_key(b"team-a-secret").as_deref(), Some("b"));
+        assert_eq!(
+            c.warnings,
+            ["consumers.list[2]: the same key as consumers.list[0] ('a'): requests with it are consumer 'c'"]
         );
         assert_eq!(
             refused(

@@ -7,10 +7,10 @@
 //! a digest of their choice compares with the stored ones, which says nothing of the stored keys:
 //! a key cannot be recovered from its digest, nor a key found whose digest lands near another's.
 
-use super::{err, Consumer, Provider, Res};
+use super::{Consumer, Provider};
 use crate::limit::consumer_key::KeyDigest;
 use crate::limit::quota::Price;
-use hashbrown::{HashMap, HashSet};
+use crate::maps::{HashMap, HashSet};
 
 #[derive(Debug, Clone, Default)]
 pub(super) struct Lookup {
@@ -25,32 +25,33 @@ pub(super) struct Lookup {
 }
 
 impl Lookup {
-    /// The maps of a validated configuration. Two consumers holding the same key cannot be told
-    /// apart: refused, naming both.
+    /// The maps of a validated configuration. Of two consumers holding the same key, the later one
+    /// is the key's (as when the list was scanned), with a warning naming both.
     pub fn build(
         consumers: &[Consumer],
         providers: &[Provider],
         prices: &HashMap<String, Price>,
-    ) -> Res<Lookup> {
+        warnings: &mut Vec<String>,
+    ) -> Lookup {
         let mut out = Lookup::default();
         for (i, c) in consumers.iter().enumerate() {
             out.consumers.insert(c.name.clone(), i);
             out.models.extend(c.model_limits.keys().cloned());
             let Some(d) = c.key_digest else { continue };
-            if let Some(&first) = out.keys.get(&d) {
-                let name = consumers.get(first).map_or("", |c| c.name.as_str());
-                return Err(err(
-                    format!("consumers.list[{i}]"),
-                    format!("has the same key as consumers.list[{first}] ('{name}'): a key must name one consumer"),
+            if let Some(before) = out.keys.insert(d, i) {
+                let name = |j: usize| consumers.get(j).map_or("", |c| c.name.as_str());
+                warnings.push(format!(
+                    "consumers.list[{i}]: the same key as consumers.list[{before}] ('{}'): requests with it are consumer '{}'",
+                    name(before),
+                    name(i)
                 ));
             }
-            out.keys.insert(d, i);
         }
         out.models.extend(prices.keys().cloned());
         for (i, p) in providers.iter().enumerate() {
             out.providers.insert(p.name.clone(), i);
             out.models.extend(p.models.keys().cloned());
         }
-        Ok(out)
+        out
     }
 }

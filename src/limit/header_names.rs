@@ -12,9 +12,9 @@
 //! no host call. A new one costs a read of the last page (and one write when it is admitted); once
 //! the set is full, the worker knows it for good and overflow names cost nothing either.
 
+use crate::maps::HashSet;
 use crate::store::{update_if, SharedStore};
 use core::cell::RefCell;
-use hashbrown::HashSet;
 
 /// The consumer that names past the bound are counted as. A trusted header cannot make a consumer
 /// of that name: such a value is counted as the overflow too, and takes no place in the set.
