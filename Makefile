@@ -18,8 +18,9 @@ help:
 	@echo "make test       clippy (wasm target), unit tests, end-to-end tests against a real Envoy (shipped configs validated there)"
 	@echo "make build      build $(WASM)"
 	@echo "make size       size-tuned build after wasm-opt"
-	@echo "make bench      the cost goals: tollgate against bare Envoy, an empty module, the previous module (BENCH_PREVIOUS=$(BENCH_PREVIOUS)), a 16 KiB body, host calls and a fleet-wide budget (BENCHMARKS.md, ~7 min)"
+	@echo "make bench      the cost goals: tollgate against bare Envoy, an empty module, the previous module (BENCH_PREVIOUS=$(BENCH_PREVIOUS)), a 16 KiB body, host calls, a fleet-wide budget, 10,000 consumers and the instructions per callback (BENCHMARKS.md, ~10 min)"
 	@echo "make profile    host calls and callbacks per request and per SSE event, by role, counted and timed inside the VM"
+	@echo "make instructions  instructions per callback of both roles (Valgrind's Callgrind), checked against tests/bench/instructions-baseline.json (~4 min)"
 	@echo "make lint       rustfmt check, clippy for the wasm target and the host"
 
 .PHONY: toolchain
@@ -116,6 +117,26 @@ bench: build mock venv profiled
 	@$(MAKE) --no-print-directory fleet-deps || echo "make fleet-deps failed: the benchmark's fleet-wide budget rows will say skipped"
 	@$(MAKE) --no-print-directory bench-previous || echo "building $(BENCH_PREVIOUS) failed: the benchmark runs without the previous module and says so"
 	$(PY) tests/bench/bench.py --previous $(BENCH_PREV_WASM) --previous-label "$$(cat $(BENCH_PREV_DIR)/COMMIT 2>/dev/null || echo '$(BENCH_PREVIOUS)')"
+	@$(MAKE) --no-print-directory instructions INSTRUCTIONS_ARGS=--write
+
+# Instructions per callback of both roles, counted by Valgrind's Callgrind through gungraun
+# (tests/instructions, tests/bench/instructions.py): the table, and a case more than 2% above
+# tests/bench/instructions-baseline.json fails. Deterministic, but toolchain-specific and ~4 min from
+# a fresh clone (the runner's install and the benchmark's build): not part of `make test`.
+# INSTRUCTIONS_ARGS=--write puts the table in BENCHMARKS.md; --save-baseline writes the baseline.
+GUNGRAUN_VERSION := 0.20.0
+TOOLS            := target/tools
+GUNGRAUN_RUNNER  := $(CURDIR)/$(TOOLS)/bin/gungraun-runner
+INSTRUCTIONS_ARGS ?=
+
+.PHONY: instructions instructions-deps
+instructions-deps:
+	@command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+	@[ "$$($(GUNGRAUN_RUNNER) --version 2>/dev/null)" = "gungraun-runner $(GUNGRAUN_VERSION)" ] || \
+	  cargo install --quiet --locked --root $(TOOLS) gungraun-runner --version $(GUNGRAUN_VERSION)
+
+instructions: instructions-deps
+	GUNGRAUN_RUNNER=$(GUNGRAUN_RUNNER) python3 tests/bench/instructions.py $(INSTRUCTIONS_ARGS)
 
 # Sources are extracted again only when the commit changes (COMMIT holds it), with fresh mtimes (tar
 # -m: cargo must not take an older commit's sources for up to date). The module is removed first, so

@@ -29,9 +29,9 @@ pub use models::{Models, Window};
 
 use crate::limit::consumer_key::{self, KeyDigest};
 use crate::limit::quota::{Limit, Metric, Price};
+use crate::maps::HashMap;
 use core::fmt;
 use core::marker::PhantomData;
-use hashbrown::HashMap;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{Deserializer, MapAccess, Unexpected, Visitor};
 use serde::Deserialize;
@@ -40,7 +40,10 @@ use std::collections::BTreeMap;
 
 mod access;
 mod aliases;
+mod header_consumers;
+mod lookup;
 pub use access::{Listed, Patterns};
+pub use header_consumers::DEFAULT_MAX_FROM_HEADER;
 
 /// A configuration error: `path: reason`, e.g. `providers[0].keys[2].env: OPENAI_KEY_3 is not set`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +209,11 @@ pub enum Consumers {
     TrustedHeader {
         header: String,
         list: Vec<Consumer>,
+        /// With an empty `list`: how many distinct names become consumers of their own
+        /// (`consumers.max_from_header`); later ones are counted as one overflow consumer.
+        max_from_header: usize,
+        /// This worker's view of the names seen so far (the set itself is in shared data).
+        seen: crate::limit::header_names::Seen,
     },
 }
 
@@ -257,25 +265,33 @@ pub struct Config {
     /// Derived from `providers` once, at parse: both are asked on every request.
     sds_keys: bool,
     prompt_affinity: bool,
+    /// Consumers, keys, models and providers by name, built once at parse.
+    lookup: lookup::Lookup,
 }
 
 pub const ANONYMOUS: &str = "anonymous";
 
 impl Config {
     pub fn provider(&self, name: &str) -> Option<(usize, &Provider)> {
-        self.providers
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.name == name)
+        let i = *self.lookup.providers.get(name)?;
+        Some((i, self.providers.get(i)?))
+    }
+
+    /// The configured consumers, in the configuration's order.
+    pub fn consumer_list(&self) -> &[Consumer] {
+        match &self.consumers {
+            Consumers::Anonymous => &[],
+            Consumers::Keys(list) | Consumers::TrustedHeader { list, .. } => list,
+        }
     }
 
     pub fn consumer(&self, name: &str) -> Option<&Consumer> {
-        match &self.consumers {
-            Consumers::Anonymous => None,
-            Consumers::Keys(list) | Consumers::TrustedHeader { list, .. } => {
-                list.iter().find(|c| c.name == name)
-            }
-        }
+        self.consumer_list().get(*self.lookup.consumers.get(name)?)
+    }
+
+    /// The consumer whose key has this SHA-256 digest.
+    pub fn consumer_by_key(&self, digest: &KeyDigest) -> Option<&Consumer> {
+        self.consumer_list().get(*self.lookup.keys.get(digest)?)
     }
 
     /// The limits that apply to `consumer` asking for `model`: (model scope, limit).
@@ -306,15 +322,7 @@ impl Config {
     /// Models named anywhere in the config: the only model names used in shared-data keys and
     /// metric names, so that clients cannot grow either without bound.
     pub fn is_known_model(&self, model: &str) -> bool {
-        self.prices.contains_key(model)
-            || self.models.contains(model)
-            || self.providers.iter().any(|p| p.models.contains_key(model))
-            || match &self.consumers {
-                Consumers::Anonymous => false,
-                Consumers::Keys(l) | Consumers::TrustedHeader { list: l, .. } => {
-                    l.iter().any(|c| c.model_limits.contains_key(model))
-                }
-            }
+        self.lookup.models.contains(model) || self.models.contains(model)
     }
 
     /// Whether a provider rotates by prompt affinity (the listener then hashes leading prompts).
@@ -329,9 +337,17 @@ impl Config {
 
     /// Whether a `cost_usd` budget applies to `consumer` asking for `model`.
     pub fn has_cost_limit(&self, consumer: &str, model: &str) -> bool {
-        self.limits_for(consumer, model)
-            .iter()
-            .any(|(_, l)| l.metric == Metric::CostMicroUsd)
+        let cost = |ls: &[Limit]| ls.iter().any(|l| l.metric == Metric::CostMicroUsd);
+        match self.consumer(consumer) {
+            Some(c) => {
+                cost(if c.limits.is_empty() {
+                    &self.default_limits
+                } else {
+                    &c.limits
+                }) || c.model_limits.get(model).is_some_and(|ls| cost(ls))
+            }
+            None => cost(&self.default_limits),
+        }
     }
 }
 
@@ -401,6 +417,7 @@ struct RawKey {
 struct RawConsumers {
     trusted_header: Option<String>,
     list: Option<Vec<Object<RawConsumer>>>,
+    max_from_header: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -709,7 +726,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         Some(Object(rc)) => consumers(rc, env)?,
     };
 
-    let mut prices = HashMap::new();
+    let mut prices = HashMap::default();
     for (model, Object(rp)) in raw.prices.unwrap_or_default() {
         let p = price(&format!("prices.{model}"), rp)?;
         prices.insert(model, p);
@@ -761,9 +778,16 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         &aliases,
         &prices,
     )?;
+    let lookup = match &consumers {
+        Consumers::Anonymous => lookup::Lookup::build(&[], &providers, &prices, &mut warnings),
+        Consumers::Keys(l) | Consumers::TrustedHeader { list: l, .. } => {
+            lookup::Lookup::build(l, &providers, &prices, &mut warnings)
+        }
+    };
     Ok(Config {
         sds_keys,
         prompt_affinity,
+        lookup,
         consumers,
         providers,
         health,
@@ -971,7 +995,14 @@ fn key(path: &str, rk: RawKey, before: &[Key], env: &Env, warnings: &mut Vec<Str
 
 fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
     let raw_list = rc.list.unwrap_or_default();
+    let max_from_header = header_consumers::max_from_header(
+        rc.max_from_header,
+        rc.trusted_header.is_some(),
+        !raw_list.is_empty(),
+    )?;
     let mut list: Vec<Consumer> = Vec::with_capacity(raw_list.len());
+    let mut names: crate::maps::HashSet<String> =
+        crate::maps::HashSet::with_capacity_and_hasher(raw_list.len(), Default::default());
     for (i, Object(c)) in raw_list.into_iter().enumerate() {
         let path = format!("consumers.list[{i}]");
         let name = need(&path, "name", c.name)?;
@@ -981,7 +1012,7 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
                 format!("{NAME_RULE}, and not '{ANONYMOUS}'"),
             ));
         }
-        if list.iter().any(|q| q.name == name) {
+        if !names.insert(name.clone()) {
             return Err(err(
                 at(&path, "name"),
                 format!("duplicate consumer '{name}'"),
@@ -1003,7 +1034,7 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
         }
         let own = limits(&at(&path, "limits"), c.limits)?;
         let models = access::model_list(&at(&path, "models"), c.models)?;
-        let mut model_limits = HashMap::new();
+        let mut model_limits = HashMap::default();
         for (model, ls) in c.model_limits.unwrap_or_default() {
             let ls = limits(&format!("{path}.model_limits.{model}"), ls)?;
             model_limits.insert(model, ls);
@@ -1027,7 +1058,12 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
             if h.is_empty() || h.starts_with(':') {
                 return Err(err("consumers.trusted_header", "must be a header name"));
             }
-            Ok(Consumers::TrustedHeader { header: h, list })
+            Ok(Consumers::TrustedHeader {
+                header: h,
+                list,
+                max_from_header,
+                seen: Default::default(),
+            })
         }
         None if list.is_empty() => Err(err(
             "consumers.list",
@@ -1239,7 +1275,7 @@ impl Provider {
             rotation,
             schedule: smooth_weighted_schedule(&keys),
             keys,
-            models: HashMap::new(),
+            models: HashMap::default(),
             probation: Probation::default(),
         }
     }
@@ -1405,7 +1441,7 @@ mod tests {
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, server_error_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
-            (r#""consumers":{"header":"x"},"#, "", "consumers.header: unknown field, expected one of: trusted_header, list".into()),
+            (r#""consumers":{"header":"x"},"#, "", "consumers.header: unknown field, expected one of: trusted_header, list, max_from_header".into()),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits, models, trim_oldest, max_in_flight".into()),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","limits":[{"metrc":"requests"}]}]},"#, "", format!("consumers.list[0].limits[0].metrc: unknown field, {LIMIT}")),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","model_limits":{"gpt-4o":[{"metric":"requests","amount":1,"window":"1m"},{"windw":"1m"}]}}]},"#, "", format!("consumers.list[0].model_limits.gpt-4o[1].windw: unknown field, {LIMIT}")),
@@ -1539,7 +1575,7 @@ mod tests {
                 "default_price":{"input":3,"output":4,"cached_input":0.5}}"#,
         )
         .unwrap();
-        let Consumers::TrustedHeader { header, list } = &c.consumers else {
+        let Consumers::TrustedHeader { header, list, .. } = &c.consumers else {
             unreachable!()
         };
         assert_eq!((header.as_str(), list[0].key_digest), ("x-team", None));
@@ -1746,6 +1782,121 @@ mod tests {
         assert_eq!(k[0].secret, "");
         assert_eq!((k[1].secret.as_str(), k[1].disabled), ("sk-one", true));
         assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn max_from_header_bounds_header_named_consumers_only() {
+        let consumers = |section: &str| {
+            parse_str(&cfg(&format!(r#""consumers":{section},"#), "")).map(|c| match c.consumers {
+                Consumers::TrustedHeader {
+                    max_from_header, ..
+                } => max_from_header,
+                _ => 0,
+            })
+        };
+        assert_eq!(
+            consumers(r#"{"trusted_header":"x-team"}"#),
+            Ok(DEFAULT_MAX_FROM_HEADER)
+        );
+        assert_eq!(DEFAULT_MAX_FROM_HEADER, 1000);
+        assert_eq!(
+            consumers(r#"{"trusted_header":"x-team","max_from_header":5}"#),
+            Ok(5)
+        );
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"trusted_header":"x-team","max_from_header":0}"#,
+                "consumers.max_from_header: must be between 1 and 100000",
+            ),
+            (
+                r#"{"trusted_header":"x-team","max_from_header":100001}"#,
+                "consumers.max_from_header: must be between 1 and 100000",
+            ),
+            (
+                r#"{"trusted_header":"x-team","max_from_header":-1}"#,
+                "consumers.max_from_header: expected a non-negative integer",
+            ),
+            (
+                r#"{"trusted_header":"x-team","max_from_header":"5"}"#,
+                "consumers.max_from_header: expected a non-negative integer",
+            ),
+            (
+                r#"{"list":[{"name":"a","key_env":"TEAM_A"}],"max_from_header":5}"#,
+                "consumers.max_from_header: applies only with consumers.trusted_header",
+            ),
+            (
+                r#"{"trusted_header":"x-team","list":[{"name":"a"}],"max_from_header":5}"#,
+                "consumers.max_from_header: applies only when consumers.list is empty (the list names every consumer already)",
+            ),
+        ];
+        for (section, want) in cases {
+            assert_eq!(consumers(section).unwrap_err(), *want, "for {section}");
+        }
+    }
+
+    #[test]
+    fn lookups_by_name_key_model_and_provider() {
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let c = parse_str(&format!(
+            r#"{{"consumers":{{"list":[{{"name":"a","key_env":"TEAM_A","model_limits":{{"only-limited":[{{"metric":"requests","amount":1,"window":"1m"}}]}}}},
+                {{"name":"b","key_sha256":"{abc}"}}]}},
+                "prices":{{"priced":{{"input":1,"output":1}}}},
+                "providers":[{{"name":"oa","type":"openai","keys":[{{"id":"k1","env":"K1"}}]}},
+                             {{"name":"an","type":"anthropic","keys":[{{"id":"k1","env":"K2"}}],"models":{{"mapped":"claude"}}}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.consumer("b").map(|c| c.name.as_str()), Some("b"));
+        assert!(c.consumer("z").is_none());
+        let by_key = |k: &[u8]| {
+            c.consumer_by_key(&consumer_key::digest(k))
+                .map(|c| c.name.clone())
+        };
+        assert_eq!(by_key(b"team-a-secret").as_deref(), Some("a"));
+        assert_eq!(by_key(b"abc").as_deref(), Some("b"));
+        assert_eq!(by_key(b"abd"), None);
+        for m in ["only-limited", "priced", "mapped"] {
+            assert!(c.is_known_model(m), "{m}");
+        }
+        assert!(
+            !c.is_known_model("claude"),
+            "a provider's own name for it is not the client's"
+        );
+        assert_eq!(
+            c.provider("an").map(|(i, p)| (i, p.name.as_str())),
+            Some((1, "an"))
+        );
+        assert!(c.provider("zz").is_none());
+        assert_eq!(c.consumer_list().len(), 2);
+    }
+
+    #[test]
+    fn of_two_consumers_with_one_key_the_later_has_it_with_a_warning() {
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let c = parse_str(&cfg(
+            &format!(
+                r#""consumers":{{"list":[{{"name":"a","key_sha256":"{abc}"}},{{"name":"b","key_env":"TEAM_A"}},{{"name":"c","key_sha256":"{}"}}]}},"#,
+                abc.to_uppercase()
+            ),
+            "",
+        ))
+        .unwrap();
+        let by_key = |k: &[u8]| {
+            c.consumer_by_key(&consumer_key::digest(k))
+                .map(|c| c.name.clone())
+        };
+        assert_eq!(by_key(b"abc").as_deref(), Some("c"));
+        assert_eq!(by_key(b"team-a-secret").as_deref(), Some("b"));
+        assert_eq!(
+            c.warnings,
+            ["consumers.list[2]: the same key as consumers.list[0] ('a'): requests with it are consumer 'c'"]
+        );
+        assert_eq!(
+            refused(
+                r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A"},{"name":"a","key_env":"K1"}]},"#,
+                ""
+            ),
+            "consumers.list[1].name: duplicate consumer 'a'"
+        );
     }
 
     #[test]

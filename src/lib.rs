@@ -19,6 +19,7 @@ pub mod count;
 pub mod failover;
 pub mod host;
 pub mod limit;
+pub mod maps;
 pub mod pool;
 pub mod roles;
 pub mod store;

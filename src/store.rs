@@ -4,8 +4,8 @@
 //! is passed; an existing key written with a stale CAS fails with `CasMismatch`; CAS `None` (0 on
 //! the wire) overwrites; there is no delete and no TTL, so callers keep the key space bounded.
 
+use crate::maps::HashMap;
 use core::cell::{Cell, RefCell};
-use hashbrown::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreError {

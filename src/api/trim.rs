@@ -25,7 +25,7 @@
 
 use std::borrow::Cow;
 
-use hashbrown::HashMap;
+use crate::maps::HashMap;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -165,7 +165,7 @@ struct ChatCall<'a> {
 }
 
 fn chat_turns<'a>(messages: &[&'a RawValue]) -> Vec<Turn> {
-    let mut calls: HashMap<Cow<'a, str>, usize> = HashMap::new();
+    let mut calls: HashMap<Cow<'a, str>, usize> = HashMap::default();
     // A result whose id names no call stays with the latest call, as a provider would pair it.
     let mut latest_calls: Option<usize> = None;
     let mut latest_function_call: Option<usize> = None;
@@ -225,7 +225,7 @@ struct Block<'a> {
 
 fn messages_turns<'a>(messages: &[&'a RawValue]) -> Vec<Turn> {
     // `tool_use` (and `server_tool_use`, `mcp_tool_use`) ids, by the message that holds them.
-    let mut uses: HashMap<Cow<'a, str>, usize> = HashMap::new();
+    let mut uses: HashMap<Cow<'a, str>, usize> = HashMap::default();
     let mut turns = Vec::with_capacity(messages.len());
     for (i, &m) in messages.iter().enumerate() {
         let Ok(msg) = serde_json::from_str::<AnthropicMessage<'a>>(m.get()) else {

@@ -9,7 +9,7 @@
 use super::aliases::{self, Aliases, MODEL_NAME_RULE};
 use super::{at, err, Consumer, Consumers, Provider, Res};
 use crate::limit::quota::Price;
-use hashbrown::{HashMap, HashSet};
+use crate::maps::{HashMap, HashSet};
 
 /// Names, each exact or a prefix (given with a trailing `*`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -170,7 +170,7 @@ pub(super) fn validate(
     // The names a client may write: the providers' `models` names, priced models, models with
     // limits of their own, and models a consumer is allowed by name. Not a provider's own model
     // names (the right side of a `models` map), which a client does not name.
-    let mut candidates: HashSet<&str> = HashSet::new();
+    let mut candidates: HashSet<&str> = HashSet::default();
     for p in providers {
         candidates.extend(p.models.keys().map(String::as_str));
     }

@@ -16,7 +16,7 @@
 
 use super::{at, err, Config, Provider, Res};
 use crate::limit::quota::Price;
-use hashbrown::HashMap;
+use crate::maps::HashMap;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -117,7 +117,7 @@ pub(super) fn validate(
     prices: &HashMap<String, Price>,
 ) -> Res<Aliases> {
     let raw = raw.unwrap_or_default();
-    let mut by_name = HashMap::with_capacity(raw.len());
+    let mut by_name = HashMap::with_capacity_and_hasher(raw.len(), Default::default());
     for (name, value) in &raw {
         let path = at("aliases", name);
         if !valid_model_name(name) {

@@ -3,7 +3,7 @@
 //! `providers[].keys[].max_in_flight`. Counted by [`crate::limit::in_flight`].
 
 use super::{err, Consumer, Consumers, Provider, Res};
-use hashbrown::HashMap;
+use crate::maps::HashMap;
 
 /// The largest limit taken: far beyond what one gateway carries at once, and small enough that a
 /// typo of a few zeros more is caught.

@@ -7,7 +7,7 @@
 //! models and consumers the configuration names, and nothing at all when `models` is absent.
 
 use super::{err, Consumers, Object, Res};
-use hashbrown::{HashMap, HashSet};
+use crate::maps::{HashMap, HashSet};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -62,7 +62,7 @@ pub(super) fn models(
     lower_max_tokens: bool,
     warnings: &mut Vec<String>,
 ) -> Res<Models> {
-    let mut windows = HashMap::new();
+    let mut windows = HashMap::default();
     for (name, Object(m)) in raw.unwrap_or_default() {
         let path = format!("models.{name}");
         if name.is_empty() {
@@ -89,7 +89,7 @@ pub(super) fn models(
         Consumers::Anonymous => &[][..],
         Consumers::Keys(list) | Consumers::TrustedHeader { list, .. } => &list[..],
     };
-    let mut trim_consumers = HashSet::new();
+    let mut trim_consumers = HashSet::default();
     for (i, c) in list.iter().enumerate() {
         if !c.trim_oldest {
             continue;
@@ -112,7 +112,11 @@ mod tests {
     use crate::config::{parse, Config};
 
     fn env(name: &str) -> Option<String> {
-        (name == "K").then(|| "sk-x".to_string())
+        match name {
+            "K" => Some("sk-x".to_string()),
+            "K2" => Some("sk-y".to_string()),
+            _ => None,
+        }
     }
 
     fn parse_with(top: &str) -> Result<Config, String> {
@@ -126,7 +130,7 @@ mod tests {
     fn windows_and_trimming_are_read_per_model_and_per_consumer() {
         let c = parse_with(
             r#""models":{"gpt-4o":{"context_window":128000},"claude-sonnet-4-5":{"context_window":200000,"trim_oldest":true}},
-               "consumers":{"list":[{"name":"a","key_env":"K","trim_oldest":true},{"name":"b","key_env":"K","trim_oldest":false}]},"#,
+               "consumers":{"list":[{"name":"a","key_env":"K","trim_oldest":true},{"name":"b","key_env":"K2","trim_oldest":false}]},"#,
         )
         .unwrap();
         let w = |m: &str| c.models.window(m).map(|w| (w.tokens, w.trim_oldest));

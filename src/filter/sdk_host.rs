@@ -7,10 +7,10 @@ use crate::host::prof::span;
 use crate::host::tally::{Attempt, Charge, LimitUse, Sink, Tally, ROW};
 use crate::host::{Body, Headers, Host, Map};
 use crate::limit::in_flight::Leases;
+use crate::maps::HashMap;
 use crate::pool::keypool::Tickets;
 use crate::store::{SharedStore, StoreError};
 use core::cell::RefCell;
-use hashbrown::HashMap;
 use proxy_wasm::hostcalls as sdk;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
@@ -56,7 +56,7 @@ fn buffer_type(which: Body) -> BufferType {
 thread_local! {
     /// Metric ids by name. A VM runs on one worker thread, so this is per VM; Envoy aggregates
     /// same-named stats across workers.
-    static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::default());
     /// Metrics and usage totals of this worker since the last tick.
     static TALLY: RefCell<Tally> = RefCell::new(Tally::default());
     /// This worker's key-rotation state: round-robin ticket blocks, recent affinity picks.

@@ -5,8 +5,8 @@
 //! buffer is gone.
 
 use super::{Body, Headers, Host, Map};
+use crate::maps::HashMap;
 use crate::store::{FakeStore, SharedStore};
-use hashbrown::HashMap;
 use std::rc::Rc;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,23 +77,23 @@ impl FakeHost {
     pub fn new(store: Rc<FakeStore>) -> Self {
         FakeHost {
             now: 1_700_000_000_000,
-            maps: HashMap::new(),
+            maps: HashMap::default(),
             request_headers_sent: false,
-            bodies: HashMap::new(),
-            attributes: HashMap::new(),
-            filter_state: HashMap::new(),
-            parent_filter_state: HashMap::new(),
+            bodies: HashMap::default(),
+            attributes: HashMap::default(),
+            filter_state: HashMap::default(),
+            parent_filter_state: HashMap::default(),
             reply: None,
             route_cache_cleared: 0,
             header_writes: 0,
-            counters: HashMap::new(),
-            gauges: HashMap::new(),
+            counters: HashMap::default(),
+            gauges: HashMap::default(),
             store,
             calls: core::cell::Cell::new(0),
             rows: crate::host::tally::Tally::default(),
             tickets: Rc::default(),
             refusals: Vec::new(),
-            writes: HashMap::new(),
+            writes: HashMap::default(),
             leases: Rc::new(core::cell::RefCell::new(
                 crate::limit::in_flight::Leases::new(1),
             )),

@@ -7,8 +7,9 @@
 //! crashes loses at most one tick of observability, never quota state (quotas are not deferred).
 
 use crate::count::metric_segment;
+use crate::maps::HashMap;
 use crate::store::{add_u64s, SharedStore, StoreError};
-use hashbrown::{Equivalent, HashMap};
+use hashbrown::Equivalent;
 
 /// The width of a usage row: requests, input, output, cache read, cache write, estimated.
 pub const ROW: usize = 6;
@@ -333,7 +334,7 @@ impl Tally {
             sink.record(&name, value);
         }
         let mut conflicts = 0;
-        let mut kept = HashMap::new();
+        let mut kept = HashMap::default();
         for (key, row) in self.rows.drain() {
             match add_u64s(sink.store(), &key, row) {
                 Ok((_, c)) => conflicts += c,

@@ -1,8 +1,9 @@
-//! Who is calling: a consumer key (compared as a SHA-256 digest, in constant time), a header set by
-//! an authenticating layer in front, or nobody (anonymous).
+//! Who is calling: a consumer key (looked up by its SHA-256 digest), a header set by an
+//! authenticating layer in front, or nobody (anonymous).
 
 use crate::config::{Config, Consumers, ANONYMOUS};
-use crate::limit::consumer_key;
+use crate::limit::{consumer_key, header_names};
+use crate::store::SharedStore;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthError {
@@ -40,44 +41,48 @@ pub fn presented_key<'a>(
         .filter(|s| !s.is_empty()))
 }
 
-/// Who is calling. Key comparison is against SHA-256 digests, in constant time, over every consumer
-/// (no early exit), so neither the digest nor the list's order leaks through timing.
+/// Who is calling. A presented key is found by its SHA-256 digest in a map built at parse (see
+/// `config/lookup.rs` for why its timing tells nothing of the stored keys); a trusted header's name
+/// is looked up in the list, or, with no list, counted among the names seen so far in `store`
+/// (`limit::header_names`: past `consumers.max_from_header`, as the overflow consumer).
 pub fn identify<'a>(
     cfg: &Config,
+    store: &dyn SharedStore,
     header: impl Fn(&str) -> Option<&'a str>,
 ) -> Result<String, AuthError> {
     match &cfg.consumers {
         Consumers::Anonymous => Ok(ANONYMOUS.to_string()),
-        Consumers::TrustedHeader { header: h, list } => {
+        Consumers::TrustedHeader {
+            header: h,
+            list,
+            max_from_header,
+            seen,
+        } => {
             let name = header(h)
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .ok_or(AuthError::Missing)?;
-            if list.is_empty() || list.iter().any(|c| c.name == name) {
-                if name.len() > 64
-                    || !name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                {
-                    return Err(AuthError::Unknown);
-                }
-                Ok(name.to_string())
-            } else {
-                Err(AuthError::Unknown)
+            if !list.is_empty() {
+                // Listed names were validated at parse.
+                return cfg
+                    .consumer(name)
+                    .map(|c| c.name.clone())
+                    .ok_or(AuthError::Unknown);
             }
+            if name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(AuthError::Unknown);
+            }
+            Ok(header_names::consumer_name(seen, store, *max_from_header, name).to_string())
         }
-        Consumers::Keys(list) => {
+        Consumers::Keys(_) => {
             let key = presented_key(header)?.ok_or(AuthError::Missing)?;
-            let digest = consumer_key::digest(key.as_bytes());
-            let mut found: Option<&str> = None;
-            for c in list {
-                if let Some(d) = &c.key_digest {
-                    if consumer_key::same(d, &digest) {
-                        found = Some(&c.name);
-                    }
-                }
-            }
-            found.map(str::to_string).ok_or(AuthError::Unknown)
+            cfg.consumer_by_key(&consumer_key::digest(key.as_bytes()))
+                .map(|c| c.name.clone())
+                .ok_or(AuthError::Unknown)
         }
     }
 }
@@ -86,6 +91,7 @@ pub fn identify<'a>(
 mod tests {
     use super::*;
     use crate::config::parse;
+    use crate::store::FakeStore;
 
     fn cfg(json: &str) -> Config {
         parse(json.as_bytes(), &|v| {
@@ -106,20 +112,23 @@ mod tests {
             move |n: &str| if n == "authorization" { auth } else { None }
         };
         assert_eq!(
-            identify(&c, h(Some("Bearer sk-secret"))),
+            identify(&c, &FakeStore::new(), h(Some("Bearer sk-secret"))),
             Ok("team-b".to_string())
         );
         assert_eq!(
-            identify(&c, h(Some("bearer   sk-secret "))),
+            identify(&c, &FakeStore::new(), h(Some("bearer   sk-secret "))),
             Ok("team-b".to_string())
         );
         assert_eq!(
-            identify(&c, h(Some("Bearer nope"))),
+            identify(&c, &FakeStore::new(), h(Some("Bearer nope"))),
             Err(AuthError::Unknown)
         );
-        assert_eq!(identify(&c, h(None)), Err(AuthError::Missing));
+        assert_eq!(
+            identify(&c, &FakeStore::new(), h(None)),
+            Err(AuthError::Missing)
+        );
         assert!(matches!(
-            identify(&c, h(Some("Basic abc"))),
+            identify(&c, &FakeStore::new(), h(Some("Basic abc"))),
             Err(AuthError::Malformed(_))
         ));
         let x = |n: &str| {
@@ -129,26 +138,34 @@ mod tests {
                 None
             }
         };
-        assert_eq!(identify(&c, x), Ok("team-b".to_string()));
+        assert_eq!(identify(&c, &FakeStore::new(), x), Ok("team-b".to_string()));
     }
 
     #[test]
     fn anonymous_and_trusted_header() {
         let c =
             cfg(r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K"}]}]}"#);
-        assert_eq!(identify(&c, |_| None), Ok("anonymous".to_string()));
+        assert_eq!(
+            identify(&c, &FakeStore::new(), |_| None),
+            Ok("anonymous".to_string())
+        );
         let c = cfg(
             r#"{"consumers":{"trusted_header":"x-consumer","list":[{"name":"team-a"}]},
             "providers":[{"name":"oa","type":"openai","keys":[{"id":"k1","env":"K"}]}]}"#,
         );
         assert_eq!(
-            identify(&c, |n| (n == "x-consumer").then_some("team-a")),
+            identify(&c, &FakeStore::new(), |n| (n == "x-consumer")
+                .then_some("team-a")),
             Ok("team-a".to_string())
         );
         assert_eq!(
-            identify(&c, |n| (n == "x-consumer").then_some("team-z")),
+            identify(&c, &FakeStore::new(), |n| (n == "x-consumer")
+                .then_some("team-z")),
             Err(AuthError::Unknown)
         );
-        assert_eq!(identify(&c, |_| None), Err(AuthError::Missing));
+        assert_eq!(
+            identify(&c, &FakeStore::new(), |_| None),
+            Err(AuthError::Missing)
+        );
     }
 }

@@ -1,5 +1,7 @@
-//! Consumer keys as SHA-256 digests: the config holds digests, never the keys themselves, and a
-//! presented key is compared against them in constant time (RustCrypto's `sha2` and `subtle`).
+//! Consumer and admin keys as SHA-256 digests: the config holds digests, never the keys themselves
+//! (RustCrypto's `sha2`). A presented consumer key is looked up by its digest in a map (see
+//! `config/lookup.rs` for why that tells a caller nothing); the admin key is compared in constant
+//! time (`subtle`).
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;

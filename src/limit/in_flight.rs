@@ -25,8 +25,8 @@
 //! flight: one read (for the gauges), and one write a second (the heartbeat).
 
 use crate::failover::health::fnv1a;
+use crate::maps::HashMap;
 use crate::store::{update_if, update_if_read, Read, SharedStore, StoreError};
-use hashbrown::HashMap;
 
 /// A slot whose heartbeat is older than this is a vanished VM's: its requests no longer count.
 pub const LEASE_MS: u64 = 5_000;
@@ -227,7 +227,7 @@ impl Leases {
     pub fn new(vm: u64) -> Self {
         Leases {
             vm: vm.max(1),
-            held: HashMap::new(),
+            held: HashMap::default(),
             last_tick_ms: 0,
             later: Vec::new(),
         }

@@ -3,6 +3,7 @@
 pub mod admission;
 pub mod consumer;
 pub mod consumer_key;
+pub mod header_names;
 pub mod headers;
 pub mod in_flight;
 pub mod quota;

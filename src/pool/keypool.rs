@@ -127,8 +127,8 @@ impl Recent {
 /// prompt-affinity picks.
 #[derive(Debug, Default)]
 pub struct Tickets {
-    blocks: hashbrown::HashMap<String, (u64, u64)>,
-    recent: hashbrown::HashMap<String, Recent>,
+    blocks: crate::maps::HashMap<String, (u64, u64)>,
+    recent: crate::maps::HashMap<String, Recent>,
 }
 
 impl Tickets {

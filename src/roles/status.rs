@@ -11,6 +11,7 @@ use crate::failover::health;
 use crate::host::{Headers, Host};
 use crate::limit::consumer;
 use crate::limit::consumer_key;
+use crate::limit::header_names;
 use crate::limit::in_flight::{self, key_lane, Subject};
 use crate::limit::quota::{self, Limit, Metric};
 use crate::store::{decode_u64s, SharedStore};
@@ -72,6 +73,16 @@ fn metric_name(l: &Limit) -> &'static str {
 fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
     let names: Vec<String> = match &cfg.consumers {
         Consumers::Anonymous => vec![ANONYMOUS.to_string()],
+        // Named by the header as they came: the set in shared data, and the overflow.
+        Consumers::TrustedHeader {
+            list,
+            max_from_header,
+            ..
+        } if list.is_empty() => {
+            let mut names = header_names::names(store, *max_from_header);
+            names.push(header_names::OVERFLOW.to_string());
+            names
+        }
         Consumers::Keys(l) | Consumers::TrustedHeader { list: l, .. } => {
             l.iter().map(|c| c.name.clone()).collect()
         }
@@ -173,7 +184,7 @@ pub fn serve<H: Host>(host: &mut H, cfg: &Config, hdrs: &Headers) -> Flow {
     } else {
         let consumer = match &cfg.consumers {
             Consumers::Anonymous => None,
-            _ => consumer::identify(cfg, lookup).ok(),
+            _ => consumer::identify(cfg, host.store(), lookup).ok(),
         };
         match consumer {
             Some(name) => json!({"now_ms": now, "consumer": name,

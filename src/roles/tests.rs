@@ -2044,3 +2044,123 @@ fn an_exhausted_request_is_told_what_blocks_it_and_until_when() {
     );
     assert_eq!(st["blocked_until_ms"], now + 20_000);
 }
+
+#[test]
+fn consumers_named_by_a_trusted_header_are_bounded_and_shown_in_the_status_endpoint() {
+    let cfg = Rc::new(
+        parse(
+            br#"{"consumers":{"trusted_header":"x-team","max_from_header":3},
+                 "default_limits":[{"metric":"requests","amount":1000,"window":"1m"}],
+                 "providers":[{"name":"openai","type":"openai","keys":[{"id":"k1","env":"S"}]}],
+                 "status":{"path":"/st","admin_key_env":"ADMIN"}}"#,
+            &|name| Some(if name == "ADMIN" { "admin" } else { "sk" }.to_string()),
+        )
+        .unwrap(),
+    );
+    let store = Rc::new(FakeStore::new());
+    let completion = fixture("openai_chat.json");
+    let mut series = std::collections::BTreeSet::new();
+    let mut charged_as = Vec::new();
+    // Eight names, two requests each: the first three are consumers of their own.
+    for round in 0..2 {
+        for i in 0..8 {
+            let team = format!("team-{i}");
+            let mut lh = client(
+                &store,
+                "/v1/chat/completions",
+                &[("x-team", team.as_bytes())],
+                CHAT,
+            );
+            let mut l = Listener::new(cfg.clone());
+            assert_eq!(send(&mut l, &mut lh), Flow::Continue, "{team}");
+            let (_, uh) = attempt(
+                &lh,
+                "openai",
+                1,
+                200,
+                &[("content-type", "application/json")],
+                &completion,
+                &cfg,
+            );
+            assert_eq!(uh.get(Map::RequestHeaders, "x-team"), None);
+            answer(&mut l, &mut lh, &uh, &[&completion]);
+            series.extend(
+                lh.counters
+                    .keys()
+                    .filter(|k| k.starts_with("tollgate.consumer."))
+                    .cloned(),
+            );
+            if round == 0 {
+                charged_as.push(logged(&lh, "consumer").unwrap_or_default());
+            }
+            lh.tick();
+        }
+    }
+    assert_eq!(
+        charged_as,
+        [
+            "team-0",
+            "team-1",
+            "team-2",
+            "_overflow",
+            "_overflow",
+            "_overflow",
+            "_overflow",
+            "_overflow"
+        ]
+    );
+    let consumers: std::collections::BTreeSet<&str> = series
+        .iter()
+        .filter_map(|s| {
+            s.strip_prefix("tollgate.consumer.")?
+                .split(".model.")
+                .next()
+        })
+        .collect();
+    assert_eq!(
+        consumers.into_iter().collect::<Vec<_>>(),
+        ["_overflow", "team-0", "team-1", "team-2"],
+        "{series:?}"
+    );
+    // A header that says the reserved name is the overflow as well: it takes no place.
+    let mut lh = client(
+        &store,
+        "/v1/chat/completions",
+        &[("x-team", b"_overflow")],
+        CHAT,
+    );
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    assert_eq!(
+        lh.state(super::listener::CONSUMER).as_deref(),
+        Some("_overflow")
+    );
+
+    let st = status_json(&store, &cfg);
+    let shown: Vec<(&str, u64)> = st["consumers"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v["usage"]["requests"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("_overflow", 10),
+            ("team-0", 2),
+            ("team-1", 2),
+            ("team-2", 2)
+        ]
+    );
+    assert_eq!(
+        st["consumers"]["team-1"]["limits"][0]["remaining"], 998,
+        "budgets like any other consumer's"
+    );
+    // A consumer past the bound sees the overflow's standing as its own.
+    let mut h = client(&store, "/st", &[("x-team", b"team-7")], b"");
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(l.on_request_headers(&mut h, true), Flow::Stop);
+    let own = h.reply.unwrap().json();
+    assert_eq!(own["consumer"], "_overflow");
+    assert_eq!(own["standing"]["usage"]["requests"], 10);
+}

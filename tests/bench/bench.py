@@ -17,6 +17,8 @@ built by tests/e2e/harness.gateway_config:
 - fleet: tollgate without local limits + Envoy's global `ratelimit` filter as envoy/fleet.yaml has it
   (check before the request, hits_addend charge on stream done), talking gRPC to tests/rls-server
   with its counters in a loopback redis-server: the fleet-wide budget.
+- many: tollgate with 10,000 consumers in its configuration (each with its own key and limit, the
+  bench's consumer the last): a request must cost the same whatever the size of the configuration.
 
 wrk loads them in interleaved rounds; the figures are per-round ratios and differences, never
 single absolute numbers (2 cores shared by everything). Cells: 1/16/64 connections, streaming (200
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import hashlib
 import http.client
 import json
 import os
@@ -72,7 +75,7 @@ RLS_BIN = ROOT / "tests" / "rls-server" / "target" / "release" / "rls-server"
 # that Redis's counter at the end holds every charge of the run (the window's length does not change
 # the work per request).
 FLEET_BUDGET = {"max_value": 1_000_000_000_000, "seconds": 3600}
-VARIANTS = ("bare", "tollgate", "previous", "empty", "unmetered", "fleet")
+VARIANTS = ("bare", "tollgate", "previous", "empty", "unmetered", "fleet", "many")
 CONCURRENCY = 1  # Envoy workers, the same for the upstream, bare and tollgate
 CONSUMER_KEY = "tg-bench-consumer"
 ENV = {
@@ -289,7 +292,8 @@ def proxy_configs(upstream_port: int, previous: Path | None = None) -> dict[str,
                               listener_port=free_port(), admin_port=free_port(), access_log="/dev/null",
                               env_keys=sorted(ENV))
 
-    out = {"tollgate": make(), "bare": make(), "empty": make(), "unmetered": make(unmetered_plugin())}
+    out = {"tollgate": make(), "bare": make(), "empty": make(), "unmetered": make(unmetered_plugin()),
+           "many": make(many_consumers(PLUGIN))}
     if previous:
         out["previous"] = make(previous_plugin(PLUGIN, Path(previous)))
     code = {"empty": EMPTY_WASM, "previous": previous}
@@ -317,6 +321,22 @@ def previous_plugin(plugin: dict, module: Path) -> dict:
         old["status_path"] = status["path"]
     old.pop("default_price", None)
     return old
+
+
+MANY_CONSUMERS = 10_000
+
+
+def many_consumers(plugin: dict, n: int = MANY_CONSUMERS) -> dict:
+    """`plugin` with n consumers, its own the last: the others by key digest, each with its own limit,
+    as a gateway with a key per customer has them."""
+    cfg = copy.deepcopy(plugin)
+    own = cfg["consumers"]["list"]
+    others = [{"name": f"customer-{i:05d}",
+               "key_sha256": hashlib.sha256(f"tg-customer-{i}".encode()).hexdigest(),
+               "limits": [{"metric": "requests", "amount": 1000 + i, "window": "1m"}]}
+              for i in range(n - len(own))]
+    cfg["consumers"]["list"] = others + own
+    return cfg
 
 
 def unmetered_plugin() -> dict:
@@ -1174,6 +1194,49 @@ def floor_figures(run, cell: Cell) -> dict | None:
             "errors": sum(r[n]["errors"] for r in rs for n in ("bare", "tollgate", "empty"))}
 
 
+def many_figures(run, cell: Cell) -> dict:
+    """The many-consumer proxy against tollgate in one cell: medians over the rounds of the per-round
+    rps ratio and CPU difference, and whether that difference is noise: the rounds disagree on its
+    sign, or it is within +-5 µs per request (what a scan per request would cost at 10,000 consumers
+    is hundreds of µs)."""
+    rs = run.results[cell]
+    d = per_round(rs, "tollgate", "many")
+    add = d["cpu_add"]
+    same = (min(add) <= 0 <= max(add)) or abs(med(add)) <= 5
+    return {"rps": med(d["rps"]), "cpu_add": med(add), "rps_rounds": d["rps"], "cpu_rounds": add, "same": same,
+            "errors": sum(r[n]["errors"] for r in rs for n in ("tollgate", "many"))}
+
+
+def many_section(run) -> list[str]:
+    cells = [c for c, names in run.plan.items() if "many" in names]
+    if not cells:
+        return []
+    out = [f"## Configuration size: {MANY_CONSUMERS:,} consumers", "",
+           f"Tollgate with {MANY_CONSUMERS:,} consumers in its configuration (*many*: each with its own key and limit, "
+           "the bench's consumer the last) against tollgate with one, in the same rounds, the order rotating: "
+           "consumers, keys, models and providers are looked up in maps built once when the configuration is "
+           "read, so a request must cost the same. *many − tollgate* is the CPU per request of the one minus "
+           "the other's in the same round; within the noise when the rounds disagree on its sign or it is "
+           "within ±5 µs. `make instructions` shows the same in instructions (no noise at all).", "",
+           "| cell | rps many/tollgate | CPU/req tollgate / many | many − tollgate | within the noise |",
+           "|---|---|---|---|---|"]
+    rounds_lines = []
+    for cell in cells:
+        f = many_figures(run, cell)
+        rs = run.results[cell]
+        cpu = " / ".join(f"{med([r[n]['cpu_us'] for r in rs]):.0f}" for n in ("tollgate", "many"))
+        out.append(f"| {title_of(cell)} | {f['rps']:.3f} | {cpu} µs | {f['cpu_add']:+.0f} µs | {'yes' if f['same'] else '**no**'} |")
+        rounds_lines.append(f"- {title_of(cell)}: rps many/tollgate {series(f['rps_rounds'], '.3f')}; CPU/req many − "
+                            f"tollgate {series(f['cpu_rounds'], '+.0f')} µs")
+        print(f"many {title_of(cell):28s} rps many/tollgate {f['rps']:.3f}  CPU/req many - tollgate "
+              f"{f['cpu_add']:+.0f} µs  within the noise: {f['same']}")
+    if run.many_rss:
+        t, m = run.many_rss
+        out += ["", f"VmRSS after the rounds: tollgate {t / 1024:.1f} MiB, many {m / 1024:.1f} MiB "
+                f"({(m - t) / 1024:+.1f} MiB: the configuration itself, in each worker's VM and both roles)."]
+    return out + ["", "Per round:", ""] + rounds_lines + [""]
+
+
 def verdict(ok: bool | None, invalid: bool = False) -> str:
     return "not measured" if ok is None else yes(ok, invalid)
 
@@ -1204,6 +1267,11 @@ def issue15_goals(run) -> list[tuple[str, dict[Cell, tuple[str, bool | None, boo
     e = calls.get("event", {}).get("both")
     goals.append((f"<= {GOAL_CALLS_EVENT} host call per SSE event, untranslated stream (both roles)",
                   {c: no_calls if e is None else (f"{e:.2f}", e <= GOAL_CALLS_EVENT, False) for c in std if c.stream}))
+    many = {c: many_figures(run, c) for c in std if "many" in run.plan[c]}
+    if many:
+        goals.append((f"{MANY_CONSUMERS:,} consumers in the configuration cost what one does (CPU per request, same "
+                      "rounds: within the noise)",
+                      {c: (f"{f['cpu_add']:+.0f} µs", f["same"], f["errors"] > 0) for c, f in many.items()}))
     if big:
         small, f_big = fig.get(Cell(False, big.conns)), fig[big]
         if small is None or f_big is None:
@@ -1535,7 +1603,8 @@ def report(run) -> str:
                 + (", the empty module in every cell" if "empty" in ran else "")
                 + (f", the previous module in {cells_of(run, 'previous')}" if "previous" in ran else "")
                 + (f", the unmetered proxy in {cells_of(run, 'unmetered')}" if "unmetered" in ran else "")
-                + (f", the fleet proxy in {cells_of(run, 'fleet')}" if "fleet" in ran else ""))
+                + (f", the fleet proxy in {cells_of(run, 'fleet')}" if "fleet" in ran else "")
+                + (f", the many-consumer proxy in {cells_of(run, 'many')}" if "many" in ran else ""))
     if a.plugin_extra:
         head.append(f"- run with `--plugin-extra '{compact(a.plugin_extra)}'`: merged into tollgate's configuration")
     if a.note:
@@ -1557,7 +1626,8 @@ def report(run) -> str:
         print(f"bench: WARNING: errors during the rounds: {err_text}; {run.counters}")
     if not run.main_on:
         return "\n".join(head + previous_section(run) + (floor_section(run) if "empty" in a.only else [])
-                         + (fleet_section(run) if a.only & {"fleet", "unmetered"} else []))
+                         + (fleet_section(run) if a.only & {"fleet", "unmetered"} else [])
+                         + (many_section(run) if "many" in a.only else []))
 
     setup = ["## Setup", "",
              "- Upstream: a third Envoy answering with `direct_response` (buffer filter before its router): "
@@ -1576,6 +1646,8 @@ def report(run) -> str:
              *(["- Previous: tollgate's config in the previous module's schema, with that module as both "
                 "filters' code."] if "previous" in ran else []),
              "- Unmetered: tollgate's config without the consumer's limits (no budget at all).",
+             f"- Many: tollgate's config with {MANY_CONSUMERS:,} consumers, each with its own key (`key_sha256`) and "
+             "`requests` limit, the bench's consumer the last.",
              "- Fleet: tollgate's config without the consumer's local limits, plus `envoy/fleet.yaml`'s rate "
              "limit filter, per-route descriptors, 429 mappers and `rls` cluster; `tests/rls-server` and "
              "`redis-server` on loopback.",
@@ -1694,7 +1766,8 @@ def report(run) -> str:
     for g, v, ok, invalid in goals:
         print(f"{yes(ok, invalid).replace('*', ''):8s} {g}: {v}")
     return "\n".join(head + goal_lines + comparison_section(run) + host_calls_section(run) + perf + big_section(run)
-                     + floor_section(run) + previous_section(run) + fleet_section(run) + mem + module + setup + how)
+                     + floor_section(run) + previous_section(run) + many_section(run) + fleet_section(run) + mem + module
+                     + setup + how)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1702,7 +1775,8 @@ def report(run) -> str:
 # The cells the unmetered and fleet proxies run in (bare, tollgate and the empty module run every cell,
 # the previous module every cell but the 16 KiB body's): enough to answer their question within the
 # run's time (1 connection: the added latency; 16: under load).
-CELLS = {"unmetered": {Cell(False, 1), Cell(False, 16)}, "fleet": {Cell(False, 1), Cell(False, 16)}}
+CELLS = {"unmetered": {Cell(False, 1), Cell(False, 16)}, "fleet": {Cell(False, 1), Cell(False, 16)},
+         "many": {Cell(False, 1), Cell(False, 16)}}
 
 
 def plan_cells(run, conns: list[int], active: set[str]) -> dict[Cell, list[str]]:
@@ -1715,7 +1789,7 @@ def plan_cells(run, conns: list[int], active: set[str]) -> dict[Cell, list[str]]
         cells.append(Cell(False, BIG_CONNS, big=True))
     plan = {}
     for cell in cells:
-        others = [n for n in ("empty", "unmetered", "fleet")
+        others = [n for n in ("empty", "unmetered", "fleet", "many")
                   if n in active and (n == "empty" or (cell in CELLS[n] and not cell.big))]
         names = [n for n in VARIANTS if n in active and (
             n == "bare" or n in others or (n == "tollgate" and (run.main_on or others))
@@ -1784,7 +1858,7 @@ def main() -> int:
     run = argparse.Namespace(a=a, started=datetime.datetime.now(datetime.timezone.utc), mach=machine(), marks=marks,
                              main_on=not a.only or "tollgate" in a.only, notes=[], counters={}, fleet_counts={},
                              rss=None, size=None, loads=None, served={}, floor_skipped="", fleet_skipped="",
-                             previous_skipped="", profile=None, profile_skipped="", commit=commit_of(),
+                             previous_skipped="", profile=None, profile_skipped="", commit=commit_of(), many_rss=None,
                              # Read before anything is written: --out may be the same file.
                              earlier=read_report(a.compare))
     t0 = time.monotonic()
@@ -1944,6 +2018,8 @@ def main() -> int:
                 r"^wasmcustom\.tollgate\.(outcome\.|provider\.[^.]+\.[a-z0-9_]+$)").items()}
         if run.rss is not None:
             run.rss.append(("after the rounds", proxies["tollgate"].rq_total(), proxies["tollgate"].rss_kb()))
+        if "many" in proxies and "tollgate" in proxies:
+            run.many_rss = (proxies["tollgate"].rss_kb(), proxies["many"].rss_kb())
         if "fleet" in active:
             time.sleep(0.5)  # the last charges are fire-and-forget
             after = fleet_counts(proxies["fleet"], fleet)

@@ -129,7 +129,7 @@ impl Listener {
             // The Anthropic SDK asks for the same path as OpenAI's, and gets its own shape.
             self.client = ClientApi::Anthropic;
         }
-        let identified = admission::consumer::identify(&self.cfg, &hdrs);
+        let identified = admission::consumer::identify(&self.cfg, host.store(), &hdrs);
         // Credentials and tollgate's internal headers leave the request, by name and whatever
         // their bytes: neither a provider nor an access-log line sees them.
         let trusted = match &self.cfg.consumers {

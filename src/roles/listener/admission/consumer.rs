@@ -7,9 +7,11 @@ use crate::api::headers;
 use crate::config::Config;
 use crate::host::Headers;
 use crate::limit::consumer;
+use crate::store::SharedStore;
 
-pub fn identify(cfg: &Config, hdrs: &Headers) -> Result<String, Refusal> {
-    consumer::identify(cfg, |name| credential(hdrs, name))
+/// Header-named consumers are counted in `store` (`limit::header_names`).
+pub fn identify(cfg: &Config, store: &dyn SharedStore, hdrs: &Headers) -> Result<String, Refusal> {
+    consumer::identify(cfg, store, |name| credential(hdrs, name))
         .map_err(|e| Refusal::new(ErrorKind::Authentication, e.message()).code("invalid_api_key"))
 }
 
@@ -28,6 +30,7 @@ fn credential<'a>(hdrs: &'a Headers, name: &str) -> Option<&'a str> {
 mod tests {
     use super::super::testing::config;
     use super::*;
+    use crate::store::FakeStore;
 
     fn hdrs(pairs: &[(&str, &[u8])]) -> Headers {
         Headers::of(pairs.iter().map(|(k, v)| (k.as_bytes(), *v)))
@@ -40,7 +43,12 @@ mod tests {
     fn a_known_key_names_its_consumer_and_anything_else_is_refused_as_authentication() {
         let cfg = config(CFG);
         assert_eq!(
-            identify(&cfg, &hdrs(&[("authorization", b"Bearer sk-secret")])).as_deref(),
+            identify(
+                &cfg,
+                &FakeStore::new(),
+                &hdrs(&[("authorization", b"Bearer sk-secret")])
+            )
+            .as_deref(),
             Ok("team-a")
         );
         for bad in [
@@ -52,7 +60,7 @@ mod tests {
                 ("authorization", b"Bearer sk-secret"),
             ]),
         ] {
-            let r = identify(&cfg, &bad).unwrap_err();
+            let r = identify(&cfg, &FakeStore::new(), &bad).unwrap_err();
             assert_eq!(
                 (r.kind, r.code),
                 (ErrorKind::Authentication, Some("invalid_api_key"))
