@@ -26,6 +26,7 @@ mod models;
 
 pub use concurrency::InFlightLimits;
 pub use models::{Models, Window};
+pub mod cache;
 
 use crate::limit::consumer_key::{self, KeyDigest};
 use crate::limit::quota::{Limit, Metric, Price};
@@ -260,6 +261,8 @@ pub struct Config {
     pub models: Models,
     /// Limits on requests in flight, by consumer and by provider key.
     pub in_flight: InFlightLimits,
+    /// The response cache; None: off.
+    pub cache: Option<cache::CacheConfig>,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
     pub warnings: Vec<String>,
     /// Derived from `providers` once, at parse: both are asked on every request.
@@ -374,6 +377,7 @@ struct RawConfig {
     passthrough_paths: Option<Vec<String>>,
     models: Option<models::RawModels>,
     default_max_in_flight: Option<u32>,
+    cache: Option<Object<cache::RawCache>>,
 }
 
 #[derive(Deserialize)]
@@ -762,6 +766,10 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
     let default_max_in_flight =
         concurrency::max_in_flight("default_max_in_flight", raw.default_max_in_flight)?;
     let in_flight = concurrency::limits(default_max_in_flight, &consumers, &providers);
+    let cache = raw
+        .cache
+        .map(|Object(c)| cache::validate(c, &consumers))
+        .transpose()?;
 
     let sds_keys = providers
         .iter()
@@ -805,6 +813,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         access,
         models,
         in_flight,
+        cache,
         warnings,
     })
 }
@@ -1435,7 +1444,7 @@ mod tests {
     fn unknown_fields_are_refused_with_their_path_and_the_accepted_names() {
         const LIMIT: &str = "expected one of: metric, amount, window";
         let cases: &[(&str, &str, String)] = &[
-            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models, default_max_in_flight".into()),
+            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models, default_max_in_flight, cache".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models, probation".into()),
             ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled, max_in_flight".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, server_error_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),

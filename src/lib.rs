@@ -8,12 +8,14 @@
 //! - `pool`: which key an attempt carries;
 //! - `count`: tokens out of JSON and SSE answers, and estimates when a provider gives none;
 //! - `limit`: consumers' budgets, admission and settlement in shared data;
+//! - `cache`: a response cache for deterministic requests (key, policy, stored form, replay);
 //! - `failover`: key cooldowns and provider circuits, and rewriting a request for another provider;
 //! - `store`: the shared-data seam (Envoy's CAS store, and a fake that behaves like it);
 //! - `host`: everything a role asks of Envoy, as one trait, with a fake host for tests;
 //! - `roles`: the listener-level and upstream roles' decisions, written against `host::Host`.
 
 pub mod api;
+pub mod cache;
 pub mod config;
 pub mod count;
 pub mod failover;

@@ -79,6 +79,41 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
             .filter(|&max| max >= 1 && max < wanted);
         (demand(cfg, ask, lower_to.unwrap_or(wanted)), lower_to)
     });
+    verdict(cfg, ask, admitted)
+}
+
+/// [`admit`] for a request answered locally (from the response cache): it counts against the
+/// consumer's request limits only, as one request, and spends no token or cost budget (a token
+/// bucket in debt does not hold it back either).
+pub fn admit_served<S: SharedStore + ?Sized>(
+    store: &S,
+    cfg: &Config,
+    ask: &Ask<'_>,
+    now: u64,
+) -> Verdict {
+    let limits = Limits::new(
+        ask.consumer,
+        cfg.limits_for(ask.consumer, ask.model)
+            .into_iter()
+            .filter(|(_, l)| l.metric == Metric::Requests),
+    );
+    let one = Demand {
+        requests: 1,
+        ..Demand::default()
+    };
+    verdict(
+        cfg,
+        ask,
+        quota::admit_with(store, &limits, now, |_| (one, None)),
+    )
+}
+
+/// The verdict on an admission (and the `max_tokens` it lowered to).
+fn verdict(
+    cfg: &Config,
+    ask: &Ask<'_>,
+    admitted: Result<(Admission, Option<u64>), StoreError>,
+) -> Verdict {
     match admitted {
         Ok((
             Admission::Admitted {
@@ -98,32 +133,35 @@ pub fn admit<S: SharedStore + ?Sized>(store: &S, cfg: &Config, ask: &Ask<'_>, no
                 standings,
             },
             _,
-        )) => {
-            let secs = retry_after_secs(retry_after_ms);
-            let amount = match limit.metric {
-                Metric::CostMicroUsd => {
-                    // Cents, rounded half up, in integers: no float formatting in the module.
-                    let cents = limit.amount.saturating_add(5_000) / 10_000;
-                    format!("${}.{:02}", cents / 100, cents % 100)
-                }
-                _ => limit.amount.to_string(),
-            };
-            let message = format!(
-                "Rate limit reached for consumer '{}' on {} ({} per {}s). Please try again in {}s.",
-                ask.consumer,
-                limit.metric.as_str(),
-                amount,
-                limit.window_ms / 1000,
-                secs
-            );
-            Verdict::Refuse {
-                retry_after_secs: secs,
-                message,
-                standings,
-                limit,
-            }
-        }
+        )) => refused(ask, retry_after_ms, limit, standings),
         Err(e) => degraded(cfg, e),
+    }
+}
+
+/// The refusal of `ask` by `limit`, with its message and when to try again.
+fn refused(ask: &Ask<'_>, retry_after_ms: u64, limit: Limit, standings: Vec<Standing>) -> Verdict {
+    let secs = retry_after_secs(retry_after_ms);
+    let amount = match limit.metric {
+        Metric::CostMicroUsd => {
+            // Cents, rounded half up, in integers: no float formatting in the module.
+            let cents = limit.amount.saturating_add(5_000) / 10_000;
+            format!("${}.{:02}", cents / 100, cents % 100)
+        }
+        _ => limit.amount.to_string(),
+    };
+    let message = format!(
+        "Rate limit reached for consumer '{}' on {} ({} per {}s). Please try again in {}s.",
+        ask.consumer,
+        limit.metric.as_str(),
+        amount,
+        limit.window_ms / 1000,
+        secs
+    );
+    Verdict::Refuse {
+        retry_after_secs: secs,
+        message,
+        standings,
+        limit,
     }
 }
 

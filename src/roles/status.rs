@@ -58,7 +58,20 @@ fn consumer_view(store: &dyn SharedStore, cfg: &Config, name: &str, now: u64) ->
         view["in_flight"] = json!(now_in_flight);
         view["max_in_flight"] = json!(max);
     }
+    if cfg.cache.is_some() {
+        view["cache_saved"] = cache_saved(store, name);
+    }
     view
+}
+
+/// What answers from the response cache saved the consumer: tokens not spent, and their price.
+fn cache_saved(store: &dyn SharedStore, consumer: &str) -> Value {
+    let key = super::listener::saved_row(consumer);
+    let v = store.get(&key).ok().and_then(|(b, _)| b);
+    let [answers, input, output, cache_read, micro_usd, stale] = decode_u64s::<6>(v.as_deref());
+    json!({"answers": answers, "stale_answers": stale, "input_tokens": input,
+           "output_tokens": output, "cache_read_tokens": cache_read,
+           "cost_usd": micro_usd as f64 / 1_000_000.0})
 }
 
 /// `cost_usd` for money limits (the config's name), the metric's own name otherwise.

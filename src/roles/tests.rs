@@ -2164,3 +2164,5 @@ fn consumers_named_by_a_trusted_header_are_bounded_and_shown_in_the_status_endpo
     assert_eq!(own["consumer"], "_overflow");
     assert_eq!(own["standing"]["usage"]["requests"], 10);
 }
+
+mod cache;

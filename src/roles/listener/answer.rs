@@ -8,6 +8,7 @@ use crate::api::envoy_reply;
 use crate::api::errors::{error_body, ErrorKind};
 use crate::api::headers;
 use crate::api::splice;
+use crate::cache::assemble::Assembler;
 use crate::config::Provider;
 use crate::count::sse::{RawEvent, SseEvent, SseParser};
 use crate::count::usage::{ChunkKeys, ClientEvent, StreamUsage};
@@ -52,6 +53,10 @@ pub(super) struct Answer {
     /// Reused from chunk to chunk: the stream path allocates nothing per chunk of its own.
     pub(super) out: Vec<u8>,
     pub(super) response_complete: bool,
+    /// A stream to be stored in the response cache, assembled as it passes.
+    pub(super) assembler: Option<Box<Assembler>>,
+    /// The provider's error was replaced by an answer from the cache.
+    pub(super) replaced: bool,
 }
 
 impl Default for Answer {
@@ -70,6 +75,8 @@ impl Default for Answer {
             withheld: Vec::new(),
             out: Vec::new(),
             response_complete: false,
+            assembler: None,
+            replaced: false,
         }
     }
 }
@@ -92,6 +99,9 @@ impl Listener {
             .unwrap_or_default()
             .to_string();
         self.ans.key_id = map.get(headers::HDR_KEY_ID).unwrap_or_default().to_string();
+        if self.stale_instead_of_error(host) {
+            return Flow::Stop;
+        }
         if self.ans.status == 429 && self.ans.provider.is_empty() && map.has("x-envoy-ratelimited")
         {
             // Envoy's global rate limit filter refused it (fleet-wide budget): give the client the
@@ -131,6 +141,17 @@ impl Listener {
             map.remove("content-length");
         } else if sse {
             self.ans.sse = Some(SseParser::new(self.cfg.max_sse_event_bytes));
+            if let (Some(cc), true) = (&self.cfg.cache, self.adm.cache.store) {
+                if self.ans.status == 200 && self.adm.cache.digest.is_some() {
+                    let anthropic = self
+                        .answering_provider()
+                        .is_some_and(|p| p.kind.speaks_anthropic());
+                    // The provider's events are twice the JSON they assemble to, give or take.
+                    let bound =
+                        usize::try_from(cc.max_entry_bytes.saturating_mul(4)).unwrap_or(usize::MAX);
+                    self.ans.assembler = Some(Box::new(Assembler::new(anthropic, bound)));
+                }
+            }
             let include_usage = self.adm.info.include_usage;
             let model = self.adm.model.as_str().to_string();
             self.ans.edit = match translation {
@@ -159,6 +180,9 @@ impl Listener {
         if self.adm.trimmed_messages > 0 {
             map.set(headers::HDR_TRIMMED, self.adm.trimmed_messages.to_string());
         }
+        if let Some(v) = self.adm.cache.outcome.header() {
+            map.set(crate::cache::HEADER, v);
+        }
         map.apply(host, Map::ResponseHeaders);
         if end_of_stream {
             self.ans.response_complete = true;
@@ -173,6 +197,9 @@ impl Listener {
         size: usize,
         end_of_stream: bool,
     ) -> Flow {
+        if self.ans.replaced {
+            return Flow::Stop;
+        }
         if let Some(text) = self.ans.envoy_error.as_mut() {
             text.extend_from_slice(&host.body(Body::Response, size));
             if !end_of_stream {
@@ -264,10 +291,17 @@ impl Listener {
             return;
         };
         let su = &mut self.ans.stream_usage;
+        let mut keep = self.ans.assembler.as_deref_mut();
         if matches!(self.ans.edit, StreamEdit::None) {
-            sse.feed(chunk, |ev| su.on_event(&ev));
+            let mut on = |ev: SseEvent<'_>| {
+                su.on_event(&ev);
+                if let Some(a) = keep.as_mut() {
+                    a.on_event(&ev);
+                }
+            };
+            sse.feed(chunk, &mut on);
             if end {
-                sse.finish(|ev| su.on_event(&ev));
+                sse.finish(&mut on);
             }
             return;
         }
@@ -284,6 +318,9 @@ impl Listener {
                 let keys = ChunkKeys::of(chunk);
                 let mut on = |ev: RawEvent<'_>| {
                     let seen = su.on_scanned_event_for_client(&ev, keys.of_data(ev.data));
+                    if let Some(a) = keep.as_mut() {
+                        ev.with_text(|ev| a.on_event(ev));
+                    }
                     strip_event(seen, &ev, chunk, &mut same, &mut out)
                 };
                 sse.feed_raw(chunk, &mut on);
@@ -292,7 +329,12 @@ impl Listener {
                 }
             }
             edit => {
-                let mut on = |ev: SseEvent<'_>| edit_event(edit, su, &ev, &mut out);
+                let mut on = |ev: SseEvent<'_>| {
+                    if let Some(a) = keep.as_mut() {
+                        a.on_event(&ev);
+                    }
+                    edit_event(edit, su, &ev, &mut out)
+                };
                 sse.feed(chunk, &mut on);
                 if end {
                     sse.finish(&mut on);

@@ -27,6 +27,9 @@ impl Listener {
         let reading = span("listener usage read");
         let (usage, estimated) = self.final_usage(ok, torn_down);
         drop(reading);
+        if !torn_down {
+            self.store_answer(host, usage);
+        }
         let row = [
             1,
             usage.input,
@@ -155,6 +158,7 @@ impl Listener {
             }
             None => record.push_str(" in=- out=- usage=-"),
         }
+        self.adm.cache.note(self.started_ms, &mut record);
         host.set_filter_state(RECORD, record.as_bytes());
     }
 

@@ -6,10 +6,12 @@
 //! its plan in filter state for the cluster-level role, and the body as the steps left it.
 //!
 //! The answer side is in [`answer`] (what the client gets back) and [`charge`] (usage settled
-//! exactly once, metrics, the access-log record).
+//! exactly once, metrics, the access-log record); [`cached`] answers from the response cache and
+//! stores in it.
 
 pub mod admission;
 mod answer;
+mod cached;
 mod charge;
 mod models;
 
@@ -28,6 +30,7 @@ use admission::{Admission, Incoming, Refusal, Stop};
 use answer::Answer;
 use std::rc::Rc;
 
+pub use cached::saved_row;
 pub use charge::RECORD;
 
 /// Filter-state name of the consumer, for Envoy's rate limit filter (`wasm.tollgate_consumer`).
@@ -129,6 +132,7 @@ impl Listener {
             // The Anthropic SDK asks for the same path as OpenAI's, and gets its own shape.
             self.client = ClientApi::Anthropic;
         }
+        admission::cache::ask(&self.cfg, &hdrs, &self.path, &mut self.adm);
         let identified = admission::consumer::identify(&self.cfg, host.store(), &hdrs);
         // Credentials and tollgate's internal headers leave the request, by name and whatever
         // their bytes: neither a provider nor an access-log line sees them.
@@ -238,6 +242,7 @@ impl Listener {
         match admission::walk(host, &incoming, &mut self.adm) {
             Ok(()) => self.go_on(host, &incoming),
             Err(Stop::Refuse(r)) => self.reject(host, &r),
+            Err(Stop::Serve(a)) => self.serve(host, a),
         }
     }
 

@@ -64,6 +64,7 @@ mod tests {
         match check(&incoming(&cfg, body), &adm) {
             Ok(()) => None,
             Err(Stop::Refuse(r)) => Some(r),
+            Err(Stop::Serve(_)) => panic!("served"),
         }
     }
 

@@ -241,7 +241,7 @@ mod tests {
     fn refused(r: Result<(), Stop>) -> Refusal {
         match r {
             Err(Stop::Refuse(r)) => r,
-            Ok(()) => panic!("admitted"),
+            Ok(()) | Err(Stop::Serve(_)) => panic!("admitted"),
         }
     }
 

@@ -7,13 +7,18 @@
 //!
 //! 1. [`model`]: the model the client named, and the name it goes by in metrics;
 //! 2. [`allow`]: whether the consumer may use that model;
-//! 3. [`route`]: the provider the request starts on (the first that serves the model and can take
-//!    it now), and whether the request can be sent there as the client wrote it;
-//! 4. [`context`]: the model's context window: the request refused, or fitted to it where the
+//! 3. [`cache`]: the response cache's lookup; a hit skips the route and the context window, and
+//!    ends the walk with its answer once the quota step has counted it;
+//! 4. [`route`]: the provider the request starts on (the first that serves the model and can take
+//!    it now), and whether the request can be sent there as the client wrote it; when none can, an
+//!    expired cache entry within the stale window may answer instead;
+//! 5. [`context`]: the model's context window: the request refused, or fitted to it where the
 //!    configuration allows (`max_tokens` lowered, the oldest turns dropped);
-//! 5. [`concurrency`]: a place among the consumer's requests in flight, held until the request ends;
-//! 6. [`quota`]: the consumer's budgets, reserved against the request's estimate (as the steps
-//!    before left it: a trimmed prompt, a lowered `max_tokens`).
+//! 6. [`concurrency`]: a place among the consumer's requests in flight, held until the request ends
+//!    (not for a request answered from the cache);
+//! 7. [`quota`]: the consumer's budgets, reserved against the request's estimate (as the steps
+//!    before left it: a trimmed prompt, a lowered `max_tokens`; a request answered from the cache:
+//!    one request, no tokens).
 //!
 //! The consumer ([`consumer`]) and what the path is for ([`path`]: an API tollgate counts, the
 //! gateway's own model list, a path passed through, or one refused) are known earlier, from the
@@ -22,6 +27,7 @@
 //! so in [`release`], which the walk calls when it stops.
 
 pub mod allow;
+pub mod cache;
 pub mod concurrency;
 pub mod consumer;
 pub mod context;
@@ -78,6 +84,8 @@ pub struct Admission {
     pub rate_limits: Vec<(&'static str, String)>,
     /// The place the request holds among its consumer's requests in flight, until it ends.
     pub in_flight: Option<Subject>,
+    /// What the response cache did, and what the answer side needs to store the answer.
+    pub cache: cache::CacheUse,
 }
 
 impl Admission {
@@ -93,6 +101,16 @@ impl Admission {
 pub enum Stop {
     /// Answered with an error in the client API's shape.
     Refuse(Refusal),
+    /// Answered locally with this answer (from the response cache).
+    Serve(LocalAnswer),
+}
+
+/// A local answer that is not an error: status, headers and the whole body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalAnswer {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
 }
 
 /// A local error answer, counted by outcome.
@@ -187,20 +205,29 @@ pub fn walk<H: Host>(
     let walked = (|| {
         model::check(incoming, adm)?;
         allow::check(incoming, adm)?;
-        route::check(host, incoming, adm)?;
-        context::check(host, incoming, adm)?;
-        concurrency::check(host, incoming, adm)?;
+        cache::check(host, incoming, adm)?;
+        if !adm.cache.serves() {
+            match route::check(host, incoming, adm) {
+                Ok(()) => {
+                    context::check(host, incoming, adm)?;
+                    concurrency::check(host, incoming, adm)?;
+                }
+                Err(stop) => cache::instead(host, incoming, adm, stop)?,
+            }
+        }
         quota::check(host, incoming, adm)?;
+        cache::serve(adm)?;
         Ok(())
     })();
-    if walked.is_err() {
+    if matches!(walked, Err(Stop::Refuse(_))) {
         release(host, adm);
     }
     walked
 }
 
-/// Gives back what steps took for a request that will not go on. The quota step runs last, so
-/// nothing it reserved is ever given back here.
+/// Gives back what steps took for a request refused. The quota step runs last, so nothing it
+/// reserved is ever given back here. (A request answered from the cache took no place in flight,
+/// and keeps its reservation: the listener settles it as one request.)
 fn release<H: Host>(host: &mut H, adm: &mut Admission) {
     concurrency::give_back(host, adm, false);
 }

@@ -49,7 +49,13 @@ pub fn check<H: Host>(
         max_tokens,
     };
     let now = incoming.now;
-    match admission::admit(host.store(), cfg, &ask, now) {
+    let verdict = if adm.cache.serves() {
+        // Answered from the cache: one request, no token or cost budget spent.
+        admission::admit_served(host.store(), cfg, &ask, now)
+    } else {
+        admission::admit(host.store(), cfg, &ask, now)
+    };
+    match verdict {
         Verdict::Admit {
             reservations,
             standings,
