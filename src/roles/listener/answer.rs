@@ -99,7 +99,7 @@ impl Listener {
             .unwrap_or_default()
             .to_string();
         self.ans.key_id = map.get(headers::HDR_KEY_ID).unwrap_or_default().to_string();
-        if self.stale_instead_of_error(host) {
+        if self.stale_instead_of_error(host, map.has("x-tollgate-exhausted")) {
             return Flow::Stop;
         }
         if self.ans.status == 429 && self.ans.provider.is_empty() && map.has("x-envoy-ratelimited")

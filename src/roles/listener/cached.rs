@@ -31,12 +31,18 @@ impl Listener {
         Flow::Stop
     }
 
-    /// The provider's answer is one no retry could turn into an answer (a 5xx, or a provider's
-    /// 429 after every retry): the request's expired entry, within the stale window, answers
-    /// instead. True when it did.
-    pub(super) fn stale_instead_of_error<H: Host>(&mut self, host: &mut H) -> bool {
+    /// The answer is one no retry could turn into an answer (a 5xx; a provider's 429 after every
+    /// retry, or the attempt's own when every key cooled meanwhile, `pool_exhausted`): the
+    /// request's expired entry, within the stale window, answers instead. True when it did. (A 429
+    /// of Envoy's global rate limit is the consumer's own budget: it stands.)
+    pub(super) fn stale_instead_of_error<H: Host>(
+        &mut self,
+        host: &mut H,
+        pool_exhausted: bool,
+    ) -> bool {
         let status = self.ans.status;
-        let failed = status >= 500 || (status == 429 && !self.ans.provider.is_empty());
+        let failed =
+            status >= 500 || (status == 429 && (pool_exhausted || !self.ans.provider.is_empty()));
         if !failed || self.adm.cache.stale_way.is_none() || self.charged {
             return false;
         }

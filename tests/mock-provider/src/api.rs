@@ -284,6 +284,8 @@ fn answer_unscripted(target: &Target, req: &Request, rule: &Rule, status: u16, c
     let tool = wants_tool(&body);
     let words = if tool {
         Vec::new()
+    } else if rule.echo {
+        echo(&body)
     } else {
         words(ctx.name, rule.words)
     };
@@ -370,6 +372,22 @@ fn words(name: &str, n: Option<usize>) -> Vec<String> {
             .take(n.min(MAX_WORDS))
             .collect(),
     }
+}
+
+/// "Echo:" and the words of the last user message.
+fn echo(body: &Map<String, Value>) -> Vec<String> {
+    let last_user = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| {
+            m.iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        });
+    let text = text_of(last_user.and_then(|m| m.get("content")));
+    std::iter::once("Echo:".to_string())
+        .chain(text.split_whitespace().take(MAX_WORDS).map(String::from))
+        .collect()
 }
 
 fn text_of(content: Option<&Value>) -> String {
@@ -870,6 +888,23 @@ mod tests {
                 cache_write: 0
             })
         );
+    }
+
+    #[test]
+    fn echo_answers_with_the_last_user_message() {
+        let body = r#"{"messages":[{"role":"user","content":"first"},{"role":"assistant","content":"x"},
+            {"role":"user","content":[{"type":"text","text":"tell  me"},{"type":"text","text":"42"}]}]}"#;
+        let rule = || {
+            Some(Rule {
+                echo: true,
+                ..Rule::default()
+            })
+        };
+        let v = full_json(&run("/v1/chat/completions", body, rule()));
+        assert_eq!(v["choices"][0]["message"]["content"], "Echo: tell me 42");
+        assert_eq!(v["usage"]["completion_tokens"], 4);
+        let v = full_json(&run("/v1/messages", body, rule()));
+        assert_eq!(v["content"][0]["text"], "Echo: tell me 42");
     }
 
     #[test]

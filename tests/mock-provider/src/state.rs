@@ -49,6 +49,10 @@ pub struct Rule {
     /// a provisional output of 1) reach the client.
     #[serde(default)]
     pub omit_delta_usage: bool,
+    /// The answer's text is "Echo:" and the words of the last user message, so a test can tell
+    /// from an answer which request it answers.
+    #[serde(default)]
+    pub echo: bool,
     /// Header values are sent as Latin-1 (one byte per char up to U+00FF), so a test can make the
     /// mock send bytes that are not UTF-8 (`"\u00ff"` becomes the byte 0xFF).
     #[serde(default)]
