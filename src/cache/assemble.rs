@@ -3,8 +3,10 @@
 //! `message`. Only a stream that reached its terminal event (`[DONE]`, `message_stop`) without an
 //! error gives one: a cut stream is never stored.
 //!
-//! What accumulates is bounded: past `max_bytes` of event data the assembly gives up (the answer
-//! would be too large to store anyway).
+//! What accumulates is bounded: once what it keeps (the text, and the events that are not one
+//! token's delta) passes `max_bytes`, the assembly gives up (the answer would be too large to
+//! store anyway). A stream's events weigh many times the JSON they assemble to (a chunk of some
+//! 200 bytes per token), so it is what is kept that is measured, not what passes.
 
 use crate::count::sse::SseEvent;
 use serde_json::{json, Map, Value};
@@ -13,7 +15,7 @@ use serde_json::{json, Map, Value};
 pub struct Assembler {
     dialect: Dialect,
     max_bytes: usize,
-    seen_bytes: usize,
+    kept: usize,
     done: bool,
     failed: bool,
 }
@@ -34,7 +36,7 @@ impl Assembler {
                 Dialect::Chat(Chat::default())
             },
             max_bytes,
-            seen_bytes: 0,
+            kept: 0,
             done: false,
             failed: false,
         }
@@ -44,15 +46,15 @@ impl Assembler {
         if self.done || self.failed || ev.data.is_empty() {
             return;
         }
-        self.seen_bytes = self.seen_bytes.saturating_add(ev.data.len());
-        if self.seen_bytes > self.max_bytes {
+        let kept = &mut self.kept;
+        let ended = match &mut self.dialect {
+            Dialect::Chat(c) => c.on_event(ev, kept),
+            Dialect::Messages(m) => m.on_event(ev, kept),
+        };
+        if self.kept > self.max_bytes {
             self.failed = true;
             return;
         }
-        let ended = match &mut self.dialect {
-            Dialect::Chat(c) => c.on_event(ev),
-            Dialect::Messages(m) => m.on_event(ev),
-        };
         match ended {
             Ok(true) => self.done = true,
             Ok(false) => {}
@@ -125,8 +127,10 @@ struct ToolCall {
 }
 
 impl Chat {
-    /// Ok(true) at `[DONE]`; Err for an error event or a chunk that is not one.
-    fn on_event(&mut self, ev: &SseEvent<'_>) -> Result<bool, ()> {
+    /// Ok(true) at `[DONE]`; Err for an error event or a chunk that is not one. Adds what it kept
+    /// to `kept`: the text of the deltas, or the whole chunk when it carries more (usage,
+    /// log probabilities).
+    fn on_event(&mut self, ev: &SseEvent<'_>, kept: &mut usize) -> Result<bool, ()> {
         if ev.data.trim() == "[DONE]" {
             return Ok(true);
         }
@@ -149,24 +153,28 @@ impl Chat {
         }
         if let Some(u) = chunk.remove("usage").filter(|u| !u.is_null()) {
             self.usage = Some(u);
+            *kept += ev.data.len();
         }
         let Some(Value::Array(choices)) = chunk.remove("choices") else {
             return Ok(false);
         };
         for c in choices {
-            self.on_choice(c);
+            *kept += self.on_choice(c, ev.data.len());
         }
         Ok(false)
     }
 
-    fn on_choice(&mut self, c: Value) {
+    /// Takes one choice's delta; returns how many bytes it kept (`chunk_len`, the whole chunk's,
+    /// when it carries log probabilities).
+    fn on_choice(&mut self, c: Value, chunk_len: usize) -> usize {
+        let mut kept = 0;
         let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
         let new = || Choice {
             index,
             ..Choice::default()
         };
         let Some(choice) = by_index(&mut self.choices, index, |c| c.index, new) else {
-            return;
+            return kept;
         };
         if let Some(f) = c.get("finish_reason").filter(|f| !f.is_null()) {
             choice.finish_reason = Some(f.clone());
@@ -180,16 +188,21 @@ impl Chat {
                 .logprobs
                 .get_or_insert_with(Vec::new)
                 .extend(content.iter().cloned());
+            kept += chunk_len;
         }
-        let Some(delta) = c.get("delta") else { return };
+        let Some(delta) = c.get("delta") else {
+            return kept;
+        };
         if let Some(r) = delta.get("role").and_then(Value::as_str) {
             choice.role = Some(r.to_string());
         }
         if let Some(t) = delta.get("content").and_then(Value::as_str) {
             append(&mut choice.content, t);
+            kept += t.len();
         }
         if let Some(t) = delta.get("refusal").and_then(Value::as_str) {
             append(&mut choice.refusal, t);
+            kept += t.len();
         }
         if let Some(f) = delta.get("function_call") {
             let call = choice
@@ -200,6 +213,7 @@ impl Chat {
             }
             if let Some(a) = f.get("arguments").and_then(Value::as_str) {
                 call.1.push_str(a);
+                kept += a.len();
             }
         }
         for (k, t) in delta
@@ -229,9 +243,13 @@ impl Chat {
                 }
                 if let Some(a) = f.get("arguments").and_then(Value::as_str) {
                     call.arguments.push_str(a);
+                    kept += a.len();
                 }
             }
+            // Its id and name.
+            kept += 64;
         }
+        kept
     }
 
     fn finish(mut self) -> Value {
@@ -289,8 +307,9 @@ struct Messages {
 }
 
 impl Messages {
-    /// Ok(true) at `message_stop`; Err for an error event or an event that is not one.
-    fn on_event(&mut self, ev: &SseEvent<'_>) -> Result<bool, ()> {
+    /// Ok(true) at `message_stop`; Err for an error event or an event that is not one. Adds what
+    /// it kept to `kept`: a delta's text, or the whole event.
+    fn on_event(&mut self, ev: &SseEvent<'_>, kept: &mut usize) -> Result<bool, ()> {
         let Ok(Value::Object(mut v)) = serde_json::from_str::<Value>(ev.data) else {
             return Err(());
         };
@@ -299,6 +318,7 @@ impl Messages {
             None => ev.event.to_string(),
         };
         let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+        let mut weight = ev.data.len();
         match kind.as_str() {
             "message_start" => match v.remove("message") {
                 Some(Value::Object(m)) => self.message = Some(m),
@@ -320,12 +340,21 @@ impl Messages {
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                 {
-                    "text_delta" => push_str(block, "text", text("text")),
-                    "thinking_delta" => push_str(block, "thinking", text("thinking")),
+                    "text_delta" => {
+                        weight = text("text").len();
+                        push_str(block, "text", text("text"));
+                    }
+                    "thinking_delta" => {
+                        weight = text("thinking").len();
+                        push_str(block, "thinking", text("thinking"));
+                    }
                     "signature_delta" => {
                         block.insert("signature".into(), json!(text("signature")));
                     }
-                    "input_json_delta" => partial.push_str(text("partial_json")),
+                    "input_json_delta" => {
+                        weight = text("partial_json").len();
+                        partial.push_str(text("partial_json"));
+                    }
                     "citations_delta" => {
                         let c = delta.get("citation").cloned().unwrap_or(Value::Null);
                         match block.get_mut("citations") {
@@ -370,6 +399,7 @@ impl Messages {
             // ping, and event types added later.
             _ => {}
         }
+        *kept += weight;
         Ok(false)
     }
 

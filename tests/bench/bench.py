@@ -19,6 +19,10 @@ built by tests/e2e/harness.gateway_config:
   with its counters in a loopback redis-server: the fleet-wide budget.
 - many: tollgate with 10,000 consumers in its configuration (each with its own key and limit, the
   bench's consumer the last): a request must cost the same whatever the size of the configuration.
+- cache: tollgate with its response cache configured, in cells of their own (CACHE_CELLS) with bare
+  and tollgate: a deterministic question asked again and again (every request after the first a hit,
+  answered by the listener role), and a question new on every request (every one a miss and a store):
+  what a hit costs, and what the cache adds to a miss.
 
 wrk loads them in interleaved rounds; the figures are per-round ratios and differences, never
 single absolute numbers (2 cores shared by everything). Cells: 1/16/64 connections, streaming (200
@@ -33,6 +37,7 @@ quotes the figures of the BENCHMARKS.md it replaces (read before it is overwritt
     .venv/bin/python tests/bench/bench.py --quick --out /tmp/b.md  # the same, its report in /tmp/b.md
     .venv/bin/python tests/bench/bench.py --aa         # bare vs bare: the noise floor, no file
     .venv/bin/python tests/bench/bench.py --only fleet # bare, tollgate, unmetered and fleet in their cells, no file
+    .venv/bin/python tests/bench/bench.py --only cache # bare, tollgate and cache in the cache's cells, no file
     .venv/bin/python tests/bench/bench.py --quick --previous target/bench-previous/tollgate.wasm  # A/B
 """
 from __future__ import annotations
@@ -75,7 +80,7 @@ RLS_BIN = ROOT / "tests" / "rls-server" / "target" / "release" / "rls-server"
 # that Redis's counter at the end holds every charge of the run (the window's length does not change
 # the work per request).
 FLEET_BUDGET = {"max_value": 1_000_000_000_000, "seconds": 3600}
-VARIANTS = ("bare", "tollgate", "previous", "empty", "unmetered", "fleet", "many")
+VARIANTS = ("bare", "tollgate", "previous", "empty", "unmetered", "fleet", "many", "cache")
 CONCURRENCY = 1  # Envoy workers, the same for the upstream, bare and tollgate
 CONSUMER_KEY = "tg-bench-consumer"
 ENV = {
@@ -172,14 +177,31 @@ BIG_CONNS = 16  # the 16 KiB body's one cell: non-streaming at this many connect
 
 
 class Cell(NamedTuple):
-    """What one wrk run sends: streaming or not, how many connections, the small or the 16 KiB body."""
+    """What one wrk run sends: streaming or not, how many connections, the small or the 16 KiB body;
+    for the cache's cells, `cache`: "hit" (the same deterministic question every time) or "miss" (a new
+    question on every request)."""
     stream: bool
     conns: int
     big: bool = False
+    cache: str = ""
 
     @property
     def body(self) -> str:
+        if self.cache:
+            return CACHE_STREAM_BODY if self.stream else CACHE_BODY
         return BIG_BODY if self.big else STREAM_BODY if self.stream else BODY
+
+
+# The cache's cells: the small body at temperature 0, whose `__N__` a miss cell's wrk replaces with a
+# number new on every request (chat.lua, BENCH_UNIQUE); a hit cell sends it as it is.
+CACHE_CHAT = {**CHAT, "temperature": 0,
+              "messages": [CHAT["messages"][0], {**CHAT["messages"][1],
+                                                 "content": "__N__ " + CHAT["messages"][1]["content"]}]}
+CACHE_BODY = compact(CACHE_CHAT)
+CACHE_STREAM_BODY = compact({**CACHE_CHAT, "stream": True})
+CACHE_CELLS = (Cell(False, 1, cache="hit"), Cell(False, 16, cache="hit"), Cell(True, 16, cache="hit"),
+               Cell(False, 16, cache="miss"))
+CACHE = {"ttl": "1h", "capacity": 4096, "max_entry_bytes": 65536}
 
 
 PLUGIN = {
@@ -293,7 +315,7 @@ def proxy_configs(upstream_port: int, previous: Path | None = None) -> dict[str,
                               env_keys=sorted(ENV))
 
     out = {"tollgate": make(), "bare": make(), "empty": make(), "unmetered": make(unmetered_plugin()),
-           "many": make(many_consumers(PLUGIN))}
+           "many": make(many_consumers(PLUGIN)), "cache": make(cache_plugin())}
     if previous:
         out["previous"] = make(previous_plugin(PLUGIN, Path(previous)))
     code = {"empty": EMPTY_WASM, "previous": previous}
@@ -337,6 +359,11 @@ def many_consumers(plugin: dict, n: int = MANY_CONSUMERS) -> dict:
               for i in range(n - len(own))]
     cfg["consumers"]["list"] = others + own
     return cfg
+
+
+def cache_plugin() -> dict:
+    """tollgate's configuration with its response cache."""
+    return {**copy.deepcopy(PLUGIN), "cache": dict(CACHE)}
 
 
 def unmetered_plugin() -> dict:
@@ -549,12 +576,14 @@ def stop_all() -> None:
             print(f"bench: stopping {p}: {e}", file=sys.stderr)
 
 
-def wrk_cmd(port: int, conns: int, seconds: float, stream: bool, body: str | None = None) -> tuple[list[str], dict]:
-    """body: the request body, by default the small chat body (with `"stream":true` when streaming)."""
+def wrk_cmd(port: int, conns: int, seconds: float, stream: bool, body: str | None = None,
+            unique: str = "") -> tuple[list[str], dict]:
+    """body: the request body, by default the small chat body (with `"stream":true` when streaming);
+    unique: when given, `__N__` in the body becomes `<unique>-<n>`, n new on every request."""
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(LUA),
            f"http://127.0.0.1:{port}/v1/chat/completions"]
     env = {**os.environ, "BENCH_BODY": body or (STREAM_BODY if stream else BODY), "BENCH_KEY": CONSUMER_KEY,
-           "BENCH_STREAM": "1" if stream else "0"}
+           "BENCH_STREAM": "1" if stream else "0", "BENCH_UNIQUE": unique}
     return cmd, env
 
 
@@ -570,11 +599,11 @@ def machine_busy_s() -> float:
 
 
 def run_wrk(proxy: Proxy, conns: int, seconds: float, stream: bool, ours: dict | None = None,
-            body: str | None = None) -> dict:
+            body: str | None = None, unique: str = "") -> dict:
     """One wrk run against proxy. `ours` are the bench's other processes by name (Envoys, RLS,
     Redis): their CPU over the run is kept per name (`cpu_of`, seconds), and what the machine spent
     beyond them, the proxy and wrk is other load (other people's builds), reported per run."""
-    cmd, env = wrk_cmd(proxy.port, conns, seconds, stream, body)
+    cmd, env = wrk_cmd(proxy.port, conns, seconds, stream, body, unique)
     others = {n: p for n, p in (ours or {}).items() if p is not proxy}
     before = {n: p.cpu_s() for n, p in others.items()}
     cpu0, busy0, wrk0, t0 = proxy.cpu_s(), machine_busy_s(), children_cpu_s(), time.monotonic()
@@ -655,6 +684,22 @@ def check_fleet(p: Proxy, fleet: Fleet) -> list[str]:
                            f"(expected {USAGE['total_tokens']})\n{p.log()[-3000:]}")
     return [f"fleet: 200, x-ratelimit-limit={limit} (the RLS's check), {charged} tokens charged in Redis "
             f"after the response (upstream usage says {USAGE['total_tokens']})"]
+
+
+def check_cache(p: Proxy) -> list[str]:
+    """That the cache proxy answers a repeated deterministic question from its cache (JSON and
+    streamed) and sends a new one on."""
+    auth = {"authorization": f"Bearer {CONSUMER_KEY}"}
+    seen = []
+    for body, extra in ((CACHE_BODY, {}), (CACHE_BODY, {}), (CACHE_STREAM_BODY, {"x-bench-stream": "1"}),
+                        (CACHE_BODY.replace("__N__", f"preflight-{time.time_ns()}"), {})):
+        r = request(p.port, "POST", "/v1/chat/completions", body.encode(), {**auth, **extra})
+        if r.status != 200:
+            raise RuntimeError(f"cache: {r!r}\n{p.log()[-3000:]}")
+        seen.append(r.headers.get("x-tollgate-cache"))
+    if seen[1:] != ["hit", "hit", "miss"]:
+        raise RuntimeError(f"cache: x-tollgate-cache {seen}, expected [miss or hit, hit, hit, miss]")
+    return [f"cache: x-tollgate-cache {', '.join(map(str, seen))} (the question twice, then streamed, then a new one)"]
 
 
 RSS_CONNS = {False: 12, True: 4}  # non-streaming / streaming wrk connections in the RSS phase
@@ -1142,6 +1187,50 @@ def fleet_section(run) -> list[str]:
     return out
 
 
+def cache_section(run) -> list[str]:
+    """What a hit costs, and what the cache adds to a miss: the cache proxy against bare Envoy and
+    tollgate without a cache, in the same rounds."""
+    out = ["## Response cache: what a hit costs, what the cache adds to a miss", "",
+           f"The *cache* proxy is tollgate with `\"cache\": {compact(CACHE)}`. In its cells the request is the "
+           "small body at `temperature` 0. *hit*: the same question on every request: after the first, "
+           "every one is answered by the listener role from Envoy's shared data (the upstream is not "
+           "asked), streamed requests get the stored answer replayed as a stream; bare and tollgate "
+           "(no cache) send each to the upstream. *miss*: wrk puts a number new on every request into the "
+           "question (`chat.lua`, `BENCH_UNIQUE`), so every request misses and its answer is stored "
+           f"(the {CACHE['capacity']} slots fill, then each store evicts): the key's digest, the lookup, "
+           "the store. CPU is Envoy's per request; *cache − bare* and *cache − tollgate* are differences in "
+           "the same round, medians over the rounds.", ""]
+    if not getattr(run, "cache_plan", None):
+        return out + ["Skipped: the cache proxy did not run.", ""]
+    out += ["| cell | rps bare / tollgate / cache | rps cache/bare | rps cache/tollgate | p50 bare / tollgate / cache | "
+            "CPU/req bare / tollgate / cache | cache − bare | cache − tollgate | errors b/t/c |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    said, rounds_lines = [], []
+    for cell in run.cache_plan:
+        rs = run.results[cell]
+        vb, vt = per_round(rs, "bare", "cache"), per_round(rs, "tollgate", "cache")
+        mb, mt = ({k: med(v) for k, v in x.items()} for x in (vb, vt))
+        fig = lambda k: " / ".join(f"{med([r[n][k] for r in rs]):.0f}" for n in ("bare", "tollgate", "cache"))  # noqa: E731
+        cpu = {n: med([r[n]["cpu_us"] for r in rs]) for n in ("bare", "tollgate", "cache")}
+        title = f"{cell.cache}: {title_of(cell)}"
+        out.append(f"| {title} | {fig('rps')} | {mb['rps']:.3f} | {mt['rps']:.3f} | {fig('p50_us')} µs | "
+                   f"{fig('cpu_us')} µs | {mb['cpu_add']:+.0f} µs | {mt['cpu_add']:+.0f} µs | "
+                   + "/".join(str(sum(r[n]["errors"] for r in rs)) for n in ("bare", "tollgate", "cache")) + " |")
+        rounds_lines.append(f"- {title}: CPU/req cache − bare {series(vb['cpu_add'], '+.0f')} µs, cache − tollgate "
+                            f"{series(vt['cpu_add'], '+.0f')} µs; rps cache/bare {series(vb['rps'], '.3f')}")
+        if cell.cache == "hit":
+            said.append(f"- {title}: a hit costs {cpu['cache']:.0f} µs of Envoy CPU per request, against "
+                        f"{cpu['bare']:.0f} µs for bare Envoy proxying the request to the upstream and "
+                        f"{cpu['tollgate']:.0f} µs for tollgate without a cache ({mb['rps']:.2f}x bare's rps).")
+        else:
+            said.append(f"- {title}: the cache adds {mt['cpu_add']:+.0f} µs of Envoy CPU to a miss (the digest, "
+                        f"the lookup and the store; {mt['rps']:.3f} of tollgate's rps without a cache), "
+                        f"{mb['cpu_add']:+.0f} µs over bare Envoy.")
+        print(f"cache {title:40s} CPU/req bare {cpu['bare']:.0f} tollgate {cpu['tollgate']:.0f} cache "
+              f"{cpu['cache']:.0f} µs  rps cache/bare {mb['rps']:.3f}")
+    return out + [""] + said + ["", "Per round:", ""] + rounds_lines + [""]
+
+
 def sh(*cmd: str) -> str:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -1627,7 +1716,8 @@ def report(run) -> str:
     if not run.main_on:
         return "\n".join(head + previous_section(run) + (floor_section(run) if "empty" in a.only else [])
                          + (fleet_section(run) if a.only & {"fleet", "unmetered"} else [])
-                         + (many_section(run) if "many" in a.only else []))
+                         + (many_section(run) if "many" in a.only else [])
+                         + (cache_section(run) if "cache" in a.only else []))
 
     setup = ["## Setup", "",
              "- Upstream: a third Envoy answering with `direct_response` (buffer filter before its router): "
@@ -1766,8 +1856,8 @@ def report(run) -> str:
     for g, v, ok, invalid in goals:
         print(f"{yes(ok, invalid).replace('*', ''):8s} {g}: {v}")
     return "\n".join(head + goal_lines + comparison_section(run) + host_calls_section(run) + perf + big_section(run)
-                     + floor_section(run) + previous_section(run) + many_section(run) + fleet_section(run) + mem + module
-                     + setup + how)
+                     + floor_section(run) + previous_section(run) + many_section(run) + fleet_section(run)
+                     + cache_section(run) + mem + module + setup + how)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1929,6 +2019,8 @@ def main() -> int:
         proxies = {n: Proxy(n, cfgs[n], ENV).start() for n in VARIANTS if n in active and n not in ("fleet", "previous")}
         for name, p in proxies.items():
             run.notes += check_proxy(p, name == "tollgate" and not a.aa)
+        if "cache" in proxies:
+            run.notes += check_cache(proxies["cache"])
         if "previous" in active:
             try:
                 p = Proxy("previous", cfgs["previous"], ENV).start()
@@ -1970,30 +2062,35 @@ def main() -> int:
                 print(f"bench: VmRSS at {n:,} requests: {r / 1024:.1f} MiB")
 
         run.plan = plan_cells(run, [int(c) for c in a.conns.split(",")], active)
+        # The cache's cells: bare, tollgate and the cache proxy, in the same rounds as the others.
+        run.cache_plan = {c: ["bare", "tollgate", "cache"] for c in CACHE_CELLS} if "cache" in proxies else {}
+        cells = {**run.plan, **run.cache_plan}
         ours = {"upstream": up, **proxies, **({"rls": fleet.rls, "redis": fleet.redis} if "fleet" in active else {})}
         phase("warm-up...")
         for name, p in proxies.items():  # connection pools, V8 tiers, allocator
-            for stream, big in sorted({(c.stream, c.big) for c, names in run.plan.items() if name in names}):
-                run_wrk(p, 16, 1, stream, body=Cell(stream, 16, big).body)
+            for c in sorted({c._replace(conns=16) for c, names in cells.items() if name in names}):
+                run_wrk(p, 16, 1, c.stream, body=c.body, unique=f"warm-{time.time_ns()}" if c.cache == "miss" else "")
         if "fleet" in active:
             fleet_before = fleet_counts(proxies["fleet"], fleet)
             redis_command(fleet.redis_port, "CONFIG", "RESETSTAT")
 
         # Redo noisy cells only while the remaining ones still fit the budget.
-        cost = {cell: len(names) * (a.seconds + 0.8) for cell, names in run.plan.items()}
+        cost = {cell: len(names) * (a.seconds + 0.8) for cell, names in cells.items()}
         left = a.rounds * sum(cost.values())
-        run.results = {cell: [{} for _ in range(a.rounds)] for cell in run.plan}
-        phase(f"{a.rounds} rounds of {len(run.plan)} cells, {sum(map(len, run.plan.values()))} runs of {a.seconds:g} s each "
+        run.results = {cell: [{} for _ in range(a.rounds)] for cell in cells}
+        phase(f"{a.rounds} rounds of {len(cells)} cells, {sum(map(len, cells.values()))} runs of {a.seconds:g} s each "
               f"(~{left:.0f} s)...")
         for rnd in range(a.rounds):
-            for cell, names in run.plan.items():
+            for cell, names in cells.items():
                 order = names[rnd % len(names):] + names[:rnd % len(names)]
                 left -= cost[cell]
                 best = None
                 for attempt in range(3):
                     group = {}
                     for name in order:
-                        group[name] = run_wrk(proxies[name], cell.conns, a.seconds, cell.stream, ours, body=cell.body)
+                        unique = f"{name}-{rnd}-{attempt}-{time.time_ns()}" if cell.cache == "miss" else ""
+                        group[name] = run_wrk(proxies[name], cell.conns, a.seconds, cell.stream, ours, body=cell.body,
+                                              unique=unique)
                         time.sleep(0.2)
                     b = group["bare"]
                     print(f"bench: round {rnd + 1}/{a.rounds} {short_of(cell)}: " + ", ".join(

@@ -9,6 +9,19 @@ if os.getenv("BENCH_STREAM") == "1" then
   wrk.headers["x-bench-stream"] = "1"
 end
 
+-- BENCH_UNIQUE=<tag>: `__N__` in the body becomes `<tag>-<n>`, n new on every request (the response
+-- cache's miss cell: every request a new question).
+local unique = os.getenv("BENCH_UNIQUE") or ""
+if unique ~= "" then
+  local n = 0
+  local template = wrk.body
+  request = function()
+    n = n + 1
+    local body = template:gsub("__N__", unique .. "-" .. n, 1)
+    return wrk.format(nil, nil, nil, body)
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

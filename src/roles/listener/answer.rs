@@ -146,9 +146,7 @@ impl Listener {
                     let anthropic = self
                         .answering_provider()
                         .is_some_and(|p| p.kind.speaks_anthropic());
-                    // The provider's events are twice the JSON they assemble to, give or take.
-                    let bound =
-                        usize::try_from(cc.max_entry_bytes.saturating_mul(4)).unwrap_or(usize::MAX);
+                    let bound = usize::try_from(cc.max_entry_bytes).unwrap_or(usize::MAX);
                     self.ans.assembler = Some(Box::new(Assembler::new(anthropic, bound)));
                 }
             }
