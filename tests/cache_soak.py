@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=64)
     ap.add_argument("--capacity", type=int, default=512)
     ap.add_argument("--max-entry-bytes", type=int, default=8192)
-    ap.add_argument("--pool", type=int, default=4000, help="repeated questions (more than the slots)")
+    ap.add_argument("--pool", type=int, default=1000, help="repeated questions (more than the slots)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
 
