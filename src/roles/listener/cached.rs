@@ -50,7 +50,7 @@ impl Listener {
         if !stale_answer(host, &self.cfg, self.client, now, &mut self.adm) {
             return false;
         }
-        let Some((_, mut answer)) = self.adm.cache.served.clone() else {
+        let Some(mut answer) = self.adm.cache.take_answer() else {
             return false;
         };
         answer.headers.extend(self.adm.rate_limits.iter().cloned());
@@ -100,8 +100,8 @@ impl Listener {
             },
             [1, 0, 0, 0, 0, 0],
         );
-        if let Some((e, _)) = &self.adm.cache.served {
-            let u = e.usage;
+        if let Some(served) = &self.adm.cache.served {
+            let u = served.usage;
             let usd = self
                 .cfg
                 .price_for(&self.adm.model)

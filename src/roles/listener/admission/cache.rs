@@ -18,7 +18,7 @@ use crate::cache::key::{self, Digest, Subject};
 use crate::cache::policy::{self, Asked};
 use crate::cache::{replay, slots, HEADER};
 use crate::config::Config;
-use crate::count::usage::ApiKind;
+use crate::count::usage::{ApiKind, Usage};
 use crate::host::{Headers, Host};
 use crate::limit::header_names;
 
@@ -64,14 +64,29 @@ pub struct CacheUse {
     pub store: bool,
     /// The way of the request's set holding its expired entry (within the stale window).
     pub stale_way: Option<usize>,
-    /// The entry answered from (a hit or a stale answer), and the answer made of it.
-    pub served: Option<(Entry, LocalAnswer)>,
+    /// The entry answered from (a hit or a stale answer).
+    pub served: Option<Served>,
+}
+
+/// An answer from the cache: what the charge needs of its entry, and the answer itself until it is
+/// sent (taken then: the body is not copied again).
+#[derive(Debug)]
+pub struct Served {
+    pub stored_at_ms: u64,
+    /// What the provider's answer cost when it was stored: what this answer saved.
+    pub usage: Usage,
+    pub answer: Option<LocalAnswer>,
 }
 
 impl CacheUse {
     /// The answer will be served from the cache: no provider is needed.
     pub fn serves(&self) -> bool {
         self.served.is_some()
+    }
+
+    /// The answer from the cache, taken to be sent.
+    pub fn take_answer(&mut self) -> Option<LocalAnswer> {
+        self.served.as_mut().and_then(|s| s.answer.take())
     }
 
     /// The access-log record's part: ` cache=hit age=12` (the age of an entry served), ` cache=miss`;
@@ -82,9 +97,9 @@ impl CacheUse {
         };
         out.push_str(" cache=");
         out.push_str(outcome);
-        if let Some((e, _)) = &self.served {
+        if let Some(served) = &self.served {
             out.push_str(" age=");
-            out.push_str(&(now.saturating_sub(e.stored_at_ms) / 1000).to_string());
+            out.push_str(&(now.saturating_sub(served.stored_at_ms) / 1000).to_string());
         }
     }
 }
@@ -149,10 +164,10 @@ pub fn check<H: Host>(
     adm.cache.outcome = Outcome::Miss;
     match slots::lookup(host.store(), cc, &digest, incoming.now) {
         Ok(slots::Found::Fresh(e)) => {
-            if let Some(answer) = answer_of(incoming.client, incoming.now, adm, &e, false) {
+            if let Some(served) = answer_of(incoming.client, incoming.now, adm, e, false) {
                 adm.cache.outcome = Outcome::Hit;
                 adm.cache.store = false;
-                adm.cache.served = Some((e, answer));
+                adm.cache.served = Some(served);
             }
         }
         Ok(slots::Found::Stale { way }) => adm.cache.stale_way = Some(way),
@@ -209,12 +224,12 @@ pub fn stale_answer<H: Host>(
     else {
         return false;
     };
-    let Some(answer) = answer_of(client, now, adm, &e, true) else {
+    let Some(served) = answer_of(client, now, adm, e, true) else {
         return false;
     };
     adm.cache.outcome = Outcome::Stale;
     adm.cache.store = false;
-    adm.cache.served = Some((e, answer));
+    adm.cache.served = Some(served);
     host.count("tollgate.cache.stale_served", 1);
     true
 }
@@ -222,12 +237,13 @@ pub fn stale_answer<H: Host>(
 /// The last step: a request answered from the cache ends the walk with its answer, carrying the
 /// consumer's rate-limit headers as the quota step left them.
 pub fn serve(adm: &mut Admission) -> Result<(), Stop> {
-    let Some((_, answer)) = adm.cache.served.as_mut() else {
-        return Ok(());
-    };
-    let mut answer = answer.clone();
-    answer.headers.extend(adm.rate_limits.iter().cloned());
-    Err(Stop::Serve(answer))
+    match adm.cache.take_answer() {
+        Some(mut answer) => {
+            answer.headers.extend(adm.rate_limits.iter().cloned());
+            Err(Stop::Serve(answer))
+        }
+        None => Ok(()),
+    }
 }
 
 /// The entry as the client asked for it: the JSON as stored, or replayed as a stream of the
@@ -236,9 +252,9 @@ pub fn answer_of(
     client: ClientApi,
     now: u64,
     adm: &Admission,
-    e: &Entry,
+    e: Entry,
     stale: bool,
-) -> Option<LocalAnswer> {
+) -> Option<Served> {
     if e.client != client {
         return None;
     }
@@ -249,10 +265,10 @@ pub fn answer_of(
         }?;
         ("text/event-stream", body)
     } else {
-        ("application/json", e.body.clone())
+        ("application/json", e.body)
     };
     let age_s = now.saturating_sub(e.stored_at_ms) / 1000;
-    Some(LocalAnswer {
+    let answer = LocalAnswer {
         status: 200,
         headers: vec![
             ("content-type", content_type.to_string()),
@@ -260,6 +276,11 @@ pub fn answer_of(
             ("age", age_s.to_string()),
         ],
         body,
+    };
+    Some(Served {
+        stored_at_ms: e.stored_at_ms,
+        usage: e.usage,
+        answer: Some(answer),
     })
 }
 
@@ -268,7 +289,6 @@ mod tests {
     use super::super::testing::{admission, config, incoming};
     use super::*;
     use crate::cache::slots::put;
-    use crate::count::usage::Usage;
     use crate::host::fake::FakeHost;
     use crate::store::FakeStore;
     use std::rc::Rc;
