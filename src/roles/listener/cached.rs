@@ -14,6 +14,7 @@ use crate::failover::translate;
 use crate::host::tally::{Charge, ROW};
 use crate::host::{Host, Map};
 use crate::limit::quota::{self, Demand};
+use crate::roles::refused::{self, Refused};
 
 /// The usage row of what answers from the cache saved a consumer: answers, input, output and
 /// cached input tokens, micro-USD, and how many of the answers were stale.
@@ -60,6 +61,10 @@ impl Listener {
             return false;
         }
         self.ans.replaced = true;
+        // The request went on, past Envoy's rate limit filter: its charge on stream done is none.
+        if !host.set_filter_state("tollgate_total_tokens", b"0") {
+            refused::record(host, Refused::TotalTokens);
+        }
         true
     }
 
