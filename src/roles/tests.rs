@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 pub(super) const TEAM_A_KEY: &str = "tg-team-a";
 
-fn config(extra: &str) -> Rc<Config> {
+pub(super) fn config(extra: &str) -> Rc<Config> {
     let json = format!(
         r#"{{"consumers":{{"list":[
               {{"name":"team-a","key_env":"TEAM_A","limits":[{{"metric":"total_tokens","amount":100000,"window":"1m"}},

@@ -17,9 +17,11 @@ pub(super) fn spread<H: Host>(host: &H, cfg: &Config, r: &Refusal) -> Option<(St
     }
     let (_, written) = r.headers.iter().find(|(k, _)| *k == "retry-after")?;
     let secs: u64 = written.parse().ok()?;
-    let recovery = r
-        .retry_in_ms()
-        .map_or(secs.saturating_mul(1000), |ms| u64::from(ms).max(1));
+    // `retry_in` is the finer of the two, but saturates (u32 ms): never below what the header says.
+    let whole = secs.saturating_mul(1000);
+    let recovery = r.retry_in_ms().map_or(whole, |ms| {
+        u64::from(ms).max(whole.saturating_sub(999)).max(1)
+    });
     // Seeded once per worker, from what tells two workers apart: their connections.
     let draw = spread::draw(|| {
         let conn = host
