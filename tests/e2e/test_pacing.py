@@ -134,3 +134,25 @@ def test_clients_refused_together_come_back_spread_over_the_window_never_early(g
     assert max(values) - min(values) >= 20, (min(values), max(values))
     assert max(values.count(v) for v in set(values)) <= 30
     assert len(mocks["openai"].requests()) == 1
+
+
+def test_anthropic_announcements_pace_an_anthropic_key(gateway, mocks):
+    """Anthropic's `anthropic-ratelimit-requests-remaining` / `-reset` (an RFC 3339 time), through
+    the Anthropic SDK."""
+    import anthropic
+    from conftest import anthropic_provider
+    mock = mocks["anthropic"]
+    mock.limit(requests_per_minute=4)
+    gw = gateway({"providers": [anthropic_provider(n=1)]})
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{gw.port}", api_key="anything", max_retries=0)
+    msgs = [{"role": "user", "content": "hi"}]
+    client.messages.create(model="gpt-4o-mini", max_tokens=10, messages=msgs)  # the key announces
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda _: chat(gw.port, key=None), range(6)))
+    assert sorted(r.status for r in got) == [200] * 3 + [429] * 3
+    assert mock.limit_counts()["refused"] == 0
+    with pytest.raises(anthropic.RateLimitError) as e:
+        client.messages.create(model="gpt-4o-mini", max_tokens=10, messages=msgs)
+    assert e.value.body["error"]["type"] == "rate_limit_error"
+    assert int(e.value.response.headers["retry-after"]) >= WINDOW_S - 5
+    assert mock.limit_counts() == {**mock.limit_counts(), "admitted": 4, "refused": 0}
