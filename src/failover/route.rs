@@ -290,6 +290,43 @@ mod tests {
     }
 
     #[test]
+    fn paced_keys_are_passed_over_and_refused_when_nothing_is_back_sooner() {
+        let json = r#"{"providers":[
+            {"name":"a","type":"openai","keys":[{"id":"a1","env":"K","requests_per_minute":1}]},
+            {"name":"b","type":"openai","keys":[{"id":"b1","env":"K"}]}]}"#;
+        let c = parse(json.as_bytes(), &|_| Some("secret".into())).unwrap();
+        let s = FakeStore::new();
+        assert_eq!(start(&s, &c, "", 0), Start::Provider(0));
+        pace::take(&s, &c.providers[0], 0, 0, 0).unwrap().unwrap();
+        assert_eq!(start(&s, &c, "", 1_000), Start::Provider(1), "a spent");
+        cool_key(&s, &c.providers[1], 0, 90_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "", 1_000),
+            Start::Paced(Paced {
+                until_ms: 60_000,
+                by: pace::Dim::Requests
+            }),
+            "a's window ends before b is back"
+        );
+        assert_eq!(
+            start(&s, &c, "", 61_000),
+            Start::Provider(0),
+            "a's new window"
+        );
+        let s = FakeStore::new();
+        pace::take(&s, &c.providers[0], 0, 0, 0).unwrap().unwrap();
+        cool_key(&s, &c.providers[1], 0, 30_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "", 1_000),
+            Start::Exhausted {
+                retry_after_secs: 29,
+                by: Blocker::RateLimited
+            },
+            "b is back first"
+        );
+    }
+
+    #[test]
     fn a_model_only_a_later_provider_lists_starts_there() {
         let s = FakeStore::new();
         let c = cfg("");

@@ -114,3 +114,24 @@ fn an_attempt_that_never_answers_gives_its_spend_back() {
     assert_eq!(u.on_request_headers(&mut h), Flow::Continue);
     assert!(with(&store, 1).is_err());
 }
+
+#[test]
+fn an_attempt_that_finds_every_key_spent_by_another_worker_answers_429_itself() {
+    let cfg = config("openai", r#","requests_per_minute":1"#);
+    let store = Rc::new(FakeStore::new());
+    let p = &cfg.providers[0];
+    let mut lh = client(&store, "/v1/chat/completions", &[], CHAT);
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+    // Another worker's attempt takes the key's last request between admission and this attempt.
+    assert_eq!(pace::take(store.as_ref(), p, 0, 1, lh.now).unwrap(), Ok(()));
+    let mut u = super::upstream::Upstream::new(cfg.clone());
+    let mut h = crate::host::fake::FakeHost::attempt_of(&lh);
+    assert_eq!(u.on_request_headers(&mut h), Flow::Stop);
+    let r = h.reply.clone().unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "provider_keys_paced");
+    assert_eq!(r.header("retry-after"), Some("60"));
+    assert_eq!(h.counter("tollgate.provider.p.paced_attempts"), 1);
+    assert!(!h.request_headers_sent, "the attempt never left");
+}

@@ -869,11 +869,11 @@ type Spent = Result<Option<u64>, pace::Paced>;
 /// another worker filled meanwhile is skipped in turn. When the counts cannot be read or written,
 /// the key is chosen as if none were full: a limit is no reason to fail a request.
 ///
-/// For a paced provider (`paced`: the request's tokens), keys its entry says cannot take the request
-/// now (one shared-data read) are skipped as full ones, and the chosen key's spend is counted in one
-/// CAS write; a key another worker spent meanwhile is skipped in turn, its place given back. When
-/// every key is paced out: [`Choice::AtLimit`] and the earliest a key can take it. An entry that
-/// cannot be read or written paces nothing.
+/// For a paced provider (`paced`: the request's tokens), the chosen key's spend is counted in one
+/// CAS (a read and a write); a key that cannot take the request (its take writes nothing) is
+/// skipped as a full one is, its place given back, and the next chosen. When every key is paced
+/// out: [`Choice::AtLimit`] and the earliest a key can take it. An entry that cannot be read or
+/// written paces nothing.
 fn choose_key<H: Host>(
     host: &mut H,
     p: &Provider,
@@ -886,19 +886,9 @@ fn choose_key<H: Host>(
     let subject = limited.then(|| Subject::Provider(p.name.clone()));
     // Leases are stamped with the clock as it is, not with when the request arrived.
     let lease_now = if limited { host.now_ms() } else { now };
-    let mut paced_out: Vec<Option<pace::Paced>> = match paced.map(|_| pace::read(host.store(), p)) {
-        Some(Ok(entry)) => p
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| entry.can_take(i, k, paced.unwrap_or(0), now).err())
-            .collect(),
-        Some(Err(e)) => {
-            log::warn!("key pacing unavailable: {e:?}");
-            Vec::new()
-        }
-        None => Vec::new(),
-    };
+    // Keys found paced out, as their take said: no reading ahead of the take, whose CAS reads the
+    // entry anyway.
+    let mut paced_out: Vec<Option<pace::Paced>> = Vec::new();
     let earliest = |out: &[Option<pace::Paced>]| {
         out.iter()
             .flatten()
@@ -906,7 +896,7 @@ fn choose_key<H: Host>(
             .copied()
             .map_or(Ok(None), Err)
     };
-    let mut full: Vec<bool> = paced_out.iter().map(Option::is_some).collect();
+    let mut full: Vec<bool> = Vec::new();
     let mut reading = None;
     if let Some(subject) = &subject {
         match in_flight::read(host.store(), subject, lease_now) {
@@ -914,11 +904,9 @@ fn choose_key<H: Host>(
                 full = p
                     .keys
                     .iter()
-                    .enumerate()
-                    .map(|(i, k)| {
-                        full.get(i).copied().unwrap_or(false)
-                            || k.max_in_flight
-                                .is_some_and(|m| totals.of(key_lane(&k.id)) >= u64::from(m))
+                    .map(|k| {
+                        k.max_in_flight
+                            .is_some_and(|m| totals.of(key_lane(&k.id)) >= u64::from(m))
                     })
                     .collect();
                 reading = Some(read);
