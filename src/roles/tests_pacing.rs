@@ -135,3 +135,20 @@ fn an_attempt_that_finds_every_key_spent_by_another_worker_answers_429_itself() 
     assert_eq!(h.counter("tollgate.provider.p.paced_attempts"), 1);
     assert!(!h.request_headers_sent, "the attempt never left");
 }
+
+#[test]
+fn a_paced_request_costs_5_shared_data_calls_more_and_an_unpaced_one_none() {
+    let calls = |key_extra: &str| {
+        let cfg = config("openai", key_extra);
+        let store = Rc::new(FakeStore::new());
+        let mut lh = client(&store, "/v1/chat/completions", &[], CHAT);
+        let mut l = Listener::new(cfg.clone());
+        assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+        let (mut u, mut h) = attempt(&lh, "p", 1, 200, &[], b"{}", &cfg);
+        u.on_done(&mut h);
+        store.calls.get()
+    };
+    // The listener's reading of the entry; the attempt's take (a read and a write) as it leaves,
+    // and its settlement (a read and a write) as its answer comes.
+    assert_eq!(calls(r#","requests_per_minute":60"#) - calls(""), 5);
+}

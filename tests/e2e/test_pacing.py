@@ -56,6 +56,8 @@ def test_announced_limits_are_paced_a_burst_draws_no_provider_429_and_totals_sta
 
     limits = mock.limit_counts()
     assert limits["refused"] == 0, f"the provider answered 429s: {limits}"
+    print(f"burst of 150 after {primes} primes: {sum(r.status == 200 for r, _ in got)} served, "
+          f"{sum(r.status == 429 for r, _ in got)} refused by tollgate, {limits['refused']} provider 429s")
     ok = [r for r, _ in got if r.status == 200]
     refused = [(r, t) for r, t in got if r.status != 200]
     assert primes + len(ok) <= 120 and len(ok) >= 100 - primes, (primes, len(ok))
