@@ -103,7 +103,7 @@ def test_configured_limits_pace_keys_that_announce_nothing(gateway, mocks):
     provider = openai_provider(n=2)
     for k in provider["keys"]:
         k["requests_per_minute"] = 5
-    gw = gateway({"providers": [provider]})
+    gw = gateway({"providers": [provider], "status": STATUS})
     statuses = [chat(gw.port, key=None) for _ in range(14)]
     assert [r.status for r in statuses] == [200] * 10 + [429] * 4
     assert mock.limit_counts() == {**mock.limit_counts(), "admitted": 10, "refused": 0}
@@ -111,6 +111,10 @@ def test_configured_limits_pace_keys_that_announce_nothing(gateway, mocks):
     assert r.json()["error"]["code"] == "provider_keys_paced"
     assert "x-ratelimit-remaining-requests" not in r.headers
     assert WINDOW_S - 5 <= int(r.headers["retry-after"]) <= WINDOW_S * 1.5 + 1
+    # The status endpoint says each key is paced, for lack of what, and until when.
+    keys = status(gw)["providers"]["openai"]["keys"]
+    assert [k["paced_by"] for k in keys] == ["requests", "requests"]
+    assert all(k["paced_until_ms"] > time.time() * 1000 + (WINDOW_S - 5) * 1000 for k in keys), keys
 
 
 def test_clients_refused_together_come_back_spread_over_the_window_never_early(gateway, mocks):
