@@ -31,8 +31,22 @@ pub const WINDOW_MS: u64 = 60_000;
 
 /// id hash; announced requests left and when that resets; announced tokens left and when that
 /// resets (0: nothing announced); requests and tokens in flight; the configured window's start and
-/// its requests and tokens.
-const FIELDS: usize = 10;
+/// its requests and tokens; when an attempt last left on the key.
+const FIELDS: usize = 11;
+
+/// Requests in flight on a key no attempt has left on for this long are forgotten: an attempt whose
+/// VM went away without ending it (a crash, a VM replaced mid-request) never takes its spend off,
+/// and no attempt lasts this long.
+pub const IN_FLIGHT_FORGOTTEN_MS: u64 = 10 * 60_000;
+
+/// A slot's requests and tokens in flight at `now` (none once forgotten).
+fn in_flight(s: &Slot, now: u64) -> (u64, u64) {
+    if now.saturating_sub(s[10]) >= IN_FLIGHT_FORGOTTEN_MS {
+        (0, 0)
+    } else {
+        (s[5], s[6])
+    }
+}
 type Slot = [u64; FIELDS];
 
 pub fn entry_key(provider: &str) -> String {
@@ -165,8 +179,9 @@ impl Pace {
         let Some(s) = self.slots.get(idx) else {
             return Ok(());
         };
-        let [_, req_left, req_reset, tok_left, tok_reset, fly_req, fly_tok, win_start, win_req, win_tok] =
+        let [_, req_left, req_reset, tok_left, tok_reset, _, _, win_start, win_req, win_tok, _] =
             *s;
+        let (fly_req, fly_tok) = in_flight(s, now);
         let mut paced: Option<Paced> = None;
         let mut block = |until_ms: u64, by: Dim| {
             // Every exhausted budget must be back before the key can take it.
@@ -217,8 +232,10 @@ impl Pace {
 
     fn spend(&mut self, idx: usize, tokens: u64, now: u64) {
         if let Some(s) = self.slots.get_mut(idx) {
-            s[5] = s[5].saturating_add(1);
-            s[6] = s[6].saturating_add(tokens);
+            let (fly_req, fly_tok) = in_flight(s, now);
+            s[5] = fly_req.saturating_add(1);
+            s[6] = fly_tok.saturating_add(tokens);
+            s[10] = now;
             if s[8] == 0 || s[7].saturating_add(WINDOW_MS) <= now {
                 (s[7], s[8], s[9]) = (now, 0, 0);
             }
@@ -396,6 +413,18 @@ mod tests {
         };
         settle(&s, &p, 0, None, older, 20).unwrap();
         assert_eq!(read(&s, &p).unwrap().slots[0][1], 1);
+        // Spend that no answer ever took off (its VM went away) is forgotten after a while.
+        let long = Announcement {
+            requests: Some((1, 100 * 60_000)),
+            tokens: None,
+        };
+        settle(&s, &p, 1, None, long, 30).unwrap();
+        assert!(
+            take(&s, &p, 1, 1, 40).unwrap().is_err(),
+            "b's one is in flight"
+        );
+        let later = 10 + IN_FLIGHT_FORGOTTEN_MS;
+        assert_eq!(take(&s, &p, 1, 1, later).unwrap(), Ok(()));
         // Past its reset an announcement says nothing: the key takes requests until told again.
         assert_eq!(take(&s, &p, 0, 700, 5_000).unwrap(), Ok(()));
     }
