@@ -162,3 +162,24 @@ def test_anthropic_announcements_pace_an_anthropic_key(gateway, mocks):
     assert e.value.body["error"]["type"] == "rate_limit_error"
     assert int(e.value.response.headers["retry-after"]) >= WINDOW_S - 5
     assert mock.limit_counts() == {**mock.limit_counts(), "admitted": 4, "refused": 0}
+
+
+def test_announced_tokens_pace_a_key_by_each_requests_estimate(gateway, mocks):
+    """A key that announces its tokens left takes a request only while they cover its estimate
+    (prompt plus max_tokens): the gateway's 429 says `tokens`, and the provider never refuses."""
+    mock = mocks["openai"]
+    mock.limit(tokens_per_minute=500)
+    gw = gateway({"providers": [openai_provider(n=1)]})
+    statuses = []
+    for _ in range(80):
+        r = chat(gw.port, key=None, extra={"max_tokens": 100})
+        statuses.append(r.status)
+        if r.status != 200:
+            break
+    assert statuses[-1] == 429 and statuses.count(200) >= 20, statuses
+    err = r.json()["error"]
+    assert (err["code"], err["type"]) == ("provider_keys_paced", "tokens"), err
+    counts = mock.limit_counts()
+    assert counts["refused"] == 0, counts
+    spent = sum(r["usage"]["input"] + r["usage"]["output"] for r in mock.requests())
+    assert 500 - spent < 120, f"stopped with {500 - spent} tokens left, more than one request's estimate"
