@@ -23,6 +23,7 @@
 
 mod concurrency;
 mod models;
+pub mod pacing;
 
 pub use concurrency::InFlightLimits;
 pub use models::{Models, Window};
@@ -136,6 +137,9 @@ pub struct Key {
     pub disabled: bool,
     /// The most requests in flight on this key at once (`None`: no limit).
     pub max_in_flight: Option<u32>,
+    /// The key's published limits (its tier's), paced by tollgate itself ([`pacing`]).
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// A key that enters a provider's pool (a new id, or back from `disabled`) is on probation: it takes
@@ -261,6 +265,8 @@ pub struct Config {
     pub models: Models,
     /// Limits on requests in flight, by consumer and by provider key.
     pub in_flight: InFlightLimits,
+    /// Keys' configured limits and the spread of `Retry-After` ([`pacing`]).
+    pub pacing: pacing::Pacing,
     /// The response cache; None: off.
     pub cache: Option<cache::CacheConfig>,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
@@ -378,6 +384,7 @@ struct RawConfig {
     models: Option<models::RawModels>,
     default_max_in_flight: Option<u32>,
     cache: Option<Object<cache::RawCache>>,
+    retry_after_spread: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -414,6 +421,8 @@ struct RawKey {
     weight: Option<u32>,
     disabled: Option<bool>,
     max_in_flight: Option<u32>,
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -766,6 +775,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
     let default_max_in_flight =
         concurrency::max_in_flight("default_max_in_flight", raw.default_max_in_flight)?;
     let in_flight = concurrency::limits(default_max_in_flight, &consumers, &providers);
+    let pacing = pacing::pacing(&providers, raw.retry_after_spread)?;
     let cache = raw
         .cache
         .map(|Object(c)| cache::validate(c, &consumers))
@@ -813,6 +823,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         access,
         models,
         in_flight,
+        pacing,
         cache,
         warnings,
     })
@@ -999,6 +1010,14 @@ fn key(path: &str, rk: RawKey, before: &[Key], env: &Env, warnings: &mut Vec<Str
         weight,
         disabled: rk.disabled.unwrap_or(false),
         max_in_flight: concurrency::max_in_flight(&at(path, "max_in_flight"), rk.max_in_flight)?,
+        requests_per_minute: pacing::per_minute(
+            &at(path, "requests_per_minute"),
+            rk.requests_per_minute,
+        )?,
+        tokens_per_minute: pacing::per_minute(
+            &at(path, "tokens_per_minute"),
+            rk.tokens_per_minute,
+        )?,
     })
 }
 
@@ -1272,6 +1291,8 @@ impl Provider {
                 weight: *w,
                 disabled: false,
                 max_in_flight: None,
+                requests_per_minute: None,
+                tokens_per_minute: None,
             })
             .collect();
         Provider {
@@ -1444,9 +1465,9 @@ mod tests {
     fn unknown_fields_are_refused_with_their_path_and_the_accepted_names() {
         const LIMIT: &str = "expected one of: metric, amount, window";
         let cases: &[(&str, &str, String)] = &[
-            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models, default_max_in_flight, cache".into()),
+            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models, default_max_in_flight, cache, retry_after_spread".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models, probation".into()),
-            ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled, max_in_flight".into()),
+            ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled, max_in_flight, requests_per_minute, tokens_per_minute".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, server_error_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
@@ -1944,6 +1965,8 @@ mod tests {
                 weight: *w,
                 disabled: false,
                 max_in_flight: None,
+                requests_per_minute: None,
+                tokens_per_minute: None,
             })
             .collect();
         let s = smooth_weighted_schedule(&keys);

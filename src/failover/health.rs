@@ -79,6 +79,9 @@ const WAS_DISABLED: u64 = 1;
 const REVOKED: u64 = 2;
 /// Not named by the configuration last applied.
 const REMOVED: u64 = 4;
+/// The provider announced what this key has left ([`crate::failover::pace`]): the provider's
+/// pacing entry is read from then on. Set once, by the first answer that announced.
+const ANNOUNCES: u64 = 8;
 
 /// Slots of removed keys kept (newest first): a removed key that comes back within this many
 /// removals is recognised as returning, an older one as new; both start probation.
@@ -265,6 +268,11 @@ impl ProviderHealth {
         self.flags.get(idx).is_some_and(|f| f & REVOKED != 0)
     }
 
+    /// The provider announced what one of its keys has left: its keys are paced.
+    pub fn announces(&self) -> bool {
+        self.flags.iter().any(|f| f & ANNOUNCES != 0)
+    }
+
     /// Requests the key has left on probation (0: it takes its full share).
     pub fn probation_left(&self, idx: usize) -> u64 {
         self.probation.get(idx).copied().unwrap_or(0)
@@ -388,6 +396,19 @@ pub fn cool_key<S: SharedStore + ?Sized>(
             if *left > 0 && reason == CooldownReason::RateLimited {
                 *left = u64::from(provider.probation.requests);
             }
+        }
+    })
+}
+
+/// Marks key `idx` as announced by its provider (see [`ProviderHealth::announces`]).
+pub fn mark_announcing<S: SharedStore + ?Sized>(
+    store: &S,
+    provider: &Provider,
+    idx: usize,
+) -> Result<(), StoreError> {
+    modify(store, provider, |h| {
+        if let Some(f) = h.flags.get_mut(idx) {
+            *f |= ANNOUNCES;
         }
     })
 }

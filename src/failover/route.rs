@@ -4,6 +4,7 @@
 
 use crate::config::{Config, Provider};
 use crate::failover::health::{self, Blocked, Blocker, Circuit, ProviderHealth};
+use crate::failover::pace::{self, Paced};
 use crate::limit::headers::retry_after_secs;
 use crate::limit::in_flight::{self, key_lane, Subject};
 use crate::store::SharedStore;
@@ -18,6 +19,10 @@ pub enum Start {
     /// As `Exhausted`, and a provider that could take it but for its keys' limits on requests in
     /// flight: a key frees as soon as one of its requests ends.
     AtLimit,
+    /// Providers serve the model, but every key that could take it has spent what its provider
+    /// announced or its configured limits allow ([`pace`]), and nothing else is back sooner: when
+    /// a key can take it, and for lack of what.
+    Paced(Paced),
     /// No provider lists the model.
     NotServed,
 }
@@ -32,18 +37,20 @@ fn serves(cfg: &Config, provider: usize, model: &str) -> bool {
 /// slot) and that has a key not cooling down and not at its limit of requests in flight. When
 /// shared data cannot be read, the first provider that serves the model: no refusal on a guess.
 pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now: u64) -> Start {
-    start_reading(store, cfg, model, now).0
+    start_reading(store, cfg, model, 0, now).0
 }
 
-/// [`start`], with the health reading of the provider it starts on: the attempt that follows can
-/// choose its key from it instead of reading it again.
+/// [`start`] for a request of `tokens` (its estimate, for paced keys), with the health reading of
+/// the provider it starts on: the attempt that follows can choose its key from it instead of
+/// reading it again.
 pub fn start_reading<S: SharedStore + ?Sized>(
     store: &S,
     cfg: &Config,
     model: &str,
+    tokens: u64,
     now: u64,
 ) -> (Start, Option<ProviderHealth>) {
-    start_where(store, cfg, now, |i| serves(cfg, i, model))
+    start_where(store, cfg, tokens, now, |i| serves(cfg, i, model))
 }
 
 /// [`start_reading`] for a request passed through as it is (`passthrough_paths`): no model is
@@ -54,7 +61,7 @@ pub fn start_speaking<S: SharedStore + ?Sized>(
     anthropic: bool,
     now: u64,
 ) -> (Start, Option<ProviderHealth>) {
-    start_where(store, cfg, now, |i| {
+    start_where(store, cfg, 0, now, |i| {
         cfg.providers
             .get(i)
             .is_some_and(|p| p.kind.speaks_anthropic() == anthropic)
@@ -64,12 +71,14 @@ pub fn start_speaking<S: SharedStore + ?Sized>(
 fn start_where<S: SharedStore + ?Sized>(
     store: &S,
     cfg: &Config,
+    tokens: u64,
     now: u64,
     serves: impl Fn(usize) -> bool,
 ) -> (Start, Option<ProviderHealth>) {
     let mut earliest: Option<Blocked> = None;
     let mut first_serving = None;
     let mut at_limit = false;
+    let mut paced: Option<Paced> = None;
     for (i, p) in cfg.providers.iter().enumerate() {
         if !serves(i) {
             continue;
@@ -82,6 +91,16 @@ fn start_where<S: SharedStore + ?Sized>(
         // Before a half-open probe slot is taken: a provider whose keys are full takes none.
         if blocked.is_none() && all_keys_full(store, cfg, i, p, &h, now) {
             at_limit = true;
+            continue;
+        }
+        if let Some(until) = blocked
+            .is_none()
+            .then(|| all_keys_paced(store, cfg, i, p, &h, tokens, now))
+            .flatten()
+        {
+            if paced.is_none_or(|e| until.until_ms < e.until_ms) {
+                paced = Some(until);
+            }
             continue;
         }
         let blocked = blocked.or_else(|| {
@@ -100,14 +119,15 @@ fn start_where<S: SharedStore + ?Sized>(
             earliest = Some(b);
         }
     }
-    let start = match (earliest, first_serving) {
+    let start = match (earliest, first_serving, paced) {
         _ if at_limit => Start::AtLimit,
-        (Some(b), _) => Start::Exhausted {
+        (e, _, Some(p)) if e.is_none_or(|e| p.until_ms <= e.until_ms) => Start::Paced(p),
+        (Some(b), _, _) => Start::Exhausted {
             retry_after_secs: retry_after_secs(b.until_ms - now),
             by: b.by,
         },
-        (None, Some(i)) => Start::Provider(i),
-        (None, None) => Start::NotServed,
+        (None, Some(i), _) => Start::Provider(i),
+        (None, None, _) => Start::NotServed,
     };
     (start, None)
 }
@@ -132,6 +152,25 @@ pub fn recovery<S: SharedStore + ?Sized>(
         }
     }
     earliest
+}
+
+/// Whether the keys of provider `i` are paced (a key's limits configured, or the provider announced
+/// what they have left) and none of those not cooling down can take `tokens` now: then when one
+/// can. One shared-data read, for a paced provider only. Unreadable counts are no reason to refuse.
+fn all_keys_paced<S: SharedStore + ?Sized>(
+    store: &S,
+    cfg: &Config,
+    i: usize,
+    p: &Provider,
+    h: &ProviderHealth,
+    tokens: u64,
+    now: u64,
+) -> Option<Paced> {
+    if !(cfg.pacing.configured(i) || h.announces()) {
+        return None;
+    }
+    let entry = pace::read(store, p).ok()?;
+    entry.earliest(p, |k| h.key_available(k, now), tokens, now)
 }
 
 /// Whether every key of provider `i` not cooling down is at its limit of requests in flight. Read
@@ -248,6 +287,43 @@ mod tests {
         assert_eq!(start(&s, &c, "", 2_000), Start::AtLimit);
         leases.give_back(&s, &a, key_lane("a1"), 2_000).unwrap();
         assert_eq!(start(&s, &c, "", 2_000), Start::Provider(0));
+    }
+
+    #[test]
+    fn paced_keys_are_passed_over_and_refused_when_nothing_is_back_sooner() {
+        let json = r#"{"providers":[
+            {"name":"a","type":"openai","keys":[{"id":"a1","env":"K","requests_per_minute":1}]},
+            {"name":"b","type":"openai","keys":[{"id":"b1","env":"K"}]}]}"#;
+        let c = parse(json.as_bytes(), &|_| Some("secret".into())).unwrap();
+        let s = FakeStore::new();
+        assert_eq!(start(&s, &c, "", 0), Start::Provider(0));
+        pace::take(&s, &c.providers[0], 0, 0, 0).unwrap().unwrap();
+        assert_eq!(start(&s, &c, "", 1_000), Start::Provider(1), "a spent");
+        cool_key(&s, &c.providers[1], 0, 90_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "", 1_000),
+            Start::Paced(Paced {
+                until_ms: 60_000,
+                by: pace::Dim::Requests
+            }),
+            "a's window ends before b is back"
+        );
+        assert_eq!(
+            start(&s, &c, "", 61_000),
+            Start::Provider(0),
+            "a's new window"
+        );
+        let s = FakeStore::new();
+        pace::take(&s, &c.providers[0], 0, 0, 0).unwrap().unwrap();
+        cool_key(&s, &c.providers[1], 0, 30_000, CooldownReason::RateLimited).unwrap();
+        assert_eq!(
+            start(&s, &c, "", 1_000),
+            Start::Exhausted {
+                retry_after_secs: 29,
+                by: Blocker::RateLimited
+            },
+            "b is back first"
+        );
     }
 
     #[test]

@@ -139,10 +139,9 @@ mod tests {
         let (_, h3, f3) = admitted(&store, &cfg, &w1);
         assert_eq!(f3, Flow::Stop);
         let reply = h3.reply.clone().unwrap();
-        assert_eq!(
-            (reply.status, reply.header("retry-after")),
-            (429, Some("1"))
-        );
+        // A place frees within a second; the spread tells clients 1 or 2 s (limit::spread).
+        assert_eq!(reply.status, 429);
+        assert!(matches!(reply.header("retry-after"), Some("1" | "2")));
         let body = reply.json();
         assert_eq!(
             (&body["error"]["type"], &body["error"]["code"]),

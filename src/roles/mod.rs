@@ -21,6 +21,8 @@ pub mod upstream;
 mod tests;
 #[cfg(test)]
 mod tests_models;
+#[cfg(test)]
+mod tests_pacing;
 
 /// What a callback tells Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -37,6 +37,9 @@ pub struct Plan<'a> {
     /// them with the headers it writes anyway, so that the listener need not write the answer's
     /// headers again.
     pub rate_limits: Vec<(&'a str, &'a str)>,
+    /// What the request will spend of a paced key's tokens (see
+    /// `admission::route::paced_tokens`).
+    pub tokens: u64,
 }
 
 impl<'a> Plan<'a> {
@@ -67,6 +70,7 @@ mod tests {
             at_ms: Some(17),
             prefix: Some(u64::MAX),
             rate_limits: vec![("x-ratelimit-limit-tokens", "1000")],
+            tokens: 4_200,
         };
         let bytes = p.encode();
         assert_eq!(Plan::decode(&bytes), Some(p));

@@ -7,7 +7,7 @@
 use super::Flow;
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::config::{Config, Consumers, KeySecret, ANONYMOUS};
-use crate::failover::health;
+use crate::failover::{health, pace};
 use crate::host::{Headers, Host};
 use crate::limit::consumer;
 use crate::limit::consumer_key;
@@ -131,6 +131,10 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
             .then(|| in_flight::read(store, &Subject::Provider(p.name.clone()), now).ok())
             .flatten()
             .map(|(t, _)| t);
+        // Paced keys: whether one more request could go now, as an attempt would be told.
+        let paced = (cfg.pacing.configured(pi) || h.announces())
+            .then(|| pace::read(store, p).ok())
+            .flatten();
         let keys: Vec<Value> = p
             .keys
             .iter()
@@ -158,6 +162,11 @@ fn everything(store: &dyn SharedStore, cfg: &Config, now: u64) -> Value {
                 if let Some(max) = k.max_in_flight {
                     view["in_flight"] = json!(in_flight.as_ref().map(|t| t.of(key_lane(&k.id))));
                     view["max_in_flight"] = json!(max);
+                }
+                if let Some(entry) = &paced {
+                    let out = entry.can_take(i, k, 1, now).err();
+                    view["paced_by"] = json!(out.map(|pc| pc.by.as_str()));
+                    view["paced_until_ms"] = json!(out.map_or(0, |pc| pc.until_ms));
                 }
                 view
             })

@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 pub(super) const TEAM_A_KEY: &str = "tg-team-a";
 
-fn config(extra: &str) -> Rc<Config> {
+pub(super) fn config(extra: &str) -> Rc<Config> {
     let json = format!(
         r#"{{"consumers":{{"list":[
               {{"name":"team-a","key_env":"TEAM_A","limits":[{{"metric":"total_tokens","amount":100000,"window":"1m"}},
@@ -717,7 +717,18 @@ fn a_model_whose_providers_all_cool_down_gets_429_with_retry_after() {
     let mut l = Listener::new(cfg);
     assert_eq!(send(&mut l, &mut lh), Flow::Stop);
     let r = lh.reply.unwrap();
-    assert_eq!((r.status, r.header("retry-after")), (429, Some("9")));
+    assert_eq!(r.status, 429);
+    assert_spread(r.header("retry-after"), 9);
+}
+
+/// A `Retry-After` spread over the window after a recovery `secs` away (limit::spread): never
+/// earlier, within half as long again.
+pub(crate) fn assert_spread(written: Option<&str>, secs: u64) {
+    let got: u64 = written.and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(
+        (secs..=secs + secs.div_ceil(2) + 1).contains(&got),
+        "Retry-After {got} for a recovery in {secs}s"
+    );
 }
 
 #[test]
@@ -1966,7 +1977,19 @@ fn an_exhausted_request_is_told_what_blocks_it_and_until_when() {
         let e = r.json()["error"].clone();
         (
             r.status,
-            r.header("retry-after").map(str::to_string),
+            // The recovery as the message says it; the header spreads it (limit::spread).
+            r.header("retry-after").map(|v| {
+                let secs = e["message"].as_str().and_then(|m| {
+                    m.rsplit("try again in ")
+                        .next()?
+                        .split('s')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                });
+                assert_spread(Some(v), secs.unwrap_or(0));
+                secs.unwrap_or(0).to_string()
+            }),
             e["type"].clone(),
             e["code"].clone(),
         )

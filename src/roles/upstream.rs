@@ -11,13 +11,14 @@ use super::listener::CLIENT_GONE;
 use super::plan::{self, Plan};
 use super::refused::{self, Refused};
 use super::Flow;
-use crate::api::errors::{error_body, ClientApi, ErrorKind};
+use crate::api::errors::{error_body, error_body_typed, ClientApi, ErrorKind};
 use crate::api::headers;
 use crate::api::request;
 use crate::api::splice;
 use crate::config::{Config, KeySecret, Provider};
 use crate::count::usage::ApiKind;
 use crate::failover::health::{self, CooldownReason, Seen};
+use crate::failover::pace::{self, Announcement};
 use crate::failover::refusal::{self, Scope, Why};
 use crate::failover::retry_signal;
 use crate::failover::rewrite::{self, Translation};
@@ -82,6 +83,12 @@ pub struct Upstream {
     place: Option<(Subject, u64)>,
     /// The provider's answer came to its end.
     answered: bool,
+    /// Pacing of the attempt's key ([`pace`]): what the request will spend of its tokens, whether
+    /// its provider was known to announce what its keys have left, and what [`pace::take`] counted
+    /// against the key (settled once, when the answer comes or the attempt ends).
+    tokens: u64,
+    announced: bool,
+    spent: Option<u64>,
 }
 
 impl Upstream {
@@ -104,6 +111,9 @@ impl Upstream {
             probation: false,
             place: None,
             answered: false,
+            tokens: 0,
+            announced: false,
+            spent: None,
         }
     }
 
@@ -319,6 +329,9 @@ impl Upstream {
                 .unwrap_or_else(|_| health::ProviderHealth::decode(None, p)),
         };
         self.seen = health.seen();
+        self.tokens = plan.tokens;
+        self.announced = health.announces();
+        let paced = cfg.pacing.configured(pi) || self.announced;
         let sticky = cfg
             .sticky_header
             .as_deref()
@@ -330,10 +343,44 @@ impl Upstream {
             ..keypool::Ask::default()
         };
         let limited = cfg.in_flight.provider(pi);
-        let (choice, place) = choose_key(host, p, &health, ask, now, limited);
+        let paced = paced.then_some(self.tokens);
+        let (choice, place, spent) = choose_key(host, p, &health, ask, now, limited, paced);
         self.place = place;
         let ki = match choice {
-            Choice::Key(i) => i,
+            Choice::Key(i) => {
+                self.spent = spent.ok().flatten();
+                i
+            }
+            Choice::AtLimit if spent.is_err() => {
+                // Every key was spent by other workers since the listener read them.
+                host.count(&format!("tollgate.provider.{}.paced_attempts", p.name), 1);
+                let paced = spent.err();
+                let until = paced.map_or(now, |pc| pc.until_ms);
+                let by = paced.map_or("requests", |pc| pc.by.as_str());
+                let secs = limit_headers::retry_after_secs(until.saturating_sub(now)).to_string();
+                let msg = format!(
+                    "Every key of provider '{}' has spent the {by} its provider allows for now.",
+                    p.name
+                );
+                let body = error_body_typed(
+                    self.client,
+                    ErrorKind::RateLimit,
+                    &msg,
+                    Some("provider_keys_paced"),
+                    None,
+                    Some(by),
+                );
+                host.respond(
+                    429,
+                    &[
+                        ("content-type", "application/json"),
+                        ("retry-after", &secs),
+                        (HDR_EXHAUSTED, "true"),
+                    ],
+                    &body,
+                );
+                return Flow::Stop;
+            }
             Choice::AtLimit => {
                 host.count(
                     &format!("tollgate.provider.{}.at_limit_attempts", p.name),
@@ -507,6 +554,7 @@ impl Upstream {
         let mut map = Edits::of(host.headers(Map::ResponseHeaders));
         self.status = map.get(":status").and_then(|v| v.parse().ok()).unwrap_or(0);
         self.record_outcome(host, map.base());
+        self.pace_answer(host, map.base());
         let cfg = self.cfg.clone();
         let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) else {
             return Flow::Continue;
@@ -701,6 +749,41 @@ impl Upstream {
         }
     }
 
+    /// What the answer announced of its key ([`pace`]), and the attempt's spend taken off it. The
+    /// first answer of a provider that announces marks it as such (one write, once): from then on
+    /// its keys are paced.
+    fn pace_answer<H: Host>(&mut self, host: &mut H, headers: &Headers) {
+        let announces = headers.iter().any(|(k, _)| {
+            k.starts_with("x-ratelimit-remaining-") || k.starts_with("anthropic-ratelimit-")
+        });
+        if !announces && self.spent.is_none() {
+            return;
+        }
+        let cfg = self.cfg.clone();
+        let Some((p, k)) = self
+            .provider
+            .and_then(|i| cfg.providers.get(i))
+            .zip(self.key)
+        else {
+            return;
+        };
+        let now = host.now_ms();
+        let said = if announces {
+            Announcement::parse(headers.iter(), now)
+        } else {
+            Announcement::default()
+        };
+        if self.spent.is_none() && said.is_empty() {
+            return;
+        }
+        if !self.announced && !said.is_empty() {
+            let _ = health::mark_announcing(host.store(), p, k);
+        }
+        if let Err(e) = pace::settle(host.store(), p, k, self.spent.take(), said, now) {
+            log::warn!("key pacing unavailable: {e:?}");
+        }
+    }
+
     /// The attempt failed (a 5xx, or no answer): held against the provider's circuit in the order
     /// the attempt saw it, its key rests for `wait` ms (none when 0), and the request's next attempt
     /// is told.
@@ -743,6 +826,21 @@ impl Upstream {
         }
         self.finished = true;
         self.give_back_place(host);
+        if let (Some(spent), Some(k)) = (self.spent.take(), self.key) {
+            // No answer came: what the attempt was counted to spend is no longer in flight.
+            let cfg = self.cfg.clone();
+            if let Some(p) = self.provider.and_then(|i| cfg.providers.get(i)) {
+                let now = host.now_ms();
+                let _ = pace::settle(
+                    host.store(),
+                    p,
+                    k,
+                    Some(spent),
+                    Announcement::default(),
+                    now,
+                );
+            }
+        }
         if self.status != 0 || !self.sent || host.property(&[CLIENT_GONE]).is_some() {
             return;
         }
@@ -758,11 +856,24 @@ impl Upstream {
     }
 }
 
+/// An attempt's place among its key's requests in flight: its provider's entry and the key's lane.
+type Place = (Subject, u64);
+
+/// What a paced attempt counted against its key (`Some(tokens)`; None: nothing), or, when every
+/// key is paced out, the earliest one can take the request.
+type Spent = Result<Option<u64>, pace::Paced>;
+
 /// The key for this attempt. Where the provider has keys with a limit on requests in flight,
 /// one read of its counts tells which keys are full (skipped as cooling keys are), and a key
-/// with a limit is only chosen once the attempt has taken a place in it (returned with it); a key another worker
-/// filled meanwhile is skipped in turn. When the counts cannot be read or written, the key is
-/// chosen as if none were full: a limit is no reason to fail a request.
+/// with a limit is only chosen once the attempt has taken a place in it (returned with it); a key
+/// another worker filled meanwhile is skipped in turn. When the counts cannot be read or written,
+/// the key is chosen as if none were full: a limit is no reason to fail a request.
+///
+/// For a paced provider (`paced`: the request's tokens), the chosen key's spend is counted in one
+/// CAS (a read and a write); a key that cannot take the request (its take writes nothing) is
+/// skipped as a full one is, its place given back, and the next chosen. When every key is paced
+/// out: [`Choice::AtLimit`] and the earliest a key can take it. An entry that cannot be read or
+/// written paces nothing.
 fn choose_key<H: Host>(
     host: &mut H,
     p: &Provider,
@@ -770,10 +881,21 @@ fn choose_key<H: Host>(
     ask: keypool::Ask<'_>,
     now: u64,
     limited: bool,
-) -> (Choice, Option<(Subject, u64)>) {
+    paced: Option<u64>,
+) -> (Choice, Option<Place>, Spent) {
     let subject = limited.then(|| Subject::Provider(p.name.clone()));
     // Leases are stamped with the clock as it is, not with when the request arrived.
     let lease_now = if limited { host.now_ms() } else { now };
+    // Keys found paced out, as their take said: no reading ahead of the take, whose CAS reads the
+    // entry anyway.
+    let mut paced_out: Vec<Option<pace::Paced>> = Vec::new();
+    let earliest = |out: &[Option<pace::Paced>]| {
+        out.iter()
+            .flatten()
+            .min_by_key(|pc| pc.until_ms)
+            .copied()
+            .map_or(Ok(None), Err)
+    };
     let mut full: Vec<bool> = Vec::new();
     let mut reading = None;
     if let Some(subject) = &subject {
@@ -792,6 +914,14 @@ fn choose_key<H: Host>(
             Err(e) => log::warn!("requests in flight unavailable: {e:?}"),
         }
     }
+    let mark_full = |full: &mut Vec<bool>, i: usize| {
+        if full.is_empty() {
+            *full = vec![false; p.keys.len()];
+        }
+        if let Some(f) = full.get_mut(i) {
+            *f = true;
+        }
+    };
     for _ in 0..=p.keys.len() {
         let ask = keypool::Ask { full: &full, ..ask };
         let mut chosen = Err(StoreError::Host);
@@ -807,43 +937,60 @@ fn choose_key<H: Host>(
                 .map(Choice::Key)
                 .unwrap_or(Choice::Exhausted { retry_at_ms: now })
         });
-        let (Choice::Key(i), Some(subject)) = (choice, &subject) else {
-            return (choice, None);
+        let Choice::Key(i) = choice else {
+            return (choice, None, earliest(&paced_out));
         };
-        let Some((lane, limit)) = p
-            .keys
-            .get(i)
-            .and_then(|k| Some((key_lane(&k.id), k.max_in_flight?)))
-        else {
-            return (choice, None);
-        };
-        let mut read = reading.take();
-        let mut taken = Err(StoreError::Host);
-        host.with_leases(&mut |leases, store| {
-            taken = leases.take(
-                store,
-                subject,
-                lane,
-                u64::from(limit),
-                lease_now,
-                read.take(),
-            );
+        let mut place = None;
+        let limit = subject.as_ref().and_then(|subject| {
+            let k = p.keys.get(i)?;
+            Some((subject, key_lane(&k.id), k.max_in_flight?))
         });
-        match taken {
-            Ok(Take::Taken) => return (choice, Some((subject.clone(), lane))),
-            Ok(Take::Full { .. }) => {
-                if full.is_empty() {
-                    full = vec![false; p.keys.len()];
+        if let Some((subject, lane, limit)) = limit {
+            let mut read = reading.take();
+            let mut taken = Err(StoreError::Host);
+            host.with_leases(&mut |leases, store| {
+                taken = leases.take(
+                    store,
+                    subject,
+                    lane,
+                    u64::from(limit),
+                    lease_now,
+                    read.take(),
+                );
+            });
+            match taken {
+                Ok(Take::Taken) => place = Some((subject.clone(), lane)),
+                Ok(Take::Full { .. }) => {
+                    mark_full(&mut full, i);
+                    continue;
                 }
-                if let Some(f) = full.get_mut(i) {
-                    *f = true;
-                }
+                Err(e) => log::warn!("requests in flight unavailable: {e:?}"),
             }
+        }
+        let Some(tokens) = paced else {
+            return (choice, place, Ok(None));
+        };
+        match pace::take(host.store(), p, i, tokens, now) {
+            Ok(Ok(())) => return (choice, place, Ok(Some(tokens))),
             Err(e) => {
-                log::warn!("requests in flight unavailable: {e:?}");
-                return (choice, None);
+                log::warn!("key pacing unavailable: {e:?}");
+                return (choice, place, Ok(None));
+            }
+            Ok(Err(pc)) => {
+                if let Some((subject, lane)) = place {
+                    host.with_leases(&mut |leases, store| {
+                        let _ = leases.give_back(store, &subject, lane, lease_now);
+                    });
+                }
+                if paced_out.is_empty() {
+                    paced_out = vec![None; p.keys.len()];
+                }
+                if let Some(slot) = paced_out.get_mut(i) {
+                    *slot = Some(pc);
+                }
+                mark_full(&mut full, i);
             }
         }
     }
-    (Choice::AtLimit, None)
+    (Choice::AtLimit, None, earliest(&paced_out))
 }

@@ -57,6 +57,16 @@ class MockProvider:
         out, it is reset, or the gateway hangs up; the highest counts restart at each reset()."""
         return self._call("GET", "/_mock/concurrency")
 
+    def limit(self, **config) -> None:
+        """Enforces rate limits per key until the next reset(): `requests_per_minute`,
+        `tokens_per_minute`, and `announce` (default true: answers say what the key has left in
+        the provider's own headers)."""
+        self._call("POST", "/_mock/limits", config)
+
+    def limit_counts(self) -> dict:
+        """{"admitted": n, "refused": n, ...}: requests the limits let through, and 429s they made."""
+        return self._call("GET", "/_mock/limits")
+
     def wait_ready(self, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
         while True:

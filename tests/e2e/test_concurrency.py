@@ -242,7 +242,8 @@ def test_a_key_at_its_limit_is_skipped_and_a_full_pool_answers_429(mocks, held_g
     time.sleep(0.3)
     before = len(mock.requests())
     r = request(gw.port, "POST", "/v1/chat/completions", body(), team_b)
-    assert (r.status, r.headers.get("retry-after")) == (429, "1"), r
+    # A place frees within a second; Retry-After is spread over the next (limit::spread).
+    assert r.status == 429 and r.headers.get("retry-after") in ("1", "2"), r
     err = r.json()["error"]
     assert (err["type"], err["code"]) == ("requests", "provider_keys_at_limit"), r
     assert "limit of requests in flight" in err["message"]
@@ -265,13 +266,13 @@ def test_a_consumer_over_its_limit_gets_429_in_both_sdks_and_the_provider_is_not
     oa = openai.OpenAI(api_key=KEYS["TEAM_A_KEY"], base_url=f"{gw.base_url}/v1", max_retries=0)
     with pytest.raises(openai.RateLimitError) as e:
         oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-    assert e.value.response.headers["retry-after"] == "1"
+    assert e.value.response.headers["retry-after"] in ("1", "2")
     assert (e.value.code, e.value.type) == ("concurrency_limit_exceeded", "requests")
     assert "team-a" in e.value.message and "in flight (1 of 1)" in e.value.message
     an = anthropic.Anthropic(api_key=KEYS["TEAM_A_KEY"], base_url=gw.base_url, max_retries=0)
     with pytest.raises(anthropic.RateLimitError) as e:
         an.messages.create(model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
-    assert e.value.response.headers["retry-after"] == "1"
+    assert e.value.response.headers["retry-after"] in ("1", "2")
     assert e.value.body["error"]["type"] == "rate_limit_error"
     assert len(mock.requests()) == before, "no provider was called"
     assert gauge(gw, "consumer.team-a") == 1

@@ -281,7 +281,7 @@ def test_model_whose_providers_all_cool_down_gets_429_with_retry_after(gateway, 
     assert first.status == 429, first
     r = chat(gw.port, model="claude-haiku-4-5")
     assert r.status == 429, r
-    assert 1 <= int(r.headers["retry-after"]) <= 30, r.headers
+    assert 1 <= int(r.headers["retry-after"]) <= 45, r.headers  # 30 s, spread by up to half again
     assert isinstance(r.json()["error"]["message"], str), r
     assert len(mocks["anthropic"].requests()) == 1, "no call while the only key for the model cools down"
     assert mocks["openai"].requests() == []
@@ -372,7 +372,8 @@ def test_a_throttled_model_is_answered_429_and_the_provider_without_it_never_cal
         assert err.get("type") == "requests" and err.get("code") == "provider_keys_exhausted", e.value.body
         waits.append(int(e.value.response.headers["retry-after"]))
     assert waits[0] == 1, waits  # oa-2 had not been tried: it can take the request at once
-    assert all(28 <= w <= 30 for w in waits[1:]), waits
+    # Back within 30 s; the gateway's own refusals spread Retry-After over the 15 s after.
+    assert all(28 <= w <= 45 for w in waits[1:]), waits
     assert b.requests() == [], "the provider that does not serve gpt-4o is never called"
     assert sorted(r["key"] for r in a.requests()) == [KEYS["OPENAI_KEY_1"], KEYS["OPENAI_KEY_2"]]
     # A model anthropic serves still fails over to it.

@@ -14,6 +14,7 @@ mod answer;
 mod cached;
 mod charge;
 mod models;
+mod retry_after;
 
 use super::plan::{self, Plan};
 use super::refused::{self, Refused};
@@ -93,7 +94,19 @@ impl Listener {
             r.openai_type,
         );
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
-        headers.extend(r.headers.iter().map(|(k, v)| (*k, v.as_str())));
+        let spread = retry_after::spread(host, &self.cfg, r);
+        headers.extend(
+            r.headers
+                .iter()
+                .filter(|(k, _)| spread.is_none() || *k != "retry-after")
+                .map(|(k, v)| (*k, v.as_str())),
+        );
+        if let Some((secs, ms)) = &spread {
+            headers.extend([
+                ("retry-after", secs.as_str()),
+                ("retry-after-ms", ms.as_str()),
+            ]);
+        }
         host.respond(r.kind.status(), &headers, &body);
         host.count(&format!("tollgate.outcome.{}.requests", r.outcome), 1);
         Flow::Stop
@@ -312,6 +325,7 @@ impl Listener {
                 .iter()
                 .map(|(k, v)| (*k, v.as_str()))
                 .collect(),
+            tokens: admission::route::paced_tokens(&self.cfg, &self.adm),
         };
         if !host.set_filter_state(plan::FILTER_STATE, &plan.encode()) {
             return refused::fail_closed(host, self.client, Refused::Plan);

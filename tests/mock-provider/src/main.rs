@@ -5,10 +5,12 @@
 //! (`/openai/deployments/{d}/chat/completions|embeddings?api-version=..`) and Anthropic (`/v1/messages`)
 //! with deterministic answers; `/_mock/script`, `/_mock/reset`, `/_mock/requests`,
 //! `/_mock/concurrency` and `/_mock/health` let tests script failures and inspect what arrived, and
-//! how many requests were being answered at once (see tests/e2e/mock_client.py).
+//! how many requests were being answered at once (see tests/e2e/mock_client.py); `/_mock/limits`
+//! enforces and announces rate limits per key (see `limits`).
 
 mod api;
 mod http;
+mod limits;
 mod state;
 mod validate;
 
@@ -331,11 +333,34 @@ fn respond<W: Write>(
     let reply = match api::prepare(req, &ctx) {
         Err(reply) => reply,
         Ok(target) => {
-            let rule = shared
-                .state()
-                .take_rule(key.as_deref(), &req.target, &req.body);
+            let lane = key.as_deref().unwrap_or("-");
+            let anthropic = target.flavor == api::Flavor::Anthropic;
+            let over = shared.state().limits.admit(lane, time_ms);
+            let rule = match over {
+                Err(wait_ms) => Some(state::Rule {
+                    status: Some(429),
+                    headers: [(
+                        "retry-after".to_string(),
+                        json!(wait_ms.div_ceil(1000).to_string()),
+                    )]
+                    .into_iter()
+                    .collect(),
+                    ..state::Rule::default()
+                }),
+                Ok(()) => shared
+                    .state()
+                    .take_rule(key.as_deref(), &req.target, &req.body),
+            };
             reset = rule.as_ref().is_some_and(|r| r.reset);
-            api::answer(&target, req, rule, &ctx)
+            let mut reply = api::answer(&target, req, rule, &ctx);
+            let mut st = shared.state();
+            if let Some(u) = reply.usage.filter(|_| reply.status < 400) {
+                st.limits.charge(lane, u.input + u.output);
+            }
+            reply
+                .headers
+                .extend(st.limits.announce(lane, time_ms, anthropic));
+            reply
         }
     };
     let mut headers = Map::new();
@@ -445,6 +470,15 @@ fn control(shared: &Shared, req: &http::Request) -> (u16, &'static str, Vec<u8>)
                 serde_json::to_value(c).unwrap_or_else(|e| json!(e.to_string())),
             )
         }
+        ("POST", "/_mock/limits") => match shared.state().limits.set(&req.body) {
+            Ok(()) => reply(200, json!({"ok": true})),
+            Err(e) => reply(400, json!({"error": e})),
+        },
+        ("GET", "/_mock/limits") => {
+            let l = serde_json::to_value(&shared.state().limits)
+                .unwrap_or_else(|e| json!(e.to_string()));
+            reply(200, l)
+        }
         ("GET", "/_mock/requests") => {
             let log =
                 serde_json::to_value(&shared.state().log).unwrap_or_else(|e| json!(e.to_string()));
@@ -453,7 +487,7 @@ fn control(shared: &Shared, req: &http::Request) -> (u16, &'static str, Vec<u8>)
         (
             _,
             "/_mock/health" | "/_mock/reset" | "/_mock/script" | "/_mock/requests"
-            | "/_mock/concurrency",
+            | "/_mock/concurrency" | "/_mock/limits",
         ) => reply(405, json!({"error": "method not allowed"})),
         _ => reply(404, json!({"error": "unknown control endpoint"})),
     }

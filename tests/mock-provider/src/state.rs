@@ -204,6 +204,7 @@ pub struct State {
     pub log: Vec<Entry>,
     seq: u64,
     pub concurrency: Concurrency,
+    pub limits: crate::limits::Limits,
 }
 
 impl State {

@@ -11,6 +11,7 @@ use crate::failover::route::{self, Start};
 use crate::failover::translate;
 use crate::host::prof::span;
 use crate::host::Host;
+use crate::limit::headers::retry_after_secs;
 
 pub fn check<H: Host>(
     host: &mut H,
@@ -22,7 +23,8 @@ pub fn check<H: Host>(
         let anthropic = incoming.client == ClientApi::Anthropic;
         route::start_speaking(host.store(), incoming.cfg, anthropic, incoming.now)
     } else {
-        route::start_reading(host.store(), incoming.cfg, &adm.model, incoming.now)
+        let tokens = paced_tokens(incoming.cfg, adm);
+        route::start_reading(host.store(), incoming.cfg, &adm.model, tokens, incoming.now)
     };
     drop(routing);
     match start {
@@ -59,6 +61,23 @@ pub fn check<H: Host>(
                 .outcome("exhausted")
                 .into());
         }
+        Start::Paced(paced) => {
+            // No key can take it before the provider would refuse it: refused here, with no
+            // attempt spent on a 429.
+            let wait_ms = paced.until_ms.saturating_sub(incoming.now);
+            let secs = retry_after_secs(wait_ms);
+            let msg = format!(
+                "Every provider key that can serve this request has spent the {} its provider allows for now. Please try again in {secs}s.",
+                paced.by.as_str()
+            );
+            return Err(Refusal::new(ErrorKind::RateLimit, msg)
+                .code("provider_keys_paced")
+                .openai_type(paced.by.as_str())
+                .header("retry-after", secs.to_string())
+                .outcome("keys_paced")
+                .retry_in(u32::try_from(wait_ms).unwrap_or(u32::MAX))
+                .into());
+        }
         Start::AtLimit => {
             let msg = "Every provider key that can serve this request is at its limit of requests in flight. Please try again in 1s.";
             return Err(Refusal::new(ErrorKind::RateLimit, msg)
@@ -73,6 +92,18 @@ pub fn check<H: Host>(
         translatable(incoming, adm, body)?;
     }
     Ok(())
+}
+
+/// What a request will spend of a paced key's tokens: its prompt's estimate and the most it may
+/// answer (`max_tokens`, else `default_max_tokens`), as providers count it against their limits.
+/// A request passed through counts no tokens.
+pub fn paced_tokens(cfg: &crate::config::Config, adm: &Admission) -> u64 {
+    if adm.passthrough {
+        return 0;
+    }
+    adm.info
+        .prompt_tokens_estimate
+        .saturating_add(adm.info.max_tokens.unwrap_or(cfg.default_max_tokens))
 }
 
 fn translatable(incoming: &Incoming<'_>, adm: &Admission, body: &[u8]) -> Result<(), Refusal> {
