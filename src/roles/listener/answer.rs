@@ -24,7 +24,10 @@ pub(super) enum StreamEdit {
     /// Passed as it comes; only read for usage.
     None,
     /// tollgate asked an OpenAI-speaking provider for stream usage the client did not ask for: the
-    /// usage chunk and the `"usage": null` of every other chunk are removed.
+    /// usage-only chunk is removed (clients that index `choices[0]` break on it). The other chunks
+    /// pass as they came, `"usage": null` included, as OpenAI sends them to a client that asked
+    /// for usage: a chunk is written back only when it held the usage chunk (or the end of an
+    /// unfinished event).
     StripUsage,
     /// An Anthropic provider answered an OpenAI client.
     ToChat(Box<MessagesToChatStream>),
