@@ -29,6 +29,7 @@ use tollgate::config::{parse, Config};
 use tollgate::host::fake::FakeHost;
 use tollgate::host::tally::{Attempt, Charge, LimitUse, Tally, ROW};
 use tollgate::host::{Body, Headers, Host, Map};
+use tollgate::limit::in_flight::Leases;
 use tollgate::pool::keypool::Tickets;
 use tollgate::roles::listener::Listener;
 use tollgate::roles::upstream::Upstream;
@@ -312,6 +313,9 @@ impl Host for BenchHost {
     fn with_rotation(&mut self, f: &mut dyn FnMut(&mut Tickets, &dyn SharedStore)) {
         self.fake.with_rotation(f)
     }
+    fn with_leases(&mut self, f: &mut dyn FnMut(&mut Leases, &dyn SharedStore)) {
+        self.fake.with_leases(f)
+    }
 }
 
 /// The callbacks of one request, by role and phase. (Envoy interleaves the two roles' response
@@ -352,10 +356,11 @@ const STEPS: [Step; 9] = [
     Step::Charge,
 ];
 
-/// One worker's state: shared data, round-robin tickets, the tally.
+/// One worker's state: shared data, round-robin tickets, leases on requests in flight, the tally.
 struct Worker {
     store: Rc<FakeStore>,
     tickets: Rc<RefCell<Tickets>>,
+    leases: Rc<RefCell<Leases>>,
     tally: Rc<RefCell<Tally>>,
 }
 
@@ -390,6 +395,7 @@ impl Request {
             ],
         );
         fake.tickets = worker.tickets.clone();
+        fake.leases = worker.leases.clone();
         fake.bodies.insert(Body::Request, case.body.clone());
         Request {
             listener: Listener::new(case.config.clone()),
@@ -547,6 +553,7 @@ fn prepare(name: &str, step: Step) -> Request {
     let worker = Rc::new(Worker {
         store: Rc::new(FakeStore::new()),
         tickets: Rc::default(),
+        leases: Rc::new(RefCell::new(Leases::new(1))),
         tally: Rc::default(),
     });
     for _ in 0..WARM_UP {
