@@ -288,10 +288,31 @@ pub struct ChunkKeys<'a> {
 
 impl<'a> ChunkKeys<'a> {
     pub fn of(chunk: &'a [u8]) -> Self {
+        Self::reusing(chunk, KeyBuffers::default())
+    }
+
+    /// [`Self::of`] in the buffers of an earlier chunk's ([`Self::into_buffers`]): a stream whose
+    /// every chunk names `usage` (`"usage":null`) allocates them once, not twice a chunk.
+    pub fn reusing(chunk: &'a [u8], buffers: KeyBuffers) -> Self {
+        let KeyBuffers {
+            mut usage,
+            mut escapes,
+        } = buffers;
+        usage.clear();
+        usage.extend(USAGE_KEY.find_iter(chunk));
+        escapes.clear();
+        escapes.extend(UNICODE_ESCAPE.find_iter(chunk));
         ChunkKeys {
             chunk,
-            usage: USAGE_KEY.find_iter(chunk).collect(),
-            escapes: UNICODE_ESCAPE.find_iter(chunk).collect(),
+            usage,
+            escapes,
+        }
+    }
+
+    pub fn into_buffers(self) -> KeyBuffers {
+        KeyBuffers {
+            usage: self.usage,
+            escapes: self.escapes,
         }
     }
 
@@ -310,6 +331,13 @@ impl<'a> ChunkKeys<'a> {
             usage: within(&self.usage).min(2) as u8,
         }
     }
+}
+
+/// The buffers of a [`ChunkKeys`], kept from chunk to chunk.
+#[derive(Debug, Default)]
+pub struct KeyBuffers {
+    usage: Vec<usize>,
+    escapes: Vec<usize>,
 }
 
 /// `"usage"` as a key, and the escape that could spell it otherwise (searchers built once).
