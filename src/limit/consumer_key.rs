@@ -85,9 +85,15 @@ impl fmt::Debug for PresentedKeys {
     }
 }
 
-/// A presented key's bytes, equal to another in constant time.
-#[derive(Hash)]
+/// A presented key's bytes, equal to another in constant time (the same bytes, so a hash that
+/// agrees with it).
 struct Presented(Box<[u8]>);
+
+impl core::hash::Hash for Presented {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl PartialEq for Presented {
     fn eq(&self, other: &Self) -> bool {
