@@ -6,7 +6,7 @@ baseline.
    configurations of `make bench` (tests/bench/bench.py), so that both benchmarks measure the same
    shapes.
 2. Runs `cargo bench` in tests/instructions under gungraun-runner (one Callgrind run per case and
-   callback; ~2 minutes on 2 cores).
+   callback; ~3 minutes on 2 cores, 14 cases).
 3. Prints the per-callback table, and with `--write` puts it in BENCHMARKS.md's "Instructions per
    callback" section (the rest of the file is left as it is).
 4. Compares every case's total with tests/bench/instructions-baseline.json: a case more than
