@@ -20,7 +20,7 @@ help:
 	@echo "make size       size-tuned build after wasm-opt"
 	@echo "make bench      the cost goals: tollgate against bare Envoy, an empty module, the previous module (BENCH_PREVIOUS=$(BENCH_PREVIOUS)), a 16 KiB body, host calls, a fleet-wide budget, 10,000 consumers, the response cache and the instructions per callback (BENCHMARKS.md, ~12 min)"
 	@echo "make profile    host calls and callbacks per request and per SSE event, by role, counted and timed inside the VM"
-	@echo "make instructions  instructions per callback of both roles (Valgrind's Callgrind), checked against tests/bench/instructions-baseline.json (~4 min)"
+	@echo "make instructions  instructions per callback of both roles (Valgrind's Callgrind), checked against tests/bench/instructions-baseline.json (~5 min)"
 	@echo "make lint       rustfmt check, clippy for the wasm target and the host"
 
 .PHONY: toolchain
@@ -121,7 +121,7 @@ bench: build mock venv profiled
 
 # Instructions per callback of both roles, counted by Valgrind's Callgrind through gungraun
 # (tests/instructions, tests/bench/instructions.py): the table, and a case more than 2% above
-# tests/bench/instructions-baseline.json fails. Deterministic, but toolchain-specific and ~4 min from
+# tests/bench/instructions-baseline.json fails. Deterministic, but toolchain-specific and ~5 min from
 # a fresh clone (the runner's install and the benchmark's build): not part of `make test`.
 # INSTRUCTIONS_ARGS=--write puts the table in BENCHMARKS.md; --save-baseline writes the baseline.
 GUNGRAUN_VERSION := 0.20.0

@@ -276,6 +276,8 @@ pub struct Config {
     prompt_affinity: bool,
     /// Consumers, keys, models and providers by name, built once at parse.
     lookup: lookup::Lookup,
+    /// Presented consumer keys this worker has matched (their digest taken once).
+    presented: consumer_key::PresentedKeys,
 }
 
 pub const ANONYMOUS: &str = "anonymous";
@@ -301,6 +303,15 @@ impl Config {
     /// The consumer whose key has this SHA-256 digest.
     pub fn consumer_by_key(&self, digest: &KeyDigest) -> Option<&Consumer> {
         self.consumer_list().get(*self.lookup.keys.get(digest)?)
+    }
+
+    /// The consumer whose key this is: [`Self::consumer_by_key`] of its digest, taken once per
+    /// key and worker ([`consumer_key::PresentedKeys`]).
+    pub fn consumer_by_presented_key(&self, key: &[u8]) -> Option<&Consumer> {
+        let i = self
+            .presented
+            .get_or_find(key, |d| self.lookup.keys.get(d).copied())?;
+        self.consumer_list().get(i)
     }
 
     /// The limits that apply to `consumer` asking for `model`: (model scope, limit).
@@ -806,6 +817,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         sds_keys,
         prompt_affinity,
         lookup,
+        presented: Default::default(),
         consumers,
         providers,
         health,

@@ -4,9 +4,9 @@
 //! Bodies and events are read by serde into typed structs that keep only what matters: counts, and
 //! streamed text measured as it is read (chars and a token estimate), never kept. No tree of an event
 //! is built: members not named are skipped (serde's `IgnoredAny`), and text is measured by visitors
-//! that borrow it from the event or serde_json's scratch buffer. Hand-written code is left to
-//! [`without_null_usage`]'s place-finding around what serde reports and the substring pre-checks
-//! that spare a parse (`"usage"`, an empty `choices`).
+//! that borrow it from the event or serde_json's scratch buffer. Hand-written code is left to the
+//! substring pre-checks that spare a parse (`"usage"`, a trailing `"usage":null`, an empty
+//! `choices`).
 //!
 //! Semantics a provider's quirks call for: counts are lenient (non-integers, negatives and strings
 //! count as absent, integral floats are read, huge ones saturate), while a member of the wrong shape
@@ -15,7 +15,6 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::ops::Range;
 use std::sync::LazyLock;
 
 use memchr::memmem;
@@ -117,11 +116,12 @@ impl StreamUsage {
 
     /// For a stream whose usage tollgate asked for and the client did not: [`Self::on_event`], and
     /// what the client gets of the event, from one parse: nothing for the usage-only chunk, the
-    /// event without its `"usage":null` (as [`without_null_usage`] cuts it), or the event as is.
+    /// event as is otherwise. Its `"usage":null` stays: OpenAI itself sends one in every chunk when
+    /// usage is asked for, and the SDKs read it as no usage; cutting it cost a write of every chunk.
     ///
     /// Most chunks of such a stream are not parsed at all: one that does not name `usage`, or
     /// whose only usage is a `"usage":null` as the object's last member (OpenAI's layout), cannot
-    /// carry usage, and is passed as is or with that member cut. Their text is then not counted:
+    /// carry usage, and is passed as is. Their text is then not counted:
     /// should the stream end without usage (cut short), each counts as one token, as OpenAI streams
     /// about one token a chunk.
     pub fn on_event_for_client(&mut self, ev: &SseEvent<'_>) -> ClientEvent {
@@ -150,11 +150,9 @@ impl StreamUsage {
                     self.unparsed_chunks += 1;
                     return ClientEvent::AsIs;
                 }
-                1 => {
-                    if let Some(cut) = trailing_null_usage(ev) {
-                        self.unparsed_chunks += 1;
-                        return ClientEvent::Cut(cut);
-                    }
+                1 if trailing_null_usage(ev.data) => {
+                    self.unparsed_chunks += 1;
+                    return ClientEvent::AsIs;
                 }
                 _ => {}
             }
@@ -167,15 +165,9 @@ impl StreamUsage {
             return ClientEvent::AsIs;
         };
         if chunk.usage_only(ev.data) {
-            return ClientEvent::Drop;
-        }
-        match chunk.usage.filter(|u| u.get() == "null") {
-            // The data of an event split across chunks is not borrowed from `raw`: then the
-            // member is found again in `raw`.
-            Some(null) => member_cut(ev.raw, null.get())
-                .or_else(|| null_usage_cut(ev.raw))
-                .map_or(ClientEvent::AsIs, ClientEvent::Cut),
-            None => ClientEvent::AsIs,
+            ClientEvent::Drop
+        } else {
+            ClientEvent::AsIs
         }
     }
 
@@ -236,35 +228,29 @@ impl StreamUsage {
     }
 }
 
-/// Where the event's `"usage":null` lies in its bytes, when that is the last member of the event's
-/// JSON object (or the last but OpenAI's `"obfuscation"` string of letters and digits): then it is
-/// certainly a member of the outermost object, which the final `}` closes, and the event carries no
-/// usage. None for any other layout (the caller parses the event).
-fn trailing_null_usage(ev: &RawEvent<'_>) -> Option<Range<usize>> {
+/// Whether the event's `"usage":null` is the last member of the event's JSON object (or the last
+/// but OpenAI's `"obfuscation"` string of letters and digits): then it is certainly a member of the
+/// outermost object, which the final `}` closes, and the event carries no usage. False for any
+/// other layout (the caller parses the event).
+fn trailing_null_usage(data: &[u8]) -> bool {
     const MEMBER: &[u8] = b",\"usage\":null";
     const OBFUSCATION: &[u8] = b",\"obfuscation\":\"";
-    let data = ev.data.trim_ascii_end();
-    let body = data.strip_suffix(b"}")?;
-    let at = match body.strip_suffix(MEMBER) {
-        Some(before) => before.len(),
-        None => {
-            let from = memchr::memmem::rfind(body, OBFUSCATION)?;
-            let value = body.get(from + OBFUSCATION.len()..)?.strip_suffix(b"\"")?;
-            if !value
-                .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return None;
-            }
-            body.get(..from)?.strip_suffix(MEMBER)?.len()
-        }
+    let Some(body) = data.trim_ascii_end().strip_suffix(b"}") else {
+        return false;
     };
-    // Where the data sits in the event's bytes (the parser borrows it from them when the event
-    // is one line; otherwise the caller's parse handles it). What the client gets stays UTF-8
-    // exactly when the event was.
-    std::str::from_utf8(ev.raw).ok()?;
-    let start = splice::span_bytes(ev.raw, ev.data)?.start + at;
-    Some(start..start + MEMBER.len())
+    if body.ends_with(MEMBER) {
+        return true;
+    }
+    let Some(from) = memchr::memmem::rfind(body, OBFUSCATION) else {
+        return false;
+    };
+    let value = body
+        .get(from + OBFUSCATION.len()..)
+        .and_then(|v| v.strip_suffix(b"\""));
+    value.is_some_and(|v| {
+        v.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }) && body.get(..from).is_some_and(|b| b.ends_with(MEMBER))
 }
 
 /// What the client view of a forced-usage stream looks for in an event's data before parsing it.
@@ -302,10 +288,31 @@ pub struct ChunkKeys<'a> {
 
 impl<'a> ChunkKeys<'a> {
     pub fn of(chunk: &'a [u8]) -> Self {
+        Self::reusing(chunk, KeyBuffers::default())
+    }
+
+    /// [`Self::of`] in the buffers of an earlier chunk's ([`Self::into_buffers`]): a stream whose
+    /// every chunk names `usage` (`"usage":null`) allocates them once, not twice a chunk.
+    pub fn reusing(chunk: &'a [u8], buffers: KeyBuffers) -> Self {
+        let KeyBuffers {
+            mut usage,
+            mut escapes,
+        } = buffers;
+        usage.clear();
+        usage.extend(USAGE_KEY.find_iter(chunk));
+        escapes.clear();
+        escapes.extend(UNICODE_ESCAPE.find_iter(chunk));
         ChunkKeys {
             chunk,
-            usage: USAGE_KEY.find_iter(chunk).collect(),
-            escapes: UNICODE_ESCAPE.find_iter(chunk).collect(),
+            usage,
+            escapes,
+        }
+    }
+
+    pub fn into_buffers(self) -> KeyBuffers {
+        KeyBuffers {
+            usage: self.usage,
+            escapes: self.escapes,
         }
     }
 
@@ -324,6 +331,13 @@ impl<'a> ChunkKeys<'a> {
             usage: within(&self.usage).min(2) as u8,
         }
     }
+}
+
+/// The buffers of a [`ChunkKeys`], kept from chunk to chunk.
+#[derive(Debug, Default)]
+pub struct KeyBuffers {
+    usage: Vec<usize>,
+    escapes: Vec<usize>,
 }
 
 /// `"usage"` as a key, and the escape that could spell it otherwise (searchers built once).
@@ -348,9 +362,8 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
     AsIs,
+    /// The usage-only chunk the client did not ask for.
     Drop,
-    /// The event's bytes without this range of them (its `"usage":null` member).
-    Cut(Range<usize>),
 }
 
 impl ClientEvent {
@@ -359,10 +372,6 @@ impl ClientEvent {
         match self {
             ClientEvent::AsIs => out.extend_from_slice(raw),
             ClientEvent::Drop => {}
-            ClientEvent::Cut(r) => {
-                out.extend_from_slice(raw.get(..r.start).unwrap_or_default());
-                out.extend_from_slice(raw.get(r.end..).unwrap_or_default());
-            }
         }
     }
 }
@@ -377,89 +386,6 @@ fn may_be_usage_only(data: &str) -> bool {
             .is_some_and(|r| r.trim_start().starts_with(']'))
     });
     empty_choices && data.contains("\"usage\"")
-}
-
-/// The event's bytes without its JSON's top-level `"usage":null` member, every other byte kept (SSE
-/// framing too); None when there is none to remove, or the event is not one `data:` line of a JSON
-/// object.
-///
-/// tollgate asks for `stream_options.include_usage` when a client streams chat completions
-/// without it; the provider then adds `"usage":null` to every chunk, which the client did not ask for.
-pub fn without_null_usage(event_raw: &[u8]) -> Option<Vec<u8>> {
-    let cut = null_usage_cut(event_raw)?;
-    let mut out = Vec::with_capacity(event_raw.len());
-    ClientEvent::Cut(cut).write(event_raw, &mut out);
-    Some(out)
-}
-
-/// Where [`without_null_usage`] cuts.
-fn null_usage_cut(event_raw: &[u8]) -> Option<Range<usize>> {
-    let raw = std::str::from_utf8(event_raw).ok()?;
-    // Most events of most streams: no null usage at all, and no parse.
-    if !raw.contains("null") || !raw.contains("\"usage\"") {
-        return None;
-    }
-    let data = data_line(event_raw)?;
-    let payload = raw.get(data.clone())?;
-    let [usage] = splice::members(payload, ["usage"]).ok()?.values;
-    member_cut(event_raw, usage.filter(|u| u.get() == "null")?.get())
-}
-
-/// Where the top-level member whose value is `value` (a slice of the event's one `data:` line, as
-/// serde_json borrowed it) lies in `event_raw`.
-fn member_cut(event_raw: &[u8], value: &str) -> Option<Range<usize>> {
-    let raw = std::str::from_utf8(event_raw).ok()?;
-    let data = data_line(event_raw)?;
-    let payload = raw.get(data.clone())?;
-    let value = splice::span(payload, value)?;
-    // Back from the value over `:` and the key to the `,` or `{` before the member: the key, which
-    // reads "usage", holds neither, even escaped (`\u0075`).
-    let before = payload.get(..value.start)?;
-    let sep = before.rfind([',', '{'])?;
-    let member = if before.get(sep..)?.starts_with(',') {
-        sep..value.end
-    } else {
-        // The first member: the comma after it goes instead, if another member follows.
-        let after = payload.get(value.end..)?;
-        let rest = after.trim_start_matches(JSON_WS);
-        match rest.strip_prefix(',') {
-            Some(next) => sep + 1..payload.len() - next.len(),
-            None => sep + 1..value.end,
-        }
-    };
-    Some(data.start + member.start..data.start + member.end)
-}
-
-const JSON_WS: [char; 4] = [' ', '\t', '\n', '\r'];
-
-/// The value of an event's only `data:` line (after the one optional space), as a range of `raw`;
-/// None for no or several data lines.
-fn data_line(raw: &[u8]) -> Option<std::ops::Range<usize>> {
-    let (mut at, mut found) = (0, None);
-    while at < raw.len() {
-        let rest = raw.get(at..)?;
-        let len = rest
-            .iter()
-            .position(|&b| b == b'\n' || b == b'\r')
-            .unwrap_or(rest.len());
-        let line = rest.get(..len)?;
-        if line.starts_with(b"data:") || line == b"data" {
-            if found.is_some() {
-                return None;
-            }
-            let mut start = at + line.len().min(5);
-            if line.get(5) == Some(&b' ') {
-                start += 1;
-            }
-            found = Some(start..at + len);
-        }
-        at += len;
-        at += match (raw.get(at), raw.get(at + 1)) {
-            (Some(b'\r'), Some(b'\n')) => 2,
-            _ => 1,
-        };
-    }
-    found
 }
 
 /// The last reported value of every usage field, kept apart because providers count differently.
@@ -1179,81 +1105,6 @@ mod tests {
         }
     }
 
-    fn strip(raw: &str) -> Option<String> {
-        without_null_usage(raw.as_bytes()).map(|b| String::from_utf8_lossy(&b).into_owned())
-    }
-
-    #[test]
-    fn null_usage_removed_from_openai_chunks() {
-        let chunk = "data: {\"id\":\"chatcmpl-BqX3\",\"object\":\"chat.completion.chunk\",\"created\":1751987412,\"model\":\"gpt-4o-mini-2024-07-18\",\"service_tier\":\"default\",\"system_fingerprint\":\"fp_34a54ae93c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"},\"logprobs\":null,\"finish_reason\":null}],\"usage\":null,\"obfuscation\":\"a\"}\n\n";
-        assert_eq!(
-            strip(chunk).as_deref(),
-            Some(chunk.replace(",\"usage\":null", "").as_str())
-        );
-        // Line endings, the space after `data:`, other fields of the event, whitespace in the JSON.
-        for (raw, want) in [
-            (
-                "data:{\"choices\":[],\"usage\":null}\r\n\r\n",
-                "data:{\"choices\":[]}\r\n\r\n",
-            ),
-            (
-                "event: chunk\rdata: {\"usage\" : null , \"a\":1}\r\r",
-                "event: chunk\rdata: { \"a\":1}\r\r",
-            ),
-            (
-                "id: 7\ndata: { \"usage\":null }\n\n",
-                "id: 7\ndata: { }\n\n",
-            ),
-            (
-                "data: {\"a\":{\"usage\":null},\"usage\":null}\n\n",
-                "data: {\"a\":{\"usage\":null}}\n\n",
-            ),
-        ] {
-            assert_eq!(strip(raw).as_deref(), Some(want), "{raw:?}");
-        }
-        for unchanged in [
-            // The usage chunk itself, and events without a top-level null usage.
-            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":19,\"completion_tokens\":9,\"total_tokens\":28}}\n\n",
-            "data: {\"choices\":[{\"delta\":{\"usage\":null}}]}\n\n",
-            "data: {\"content\":\"\\\"usage\\\":null\"}\n\n",
-            "data: {\"my_usage\":null}\n\n",
-            // The pre-check looks for the key as providers write it.
-            "data: {\"\\u0075sage\":null}\n\n",
-            "data: [DONE]\n\n",
-            ": keep-alive \"usage\":null\n\n",
-            // Several data lines, or broken JSON: left as they are.
-            "data: {\"usage\":null,\ndata: \"a\":1}\n\n",
-            "data: {\"usage\":null\n\n",
-            "data: {\"usage\":null,\"usage\":{\"prompt_tokens\":1}}\n\n",
-            "",
-        ] {
-            assert_eq!(strip(unchanged), None, "{unchanged:?}");
-        }
-    }
-
-    #[test]
-    fn a_stream_without_its_null_usage_counts_the_same() {
-        let input = include_bytes!("../../tests/fixtures/openai_stream.sse");
-        let mut parser = SseParser::new(1 << 20);
-        let (mut out, mut stripped) = (Vec::new(), 0);
-        let mut on = |ev: SseEvent<'_>| match without_null_usage(ev.raw) {
-            Some(b) => {
-                stripped += 1;
-                out.extend_from_slice(&b);
-            }
-            None => out.extend_from_slice(ev.raw),
-        };
-        parser.feed(input, &mut on);
-        parser.finish(&mut on);
-        let text = String::from_utf8_lossy(&out);
-        assert!(!text.contains("\"usage\":null"), "{text}");
-        assert_eq!(stripped, 11);
-        assert_eq!(out.len(), input.len() - stripped * ",\"usage\":null".len());
-        let (a, _) = stream(input);
-        let (b, _) = stream(&out);
-        assert_eq!((a.usage(), a.text_chars()), (b.usage(), b.text_chars()));
-    }
-
     #[test]
     fn odd_events() {
         let mut s = StreamUsage::new();
@@ -1295,10 +1146,7 @@ mod tests {
                 });
                 b.feed(chunk, |ev| {
                     if !two.on_event_is_usage_only(&ev) {
-                        match without_null_usage(ev.raw) {
-                            Some(e) => out_two.extend_from_slice(&e),
-                            None => out_two.extend_from_slice(ev.raw),
-                        }
+                        out_two.extend_from_slice(ev.raw);
                     }
                 });
             }
@@ -1315,10 +1163,13 @@ mod tests {
                         ..(at.unwrap_or(0) + 40).min(out_two.len())]
                 )
             );
-            assert!(
-                !String::from_utf8_lossy(&out_one).contains("usage"),
-                "split {split}"
-            );
+            // Only the usage chunk went; every other chunk kept its `"usage":null`, as OpenAI
+            // sends it when usage is asked for.
+            let text = String::from_utf8_lossy(&out_one);
+            assert!(!text.contains("\"usage\":{"), "split {split}");
+            assert_eq!(text.matches("\"usage\":null").count(), 11, "split {split}");
+            assert!(!text.contains("\"choices\":[]"), "split {split}");
+            assert!(text.ends_with("data: [DONE]\n\n"), "split {split}");
             assert_eq!(one.usage(), two.usage());
             // Chunks passed unparsed count one token each for an estimate: the fixture's 9
             // completion tokens came in 11 chunks (role, 9 deltas, finish).
@@ -1356,34 +1207,19 @@ mod tests {
     }
 
     #[test]
-    fn only_a_last_top_level_null_usage_is_cut_without_parsing() {
-        let ev = |raw: &'static str| RawEvent {
-            event: b"",
-            data: raw.strip_prefix("data: ").unwrap().trim_end().as_bytes(),
-            raw: raw.as_bytes(),
-        };
-        let cut = |raw: &'static str| {
-            trailing_null_usage(&ev(raw)).map(|r| {
-                let mut out = Vec::new();
-                ClientEvent::Cut(r).write(raw.as_bytes(), &mut out);
-                String::from_utf8(out).unwrap()
-            })
-        };
-        assert_eq!(
-            cut("data: {\"choices\":[],\"usage\":null}\n\n").as_deref(),
-            Some("data: {\"choices\":[]}\n\n")
-        );
-        assert_eq!(
-            cut("data: {\"c\":1,\"usage\":null,\"obfuscation\":\"Zk3\"}\n\n").as_deref(),
-            Some("data: {\"c\":1,\"obfuscation\":\"Zk3\"}\n\n")
-        );
+    fn only_a_last_top_level_null_usage_spares_the_parse() {
+        let trailing = |raw: &str| trailing_null_usage(raw.as_bytes());
+        assert!(trailing("{\"choices\":[],\"usage\":null}"));
+        assert!(trailing(
+            "{\"c\":1,\"usage\":null,\"obfuscation\":\"Zk3\"} \r"
+        ));
         // Nested, or not the last member, or inside a string: left to the parse.
-        assert_eq!(cut("data: {\"a\":{\"b\":1,\"usage\":null}}\n\n"), None);
-        assert_eq!(cut("data: {\"usage\":null,\"c\":1}\n\n"), None);
-        assert_eq!(cut("data: {\"s\":\"x,\\\"usage\\\":null}\"}\n\n"), None);
-        assert_eq!(
-            cut("data: {\"c\":1,\"usage\":null,\"obfuscation\":\"a\\\"b\"}\n\n"),
-            None
-        );
+        assert!(!trailing("{\"a\":{\"b\":1,\"usage\":null}}"));
+        assert!(!trailing("{\"usage\":null,\"c\":1}"));
+        assert!(!trailing("{\"s\":\"x,\\\"usage\\\":null}\"}"));
+        assert!(!trailing(
+            "{\"c\":1,\"usage\":null,\"obfuscation\":\"a\\\"b\"}"
+        ));
+        assert!(!trailing("{\"usage\":null"));
     }
 }

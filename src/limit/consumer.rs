@@ -2,7 +2,7 @@
 //! authenticating layer in front, or nobody (anonymous).
 
 use crate::config::{Config, Consumers, ANONYMOUS};
-use crate::limit::{consumer_key, header_names};
+use crate::limit::header_names;
 use crate::store::SharedStore;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +80,7 @@ pub fn identify<'a>(
         }
         Consumers::Keys(_) => {
             let key = presented_key(header)?.ok_or(AuthError::Missing)?;
-            cfg.consumer_by_key(&consumer_key::digest(key.as_bytes()))
+            cfg.consumer_by_presented_key(key.as_bytes())
                 .map(|c| c.name.clone())
                 .ok_or(AuthError::Unknown)
         }

@@ -298,26 +298,25 @@ fn a_stream_without_asked_usage_has_it_asked_for_then_withheld_and_stripped() {
     chunks.push(&stream[from..]);
     let out = answer(&mut l, &mut lh, &uh, &chunks);
     let text = String::from_utf8(out).unwrap();
-    assert!(
-        !text.contains("usage"),
-        "no usage member reaches the client: {text}"
-    );
-    assert!(text.ends_with("data: [DONE]\n\n"));
-    assert_eq!(
-        text.matches("data: ").count(),
-        stream
-            .split(|&b| b == b'\n')
-            .filter(|l| l.starts_with(b"data: "))
-            .count()
-            - 1
-    );
+    // The client gets the provider's stream without its usage-only chunk, every other byte as it
+    // came: the chunks keep their `"usage":null`, as OpenAI sends them when usage is asked for.
+    let stream_text = String::from_utf8(stream.clone()).unwrap();
+    let usage_chunk: Vec<&str> = stream_text
+        .split_inclusive("\n\n")
+        .filter(|ev| ev.contains("\"choices\":[]"))
+        .collect();
+    assert_eq!(usage_chunk.len(), 1, "{stream_text}");
+    assert_eq!(text, stream_text.replace(usage_chunk[0], ""));
+    assert!(!text.contains("\"usage\":{"), "{text}");
+    assert_eq!(text.matches("\"usage\":null").count(), 11, "{text}");
     assert_eq!(logged(&lh, "usage").as_deref(), Some("exact"));
     assert_eq!(logged(&lh, "in").as_deref(), Some("19"));
     assert_eq!(logged(&lh, "out").as_deref(), Some("9"));
 }
 
-/// A stripped stream's chunks that hold no usage go to the client as they came: read, not
-/// rewritten. Only the chunk with the usage chunk, and one that ends inside an event, are.
+/// A stripped stream's chunks that hold no usage (`"usage":null`, as OpenAI sends them, or no
+/// member at all) go to the client as they came: read, not rewritten, one host call per chunk. Only
+/// the chunk with the usage chunk, and one that ends inside an event, are.
 #[test]
 fn a_stripped_streams_chunks_without_usage_are_not_rewritten() {
     let (mut l, mut lh, uh) = stream_answered(CHAT_STREAM, "openai", 1);
@@ -330,7 +329,12 @@ fn a_stripped_streams_chunks_without_usage_are_not_rewritten() {
         ) + "\n\n"
     };
     let usage = r#"data: {"object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}"#.to_string() + "\n\ndata: [DONE]\n\n";
-    let two = chunk("Hel") + &chunk("lo");
+    let null_usage = chunk("Hel").replace("]}\n", "],\"usage\":null}\n");
+    assert!(
+        null_usage.ends_with("}],\"usage\":null}\n\n"),
+        "{null_usage}"
+    );
+    let two = null_usage + &chunk("lo");
     let split = chunk("there");
     let pieces: [(&[u8], bool); 4] = [
         (two.as_bytes(), false),

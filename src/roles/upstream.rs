@@ -67,6 +67,9 @@ pub struct Upstream {
     translation: Translation,
     /// The body must be read to rewrite it (translated, or another model name).
     rewrites: bool,
+    /// The model the client asked for, as the listener's plan names it: the body need not be read
+    /// again to learn it. None without a listener role in front (the body tells it then).
+    planned_model: Option<String>,
     /// The attempt's headers went on towards the provider.
     sent: bool,
     status: u16,
@@ -103,6 +106,7 @@ impl Upstream {
             key: None,
             translation: Translation::None,
             rewrites: false,
+            planned_model: None,
             sent: false,
             status: 0,
             scrub: false,
@@ -310,6 +314,8 @@ impl Upstream {
             || (direct
                 && self.api != ApiKind::Other
                 && (!p.models.is_empty() || !cfg.aliases.is_empty()));
+        self.planned_model =
+            (self.rewrites && listener && !plan.model.is_empty()).then(|| plan.model.to_string());
         // The first attempt goes out milliseconds after the listener read the clock.
         let now = match plan.at_ms {
             Some(t) if !retry => t,
@@ -501,10 +507,16 @@ impl Upstream {
 
     /// Rewrites the buffered request body for the provider (its model name, its API).
     fn rewrite<H: Host>(&mut self, host: &mut H, pi: usize, p: &Provider, body: &[u8]) -> Flow {
-        let client_model = match request::inspect(self.api, body) {
-            Ok(i) => i.model.unwrap_or_default(),
-            // The listener role validated it already; a direct caller of the cluster gets the same 400.
-            Err(e) => return self.local(host, ErrorKind::InvalidRequest, 400, &e.to_string(), &[]),
+        // With a listener role in front, its plan names the model and the listener validated the
+        // body; a direct caller of the cluster gets the listener's 400 for a body that is not valid.
+        let client_model = match self.planned_model.take() {
+            Some(m) => m,
+            None => match request::inspect(self.api, body) {
+                Ok(i) => i.model.unwrap_or_default(),
+                Err(e) => {
+                    return self.local(host, ErrorKind::InvalidRequest, 400, &e.to_string(), &[])
+                }
+            },
         };
         let provider_model = match self.cfg.map_model(pi, &client_model) {
             Some(m) => m.to_string(),

@@ -6,7 +6,7 @@ baseline.
    configurations of `make bench` (tests/bench/bench.py), so that both benchmarks measure the same
    shapes.
 2. Runs `cargo bench` in tests/instructions under gungraun-runner (one Callgrind run per case and
-   callback; ~2 minutes on 2 cores).
+   callback; ~3 minutes on 2 cores, 14 cases).
 3. Prints the per-callback table, and with `--write` puts it in BENCHMARKS.md's "Instructions per
    callback" section (the rest of the file is left as it is).
 4. Compares every case's total with tests/bench/instructions-baseline.json: a case more than
@@ -51,6 +51,17 @@ CASES = {
     "prompt_16k": "16 KiB prompt",
     "translated": "translated answer (OpenAI client, Anthropic provider)",
     "json_10k_consumers": "non-streamed answer, 10,000 consumers in the configuration",
+    # One row per capability of the admission and cache round, each on (the rows above have none
+    # configured: what they cost there is what a feature that is off costs). Each against `json`.
+    "stream_null_usage": "200-event stream, each chunk with OpenAI's `\"usage\":null` (forced usage)",
+    "context": "non-streamed, context-window guard on (fits)",
+    "trim": "non-streamed, context window with trim_oldest on (fits)",
+    "trim_16k": "16 KiB prompt, trim_oldest on, oldest turns dropped to fit",
+    "in_flight": "non-streamed, limits on requests in flight (consumer and every key)",
+    "allow": "non-streamed, the consumer's model allow-list",
+    "alias": "non-streamed, the model asked for by an alias",
+    "cache_miss": "non-streamed, response cache on: a miss (answer stored)",
+    "cache_hit": "non-streamed, response cache on: a hit (no attempt)",
 }
 # The benchmark's steps, in the order of STEPS in tests/instructions/benches/instructions.rs: the
 # benchmark `<case>_<i>` is the case's STEPS[i].
@@ -66,6 +77,9 @@ STEPS = (
     ("charge (end of response, on_log)", "charge"),
 )
 MANY_CONSUMERS = bench.MANY_CONSUMERS
+# The case each other case differs from by one thing (the table's last column).
+BASE_OF = {"json_10k_consumers": "json", "stream_null_usage": "stream", "trim_16k": "prompt_16k",
+           **{c: "json" for c in ("context", "trim", "in_flight", "allow", "alias", "cache_miss", "cache_hit")}}
 
 
 def anthropic_answer() -> str:
@@ -89,6 +103,46 @@ def translated_plugin(plugin: dict) -> dict:
     return cfg
 
 
+def with_null_usage(sse: str) -> str:
+    """The stream as OpenAI sends it when usage is asked for: `"usage":null` as every chunk's last
+    member but the usage chunk's."""
+    def event(line: str) -> str:
+        if line.startswith("data: {") and '"choices":[]' not in line:
+            return line[:-1] + ',"usage":null}'
+        return line
+    return "\n".join(event(line) for line in sse.split("\n"))
+
+
+def feature_plugins() -> dict[str, dict]:
+    """The configurations of the feature rows: `make bench`'s, with one capability on."""
+    def plugin(edit) -> dict:
+        cfg = json.loads(json.dumps(bench.PLUGIN))
+        edit(cfg)
+        return cfg
+
+    def consumer(**kv):
+        return lambda cfg: cfg["consumers"]["list"][0].update(kv)
+
+    def in_flight(cfg):
+        cfg["consumers"]["list"][0]["max_in_flight"] = 1000
+        for k in cfg["providers"][0]["keys"]:
+            k["max_in_flight"] = 1000
+
+    def window(trim: bool, tokens: int = 128_000):
+        return lambda cfg: cfg.update(models={"gpt-4o-mini": {"context_window": tokens, "trim_oldest": trim}})
+
+    return {
+        "config-context.json": plugin(window(False)),
+        "config-trim.json": plugin(window(True)),
+        # The 16 KiB conversation is ~4,000 tokens by the estimate: the oldest turns go.
+        "config-trim-small.json": plugin(window(True, 2_500)),
+        "config-in-flight.json": plugin(in_flight),
+        "config-allow.json": plugin(consumer(models=["gpt-4o-*", "claude-*"])),
+        "config-alias.json": plugin(lambda cfg: cfg.update(aliases={"fast": "gpt-4o-mini"})),
+        "config-cache.json": bench.cache_plugin(),
+    }
+
+
 def write_inputs() -> None:
     INPUTS.mkdir(parents=True, exist_ok=True)
     files = {
@@ -102,6 +156,11 @@ def write_inputs() -> None:
         "answer.json": bench.json_answer(),
         "answer.sse": bench.sse_answer(),
         "answer-anthropic.json": anthropic_answer(),
+        "answer-null-usage.sse": with_null_usage(bench.sse_answer()),
+        "chat-alias.json": bench.compact({**bench.CHAT, "model": "fast"}),
+        # `__N__`: a new number for every request of a miss case, "hit" for a hit case.
+        "chat-cache.json": bench.CACHE_BODY,
+        **{name: json.dumps(cfg) for name, cfg in feature_plugins().items()},
     }
     common = {"consumer_key": bench.CONSUMER_KEY, "content_type": "application/json",
               "config": "config.json", "body": "chat.json", "answer": "answer.json"}
@@ -112,6 +171,16 @@ def write_inputs() -> None:
         "prompt_16k": {**common, "body": "chat-16k.json"},
         "translated": {**common, "config": "config-translated.json", "answer": "answer-anthropic.json"},
         "json_10k_consumers": {**common, "config": "config-10k.json"},
+        "stream_null_usage": {**common, "body": "chat-stream.json", "answer": "answer-null-usage.sse",
+                              "content_type": "text/event-stream", "event_per_chunk": True},
+        "context": {**common, "config": "config-context.json"},
+        "trim": {**common, "config": "config-trim.json"},
+        "trim_16k": {**common, "config": "config-trim-small.json", "body": "chat-16k.json"},
+        "in_flight": {**common, "config": "config-in-flight.json"},
+        "allow": {**common, "config": "config-allow.json"},
+        "alias": {**common, "config": "config-alias.json", "body": "chat-alias.json"},
+        "cache_miss": {**common, "config": "config-cache.json", "body": "chat-cache.json", "unique": True},
+        "cache_hit": {**common, "config": "config-cache.json", "body": "chat-cache.json", "served_from_cache": True},
     }
     files["cases.json"] = json.dumps(cases, indent=1)
     for name, text in files.items():
@@ -183,10 +252,12 @@ def metric(v) -> int:
 
 
 def table(counts: dict[str, list[int]]) -> list[str]:
-    head = "| case | " + " | ".join(short for _, short in STEPS) + " | total |"
-    rows = [head, "|" + "---|" * (len(STEPS) + 2)]
+    head = "| case | " + " | ".join(short for _, short in STEPS) + " | total | against its base |"
+    rows = [head, "|" + "---|" * (len(STEPS) + 3)]
     for case, row in counts.items():
-        rows.append(f"| {CASES[case]} | " + " | ".join(f"{v:,}" for v in row) + f" | {sum(row):,} |")
+        base = BASE_OF.get(case)
+        against = f"{sum(row) - sum(counts[base]):+,} ({base})" if base in counts else "-"
+        rows.append(f"| {CASES[case]} | " + " | ".join(f"{v:,}" for v in row) + f" | {sum(row):,} | {against} |")
     return rows
 
 
@@ -225,7 +296,11 @@ def section(counts: dict[str, list[int]], baseline: dict) -> list[str]:
         "else the machine does: the map of the module's own work, and its regression test (each case's total "
         f"against tests/bench/instructions-baseline.json, at most +{THRESHOLD_PERCENT}%). Native x86-64 "
         "instructions of the module's release build, not Wasm instructions, and without Envoy's side of each "
-        "host call (the wall-clock cells measure those). The stream: one event per body callback.",
+        "host call (the wall-clock cells measure those). The stream: one event per body callback. The rows "
+        "from the forced-usage stream on turn one capability of the admission and cache round on, each against "
+        "the case without it (last column): the first rows configure none of them, so what they cost there is "
+        "what each costs when off. A step a case never reaches (a cache hit makes no attempt) shows the "
+        "harness's own ~380 instructions.",
         "",
         f"Commit {bench.commit_of()}, {tool_versions()}.",
         "",

@@ -11,7 +11,7 @@ use crate::api::splice;
 use crate::cache::assemble::Assembler;
 use crate::config::Provider;
 use crate::count::sse::{RawEvent, SseEvent, SseParser};
-use crate::count::usage::{ChunkKeys, ClientEvent, StreamUsage};
+use crate::count::usage::{ChunkKeys, ClientEvent, KeyBuffers, StreamUsage};
 use crate::failover::rewrite::{self, Translation};
 use crate::failover::translate::{self, ChatToMessagesStream, MessagesToChatStream};
 use crate::host::{Body, Edits, Host, Map};
@@ -24,7 +24,10 @@ pub(super) enum StreamEdit {
     /// Passed as it comes; only read for usage.
     None,
     /// tollgate asked an OpenAI-speaking provider for stream usage the client did not ask for: the
-    /// usage chunk and the `"usage": null` of every other chunk are removed.
+    /// usage-only chunk is removed (clients that index `choices[0]` break on it). The other chunks
+    /// pass as they came, `"usage": null` included, as OpenAI sends them to a client that asked
+    /// for usage: a chunk is written back only when it held the usage chunk (or the end of an
+    /// unfinished event).
     StripUsage,
     /// An Anthropic provider answered an OpenAI client.
     ToChat(Box<MessagesToChatStream>),
@@ -52,6 +55,7 @@ pub(super) struct Answer {
     pub(super) withheld: Vec<u8>,
     /// Reused from chunk to chunk: the stream path allocates nothing per chunk of its own.
     pub(super) out: Vec<u8>,
+    pub(super) key_buffers: KeyBuffers,
     pub(super) response_complete: bool,
     /// A stream to be stored in the response cache, assembled as it passes.
     pub(super) assembler: Option<Box<Assembler>>,
@@ -74,6 +78,7 @@ impl Default for Answer {
             envoy_error: None,
             withheld: Vec::new(),
             out: Vec::new(),
+            key_buffers: KeyBuffers::default(),
             response_complete: false,
             assembler: None,
             replaced: false,
@@ -313,7 +318,8 @@ impl Listener {
         match &mut self.ans.edit {
             StreamEdit::StripUsage => {
                 same = Some(0);
-                let keys = ChunkKeys::of(chunk);
+                let buffers = core::mem::take(&mut self.ans.key_buffers);
+                let keys = ChunkKeys::reusing(chunk, buffers);
                 let mut on = |ev: RawEvent<'_>| {
                     let seen = su.on_scanned_event_for_client(&ev, keys.of_data(ev.data));
                     if let Some(a) = keep.as_mut() {
@@ -325,6 +331,7 @@ impl Listener {
                 if end {
                     sse.finish_raw(&mut on);
                 }
+                self.ans.key_buffers = keys.into_buffers();
             }
             edit => {
                 let mut on = |ev: SseEvent<'_>| {

@@ -154,8 +154,8 @@ impl Listener {
             _ => None,
         };
         let spoofed = hdrs
-            .iter()
-            .any(|(k, _)| k.starts_with(headers::INTERNAL_PREFIX));
+            .raw()
+            .any(|(k, _)| k.starts_with(headers::INTERNAL_PREFIX.as_bytes()));
         self.request_headers = Edits::of(hdrs);
         self.request_headers.remove_where(|name| {
             name.starts_with(headers::INTERNAL_PREFIX)

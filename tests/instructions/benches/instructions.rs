@@ -29,6 +29,7 @@ use tollgate::config::{parse, Config};
 use tollgate::host::fake::FakeHost;
 use tollgate::host::tally::{Attempt, Charge, LimitUse, Tally, ROW};
 use tollgate::host::{Body, Headers, Host, Map};
+use tollgate::limit::in_flight::Leases;
 use tollgate::pool::keypool::Tickets;
 use tollgate::roles::listener::Listener;
 use tollgate::roles::upstream::Upstream;
@@ -197,6 +198,7 @@ fn input(name: &str) -> Vec<u8> {
 }
 
 /// One case, as tests/bench/instructions.py describes it in `cases.json`.
+#[derive(Clone)]
 struct Case {
     config: Rc<Config>,
     body: Vec<u8>,
@@ -205,6 +207,10 @@ struct Case {
     /// The answer split as it reaches the filter: whole, or one SSE event per chunk.
     chunks: Vec<(usize, usize)>,
     consumer_key: String,
+    /// Every request's body made new (its `__N__` numbered): each one a response cache miss.
+    unique: bool,
+    /// Answered by the listener from the response cache: no attempt, no answer from upstream.
+    served_from_cache: bool,
 }
 
 fn case(name: &str) -> Case {
@@ -241,6 +247,8 @@ fn case(name: &str) -> Case {
         content_type: text("content_type"),
         chunks,
         consumer_key: text("consumer_key"),
+        unique: c["unique"].as_bool() == Some(true),
+        served_from_cache: c["served_from_cache"].as_bool() == Some(true),
     }
 }
 
@@ -312,6 +320,9 @@ impl Host for BenchHost {
     fn with_rotation(&mut self, f: &mut dyn FnMut(&mut Tickets, &dyn SharedStore)) {
         self.fake.with_rotation(f)
     }
+    fn with_leases(&mut self, f: &mut dyn FnMut(&mut Leases, &dyn SharedStore)) {
+        self.fake.with_leases(f)
+    }
 }
 
 /// The callbacks of one request, by role and phase. (Envoy interleaves the two roles' response
@@ -352,11 +363,14 @@ const STEPS: [Step; 9] = [
     Step::Charge,
 ];
 
-/// One worker's state: shared data, round-robin tickets, the tally.
+/// One worker's state: shared data, round-robin tickets, leases on requests in flight, the tally.
 struct Worker {
     store: Rc<FakeStore>,
     tickets: Rc<RefCell<Tickets>>,
+    leases: Rc<RefCell<Leases>>,
     tally: Rc<RefCell<Tally>>,
+    /// Requests begun on this worker.
+    begun: std::cell::Cell<u64>,
 }
 
 /// A request in flight, between two callbacks.
@@ -376,8 +390,16 @@ pub struct Request {
 
 impl Request {
     fn new(case: Rc<Case>, worker: Rc<Worker>) -> Request {
+        let n = worker.begun.get() + 1;
+        worker.begun.set(n);
+        let body = if case.unique {
+            let text = String::from_utf8_lossy(&case.body);
+            text.replace("__N__", &format!("{n:08}")).into_bytes()
+        } else {
+            case.body.clone()
+        };
         let auth = format!("Bearer {}", case.consumer_key);
-        let len = case.body.len().to_string();
+        let len = body.len().to_string();
         let mut fake = FakeHost::new(worker.store.clone()).with_request(
             "POST",
             "/v1/chat/completions",
@@ -390,7 +412,8 @@ impl Request {
             ],
         );
         fake.tickets = worker.tickets.clone();
-        fake.bodies.insert(Body::Request, case.body.clone());
+        fake.leases = worker.leases.clone();
+        fake.bodies.insert(Body::Request, body);
         Request {
             listener: Listener::new(case.config.clone()),
             upstream: Upstream::new(case.config.clone()),
@@ -410,6 +433,9 @@ impl Request {
     /// What Envoy does before the next step's callbacks (not counted): the attempt's stream, the
     /// answer's headers and chunks.
     fn arrange(&mut self) {
+        if self.case.served_from_cache && self.next > Step::ListenerRequestBody {
+            return;
+        }
         let answer_chunks = |c: &Case| -> Vec<Vec<u8>> {
             c.chunks.iter().map(|&(f, t)| c.answer[f..t].to_vec()).collect()
         };
@@ -463,16 +489,21 @@ impl Request {
 
     /// The step's callbacks, as Envoy makes them (counted).
     fn act(&mut self) {
-        let len = self.case.body.len();
+        let len = self.lh.fake.bodies.get(&Body::Request).map_or(0, Vec::len);
+        let local = self.case.served_from_cache;
         match self.next {
             Step::ListenerRequestHeaders => {
                 expect(self.listener.on_request_headers(&mut self.lh, false), Flow::Pause);
             }
             Step::ListenerRequestBody => {
                 expect(self.listener.on_request_body(&mut self.lh, len, false), Flow::Pause);
-                expect(self.listener.on_request_body(&mut self.lh, len, true), Flow::Continue);
+                let served = if local { Flow::Stop } else { Flow::Continue };
+                expect(self.listener.on_request_body(&mut self.lh, len, true), served);
                 self.lh.fake.request_headers_sent = true;
             }
+            // Answered from the cache: the stream ends with the log.
+            Step::Charge if local => self.listener.on_log(&mut self.lh),
+            _ if local => {}
             Step::UpstreamRequestHeaders => {
                 let uh = self.uh.as_mut().expect("attempt");
                 expect(self.upstream.on_request_headers(uh), Flow::Continue);
@@ -547,16 +578,27 @@ fn prepare(name: &str, step: Step) -> Request {
     let worker = Rc::new(Worker {
         store: Rc::new(FakeStore::new()),
         tickets: Rc::default(),
+        leases: Rc::new(RefCell::new(Leases::new(1))),
         tally: Rc::default(),
+        begun: Default::default(),
     });
-    for _ in 0..WARM_UP {
+    for i in 0..WARM_UP {
+        // A case answered from the cache has its first request answered by the provider (and
+        // stored).
+        let local = case.served_from_cache && i > 0;
         let mut r = Request::new(case.clone(), worker.clone());
+        r.case = Rc::new(Case {
+            served_from_cache: local,
+            ..(*case).clone()
+        });
         for _ in STEPS {
             r.act();
             r.advance();
         }
-        // A served request was charged: its usage reached the tally.
-        assert!(r.lh.fake.state("tollgate").is_some_and(|rec| rec.contains("usage=exact")));
+        // A served request was charged: its usage reached the tally (or the cache answered).
+        let want = if local { "cache=hit" } else { "usage=exact" };
+        let record = r.lh.fake.state("tollgate");
+        assert!(record.is_some_and(|rec| rec.contains(want)), "{name}: {want}");
     }
     let mut r = Request::new(case, worker);
     while r.next != step {
@@ -581,6 +623,33 @@ fn translated(step: Step) -> Request {
 fn json_10k_consumers(step: Step) -> Request {
     prepare("json_10k_consumers", step)
 }
+fn stream_null_usage(step: Step) -> Request {
+    prepare("stream_null_usage", step)
+}
+fn context(step: Step) -> Request {
+    prepare("context", step)
+}
+fn trim(step: Step) -> Request {
+    prepare("trim", step)
+}
+fn trim_16k(step: Step) -> Request {
+    prepare("trim_16k", step)
+}
+fn in_flight(step: Step) -> Request {
+    prepare("in_flight", step)
+}
+fn allow(step: Step) -> Request {
+    prepare("allow", step)
+}
+fn alias(step: Step) -> Request {
+    prepare("alias", step)
+}
+fn cache_miss(step: Step) -> Request {
+    prepare("cache_miss", step)
+}
+fn cache_hit(step: Step) -> Request {
+    prepare("cache_hit", step)
+}
 
 /// The measured part: one callback (or the few Envoy makes for one step). The request is handed
 /// back so that dropping it is not counted.
@@ -596,6 +665,15 @@ fn run(mut r: Request) -> Request {
 #[benches::prompt_16k(iter = STEPS, setup = prompt_16k)]
 #[benches::translated(iter = STEPS, setup = translated)]
 #[benches::json_10k_consumers(iter = STEPS, setup = json_10k_consumers)]
+#[benches::stream_null_usage(iter = STEPS, setup = stream_null_usage)]
+#[benches::context(iter = STEPS, setup = context)]
+#[benches::trim(iter = STEPS, setup = trim)]
+#[benches::trim_16k(iter = STEPS, setup = trim_16k)]
+#[benches::in_flight(iter = STEPS, setup = in_flight)]
+#[benches::allow(iter = STEPS, setup = allow)]
+#[benches::alias(iter = STEPS, setup = alias)]
+#[benches::cache_miss(iter = STEPS, setup = cache_miss)]
+#[benches::cache_hit(iter = STEPS, setup = cache_hit)]
 fn step(r: Request) -> Request {
     run(r)
 }
