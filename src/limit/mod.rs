@@ -7,3 +7,4 @@ pub mod header_names;
 pub mod headers;
 pub mod in_flight;
 pub mod quota;
+pub mod waiting;

@@ -7,13 +7,14 @@
 //!
 //! The answer side is in [`answer`] (what the client gets back) and [`charge`] (usage settled
 //! exactly once, metrics, the access-log record); [`cached`] answers from the response cache and
-//! stores in it.
+//! stores in it; [`waiting`] holds a refused request for capacity and walks again for it.
 
 pub mod admission;
 mod answer;
 mod cached;
 mod charge;
 mod models;
+mod waiting;
 
 use super::plan::{self, Plan};
 use super::refused::{self, Refused};
@@ -55,6 +56,7 @@ pub struct Listener {
     forced_stream_usage: bool,
     ans: Answer,
     charged: bool,
+    waiting: waiting::Waiting,
 }
 
 impl Listener {
@@ -75,6 +77,7 @@ impl Listener {
             forced_stream_usage: false,
             ans: Answer::default(),
             charged: false,
+            waiting: waiting::Waiting::default(),
         }
     }
 
@@ -156,6 +159,25 @@ impl Listener {
         match identified {
             Ok(c) => self.adm.consumer = c,
             Err(r) => return self.reject(host, &r),
+        }
+        if self.cfg.waiting.is_some() {
+            if let Some(v) = self.request_headers.base().get(headers::HDR_MAX_WAIT) {
+                match core::str::from_utf8(v)
+                    .ok()
+                    .and_then(admission::wait::asked_ms)
+                {
+                    Some(ms) => self.waiting.asked_ms = Some(ms),
+                    None => {
+                        let msg = format!(
+                            "The header {} must be a number of seconds, such as 2 or 0.5.",
+                            headers::HDR_MAX_WAIT
+                        );
+                        let r =
+                            Refusal::new(ErrorKind::InvalidRequest, msg).code("invalid_max_wait");
+                        return self.reject(host, &r);
+                    }
+                }
+            }
         }
         match path_use {
             PathUse::Counted => {}
@@ -239,9 +261,12 @@ impl Listener {
             now: self.started_ms,
             body,
         };
+        if let Some(flow) = self.wait_behind(host, body.is_some()) {
+            return flow;
+        }
         match admission::walk(host, &incoming, &mut self.adm) {
             Ok(()) => self.go_on(host, &incoming),
-            Err(Stop::Refuse(r)) => self.reject(host, &r),
+            Err(Stop::Refuse(r)) => self.wait_or_reject(host, r),
             Err(Stop::Serve(a)) => self.serve(host, a),
         }
     }
@@ -334,6 +359,7 @@ impl Listener {
     /// upstream reset): the cluster-level role then knows the attempt's end is not the provider's
     /// failure.
     pub fn on_done<H: Host>(&mut self, host: &mut H) {
+        self.leave_if_held(host);
         // Given back at the end of the answer or in `on_log` already, unless neither came.
         admission::concurrency::give_back(host, &mut self.adm, !self.ans.response_complete);
         if !self.ans.response_complete {

@@ -35,6 +35,7 @@ pub mod model;
 pub mod path;
 pub mod quota;
 pub mod route;
+pub mod wait;
 
 use crate::api::errors::{ClientApi, ErrorKind};
 use crate::api::request::RequestInfo;
