@@ -270,11 +270,18 @@ fn release_held() {
             continue;
         }
         let flow = listener.retry(&mut SdkHost::default());
+        let takes_key_place = listener.takes_key_place();
         PARKED.with(|p| p.borrow_mut().insert(held.id, listener));
         match flow {
             Flow::Hold => round.stayed(&held),
             Flow::Continue => {
                 hostcalls::continue_request();
+                // Envoy continues the stream after this tick, and its attempt takes its key's
+                // place only then: a request tried after it in this round would see the place
+                // free too, and its attempt be refused. The rest wait for the next tick.
+                if takes_key_place {
+                    break;
+                }
             }
             Flow::Pause | Flow::Stop => {}
         }

@@ -121,6 +121,12 @@ impl Listener {
         }
     }
 
+    /// Whether the request, admitted, goes to a provider whose keys have limits on requests in
+    /// flight: its attempt takes its key's place when Envoy sends it, not at admission.
+    pub fn takes_key_place(&self) -> bool {
+        self.cfg.in_flight.provider(self.adm.start)
+    }
+
     /// The stream ends while the request is held (its client left): out of the list, having
     /// reserved nothing and reached no provider.
     pub(super) fn leave_if_held<H: Host>(&mut self, host: &mut H) {
