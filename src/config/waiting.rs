@@ -204,6 +204,18 @@ mod tests {
     }
 
     #[test]
+    fn the_fuzz_corpus_full_config_waits() {
+        let cfg = parse(
+            include_bytes!("../../fuzz/corpus/config/full.json"),
+            &|_| Some("k".into()),
+        )
+        .unwrap();
+        let w = cfg.waiting.unwrap();
+        assert_eq!(w.for_consumer("team-a").unwrap().max_wait_ms, 500);
+        assert_eq!(w.for_consumer("someone").unwrap().max_wait_ms, 30_000);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (r#""waiting":{"max_held":0},"#, "waiting.max_held: must be at least 1 (leave `waiting` out for no waiting)"),

@@ -15,13 +15,15 @@
 //! `Vec`, sorted only when the tick walks them.
 
 use crate::maps::HashMap;
+use std::rc::Rc;
 
 /// One held request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
     /// The stream's context id (what the tick resumes).
     pub id: u32,
-    pub consumer: String,
+    /// Shared, not copied, by each pass of the tick ([`WaitList::round`]).
+    pub consumer: Rc<str>,
     /// Higher is released first.
     pub priority: u8,
     pub since_ms: u64,
@@ -42,7 +44,7 @@ pub enum Full {
 pub struct WaitList {
     /// In arrival order.
     held: Vec<Held>,
-    by_consumer: HashMap<String, u32>,
+    by_consumer: HashMap<Rc<str>, u32>,
 }
 
 impl WaitList {
@@ -96,7 +98,7 @@ impl WaitList {
             && self
                 .held
                 .iter()
-                .any(|h| h.consumer == consumer && h.priority >= priority)
+                .any(|h| &*h.consumer == consumer && h.priority >= priority)
     }
 
     /// The held requests in release order, for one pass of the tick.
@@ -119,7 +121,7 @@ pub struct Round {
     /// Release order, reversed: the next is at the end.
     order: Vec<Held>,
     /// Consumers whose request stayed held in this pass, with its lane.
-    blocked: Vec<(String, u8)>,
+    blocked: Vec<(Rc<str>, u8)>,
 }
 
 impl Round {

@@ -98,6 +98,8 @@ def test_fifty_at_once_are_all_served_in_arrival_order_spaced_by_the_refill(gate
     assert stats.get("wasmcustom.tollgate.consumer.team-a.waiting") == 0
     assert stats.get("wasmcustom.tollgate.waiting.held") == 40
     assert stats.get("wasmcustom.tollgate.waiting.released") == 40
+    prom = gw.admin("/stats/prometheus")
+    assert 'tollgate_consumer_waiting{consumer="team-a"} 0' in prom, [l for l in prom.splitlines() if "waiting" in l]
     # Envoy merges histograms on its stats flush (every 5 s by default).
     deadline = time.time() + 6
     while "P50" not in (hist := gw.admin("/stats?filter=waiting.wait_ms")) and time.time() < deadline:

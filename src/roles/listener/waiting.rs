@@ -62,7 +62,7 @@ impl Listener {
         };
         let held = Held {
             id: self.waiting.stream,
-            consumer: self.adm.consumer.clone(),
+            consumer: self.adm.consumer.as_str().into(),
             priority: w.priority,
             since_ms: self.started_ms,
             deadline_ms: self.started_ms.saturating_add(w.max_wait_ms),
