@@ -5,7 +5,6 @@
 
 use super::admission::{self, wait, Incoming, Refusal, Stop};
 use super::Listener;
-use crate::api::request::RequestInfo;
 use crate::config::waiting::Wait;
 use crate::host::{Body, Host};
 use crate::limit::waiting::Held;
@@ -21,7 +20,7 @@ pub(super) struct Waiting {
     /// How this request may wait.
     wait: Option<Wait>,
     /// The request as it was before the walk, to walk again.
-    info: Option<RequestInfo>,
+    as_read: wait::AsRead,
     has_body: bool,
     /// In the worker's list now.
     held: bool,
@@ -41,7 +40,7 @@ impl Listener {
     pub(super) fn wait_behind<H: Host>(&mut self, host: &mut H, has_body: bool) -> Option<Flow> {
         let w = wait::policy(&self.cfg, &self.adm.consumer, self.waiting.asked_ms)?;
         self.waiting.wait = Some(w);
-        self.waiting.info = Some(self.adm.info.clone());
+        self.waiting.as_read = wait::AsRead::of(&self.adm);
         self.waiting.has_body = has_body;
         wait::queued_ahead(host, &self.adm.consumer, &w).then(|| self.hold(host, None))
     }
@@ -83,9 +82,7 @@ impl Listener {
             return Flow::Stop;
         }
         let now = host.now_ms();
-        if let Some(info) = self.waiting.info.clone() {
-            wait::rewind(&mut self.adm, info);
-        }
+        wait::rewind(&mut self.adm, self.waiting.as_read);
         let body = self
             .waiting
             .has_body

@@ -96,8 +96,9 @@ impl Admission {
     }
 }
 
-/// Why the walk ended before the request could go on. (Answering from a cache and holding a
-/// request until there is capacity are stops too: they come here as variants of their own.)
+/// Why the walk ended before the request could go on. (Answering from a cache is a stop too, a
+/// variant of its own. Holding a request until there is capacity follows a refusal that says when
+/// the request could go: [`wait`].)
 #[derive(Debug)]
 pub enum Stop {
     /// Answered with an error in the client API's shape.

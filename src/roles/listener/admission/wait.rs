@@ -13,7 +13,6 @@
 
 use super::{Admission, Refusal};
 use crate::api::errors::ErrorKind;
-use crate::api::request::RequestInfo;
 use crate::config::waiting::Wait;
 use crate::config::Config;
 use crate::host::Host;
@@ -106,10 +105,28 @@ pub fn unhold<H: Host>(host: &mut H, id: u32, outcome: &str) -> Option<u64> {
     Some(waited)
 }
 
+/// What the steps change of the request as read from its body (the context step fits its estimate
+/// and `max_tokens` to a model's window): kept before the first walk, to walk again from it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AsRead {
+    prompt_tokens_estimate: u64,
+    max_tokens: Option<u64>,
+}
+
+impl AsRead {
+    pub fn of(adm: &Admission) -> Self {
+        AsRead {
+            prompt_tokens_estimate: adm.info.prompt_tokens_estimate,
+            max_tokens: adm.info.max_tokens,
+        }
+    }
+}
+
 /// The admission as it was before the walk, to walk again: what the steps decide is decided anew
 /// (the body as the client sent it, its estimate, the budgets now).
-pub fn rewind(adm: &mut Admission, info: RequestInfo) {
-    adm.info = info;
+pub fn rewind(adm: &mut Admission, read: AsRead) {
+    adm.info.prompt_tokens_estimate = read.prompt_tokens_estimate;
+    adm.info.max_tokens = read.max_tokens;
     adm.rewritten = None;
     adm.trimmed_messages = 0;
     adm.metered = false;
