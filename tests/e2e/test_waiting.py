@@ -11,10 +11,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import anthropic
 import openai
 
 from conftest import KEYS, STATUS, openai_provider, status
-from harness import TICK_WAIT, request
+from harness import TICK_WAIT, Envoy, free_port, gateway_config, request
 
 TEAM_A = {"authorization": f"Bearer {KEYS['TEAM_A_KEY']}"}
 TEAM_B = {"authorization": f"Bearer {KEYS['TEAM_B_KEY']}"}
@@ -109,6 +110,19 @@ def test_fifty_at_once_are_all_served_in_arrival_order_spaced_by_the_refill(gate
     assert len(line) >= 40, line[:3]
 
 
+def test_on_two_workers_every_held_request_is_served_within_the_budget(gateway, mocks):
+    """Each worker holds and releases its own requests; the budget is one, in shared data, so the
+    two never admit more than it allows together."""
+    gw = gateway(plugin(consumer("team-a", "TEAM_A_KEY", REFILL, max_wait="10s")), concurrency=2)
+    got = burst(gw.port, 30, TEAM_A, "two", gap=0.002)
+    assert [s for _, s, _, _, _ in got] == [200] * 30, [g for g in got if g[1] != 200][:3]
+    times = sorted(e["time_ms"] for e in mocks["openai"].requests())
+    assert len(times) == 30
+    for k, t in enumerate(times):
+        assert k + 1 <= 10 + (t - times[0]) * 10 / 1000 + 1, f"request {k + 1} at +{t - times[0]} ms"
+    assert (times[-1] - times[0]) / 1000 >= 1.7
+
+
 def test_past_the_consumers_cap_requests_get_429_at_once(gateway, mocks):
     """The same refill with at most 10 held: of 50 at once, 10 go at once, 10 are held and served,
     and the rest, past the cap, get 429 at once, with Retry-After. (The issue's "40 of those get 429"
@@ -149,19 +163,24 @@ def test_a_client_that_gives_up_while_held_is_neither_charged_nor_sent(gateway, 
     assert r.status == 200 and "x-tollgate-waited-ms" not in r.headers
 
 
-def test_a_held_request_past_its_routes_max_stream_duration_gets_504_in_its_api_shape(gateway, mocks):
+def test_a_held_request_past_its_routes_max_stream_duration_gets_504_in_its_api_shape(mocks, tmp_path):
     """The route's `timeout` starts when the request leaves tollgate for the provider; what bounds a
     request's whole life, its wait included, is `max_stream_duration`: Envoy answers 504, in the
     client API's shape, and the hold is released."""
-    gw = gateway(plugin(consumer("team-a", "TEAM_A_KEY", [{"metric": "requests", "amount": 1, "window": "5s"}],
-                                 max_wait="10s")), concurrency=1)
-    cfg = json.loads(gw.config_path.read_text())
+    p = plugin(consumer("team-a", "TEAM_A_KEY", [{"metric": "requests", "amount": 1, "window": "5s"}], max_wait="10s"))
+    cfg = gateway_config(p, [{"provider": "openai", "port": mocks["openai"].port}], listener_port=free_port(),
+                         admin_port=free_port(), access_log=str(tmp_path / "access.log"), env_keys=sorted(KEYS))
     for route in cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
             "route_config"]["virtual_hosts"][0]["routes"]:
         route["route"]["max_stream_duration"] = {"max_stream_duration": "1s"}
-    gw.stop()
-    gw.config_path.write_text(json.dumps(cfg))
-    gw.start()
+    gw = Envoy(cfg, env=KEYS, concurrency=1).start()
+    try:
+        held_past_max_stream_duration(gw, mocks)
+    finally:
+        gw.stop()
+
+
+def held_past_max_stream_duration(gw, mocks) -> None:
     assert request(gw.port, "POST", "/v1/chat/completions", body("first"), TEAM_A).status == 200
     client = openai.OpenAI(api_key=KEYS["TEAM_A_KEY"], base_url=f"{gw.base_url}/v1", max_retries=0)
     t = time.monotonic()
@@ -173,6 +192,14 @@ def test_a_held_request_past_its_routes_max_stream_duration_gets_504_in_its_api_
         assert e.status_code == 504, e
         assert isinstance(e.body, dict) and e.body.get("message"), e.body
     assert 0.9 <= took <= 2, took
+    # An Anthropic client held and cut gets the 504 in Anthropic's shape.
+    a = anthropic.Anthropic(api_key=KEYS["TEAM_A_KEY"], base_url=gw.base_url, max_retries=0)
+    try:
+        a.messages.create(model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "held-too"}])
+        raise AssertionError("not cut")
+    except anthropic.APIStatusError as e:
+        assert e.status_code == 504, e
+        assert e.body["type"] == "error" and e.body["error"]["message"], e.body
     assert [tag_of(e) for e in mocks["openai"].requests()] == ["first"]
     time.sleep(TICK_WAIT)
     assert gw.stat("wasmcustom.tollgate.consumer.team-a.waiting") == 0
