@@ -42,14 +42,14 @@ thread_local! {
     /// Listeners of requests held for capacity, kept here (by context id) for the tick; a
     /// context takes its listener back at its next callback.
     static PARKED: RefCell<HashMap<u32, Listener>> = RefCell::new(HashMap::default());
-    /// The listener's tick runs at [`WAITING_TICK_MS`].
-    static FAST_TICK: Cell<bool> = const { Cell::new(false) };
+    /// A context that held a request has sped up its root's tick since the list was last empty.
+    static SPED_UP: Cell<bool> = const { Cell::new(false) };
 }
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { role: Role::Listener, config: None, last_flush_ms: 0 })
+        Box::new(Root { role: Role::Listener, config: None, fast: false, last_flush_ms: 0 })
     });
 }}
 
@@ -69,6 +69,8 @@ fn action(flow: Flow) -> Action {
 struct Root {
     role: Role,
     config: Option<Rc<Config>>,
+    /// This root ticks every [`WAITING_TICK_MS`]: this VM holds requests for capacity.
+    fast: bool,
     last_flush_ms: u64,
 }
 
@@ -157,10 +159,18 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if FAST_TICK.get() && self.role == Role::Listener {
-            release_held();
+        if self.role == Role::Listener && (self.fast || SPED_UP.get()) {
+            // Every listener root of the VM releases held requests, whichever plugin (before or
+            // after a reload) held them: each listener keeps its own configuration.
+            let busy = release_held();
+            if busy != self.fast || busy != SPED_UP.get() {
+                self.fast = busy;
+                let ms = if busy { WAITING_TICK_MS } else { TICK_MS };
+                hostcalls::set_tick_period_ms(ms as u32);
+                SPED_UP.set(busy);
+            }
             let now = sdk_host::now_ms();
-            if now.saturating_sub(self.last_flush_ms) < TICK_MS {
+            if self.fast && now.saturating_sub(self.last_flush_ms) < TICK_MS {
                 return;
             }
             self.last_flush_ms = now;
@@ -235,9 +245,10 @@ impl ListenerContext {
             if let Some(l) = self.role.take() {
                 PARKED.with(|p| p.borrow_mut().insert(self.id, l));
             }
-            if !FAST_TICK.get() {
-                FAST_TICK.set(true);
-                // Sets the tick of this context's root (the listener's).
+            if !SPED_UP.get() {
+                SPED_UP.set(true);
+                // The tick of this context's root (the listener's): the first release need not
+                // wait for a slow tick.
                 hostcalls::set_tick_period_ms(WAITING_TICK_MS as u32);
             }
         }
@@ -247,14 +258,13 @@ impl ListenerContext {
 
 /// The listener's tick while requests are held for capacity: each is tried in release order
 /// (lanes, then arrival), its stream made current, admission walked again; those admitted go on.
-/// A held request costs nothing between ticks: its stream is paused in Envoy.
-fn release_held() {
+/// A held request costs nothing between ticks: its stream is paused in Envoy. Whether any is
+/// still held afterwards.
+fn release_held() -> bool {
     let mut round = None;
     SdkHost::default().with_waiting(&mut |w| round = (!w.is_empty()).then(|| w.round()));
     let Some(mut round) = round else {
-        FAST_TICK.set(false);
-        hostcalls::set_tick_period_ms(TICK_MS as u32);
-        return;
+        return false;
     };
     let now = sdk_host::now_ms();
     while let Some(held) = round.next(now) {
@@ -275,17 +285,16 @@ fn release_held() {
         match flow {
             Flow::Hold => round.stayed(&held),
             Flow::Continue => {
+                // Envoy continues the stream once this tick returns.
                 hostcalls::continue_request();
-                // Envoy continues the stream after this tick, and its attempt takes its key's
-                // place only then: a request tried after it in this round would see the place
-                // free too, and its attempt be refused. The rest wait for the next tick.
-                if takes_key_place {
-                    break;
-                }
+                round.released(takes_key_place);
             }
             Flow::Pause | Flow::Stop => {}
         }
     }
+    let mut busy = false;
+    SdkHost::default().with_waiting(&mut |w| busy = !w.is_empty());
+    busy
 }
 
 /// Whether held requests still need watching (cheap: no host call).

@@ -143,6 +143,16 @@ impl Round {
     pub fn stayed(&mut self, held: &Held) {
         self.blocked.push((held.consumer.clone(), held.priority));
     }
+
+    /// The request tried last was released. One bound for a provider whose keys have limits on
+    /// requests in flight ends the pass: its attempt takes its key's place only when Envoy sends
+    /// it, after the tick, so a request tried after it would see the place free too, and its
+    /// attempt be refused. The rest are tried on the next tick.
+    pub fn released(&mut self, takes_key_place: bool) {
+        if takes_key_place {
+            self.order.clear();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -212,6 +222,21 @@ mod tests {
         );
         w.remove(1);
         assert!(!w.queued_ahead("a", 0));
+    }
+
+    #[test]
+    fn a_release_that_takes_a_key_place_ends_the_pass() {
+        let mut w = WaitList::default();
+        for id in 1..=3 {
+            w.hold(held(id, "a", 0, u64::from(id)), 10, 10).unwrap();
+        }
+        let mut round = w.round();
+        round.released(false);
+        assert_eq!(round.next(0).map(|h| h.id), Some(1));
+        round.released(false);
+        assert_eq!(round.next(0).map(|h| h.id), Some(2));
+        round.released(true);
+        assert_eq!(round.next(0), None, "the third waits for the next tick");
     }
 
     #[test]
