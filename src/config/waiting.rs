@@ -8,7 +8,7 @@
 //!
 //! A consumer waits by its own `waiting`, else by `waiting.default`; `max_wait: "0s"` makes one
 //! consumer fail fast where a default would hold it. `waiting.max_held` is the cap on held requests
-//! of one worker, whoever they are.
+//! across the Envoy's workers, whoever they are; a consumer's `max_held` counts one worker's.
 
 use super::{at, err, parse_window, Consumers, Object, Res};
 use crate::maps::HashMap;
@@ -17,7 +17,7 @@ use serde::Deserialize;
 /// The longest `max_wait` taken: past an hour a client has long given up (the OpenAI SDK's
 /// default timeout is 10 minutes).
 pub const MAX_WAIT_MS: u64 = 3_600_000;
-/// The default cap on one worker's held requests.
+/// The default cap on held requests.
 pub const DEFAULT_MAX_HELD: u32 = 1_000;
 /// The largest cap taken: a held request keeps its body in Envoy's memory.
 const MAX_HELD: u32 = 100_000;
@@ -52,7 +52,7 @@ pub struct Wait {
 
 #[derive(Debug, Clone, Default)]
 pub struct Waiting {
-    /// The most requests held at once on one worker.
+    /// The most requests held at once across the workers.
     pub max_held: u32,
     default: Option<Wait>,
     by_consumer: HashMap<String, Option<Wait>>,

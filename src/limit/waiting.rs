@@ -3,14 +3,15 @@
 //! A request that cannot be admitted now, but could be within its consumer's longest wait, is held
 //! (the listener role keeps it, the worker's tick tries it again). This list is what the tick and
 //! the admission of new requests agree on:
-//! - caps: a consumer may hold at most its `max_held`, the worker at most the global cap;
+//! - caps: a consumer may hold at most its `max_held`, the worker at most the global cap (which the
+//!   listener also counts across workers, in shared data);
 //! - order: higher priority lanes first, then arrival ([`WaitList::round`]); within one consumer
 //!   strictly by arrival: once a consumer's oldest held request cannot go, its later ones are not
 //!   tried in that round (a smaller one must not overtake it forever), and a new request of a
 //!   consumer that has requests held queues behind them instead of taking the capacity that
 //!   appeared for them ([`WaitList::queued_ahead`]).
 //!
-//! Each worker's VM has its own list: order holds per worker, and the caps count per worker.
+//! Each worker's VM has its own list: order holds per worker, and so does a consumer's cap.
 //! Hand-written: a handful of held requests (bounded by the caps), kept in arrival order in a
 //! `Vec`, sorted only when the tick walks them.
 

@@ -141,6 +141,17 @@ def test_past_the_consumers_cap_requests_get_429_at_once(gateway, mocks):
     assert gw.stat("wasmcustom.tollgate.outcome.rejected_waiting.requests") == len(refused)
 
 
+def test_the_global_cap_holds_across_workers(gateway, mocks):
+    """`waiting.max_held: 10` on two workers: the held requests of both count against it (leases in
+    shared data), so no more are served than with one worker's list of 10."""
+    gw = gateway(plugin(consumer("team-a", "TEAM_A_KEY", REFILL, max_wait="10s"), waiting={"max_held": 10}),
+                 concurrency=2)
+    got = burst(gw.port, 50, TEAM_A, "global", gap=0.001)
+    ok = [g for g in got if g[1] == 200]
+    assert 20 <= len(ok) <= 22, [(g[0], g[1]) for g in got]
+    assert {g[3] for g in got if g[1] != 200} == {"wait_queue_full"}
+
+
 def test_a_client_that_gives_up_while_held_is_neither_charged_nor_sent(gateway, mocks):
     gw = gateway(plugin(consumer("team-a", "TEAM_A_KEY", [{"metric": "requests", "amount": 1, "window": "2s"}],
                                  max_wait="10s")), concurrency=1)

@@ -16,6 +16,7 @@ use crate::api::errors::ErrorKind;
 use crate::config::waiting::Wait;
 use crate::config::Config;
 use crate::host::Host;
+use crate::limit::in_flight::{Subject, Take, CONSUMER_LANE};
 use crate::limit::waiting::{Full, Held};
 
 /// How this request may wait: its consumer's `waiting`, shortened by what the client asked
@@ -63,7 +64,10 @@ pub fn queued_ahead<H: Host>(host: &mut H, consumer: &str, wait: &Wait) -> bool 
 }
 
 /// Holds the request in the worker's list; past a cap, the refusal to answer at once (`base`: the
-/// walk's refusal, whose headers it keeps).
+/// walk's refusal, whose headers it keeps). The consumer's cap counts this worker's list;
+/// `waiting.max_held` counts every worker's, as leases in shared data like requests in flight
+/// ([`crate::limit::in_flight`]: a VM that vanished stops counting within 5 s). When shared data
+/// fails, the worker's own list is what the global cap is held to.
 pub fn hold<H: Host>(
     host: &mut H,
     cfg: &Config,
@@ -73,6 +77,7 @@ pub fn hold<H: Host>(
 ) -> Result<(), Refusal> {
     let global = cfg.waiting.as_ref().map_or(0, |w| w.max_held);
     let consumer = held.consumer.clone();
+    let id = held.id;
     let mut taken = Ok(());
     let mut entry = Some(held);
     host.with_waiting(&mut |w| {
@@ -80,13 +85,42 @@ pub fn hold<H: Host>(
             taken = w.hold(h, wait.max_held, global);
         }
     });
+    if let Err(full) = taken {
+        return Err(full_refusal(&consumer, full, base));
+    }
+    if let Err(full) = hold_globally(host, global) {
+        host.with_waiting(&mut |w| {
+            w.remove(id);
+        });
+        return Err(full_refusal(&consumer, full, base));
+    }
+    host.gauge_add(&gauge(&consumer), 1);
+    host.count("tollgate.waiting.held", 1);
+    Ok(())
+}
+
+/// A place among every worker's held requests.
+fn hold_globally<H: Host>(host: &mut H, cap: u32) -> Result<(), Full> {
+    let now = host.now_ms();
+    let mut taken = Ok(Take::Taken);
+    host.with_leases(&mut |leases, store| {
+        taken = leases.take(
+            store,
+            &Subject::Held,
+            CONSUMER_LANE,
+            u64::from(cap),
+            now,
+            None,
+        );
+    });
     match taken {
-        Ok(()) => {
-            host.gauge_add(&gauge(&consumer), 1);
-            host.count("tollgate.waiting.held", 1);
+        Ok(Take::Taken) => Ok(()),
+        Ok(Take::Full { .. }) => Err(Full::Global { cap }),
+        Err(e) => {
+            log::warn!("held requests across workers unavailable: {e:?}");
+            host.count("tollgate.degraded", 1);
             Ok(())
         }
-        Err(full) => Err(full_refusal(&consumer, full, base)),
     }
 }
 
@@ -96,6 +130,11 @@ pub fn unhold<H: Host>(host: &mut H, id: u32, outcome: &str) -> Option<u64> {
     let mut taken = None;
     host.with_waiting(&mut |w| taken = w.remove(id));
     let held = taken?;
+    let now = host.now_ms();
+    host.with_leases(&mut |leases, store| {
+        // A write the store refused is made on the tick.
+        let _ = leases.give_back(store, &Subject::Held, CONSUMER_LANE, now);
+    });
     host.gauge_add(&gauge(&held.consumer), -1);
     host.count(&format!("tollgate.waiting.{outcome}"), 1);
     let waited = host.now_ms().saturating_sub(held.since_ms);
@@ -297,6 +336,35 @@ mod tests {
             h.histograms["tollgate.waiting.wait_ms"],
             vec![1_200],
             "a request gone is not a wait"
+        );
+    }
+
+    #[test]
+    fn the_global_cap_counts_every_workers_held_requests() {
+        let cfg = config(CFG);
+        let store = Rc::new(FakeStore::new());
+        let mut w1 = FakeHost::new(store.clone()).on_worker(11);
+        let mut w2 = FakeHost::new(store.clone()).on_worker(22);
+        let v = policy(&cfg, "v", None).unwrap();
+        assert!(hold(&mut w1, &cfg, held(1, "v"), &v, None).is_ok());
+        assert!(hold(&mut w1, &cfg, held(2, "v"), &v, None).is_ok());
+        assert!(hold(&mut w2, &cfg, held(3, "v"), &v, None).is_ok());
+        let r = hold(&mut w2, &cfg, held(4, "v"), &v, None).unwrap_err();
+        assert!(
+            r.message.starts_with("The gateway has 3 requests"),
+            "{}",
+            r.message
+        );
+        assert_eq!(
+            w2.waiting.borrow().len(),
+            1,
+            "refused: not kept in the worker's list"
+        );
+        assert_eq!(w2.gauge_sums["tollgate.consumer.v.waiting"], 1);
+        assert!(unhold(&mut w1, 1, "released").is_some());
+        assert!(
+            hold(&mut w2, &cfg, held(4, "v"), &v, None).is_ok(),
+            "a place came back"
         );
     }
 
