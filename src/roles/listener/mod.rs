@@ -160,24 +160,8 @@ impl Listener {
             Ok(c) => self.adm.consumer = c,
             Err(r) => return self.reject(host, &r),
         }
-        if self.cfg.waiting.is_some() {
-            if let Some(v) = self.request_headers.base().get(headers::HDR_MAX_WAIT) {
-                match core::str::from_utf8(v)
-                    .ok()
-                    .and_then(admission::wait::asked_ms)
-                {
-                    Some(ms) => self.waiting.asked_ms = Some(ms),
-                    None => {
-                        let msg = format!(
-                            "The header {} must be a number of seconds, such as 2 or 0.5.",
-                            headers::HDR_MAX_WAIT
-                        );
-                        let r =
-                            Refusal::new(ErrorKind::InvalidRequest, msg).code("invalid_max_wait");
-                        return self.reject(host, &r);
-                    }
-                }
-            }
+        if let Err(r) = self.read_max_wait() {
+            return self.reject(host, &r);
         }
         match path_use {
             PathUse::Counted => {}

@@ -5,6 +5,8 @@
 
 use super::admission::{self, wait, Incoming, Refusal, Stop};
 use super::Listener;
+use crate::api::errors::ErrorKind;
+use crate::api::headers;
 use crate::config::waiting::Wait;
 use crate::host::{Body, Host};
 use crate::limit::waiting::Held;
@@ -33,6 +35,29 @@ impl Listener {
     pub fn with_stream(mut self, id: u32) -> Self {
         self.waiting.stream = id;
         self
+    }
+
+    /// What the client asked with `x-tollgate-max-wait` (read only where waiting is configured).
+    pub(super) fn read_max_wait(&mut self) -> Result<(), Refusal> {
+        if self.cfg.waiting.is_none() {
+            return Ok(());
+        }
+        let Some(v) = self.request_headers.base().get(headers::HDR_MAX_WAIT) else {
+            return Ok(());
+        };
+        match core::str::from_utf8(v).ok().and_then(wait::asked_ms) {
+            Some(ms) => {
+                self.waiting.asked_ms = Some(ms);
+                Ok(())
+            }
+            None => {
+                let msg = format!(
+                    "The header {} must be a number of seconds, such as 2 or 0.5.",
+                    headers::HDR_MAX_WAIT
+                );
+                Err(Refusal::new(ErrorKind::InvalidRequest, msg).code("invalid_max_wait"))
+            }
+        }
     }
 
     /// Before the walk: whether this request may wait. When its consumer has requests held, it

@@ -25,6 +25,9 @@
 //! request headers alone, and are inputs of the walk. A step that is not configured returns at
 //! once: no host call, no shared-data read. A step that takes something a later step's refusal must give back (a reservation, a slot) says
 //! so in [`release`], which the walk calls when it stops.
+//!
+//! A refusal that says when the same request could go ([`Refusal::retry_in_ms`]) may hold the
+//! request instead, for a consumer that waits ([`wait`]): the walk is then run again for it later.
 
 pub mod allow;
 pub mod cache;
