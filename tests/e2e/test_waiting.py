@@ -74,10 +74,16 @@ def test_fifty_at_once_are_all_served_in_arrival_order_spaced_by_the_refill(gate
     and the provider never sees more than the budget allows: by time t after the first, at most
     10 + 10 t (the GCRA's bound)."""
     gw = gateway(plugin(consumer("team-a", "TEAM_A_KEY", REFILL, max_wait="10s")), concurrency=1)
-    got = burst(gw.port, 50, TEAM_A, "a")
+    got = burst(gw.port, 50, {**TEAM_A, "x-tollgate-max-wait": "9.5"}, "a")
     assert [s for _, s, _, _, _ in got] == [200] * 50, [g for g in got if g[1] != 200][:3]
     seen = mocks["openai"].requests()
     assert len(seen) == 50
+    # Released from the tick, a request still goes as admission left it: the provider's key in,
+    # the client's key and tollgate's own headers out.
+    for e in seen:
+        sent = json.dumps(e["headers"]).lower()
+        assert "x-tollgate-max-wait" not in sent and KEYS["TEAM_A_KEY"].lower() not in sent, e["headers"]
+        assert e["key"] in (KEYS["OPENAI_KEY_1"], KEYS["OPENAI_KEY_2"], KEYS["OPENAI_KEY_3"]), e["key"]
     order = [int(tag_of(e).split("-")[1]) for e in seen]
     # The first ten go together (their attempts may overtake one another); the held ones in order.
     assert sorted(order[:10]) == list(range(10)), order
