@@ -29,6 +29,7 @@ pub const MAX_PRIORITY: u8 = 9;
 pub(super) struct RawWaiting {
     max_held: Option<u32>,
     default: Option<Object<RawWait>>,
+    path_prefixes: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -56,9 +57,24 @@ pub struct Waiting {
     pub max_held: u32,
     default: Option<Wait>,
     by_consumer: HashMap<String, Option<Wait>>,
+    /// Only requests whose path starts with one of these wait (how a route is named); empty: all.
+    path_prefixes: Vec<String>,
 }
 
 impl Waiting {
+    /// How `consumer` waits on `path`; None: it does not (a 429 at once).
+    pub fn for_request(&self, consumer: &str, path: &str) -> Option<&Wait> {
+        if !self.path_prefixes.is_empty()
+            && !self
+                .path_prefixes
+                .iter()
+                .any(|p| path.starts_with(p.as_str()))
+        {
+            return None;
+        }
+        self.for_consumer(consumer)
+    }
+
     /// How `consumer` waits; None: it does not (a 429 at once).
     pub fn for_consumer(&self, consumer: &str) -> Option<&Wait> {
         if self.by_consumer.is_empty() {
@@ -153,9 +169,15 @@ pub(super) fn validate(
         Consumers::Anonymous => &[][..],
         Consumers::Keys(l) | Consumers::TrustedHeader { list: l, .. } => l,
     };
-    let default = match raw.and_then(|w| w.default) {
-        Some(Object(d)) => wait("waiting.default", d, global)?,
-        None => None,
+    let (default, path_prefixes) = match raw {
+        Some(w) => (
+            match w.default {
+                Some(Object(d)) => wait("waiting.default", d, global)?,
+                None => None,
+            },
+            super::cache::path_prefixes("waiting.path_prefixes", w.path_prefixes)?,
+        ),
+        None => (None, Vec::new()),
     };
     let by_consumer: HashMap<String, Option<Wait>> = consumers
         .iter()
@@ -168,6 +190,7 @@ pub(super) fn validate(
         max_held: global,
         default,
         by_consumer,
+        path_prefixes,
     }))
 }
 
@@ -200,6 +223,11 @@ mod tests {
         let b = w.for_consumer("b").unwrap();
         assert_eq!((b.max_wait_ms, b.priority, b.max_held), (2_000, 0, 50));
         assert!(w.for_consumer("c").is_none(), "0s: fails fast");
+        assert_eq!(
+            w.for_request("a", "/v1/chat/completions"),
+            Some(a),
+            "no prefixes: every path"
+        );
         assert_eq!(w.for_consumer("anonymous"), w.for_consumer("b"));
     }
 
@@ -224,6 +252,7 @@ mod tests {
             (r#""waiting":{"default":{"max_wait":"2h"}},"#, "waiting.default.max_wait: must be at most 1h"),
             (r#""waiting":{"default":{"max_wait":"1s","priority":10}},"#, "waiting.default.priority: must be at most 9"),
             (r#""waiting":{"max_held":5,"default":{"max_wait":"1s","max_held":6}},"#, "waiting.default.max_held: must be at most waiting.max_held (5)"),
+            (r#""waiting":{"path_prefixes":["v1/"],"default":{"max_wait":"1s"}},"#, "waiting.path_prefixes[0]: must start with '/'"),
             (r#""waiting":{"default":{"max_wait":"1s","lane":1}},"#, "waiting.default.lane: unknown field, expected one of: max_wait, priority, max_held"),
             (r#""consumers":{"list":[{"name":"a","key_env":"A","waiting":{"max_wait":"1s","max_held":0}}]},"#, "consumers.list[0].waiting.max_held: must be at least 1 (set max_wait to \"0s\" for no waiting)"),
         ];

@@ -63,7 +63,12 @@ impl Listener {
     /// Before the walk: whether this request may wait. When its consumer has requests held, it
     /// queues behind them (`Some`: held, or refused at once past a cap) without a walk.
     pub(super) fn wait_behind<H: Host>(&mut self, host: &mut H, has_body: bool) -> Option<Flow> {
-        let w = wait::policy(&self.cfg, &self.adm.consumer, self.waiting.asked_ms)?;
+        let w = wait::policy(
+            &self.cfg,
+            &self.adm.consumer,
+            &self.path,
+            self.waiting.asked_ms,
+        )?;
         self.waiting.wait = Some(w);
         self.waiting.as_read = wait::AsRead::of(&self.adm);
         self.waiting.has_body = has_body;

@@ -19,10 +19,10 @@ use crate::host::Host;
 use crate::limit::in_flight::{Subject, Take, CONSUMER_LANE};
 use crate::limit::waiting::{Full, Held};
 
-/// How this request may wait: its consumer's `waiting`, shortened by what the client asked
-/// (`x-tollgate-max-wait`, in ms). None: it does not wait.
-pub fn policy(cfg: &Config, consumer: &str, asked_ms: Option<u64>) -> Option<Wait> {
-    let w = *cfg.waiting.as_ref()?.for_consumer(consumer)?;
+/// How this request may wait: its consumer's `waiting` where its path waits, shortened by what the
+/// client asked (`x-tollgate-max-wait`, in ms). None: it does not wait.
+pub fn policy(cfg: &Config, consumer: &str, path: &str, asked_ms: Option<u64>) -> Option<Wait> {
+    let w = *cfg.waiting.as_ref()?.for_request(consumer, path)?;
     let max_wait_ms = asked_ms.map_or(w.max_wait_ms, |a| a.min(w.max_wait_ms));
     (max_wait_ms > 0).then_some(Wait { max_wait_ms, ..w })
 }
@@ -227,6 +227,8 @@ mod tests {
             {"name":"fast","key_env":"K3"}]},
         "providers":[{"name":"oa","type":"openai","keys":[{"id":"k","env":"K"}]}]}"#;
 
+    const CHAT: &str = "/v1/chat/completions";
+
     fn held(id: u32, consumer: &str) -> Held {
         Held {
             id,
@@ -240,11 +242,28 @@ mod tests {
     #[test]
     fn the_client_may_shorten_the_wait_never_lengthen_it() {
         let cfg = config(CFG);
-        assert_eq!(policy(&cfg, "w", None).unwrap().max_wait_ms, 5_000);
-        assert_eq!(policy(&cfg, "w", Some(1_500)).unwrap().max_wait_ms, 1_500);
-        assert_eq!(policy(&cfg, "w", Some(60_000)).unwrap().max_wait_ms, 5_000);
-        assert_eq!(policy(&cfg, "w", Some(0)), None, "0: fail fast");
-        assert_eq!(policy(&cfg, "fast", None), None);
+        assert_eq!(policy(&cfg, "w", CHAT, None).unwrap().max_wait_ms, 5_000);
+        assert_eq!(
+            policy(&cfg, "w", CHAT, Some(1_500)).unwrap().max_wait_ms,
+            1_500
+        );
+        assert_eq!(
+            policy(&cfg, "w", CHAT, Some(60_000)).unwrap().max_wait_ms,
+            5_000
+        );
+        assert_eq!(policy(&cfg, "w", CHAT, Some(0)), None, "0: fail fast");
+        assert_eq!(policy(&cfg, "fast", CHAT, None), None);
+        let routed = config(&CFG.replacen(
+            r#""max_held":3"#,
+            r#""max_held":3,"path_prefixes":["/batch/"]"#,
+            1,
+        ));
+        assert_eq!(
+            policy(&routed, "w", CHAT, None),
+            None,
+            "a path that does not wait"
+        );
+        assert!(policy(&routed, "w", "/batch/v1/chat/completions", None).is_some());
         for (v, want) in [
             ("2", Some(2_000)),
             ("0.25", Some(250)),
@@ -266,7 +285,7 @@ mod tests {
 
     #[test]
     fn held_only_when_the_refusal_says_when_and_that_is_within_the_wait() {
-        let w = policy(&config(CFG), "w", None).unwrap();
+        let w = policy(&config(CFG), "w", CHAT, None).unwrap();
         let r = Refusal::new(ErrorKind::RateLimit, "x");
         assert!(!could_wait(&r, &w, 0, 0), "no time given: a 429");
         assert!(could_wait(&r.clone().retry_in(5_000), &w, 0, 0));
@@ -281,7 +300,7 @@ mod tests {
     fn caps_refuse_at_once_with_the_walks_retry_after() {
         let cfg = config(CFG);
         let mut h = FakeHost::new(Rc::new(FakeStore::new()));
-        let w = policy(&cfg, "w", None).unwrap();
+        let w = policy(&cfg, "w", CHAT, None).unwrap();
         let base = || {
             Some(
                 Refusal::new(ErrorKind::RateLimit, "budget")
@@ -306,7 +325,7 @@ mod tests {
             "{}",
             r.message
         );
-        let v = policy(&cfg, "v", None).unwrap();
+        let v = policy(&cfg, "v", CHAT, None).unwrap();
         assert!(hold(&mut h, &cfg, held(4, "v"), &v, None).is_ok());
         let r = hold(&mut h, &cfg, held(5, "v"), &v, None).unwrap_err();
         assert!(
@@ -345,7 +364,7 @@ mod tests {
         let store = Rc::new(FakeStore::new());
         let mut w1 = FakeHost::new(store.clone()).on_worker(11);
         let mut w2 = FakeHost::new(store.clone()).on_worker(22);
-        let v = policy(&cfg, "v", None).unwrap();
+        let v = policy(&cfg, "v", CHAT, None).unwrap();
         assert!(hold(&mut w1, &cfg, held(1, "v"), &v, None).is_ok());
         assert!(hold(&mut w1, &cfg, held(2, "v"), &v, None).is_ok());
         assert!(hold(&mut w2, &cfg, held(3, "v"), &v, None).is_ok());
@@ -373,11 +392,11 @@ mod tests {
         let cfg = config(CFG);
         let store = Rc::new(FakeStore::new());
         let h = FakeHost::new(store.clone());
-        assert!(policy(&cfg, "fast", None).is_none());
+        assert!(policy(&cfg, "fast", CHAT, None).is_none());
         let off = config(
             r#"{"providers":[{"name":"oa","type":"openai","keys":[{"id":"k","env":"K"}]}]}"#,
         );
-        assert!(policy(&off, "anonymous", Some(1_000)).is_none());
+        assert!(policy(&off, "anonymous", CHAT, Some(1_000)).is_none());
         assert_eq!((h.calls.get(), store.calls.get()), (0, 0));
     }
 }
