@@ -30,6 +30,9 @@ pub struct Held {
     pub since_ms: u64,
     /// Past this, the request is answered (admitted by a last try, or refused).
     pub deadline_ms: u64,
+    /// Not tried before this: what refused it cannot change sooner (a request budget refills
+    /// at a known time). 0: tried on every tick.
+    pub next_try_ms: u64,
 }
 
 /// Why a request could not be held.
@@ -92,6 +95,13 @@ impl WaitList {
         self.held.iter().find(|h| h.id == id)
     }
 
+    /// The request stays held and is not tried again before `at`.
+    pub fn snooze(&mut self, id: u32, at: u64) {
+        if let Some(h) = self.held.iter_mut().find(|h| h.id == id) {
+            h.next_try_ms = at;
+        }
+    }
+
     /// Whether a new request of `consumer` in lane `priority` must queue behind requests of that
     /// consumer already held (in the same lane or a higher one).
     pub fn queued_ahead(&self, consumer: &str, priority: u8) -> bool {
@@ -127,15 +137,24 @@ pub struct Round {
 
 impl Round {
     /// The next request to try at `now`. One past its deadline is always tried: it is answered.
+    /// One snoozed stays as it is, and its consumer's later ones wait behind it.
     pub fn next(&mut self, now: u64) -> Option<Held> {
         while let Some(h) = self.order.pop() {
+            if now >= h.deadline_ms {
+                return Some(h);
+            }
             let behind = self
                 .blocked
                 .iter()
                 .any(|(c, p)| *c == h.consumer && *p >= h.priority);
-            if !behind || now >= h.deadline_ms {
-                return Some(h);
+            if behind {
+                continue;
             }
+            if now < h.next_try_ms {
+                self.stayed(&h);
+                continue;
+            }
+            return Some(h);
         }
         None
     }
@@ -167,6 +186,7 @@ mod tests {
             priority,
             since_ms,
             deadline_ms: since_ms + 1_000,
+            next_try_ms: 0,
         }
     }
 
@@ -223,6 +243,22 @@ mod tests {
         );
         w.remove(1);
         assert!(!w.queued_ahead("a", 0));
+    }
+
+    #[test]
+    fn a_snoozed_request_is_not_tried_and_its_consumers_later_ones_wait_behind_it() {
+        let mut w = WaitList::default();
+        w.hold(held(1, "a", 0, 0), 10, 10).unwrap();
+        w.hold(held(2, "a", 0, 1), 10, 10).unwrap();
+        w.hold(held(3, "b", 0, 2), 10, 10).unwrap();
+        w.snooze(1, 500);
+        assert_eq!(ids(&mut w.round(), 499, &[]), vec![3]);
+        assert_eq!(ids(&mut w.round(), 500, &[]), vec![1, 2, 3]);
+        assert_eq!(
+            ids(&mut w.round(), 1_001, &[]),
+            vec![1, 2, 3],
+            "past the deadline: answered"
+        );
     }
 
     #[test]

@@ -95,6 +95,9 @@ impl Listener {
             priority: w.priority,
             since_ms: self.started_ms,
             deadline_ms: self.started_ms.saturating_add(w.max_wait_ms),
+            next_try_ms: base
+                .as_ref()
+                .map_or(0, |r| wait::next_try(r, self.started_ms)),
         };
         match wait::hold(host, &self.cfg, held, &w, base) {
             Ok(()) => {
@@ -140,6 +143,8 @@ impl Listener {
                     .wait
                     .is_some_and(|w| wait::could_wait(&r, &w, self.started_ms, now));
                 if still {
+                    let (id, at) = (self.waiting.stream, wait::next_try(&r, now));
+                    host.with_waiting(&mut |w| w.snooze(id, at));
                     return Flow::Hold;
                 }
                 self.leave(host, "expired");

@@ -56,6 +56,17 @@ pub fn could_wait(r: &Refusal, wait: &Wait, since: u64, now: u64) -> bool {
     })
 }
 
+/// When the request is worth walking again after `r` refused it at `now`: a request budget's
+/// refusal says exactly when the bucket holds the request (a token budget's can only come sooner,
+/// when a request in flight settles below its reservation: at most that much later); anything
+/// else (a place in flight, a key) may free at any moment: the next tick.
+pub fn next_try(r: &Refusal, now: u64) -> u64 {
+    match (r.outcome, r.openai_type, r.retry_in_ms()) {
+        ("rejected_quota", Some("requests"), Some(ms)) => now.saturating_add(u64::from(ms)),
+        _ => 0,
+    }
+}
+
 /// Whether a new request of `consumer` must queue behind its requests already held.
 pub fn queued_ahead<H: Host>(host: &mut H, consumer: &str, wait: &Wait) -> bool {
     let mut ahead = false;
@@ -236,6 +247,7 @@ mod tests {
             priority: 1,
             since_ms: 0,
             deadline_ms: 5_000,
+            next_try_ms: 0,
         }
     }
 
