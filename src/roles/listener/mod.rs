@@ -313,7 +313,8 @@ impl Listener {
             rewritten: self.adm.rewritten.is_some(),
             consumer: &self.adm.consumer,
             start: health.as_ref().map(|(i, h)| (*i, h.as_slice())),
-            at_ms: Some(self.started_ms),
+            // When admission judged it: its arrival, or its release after a wait.
+            at_ms: Some(incoming.now),
             prefix: self.adm.info.prefix,
             rate_limits: self
                 .adm

@@ -88,9 +88,11 @@ fn a_refused_request_is_held_then_released_when_the_budget_refills_in_arrival_or
     assert_eq!(first.id, 3, "the oldest first");
     h3.now = T0 + 500;
     assert_eq!(third.retry(&mut h3), Flow::Continue);
-    assert!(
-        h3.filter_state.contains_key(plan::FILTER_STATE),
-        "the plan goes on"
+    let planned = Plan::decode(&h3.filter_state[plan::FILTER_STATE]).unwrap();
+    assert_eq!(
+        planned.at_ms,
+        Some(T0 + 500),
+        "the attempt judges keys by the time of release, not of arrival"
     );
     h4.now = T0 + 500;
     assert_eq!(
