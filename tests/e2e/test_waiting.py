@@ -250,3 +250,19 @@ def test_a_high_priority_consumer_is_released_before_lower_ones_that_waited_long
     order = [tag_of(e) for e in mocks["openai"].requests()]
     assert order == ["low-0", "high-0", "low-1", "low-2", "low-3"], order
     assert mocks["openai"].concurrency()["max_total"] == 1
+
+
+def test_a_request_waits_for_a_cooling_key_instead_of_429(gateway, mocks):
+    """The provider refused the only key for 2 s: a request that waits is held at admission until
+    the key is back, then served (the route step's refusal says when)."""
+    gw = gateway(plugin(consumer("team-a", "TEAM_A_KEY", max_wait="10s"), provider=openai_provider(n=1)),
+                 concurrency=1)
+    mocks["openai"].script({"status": 429, "headers": {"retry-after": "2"}, "times": 1})
+    assert request(gw.port, "POST", "/v1/chat/completions", body("refused"), TEAM_A).status == 429
+    t = time.monotonic()
+    r = request(gw.port, "POST", "/v1/chat/completions", body("after"), TEAM_A)
+    took = time.monotonic() - t
+    assert r.status == 200, r
+    assert 1.0 <= took <= 3.5, took
+    assert int(r.headers["x-tollgate-waited-ms"]) >= 1000
+    assert [tag_of(e) for e in mocks["openai"].requests()] == ["refused", "after"]
