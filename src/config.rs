@@ -24,6 +24,7 @@
 mod concurrency;
 mod models;
 pub mod pacing;
+pub mod waiting;
 
 pub use concurrency::InFlightLimits;
 pub use models::{Models, Window};
@@ -204,6 +205,8 @@ pub struct Consumer {
     pub trim_oldest: bool,
     /// The most requests in flight at once (`None`: `default_max_in_flight`, or no limit).
     pub max_in_flight: Option<u32>,
+    /// Its own `waiting` (`Some(None)`: it does not wait); None: `waiting.default`.
+    pub waiting: Option<Option<waiting::Wait>>,
 }
 
 #[derive(Debug, Clone)]
@@ -269,6 +272,8 @@ pub struct Config {
     pub pacing: pacing::Pacing,
     /// The response cache; None: off.
     pub cache: Option<cache::CacheConfig>,
+    /// Holding requests for capacity instead of a 429; None: off.
+    pub waiting: Option<waiting::Waiting>,
     /// Warnings for the log (inline secrets and the like): never containing a secret.
     pub warnings: Vec<String>,
     /// Derived from `providers` once, at parse: both are asked on every request.
@@ -396,6 +401,7 @@ struct RawConfig {
     default_max_in_flight: Option<u32>,
     cache: Option<Object<cache::RawCache>>,
     retry_after_spread: Option<f64>,
+    waiting: Option<Object<waiting::RawWaiting>>,
 }
 
 #[derive(Deserialize)]
@@ -455,6 +461,7 @@ struct RawConsumer {
     models: Option<Vec<String>>,
     trim_oldest: Option<bool>,
     max_in_flight: Option<u32>,
+    waiting: Option<Object<waiting::RawWait>>,
 }
 
 #[derive(Deserialize)]
@@ -745,9 +752,11 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
 
     let default_limits = limits("default_limits", raw.default_limits)?;
 
+    let raw_waiting = raw.waiting.map(|Object(w)| w);
+    let max_held = waiting::max_held(raw_waiting.as_ref())?;
     let consumers = match raw.consumers {
         None => Consumers::Anonymous,
-        Some(Object(rc)) => consumers(rc, env)?,
+        Some(Object(rc)) => consumers(rc, env, max_held)?,
     };
 
     let mut prices = HashMap::default();
@@ -791,6 +800,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         .cache
         .map(|Object(c)| cache::validate(c, &consumers))
         .transpose()?;
+    let waiting = waiting::validate(raw_waiting, max_held, &consumers)?;
 
     let sds_keys = providers
         .iter()
@@ -837,6 +847,7 @@ fn validate(raw: RawConfig, env: &Env) -> Res<Config> {
         in_flight,
         pacing,
         cache,
+        waiting,
         warnings,
     })
 }
@@ -1033,7 +1044,7 @@ fn key(path: &str, rk: RawKey, before: &[Key], env: &Env, warnings: &mut Vec<Str
     })
 }
 
-fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
+fn consumers(rc: RawConsumers, env: &Env, max_held: u32) -> Res<Consumers> {
     let raw_list = rc.list.unwrap_or_default();
     let max_from_header = header_consumers::max_from_header(
         rc.max_from_header,
@@ -1090,6 +1101,10 @@ fn consumers(rc: RawConsumers, env: &Env) -> Res<Consumers> {
                 &at(&path, "max_in_flight"),
                 c.max_in_flight,
             )?,
+            waiting: c
+                .waiting
+                .map(|Object(w)| waiting::wait(&at(&path, "waiting"), w, max_held))
+                .transpose()?,
         });
     }
     match rc.trusted_header {
@@ -1477,14 +1492,14 @@ mod tests {
     fn unknown_fields_are_refused_with_their_path_and_the_accepted_names() {
         const LIMIT: &str = "expected one of: metric, amount, window";
         let cases: &[(&str, &str, String)] = &[
-            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models, default_max_in_flight, cache, retry_after_spread".into()),
+            (r#""rotaton":"x","#, "", "rotaton: unknown field, expected one of: consumers, providers, health, default_limits, prices, default_price, default_max_tokens, lower_max_tokens, max_request_bytes, max_sse_event_bytes, failure_mode, sticky_header, status, probation, aliases, passthrough_paths, models, default_max_in_flight, cache, retry_after_spread, waiting".into()),
             ("", r#","kyes":[]"#, "providers[0].kyes: unknown field, expected one of: name, type, host, base_path, api_version, anthropic_version, rotation, keys, models, probation".into()),
             ("", r#","keys":[{"id":"k1","env":"K1"},{"id":"k2","tokn":"K2"}]"#, "providers[0].keys[1].tokn: unknown field, expected one of: id, env, value, inline, sds, weight, disabled, max_in_flight, requests_per_minute, tokens_per_minute".into()),
             (r#""health":{"cooldown_s":5},"#, "", "health.cooldown_s: unknown field, expected one of: default_cooldown_s, auth_failure_cooldown_s, server_error_cooldown_s, circuit_failures, circuit_open_s, half_open_probes".into()),
             (r#""prices":{"gpt-4o":{"input":1,"output":2,"cache":1}},"#, "", "prices.gpt-4o.cache: unknown field, expected one of: input, output, cached_input".into()),
             (r#""default_limits":[{"metric":"requests","amount":1,"window":"1m","burst":2}],"#, "", format!("default_limits[0].burst: unknown field, {LIMIT}")),
             (r#""consumers":{"header":"x"},"#, "", "consumers.header: unknown field, expected one of: trusted_header, list, max_from_header".into()),
-            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits, models, trim_oldest, max_in_flight".into()),
+            (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","key":"x"}]},"#, "", "consumers.list[0].key: unknown field, expected one of: name, key_sha256, key_env, limits, model_limits, models, trim_oldest, max_in_flight, waiting".into()),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","limits":[{"metrc":"requests"}]}]},"#, "", format!("consumers.list[0].limits[0].metrc: unknown field, {LIMIT}")),
             (r#""consumers":{"list":[{"name":"a","key_env":"TEAM_A","model_limits":{"gpt-4o":[{"metric":"requests","amount":1,"window":"1m"},{"windw":"1m"}]}}]},"#, "", format!("consumers.list[0].model_limits.gpt-4o[1].windw: unknown field, {LIMIT}")),
         ];

@@ -11,6 +11,12 @@ pub const HDR_KEY_ID: &str = "x-tollgate-key-id";
 /// Response header: how many of the oldest messages the gateway dropped to fit the model's context
 /// window (`trim_oldest`); absent when none.
 pub const HDR_TRIMMED: &str = "x-tollgate-trimmed-messages";
+/// Request header: the longest the client will wait for capacity, in seconds ("2", "0.5"); shortens
+/// its consumer's `max_wait`, never lengthens it. Removed before the provider sees the request.
+pub const HDR_MAX_WAIT: &str = "x-tollgate-max-wait";
+/// Response header: how long the request was held for capacity, in milliseconds; absent when it
+/// was not held.
+pub const HDR_WAITED: &str = "x-tollgate-waited-ms";
 /// Set by the listener role when a request must start on a provider other than the first: the
 /// Envoy routes match on it to pick a cluster whose priorities start at that provider.
 pub const HDR_ROUTE: &str = "x-tollgate-route";

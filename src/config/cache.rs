@@ -87,6 +87,15 @@ impl CacheConfig {
     }
 }
 
+/// A section's `path_prefixes` (at `field`): each starts with `/`; empty: every path.
+pub(super) fn path_prefixes(field: &str, raw: Option<Vec<String>>) -> Res<Vec<String>> {
+    let prefixes = raw.unwrap_or_default();
+    match prefixes.iter().position(|p| !p.starts_with('/')) {
+        Some(i) => Err(err(format!("{field}[{i}]"), "must start with '/'")),
+        None => Ok(prefixes),
+    }
+}
+
 fn window(field: &str, value: Option<String>) -> Res<Option<u64>> {
     value
         .map(|v| {
@@ -156,15 +165,7 @@ pub(super) fn validate(raw: RawCache, consumers: &Consumers) -> Res<CacheConfig>
         }
     };
     let models = raw.models.map(|m| m.into_iter().collect());
-    let path_prefixes = raw.path_prefixes.unwrap_or_default();
-    for (i, p) in path_prefixes.iter().enumerate() {
-        if !p.starts_with('/') {
-            return Err(err(
-                format!("cache.path_prefixes[{i}]"),
-                "must start with '/'",
-            ));
-        }
-    }
+    let path_prefixes = path_prefixes("cache.path_prefixes", raw.path_prefixes)?;
     Ok(CacheConfig {
         ttl_ms,
         capacity,

@@ -7,7 +7,9 @@
 //! - body writes: `BadArgument`/`NotFound` when the buffer is not available in this phase;
 //! - property (filter-state) writes: `BadArgument`/`NotFound` on a stream that is being destroyed;
 //! - local replies: refused when the stream was already answered or is gone;
-//! - foreign functions: `clear_route_cache` answers `NotFound` where there is no route cache.
+//! - foreign functions: `clear_route_cache` answers `NotFound` where there is no route cache;
+//! - continuing a held request and the tick period: the SDK's wrappers panic on any status but Ok,
+//!   and a stream released by the tick may be going away.
 //!
 //! And one WASI call, `random_get` ([`random_u64`]), whose std wrapper panics on failure.
 //!
@@ -66,6 +68,21 @@ extern "C" {
         out: *mut *mut u8,
         out_len: *mut usize,
     ) -> Raw;
+    fn proxy_continue_stream(stream: proxy_wasm::types::StreamType) -> Raw;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> Raw;
+}
+
+/// Lets the current stream's request go on (a request held for capacity, from the tick).
+pub fn continue_request() -> bool {
+    let _p = crate::host::prof::span("host proxy_continue_stream");
+    // SAFETY: no pointers.
+    OK == unsafe { proxy_continue_stream(proxy_wasm::types::StreamType::HttpRequest) }
+}
+
+/// Sets the tick period of the current (or effective) context's root.
+pub fn set_tick_period_ms(ms: u32) -> bool {
+    // SAFETY: no pointers.
+    OK == unsafe { proxy_set_tick_period_milliseconds(ms) }
 }
 
 pub fn replace_header(map: MapType, name: &str, value: &str) -> bool {

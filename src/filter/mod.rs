@@ -11,12 +11,14 @@ use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::config::{self, Config};
 use crate::failover::health;
 use crate::host::Host;
+use crate::maps::HashMap;
 use crate::roles::held::{self, Held};
+use crate::roles::listener::admission::wait;
 use crate::roles::listener::Listener;
 use crate::roles::refused::Refused;
 use crate::roles::upstream::Upstream;
 use crate::roles::Flow;
-use core::cell::RefCell;
+use core::cell::{Cell, RefCell};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
 use sdk_host::SdkHost;
@@ -26,6 +28,9 @@ use std::time::Duration;
 /// How often a worker flushes its metrics and usage totals (both roles tick: whichever comes
 /// first flushes the worker's tally).
 const TICK_MS: u64 = 200;
+/// The listener's tick while it holds requests for capacity: how late a request is released after
+/// capacity appears, at most. Only while something is held; flushes still go every [`TICK_MS`].
+const WAITING_TICK_MS: u64 = 50;
 
 /// How many times a plugin's end tries to flush rows the store refused (another worker's CAS won)
 /// before it gives them up.
@@ -34,12 +39,17 @@ const FLUSH_TRIES_AT_DONE: u32 = 8;
 thread_local! {
     /// Requests this VM's listener contexts hold (one VM runs on one worker thread).
     static HELD: RefCell<Held> = RefCell::new(Held::default());
+    /// Listeners of requests held for capacity, kept here (by context id) for the tick; a
+    /// context takes its listener back at its next callback.
+    static PARKED: RefCell<HashMap<u32, Listener>> = RefCell::new(HashMap::default());
+    /// A context that held a request has sped up its root's tick since the list was last empty.
+    static SPED_UP: Cell<bool> = const { Cell::new(false) };
 }
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { role: Role::Listener, config: None })
+        Box::new(Root { role: Role::Listener, config: None, fast: false, last_flush_ms: 0 })
     });
 }}
 
@@ -52,13 +62,16 @@ enum Role {
 fn action(flow: Flow) -> Action {
     match flow {
         Flow::Continue => Action::Continue,
-        Flow::Pause | Flow::Stop => Action::Pause,
+        Flow::Pause | Flow::Stop | Flow::Hold => Action::Pause,
     }
 }
 
 struct Root {
     role: Role,
     config: Option<Rc<Config>>,
+    /// This root ticks every [`WAITING_TICK_MS`]: this VM holds requests for capacity.
+    fast: bool,
+    last_flush_ms: u64,
 }
 
 impl Context for Root {
@@ -146,6 +159,22 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if self.role == Role::Listener && (self.fast || SPED_UP.get()) {
+            // Every listener root of the VM releases held requests, whichever plugin (before or
+            // after a reload) held them: each listener keeps its own configuration.
+            let busy = release_held();
+            if busy != self.fast || busy != SPED_UP.get() {
+                self.fast = busy;
+                let ms = if busy { WAITING_TICK_MS } else { TICK_MS };
+                hostcalls::set_tick_period_ms(ms as u32);
+                SPED_UP.set(busy);
+            }
+            let now = sdk_host::now_ms();
+            if self.fast && now.saturating_sub(self.last_flush_ms) < TICK_MS {
+                return;
+            }
+            self.last_flush_ms = now;
+        }
         // Leases on requests in flight first: the gauges they show go out with this flush.
         if let Some(cfg) = &self.config {
             crate::roles::in_flight::tick(&mut SdkHost::default(), cfg);
@@ -178,7 +207,7 @@ impl RootContext for Root {
         Some(match (&self.config, self.role) {
             (Some(cfg), Role::Listener) => Box::new(ListenerContext {
                 id: context_id,
-                role: Listener::new(cfg.clone()),
+                role: Some(Listener::new(cfg.clone()).with_stream(context_id)),
             }),
             (Some(cfg), Role::Upstream) => Box::new(UpstreamContext(Upstream::new(cfg.clone()))),
             (None, _) => Box::new(Unconfigured),
@@ -196,7 +225,76 @@ fn follow_log_level() {
 
 struct ListenerContext {
     id: u32,
-    role: Listener,
+    /// None while the request is held for capacity: the listener is in [`PARKED`] for the tick.
+    role: Option<Listener>,
+}
+
+impl ListenerContext {
+    /// The listener, taken back from the tick's keeping after a hold (one branch otherwise).
+    fn role(&mut self) -> Option<&mut Listener> {
+        if self.role.is_none() {
+            self.role = PARKED.with(|p| p.borrow_mut().remove(&self.id));
+        }
+        self.role.as_mut()
+    }
+
+    /// The action for a flow; a request held for capacity leaves its listener to the tick, which
+    /// runs faster while anything is held.
+    fn act(&mut self, flow: Flow) -> Action {
+        if flow == Flow::Hold {
+            if let Some(l) = self.role.take() {
+                PARKED.with(|p| p.borrow_mut().insert(self.id, l));
+            }
+            if !SPED_UP.get() {
+                SPED_UP.set(true);
+                // The tick of this context's root (the listener's): the first release need not
+                // wait for a slow tick.
+                hostcalls::set_tick_period_ms(WAITING_TICK_MS as u32);
+            }
+        }
+        action(flow)
+    }
+}
+
+/// The listener's tick while requests are held for capacity: each is tried in release order
+/// (lanes, then arrival), its stream made current, admission walked again; those admitted go on.
+/// A held request costs nothing between ticks: its stream is paused in Envoy. Whether any is
+/// still held afterwards.
+fn release_held() -> bool {
+    let mut round = None;
+    SdkHost::default().with_waiting(&mut |w| round = (!w.is_empty()).then(|| w.round()));
+    let Some(mut round) = round else {
+        return false;
+    };
+    let now = sdk_host::now_ms();
+    while let Some(held) = round.next(now) {
+        // Out of PARKED while it runs: a callback the host makes meanwhile must not find it
+        // borrowed.
+        let Some(mut listener) = PARKED.with(|p| p.borrow_mut().remove(&held.id)) else {
+            // Its stream ended without reaching it: nothing to keep held.
+            wait::unhold(&mut SdkHost::default(), held.id, "gone");
+            continue;
+        };
+        if proxy_wasm::hostcalls::set_effective_context(held.id).is_err() {
+            listener.on_done(&mut SdkHost::default());
+            continue;
+        }
+        let flow = listener.retry(&mut SdkHost::default());
+        let takes_key_place = listener.takes_key_place();
+        PARKED.with(|p| p.borrow_mut().insert(held.id, listener));
+        match flow {
+            Flow::Hold => round.stayed(&held),
+            Flow::Continue => {
+                // Envoy continues the stream once this tick returns.
+                hostcalls::continue_request();
+                round.released(takes_key_place);
+            }
+            Flow::Pause | Flow::Stop => {}
+        }
+    }
+    let mut busy = false;
+    SdkHost::default().with_waiting(&mut |w| busy = !w.is_empty());
+    busy
 }
 
 /// Whether held requests still need watching (cheap: no host call).
@@ -210,7 +308,9 @@ impl Context for ListenerContext {
         if watching_held() {
             HELD.with(|h| h.borrow_mut().release(self.id));
         }
-        self.role.on_done(&mut SdkHost::default());
+        if let Some(l) = self.role() {
+            l.on_done(&mut SdkHost::default());
+        }
         true
     }
 }
@@ -218,14 +318,15 @@ impl Context for ListenerContext {
 impl HttpContext for ListenerContext {
     fn on_http_request_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_request_headers");
-        let flow = self
-            .role
-            .on_request_headers(&mut SdkHost::default(), end_of_stream);
+        let Some(l) = self.role() else {
+            return Action::Continue;
+        };
+        let flow = l.on_request_headers(&mut SdkHost::default(), end_of_stream);
         if flow == Flow::Pause && watching_held() {
             let now = sdk_host::now_ms();
             HELD.with(|h| h.borrow_mut().hold(self.id, now));
         }
-        action(flow)
+        self.act(flow)
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
@@ -233,10 +334,11 @@ impl HttpContext for ListenerContext {
         if watching_held() {
             HELD.with(|h| h.borrow_mut().body_arrived(self.id));
         }
-        action(
-            self.role
-                .on_request_body(&mut SdkHost::default(), size, end_of_stream),
-        )
+        let Some(l) = self.role() else {
+            return Action::Continue;
+        };
+        let flow = l.on_request_body(&mut SdkHost::default(), size, end_of_stream);
+        self.act(flow)
     }
 
     fn on_http_request_trailers(&mut self, _num: usize) -> Action {
@@ -244,29 +346,35 @@ impl HttpContext for ListenerContext {
         if watching_held() {
             HELD.with(|h| h.borrow_mut().body_arrived(self.id));
         }
-        action(self.role.on_request_trailers(&mut SdkHost::default()))
+        let Some(l) = self.role() else {
+            return Action::Continue;
+        };
+        let flow = l.on_request_trailers(&mut SdkHost::default());
+        self.act(flow)
     }
 
     fn on_http_response_headers(&mut self, _num: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_response_headers");
-        action(
-            self.role
-                .on_response_headers(&mut SdkHost::default(), end_of_stream),
-        )
+        let Some(l) = self.role() else {
+            return Action::Continue;
+        };
+        action(l.on_response_headers(&mut SdkHost::default(), end_of_stream))
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let _p = prof::span("listener on_http_response_body");
-        action(
-            self.role
-                .on_response_body(&mut SdkHost::default(), size, end_of_stream),
-        )
+        let Some(l) = self.role() else {
+            return Action::Continue;
+        };
+        action(l.on_response_body(&mut SdkHost::default(), size, end_of_stream))
     }
 
     fn on_log(&mut self) {
         {
             let _p = prof::span("listener on_log");
-            self.role.on_log(&mut SdkHost::default());
+            if let Some(l) = self.role() {
+                l.on_log(&mut SdkHost::default());
+            }
         }
         prof::request_done();
     }

@@ -7,6 +7,7 @@ use crate::host::prof::span;
 use crate::host::tally::{Attempt, Charge, LimitUse, Sink, Tally, ROW};
 use crate::host::{Body, Headers, Host, Map};
 use crate::limit::in_flight::Leases;
+use crate::limit::waiting::WaitList;
 use crate::maps::HashMap;
 use crate::pool::keypool::Tickets;
 use crate::store::{SharedStore, StoreError};
@@ -64,6 +65,8 @@ thread_local! {
     /// This VM's leases on requests in flight, under an id made when the VM first needs it: a VM
     /// that replaces this one (a reload, a new configuration) counts under an id of its own.
     static LEASES: RefCell<Option<Leases>> = const { RefCell::new(None) };
+    /// This worker's requests held for capacity.
+    static WAITING: RefCell<WaitList> = RefCell::new(WaitList::default());
 }
 
 /// A VM id for the leases: random from the host, else the clock's nanoseconds.
@@ -239,5 +242,23 @@ impl Host for SdkHost {
             let mut l = l.borrow_mut();
             f(l.get_or_insert_with(|| Leases::new(vm_id())), &HostStore)
         });
+    }
+
+    fn with_waiting(&mut self, f: &mut dyn FnMut(&mut WaitList)) {
+        WAITING.with(|w| f(&mut w.borrow_mut()));
+    }
+
+    fn gauge_add(&mut self, name: &str, delta: i64) {
+        if let Some(id) = metric_id(MetricType::Gauge, name) {
+            let _p = span("host proxy_increment_metric");
+            let _ = sdk::increment_metric(id, delta);
+        }
+    }
+
+    fn histogram(&mut self, name: &str, value: u64) {
+        if let Some(id) = metric_id(MetricType::Histogram, name) {
+            let _p = span("host proxy_record_metric");
+            let _ = sdk::record_metric(id, value);
+        }
     }
 }

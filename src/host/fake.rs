@@ -71,6 +71,11 @@ pub struct FakeHost {
     /// The worker VM's leases on requests in flight (shared by the streams of one worker; another
     /// worker is a host with leases of another VM id: [`FakeHost::on_worker`]).
     pub leases: Rc<core::cell::RefCell<crate::limit::in_flight::Leases>>,
+    /// The worker's held requests (shared by the streams of one worker).
+    pub waiting: Rc<core::cell::RefCell<crate::limit::waiting::WaitList>>,
+    /// Gauges moved by [`Host::gauge_add`], and histograms' values.
+    pub gauge_sums: HashMap<String, i64>,
+    pub histograms: HashMap<String, Vec<u64>>,
 }
 
 impl FakeHost {
@@ -97,6 +102,9 @@ impl FakeHost {
             leases: Rc::new(core::cell::RefCell::new(
                 crate::limit::in_flight::Leases::new(1),
             )),
+            waiting: Rc::default(),
+            gauge_sums: HashMap::default(),
+            histograms: HashMap::default(),
         }
     }
 
@@ -370,5 +378,20 @@ impl Host for FakeHost {
         f: &mut dyn FnMut(&mut crate::limit::in_flight::Leases, &dyn SharedStore),
     ) {
         f(&mut self.leases.borrow_mut(), self.store.as_ref());
+    }
+
+    fn with_waiting(&mut self, f: &mut dyn FnMut(&mut crate::limit::waiting::WaitList)) {
+        f(&mut self.waiting.borrow_mut());
+    }
+
+    fn gauge_add(&mut self, name: &str, delta: i64) {
+        *self.gauge_sums.entry(name.to_string()).or_default() += delta;
+    }
+
+    fn histogram(&mut self, name: &str, value: u64) {
+        self.histograms
+            .entry(name.to_string())
+            .or_default()
+            .push(value);
     }
 }

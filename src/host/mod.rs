@@ -15,6 +15,7 @@ pub mod prof;
 pub mod tally;
 
 use crate::limit::in_flight::Leases;
+use crate::limit::waiting::WaitList;
 use crate::pool::keypool::Tickets;
 use crate::store::SharedStore;
 use core::ops::Range;
@@ -104,6 +105,14 @@ pub trait Host {
     /// Runs `f` with this VM's leases on requests in flight (`limit::in_flight::Leases`: its id
     /// and its own counts) and the shared data they are kept in.
     fn with_leases(&mut self, f: &mut dyn FnMut(&mut Leases, &dyn SharedStore));
+
+    /// Runs `f` with this worker's requests held for capacity.
+    fn with_waiting(&mut self, f: &mut dyn FnMut(&mut WaitList));
+    /// Moves a gauge that every worker moves (held requests) by `delta`, at once: a value set by
+    /// one worker would overwrite another's.
+    fn gauge_add(&mut self, name: &str, delta: i64);
+    /// Records one value in a histogram (Envoy keeps its buckets and quantiles).
+    fn histogram(&mut self, name: &str, value: u64);
 }
 
 /// A header map read whole: the bytes the host wrote it in (the proxy-wasm map encoding, see

@@ -28,6 +28,8 @@ pub enum Verdict {
     },
     Refuse {
         retry_after_secs: u64,
+        /// The same, exact: when the bucket holds the request's reservation.
+        retry_after_ms: u64,
         message: String,
         standings: Vec<Standing>,
         /// The limit that refused it.
@@ -159,6 +161,7 @@ fn refused(ask: &Ask<'_>, retry_after_ms: u64, limit: Limit, standings: Vec<Stan
     );
     Verdict::Refuse {
         retry_after_secs: secs,
+        retry_after_ms,
         message,
         standings,
         limit,

@@ -10,7 +10,8 @@
 //! within that time, and an entry holds only the slots of VMs that have requests in flight (a VM
 //! takes its slot out when its last request ends), so the key space and each value stay bounded.
 //!
-//! One entry per subject (`tollgate:if:c:<consumer>`, `tollgate:if:p:<provider>`); a provider's
+//! One entry per subject (`tollgate:if:c:<consumer>`, `tollgate:if:p:<provider>`, and
+//! `tollgate:if:held` for the requests held for capacity, [`crate::limit::waiting`]); a provider's
 //! entry counts each limited key in a lane of its own (the hash of the key's id, which survives a
 //! configuration that reorders the keys), so choosing a key reads one entry whatever the number of
 //! keys. A consumer's entry has the one lane [`CONSUMER_LANE`].
@@ -48,6 +49,8 @@ pub fn key_lane(key_id: &str) -> u64 {
 pub enum Subject {
     Consumer(String),
     Provider(String),
+    /// Requests held for capacity, whoever they are (the one lane [`CONSUMER_LANE`]).
+    Held,
 }
 
 impl Subject {
@@ -55,6 +58,7 @@ impl Subject {
         match self {
             Subject::Consumer(c) => format!("tollgate:if:c:{c}"),
             Subject::Provider(p) => format!("tollgate:if:p:{p}"),
+            Subject::Held => "tollgate:if:held".to_string(),
         }
     }
 }

@@ -8,3 +8,4 @@ pub mod headers;
 pub mod in_flight;
 pub mod quota;
 pub mod spread;
+pub mod waiting;

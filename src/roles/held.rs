@@ -5,7 +5,8 @@
 //! would hang until a timeout. The root context's tick asks this registry for requests held too long
 //! while no held request of this plugin has ever seen its body: those are answered with an error and
 //! the missing setting is logged, instead of hanging. One request that receives its body proves the
-//! setting is there, and the check stops. (Requests that wait for capacity will be held here too.)
+//! setting is there, and the check stops. (Requests held for capacity are another matter: see
+//! [`crate::limit::waiting`].)
 
 use crate::api::errors::{error_body, ClientApi, ErrorKind};
 use crate::host::Host;

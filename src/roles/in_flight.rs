@@ -28,6 +28,8 @@ pub fn tick<H: Host>(host: &mut H, cfg: &Config) {
     for (subject, totals) in seen {
         match subject {
             Subject::Consumer(c) => host.gauge(&consumer_gauge(&c), totals.sum()),
+            // Shown per consumer, moved as requests are held and released.
+            Subject::Held => {}
             Subject::Provider(name) => {
                 // A provider no longer configured: its last requests end unseen by the gauges.
                 let Some((_, p)) = cfg.provider(&name) else {

@@ -32,4 +32,7 @@ pub enum Flow {
     Pause,
     /// Answered locally: nothing more goes on.
     Stop,
+    /// Held for capacity: the adapter keeps the role for its tick, which lets the request go on
+    /// (or answers it) later ([`listener::Listener::retry`]).
+    Hold,
 }

@@ -2193,3 +2193,4 @@ fn consumers_named_by_a_trusted_header_are_bounded_and_shown_in_the_status_endpo
 }
 
 mod cache;
+mod waiting;

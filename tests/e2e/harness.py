@@ -23,7 +23,7 @@ ENVOY = ROOT / ".venv" / "bin" / "envoy"
 MOCK_BIN = ROOT / "target" / "release" / "mock-provider"
 
 STATS_TAGS = [
-    {"tag_name": "consumer", "regex": r"^wasmcustom\.tollgate\.consumer\.((.+?)\.)(model\.|limit\.|in_flight$)"},
+    {"tag_name": "consumer", "regex": r"^wasmcustom\.tollgate\.consumer\.((.+?)\.)(model\.|limit\.|in_flight$|waiting$)"},
     # The model asked for (an alias by its own name), per consumer and per provider that served it.
     {"tag_name": "model", "regex": r"^wasmcustom\.tollgate\.(?:consumer|provider)\.[^.]+\.model\.((.+?)\.)"},
     # The model the provider was called with for it.

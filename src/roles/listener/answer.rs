@@ -186,6 +186,9 @@ impl Listener {
         if let Some(v) = self.adm.cache.outcome.header() {
             map.set(crate::cache::HEADER, v);
         }
+        if let Some(ms) = self.waiting.waited_ms {
+            map.set(headers::HDR_WAITED, ms.to_string());
+        }
         map.apply(host, Map::ResponseHeaders);
         if end_of_stream {
             self.ans.response_complete = true;

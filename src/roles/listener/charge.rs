@@ -159,6 +159,9 @@ impl Listener {
             None => record.push_str(" in=- out=- usage=-"),
         }
         self.adm.cache.note(self.started_ms, &mut record);
+        if let Some(ms) = self.waiting.waited_ms {
+            let _ = write!(record, " waited_ms={ms}");
+        }
         host.set_filter_state(RECORD, record.as_bytes());
     }
 

@@ -7,7 +7,7 @@
 //!
 //! The answer side is in [`answer`] (what the client gets back) and [`charge`] (usage settled
 //! exactly once, metrics, the access-log record); [`cached`] answers from the response cache and
-//! stores in it.
+//! stores in it; [`waiting`] holds a refused request for capacity and walks again for it.
 
 pub mod admission;
 mod answer;
@@ -15,6 +15,7 @@ mod cached;
 mod charge;
 mod models;
 mod retry_after;
+mod waiting;
 
 use super::plan::{self, Plan};
 use super::refused::{self, Refused};
@@ -56,6 +57,7 @@ pub struct Listener {
     forced_stream_usage: bool,
     ans: Answer,
     charged: bool,
+    waiting: waiting::Waiting,
 }
 
 impl Listener {
@@ -76,6 +78,7 @@ impl Listener {
             forced_stream_usage: false,
             ans: Answer::default(),
             charged: false,
+            waiting: waiting::Waiting::default(),
         }
     }
 
@@ -170,6 +173,9 @@ impl Listener {
             Ok(c) => self.adm.consumer = c,
             Err(r) => return self.reject(host, &r),
         }
+        if let Err(r) = self.read_max_wait() {
+            return self.reject(host, &r);
+        }
         match path_use {
             PathUse::Counted => {}
             PathUse::Passthrough => self.adm.passthrough = true,
@@ -252,9 +258,12 @@ impl Listener {
             now: self.started_ms,
             body,
         };
+        if let Some(flow) = self.wait_behind(host, body.is_some()) {
+            return flow;
+        }
         match admission::walk(host, &incoming, &mut self.adm) {
             Ok(()) => self.go_on(host, &incoming),
-            Err(Stop::Refuse(r)) => self.reject(host, &r),
+            Err(Stop::Refuse(r)) => self.wait_or_reject(host, r),
             Err(Stop::Serve(a)) => self.serve(host, a),
         }
     }
@@ -317,7 +326,8 @@ impl Listener {
             rewritten: self.adm.rewritten.is_some(),
             consumer: &self.adm.consumer,
             start: health.as_ref().map(|(i, h)| (*i, h.as_slice())),
-            at_ms: Some(self.started_ms),
+            // When admission judged it: its arrival, or its release after a wait.
+            at_ms: Some(incoming.now),
             prefix: self.adm.info.prefix,
             rate_limits: self
                 .adm
@@ -348,6 +358,7 @@ impl Listener {
     /// upstream reset): the cluster-level role then knows the attempt's end is not the provider's
     /// failure.
     pub fn on_done<H: Host>(&mut self, host: &mut H) {
+        self.leave_if_held(host);
         // Given back at the end of the answer or in `on_log` already, unless neither came.
         admission::concurrency::give_back(host, &mut self.adm, !self.ans.response_complete);
         if !self.ans.response_complete {

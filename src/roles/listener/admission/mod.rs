@@ -25,6 +25,9 @@
 //! request headers alone, and are inputs of the walk. A step that is not configured returns at
 //! once: no host call, no shared-data read. A step that takes something a later step's refusal must give back (a reservation, a slot) says
 //! so in [`release`], which the walk calls when it stops.
+//!
+//! A refusal that says when the same request could go ([`Refusal::retry_in_ms`]) may hold the
+//! request instead, for a consumer that waits ([`wait`]): the walk is then run again for it later.
 
 pub mod allow;
 pub mod cache;
@@ -35,6 +38,7 @@ pub mod model;
 pub mod path;
 pub mod quota;
 pub mod route;
+pub mod wait;
 
 use crate::api::errors::{ClientApi, ErrorKind};
 use crate::api::request::RequestInfo;
@@ -95,8 +99,9 @@ impl Admission {
     }
 }
 
-/// Why the walk ended before the request could go on. (Answering from a cache and holding a
-/// request until there is capacity are stops too: they come here as variants of their own.)
+/// Why the walk ended before the request could go on. (Answering from a cache is a stop too, a
+/// variant of its own. Holding a request until there is capacity follows a refusal that says when
+/// the request could go: [`wait`].)
 #[derive(Debug)]
 pub enum Stop {
     /// Answered with an error in the client API's shape.

@@ -76,6 +76,7 @@ pub fn check<H: Host>(
         }
         Verdict::Refuse {
             retry_after_secs,
+            retry_after_ms,
             message,
             standings,
             limit,
@@ -94,6 +95,8 @@ pub fn check<H: Host>(
             refusal.headers = adm.rate_limits.clone();
             Err(refusal
                 .header("retry-after", retry_after_secs.to_string())
+                // The bucket refills by itself: the same request could go then.
+                .retry_in(u32::try_from(retry_after_ms.max(1)).unwrap_or(u32::MAX))
                 .into())
         }
         Verdict::AdmitUnmetered => {

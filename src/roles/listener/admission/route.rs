@@ -59,6 +59,7 @@ pub fn check<H: Host>(
                 .code(why.code())
                 .header("retry-after", retry_after_secs.to_string())
                 .outcome("exhausted")
+                .retry_in(u32::try_from(retry_after_secs.saturating_mul(1000)).unwrap_or(u32::MAX))
                 .into());
         }
         Start::Paced(paced) => {
