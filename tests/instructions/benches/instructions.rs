@@ -30,6 +30,7 @@ use tollgate::host::fake::FakeHost;
 use tollgate::host::tally::{Attempt, Charge, LimitUse, Tally, ROW};
 use tollgate::host::{Body, Headers, Host, Map};
 use tollgate::limit::in_flight::Leases;
+use tollgate::limit::waiting::WaitList;
 use tollgate::pool::keypool::Tickets;
 use tollgate::roles::listener::Listener;
 use tollgate::roles::upstream::Upstream;
@@ -322,6 +323,15 @@ impl Host for BenchHost {
     }
     fn with_leases(&mut self, f: &mut dyn FnMut(&mut Leases, &dyn SharedStore)) {
         self.fake.with_leases(f)
+    }
+    fn with_waiting(&mut self, f: &mut dyn FnMut(&mut WaitList)) {
+        self.fake.with_waiting(f)
+    }
+    fn gauge_add(&mut self, name: &str, delta: i64) {
+        self.fake.gauge_add(name, delta)
+    }
+    fn histogram(&mut self, name: &str, value: u64) {
+        self.fake.histogram(name, value)
     }
 }
 
