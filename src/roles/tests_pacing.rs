@@ -152,3 +152,33 @@ fn a_paced_request_costs_5_shared_data_calls_more_and_an_unpaced_one_none() {
     // and its settlement (a read and a write) as its answer comes.
     assert_eq!(calls(r#","requests_per_minute":60"#) - calls(""), 5);
 }
+
+#[test]
+fn counts_announced_without_their_reset_pace_nothing_and_cost_nothing() {
+    // Azure and some OpenAI-compatible servers send what is left but not when it comes back.
+    let cfg = config("openai", "");
+    // Host calls and shared-data calls of one request whose answer carries `said`.
+    let one = |store: &Rc<FakeStore>, said: &[(&str, &str)]| {
+        let mut lh = client(store, "/v1/chat/completions", &[], CHAT);
+        let mut l = Listener::new(cfg.clone());
+        assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+        let before = store.calls.get();
+        let (_, h) = attempt(&lh, "p", 1, 200, said, b"{}", &cfg);
+        (h.calls.get(), store.calls.get() - before)
+    };
+    let store = Rc::new(FakeStore::new());
+    let counts_only = [
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-remaining-tokens", "0"),
+    ];
+    let with_counts = one(&store, &counts_only);
+    let without = one(&Rc::new(FakeStore::new()), &[]);
+    assert_eq!(with_counts, without, "not even a clock read for pacing");
+    assert!(!health::read(store.as_ref(), &cfg.providers[0])
+        .unwrap()
+        .announces());
+    // A key said to have nothing left, without a reset, still takes the next request.
+    let mut lh = client(&store, "/v1/chat/completions", &[], CHAT);
+    let mut l = Listener::new(cfg.clone());
+    assert_eq!(send(&mut l, &mut lh), Flow::Continue);
+}

@@ -765,8 +765,11 @@ impl Upstream {
     /// first answer of a provider that announces marks it as such (one write, once): from then on
     /// its keys are paced.
     fn pace_answer<H: Host>(&mut self, host: &mut H, headers: &Headers) {
+        // A count is only usable with its reset time (Azure and some OpenAI-compatible servers send
+        // counts alone): without one, no clock read and no pacing.
         let announces = headers.iter().any(|(k, _)| {
-            k.starts_with("x-ratelimit-remaining-") || k.starts_with("anthropic-ratelimit-")
+            k.starts_with("x-ratelimit-reset-")
+                || (k.starts_with("anthropic-ratelimit-") && k.ends_with("-reset"))
         });
         if !announces && self.spent.is_none() {
             return;
