@@ -767,9 +767,9 @@ impl Upstream {
     fn pace_answer<H: Host>(&mut self, host: &mut H, headers: &Headers) {
         // A count is only usable with its reset time (Azure and some OpenAI-compatible servers send
         // counts alone): without one, no clock read and no pacing.
-        let announces = headers.iter().any(|(k, _)| {
-            k.starts_with("x-ratelimit-reset-")
-                || (k.starts_with("anthropic-ratelimit-") && k.ends_with("-reset"))
+        let announces = headers.raw().any(|(k, _)| {
+            k.starts_with(b"x-ratelimit-reset-")
+                || (k.starts_with(b"anthropic-ratelimit-") && k.ends_with(b"-reset"))
         });
         if !announces && self.spent.is_none() {
             return;

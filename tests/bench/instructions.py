@@ -62,6 +62,9 @@ CASES = {
     "alias": "non-streamed, the model asked for by an alias",
     "cache_miss": "non-streamed, response cache on: a miss (answer stored)",
     "cache_hit": "non-streamed, response cache on: a hit (no attempt)",
+    # The waiting and pacing round: each on, each against `json`.
+    "waiting": "non-streamed, the consumer may wait for capacity (admitted at once)",
+    "paced": "non-streamed, every key paced by a configured requests_per_minute",
 }
 # The benchmark's steps, in the order of STEPS in tests/instructions/benches/instructions.rs: the
 # benchmark `<case>_<i>` is the case's STEPS[i].
@@ -79,7 +82,8 @@ STEPS = (
 MANY_CONSUMERS = bench.MANY_CONSUMERS
 # The case each other case differs from by one thing (the table's last column).
 BASE_OF = {"json_10k_consumers": "json", "stream_null_usage": "stream", "trim_16k": "prompt_16k",
-           **{c: "json" for c in ("context", "trim", "in_flight", "allow", "alias", "cache_miss", "cache_hit")}}
+           **{c: "json" for c in ("context", "trim", "in_flight", "allow", "alias", "cache_miss", "cache_hit",
+                            "waiting", "paced")}}
 
 
 def anthropic_answer() -> str:
@@ -128,6 +132,11 @@ def feature_plugins() -> dict[str, dict]:
         for k in cfg["providers"][0]["keys"]:
             k["max_in_flight"] = 1000
 
+    def paced(cfg):
+        # Far above what the benchmark sends in a minute: every request is taken, none refused.
+        for k in cfg["providers"][0]["keys"]:
+            k["requests_per_minute"] = 1_000_000_000
+
     def window(trim: bool, tokens: int = 128_000):
         return lambda cfg: cfg.update(models={"gpt-4o-mini": {"context_window": tokens, "trim_oldest": trim}})
 
@@ -140,6 +149,8 @@ def feature_plugins() -> dict[str, dict]:
         "config-allow.json": plugin(consumer(models=["gpt-4o-*", "claude-*"])),
         "config-alias.json": plugin(lambda cfg: cfg.update(aliases={"fast": "gpt-4o-mini"})),
         "config-cache.json": bench.cache_plugin(),
+        "config-waiting.json": plugin(consumer(waiting={"max_wait": "10s"})),
+        "config-paced.json": plugin(paced),
     }
 
 
@@ -181,6 +192,8 @@ def write_inputs() -> None:
         "alias": {**common, "config": "config-alias.json", "body": "chat-alias.json"},
         "cache_miss": {**common, "config": "config-cache.json", "body": "chat-cache.json", "unique": True},
         "cache_hit": {**common, "config": "config-cache.json", "body": "chat-cache.json", "served_from_cache": True},
+        "waiting": {**common, "config": "config-waiting.json"},
+        "paced": {**common, "config": "config-paced.json"},
     }
     files["cases.json"] = json.dumps(cases, indent=1)
     for name, text in files.items():

@@ -660,6 +660,12 @@ fn cache_miss(step: Step) -> Request {
 fn cache_hit(step: Step) -> Request {
     prepare("cache_hit", step)
 }
+fn waiting(step: Step) -> Request {
+    prepare("waiting", step)
+}
+fn paced(step: Step) -> Request {
+    prepare("paced", step)
+}
 
 /// The measured part: one callback (or the few Envoy makes for one step). The request is handed
 /// back so that dropping it is not counted.
@@ -684,6 +690,8 @@ fn run(mut r: Request) -> Request {
 #[benches::alias(iter = STEPS, setup = alias)]
 #[benches::cache_miss(iter = STEPS, setup = cache_miss)]
 #[benches::cache_hit(iter = STEPS, setup = cache_hit)]
+#[benches::waiting(iter = STEPS, setup = waiting)]
+#[benches::paced(iter = STEPS, setup = paced)]
 fn step(r: Request) -> Request {
     run(r)
 }
