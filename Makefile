@@ -18,7 +18,7 @@ help:
 	@echo "make test       clippy (wasm target), unit tests, end-to-end tests against a real Envoy (shipped configs validated there)"
 	@echo "make build      build $(WASM)"
 	@echo "make size       size-tuned build after wasm-opt"
-	@echo "make bench      the cost goals: tollgate against bare Envoy, an empty module, the previous module (BENCH_PREVIOUS=$(BENCH_PREVIOUS)), a 16 KiB body, host calls, a fleet-wide budget, 10,000 consumers, the response cache and the instructions per callback (BENCHMARKS.md, ~12 min)"
+	@echo "make bench      the cost goals: tollgate against bare Envoy, an empty module, the previous module (BENCH_PREVIOUS=$(BENCH_PREVIOUS)), a 16 KiB body, host calls, a fleet-wide budget, 10,000 consumers, the response cache and the instructions per callback (BENCHMARKS.md, ~18 min on 2 cores)"
 	@echo "make profile    host calls and callbacks per request and per SSE event, by role, counted and timed inside the VM"
 	@echo "make instructions  instructions per callback of both roles (Valgrind's Callgrind), checked against tests/bench/instructions-baseline.json (~5 min)"
 	@echo "make lint       rustfmt check, clippy for the wasm target and the host"
@@ -107,7 +107,8 @@ run-rotation: build mock venv
 # The module `make bench` compares tollgate against in the same rounds (A/B): built from this commit's
 # sources (git archive) into $(BENCH_PREV_DIR), with its own target dir so that it never touches
 # tollgate's build. Any commit or ref: `make bench BENCH_PREVIOUS=<rev>`.
-BENCH_PREVIOUS  ?= 601e406
+# f36ba78: main before waiting, pacing and the second cost round.
+BENCH_PREVIOUS  ?= f36ba78
 BENCH_PREV_DIR  := target/bench-previous
 BENCH_PREV_WASM := $(BENCH_PREV_DIR)/tollgate.wasm
 
