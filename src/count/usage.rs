@@ -83,10 +83,18 @@ impl ApiKind {
 /// Accepts OpenAI and Anthropic field names; a usage object with neither an input nor an output
 /// count is treated as absent.
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
-    // Only `usage` is read: the completion around it is checked as JSON, not copied.
-    let [usage] = splice::member_values(body, ["usage"]).ok()?;
-    let usage: Option<UsageObject> = serde_json::from_str(usage?.get()).ok()?;
-    usage?.counts().usage()
+    /// Only `usage` is read, in the same pass that checks the completion around it as JSON (its
+    /// strings skipped, not copied nor checked for UTF-8).
+    #[derive(Derive)]
+    struct Answer {
+        usage: Option<UsageObject>,
+    }
+    // An answer is an object; serde would also take a struct written as an array.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    answer.usage?.counts().usage()
 }
 
 /// Accumulates usage and streamed text from SSE events of any of the supported APIs.
@@ -1031,11 +1039,13 @@ mod tests {
         ] {
             assert_eq!(usage_from_json(body), None, "{}", String::from_utf8_lossy(body));
         }
-        // Bytes that are not UTF-8 in a member that is skipped do not hide the usage; in the
-        // usage itself, they do.
+        // Bytes that are not UTF-8 in a member that is skipped do not hide the usage, in the
+        // completion or in the usage itself (the provider counted those tokens); in a key, they do.
         let body = b"{\"choices\":[{\"text\":\"\xff\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}";
         assert_eq!(usage_from_json(body), Some(u(3, 1, 0, 0, 0)));
         let body = b"{\"usage\":{\"prompt_tokens\":3,\"x\":\"\xff\"}}";
+        assert_eq!(usage_from_json(body), Some(u(3, 0, 0, 0, 0)));
+        let body = b"{\"usage\":{\"prompt_tokens\":3,\"\xff\":1}}";
         assert_eq!(usage_from_json(body), None);
     }
 

@@ -363,6 +363,18 @@ pub fn read<S: SharedStore + ?Sized>(
     Ok(ProviderHealth::decode(bytes.as_deref(), provider))
 }
 
+/// [`read`], with the bytes it was read from (empty when the provider has no entry yet): the
+/// listener hands them to the first attempt as they are, where encoding the reading again would
+/// give the attempt the same health.
+pub fn read_keeping_bytes<S: SharedStore + ?Sized>(
+    store: &S,
+    provider: &Provider,
+) -> Result<(ProviderHealth, Vec<u8>), StoreError> {
+    let (bytes, _) = store.get(&entry_key(&provider.name))?;
+    let health = ProviderHealth::decode(bytes.as_deref(), provider);
+    Ok((health, bytes.unwrap_or_default()))
+}
+
 fn modify<S: SharedStore + ?Sized, T>(
     store: &S,
     provider: &Provider,

@@ -40,16 +40,16 @@ pub fn start<S: SharedStore + ?Sized>(store: &S, cfg: &Config, model: &str, now:
     start_reading(store, cfg, model, 0, now).0
 }
 
-/// [`start`] for a request of `tokens` (its estimate, for paced keys), with the health reading of
-/// the provider it starts on: the attempt that follows can choose its key from it instead of
-/// reading it again.
+/// [`start`] for a request of `tokens` (its estimate, for paced keys), with the health entry of
+/// the provider it starts on as read (see [`health::read_keeping_bytes`]): the attempt that
+/// follows can choose its key from it instead of reading it again.
 pub fn start_reading<S: SharedStore + ?Sized>(
     store: &S,
     cfg: &Config,
     model: &str,
     tokens: u64,
     now: u64,
-) -> (Start, Option<ProviderHealth>) {
+) -> (Start, Option<Vec<u8>>) {
     start_where(store, cfg, tokens, now, |i| serves(cfg, i, model))
 }
 
@@ -60,7 +60,7 @@ pub fn start_speaking<S: SharedStore + ?Sized>(
     cfg: &Config,
     anthropic: bool,
     now: u64,
-) -> (Start, Option<ProviderHealth>) {
+) -> (Start, Option<Vec<u8>>) {
     start_where(store, cfg, 0, now, |i| {
         cfg.providers
             .get(i)
@@ -74,7 +74,7 @@ fn start_where<S: SharedStore + ?Sized>(
     tokens: u64,
     now: u64,
     serves: impl Fn(usize) -> bool,
-) -> (Start, Option<ProviderHealth>) {
+) -> (Start, Option<Vec<u8>>) {
     let mut earliest: Option<Blocked> = None;
     let mut first_serving = None;
     let mut at_limit = false;
@@ -84,7 +84,7 @@ fn start_where<S: SharedStore + ?Sized>(
             continue;
         }
         first_serving.get_or_insert(i);
-        let Ok(h) = health::read(store, p) else {
+        let Ok((h, bytes)) = health::read_keeping_bytes(store, p) else {
             return (Start::Provider(first_serving.unwrap_or(i)), None);
         };
         let blocked = h.blocked(&cfg.health, now);
@@ -112,7 +112,7 @@ fn start_where<S: SharedStore + ?Sized>(
             })
         });
         let Some(mut b) = blocked else {
-            return (Start::Provider(i), Some(h));
+            return (Start::Provider(i), Some(bytes));
         };
         b.until_ms = b.until_ms.max(now.saturating_add(1));
         if earliest.is_none_or(|e| b.until_ms < e.until_ms) {

@@ -310,10 +310,12 @@ impl Listener {
             host.clear_route_cache();
         }
         let planning = span("listener plan");
-        let health = self.adm.start_health.as_ref().and_then(|h| {
-            let p = self.cfg.providers.get(start)?;
-            Some((start, h.encode(p)))
-        });
+        let health = self
+            .adm
+            .start_health
+            .as_deref()
+            .filter(|_| start < self.cfg.providers.len())
+            .map(|h| (start, h));
         let plan = Plan {
             path: &self.path,
             authority: &self.authority,
@@ -325,7 +327,7 @@ impl Listener {
             },
             rewritten: self.adm.rewritten.is_some(),
             consumer: &self.adm.consumer,
-            start: health.as_ref().map(|(i, h)| (*i, h.as_slice())),
+            start: health,
             // When admission judged it: its arrival, or its release after a wait.
             at_ms: Some(incoming.now),
             prefix: self.adm.info.prefix,

@@ -44,7 +44,6 @@ use crate::api::errors::{ClientApi, ErrorKind};
 use crate::api::request::RequestInfo;
 use crate::config::Config;
 use crate::count::usage::ApiKind;
-use crate::failover::health::ProviderHealth;
 use crate::host::Host;
 use crate::limit::in_flight::Subject;
 use crate::limit::quota::{Reservation, Standing};
@@ -69,10 +68,11 @@ pub struct Admission {
     pub model: String,
     /// The model as metrics and shared-data keys name it: a configured model, "other" or "none".
     pub model_label: String,
-    /// The provider the request starts on (config order), and its health as read when choosing it:
-    /// the first attempt chooses its key from that reading instead of reading it again.
+    /// The provider the request starts on (config order), and its health entry as read when
+    /// choosing it (shared-data bytes): the first attempt chooses its key from that reading
+    /// instead of reading it again.
     pub start: usize,
-    pub start_health: Option<ProviderHealth>,
+    pub start_health: Option<Vec<u8>>,
     /// A path passed through as it is (`passthrough_paths`): counted as one request, routed by the
     /// client's API alone (no model mapped, nothing translated).
     pub passthrough: bool,
