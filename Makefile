@@ -115,6 +115,7 @@ BENCH_PREV_WASM := $(BENCH_PREV_DIR)/tollgate.wasm
 .PHONY: bench
 bench: build mock venv profiled
 	@command -v wrk >/dev/null || apt-get install -y wrk; command -v wasm-opt >/dev/null || apt-get install -y binaryen
+	@command -v perf >/dev/null || apt-get install -y linux-perf >/dev/null 2>&1 || echo "perf not installed: the benchmark's perf samples will say skipped"
 	@$(MAKE) --no-print-directory fleet-deps || echo "make fleet-deps failed: the benchmark's fleet-wide budget rows will say skipped"
 	@$(MAKE) --no-print-directory bench-previous || echo "building $(BENCH_PREVIOUS) failed: the benchmark runs without the previous module and says so"
 	$(PY) tests/bench/bench.py --previous $(BENCH_PREV_WASM) --previous-label "$$(cat $(BENCH_PREV_DIR)/COMMIT 2>/dev/null || echo '$(BENCH_PREVIOUS)')"

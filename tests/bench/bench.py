@@ -67,6 +67,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 from harness import (ENVOY, MOCK_BIN, WASM, Envoy, free_port, gateway_config, redis_command, request,  # noqa: E402
                      sse_data, stop_process)
+import where_cpu  # noqa: E402  (tests/bench: perf samples and host-call prices)
 
 LUA = HERE / "chat.lua"
 OUT = ROOT / "BENCHMARKS.md"
@@ -808,6 +809,38 @@ def load_times(cfgs: dict[str, dict], n: int = 3) -> dict[str, list[float]]:
             p = Proxy(name, fresh_ports(cfg), ENV).start()
             out[name].append(p.ready_s)
             p.stop()
+    return out
+
+
+def where(up_port: int, empty_cfg: dict, proxies: dict, profile: dict | None) -> dict:
+    """where_cpu's figures: perf samples of tollgate and the empty module (16 connections, both
+    kinds of answer) and the host-call prices, each part skipped with its reason when it cannot run."""
+    out: dict = {}
+    out["perf_skipped"] = where_cpu.perf_available()
+    if not out["perf_skipped"]:
+        pair = {n: proxies[n] for n in ("empty", "tollgate")}
+        out["split"] = where_cpu.perf_split(pair, [Cell(False, 16), Cell(True, 16)], run_wrk)
+        for (cell, name), f in out["split"].items():
+            print(f"bench: perf {title_of(cell)} {name}: CPU/req {f['cpu_us']:.0f} µs, module {f['module']:.0f}, "
+                  f"Envoy {f['envoy']:.0f}, kernel {f['kernel']:.0f}, other {f['other']:.0f}", flush=True)
+    wasm, out["prices_skipped"] = where_cpu.build_probes(EMPTY_DIR, BUILD)
+    if wasm:
+        probed = {}
+        try:
+            for probe in where_cpu.PROBES:
+                cfg = where_cpu.probe_config(empty_cfg, wasm, probe, fresh_ports, wasm_filter_lists)
+                probed[probe] = Proxy(f"probe-{probe}", cfg, ENV).start()
+            out["prices"] = where_cpu.prices(proxies["empty"], probed, run_wrk)
+        except RuntimeError as e:
+            out["prices_skipped"] = f"a probe failed: {str(e).splitlines()[0][:300]}"
+        finally:
+            for p in probed.values():
+                p.stop()
+        for n, f in out.get("prices", {}).get("probes", {}).items():
+            print(f"bench: host-call price {n}: {f['per_call_us']:.2f} µs per call", flush=True)
+        rows = (profile or {}).get("reports", {}).get("request", {}).get("both")
+        if rows and out.get("prices"):
+            out["estimate"] = where_cpu.estimate(parse_profile(rows), out["prices"]["probes"])
     return out
 
 
@@ -1855,7 +1888,8 @@ def report(run) -> str:
            "quietest attempt kept. `--aa` (bare against bare) shows what noise alone looks like.", ""]
     for g, v, ok, invalid in goals:
         print(f"{yes(ok, invalid).replace('*', ''):8s} {g}: {v}")
-    return "\n".join(head + goal_lines + comparison_section(run) + host_calls_section(run) + perf + big_section(run)
+    return "\n".join(head + goal_lines + comparison_section(run) + host_calls_section(run) + perf
+                     + where_cpu.section(run.where, title_of) + big_section(run)
                      + floor_section(run) + previous_section(run) + many_section(run) + fleet_section(run)
                      + cache_section(run) + mem + module + setup + how)
 
@@ -1949,7 +1983,7 @@ def main() -> int:
     run = argparse.Namespace(a=a, started=datetime.datetime.now(datetime.timezone.utc), mach=machine(), marks=marks,
                              main_on=not a.only or "tollgate" in a.only, notes=[], counters={}, fleet_counts={},
                              rss=None, size=None, loads=None, served={}, floor_skipped="", fleet_skipped="",
-                             previous_skipped="", profile=None, profile_skipped="", commit=commit_of(), many_rss=None,
+                             previous_skipped="", profile=None, profile_skipped="", commit=commit_of(), many_rss=None, where=None,
                              # Read before anything is written: --out may be the same file.
                              earlier=read_report(a.compare))
     t0 = time.monotonic()
@@ -2122,6 +2156,9 @@ def main() -> int:
             time.sleep(0.5)  # the last charges are fire-and-forget
             after = fleet_counts(proxies["fleet"], fleet)
             run.fleet_counts = {k: (v if k == "redis" else v - fleet_before[k]) for k, v in after.items()}
+        if not a.only and not a.aa and "empty" in proxies and "tollgate" in proxies:
+            phase("where the CPU goes: perf samples, host-call prices...")
+            run.where = where(up_port, cfgs["empty"], proxies, run.profile)
         print()
         run.elapsed = time.monotonic() - t0
         md = report(run)
