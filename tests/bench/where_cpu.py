@@ -31,11 +31,16 @@ from pathlib import Path
 
 # probe -> calls per request (see probes.rs). `hold` makes no call: its price is that of holding the
 # request headers and buffering both bodies whole, once per request.
-PROBES = {"time": 20, "header": 20, "map": 10, "state": 4, "hold": 1}
+PROBES = {"time": 20, "header": 20, "map": 10, "replace": 20, "write-map": 10, "shared-get": 20, "shared-set": 20,
+          "state": 4, "hold": 1}
 PROBE_TITLES = {
     "time": "a call that returns no bytes (`proxy_get_current_time_nanoseconds`)",
     "header": "one header's value (`proxy_get_header_map_value`): bytes back, so an allocation call into the module",
     "map": "the whole request header map (`proxy_get_header_map_pairs`, the benchmark's request)",
+    "replace": "a request header written (`proxy_replace_header_map_value`)",
+    "write-map": "the request header map written whole (`proxy_set_header_map_pairs`)",
+    "shared-get": "a 64-byte shared-data entry read (`proxy_get_shared_data`)",
+    "shared-set": "a 64-byte shared-data entry written (`proxy_set_shared_data`)",
     "state": "a filter-state value written (`proxy_set_property`, 33 bytes)",
     "hold": "request headers held until the body is in, both bodies buffered whole (no call; once per request)",
 }
@@ -43,9 +48,15 @@ PROBE_TITLES = {
 PRICED_AS = {
     "proxy_get_header_map_pairs": "map",
     "proxy_get_buffer_bytes": "header",
-    "proxy_get_shared_data": "header",
     "proxy_get_property": "header",
     "proxy_get_header_map_value": "header",
+    "proxy_get_shared_data": "shared-get",
+    "proxy_set_shared_data": "shared-set",
+    "proxy_replace_header_map_value": "replace",
+    "proxy_add_header_map_value": "replace",
+    "proxy_remove_header_map_value": "replace",
+    "proxy_set_header_map_pairs": "write-map",
+    "proxy_set_buffer_bytes": "replace",
     "proxy_set_property": "state",
 }
 PERF_SECONDS = 4
@@ -151,8 +162,9 @@ def perf_split(proxies: dict, cells: list, run_wrk) -> dict:
 
 
 def estimate(profile_rows: dict[str, tuple[float, float]], probe_prices: dict) -> tuple[float, float]:
-    """tollgate's host calls per non-streamed request (the profile's counts) priced by the probes:
-    (calls, µs). A call of a kind no probe matches is priced as `time` (no bytes back)."""
+    """tollgate's host calls per non-streamed request (the profile's counts) priced by the probes,
+    with holding the request and buffering the answer once: (calls, µs). A call of a kind no probe
+    matches is priced as `time` (no bytes back)."""
     calls = us = 0.0
     for row, (n, _) in profile_rows.items():
         if not row.startswith("host "):
@@ -163,6 +175,8 @@ def estimate(profile_rows: dict[str, tuple[float, float]], probe_prices: dict) -
             continue
         calls += n
         us += n * max(price, 0.0)
+    # The listener holds every request's headers while it reads the body, and buffers the answer.
+    us += max(probe_prices.get("hold", {}).get("per_call_us", 0.0), 0.0)
     return calls, us
 
 
@@ -208,11 +222,10 @@ def section(where: dict | None, title_of) -> list[str]:
         est = where.get("estimate")
         if est:
             calls, us = est
-            out += [f"Priced so (a whole map as `map`; a body, shared data or a property read as `header`; a "
-                    f"filter-state write as `state`; every other call as `time`), tollgate's {calls:.1f} host calls "
-                    f"per non-streamed request (*Host calls*) come to about {us:.0f} µs of Envoy CPU. A rough "
-                    "estimate: a header write or a shared-data write costs more than a clock read, and a "
-                    "real header map or body is larger than the probes'.", ""]
+            out += [f"Priced so (each call as the probe of its kind; a body or a property read as `header`, a "
+                    f"header removal or a body write as `replace`, every other call as `time`), tollgate's "
+                    f"{calls:.1f} host calls per non-streamed request (*Host calls*), with holding the request and buffering the answer, "
+                    f"come to about {us:.0f} µs of Envoy CPU: a rough estimate, as a real header map or body is larger than the probes'.", ""]
     elif where.get("prices_skipped"):
         out += [f"Host-call prices not measured: {where['prices_skipped']}.", ""]
     return out

@@ -8,6 +8,10 @@
 //! - `header`: one request header's value (`proxy_get_header_map_value`): bytes returned, so the
 //!   host also calls back into the module to allocate them;
 //! - `map`: the whole request header map (`proxy_get_header_map_pairs`);
+//! - `replace`: a request header written (`proxy_replace_header_map_value`);
+//! - `write-map`: the request header map written whole (`proxy_set_header_map_pairs`), as read once;
+//! - `shared-get` / `shared-set`: a 64-byte shared-data entry read / written
+//!   (`proxy_get_shared_data` / `proxy_set_shared_data`, no CAS);
 //! - `state`: a filter-state value written (`proxy_set_property`), at the end of the request body;
 //! - `hold`: no call; the request headers held until the body is in and both bodies buffered
 //!   whole (Pause until end of stream), as tollgate's listener does. Its count is 1.
@@ -21,6 +25,10 @@ enum Probe {
     Time,
     Header,
     Map,
+    Replace,
+    WriteMap,
+    SharedGet,
+    SharedSet,
     State,
     Hold,
 }
@@ -45,6 +53,10 @@ impl RootContext for Root {
             "time" => Probe::Time,
             "header" => Probe::Header,
             "map" => Probe::Map,
+            "replace" => Probe::Replace,
+            "write-map" => Probe::WriteMap,
+            "shared-get" => Probe::SharedGet,
+            "shared-set" => Probe::SharedSet,
             "state" => Probe::State,
             "hold" => Probe::Hold,
             _ => Probe::None,
@@ -80,7 +92,12 @@ impl Probed {
 
 impl HttpContext for Probed {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        for _ in 0..self.count {
+        let map = (self.probe == Probe::WriteMap).then(|| self.get_http_request_headers_bytes());
+        if self.probe == Probe::SharedGet {
+            // Something to read: written once per request, outside the calls counted.
+            let _ = self.set_shared_data("probe", Some(&[7u8; 64]), None);
+        }
+        for i in 0..self.count {
             match self.probe {
                 Probe::Time => {
                     std::hint::black_box(self.get_current_time());
@@ -90,6 +107,27 @@ impl HttpContext for Probed {
                 }
                 Probe::Map => {
                     std::hint::black_box(self.get_http_request_headers_bytes());
+                }
+                Probe::Replace => {
+                    self.set_http_request_header(
+                        "x-probe",
+                        Some(if i % 2 == 0 { "a" } else { "b" }),
+                    );
+                }
+                Probe::WriteMap => {
+                    if let Some(map) = &map {
+                        let pairs = map
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_slice()))
+                            .collect();
+                        self.set_http_request_headers_bytes(pairs);
+                    }
+                }
+                Probe::SharedGet => {
+                    std::hint::black_box(self.get_shared_data("probe"));
+                }
+                Probe::SharedSet => {
+                    let _ = self.set_shared_data("probe", Some(&[i as u8; 64]), None);
                 }
                 _ => {}
             }
