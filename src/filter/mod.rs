@@ -159,6 +159,8 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        // `make profile` reports the tick's host calls apart: they are per unit of time.
+        let _tick = crate::host::prof::tick();
         if self.role == Role::Listener && (self.fast || SPED_UP.get()) {
             // Every listener root of the VM releases held requests, whichever plugin (before or
             // after a reload) held them: each listener keeps its own configuration.

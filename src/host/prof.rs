@@ -5,29 +5,39 @@
 
 #[cfg(feature = "profile")]
 mod on {
-    use core::cell::RefCell;
+    use core::cell::{Cell, RefCell};
     use std::time::Instant;
 
     #[derive(Default)]
     struct Tally {
         /// (name, calls, nanoseconds), in order of first use.
         rows: Vec<(&'static str, u64, u64)>,
+        /// The same, for what the roots do on their timer tick: work per unit of time, not per
+        /// request or per event, reported apart.
+        tick_rows: Vec<(&'static str, u64, u64)>,
         requests: u64,
     }
 
     thread_local! {
         static TALLY: RefCell<Tally> = RefCell::new(Tally::default());
+        static IN_TICK: Cell<bool> = const { Cell::new(false) };
     }
 
     fn add(name: &'static str, ns: u64) {
+        let in_tick = IN_TICK.with(Cell::get);
         TALLY.with(|t| {
             let mut t = t.borrow_mut();
-            match t.rows.iter_mut().find(|r| r.0 == name) {
+            let rows = if in_tick {
+                &mut t.tick_rows
+            } else {
+                &mut t.rows
+            };
+            match rows.iter_mut().find(|r| r.0 == name) {
                 Some(r) => {
                     r.1 += 1;
                     r.2 += ns;
                 }
-                None => t.rows.push((name, 1, ns)),
+                None => rows.push((name, 1, ns)),
             }
         });
     }
@@ -44,6 +54,19 @@ mod on {
         Span(name, Instant::now())
     }
 
+    /// Marks what runs until it is dropped as the timer tick's (see `Tally::tick_rows`).
+    pub struct Tick(bool);
+
+    impl Drop for Tick {
+        fn drop(&mut self) {
+            IN_TICK.with(|t| t.set(self.0));
+        }
+    }
+
+    pub fn tick() -> Tick {
+        Tick(IN_TICK.with(|t| t.replace(true)))
+    }
+
     pub fn request_done() {
         let report = TALLY.with(|t| {
             let mut t = t.borrow_mut();
@@ -56,12 +79,15 @@ mod on {
                 "tollgate profile over {} requests (per request: calls, µs):",
                 t.requests
             );
-            for (name, calls, ns) in &t.rows {
-                s.push_str(&format!(
-                    "\n  {name:<34} {:>7.2} {:>8.2}",
-                    *calls as f64 / n,
-                    *ns as f64 / n / 1000.0
-                ));
+            for (prefix, rows) in [("", &t.rows), ("tick ", &t.tick_rows)] {
+                for (name, calls, ns) in rows {
+                    s.push_str(&format!(
+                        "\n  {:<34} {:>7.2} {:>8.2}",
+                        format!("{prefix}{name}"),
+                        *calls as f64 / n,
+                        *ns as f64 / n / 1000.0
+                    ));
+                }
             }
             *t = Tally::default();
             Some(s)
@@ -73,7 +99,7 @@ mod on {
 }
 
 #[cfg(feature = "profile")]
-pub use on::{request_done, span};
+pub use on::{request_done, span, tick, Tick};
 
 #[cfg(not(feature = "profile"))]
 pub struct Span;
@@ -94,3 +120,12 @@ pub fn span(_: &'static str) -> Span {
 #[cfg(not(feature = "profile"))]
 #[inline(always)]
 pub fn request_done() {}
+
+#[cfg(not(feature = "profile"))]
+pub struct Tick;
+
+#[cfg(not(feature = "profile"))]
+#[inline(always)]
+pub fn tick() -> Tick {
+    Tick
+}

@@ -941,7 +941,14 @@ def profile_report(cfg: dict, cell: Cell, requests: int) -> str:
 
 
 def host_calls(rows: dict[str, tuple[float, float]]) -> float:
+    """Host calls per request made in the request's own callbacks."""
     return sum(calls for name, (calls, _) in rows.items() if name.startswith("host "))
+
+
+def tick_calls(rows: dict[str, tuple[float, float]]) -> float:
+    """Host calls the roots made on their timer tick (flushes, released waits) over the same
+    requests: work per unit of time, reported apart."""
+    return sum(calls for name, (calls, _) in rows.items() if name.startswith("tick host "))
 
 
 def profile_all(up_port: int, requests: int) -> dict:
@@ -995,7 +1002,7 @@ def profile_figures(profile: dict | None) -> dict[str, dict[str, float]]:
         callbacks[kind] = {scope: r.get("listener on_http_response_body", (0.0, 0.0))[0] for scope, r in rows.items()}
         both, listener = host_calls(rows["both"]), host_calls(rows["listener"])
         fig[kind] = {"listener": listener, "upstream": both - listener, "both": both,
-                     "body_callbacks": callbacks[kind]["both"]}
+                     "body_callbacks": callbacks[kind]["both"], "tick": tick_calls(rows["both"])}
     short, long = EVENT_WORDS
     if short in fig and long in fig:
         per = {}
@@ -1003,8 +1010,11 @@ def profile_figures(profile: dict | None) -> dict[str, dict[str, float]]:
             d = callbacks[long][scope] - callbacks[short][scope]
             per[scope] = div(fig[long][scope] - fig[short][scope], d) if d > 1 else float("nan")
         ev = profile["events"]
+        d = callbacks[long]["both"] - callbacks[short]["both"]
         fig["event"] = {"both": per["both"], "listener": per["listener"], "upstream": per["both"] - per["listener"],
-                        "body_callbacks": div(callbacks[long]["both"] - callbacks[short]["both"], ev[long] - ev[short])}
+                        "body_callbacks": div(d, ev[long] - ev[short]),
+                        # The longer stream lives longer: more of the ticks fall in its lifetime.
+                        "tick": div(fig[long]["tick"] - fig[short]["tick"], d) if d > 1 else float("nan")}
     return fig
 
 
@@ -1383,12 +1393,15 @@ def issue15_goals(run) -> list[tuple[str, dict[Cell, tuple[str, bool | None, boo
         goals.append((f"tollgate's CPU above the empty module <= {GOAL_CPU[stream]} µs {unit}",
                       {c: floor_row(c, "above", "{:+.0f} µs", lambda v, s=stream: v <= GOAL_CPU[s])
                        for c in std if c.stream == stream}))
-    n = calls.get("request", {}).get("both")
-    goals.append((f"<= {GOAL_CALLS} host calls per non-streamed request (both roles)",
-                  {c: no_calls if n is None else (f"{n:.1f}", n <= GOAL_CALLS, False) for c in std if not c.stream}))
-    e = calls.get("event", {}).get("both")
-    goals.append((f"<= {GOAL_CALLS_EVENT} host call per SSE event, untranslated stream (both roles)",
-                  {c: no_calls if e is None else (f"{e:.2f}", e <= GOAL_CALLS_EVENT, False) for c in std if c.stream}))
+    # The roots' timer tick (flushes every 200 ms) is per unit of time: shown beside, not judged.
+    n, nt = (calls.get("request", {}).get(k) for k in ("both", "tick"))
+    goals.append((f"<= {GOAL_CALLS} host calls per non-streamed request (both roles; the tick's beside)",
+                  {c: no_calls if n is None else (f"{n:.1f} (tick +{nt:.2f})", n <= GOAL_CALLS, False)
+                   for c in std if not c.stream}))
+    e, et = (calls.get("event", {}).get(k) for k in ("both", "tick"))
+    goals.append((f"<= {GOAL_CALLS_EVENT} host call per SSE event, untranslated stream (both roles; the tick's beside)",
+                  {c: no_calls if e is None else (f"{e:.3f} (tick +{et:.3f})", e <= GOAL_CALLS_EVENT, False)
+                   for c in std if c.stream}))
     many = {c: many_figures(run, c) for c in std if "many" in run.plan[c]}
     if many:
         goals.append((f"{MANY_CONSUMERS:,} consumers in the configuration cost what one does (CPU per request, same "
@@ -1454,8 +1467,10 @@ def host_calls_section(run) -> list[str]:
            f"{run.a.profile_requests:,} requests each; the figures are its last report. *Both roles*: the two roles "
            "share one VM (one `vm_id`, as deployed), so the report counts both. *Listener*: the upstream role moved "
            "to a VM of its own (another `vm_id`, running the module under test), so the report counts the "
-           "listener's calls alone; *upstream* is the difference. Calls the roots make on their timer tick "
-           "(metrics and usage totals flushed every 200 ms) count in the requests they serve.", ""]
+           "listener's calls alone; *upstream* is the difference. The calls the roots make on their timer tick "
+           "(metrics and usage totals flushed every 200 ms, held requests released) are counted apart "
+           "(*tick* below, over the same requests): they are made per unit of time, whatever the requests "
+           "and events, so a longer stream shares more of them.", ""]
     if not run.profile:
         return out + [f"Not counted: {run.profile_skipped or 'no profile'}.", ""]
     fig = profile_figures(run.profile)
@@ -1467,6 +1482,8 @@ def host_calls_section(run) -> list[str]:
     for role in ROLES:
         out.append(f"| {'both roles' if role == 'both' else role} | " + " | ".join(f"{fig[k][role]:.2f}" for k in kinds)
                    + (f" | {fig['event'][role]:.3f} |" if "event" in fig else " | - |"))
+    out.append("| the roots' tick, over the same requests | " + " | ".join(f"{fig[k]['tick']:.2f}" for k in kinds)
+               + (f" | {fig['event']['tick']:.3f} |" if "event" in fig else " | - |"))
     out += ["", f"- Requests and the {N_CHUNKS}-event stream: the benchmark's upstream and bodies, 1 connection. That "
             f"upstream sends a stream's {SSE_EVENTS} events at once ({len(sse_answer()):,} bytes), and Envoy hands them "
             "to the listener in "
@@ -1499,6 +1516,10 @@ def host_calls_section(run) -> list[str]:
         out.append(f"| `{n.removeprefix('host ')}` | " + " | ".join(
             "{:.2f} ({:.1f} µs)".format(*rows[k][n]) if n in rows[k] else "-" for k in cols) + " |")
     out.append("| **all** | " + " | ".join(f"**{host_calls(rows[k]):.2f}**" for k in cols) + " |")
+    ticks = sorted({n for r in rows.values() for n in r if n.startswith("tick host ")})
+    for n in ticks:
+        out.append(f"| tick: `{n.removeprefix('tick host ')}` | " + " | ".join(
+            "{:.2f} ({:.1f} µs)".format(*rows[k][n]) if n in rows[k] else "-" for k in cols) + " |")
     cbs = sorted({n for r in rows.values() for n in r if re.match(r"^(listener|upstream) on_", n)})
     out += ["", "Callbacks, both roles: calls and µs per request (the µs include the host calls made inside them).", "",
             "| callback | " + " | ".join(col_head[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
