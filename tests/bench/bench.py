@@ -860,7 +860,7 @@ def build_empty() -> str:
 # ---------------------------------------------------------------------------------------------
 # Host calls per request (`make profile` prints the same): the module built with the
 # `profile` feature (src/host/prof.rs) counts every host call and callback inside the VM and logs the
-# averages per request every 1,000 requests, from the listener's on_log.
+# averages per request every 4,000 requests, from the listener's on_log.
 
 PROFILED = ROOT / "target" / "wasm32-wasip1" / "profiling" / "tollgate.wasm"
 PROFILE_MARK = "tollgate profile over"
@@ -922,7 +922,7 @@ def parse_profile(report: str) -> dict[str, tuple[float, float]]:
 
 def profile_report(cfg: dict, cell: Cell, requests: int) -> str:
     """The last report the module logged after `requests` requests of `cell`'s kind: the report
-    covers the last 1,000 requests before it."""
+    covers the last 4,000 requests before it."""
     p = Proxy("tollgate-profiled", cfg, ENV).start()
     deadline = time.monotonic() + 300
     try:
@@ -1462,7 +1462,7 @@ def goals_section(run) -> list[str]:
 def host_calls_section(run) -> list[str]:
     out = ["## Host calls per request (the profiling module, as `make profile`)", "",
            "The module built with the `profile` feature (`src/host/prof.rs`, cargo profile `profiling`) counts every "
-           "host call inside the VM and logs the averages per request every 1,000 requests. It ran in tollgate's "
+           "host call inside the VM and logs the averages per request every 4,000 requests. It ran in tollgate's "
            "configuration, one Envoy per kind of request, "
            f"{run.a.profile_requests:,} requests each; the figures are its last report. *Both roles*: the two roles "
            "share one VM (one `vm_id`, as deployed), so the report counts both. *Listener*: the upstream role moved "
@@ -1977,8 +1977,8 @@ def main() -> int:
     ap.add_argument("--compare", type=Path, default=OUT, metavar="MD",
                     help="the earlier report whose figures this one quotes for comparison (default BENCHMARKS.md, "
                          "read before it is overwritten)")
-    ap.add_argument("--profile-requests", type=int, default=2000, metavar="N",
-                    help="requests of each kind through the profiling module (it reports every 1,000; the last "
+    ap.add_argument("--profile-requests", type=int, default=4500, metavar="N",
+                    help="requests of each kind through the profiling module (it reports every 4,000; the last "
                          "report counts)")
     a = ap.parse_args()
     only_takes = [n for n in VARIANTS[1:] if n != "previous"]  # --previous selects that one
@@ -1988,7 +1988,7 @@ def main() -> int:
         a.previous = a.previous.resolve()
         a.previous_label = a.previous_label or a.previous.name
     if a.quick:
-        a.rounds, a.seconds, a.profile_requests = 2, 1, 1100
+        a.rounds, a.seconds, a.profile_requests = 2, 1, 4100
     out = a.out or (None if a.quick or a.aa or a.only else OUT)
     PLUGIN.update(a.plugin_extra)
     marks = [10_000, 30_000] if a.quick else [10_000, 100_000]

@@ -27,7 +27,7 @@ import harness  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=3000, help="per kind (the module reports every 1,000)")
+    ap.add_argument("--requests", type=int, default=4500, help="per kind (the module reports every 4,000)")
     a = ap.parse_args()
     why = bench.build_profiled()
     if why:
