@@ -13,7 +13,7 @@ impl ClientApi {
     /// `/v1/messages` and everything under it (`count_tokens`, `batches`) is Anthropic's Messages API;
     /// every other path speaks OpenAI's shape.
     pub fn from_path(path: &str) -> ClientApi {
-        let path = path.split(['?', '#']).next().unwrap_or_default();
+        let path = super::path_only(path);
         match path.strip_prefix("/v1/messages") {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => ClientApi::Anthropic,
             _ => ClientApi::OpenAi,

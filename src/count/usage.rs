@@ -60,11 +60,7 @@ impl ApiKind {
     /// Sub-resources (`/v1/responses/{id}`, `/v1/messages/count_tokens`, Assistants'
     /// `/v1/threads/{id}/messages`) are `Other`.
     pub fn from_path(path: &str) -> ApiKind {
-        let path = path
-            .split(['?', '#'])
-            .next()
-            .unwrap_or_default()
-            .trim_end_matches('/');
+        let path = crate::api::path_only(path).trim_end_matches('/');
         let mut segments = path.rsplit('/');
         let last = segments.next().unwrap_or_default();
         let prev = segments.next().unwrap_or_default();

@@ -431,9 +431,11 @@ impl Upstream {
         // Credentials of another provider's kind (a previous attempt's) and tollgate's routing
         // header go; the listener role already took out the client's.
         map.remove_where(|name| {
-            name.starts_with(headers::INTERNAL_PREFIX)
-                || (headers::CREDENTIAL_HEADERS.contains(&name)
-                    && !auth.iter().any(|(a, _)| *a == name))
+            name.starts_with(headers::INTERNAL_PREFIX.as_bytes())
+                || (headers::CREDENTIAL_HEADERS
+                    .iter()
+                    .any(|h| h.as_bytes() == name)
+                    && !auth.iter().any(|(a, _)| a.as_bytes() == name))
         });
         for (name, value) in &auth {
             map.set(*name, value.as_str());

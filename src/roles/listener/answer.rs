@@ -175,10 +175,13 @@ impl Listener {
             map.set("content-type", "application/json");
             map.remove("content-length");
         }
-        // The budgets as admission saw them: resets are counted from the request's arrival.
-        // Already there when the attempt wrote them (Edits leave a value as it is).
-        for (k, v) in &self.adm.rate_limits {
-            map.set(*k, v.as_str());
+        // The budgets as admission saw them: resets are counted from the request's arrival. An
+        // answer a provider gave has them already: the attempt wrote them from the plan, in the same
+        // write as the provider's name. Any other answer (Envoy's own, a local one) gets them here.
+        if self.ans.provider.is_empty() {
+            for (k, v) in &self.adm.rate_limits {
+                map.set(*k, v.as_str());
+            }
         }
         if self.adm.trimmed_messages > 0 {
             map.set(headers::HDR_TRIMMED, self.adm.trimmed_messages.to_string());

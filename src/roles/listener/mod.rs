@@ -161,9 +161,11 @@ impl Listener {
             .any(|(k, _)| k.starts_with(headers::INTERNAL_PREFIX.as_bytes()));
         self.request_headers = Edits::of(hdrs);
         self.request_headers.remove_where(|name| {
-            name.starts_with(headers::INTERNAL_PREFIX)
-                || headers::CREDENTIAL_HEADERS.contains(&name)
-                || Some(name) == trusted.as_deref()
+            name.starts_with(headers::INTERNAL_PREFIX.as_bytes())
+                || headers::CREDENTIAL_HEADERS
+                    .iter()
+                    .any(|h| h.as_bytes() == name)
+                || trusted.as_deref().is_some_and(|t| t.as_bytes() == name)
         });
         if spoofed {
             // The route was matched on the client's copy of tollgate's internal headers.

@@ -35,7 +35,7 @@ pub fn classify(cfg: &Config, hdrs: &Headers, path: &str, api: ApiKind) -> PathU
         return PathUse::Counted;
     }
     let method = hdrs.get_str(":method").unwrap_or_default();
-    let bare = path.split(['?', '#']).next().unwrap_or_default();
+    let bare = crate::api::path_only(path);
     if method == "GET" {
         if let Some(rest) = bare.strip_prefix(MODELS) {
             let rest = rest.trim_end_matches('/');
