@@ -5,6 +5,11 @@
 /// client can never choose, nor learn, a pool key.
 pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
 
+/// Whether a header name, as bytes, is one of [`CREDENTIAL_HEADERS`].
+pub fn is_credential(name: &[u8]) -> bool {
+    CREDENTIAL_HEADERS.iter().any(|h| h.as_bytes() == name)
+}
+
 /// Response headers telling the client which provider and key id served it (ids, never secrets).
 pub const HDR_PROVIDER: &str = "x-tollgate-provider";
 pub const HDR_KEY_ID: &str = "x-tollgate-key-id";

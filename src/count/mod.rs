@@ -12,12 +12,9 @@ pub fn metric_segment(s: &str) -> String {
         return s.to_string();
     }
     s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
+        .map(|c| match u8::try_from(c) {
+            Ok(b) if kept(b) => c,
+            _ => '_',
         })
         .collect()
 }

@@ -359,8 +359,7 @@ pub fn read<S: SharedStore + ?Sized>(
     store: &S,
     provider: &Provider,
 ) -> Result<ProviderHealth, StoreError> {
-    let (bytes, _) = store.get(&entry_key(&provider.name))?;
-    Ok(ProviderHealth::decode(bytes.as_deref(), provider))
+    read_keeping_bytes(store, provider).map(|(health, _)| health)
 }
 
 /// [`read`], with the bytes it was read from (empty when the provider has no entry yet): the

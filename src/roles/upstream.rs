@@ -432,10 +432,7 @@ impl Upstream {
         // header go; the listener role already took out the client's.
         map.remove_where(|name| {
             name.starts_with(headers::INTERNAL_PREFIX.as_bytes())
-                || (headers::CREDENTIAL_HEADERS
-                    .iter()
-                    .any(|h| h.as_bytes() == name)
-                    && !auth.iter().any(|(a, _)| a.as_bytes() == name))
+                || (headers::is_credential(name) && !auth.iter().any(|(a, _)| a.as_bytes() == name))
         });
         for (name, value) in &auth {
             map.set(*name, value.as_str());

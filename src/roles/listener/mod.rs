@@ -162,9 +162,7 @@ impl Listener {
         self.request_headers = Edits::of(hdrs);
         self.request_headers.remove_where(|name| {
             name.starts_with(headers::INTERNAL_PREFIX.as_bytes())
-                || headers::CREDENTIAL_HEADERS
-                    .iter()
-                    .any(|h| h.as_bytes() == name)
+                || headers::is_credential(name)
                 || trusted.as_deref().is_some_and(|t| t.as_bytes() == name)
         });
         if spoofed {
@@ -312,12 +310,7 @@ impl Listener {
             host.clear_route_cache();
         }
         let planning = span("listener plan");
-        let health = self
-            .adm
-            .start_health
-            .as_deref()
-            .filter(|_| start < self.cfg.providers.len())
-            .map(|h| (start, h));
+        let health = self.adm.start_health.as_deref().map(|h| (start, h));
         let plan = Plan {
             path: &self.path,
             authority: &self.authority,
