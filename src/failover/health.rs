@@ -157,7 +157,8 @@ pub struct ProviderHealth {
 const ALL_DISABLED_RETRY_MS: u64 = 60_000;
 
 pub fn entry_key(provider: &str) -> String {
-    format!("tollgate:h3:{provider}")
+    // Concatenated: made on every admission and attempt, where format! cost ~200 instructions more.
+    ["tollgate:h3:", provider].concat()
 }
 
 /// FNV-1a: stable across builds and workers, which `std`'s hasher is not promised to be.

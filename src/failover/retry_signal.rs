@@ -1,8 +1,6 @@
 //! How long a provider asked us to rest a key, read from its response headers, plus the formats we
 //! send back in our own rate-limit headers. Integer arithmetic only, so "0.1s" is exactly 100 ms.
 
-use std::fmt::Write;
-
 /// Longest rest any signal can impose: a provider (or a garbled header) asking for more is capped.
 pub const MAX_COOLDOWN_MS: u64 = 30 * 24 * 3_600_000;
 
@@ -281,27 +279,45 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
 /// Go's `Duration.String()` at ms resolution, as OpenAI's x-ratelimit-reset-* headers use it:
 /// "0s", "20ms", "1.5s", "6m0s", "1h2m3s".
 pub fn format_go_duration(ms: u64) -> String {
+    let mut out = String::with_capacity(12);
+    let mut digits = itoa::Buffer::new();
     if ms < 1000 {
-        return if ms == 0 {
-            "0s".into()
+        if ms == 0 {
+            out.push_str("0s");
         } else {
-            format!("{ms}ms")
-        };
+            out.push_str(digits.format(ms));
+            out.push_str("ms");
+        }
+        return out;
     }
     let (h, m, s, frac) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
-    let mut out = String::new();
     if h > 0 {
-        let _ = write!(out, "{h}h");
+        out.push_str(digits.format(h));
+        out.push('h');
     }
     if h > 0 || m > 0 {
-        let _ = write!(out, "{m}m");
+        out.push_str(digits.format(m));
+        out.push('m');
     }
-    let _ = write!(out, "{s}");
+    out.push_str(digits.format(s));
     if frac > 0 {
-        let _ = write!(out, ".{}", format!("{frac:03}").trim_end_matches('0'));
+        // Milliseconds as a decimal fraction of the second, without trailing zeros (".5", ".25").
+        out.push('.');
+        push_zero_padded(&mut out, frac, 3);
+        while out.ends_with('0') {
+            out.pop();
+        }
     }
     out.push('s');
     out
+}
+
+/// `n` in decimal, left-padded with zeros to `width` digits.
+fn push_zero_padded(out: &mut String, n: u64, width: usize) {
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(n);
+    out.extend(core::iter::repeat_n('0', width.saturating_sub(text.len())));
+    out.push_str(text);
 }
 
 /// RFC 3339 UTC, whole seconds: "2024-08-01T12:00:30Z". Clamped to year 9999.
@@ -309,12 +325,21 @@ pub fn format_rfc3339(ms: u64) -> String {
     let ms = ms.min(MAX_FORMAT_MS);
     let (days, in_day) = (ms / 86_400_000, ms % 86_400_000 / 1000);
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        in_day / 3600,
-        in_day / 60 % 60,
-        in_day % 60
-    )
+    let mut out = String::with_capacity(20);
+    // Years from 1970 on (a u64 of ms): never negative.
+    push_zero_padded(&mut out, u64::try_from(y).unwrap_or(0), 4);
+    for (sep, n, width) in [
+        ('-', u64::from(m), 2),
+        ('-', u64::from(d), 2),
+        ('T', in_day / 3600, 2),
+        (':', in_day / 60 % 60, 2),
+        (':', in_day % 60, 2),
+    ] {
+        out.push(sep);
+        push_zero_padded(&mut out, n, width);
+    }
+    out.push('Z');
+    out
 }
 
 /// Plain non-negative decimal ("12", "1.5", ".5") times `unit_ns`, exact, saturating.

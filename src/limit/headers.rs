@@ -27,8 +27,11 @@ pub fn rate_limit_headers(
     // The names of each family's limit, remaining and reset headers.
     let mut push = |names: [&'static str; 3], s: &Standing| {
         let [limit, remaining, reset] = names;
-        out.push((limit, s.limit.amount.to_string()));
-        out.push((remaining, s.remaining.to_string()));
+        out.push((limit, itoa::Buffer::new().format(s.limit.amount).to_owned()));
+        out.push((
+            remaining,
+            itoa::Buffer::new().format(s.remaining).to_owned(),
+        ));
         out.push((
             reset,
             match api {

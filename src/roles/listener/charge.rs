@@ -10,7 +10,6 @@ use crate::host::tally::Charge;
 use crate::host::Host;
 use crate::limit::quota::{self, Demand};
 use crate::roles::refused::{self, Refused};
-use core::fmt::Write;
 
 impl Listener {
     /// Charges the request exactly once: at the end of the response, or at teardown. The request
@@ -96,7 +95,8 @@ impl Listener {
         );
         self.write_record(host, Some((usage, estimated)));
         // For Envoy's global rate limit filter: `hits_addend` on stream done charges these.
-        let total = usage.input.saturating_add(usage.output).to_string();
+        let mut digits = itoa::Buffer::new();
+        let total = digits.format(usage.input.saturating_add(usage.output));
         if !host.set_filter_state("tollgate_total_tokens", total.as_bytes()) {
             refused::record(host, Refused::TotalTokens);
         }
@@ -154,13 +154,20 @@ impl Listener {
         match charged {
             Some((u, estimated)) => {
                 let usage = if estimated { "estimated" } else { "exact" };
-                let _ = write!(record, " in={} out={} usage={usage}", u.input, u.output);
+                let mut digits = itoa::Buffer::new();
+                record.push_str(" in=");
+                record.push_str(digits.format(u.input));
+                record.push_str(" out=");
+                record.push_str(digits.format(u.output));
+                record.push_str(" usage=");
+                record.push_str(usage);
             }
             None => record.push_str(" in=- out=- usage=-"),
         }
         self.adm.cache.note(self.started_ms, &mut record);
         if let Some(ms) = self.waiting.waited_ms {
-            let _ = write!(record, " waited_ms={ms}");
+            record.push_str(" waited_ms=");
+            record.push_str(itoa::Buffer::new().format(ms));
         }
         host.set_filter_state(RECORD, record.as_bytes());
     }
