@@ -18,7 +18,7 @@ help:
 	@echo "make test       clippy (wasm target), unit tests, end-to-end tests against a real Envoy (shipped configs validated there)"
 	@echo "make build      build $(WASM)"
 	@echo "make size       size-tuned build after wasm-opt"
-	@echo "make bench      the cost goals: tollgate against bare Envoy, an empty module, the previous module (BENCH_PREVIOUS=$(BENCH_PREVIOUS)), a 16 KiB body, host calls, a fleet-wide budget, 10,000 consumers, the response cache and the instructions per callback (BENCHMARKS.md, ~18 min on 2 cores)"
+	@echo "make bench      the cost goals: tollgate against bare Envoy, an empty module, the previous module (BENCH_PREVIOUS=$(BENCH_PREVIOUS)), a 16 KiB body, host calls, a fleet-wide budget, 10,000 consumers, the response cache, Envoy's own instructions per request (Callgrind on Envoy) and the module's per callback (BENCHMARKS.md, ~22 min on 2 cores)"
 	@echo "make profile    host calls and callbacks per request and per SSE event, by role, counted and timed inside the VM"
 	@echo "make instructions  instructions per callback of both roles (Valgrind's Callgrind), checked against tests/bench/instructions-baseline.json (~5 min)"
 	@echo "make lint       rustfmt check, clippy for the wasm target and the host"
@@ -113,7 +113,7 @@ BENCH_PREV_DIR  := target/bench-previous
 BENCH_PREV_WASM := $(BENCH_PREV_DIR)/tollgate.wasm
 
 .PHONY: bench
-bench: build mock venv profiled
+bench: build mock venv profiled instructions-deps
 	@command -v wrk >/dev/null || apt-get install -y wrk; command -v wasm-opt >/dev/null || apt-get install -y binaryen
 	@command -v perf >/dev/null || apt-get install -y linux-perf >/dev/null 2>&1 || echo "perf not installed: the benchmark's perf samples will say skipped"
 	@$(MAKE) --no-print-directory fleet-deps || echo "make fleet-deps failed: the benchmark's fleet-wide budget rows will say skipped"

@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 from harness import (ENVOY, MOCK_BIN, WASM, Envoy, free_port, gateway_config, redis_command, request,  # noqa: E402
                      sse_data, stop_process)
 import where_cpu  # noqa: E402  (tests/bench: perf samples and host-call prices)
+import envoy_instructions  # noqa: E402  (tests/bench: Envoy's instructions per request, Callgrind)
 
 LUA = HERE / "chat.lua"
 OUT = ROOT / "BENCHMARKS.md"
@@ -830,7 +831,8 @@ def where(up_port: int, empty_cfg: dict, proxies: dict, profile: dict | None) ->
             for probe in where_cpu.PROBES:
                 cfg = where_cpu.probe_config(empty_cfg, wasm, probe, fresh_ports, wasm_filter_lists)
                 probed[probe] = Proxy(f"probe-{probe}", cfg, ENV).start()
-            out["prices"] = where_cpu.prices(proxies["empty"], probed, run_wrk)
+            out["prices"] = where_cpu.prices(proxies["empty"], {**probed, where_cpu.COMPARED: proxies["tollgate"]},
+                                             run_wrk)
         except RuntimeError as e:
             out["prices_skipped"] = f"a probe failed: {str(e).splitlines()[0][:300]}"
         finally:
@@ -842,6 +844,23 @@ def where(up_port: int, empty_cfg: dict, proxies: dict, profile: dict | None) ->
         if rows and out.get("prices"):
             out["estimate"] = where_cpu.estimate(parse_profile(rows), out["prices"]["probes"])
     return out
+
+
+def count_envoy(cfgs: dict) -> dict | None:
+    """envoy_instructions' figures for bare, the empty module, tollgate and the probes (the
+    proxies of the rounds stopped meanwhile do not matter: Callgrind counts, it does not time)."""
+    why = envoy_instructions.available()
+    if why:
+        print(f"bench: Envoy's instructions not counted: {why}", flush=True)
+        return {"requests": {}, "streams": {}, "replay": {}, "prices": {}, "errors": [why]}
+    wasm, why = where_cpu.build_probes(EMPTY_DIR, BUILD)
+
+    def probes_cfg(probe):
+        where_cpu.PROBES.setdefault(probe, 1)
+        return where_cpu.probe_config(cfgs["empty"], wasm, probe, lambda c: c, wasm_filter_lists)
+    return envoy_instructions.run_all(envoy_instructions.envoy_binary(ROOT), cfgs, probes_cfg if wasm else None,
+                                      fresh_ports, ENV, {"json": BODY, "stream": STREAM_BODY},
+                                      f"Bearer {CONSUMER_KEY}", progress=lambda m: print(m, flush=True))
 
 
 def build_empty() -> str:
@@ -1922,7 +1941,10 @@ def report(run) -> str:
     for g, v, ok, invalid in goals:
         print(f"{yes(ok, invalid).replace('*', ''):8s} {g}: {v}")
     return "\n".join(head + goal_lines + comparison_section(run) + host_calls_section(run) + perf
-                     + where_cpu.section(run.where, title_of) + big_section(run)
+                     + where_cpu.section(run.where, title_of)
+                     + envoy_instructions.section(run.envoy_instructions, where_cpu.PROBES, where_cpu.PROBE_TITLES,
+                                                  SSE_EVENTS)
+                     + big_section(run)
                      + floor_section(run) + previous_section(run) + many_section(run) + fleet_section(run)
                      + cache_section(run) + mem + module + setup + how)
 
@@ -2017,6 +2039,7 @@ def main() -> int:
                              main_on=not a.only or "tollgate" in a.only, notes=[], counters={}, fleet_counts={},
                              rss=None, size=None, loads=None, served={}, floor_skipped="", fleet_skipped="",
                              previous_skipped="", profile=None, profile_skipped="", commit=commit_of(), many_rss=None, where=None,
+                             envoy_instructions=None,
                              # Read before anything is written: --out may be the same file.
                              earlier=read_report(a.compare))
     t0 = time.monotonic()
@@ -2192,6 +2215,8 @@ def main() -> int:
         if not a.only and not a.aa and "empty" in proxies and "tollgate" in proxies:
             phase("where the CPU goes: perf samples, host-call prices...")
             run.where = where(up_port, cfgs["empty"], proxies, run.profile)
+            phase("Envoy's instructions per request (Callgrind on Envoy)...")
+            run.envoy_instructions = count_envoy(cfgs)
         print()
         run.elapsed = time.monotonic() - t0
         md = report(run)

@@ -32,7 +32,7 @@ from pathlib import Path
 # probe -> calls per request (see probes.rs). `hold` makes no call: its price is that of holding the
 # request headers and buffering both bodies whole, once per request.
 PROBES = {"time": 20, "header": 20, "map": 10, "replace": 20, "write-map": 10, "shared-get": 20, "shared-set": 20,
-          "state": 4, "hold": 1}
+          "state": 4, "hold": 1, "replay": 1}
 PROBE_TITLES = {
     "time": "a call that returns no bytes (`proxy_get_current_time_nanoseconds`)",
     "header": "one header's value (`proxy_get_header_map_value`): bytes back, so an allocation call into the module",
@@ -43,7 +43,12 @@ PROBE_TITLES = {
     "shared-set": "a 64-byte shared-data entry written (`proxy_set_shared_data`)",
     "state": "a filter-state value written (`proxy_set_property`, 33 bytes)",
     "hold": "request headers held until the body is in, both bodies buffered whole (no call; once per request)",
+    "replay": "tollgate's host calls of a non-streamed request replayed in both filters, request held and answer "
+              "buffered, none of its logic (19 calls; once per request)",
+    "tollgate": "tollgate itself, in the same rounds (once per request)",
 }
+# Measured in the price rounds beside the probes, for the replay to be read against: not a probe.
+COMPARED = "tollgate"
 # How the profile's host calls are priced in the estimate below: by the probe closest in kind.
 PRICED_AS = {
     "proxy_get_header_map_pairs": "map",
@@ -109,7 +114,7 @@ def prices(empty, probed: dict, run_wrk) -> dict:
             time.sleep(0.2)
     out = {"empty_cpu_us": cpu["empty"], "probes": {}}
     for n in probed:
-        diffs = [(p - e) / PROBES[n] for p, e in zip(cpu[n], cpu["empty"])]
+        diffs = [(p - e) / PROBES.get(n, 1) for p, e in zip(cpu[n], cpu["empty"])]
         # More than one round in five against the median's sign: the probe's cost is below what this
         # machine resolves (one outlier round does not make a clear price noise).
         mid = statistics.median(diffs)
@@ -224,11 +229,19 @@ def section(where: dict | None, title_of) -> list[str]:
                 "| probe | N | price per call | per round |", "|---|---|---|---|"]
         for n, f in pr["probes"].items():
             price = "within the noise" if f.get("noise") else f"{f['per_call_us']:.2f} µs"
-            out.append(f"| {PROBE_TITLES[n]} | {PROBES[n]} | {price} | "
+            out.append(f"| {PROBE_TITLES[n]} | {PROBES.get(n, 1)} | {price} | "
                        + ", ".join(f"{x:.2f}" for x in f["rounds"]) + " |")
         out += ["", "*Within the noise*: more than one round in five disagrees with the median on the sign, so the "
                 "price is below what these rounds resolve (about ±3 µs per request on this machine, divided by N); "
                 "the estimate counts it as 0."]
+        replay, whole = pr["probes"].get("replay"), pr["probes"].get(COMPARED)
+        if replay and whole:
+            share = replay["per_call_us"] / whole["per_call_us"] if whole["per_call_us"] > 0 else float("nan")
+            out += ["", f"**tollgate's calls without tollgate**: replayed in the same order and about the same sizes, "
+                    f"holding the request and buffering the answer as tollgate does, they cost Envoy "
+                    f"{replay['per_call_us']:+.0f} µs per request above the floor; tollgate itself "
+                    f"{whole['per_call_us']:+.0f} µs in the same rounds, so its calls are about {share:.0%} of its cost "
+                    "and the rest is its own work in the module (and what that work costs around it)."]
         out.append("")
         est = where.get("estimate")
         if est:
