@@ -43,7 +43,7 @@ REPLAY_PARTS = {
     "answer-write": "the 8 headers the attempt adds to the answer (1 whole-map write, and the larger answer "
                     "downstream)",
     "shared": "admission's shared data (health read, quota read, CAS write: 3 calls)",
-    "hold": "holding the request until its body is in and buffering the answer (no call)",
+    "hold": "holding the request until its body is in (no call; the body is then read whole)",
 }
 # The probes priced per call here, with where_cpu's counts.
 PRICED = ("time", "header", "map", "replace", "write-map", "shared-get", "shared-set", "state")
@@ -192,7 +192,7 @@ def section(res: dict | None, probe_counts: dict, probe_titles: dict, events: in
     if whole is not None and req.get("empty") is not None and t:
         calls = whole - req["empty"]
         out += ["", f"**tollgate's calls without tollgate** (`replay`: its 19 host calls of a non-streamed request in "
-                "both filters, in its order and about its sizes, the request held and the answer buffered, none of its "
+                "both filters, in its order and about its sizes, the request held as tollgate holds it, none of its "
                 f"logic): {calls:,.0f} instructions above the empty module, **{calls / t:.0%}** of tollgate's "
                 f"{t:,.0f}. The rest, {t - calls:,.0f}, is tollgate's own work: its Wasm code, and what its larger "
                 "values cost around it.", "",

@@ -43,8 +43,8 @@ PROBE_TITLES = {
     "shared-set": "a 64-byte shared-data entry written (`proxy_set_shared_data`)",
     "state": "a filter-state value written (`proxy_set_property`, 33 bytes)",
     "hold": "request headers held until the body is in, both bodies buffered whole (no call; once per request)",
-    "replay": "tollgate's host calls of a non-streamed request replayed in both filters, request held and answer "
-              "buffered, none of its logic (19 calls; once per request)",
+    "replay": "tollgate's host calls of a non-streamed request replayed in both filters, the request held, none "
+              "of its logic (19 calls; once per request)",
     "tollgate": "tollgate itself, in the same rounds (once per request)",
 }
 # Measured in the price rounds beside the probes, for the replay to be read against: not a probe.
@@ -238,7 +238,7 @@ def section(where: dict | None, title_of) -> list[str]:
         if replay and whole:
             share = replay["per_call_us"] / whole["per_call_us"] if whole["per_call_us"] > 0 else float("nan")
             out += ["", f"**tollgate's calls without tollgate**: replayed in the same order and about the same sizes, "
-                    f"holding the request and buffering the answer as tollgate does, they cost Envoy "
+                    f"holding the request as tollgate does, they cost Envoy "
                     f"{replay['per_call_us']:+.0f} µs per request above the floor; tollgate itself "
                     f"{whole['per_call_us']:+.0f} µs in the same rounds, so its calls are about {share:.0%} of its cost "
                     "and the rest is its own work in the module (and what that work costs around it)."]

@@ -17,7 +17,7 @@
 //!   whole (Pause until end of stream), as tollgate's listener does. Its count is 1.
 //! - `replay`: tollgate's host calls of one non-streamed request, in both filters, in the order and
 //!   with about the sizes tollgate makes them (`make profile`'s 19.5, less the quarter calls), the
-//!   request held and the answer buffered as tollgate's listener does, and none of its logic: what
+//!   request held as tollgate's listener holds it, and none of its logic: what
 //!   tollgate's calls cost Envoy together, against tollgate itself in the same rounds. Its count
 //!   is 1. `replay-without-<part>` leaves one part out (see [`Part`]): the replay less it is what
 //!   that part costs.
@@ -195,7 +195,7 @@ enum Part {
     AnswerWrite,
     /// The admission's shared data: health read, quota read and CAS write (3 calls).
     Shared,
-    /// Holding the request until its body is in and buffering the answer (no call).
+    /// Holding the request until its body is in (no call).
     Hold,
 }
 
@@ -322,11 +322,11 @@ impl HttpContext for Replay {
         if self.upstream {
             return Action::Continue;
         }
-        if !end_of_stream {
-            return self.until_the_end();
+        // As tollgate's listener reads a JSON answer: each chunk as it passes, not held.
+        if size > 0 {
+            std::hint::black_box(self.get_http_response_body(0, size));
         }
-        std::hint::black_box(self.get_http_response_body(0, size));
-        if self.with(Part::State) {
+        if end_of_stream && self.with(Part::State) {
             self.set_property(vec!["tollgate_total_tokens"], Some(b"37".as_slice()));
             self.set_property(vec!["tollgate"], Some(RECORD));
         }
