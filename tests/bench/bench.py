@@ -419,17 +419,19 @@ RUNNING: list = []  # Envoys and wrk processes to stop on any exit
 
 
 class Proxy(Envoy):
-    """harness.Envoy with a finer readiness poll (for the start-to-ready figure)."""
+    """harness.Envoy with a finer readiness poll (for the start-to-ready figure). `launcher`: a
+    command that runs Envoy (Valgrind, for envoy_instructions), given Envoy's own binary."""
 
-    def __init__(self, name: str, config: dict, env: dict | None = None):
+    def __init__(self, name: str, config: dict, env: dict | None = None, launcher: list[str] | None = None):
         super().__init__(config, env=env, concurrency=CONCURRENCY, log_level="warning")
         self.name = name
         self.ready_s = 0.0
+        self.command = [*launcher, str(envoy_instructions.envoy_binary(ROOT))] if launcher else [str(ENVOY)]
 
     def start(self, timeout: float = 60) -> "Proxy":
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [str(ENVOY), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
+            [*self.command, "-c", str(self.config_path), "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "-l", self.log_level, "--log-path", str(self.log_path)],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         RUNNING.append(self)
@@ -855,12 +857,14 @@ def count_envoy(cfgs: dict) -> dict | None:
         return {"requests": {}, "streams": {}, "replay": {}, "prices": {}, "errors": [why]}
     wasm, why = where_cpu.build_probes(EMPTY_DIR, BUILD)
 
-    def probes_cfg(probe):
-        where_cpu.PROBES.setdefault(probe, 1)
+    def start(cfg: dict, launcher: list[str]) -> Proxy:
+        return Proxy("callgrind", fresh_ports(copy.deepcopy(cfg)), ENV, launcher=launcher).start(timeout=300)
+
+    def probes_cfg(probe: str) -> dict:
         return where_cpu.probe_config(cfgs["empty"], wasm, probe, lambda c: c, wasm_filter_lists)
-    return envoy_instructions.run_all(envoy_instructions.envoy_binary(ROOT), cfgs, probes_cfg if wasm else None,
-                                      fresh_ports, ENV, {"json": BODY, "stream": STREAM_BODY},
-                                      f"Bearer {CONSUMER_KEY}", progress=lambda m: print(m, flush=True))
+    return envoy_instructions.run_all(start, cfgs, probes_cfg if wasm else None,
+                                      {"json": BODY, "stream": STREAM_BODY}, f"Bearer {CONSUMER_KEY}",
+                                      progress=lambda m: print(m, flush=True))
 
 
 def build_empty() -> str:

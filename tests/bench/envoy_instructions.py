@@ -20,16 +20,11 @@ count says (see *Where the CPU goes* for prices in µs). They are exact, which t
 """
 from __future__ import annotations
 
-import copy
 import glob
 import http.client
-import json
-import os
 import shutil
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REQUESTS = 1000
@@ -66,56 +61,25 @@ def envoy_binary(root: Path) -> Path:
     return found[0]
 
 
-def listener_port(cfg: dict) -> int:
-    return cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-
-
-def admin_port(cfg: dict) -> int:
-    return cfg["admin"]["address"]["socket_address"]["port_value"]
-
-
-def measure(envoy: Path, cfg: dict, env: dict, body: str, auth: str, requests: int,
-            warm_up: int = WARM_UP) -> float:
+def measure(start, cfg: dict, body: str, auth: str, requests: int, warm_up: int = WARM_UP) -> float:
     """Envoy's instructions per request: `requests` POSTs of `body`, one after another on one
-    connection, counted after `warm_up` others."""
+    connection, counted after `warm_up` others. `start(cfg, launcher)` starts the proxy under
+    `launcher` (bench.Proxy) and returns it started."""
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "envoy.json"
-        path.write_text(json.dumps(cfg))
-        err = open(Path(d) / "valgrind.log", "w")
-        p = subprocess.Popen(["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--instr-atstart=no",
-                              f"--callgrind-out-file={d}/callgrind.out", str(envoy), "-c", str(path),
-                              "--concurrency", "1", "--disable-hot-restart", "-l", "error"],
-                             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=err)
+        out = Path(d) / "callgrind.out"
+        p = start(cfg, ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--instr-atstart=no",
+                        f"--callgrind-out-file={out}"])
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port(cfg)}/ready", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if p.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("Envoy under Callgrind did not start: "
-                                       + (Path(d) / "valgrind.log").read_text()[-500:])
-                time.sleep(0.5)
-            send(listener_port(cfg), body, auth, warm_up)
-            subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], capture_output=True, check=True)
-            send(listener_port(cfg), body, auth, requests)
-            subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, check=True)
+            send(p.port, body, auth, warm_up)
+            subprocess.run(["callgrind_control", "-i", "on", str(p.proc.pid)], capture_output=True, check=True)
+            send(p.port, body, auth, requests)
+            # The dump of this window only: Callgrind writes another when Envoy exits, of its shutdown.
+            subprocess.run(["callgrind_control", "-d", str(p.proc.pid)], capture_output=True, check=True)
+            dumps = sorted(glob.glob(f"{out}.*"))
+            total = sum(int(line.split()[1]) for f in dumps for line in open(f, errors="replace")
+                        if line.startswith("summary:"))
         finally:
-            p.terminate()
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            err.close()
-        # One dump per thread (the worker and the main thread): the instructions since `-i on`.
-        total = 0
-        for f in glob.glob(f"{d}/callgrind.out*"):
-            for line in open(f, errors="replace"):
-                if line.startswith("summary:"):
-                    total += int(line.split()[1])
+            p.stop()
         if not total:
             raise RuntimeError("Callgrind wrote no counts")
         return total / requests
@@ -135,8 +99,7 @@ def send(port: int, body: str, auth: str, n: int) -> None:
         c.close()
 
 
-def run_all(envoy: Path, cfgs: dict, probes_cfg, fresh_ports, env: dict, bodies: dict, auth: str,
-            progress=print) -> dict:
+def run_all(start, cfgs: dict, probes_cfg, bodies: dict, auth: str, progress=print) -> dict:
     """{"requests": {proxy: instructions per request}, "streams": {...}, "replay": {part: ...},
     "prices": {probe: instructions per call}}; a part that fails is left out with its reason in
     "errors"."""
@@ -145,7 +108,7 @@ def run_all(envoy: Path, cfgs: dict, probes_cfg, fresh_ports, env: dict, bodies:
     def one(label: str, cfg: dict, stream: bool = False) -> float | None:
         try:
             n = STREAMS if stream else REQUESTS
-            v = measure(envoy, fresh_ports(copy.deepcopy(cfg)), env, bodies["stream" if stream else "json"], auth, n)
+            v = measure(start, cfg, bodies["stream" if stream else "json"], auth, n)
             progress(f"bench: Envoy instructions, {label}: {v:,.0f} per {'stream' if stream else 'request'}")
             return v
         except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
@@ -220,22 +183,12 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench  # noqa: E402
     import where_cpu  # noqa: E402
-    why = available()
-    if why:
-        sys.exit(why)
     up_port, up_admin = bench.free_port(), bench.free_port()
     up = bench.Proxy("upstream", bench.upstream_config(up_port, up_admin)).start()
     try:
         cfgs = bench.proxy_configs(up_port)
         if bench.build_empty():
             sys.exit("the empty module did not build")
-        wasm, why = where_cpu.build_probes(bench.EMPTY_DIR, bench.BUILD)
-
-        def probes_cfg(probe):
-            where_cpu.PROBES.setdefault(probe, 1)
-            return where_cpu.probe_config(cfgs["empty"], wasm, probe, lambda c: c, bench.wasm_filter_lists)
-        res = run_all(envoy_binary(bench.ROOT), cfgs, probes_cfg if wasm else None, bench.fresh_ports, bench.ENV,
-                      {"json": bench.BODY, "stream": bench.STREAM_BODY}, f"Bearer {bench.CONSUMER_KEY}")
-        print("\n".join(section(res, where_cpu.PROBES, where_cpu.PROBE_TITLES, bench.SSE_EVENTS)))
+        print("\n".join(section(bench.count_envoy(cfgs), where_cpu.PROBES, where_cpu.PROBE_TITLES, bench.SSE_EVENTS)))
     finally:
         up.stop()

@@ -93,7 +93,7 @@ def probe_config(empty_cfg: dict, wasm: Path, probe: str, fresh_ports, wasm_filt
                 c = f["typed_config"]["config"]
                 c["vm_config"]["code"] = {"local": {"filename": str(wasm)}}
                 c["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                      "value": f"{probe}:{PROBES[probe]}"}
+                                      "value": f"{probe}:{PROBES.get(probe, 1)}"}
     return cfg
 
 
